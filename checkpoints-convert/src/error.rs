@@ -1,0 +1,118 @@
+//! Errors of checkpoint loading and conversion. Each names the file, key or shape involved.
+
+use std::path::{Path, PathBuf};
+
+/// Anything that can go wrong reading, checking, converting or writing a model directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A JSON file does not parse, or does not have the expected fields.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// serde_json's message, with line and column.
+        source: serde_json::Error,
+    },
+    /// A config has a value zoo cannot use.
+    #[error("{path}: {source}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        source: models::ModelError,
+    },
+    /// A weights file is not a readable safetensors / PyTorch file.
+    #[error("{path}: not a valid {format} file: {message}")]
+    BadWeightsFile {
+        /// The file.
+        path: PathBuf,
+        /// `safetensors` or `PyTorch pickle`.
+        format: &'static str,
+        /// What the reader said.
+        message: String,
+    },
+    /// The directory has no weights file zoo can read.
+    #[error(
+        "{dir}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json)"
+    )]
+    NoWeights {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The directory has neither `config.json` (HF) nor `zoo.json` (zoo).
+    #[error("{dir}: not a model directory (no config.json or zoo.json)")]
+    NotAModelDir {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Weights the model needs are absent.
+    #[error("{source_name}: missing {} key(s) for {architecture}: {}", keys.len(), keys.join(", "))]
+    MissingKeys {
+        /// The weights file or directory.
+        source_name: String,
+        /// The model class.
+        architecture: &'static str,
+        /// The missing keys, in the checkpoint's naming.
+        keys: Vec<String>,
+    },
+    /// A tensor has the wrong shape for the config.
+    #[error("{file}: key '{key}' has shape {found:?}, but the config needs {expected:?}")]
+    ShapeMismatch {
+        /// The file holding the tensor.
+        file: String,
+        /// The key, in the checkpoint's naming.
+        key: String,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype zoo cannot store.
+    #[error("{file}: key '{key}' has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// The file.
+        file: String,
+        /// The key.
+        key: String,
+        /// The dtype.
+        dtype: String,
+    },
+    /// A tokenizer could not be built.
+    #[error("{path}: tokenizer: {message}")]
+    Tokenizer {
+        /// The tokenizer file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The output exists and overwriting was not asked for.
+    #[error("{path}: already exists (pass --overwrite to replace it)")]
+    OutputExists {
+        /// The output path.
+        path: PathBuf,
+    },
+    /// Applying checked weights to the model failed (a zoo bug if it ever happens).
+    #[error("loading weights into the model: {0}")]
+    Apply(String),
+}
+
+impl ConvertError {
+    /// Wraps an I/O error with its path.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Result with [`ConvertError`].
+pub type Result<T, E = ConvertError> = std::result::Result<T, E>;

@@ -1,0 +1,246 @@
+//! HF ⇄ zoo key mapping: one table per family (data), and the code that applies a table.
+//!
+//! A table row maps an HF key to a zoo key. `{i}` stands for a layer index. Rows of the encoder
+//! ("body") are written without the `bert.` / `roberta.` prefix that transformers adds under a
+//! head; the prefix is added for head models and is optional when reading (a bare `BertModel` can
+//! load a `BertForMaskedLM` checkpoint and the other way round, as in transformers).
+//!
+//! HF `nn.Linear` stores weights `[out, in]`, burn's `Linear` `[in, out]`: those rows are
+//! [`Layout::Transposed`]. Transposing moves bytes only, so HF → zoo → HF is bit-exact.
+
+pub mod bert;
+pub mod roberta;
+
+use std::collections::BTreeMap;
+
+use models::{Architecture, Family};
+
+/// How a tensor's layout differs between HF and zoo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Same shape and order.
+    Same,
+    /// A 2-D weight whose dimensions are swapped (`nn.Linear` ↔ burn `Linear`).
+    Transposed,
+}
+
+/// One row of a key table.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRule {
+    /// The HF key, with `{i}` for a layer index.
+    pub hf: &'static str,
+    /// The zoo key, with `{i}` for the same index.
+    pub zoo: &'static str,
+    /// Layout difference.
+    pub layout: Layout,
+}
+
+/// Shorthand for table rows: `rule("hf", "zoo", Layout::Same)`.
+pub const fn rule(hf: &'static str, zoo: &'static str, layout: Layout) -> KeyRule {
+    KeyRule { hf, zoo, layout }
+}
+
+/// Everything zoo knows about a family's HF checkpoints.
+#[derive(Debug)]
+pub struct KeyTable {
+    /// The family.
+    pub family: Family,
+    /// Encoder rows, relative to the body prefix.
+    pub body: &'static [KeyRule],
+    /// Pooler rows, relative to the body prefix, used when the architecture has a pooler.
+    pub pooler: &'static [KeyRule],
+    /// Rows of each head, as full keys.
+    pub heads: &'static [(Architecture, &'static [KeyRule])],
+    /// HF keys that are not parameters (buffers) or are tied copies of another parameter; read and
+    /// dropped. Body-relative or full.
+    pub ignored: &'static [&'static str],
+    /// Duplicate names of one parameter: `(alias, canonical)`. The alias is used only when the
+    /// canonical key is absent (old checkpoints saved `cls.predictions.decoder.bias` alone).
+    pub aliases: &'static [(&'static str, &'static str)],
+}
+
+/// The table of a family.
+pub fn table(family: Family) -> &'static KeyTable {
+    match family {
+        Family::Bert => &bert::TABLE,
+        Family::Roberta => &roberta::TABLE,
+    }
+}
+
+/// One concrete key pair, with layer indices filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPair {
+    /// Full HF key, as transformers saves this architecture.
+    pub hf: String,
+    /// Full zoo key (the burn module path).
+    pub zoo: String,
+    /// Layout difference.
+    pub layout: Layout,
+}
+
+impl KeyTable {
+    /// Every key pair of `architecture` with `num_layers` layers, in table order.
+    pub fn pairs(&self, architecture: Architecture, num_layers: usize) -> Vec<KeyPair> {
+        let prefix = if architecture.is_base() {
+            ""
+        } else {
+            self.family.body_prefix()
+        };
+        let mut pairs = Vec::new();
+        let pooler = if architecture.has_pooler() {
+            self.pooler
+        } else {
+            &[]
+        };
+        for rule in self.body.iter().chain(pooler) {
+            for (hf, zoo) in expand(rule, num_layers) {
+                pairs.push(KeyPair {
+                    hf: format!("{prefix}{hf}"),
+                    zoo: format!("{prefix}{zoo}"),
+                    layout: rule.layout,
+                });
+            }
+        }
+        for (_, rules) in self.heads.iter().filter(|(a, _)| *a == architecture) {
+            for rule in rules.iter() {
+                for (hf, zoo) in expand(rule, num_layers) {
+                    pairs.push(KeyPair {
+                        hf,
+                        zoo,
+                        layout: rule.layout,
+                    });
+                }
+            }
+        }
+        pairs
+    }
+
+    /// Puts an HF key into the form [`KeyTable::pairs`] uses for `architecture`:
+    /// old TF-era `gamma`/`beta` become `weight`/`bias`, and the body prefix is added or removed.
+    pub fn normalize_hf_key(&self, key: &str, architecture: Architecture) -> String {
+        let key = rename_norm_params(key);
+        let prefix = self.family.body_prefix();
+        match (architecture.is_base(), key.strip_prefix(prefix)) {
+            (true, Some(body)) => body.to_string(),
+            (false, None) if self.is_body_key(&key) => format!("{prefix}{key}"),
+            _ => key,
+        }
+    }
+
+    /// Whether an HF key (normalised) is dropped on purpose.
+    pub fn is_ignored(&self, key: &str) -> bool {
+        let body = key.strip_prefix(self.family.body_prefix()).unwrap_or(key);
+        self.ignored.iter().any(|i| *i == key || *i == body)
+    }
+
+    /// The canonical key of an alias, if `key` is one.
+    pub fn canonical(&self, key: &str) -> Option<&'static str> {
+        self.aliases
+            .iter()
+            .find(|(alias, _)| *alias == key)
+            .map(|(_, c)| *c)
+    }
+
+    /// Whether an unprefixed key belongs to the encoder: its first segment is one of the body
+    /// rows' first segments (`embeddings`, `encoder`, `pooler`).
+    fn is_body_key(&self, key: &str) -> bool {
+        let root = key.split('.').next().unwrap_or_default();
+        self.body
+            .iter()
+            .chain(self.pooler)
+            .any(|r| r.hf.split('.').next() == Some(root))
+    }
+}
+
+/// `LayerNorm.gamma` → `LayerNorm.weight`, `LayerNorm.beta` → `LayerNorm.bias` (TF-converted BERTs).
+fn rename_norm_params(key: &str) -> String {
+    if let Some(stem) = key.strip_suffix(".gamma") {
+        format!("{stem}.weight")
+    } else if let Some(stem) = key.strip_suffix(".beta") {
+        format!("{stem}.bias")
+    } else {
+        key.to_string()
+    }
+}
+
+fn expand(rule: &KeyRule, num_layers: usize) -> Vec<(String, String)> {
+    if rule.hf.contains("{i}") {
+        (0..num_layers)
+            .map(|i| {
+                (
+                    rule.hf.replace("{i}", &i.to_string()),
+                    rule.zoo.replace("{i}", &i.to_string()),
+                )
+            })
+            .collect()
+    } else {
+        vec![(rule.hf.to_string(), rule.zoo.to_string())]
+    }
+}
+
+/// HF key → pair, for lookups.
+pub fn by_hf_key(pairs: &[KeyPair]) -> BTreeMap<&str, &KeyPair> {
+    pairs.iter().map(|p| (p.hf.as_str(), p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn tiny() -> models::bert::BertConfig {
+        let mut config = models::bert::BertConfig::new(11);
+        config.hidden_size = 4;
+        config.num_attention_heads = 2;
+        config.intermediate_size = 8;
+        config.num_hidden_layers = 2;
+        config.max_position_embeddings = 8;
+        config
+    }
+
+    /// Every parameter of every model is covered by exactly one table row, with matching shapes.
+    #[test]
+    fn tables_cover_every_parameter_of_every_architecture() {
+        let device = Default::default();
+        for architecture in Architecture::ALL {
+            let model = models::AnyModel::<Flex>::new(architecture, &tiny(), &device).unwrap();
+            let mut params: Vec<String> = models::param_infos::<Flex, _>(&model)
+                .into_iter()
+                .map(|p| p.name)
+                .collect();
+            let mut zoo: Vec<String> = table(architecture.family())
+                .pairs(architecture, 2)
+                .into_iter()
+                .map(|p| p.zoo)
+                .collect();
+            params.sort();
+            zoo.sort();
+            assert_eq!(params, zoo, "{architecture:?}");
+        }
+    }
+
+    #[test]
+    fn hf_keys_are_normalised() {
+        let t = table(Family::Bert);
+        assert_eq!(
+            t.normalize_hf_key("bert.embeddings.LayerNorm.gamma", Architecture::BertModel),
+            "embeddings.LayerNorm.weight"
+        );
+        assert_eq!(
+            t.normalize_hf_key(
+                "encoder.layer.0.output.dense.weight",
+                Architecture::BertForMaskedLM
+            ),
+            "bert.encoder.layer.0.output.dense.weight"
+        );
+        assert_eq!(
+            t.normalize_hf_key("cls.predictions.bias", Architecture::BertForMaskedLM),
+            "cls.predictions.bias"
+        );
+        assert!(t.is_ignored("bert.embeddings.position_ids"));
+        assert_eq!(
+            t.canonical("cls.predictions.decoder.bias"),
+            Some("cls.predictions.bias")
+        );
+    }
+}

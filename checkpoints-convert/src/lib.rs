@@ -1,0 +1,26 @@
+//! Checkpoints in and out of zoo: HF model directories (safetensors, sharded safetensors,
+//! PyTorch `.bin` read without running pickled code), the HF ⇄ zoo key tables (one per family,
+//! in [`families`]), zoo's own directory format, and tokenizers.
+//!
+//! The usual entry points:
+//! - [`load_model`]: an HF or zoo directory → a burn model, with every key and shape checked;
+//! - [`convert_hf_to_zoo`] / [`export_zoo_to_hf`]: `zoo convert` both ways, bit-exact;
+//! - [`load_tokenizer`]: `tokenizer.json`, or one built from `vocab.txt` / `vocab.json` + `merges.txt`.
+
+pub mod batch;
+pub mod error;
+pub mod families;
+pub mod model_dir;
+pub mod tensors;
+pub mod tokenizer;
+
+pub use batch::Batch;
+pub use error::{ConvertError, Result};
+pub use model_dir::{
+    ConvertReport, DirKind, LoadOptions, LoadedModel, ModelSpec, ZooManifest, ZooWeights,
+    build_model, convert_hf_to_zoo, export_zoo_to_hf, load_model, read_spec,
+};
+pub use tensors::{
+    StoredTensor, TensorMap, WeightsFormat, read_dir_weights, read_weights_file, write_safetensors,
+};
+pub use tokenizer::{encode, load_tokenizer};

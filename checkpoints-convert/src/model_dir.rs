@@ -1,0 +1,513 @@
+//! Model directories, HF and zoo: reading what they describe, checking their weights against the
+//! config, loading them into a burn model, and converting one kind into the other.
+//!
+//! ```text
+//!  HF dir:  config.json + model.safetensors | *.index.json | pytorch_model.bin, tokenizer files
+//!  zoo dir: zoo.json (architecture + the HF config) + model.safetensors under zoo names, tokenizer files
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::module::ParamId;
+use burn::tensor::TensorData;
+use burn::tensor::backend::Backend;
+use burn_store::{ModuleSnapshot, TensorSnapshot};
+use models::bert::BertConfig;
+use models::{AnyModel, Architecture};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ConvertError, Result};
+use crate::families::{KeyPair, Layout, by_hf_key, table};
+use crate::tensors::{
+    StoredTensor, TensorMap, WeightsFormat, read_dir_weights, read_json, transpose_2d,
+    write_atomic, write_safetensors,
+};
+use crate::tokenizer;
+
+/// The file that marks a zoo model directory.
+pub const ZOO_MANIFEST: &str = "zoo.json";
+/// The HF config file.
+pub const HF_CONFIG: &str = "config.json";
+/// Tokenizer files copied between directories as they are.
+pub const TOKENIZER_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "added_tokens.json",
+];
+
+/// Which kind of directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirKind {
+    /// A HuggingFace model directory, as on the hub.
+    Hf,
+    /// A directory written by `zoo convert`.
+    Zoo,
+}
+
+/// `zoo.json`: what a zoo directory holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZooManifest {
+    /// Always `"zoo"`.
+    pub format: String,
+    /// Layout version of the directory.
+    pub format_version: u32,
+    /// The transformers class name.
+    pub architecture: String,
+    /// The HF `config.json`, kept whole so `--to-hf` writes it back unchanged.
+    pub hf_config: Value,
+}
+
+/// What a model directory describes, before any weights are read.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// HF or zoo.
+    pub kind: DirKind,
+    /// The directory.
+    pub dir: PathBuf,
+    /// The model class.
+    pub architecture: Architecture,
+    /// The parsed and validated config.
+    pub config: BertConfig,
+    /// The HF config as JSON.
+    pub hf_config: Value,
+}
+
+/// Reads and checks a directory's config (`config.json` or `zoo.json`).
+pub fn read_spec(dir: &Path) -> Result<ModelSpec> {
+    let zoo_path = dir.join(ZOO_MANIFEST);
+    let hf_path = dir.join(HF_CONFIG);
+    let (kind, config_path, hf_config, named_architecture) = if zoo_path.is_file() {
+        let manifest: ZooManifest = read_json(&zoo_path)?;
+        (
+            DirKind::Zoo,
+            zoo_path,
+            manifest.hf_config,
+            Some(manifest.architecture),
+        )
+    } else if hf_path.is_file() {
+        let value: Value = read_json(&hf_path)?;
+        (DirKind::Hf, hf_path, value, None)
+    } else if !dir.is_dir() {
+        return Err(ConvertError::io(
+            dir,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    } else {
+        return Err(ConvertError::NotAModelDir {
+            dir: dir.to_path_buf(),
+        });
+    };
+    let config_error = |source| ConvertError::Config {
+        path: config_path.clone(),
+        source,
+    };
+    let architecture = match named_architecture {
+        Some(name) => Architecture::from_hf_name(&name).map_err(config_error)?,
+        None => Architecture::from_hf_config(&hf_config).map_err(config_error)?,
+    };
+    let config: BertConfig =
+        serde_json::from_value(hf_config.clone()).map_err(|source| ConvertError::Json {
+            path: config_path.clone(),
+            source,
+        })?;
+    config.validate().map_err(config_error)?;
+    Ok(ModelSpec {
+        kind,
+        dir: dir.to_path_buf(),
+        architecture,
+        config,
+        hf_config,
+    })
+}
+
+/// Weights checked against a spec, under zoo names, in their stored dtypes.
+#[derive(Debug, Clone)]
+pub struct ZooWeights {
+    /// Tensors by zoo key.
+    pub tensors: BTreeMap<String, TensorData>,
+    /// Keys of the checkpoint that no parameter uses (reported, not fatal, as in transformers).
+    pub unused: Vec<String>,
+}
+
+impl ModelSpec {
+    /// The key pairs of this model.
+    pub fn key_pairs(&self) -> Vec<KeyPair> {
+        table(self.architecture.family()).pairs(self.architecture, self.config.num_hidden_layers)
+    }
+
+    /// Zoo key → shape the config implies, from lazily built parameters (nothing is allocated).
+    fn expected_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        let device = Default::default();
+        let model = AnyModel::<bmtrain_backend::Cpu>::new(self.architecture, &self.config, &device)
+            .map_err(|source| ConvertError::Config {
+                path: self.dir.join(HF_CONFIG),
+                source,
+            })?;
+        Ok(models::param_infos::<bmtrain_backend::Cpu, _>(&model)
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect())
+    }
+
+    /// Maps HF tensors to zoo names, checking that every parameter is there with the right shape.
+    pub fn hf_to_zoo(&self, hf: TensorMap, source_name: &str) -> Result<ZooWeights> {
+        let table = table(self.architecture.family());
+        let pairs = self.key_pairs();
+        let lookup = by_hf_key(&pairs);
+        let mut found: BTreeMap<&str, StoredTensor> = BTreeMap::new();
+        let mut aliased = Vec::new();
+        let mut unused = Vec::new();
+        for (key, tensor) in hf {
+            let normalized = table.normalize_hf_key(&key, self.architecture);
+            if let Some(pair) = lookup.get(normalized.as_str()) {
+                found.insert(pair.hf.as_str(), tensor);
+            } else if table.is_ignored(&normalized) {
+                continue;
+            } else if let Some(canonical) = table.canonical(&normalized) {
+                aliased.push((canonical, key, tensor));
+            } else {
+                unused.push(key);
+            }
+        }
+        for (canonical, key, tensor) in aliased {
+            match lookup.get(canonical) {
+                Some(pair) => {
+                    found.entry(pair.hf.as_str()).or_insert(tensor);
+                }
+                None => unused.push(key),
+            }
+        }
+        let missing: Vec<String> = pairs
+            .iter()
+            .filter(|p| !found.contains_key(p.hf.as_str()))
+            .map(|p| p.hf.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ConvertError::MissingKeys {
+                source_name: source_name.to_string(),
+                architecture: self.architecture.hf_name(),
+                keys: missing,
+            });
+        }
+        let expected = self.expected_shapes()?;
+        let mut tensors = BTreeMap::new();
+        for pair in &pairs {
+            let stored = found.remove(pair.hf.as_str()).expect("checked above");
+            let want = &expected[&pair.zoo];
+            check_shape(&stored, &pair.hf, &hf_shape(want, pair.layout))?;
+            let data = match pair.layout {
+                Layout::Same => stored.data,
+                Layout::Transposed => transpose_2d(&stored.data),
+            };
+            tensors.insert(pair.zoo.clone(), data);
+        }
+        Ok(ZooWeights { tensors, unused })
+    }
+
+    /// Checks zoo-named tensors (a zoo directory's) the same way.
+    pub fn check_zoo(&self, mut zoo: TensorMap, source_name: &str) -> Result<ZooWeights> {
+        let expected = self.expected_shapes()?;
+        let missing: Vec<String> = expected
+            .keys()
+            .filter(|k| !zoo.contains_key(*k))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(ConvertError::MissingKeys {
+                source_name: source_name.to_string(),
+                architecture: self.architecture.hf_name(),
+                keys: missing,
+            });
+        }
+        let mut tensors = BTreeMap::new();
+        for (key, shape) in &expected {
+            let stored = zoo.remove(key).expect("checked above");
+            check_shape(&stored, key, shape)?;
+            tensors.insert(key.clone(), stored.data);
+        }
+        Ok(ZooWeights {
+            tensors,
+            unused: zoo.into_keys().collect(),
+        })
+    }
+
+    /// Reads and checks the directory's weights, whatever its kind.
+    pub fn read_weights(&self, format: WeightsFormat) -> Result<ZooWeights> {
+        let source_name = self.dir.display().to_string();
+        let tensors = read_dir_weights(&self.dir, format)?;
+        match self.kind {
+            DirKind::Hf => self.hf_to_zoo(tensors, &source_name),
+            DirKind::Zoo => self.check_zoo(tensors, &source_name),
+        }
+    }
+}
+
+/// The HF-layout shape of a zoo shape.
+fn hf_shape(zoo_shape: &[usize], layout: Layout) -> Vec<usize> {
+    match layout {
+        Layout::Same => zoo_shape.to_vec(),
+        Layout::Transposed => zoo_shape.iter().rev().copied().collect(),
+    }
+}
+
+fn check_shape(stored: &StoredTensor, key: &str, expected: &[usize]) -> Result<()> {
+    let found = stored.data.shape.to_vec();
+    if found != expected {
+        return Err(ConvertError::ShapeMismatch {
+            file: stored.file.display().to_string(),
+            key: key.to_string(),
+            expected: expected.to_vec(),
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Options for [`load_model`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Which weights file to read.
+    pub format: WeightsFormat,
+    /// Replaces every dropout probability of the config (0 for deterministic training).
+    pub dropout: Option<f64>,
+}
+
+/// A model loaded from a directory.
+#[derive(Debug)]
+pub struct LoadedModel<B: Backend> {
+    /// The model, weights in f32.
+    pub model: AnyModel<B>,
+    /// What the directory describes.
+    pub spec: ModelSpec,
+    /// Checkpoint keys no parameter used.
+    pub unused: Vec<String>,
+}
+
+/// Loads an HF or zoo directory into a model on `device`. Weights are checked (missing keys and
+/// wrong shapes are errors naming the key and file) and converted to f32.
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel<B>> {
+    let mut spec = read_spec(dir)?;
+    let weights = spec.read_weights(options.format)?;
+    if let Some(p) = options.dropout {
+        spec.config = spec.config.with_dropout(p);
+    }
+    let model = build_model(&spec, weights.tensors, device)?;
+    Ok(LoadedModel {
+        model,
+        spec,
+        unused: weights.unused,
+    })
+}
+
+/// Builds the model of `spec` from checked zoo tensors.
+pub fn build_model<B: Backend>(
+    spec: &ModelSpec,
+    tensors: BTreeMap<String, TensorData>,
+    device: &B::Device,
+) -> Result<AnyModel<B>> {
+    let mut model =
+        AnyModel::<B>::new(spec.architecture, &spec.config, device).map_err(|source| {
+            ConvertError::Config {
+                path: spec.dir.join(HF_CONFIG),
+                source,
+            }
+        })?;
+    let snapshots = tensors
+        .into_iter()
+        .map(|(key, data)| {
+            let path = key.split('.').map(str::to_string).collect();
+            TensorSnapshot::from_data(data.convert::<f32>(), path, Vec::new(), ParamId::new())
+        })
+        .collect();
+    // Enum variants (AnyModel::BertModel, …) are not part of zoo names.
+    let result = model.apply(snapshots, None, None, true);
+    if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
+        return Err(ConvertError::Apply(format!(
+            "errors {:?}, missing {:?}, unused {:?}",
+            result
+                .errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>(),
+            result.missing,
+            result.unused
+        )));
+    }
+    Ok(model)
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    /// The model class.
+    pub architecture: Architecture,
+    /// Number of tensors written.
+    pub tensors: usize,
+    /// Checkpoint keys no parameter used (not written).
+    pub unused: Vec<String>,
+    /// Tokenizer files written.
+    pub tokenizer_files: Vec<String>,
+}
+
+/// `zoo convert --from HF_DIR --out ZOO_DIR`: checks everything, then writes the zoo directory in
+/// one rename, so a failed conversion leaves nothing at `out`.
+pub fn convert_hf_to_zoo(
+    from: &Path,
+    out: &Path,
+    format: WeightsFormat,
+    overwrite: bool,
+) -> Result<ConvertReport> {
+    check_output(out, overwrite)?;
+    let spec = read_spec(from)?;
+    if spec.kind != DirKind::Hf {
+        return Err(ConvertError::NotAModelDir {
+            dir: from.join(HF_CONFIG),
+        });
+    }
+    let weights = spec.read_weights(format)?;
+    // Check the tokenizer before writing anything, and keep a tokenizer.json for zoo.
+    let tokenizer = tokenizer::load_tokenizer(from)?;
+    let manifest = ZooManifest {
+        format: "zoo".into(),
+        format_version: 1,
+        architecture: spec.architecture.hf_name().into(),
+        hf_config: spec.hf_config.clone(),
+    };
+    let tensors = weights.tensors.len();
+    let tokenizer_files = publish_dir(out, overwrite, |staging| {
+        write_json_file(&staging.join(ZOO_MANIFEST), &manifest)?;
+        write_safetensors(&staging.join("model.safetensors"), &weights.tensors, None)?;
+        let mut files = copy_tokenizer_files(from, staging)?;
+        if let Some(tokenizer) = &tokenizer
+            && !files.iter().any(|f| f == "tokenizer.json")
+        {
+            tokenizer::save_tokenizer(tokenizer, &staging.join("tokenizer.json"))?;
+            files.push("tokenizer.json".into());
+        }
+        Ok(files)
+    })?;
+    Ok(ConvertReport {
+        architecture: spec.architecture,
+        tensors,
+        unused: weights.unused,
+        tokenizer_files,
+    })
+}
+
+/// `zoo convert --to-hf --from ZOO_DIR --out HF_DIR`: the HF layout transformers writes
+/// (`config.json`, `model.safetensors` with tied weights stored once, tokenizer files).
+pub fn export_zoo_to_hf(from: &Path, out: &Path, overwrite: bool) -> Result<ConvertReport> {
+    check_output(out, overwrite)?;
+    let spec = read_spec(from)?;
+    if spec.kind != DirKind::Zoo {
+        return Err(ConvertError::NotAModelDir {
+            dir: from.join(ZOO_MANIFEST),
+        });
+    }
+    let mut zoo = spec.read_weights(WeightsFormat::Safetensors)?.tensors;
+    let mut hf = BTreeMap::new();
+    for pair in spec.key_pairs() {
+        let data = zoo
+            .remove(&pair.zoo)
+            .expect("check_zoo guarantees every key");
+        let data = match pair.layout {
+            Layout::Same => data,
+            Layout::Transposed => transpose_2d(&data),
+        };
+        hf.insert(pair.hf, data);
+    }
+    let tensors = hf.len();
+    let metadata = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let tokenizer_files = publish_dir(out, overwrite, |staging| {
+        write_json_file(&staging.join(HF_CONFIG), &spec.hf_config)?;
+        write_safetensors(&staging.join("model.safetensors"), &hf, metadata)?;
+        copy_tokenizer_files(from, staging)
+    })?;
+    Ok(ConvertReport {
+        architecture: spec.architecture,
+        tensors,
+        unused: Vec::new(),
+        tokenizer_files,
+    })
+}
+
+fn check_output(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !overwrite {
+        return Err(ConvertError::OutputExists {
+            path: out.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Fills a staging directory beside `out`, then renames it to `out`. On any error the staging
+/// directory is removed and `out` is untouched. With `overwrite`, the old `out` is replaced only
+/// after the new one is complete.
+fn publish_dir<T>(out: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| ConvertError::io(&parent, e))?;
+    let staging = crate::tensors::temporary_sibling(out);
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir(&staging).map_err(|e| ConvertError::io(&staging, e))?;
+    let result = fill(&staging).and_then(|value| {
+        if out.exists() {
+            if !overwrite {
+                return Err(ConvertError::OutputExists {
+                    path: out.to_path_buf(),
+                });
+            }
+            let old = out.with_file_name(format!(
+                ".{}.old-{}",
+                out.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+                std::process::id()
+            ));
+            fs::rename(out, &old).map_err(|e| ConvertError::io(out, e))?;
+            fs::rename(&staging, out).map_err(|e| ConvertError::io(out, e))?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&staging, out).map_err(|e| ConvertError::io(out, e))?;
+        }
+        Ok(value)
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let source = from.join(name);
+        if source.is_file() {
+            fs::copy(&source, to.join(name)).map_err(|e| ConvertError::io(&source, e))?;
+            copied.push(name.to_string());
+        }
+    }
+    Ok(copied)
+}

@@ -1,0 +1,235 @@
+//! Tokenizers of model directories, through the `tokenizers` crate.
+//!
+//! `tokenizer.json` is loaded as it is. When a directory has none, one is built the way
+//! transformers builds it: from `vocab.txt` a BERT WordPiece tokenizer (lower-casing and accent
+//! stripping as `tokenizer_config.json` says), from `vocab.json` + `merges.txt` a byte-level BPE
+//! with RoBERTa's `<s> … </s>` template.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{ConvertError, Result};
+
+/// The fields of `tokenizer_config.json` that change how a vocab-file tokenizer is built.
+#[derive(Debug, Default, Deserialize)]
+struct TokenizerConfig {
+    /// BERT: lower-case the text (default true).
+    do_lower_case: Option<bool>,
+    /// BERT: strip accents; `None` means "as do_lower_case".
+    strip_accents: Option<bool>,
+    /// BERT: put spaces around CJK characters (default true).
+    tokenize_chinese_chars: Option<bool>,
+    /// BPE: prepend a space to the first word (RoBERTa default false).
+    add_prefix_space: Option<bool>,
+    unk_token: Option<SpecialToken>,
+    cls_token: Option<SpecialToken>,
+    sep_token: Option<SpecialToken>,
+    pad_token: Option<SpecialToken>,
+    mask_token: Option<SpecialToken>,
+    bos_token: Option<SpecialToken>,
+    eos_token: Option<SpecialToken>,
+}
+
+/// A special token is a string, or `{"content": "..."}` in newer configs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SpecialToken {
+    Plain(String),
+    Added { content: String },
+}
+
+impl SpecialToken {
+    fn text(&self) -> &str {
+        match self {
+            Self::Plain(s) => s,
+            Self::Added { content } => content,
+        }
+    }
+}
+
+fn pick(token: &Option<SpecialToken>, default: &str) -> String {
+    token
+        .as_ref()
+        .map(|t| t.text().to_string())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Loads the tokenizer of a model directory, or `None` when it has no tokenizer files.
+pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+    let json = dir.join("tokenizer.json");
+    let tokenizer = if json.is_file() {
+        Tokenizer::from_file(&json).map_err(|e| tokenizer_error(&json, e))?
+    } else if dir.join("vocab.txt").is_file() {
+        wordpiece_from_vocab(dir)?
+    } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+        byte_level_bpe_from_files(dir)?
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(without_padding_or_truncation(tokenizer)))
+}
+
+/// Some hub `tokenizer.json` files carry fixed padding/truncation (MiniLM pads to 128); zoo pads
+/// batches itself.
+fn without_padding_or_truncation(mut tokenizer: Tokenizer) -> Tokenizer {
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .expect("disabling truncation cannot fail");
+    tokenizer
+}
+
+fn tokenizer_error(path: &Path, error: impl std::fmt::Display) -> ConvertError {
+    ConvertError::Tokenizer {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    }
+}
+
+fn read_config(dir: &Path) -> Result<TokenizerConfig> {
+    let path = dir.join("tokenizer_config.json");
+    if path.is_file() {
+        crate::tensors::read_json(&path)
+    } else {
+        Ok(TokenizerConfig::default())
+    }
+}
+
+/// BERT's WordPiece tokenizer from `vocab.txt`, as transformers' `BertTokenizer`.
+fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer> {
+    let vocab_path = dir.join("vocab.txt");
+    let config = read_config(dir)?;
+    let lowercase = config.do_lower_case.unwrap_or(true);
+    let unk = pick(&config.unk_token, "[UNK]");
+    let cls = pick(&config.cls_token, "[CLS]");
+    let sep = pick(&config.sep_token, "[SEP]");
+    let specials = [
+        unk.clone(),
+        cls.clone(),
+        sep.clone(),
+        pick(&config.pad_token, "[PAD]"),
+        pick(&config.mask_token, "[MASK]"),
+    ];
+    let vocab = vocab_path
+        .to_str()
+        .ok_or_else(|| tokenizer_error(&vocab_path, "path is not UTF-8"))?;
+    let model = WordPiece::from_file(vocab)
+        .unk_token(unk)
+        .continuing_subword_prefix("##".into())
+        .max_input_chars_per_word(100)
+        .build()
+        .map_err(|e| tokenizer_error(&vocab_path, e))?;
+    let mut tokenizer = Tokenizer::new(model);
+    let id = |token: &str| {
+        tokenizer.token_to_id(token).ok_or_else(|| {
+            tokenizer_error(
+                &vocab_path,
+                format!("special token '{token}' is not in the vocabulary"),
+            )
+        })
+    };
+    let (cls_id, sep_id) = (id(&cls)?, id(&sep)?);
+    let template = TemplateProcessing::builder()
+        .try_single(format!("{cls}:0 $A:0 {sep}:0"))
+        .and_then(|b| b.try_pair(format!("{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1")))
+        .map_err(|e| tokenizer_error(&vocab_path, e))?
+        .special_tokens(vec![(cls.clone(), cls_id), (sep.clone(), sep_id)])
+        .build()
+        .map_err(|e| tokenizer_error(&vocab_path, e))?;
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::new(
+            true,
+            config.tokenize_chinese_chars.unwrap_or(true),
+            config.strip_accents,
+            lowercase,
+        )))
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_post_processor(Some(template))
+        .with_decoder(Some(WordPieceDecoder::new("##".into(), true)));
+    add_specials(&mut tokenizer, &specials);
+    Ok(tokenizer)
+}
+
+/// Byte-level BPE from `vocab.json` + `merges.txt`, with RoBERTa's `<s> $A </s>` template.
+fn byte_level_bpe_from_files(dir: &Path) -> Result<Tokenizer> {
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    let config = read_config(dir)?;
+    let as_str = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| tokenizer_error(p, "path is not UTF-8"))
+    };
+    let model = BPE::from_file(&as_str(&vocab_path)?, &as_str(&merges_path)?)
+        .build()
+        .map_err(|e| tokenizer_error(&vocab_path, e))?;
+    let mut tokenizer = Tokenizer::new(model);
+    let add_prefix_space = config.add_prefix_space.unwrap_or(false);
+    let bos = pick(&config.bos_token, "<s>");
+    let eos = pick(&config.eos_token, "</s>");
+    let cls = pick(&config.cls_token, &bos);
+    let sep = pick(&config.sep_token, &eos);
+    let specials = [
+        bos,
+        eos,
+        cls.clone(),
+        sep.clone(),
+        pick(&config.unk_token, "<unk>"),
+        pick(&config.pad_token, "<pad>"),
+        pick(&config.mask_token, "<mask>"),
+    ];
+    let id = |token: &str| {
+        tokenizer.token_to_id(token).ok_or_else(|| {
+            tokenizer_error(
+                &vocab_path,
+                format!("special token '{token}' is not in the vocabulary"),
+            )
+        })
+    };
+    let processing = RobertaProcessing::new((sep.clone(), id(&sep)?), (cls.clone(), id(&cls)?))
+        .trim_offsets(true)
+        .add_prefix_space(add_prefix_space);
+    tokenizer
+        .with_pre_tokenizer(Some(ByteLevel::new(add_prefix_space, true, true)))
+        .with_post_processor(Some(processing))
+        .with_decoder(Some(ByteLevelDecoder::default()));
+    add_specials(&mut tokenizer, &specials);
+    Ok(tokenizer)
+}
+
+/// Registers the special tokens that are in the vocabulary, so they are never split.
+fn add_specials(tokenizer: &mut Tokenizer, specials: &[String]) {
+    let tokens: Vec<AddedToken> = specials
+        .iter()
+        .filter(|t| tokenizer.token_to_id(t).is_some())
+        .map(|t| AddedToken::from(t.clone(), true))
+        .collect();
+    tokenizer.add_special_tokens(&tokens);
+}
+
+/// Writes `tokenizer.json`.
+pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
+    let json = tokenizer
+        .to_string(true)
+        .map_err(|e| tokenizer_error(path, e))?;
+    crate::tensors::write_atomic(path, json.as_bytes())
+}
+
+/// Token ids of `text`, with the model's special tokens (`[CLS] … [SEP]`, `<s> … </s>`).
+pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let encoding = tokenizer
+        .encode(text, true)
+        .map_err(|e| tokenizer_error(Path::new("tokenizer"), e))?;
+    Ok(encoding.get_ids().to_vec())
+}

@@ -1,0 +1,552 @@
+//! BERT (Devlin et al., 2018), as transformers' `modeling_bert.py`: post-LN encoder layers, learned
+//! absolute positions, token types, a tanh pooler over `[CLS]`, and the MLM and classification heads.
+//!
+//! Reading order: config → embeddings (shared layer) → layer → encoder → pooler → models → heads.
+//! RoBERTa (`roberta.rs`) reuses the encoder, pooler and MLM head defined here.
+
+use burn::module::{Module, Param};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
+use burn::tensor::{Int, Tensor, activation::log_softmax, backend::Backend};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+use crate::layers::{
+    Activation, AttentionMask, Embeddings, EmbeddingsConfig, FeedForward, FeedForwardConfig,
+    MultiHeadAttention, MultiHeadAttentionConfig,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+/// BERT's `config.json`, with transformers' field names and defaults. RoBERTa uses the same schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Number of token ids.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    /// Number of attention heads.
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Inner width of the feed-forward layers.
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: usize,
+    /// Feed-forward activation (`"gelu"` is the erf GELU).
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    /// Dropout on embeddings and sublayer outputs.
+    #[serde(default = "defaults::dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities.
+    #[serde(default = "defaults::dropout")]
+    pub attention_probs_dropout_prob: f64,
+    /// Size of the learned position table.
+    #[serde(default = "defaults::max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// Number of token types (segments).
+    #[serde(default = "defaults::type_vocab_size")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "defaults::layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Id of the padding token (RoBERTa derives position ids from it).
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
+    /// Only `"absolute"` is supported.
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+    /// Dropout before the classifier; `hidden_dropout_prob` when absent.
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+    /// Number of labels of a classification head, when the config says it directly.
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+    /// Label names by id; its length is the number of labels when `num_labels` is absent.
+    #[serde(default)]
+    pub id2label: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `"regression"`, `"single_label_classification"` or `"multi_label_classification"`.
+    #[serde(default)]
+    pub problem_type: Option<String>,
+    /// Whether the MLM decoder shares the word embeddings (zoo supports only `true`).
+    #[serde(default = "defaults::yes")]
+    pub tie_word_embeddings: bool,
+    /// A BERT used as a decoder (causal, cross-attention) is not supported.
+    #[serde(default)]
+    pub is_decoder: bool,
+}
+
+mod defaults {
+    pub fn hidden_size() -> usize {
+        768
+    }
+    pub fn num_hidden_layers() -> usize {
+        12
+    }
+    pub fn num_attention_heads() -> usize {
+        12
+    }
+    pub fn intermediate_size() -> usize {
+        3072
+    }
+    pub fn hidden_act() -> String {
+        "gelu".into()
+    }
+    pub fn dropout() -> f64 {
+        0.1
+    }
+    pub fn max_position_embeddings() -> usize {
+        512
+    }
+    pub fn type_vocab_size() -> usize {
+        2
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-12
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+impl BertConfig {
+    /// A config with transformers' defaults for everything but the vocabulary size.
+    pub fn new(vocab_size: usize) -> Self {
+        serde_json::from_value(serde_json::json!({ "vocab_size": vocab_size }))
+            .expect("a config with only vocab_size is valid")
+    }
+
+    /// Checks what serde cannot: sizes that fit together and features zoo does not implement.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let field = |name: &str, message: String| Err(ModelError::config(name, message));
+        for (name, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return field(name, "must be greater than 0".into());
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return field(
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            );
+        }
+        self.activation()?;
+        if let Some(kind) = &self.position_embedding_type
+            && kind != "absolute"
+        {
+            return field(
+                "position_embedding_type",
+                format!("'{kind}' is not supported (only 'absolute')"),
+            );
+        }
+        if self.is_decoder {
+            return field("is_decoder", "BERT as a decoder is not supported".into());
+        }
+        if !self.tie_word_embeddings {
+            return field(
+                "tie_word_embeddings",
+                "an MLM decoder untied from the word embeddings is not supported".into(),
+            );
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+            ("classifier_dropout", self.classifier_dropout.unwrap_or(0.0)),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return field(name, format!("{p} is not a probability"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The feed-forward activation.
+    pub fn activation(&self) -> Result<Activation, ModelError> {
+        Activation::from_hf(&self.hidden_act)
+            .map_err(|e| ModelError::config("hidden_act", e.to_string()))
+    }
+
+    /// Number of labels of a classification head: `num_labels`, else `id2label`'s size, else 2.
+    pub fn labels(&self) -> usize {
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(|m| m.len()))
+            .unwrap_or(2)
+    }
+
+    /// Sets every dropout probability to `p` (0 makes training deterministic, as in parity tests).
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.hidden_dropout_prob = p;
+        self.attention_probs_dropout_prob = p;
+        self.classifier_dropout = Some(p);
+        self
+    }
+
+    fn embeddings(&self) -> EmbeddingsConfig {
+        EmbeddingsConfig::new(self.vocab_size, self.hidden_size)
+            .with_max_positions(Some(self.max_position_embeddings))
+            .with_type_vocab_size(Some(self.type_vocab_size))
+            .with_layer_norm_eps(Some(self.layer_norm_eps))
+            .with_dropout(self.hidden_dropout_prob)
+    }
+
+    fn layer_norm(&self) -> LayerNormConfig {
+        LayerNormConfig::new(self.hidden_size).with_epsilon(self.layer_norm_eps)
+    }
+
+    fn classifier_dropout(&self) -> f64 {
+        self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs and outputs
+
+/// A tokenised batch.
+#[derive(Debug, Clone)]
+pub struct EncoderInput<B: Backend> {
+    /// `[batch, seq]` token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]`, 1 for tokens, 0 for padding; no padding when `None`.
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// `[batch, seq]` segment ids; zeros when `None`.
+    pub token_type_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> EncoderInput<B> {
+    /// The padding mask as attention scores see it.
+    pub fn mask(&self) -> AttentionMask<B> {
+        match &self.attention_mask {
+            Some(mask) => AttentionMask::padding(mask.clone()),
+            None => AttentionMask::none(),
+        }
+    }
+}
+
+/// What an encoder model returns.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput<B: Backend> {
+    /// `[batch, seq, hidden]`: the last layer's hidden states.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// `[batch, hidden]`: the pooler's output, for models built with a pooler.
+    pub pooler_output: Option<Tensor<B, 2>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder
+
+/// One post-LN encoder layer: `x = norm(x + attn(x))`, `x = norm(x + ffn(x))`.
+#[derive(Module, Debug)]
+pub struct BertLayer<B: Backend> {
+    /// Self-attention (HF `attention.self.*` + `attention.output.dense`).
+    pub attention: MultiHeadAttention<B>,
+    /// HF `attention.output.LayerNorm`.
+    pub attention_norm: LayerNorm<B>,
+    /// HF `intermediate.dense` + `output.dense`.
+    pub ffn: FeedForward<B>,
+    /// HF `output.LayerNorm`.
+    pub ffn_norm: LayerNorm<B>,
+    dropout: Dropout,
+}
+
+impl<B: Backend> BertLayer<B> {
+    /// - hidden: `[batch, seq, hidden]` → same shape
+    pub fn forward(&self, hidden: Tensor<B, 3>, mask: &AttentionMask<B>) -> Tensor<B, 3> {
+        let attended = self
+            .dropout
+            .forward(self.attention.forward(hidden.clone(), mask));
+        let hidden = self.attention_norm.forward(hidden + attended);
+        let transformed = self.dropout.forward(self.ffn.forward(hidden.clone()));
+        self.ffn_norm.forward(hidden + transformed)
+    }
+}
+
+/// The stack of encoder layers.
+#[derive(Module, Debug)]
+pub struct BertEncoder<B: Backend> {
+    /// The layers, in order (HF `encoder.layer.N`).
+    pub layers: Vec<BertLayer<B>>,
+}
+
+impl<B: Backend> BertEncoder<B> {
+    /// Builds `config.num_hidden_layers` layers.
+    pub fn new(config: &BertConfig, device: &B::Device) -> Result<Self, ModelError> {
+        let activation = config.activation()?;
+        let layer = || BertLayer {
+            attention: MultiHeadAttentionConfig::new(
+                config.hidden_size,
+                config.num_attention_heads,
+            )
+            .with_dropout(config.attention_probs_dropout_prob)
+            .init(device),
+            attention_norm: config.layer_norm().init(device),
+            ffn: FeedForwardConfig::new(config.hidden_size, config.intermediate_size, activation)
+                .init(device),
+            ffn_norm: config.layer_norm().init(device),
+            dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
+        };
+        Ok(Self {
+            layers: (0..config.num_hidden_layers).map(|_| layer()).collect(),
+        })
+    }
+
+    /// - hidden: `[batch, seq, hidden]` → same shape
+    pub fn forward(&self, mut hidden: Tensor<B, 3>, mask: &AttentionMask<B>) -> Tensor<B, 3> {
+        for layer in &self.layers {
+            hidden = layer.forward(hidden, mask);
+        }
+        hidden
+    }
+}
+
+/// `tanh(dense(hidden[:, 0]))`: the `[CLS]` summary used by BERT's classification head.
+#[derive(Module, Debug)]
+pub struct BertPooler<B: Backend> {
+    /// `[hidden, hidden]`.
+    pub dense: Linear<B>,
+}
+
+impl<B: Backend> BertPooler<B> {
+    /// Builds the pooler.
+    pub fn new(config: &BertConfig, device: &B::Device) -> Self {
+        Self {
+            dense: LinearConfig::new(config.hidden_size, config.hidden_size).init(device),
+        }
+    }
+
+    /// - hidden: `[batch, seq, hidden]` → `[batch, hidden]`
+    pub fn forward(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+        self.dense.forward(first_token(hidden)).tanh()
+    }
+}
+
+/// `hidden[:, 0, :]`.
+pub(crate) fn first_token<B: Backend>(hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [batch, _, width] = hidden.dims();
+    hidden.narrow(1, 0, 1).reshape([batch, width])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+/// BERT's encoder: embeddings, layers and (optionally) the pooler. HF `BertModel`.
+#[derive(Module, Debug)]
+pub struct BertModel<B: Backend> {
+    /// Word + position + token-type embeddings, LayerNorm, dropout.
+    pub embeddings: Embeddings<B>,
+    /// The layers.
+    pub encoder: BertEncoder<B>,
+    /// Present in `BertModel` and `BertForSequenceClassification`, absent under the MLM head.
+    pub pooler: Option<BertPooler<B>>,
+}
+
+impl<B: Backend> BertModel<B> {
+    /// Builds the model with freshly initialised weights (lazily: nothing is allocated until used
+    /// or loaded).
+    pub fn new(
+        config: &BertConfig,
+        with_pooler: bool,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        Ok(Self {
+            embeddings: config.embeddings().init(device),
+            encoder: BertEncoder::new(config, device)?,
+            pooler: with_pooler.then(|| BertPooler::new(config, device)),
+        })
+    }
+
+    /// Runs the encoder.
+    pub fn forward(&self, input: &EncoderInput<B>) -> EncoderOutput<B> {
+        let embedded =
+            self.embeddings
+                .forward(input.input_ids.clone(), None, input.token_type_ids.clone());
+        let last_hidden_state = self.encoder.forward(embedded, &input.mask());
+        let pooler_output = self
+            .pooler
+            .as_ref()
+            .map(|p| p.forward(last_hidden_state.clone()));
+        EncoderOutput {
+            last_hidden_state,
+            pooler_output,
+        }
+    }
+}
+
+/// The MLM head: `norm(act(transform(h))) · word_embeddingsᵀ + bias`. The decoder weight is the
+/// word embedding table itself (tied), so it has no parameter of its own.
+#[derive(Module, Debug)]
+pub struct MlmHead<B: Backend> {
+    /// HF `cls.predictions.transform.dense` / RoBERTa `lm_head.dense`.
+    pub transform: Linear<B>,
+    /// HF `cls.predictions.transform.LayerNorm` / RoBERTa `lm_head.layer_norm`.
+    pub norm: LayerNorm<B>,
+    /// `[vocab]`, HF `cls.predictions.bias` / RoBERTa `lm_head.bias`.
+    pub bias: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    activation: Activation,
+}
+
+impl<B: Backend> MlmHead<B> {
+    /// Builds the head; RoBERTa passes GELU whatever `hidden_act` says, as transformers does.
+    pub fn new(config: &BertConfig, activation: Activation, device: &B::Device) -> Self {
+        Self {
+            transform: LinearConfig::new(config.hidden_size, config.hidden_size).init(device),
+            norm: config.layer_norm().init(device),
+            bias: Param::from_tensor(Tensor::zeros([config.vocab_size], device)),
+            activation,
+        }
+    }
+
+    /// - hidden: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`
+    pub fn forward(&self, hidden: Tensor<B, 3>, word_embeddings: &Embedding<B>) -> Tensor<B, 3> {
+        let [batch, seq, width] = hidden.dims();
+        let transformed = self
+            .norm
+            .forward(self.activation.forward(self.transform.forward(hidden)));
+        let table = word_embeddings.weight.val(); // [vocab, hidden]
+        let vocab = table.dims()[0];
+        let logits = transformed
+            .reshape([batch * seq, width])
+            .matmul(table.transpose());
+        (logits + self.bias.val().unsqueeze::<2>()).reshape([batch, seq, vocab])
+    }
+}
+
+/// BERT with the masked-LM head. HF `BertForMaskedLM` (no pooler).
+#[derive(Module, Debug)]
+pub struct BertForMaskedLM<B: Backend> {
+    /// The encoder (HF `bert.*`).
+    pub bert: BertModel<B>,
+    /// HF `cls.predictions.*`.
+    pub lm_head: MlmHead<B>,
+}
+
+impl<B: Backend> BertForMaskedLM<B> {
+    /// Builds the model with freshly initialised weights.
+    pub fn new(config: &BertConfig, device: &B::Device) -> Result<Self, ModelError> {
+        Ok(Self {
+            bert: BertModel::new(config, false, device)?,
+            lm_head: MlmHead::new(config, config.activation()?, device),
+        })
+    }
+
+    /// Returns the encoder output and the logits `[batch, seq, vocab]`.
+    pub fn forward(&self, input: &EncoderInput<B>) -> (EncoderOutput<B>, Tensor<B, 3>) {
+        let output = self.bert.forward(input);
+        let logits = self
+            .lm_head
+            .forward(output.last_hidden_state.clone(), &self.bert.embeddings.word);
+        (output, logits)
+    }
+}
+
+/// BERT with a linear classifier over the pooled `[CLS]`. HF `BertForSequenceClassification`.
+#[derive(Module, Debug)]
+pub struct BertForSequenceClassification<B: Backend> {
+    /// The encoder, with its pooler (HF `bert.*`).
+    pub bert: BertModel<B>,
+    /// HF `classifier`: `[hidden, num_labels]`.
+    pub classifier: Linear<B>,
+    dropout: Dropout,
+}
+
+impl<B: Backend> BertForSequenceClassification<B> {
+    /// Builds the model with `config.labels()` outputs.
+    pub fn new(config: &BertConfig, device: &B::Device) -> Result<Self, ModelError> {
+        Ok(Self {
+            bert: BertModel::new(config, true, device)?,
+            classifier: LinearConfig::new(config.hidden_size, config.labels()).init(device),
+            dropout: DropoutConfig::new(config.classifier_dropout()).init(),
+        })
+    }
+
+    /// Returns the encoder output and the logits `[batch, num_labels]`.
+    pub fn forward(&self, input: &EncoderInput<B>) -> (EncoderOutput<B>, Tensor<B, 2>) {
+        let output = self.bert.forward(input);
+        let pooled = output.pooler_output.clone().expect("built with a pooler");
+        let logits = self.classifier.forward(self.dropout.forward(pooled));
+        (output, logits)
+    }
+}
+
+/// Mean cross-entropy of `logits` `[batch, classes]` against `labels` `[batch]`, as
+/// `torch.nn.CrossEntropyLoss()`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let [batch, _] = logits.dims();
+    let picked = log_softmax(logits, 1).gather(1, labels.reshape([batch, 1]));
+    picked.mean().neg()
+}
+
+/// Mean squared error, as `torch.nn.MSELoss()` (a one-label "regression" head).
+pub fn mean_squared_error<B: Backend>(
+    predictions: Tensor<B, 2>,
+    targets: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    (predictions - targets).square().mean()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bmtrain_backend::Cpu;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn config_defaults_are_transformers_defaults() {
+        let config = BertConfig::new(30522);
+        assert_eq!(
+            (
+                config.hidden_size,
+                config.num_hidden_layers,
+                config.intermediate_size
+            ),
+            (768, 12, 3072)
+        );
+        assert_eq!(config.layer_norm_eps, 1e-12);
+        assert_eq!(config.labels(), 2);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let mut config = BertConfig::new(100);
+        config.num_attention_heads = 5;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("num_attention_heads"), "{err}");
+        let mut config = BertConfig::new(100);
+        config.position_embedding_type = Some("relative_key".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("relative_key"), "{err}");
+    }
+
+    #[test]
+    fn cross_entropy_matches_the_formula() {
+        let device = Default::default();
+        let logits = Tensor::<Cpu, 2>::from_data(
+            TensorData::from([[1.0f32, 2.0, 0.5], [0.0, 0.0, 3.0]]),
+            &device,
+        );
+        let labels = Tensor::<Cpu, 1, Int>::from_data(TensorData::from([1i64, 0]), &device);
+        let got: f32 = cross_entropy(logits, labels).into_scalar();
+        let lse = |xs: [f64; 3]| xs.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let want = ((lse([1.0, 2.0, 0.5]) - 2.0) + (lse([0.0, 0.0, 3.0]) - 0.0)) / 2.0;
+        assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+    }
+}

@@ -1,0 +1,88 @@
+//! Normalisation layers: burn's LayerNorm (BERT, GPT-2) and an RMSNorm computed in f32 (T5).
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{FloatDType, Tensor, backend::Backend};
+
+pub use burn::nn::{LayerNorm, LayerNormConfig};
+
+/// Hyper-parameters of [`RmsNorm`].
+#[derive(Config, Debug)]
+pub struct RmsNormConfig {
+    /// Width of the normalised dimension.
+    pub d_model: usize,
+    /// Added to the mean square before the square root.
+    #[config(default = 1e-6)]
+    pub epsilon: f64,
+}
+
+/// Root-mean-square norm without mean subtraction and without bias: `weight · x / sqrt(mean(x²) + eps)`.
+///
+/// As in T5, the statistics are computed in f32 even when the model runs in half precision: the
+/// mean of squares overflows f16 for hidden states above ~256.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-channel scale, `[d_model]`, initialised to ones.
+    pub weight: Param<Tensor<B, 1>>,
+    epsilon: f64,
+}
+
+impl RmsNormConfig {
+    /// Builds the layer with unit scale.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+        RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([self.d_model], device)),
+            epsilon: self.epsilon,
+        }
+    }
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// - x: `[..., d_model]` → same shape and dtype.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x32 = x.cast(FloatDType::F32);
+        let mean_square = x32.clone().square().mean_dim(D - 1);
+        let normed = x32 * (mean_square + self.epsilon).sqrt().recip();
+        // As T5: normalise in f32, then scale in the model's dtype.
+        let weight = self.weight.val().cast(dtype).unsqueeze::<D>();
+        weight * normed.cast(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bmtrain_backend::Cpu;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn rms_norm_divides_by_the_root_mean_square() {
+        let device = Default::default();
+        let norm = RmsNormConfig::new(4).with_epsilon(0.0).init::<Cpu>(&device);
+        let x = Tensor::<Cpu, 2>::from_data(TensorData::from([[1.0f32, -2.0, 3.0, -4.0]]), &device);
+        let got: Vec<f32> = norm.forward(x).into_data().to_vec().unwrap();
+        let rms = ((1.0 + 4.0 + 9.0 + 16.0) / 4.0f32).sqrt();
+        for (g, w) in got.iter().zip([1.0, -2.0, 3.0, -4.0]) {
+            assert!((g - w / rms).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rms_norm_of_large_f16_values_stays_finite() {
+        let device = Default::default();
+        let norm = RmsNormConfig::new(2).init::<Cpu>(&device);
+        let x = Tensor::<Cpu, 2>::from_data(TensorData::from([[1000.0f32, -1000.0]]), &device)
+            .cast(FloatDType::F16);
+        let got: Vec<f32> = norm
+            .forward(x)
+            .cast(FloatDType::F32)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        assert!(
+            (got[0] - 1.0).abs() < 1e-2 && (got[1] + 1.0).abs() < 1e-2,
+            "{got:?}"
+        );
+    }
+}

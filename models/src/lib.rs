@@ -1,0 +1,47 @@
+//! zoo's model zoo: Transformer layers shared by every family, and the families themselves, each
+//! in one file and each built from its HF `config.json`.
+//!
+//! - [`layers`]: embeddings, LayerNorm / RMSNorm, multi-head attention (padding mask, causal mask,
+//!   additive position bias), feed-forward (ReLU, GELU, gelu_new, gated), dropout.
+//! - [`bert`]: `BertModel`, `BertForMaskedLM`, `BertForSequenceClassification`.
+//! - [`roberta`]: `RobertaModel`, `RobertaForMaskedLM`, `RobertaForSequenceClassification`.
+//! - [`registry`]: which class a config asks for, [`AnyModel`] to run any of them, presets.
+//!
+//! Every model is generic over the burn backend: on `Autodiff<B>` it trains (dropout active), on
+//! `B` it runs inference.
+
+pub mod bert;
+pub mod layers;
+pub mod registry;
+pub mod roberta;
+
+pub use registry::{
+    AnyModel, Architecture, Family, Logits, ModelOutput, ParamInfo, Preset, count_params,
+    param_infos, preset, presets,
+};
+
+/// Errors from building a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A config field has a value zoo cannot use.
+    #[error("config field '{field}': {message}")]
+    Config {
+        /// The `config.json` field.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A feature zoo does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl ModelError {
+    /// An error about one config field.
+    pub fn config(field: &str, message: String) -> Self {
+        Self::Config {
+            field: field.to_string(),
+            message,
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! One training step of the classification fixtures: loss and every parameter's gradient against
+//! transformers (dropout off on both sides).
+
+use std::collections::BTreeMap;
+
+use bmtrain_backend::CpuTrain;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor, TensorData};
+use checkpoints_convert::families::Layout;
+use checkpoints_convert::{LoadOptions, load_model};
+use models::Logits;
+use models::bert::{EncoderInput, cross_entropy};
+use zoo_tests::{fixture, floats, ints, max_relative_diff, reference};
+
+/// Gradients within this, relative to the largest value of each reference tensor.
+const TOLERANCE: f32 = 1e-4;
+
+/// A reference gradient whose largest value is below this is zero up to round-off.
+const NUMERICALLY_ZERO: f32 = 1e-8;
+
+/// Collects the gradient of every float parameter, by zoo name.
+struct GradCollector<'a, B: AutodiffBackend> {
+    grads: &'a B::Gradients,
+    path: Vec<String>,
+    found: BTreeMap<String, TensorData>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
+    }
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.pop();
+        }
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = param.val().grad(self.grads) {
+            self.found.insert(self.path.join("."), grad.into_data());
+        }
+    }
+}
+
+fn check_training_step(name: &str) {
+    let device = Default::default();
+    let options = LoadOptions {
+        dropout: Some(0.0),
+        ..Default::default()
+    };
+    let loaded = load_model::<CpuTrain>(&fixture(name), &device, &options).unwrap();
+    let reference = reference(name);
+    let int2 = |key: &str| {
+        let data = &reference[key].data;
+        Tensor::<CpuTrain, 2, Int>::from_data(
+            TensorData::new(ints(data), data.shape.clone()),
+            &device,
+        )
+    };
+    let input = EncoderInput {
+        input_ids: int2("input_ids"),
+        attention_mask: Some(int2("attention_mask")),
+        token_type_ids: Some(int2("token_type_ids")),
+    };
+    let labels = Tensor::<CpuTrain, 1, Int>::from_data(
+        TensorData::new(ints(&reference["labels"].data), [2]),
+        &device,
+    );
+    let Some(Logits::PerSequence(logits)) = loaded.model.forward(&input).logits else {
+        panic!("{name}: not a classification model");
+    };
+    let loss = cross_entropy(logits, labels);
+    let loss_value = floats(&loss.clone().into_data())[0];
+    let want_loss = floats(&reference["loss"].data)[0];
+    eprintln!("gradients {name}: loss {loss_value} vs transformers {want_loss}");
+    assert!(
+        (loss_value - want_loss).abs() < 1e-5,
+        "{name}: loss {loss_value} vs {want_loss}"
+    );
+
+    let grads = loss.backward();
+    let mut collector = GradCollector::<CpuTrain> {
+        grads: &grads,
+        path: Vec::new(),
+        found: BTreeMap::new(),
+    };
+    loaded.model.visit(&mut collector);
+    let mut worst = (0.0f32, String::new());
+    let pairs = loaded.spec.key_pairs();
+    assert_eq!(
+        pairs.len(),
+        collector.found.len(),
+        "{name}: every parameter has a gradient"
+    );
+    for pair in pairs {
+        let got = &collector.found[&pair.zoo];
+        let got = match pair.layout {
+            Layout::Same => got.clone(),
+            Layout::Transposed => checkpoints_convert::tensors::transpose_2d(got),
+        };
+        let want = &reference[&format!("grad.{}", pair.hf)].data;
+        let largest = floats(want).iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        if largest < NUMERICALLY_ZERO {
+            // Key biases shift every score of a row equally, which softmax cancels: their exact
+            // gradient is 0 and both sides hold round-off. Compare absolutely.
+            let got_largest = floats(&got).iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!(
+                got_largest < NUMERICALLY_ZERO,
+                "{name}: gradient of {} is {got_largest}, want ~0",
+                pair.hf
+            );
+            continue;
+        }
+        let error = max_relative_diff(&got, want);
+        if error > worst.0 {
+            worst = (error, pair.hf.clone());
+        }
+        assert!(
+            error < TOLERANCE,
+            "{name}: gradient of {} off by {error} (relative)",
+            pair.hf
+        );
+    }
+    eprintln!(
+        "gradients {name}: worst relative error {:.3e} ({})",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn bert_classification_gradients_match_transformers() {
+    check_training_step("bert_cls");
+}
+
+#[test]
+fn roberta_classification_gradients_match_transformers() {
+    check_training_step("roberta_cls");
+}

@@ -1,0 +1,96 @@
+//! Forward outputs of every fixture, loaded from safetensors and from `.bin`, against transformers.
+
+use bmtrain_backend::Cpu;
+use burn::tensor::TensorData;
+use checkpoints_convert::{LoadOptions, WeightsFormat, load_model};
+use models::Logits;
+use models::bert::EncoderInput;
+use zoo_tests::{MODEL_FIXTURES, fixture, ints, max_abs_diff, reference};
+
+/// fp32 outputs must be within this of transformers (max-abs).
+const TOLERANCE: f32 = 1e-4;
+
+/// Loads `dir`, runs the reference inputs of `reference_name`, and returns the largest error.
+fn max_error(dir: &str, reference_name: &str, format: WeightsFormat) -> f32 {
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(
+        &fixture(dir),
+        &device,
+        &LoadOptions {
+            format,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{dir}: {e}"));
+    assert!(
+        loaded.unused.is_empty(),
+        "{dir}: unused keys {:?}",
+        loaded.unused
+    );
+    let reference = reference(reference_name);
+    let int_tensor = |name: &str| {
+        let data = &reference[name].data;
+        burn::tensor::Tensor::<Cpu, 2, burn::tensor::Int>::from_data(
+            TensorData::new(ints(data), data.shape.clone()),
+            &device,
+        )
+    };
+    let input = EncoderInput {
+        input_ids: int_tensor("input_ids"),
+        attention_mask: Some(int_tensor("attention_mask")),
+        token_type_ids: Some(int_tensor("token_type_ids")),
+    };
+    let output = loaded.model.forward(&input);
+    let mut worst = max_abs_diff(
+        &output.last_hidden_state.into_data(),
+        &reference["last_hidden_state"].data,
+    );
+    // transformers returns a pooler output from the bare models only; the classification head
+    // consumes it, and the logits check covers it there.
+    if let Some(want) = reference.get("pooler_output") {
+        let got = output
+            .pooler_output
+            .unwrap_or_else(|| panic!("{dir}: no pooler output"));
+        worst = worst.max(max_abs_diff(&got.into_data(), &want.data));
+    }
+    match (output.logits, reference.get("logits")) {
+        (Some(Logits::PerToken(got)), Some(want)) => {
+            worst = worst.max(max_abs_diff(&got.into_data(), &want.data))
+        }
+        (Some(Logits::PerSequence(got)), Some(want)) => {
+            worst = worst.max(max_abs_diff(&got.into_data(), &want.data))
+        }
+        (None, None) => {}
+        (got, want) => panic!(
+            "{dir}: logits present {} vs reference {}",
+            got.is_some(),
+            want.is_some()
+        ),
+    }
+    worst
+}
+
+#[test]
+fn bert_and_roberta_outputs_match_transformers_from_safetensors() {
+    for name in MODEL_FIXTURES {
+        let error = max_error(name, name, WeightsFormat::Safetensors);
+        eprintln!("parity {name} (safetensors): max abs error {error:.3e}");
+        assert!(error < TOLERANCE, "{name}: max abs error {error}");
+    }
+}
+
+#[test]
+fn bert_and_roberta_outputs_match_transformers_from_pytorch_bin() {
+    for name in MODEL_FIXTURES {
+        let error = max_error(name, name, WeightsFormat::PytorchBin);
+        eprintln!("parity {name} (pytorch_model.bin): max abs error {error:.3e}");
+        assert!(error < TOLERANCE, "{name}: max abs error {error}");
+    }
+}
+
+#[test]
+fn sharded_safetensors_load_like_the_single_file() {
+    let error = max_error("bert_sharded", "bert_mlm", WeightsFormat::Auto);
+    eprintln!("parity bert_sharded (index.json): max abs error {error:.3e}");
+    assert!(error < TOLERANCE, "max abs error {error}");
+}

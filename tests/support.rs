@@ -1,0 +1,63 @@
+//! Helpers shared by zoo's cross-crate tests: fixture paths, reference tensors and error measures.
+//!
+//! The fixtures under `tests/fixtures/` are made by `tests/fixtures/generate.py` with torch and
+//! transformers; the expected numbers in every parity test come from there, never from zoo.
+
+use std::path::PathBuf;
+
+use burn::tensor::TensorData;
+use checkpoints_convert::TensorMap;
+
+/// The HF model fixtures, each a directory with `model.safetensors`, `pytorch_model.bin` and
+/// `reference.safetensors`.
+pub const MODEL_FIXTURES: [&str; 6] = [
+    "bert",
+    "bert_mlm",
+    "bert_cls",
+    "roberta",
+    "roberta_mlm",
+    "roberta_cls",
+];
+
+/// `tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// transformers' inputs and outputs for a model fixture.
+pub fn reference(name: &str) -> TensorMap {
+    checkpoints_convert::read_weights_file(&fixture(name).join("reference.safetensors"))
+        .expect("reference tensors")
+}
+
+/// The values of a tensor as f32.
+pub fn floats(data: &TensorData) -> Vec<f32> {
+    data.clone().convert::<f32>().to_vec().expect("float data")
+}
+
+/// The values of a tensor as i64.
+pub fn ints(data: &TensorData) -> Vec<i64> {
+    data.clone().convert::<i64>().to_vec().expect("int data")
+}
+
+/// Largest absolute difference; panics when the shapes differ.
+pub fn max_abs_diff(got: &TensorData, want: &TensorData) -> f32 {
+    assert_eq!(got.shape, want.shape, "shapes differ");
+    floats(got)
+        .iter()
+        .zip(floats(want))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Largest absolute difference divided by the largest magnitude of `want`.
+pub fn max_relative_diff(got: &TensorData, want: &TensorData) -> f32 {
+    let scale = floats(want)
+        .iter()
+        .map(|x| x.abs())
+        .fold(0.0, f32::max)
+        .max(f32::MIN_POSITIVE);
+    max_abs_diff(got, want) / scale
+}

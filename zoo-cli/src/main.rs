@@ -1,0 +1,128 @@
+//! `zoo`: the command line of the zoo model zoo.
+//!
+//! - `zoo list`: families, presets and parameter counts;
+//! - `zoo convert`: HF directory → zoo directory, and back with `--to-hf`;
+//! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors.
+
+mod forward;
+mod list;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bmtrain_backend::DeviceSpec;
+use checkpoints_convert::WeightsFormat;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// zoo: HuggingFace-compatible Transformers in Rust, on burn.
+#[derive(Parser, Debug)]
+#[command(name = "zoo", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List the model families, their classes and presets, with parameter counts.
+    List,
+    /// Convert an HF model directory to a zoo directory, or back with --to-hf.
+    Convert(ConvertArgs),
+    /// Run a model directory (HF or zoo) and write its outputs to a safetensors file.
+    Forward(forward::ForwardArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// The directory to read: HF (config.json) or, with --to-hf, zoo (zoo.json).
+    #[arg(long = "from", value_name = "DIR")]
+    from: PathBuf,
+    /// The directory to write. It must not exist, unless --overwrite.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Export a zoo directory back to the HF layout.
+    #[arg(long)]
+    to_hf: bool,
+    /// Which HF weights file to read.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    format: FormatArg,
+    /// Replace --out if it exists (only once the new directory is complete).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// `--format`: which weights file of an HF directory to read.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum FormatArg {
+    /// model.safetensors (or its index) when present, else pytorch_model.bin.
+    Auto,
+    /// model.safetensors or model.safetensors.index.json.
+    Safetensors,
+    /// pytorch_model.bin or pytorch_model.bin.index.json.
+    Bin,
+}
+
+impl From<FormatArg> for WeightsFormat {
+    fn from(arg: FormatArg) -> Self {
+        match arg {
+            FormatArg::Auto => WeightsFormat::Auto,
+            FormatArg::Safetensors => WeightsFormat::Safetensors,
+            FormatArg::Bin => WeightsFormat::PytorchBin,
+        }
+    }
+}
+
+/// Parses `--device`.
+fn parse_device(text: &str) -> Result<DeviceSpec, String> {
+    text.parse()
+        .map_err(|e: bmtrain_backend::DeviceError| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::List => list::run(),
+        Command::Convert(args) => convert(args),
+        Command::Forward(args) => forward::run(args),
+    }
+}
+
+fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    let report = if args.to_hf {
+        checkpoints_convert::export_zoo_to_hf(&args.from, &args.out, args.overwrite)
+    } else {
+        checkpoints_convert::convert_hf_to_zoo(
+            &args.from,
+            &args.out,
+            args.format.into(),
+            args.overwrite,
+        )
+    }
+    .with_context(|| format!("converting {}", args.from.display()))?;
+    for key in &report.unused {
+        eprintln!("warning: unused checkpoint key '{key}' (not written)");
+    }
+    println!(
+        "wrote {} ({}, {} tensors, tokenizer files: {})",
+        args.out.display(),
+        report.architecture.hf_name(),
+        report.tensors,
+        if report.tokenizer_files.is_empty() {
+            "none".to_string()
+        } else {
+            report.tokenizer_files.join(", ")
+        }
+    );
+    Ok(())
+}
