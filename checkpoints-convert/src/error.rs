@@ -6,28 +6,28 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A JSON file does not parse, or does not have the expected fields.
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {error}")]
     Json {
         /// The file.
         path: PathBuf,
         /// serde_json's message, with line and column.
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// A config has a value zoo cannot use.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Config {
         /// The config file.
         path: PathBuf,
         /// What is wrong.
-        source: models::ModelError,
+        error: models::ModelError,
     },
     /// A weights file is not a readable safetensors / PyTorch file.
     #[error("{path}: not a valid {format} file: {message}")]
@@ -106,10 +106,10 @@ pub enum ConvertError {
 
 impl ConvertError {
     /// Wraps an I/O error with its path.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

@@ -105,18 +105,18 @@ pub fn read_spec(dir: &Path) -> Result<ModelSpec> {
             dir: dir.to_path_buf(),
         });
     };
-    let config_error = |source| ConvertError::Config {
+    let config_error = |error| ConvertError::Config {
         path: config_path.clone(),
-        source,
+        error,
     };
     let architecture = match named_architecture {
         Some(name) => Architecture::from_hf_name(&name).map_err(config_error)?,
         None => Architecture::from_hf_config(&hf_config).map_err(config_error)?,
     };
     let config: BertConfig =
-        serde_json::from_value(hf_config.clone()).map_err(|source| ConvertError::Json {
+        serde_json::from_value(hf_config.clone()).map_err(|error| ConvertError::Json {
             path: config_path.clone(),
-            source,
+            error,
         })?;
     config.validate().map_err(config_error)?;
     Ok(ModelSpec {
@@ -147,9 +147,9 @@ impl ModelSpec {
     fn expected_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
         let device = Default::default();
         let model = AnyModel::<bmtrain_backend::Cpu>::new(self.architecture, &self.config, &device)
-            .map_err(|source| ConvertError::Config {
+            .map_err(|error| ConvertError::Config {
                 path: self.dir.join(HF_CONFIG),
-                source,
+                error,
             })?;
         Ok(models::param_infos::<bmtrain_backend::Cpu, _>(&model)
             .into_iter()
@@ -318,10 +318,10 @@ pub fn build_model<B: Backend>(
     device: &B::Device,
 ) -> Result<AnyModel<B>> {
     let mut model =
-        AnyModel::<B>::new(spec.architecture, &spec.config, device).map_err(|source| {
+        AnyModel::<B>::new(spec.architecture, &spec.config, device).map_err(|error| {
             ConvertError::Config {
                 path: spec.dir.join(HF_CONFIG),
-                source,
+                error,
             }
         })?;
     let snapshots = tensors

@@ -107,9 +107,9 @@ fn read_sharded(index_path: &Path) -> Result<TensorMap> {
 /// Reads a JSON file into `T`, naming the file (and serde's line/column) on error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = fs::read_to_string(path).map_err(|e| ConvertError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| ConvertError::Json {
+    serde_json::from_str(&text).map_err(|error| ConvertError::Json {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

@@ -136,7 +136,7 @@ impl BertConfig {
                 return field(name, "must be greater than 0".into());
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return field(
                 "num_attention_heads",
                 format!(

@@ -1,0 +1,368 @@
+//! The `zoo` binary end to end: outputs against transformers' reference, conversion both ways,
+//! and bad input (a clear message naming the file, key or shape; exit code ≠ 0; no panic; nothing
+//! written).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::tensor::TensorData;
+use checkpoints_convert::{TensorMap, read_weights_file, write_safetensors};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn zoo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args)
+        .output()
+        .expect("zoo runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn floats(data: &TensorData) -> Vec<f32> {
+    data.clone().convert::<f32>().to_vec().unwrap()
+}
+
+fn ints(data: &TensorData) -> Vec<i64> {
+    data.clone().convert::<i64>().to_vec().unwrap()
+}
+
+/// Row `row` of a `[batch, ...]` tensor, flattened.
+fn row(data: &TensorData, row: usize) -> Vec<f32> {
+    let values = floats(data);
+    let width = values.len() / data.shape[0];
+    values[row * width..(row + 1) * width].to_vec()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Runs `zoo forward` on the reference's first row (unpadded, one segment) given as ids, and
+/// compares it with transformers' outputs for that row.
+fn forward_matches_reference(model: &Path, reference_name: &str) -> f32 {
+    let reference =
+        read_weights_file(&fixture(reference_name).join("reference.safetensors")).unwrap();
+    let ids = &reference["input_ids"].data;
+    let first: Vec<String> = ints(ids)[..ids.shape[1]]
+        .iter()
+        .map(i64::to_string)
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out.safetensors");
+    let result = zoo(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &first.join(","),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let got = read_weights_file(&out).unwrap();
+    let mut worst = max_abs_diff(
+        &row(&got["last_hidden_state"].data, 0),
+        &row(&reference["last_hidden_state"].data, 0),
+    );
+    if let Some(want) = reference.get("logits") {
+        worst = worst.max(max_abs_diff(
+            &row(&got["logits"].data, 0),
+            &row(&want.data, 0),
+        ));
+    }
+    worst
+}
+
+#[test]
+fn forward_on_the_bert_fixture_matches_transformers() {
+    let error = forward_matches_reference(&fixture("bert"), "bert");
+    eprintln!("zoo forward bert: max abs error {error:.3e}");
+    assert!(error < 1e-4, "{error}");
+    let error = forward_matches_reference(&fixture("roberta_mlm"), "roberta_mlm");
+    assert!(error < 1e-4, "{error}");
+}
+
+#[test]
+fn forward_tokenizes_text_like_transformers_and_pads_a_batch() {
+    let reference = read_weights_file(&fixture("bert_mlm").join("reference.safetensors")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out.safetensors");
+    let text = "The quick brown fox jumps over the lazy dog. Hello world!";
+    let model = fixture("bert_mlm");
+    let result = zoo(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text,
+        "--text",
+        "Hello",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let got = read_weights_file(&out).unwrap();
+    let ids = &reference["input_ids"].data;
+    assert_eq!(
+        ints(&got["input_ids"].data)[..ids.shape[1]],
+        ints(ids)[..ids.shape[1]]
+    );
+    assert_eq!(
+        got["attention_mask"].data.shape[0], 2,
+        "two texts, one padded batch"
+    );
+    let error = max_abs_diff(
+        &row(&got["logits"].data, 0),
+        &row(&reference["logits"].data, 0),
+    );
+    assert!(error < 1e-4, "{error}");
+}
+
+#[test]
+fn convert_and_back_round_trips_and_the_zoo_dir_runs() {
+    let work = tempfile::tempdir().unwrap();
+    let zoo_dir = work.path().join("zoo");
+    let hf_dir = work.path().join("hf");
+    let from = fixture("bert_cls");
+    let result = zoo(&[
+        "convert",
+        "--from",
+        from.to_str().unwrap(),
+        "--out",
+        zoo_dir.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let result = zoo(&[
+        "convert",
+        "--to-hf",
+        "--from",
+        zoo_dir.to_str().unwrap(),
+        "--out",
+        hf_dir.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let original = read_weights_file(&from.join("model.safetensors")).unwrap();
+    let exported = read_weights_file(&hf_dir.join("model.safetensors")).unwrap();
+    assert_eq!(original.len(), exported.len());
+    for (key, tensor) in &original {
+        assert!(
+            tensor.data.as_bytes() == exported[key].data.as_bytes(),
+            "{key}"
+        );
+    }
+    let error = forward_matches_reference(&zoo_dir, "bert_cls");
+    assert!(error < 1e-4, "zoo dir: {error}");
+}
+
+#[test]
+fn list_shows_presets_with_parameter_counts() {
+    let result = zoo(&["list"]);
+    assert!(result.status.success());
+    let text = String::from_utf8_lossy(&result.stdout);
+    for preset in [
+        "bert-base-uncased",
+        "bert-large-cased",
+        "bert-base-chinese",
+        "roberta-base",
+        "roberta-large",
+    ] {
+        assert!(text.contains(preset), "{preset} missing from:\n{text}");
+    }
+    // bert-base-uncased's encoder has 109,482,240 parameters in transformers.
+    assert!(text.contains("109.5M"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input
+
+/// A copy of a fixture directory to break.
+fn broken_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join(name);
+    fs::create_dir(&dir).unwrap();
+    for entry in fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "pytorch_model.bin" {
+            fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    (work, dir)
+}
+
+fn rewrite_weights(dir: &Path, change: impl FnOnce(&mut TensorMap)) {
+    let path = dir.join("model.safetensors");
+    let mut tensors = read_weights_file(&path).unwrap();
+    change(&mut tensors);
+    let plain = tensors.into_iter().map(|(k, t)| (k, t.data)).collect();
+    write_safetensors(&path, &plain, None).unwrap();
+}
+
+/// `zoo convert` must fail with every `needles` in its message, without panicking or writing.
+fn assert_convert_fails(dir: &Path, needles: &[&str]) {
+    let out = dir.parent().unwrap().join("converted");
+    let result = zoo(&[
+        "convert",
+        "--from",
+        dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let message = stderr(&result);
+    assert!(!result.status.success(), "convert succeeded on bad input");
+    assert!(!message.contains("panicked"), "{message}");
+    for needle in needles {
+        assert!(message.contains(needle), "'{needle}' not in: {message}");
+    }
+    assert!(
+        !out.exists(),
+        "convert wrote {} although it failed",
+        out.display()
+    );
+    let leftovers: Vec<_> = fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn truncated_safetensors_is_an_error_naming_the_file() {
+    let (_work, dir) = broken_copy("bert");
+    let path = dir.join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_convert_fails(&dir, &["model.safetensors", "safetensors"]);
+
+    // `zoo forward` refuses it too, and writes no output file.
+    let out = dir.parent().unwrap().join("out.safetensors");
+    let result = zoo(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        "2,5,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!result.status.success());
+    assert!(
+        stderr(&result).contains("model.safetensors"),
+        "{}",
+        stderr(&result)
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn wrong_shape_is_an_error_naming_the_key_and_both_shapes() {
+    let (_work, dir) = broken_copy("bert");
+    rewrite_weights(&dir, |tensors| {
+        let key = "encoder.layer.1.attention.self.query.weight";
+        let tensor = tensors.get_mut(key).unwrap();
+        tensor.data = TensorData::new(vec![0.0f32; 32 * 31], [32, 31]);
+    });
+    assert_convert_fails(
+        &dir,
+        &[
+            "encoder.layer.1.attention.self.query.weight",
+            "[32, 31]",
+            "[32, 32]",
+        ],
+    );
+}
+
+#[test]
+fn missing_key_is_an_error_naming_the_key() {
+    let (_work, dir) = broken_copy("bert");
+    rewrite_weights(&dir, |tensors| {
+        tensors.remove("pooler.dense.bias");
+    });
+    assert_convert_fails(&dir, &["missing", "pooler.dense.bias"]);
+}
+
+#[test]
+fn unknown_model_type_is_an_error_naming_it() {
+    let (_work, dir) = broken_copy("bert");
+    let path = dir.join("config.json");
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"model_type\": \"bert\"", "\"model_type\": \"llama-x\"");
+    fs::write(&path, text).unwrap();
+    assert_convert_fails(&dir, &["config.json", "model_type", "'llama-x'"]);
+}
+
+#[test]
+fn malformed_json_is_an_error_naming_the_file_and_line() {
+    let (_work, dir) = broken_copy("bert");
+    let path = dir.join("config.json");
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, &text[..text.len() / 2]).unwrap();
+    assert_convert_fails(&dir, &["config.json", "line"]);
+}
+
+#[test]
+fn empty_text_is_an_error_and_writes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out.safetensors");
+    let model = fixture("bert");
+    let result = zoo(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "  ",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let message = stderr(&result);
+    assert!(!result.status.success());
+    assert!(
+        message.contains("--text") && message.contains("empty"),
+        "{message}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn out_of_range_ids_and_unknown_devices_are_errors() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out.safetensors");
+    let model = fixture("bert");
+    let result = zoo(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "2,99999,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!result.status.success());
+    assert!(stderr(&result).contains("99999"), "{}", stderr(&result));
+    let result = zoo(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "2,3",
+        "--device",
+        "tpu:0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!result.status.success());
+    assert!(stderr(&result).contains("tpu:0"), "{}", stderr(&result));
+    assert!(!out.exists());
+}
