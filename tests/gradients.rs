@@ -9,8 +9,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::families::Layout;
 use checkpoints_convert::{LoadOptions, load_model};
-use models::Logits;
 use models::bert::{EncoderInput, cross_entropy};
+use models::{Logits, ParamPath};
 use zoo_tests::{fixture, floats, ints, max_relative_diff, reference};
 
 /// Gradients within this, relative to the largest value of each reference tensor.
@@ -22,24 +22,20 @@ const NUMERICALLY_ZERO: f32 = 1e-8;
 /// Collects the gradient of every float parameter, by zoo name.
 struct GradCollector<'a, B: AutodiffBackend> {
     grads: &'a B::Gradients,
-    path: Vec<String>,
+    path: ParamPath,
     found: BTreeMap<String, TensorData>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        if !container_type.starts_with("Enum:") {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container_type);
     }
     fn exit_module(&mut self, _name: &str, container_type: &str) {
-        if !container_type.starts_with("Enum:") {
-            self.path.pop();
-        }
+        self.path.exit(container_type);
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = param.val().grad(self.grads) {
-            self.found.insert(self.path.join("."), grad.into_data());
+            self.found.insert(self.path.name(), grad.into_data());
         }
     }
 }
@@ -83,7 +79,7 @@ fn check_training_step(name: &str) {
     let grads = loss.backward();
     let mut collector = GradCollector::<CpuTrain> {
         grads: &grads,
-        path: Vec::new(),
+        path: ParamPath::default(),
         found: BTreeMap::new(),
     };
     loaded.model.visit(&mut collector);

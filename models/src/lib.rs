@@ -16,8 +16,8 @@ pub mod registry;
 pub mod roberta;
 
 pub use registry::{
-    AnyModel, Architecture, Family, Logits, ModelOutput, ParamInfo, Preset, count_params,
-    param_infos, preset, presets,
+    AnyModel, Architecture, Family, Logits, ModelOutput, ParamInfo, ParamPath, Preset,
+    count_params, param_infos, preset, presets,
 };
 
 /// Errors from building a model.

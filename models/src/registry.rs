@@ -303,36 +303,57 @@ pub struct ParamInfo {
     pub shape: Vec<usize>,
 }
 
+/// The dotted zoo name of the parameter a [`ModuleVisitor`] is at: call [`ParamPath::enter`] and
+/// [`ParamPath::exit`] from the visitor's `enter_module` / `exit_module`.
+#[derive(Debug, Default)]
+pub struct ParamPath {
+    segments: Vec<String>,
+}
+
+impl ParamPath {
+    /// Enters a sub-module. Enum variants (such as [`AnyModel`]'s) are not part of zoo names.
+    pub fn enter(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.segments.push(name.to_string());
+        }
+    }
+
+    /// Leaves the sub-module entered last.
+    pub fn exit(&mut self, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.segments.pop();
+        }
+    }
+
+    /// The current name, e.g. `bert.encoder.layers.0.attention.query.weight`.
+    pub fn name(&self) -> String {
+        self.segments.join(".")
+    }
+}
+
 /// Lists a module's float parameters without initialising them (lazy shapes only), so this is
 /// cheap even for a 175B preset.
 pub fn param_infos<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
+    #[derive(Default)]
     struct Lister {
-        path: Vec<String>,
+        path: ParamPath,
         params: Vec<ParamInfo>,
     }
     impl<B: Backend> ModuleVisitor<B> for Lister {
         fn enter_module(&mut self, name: &str, container_type: &str) {
-            // Enum variants (AnyModel) are not part of the name.
-            if !container_type.starts_with("Enum:") {
-                self.path.push(name.to_string());
-            }
+            self.path.enter(name, container_type);
         }
         fn exit_module(&mut self, _name: &str, container_type: &str) {
-            if !container_type.starts_with("Enum:") {
-                self.path.pop();
-            }
+            self.path.exit(container_type);
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             self.params.push(ParamInfo {
-                name: self.path.join("."),
+                name: self.path.name(),
                 shape: param.lazy_shape().to_vec(),
             });
         }
     }
-    let mut lister = Lister {
-        path: Vec::new(),
-        params: Vec::new(),
-    };
+    let mut lister = Lister::default();
     module.visit(&mut lister);
     lister.params
 }

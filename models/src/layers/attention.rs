@@ -180,7 +180,8 @@ impl<B: Backend> MultiHeadAttention<B> {
             scores = scores * self.scale;
         }
         if let Some(additive) = &mask.additive {
-            scores = scores + additive.clone();
+            // Masks are built in the default float dtype; follow the scores' dtype (f16, bf16).
+            scores = scores.clone() + additive.clone().cast(scores.dtype());
         }
         let probs = self.dropout.forward(softmax(scores, 3));
         probs.matmul(v)
