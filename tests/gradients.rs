@@ -9,9 +9,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::families::Layout;
 use checkpoints_convert::{LoadOptions, load_model};
-use models::bert::{EncoderInput, cross_entropy};
+use models::bert::cross_entropy;
 use models::{Logits, ParamPath};
-use zoo_tests::{fixture, floats, ints, max_relative_diff, reference};
+use zoo_tests::{fixture, floats, ints, max_relative_diff, reference, reference_input};
 
 /// Gradients within this, relative to the largest value of each reference tensor.
 const TOLERANCE: f32 = 1e-4;
@@ -48,18 +48,7 @@ fn check_training_step(name: &str) {
     };
     let loaded = load_model::<CpuTrain>(&fixture(name), &device, &options).unwrap();
     let reference = reference(name);
-    let int2 = |key: &str| {
-        let data = &reference[key].data;
-        Tensor::<CpuTrain, 2, Int>::from_data(
-            TensorData::new(ints(data), data.shape.clone()),
-            &device,
-        )
-    };
-    let input = EncoderInput {
-        input_ids: int2("input_ids"),
-        attention_mask: Some(int2("attention_mask")),
-        token_type_ids: Some(int2("token_type_ids")),
-    };
+    let input = reference_input(&reference, &device);
     let labels = Tensor::<CpuTrain, 1, Int>::from_data(
         TensorData::new(ints(&reference["labels"].data), [2]),
         &device,

@@ -4,8 +4,7 @@ use bmtrain_backend::Cpu;
 use burn::tensor::TensorData;
 use checkpoints_convert::{LoadOptions, WeightsFormat, load_model};
 use models::Logits;
-use models::bert::EncoderInput;
-use zoo_tests::{MODEL_FIXTURES, fixture, ints, max_abs_diff, reference};
+use zoo_tests::{MODEL_FIXTURES, fixture, max_abs_diff, reference, reference_input};
 
 /// fp32 outputs must be within this of transformers (max-abs).
 const TOLERANCE: f32 = 1e-4;
@@ -28,18 +27,7 @@ fn max_error(dir: &str, reference_name: &str, format: WeightsFormat) -> f32 {
         loaded.unused
     );
     let reference = reference(reference_name);
-    let int_tensor = |name: &str| {
-        let data = &reference[name].data;
-        burn::tensor::Tensor::<Cpu, 2, burn::tensor::Int>::from_data(
-            TensorData::new(ints(data), data.shape.clone()),
-            &device,
-        )
-    };
-    let input = EncoderInput {
-        input_ids: int_tensor("input_ids"),
-        attention_mask: Some(int_tensor("attention_mask")),
-        token_type_ids: Some(int_tensor("token_type_ids")),
-    };
+    let input = reference_input(&reference, &device);
     let output = loaded.model.forward(&input);
     let mut worst = max_abs_diff(
         &output.last_hidden_state.into_data(),
@@ -93,4 +81,41 @@ fn sharded_safetensors_load_like_the_single_file() {
     let error = max_error("bert_sharded", "bert_mlm", WeightsFormat::Auto);
     eprintln!("parity bert_sharded (index.json): max abs error {error:.3e}");
     assert!(error < TOLERANCE, "max abs error {error}");
+}
+
+/// Older checkpoints: a `bert.` prefix on a bare `BertModel`, TF-era `LayerNorm.gamma`/`beta`
+/// names, and a `position_ids` buffer. They load to the same outputs.
+#[test]
+fn prefixed_gamma_beta_checkpoints_with_buffers_load_the_same() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("old_bert");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(fixture("bert").join("config.json"), dir.join("config.json")).unwrap();
+    let original =
+        checkpoints_convert::read_weights_file(&fixture("bert").join("model.safetensors")).unwrap();
+    let mut renamed = std::collections::BTreeMap::new();
+    for (key, tensor) in original {
+        let key = key
+            .replace("LayerNorm.weight", "LayerNorm.gamma")
+            .replace("LayerNorm.bias", "LayerNorm.beta");
+        renamed.insert(format!("bert.{key}"), tensor.data);
+    }
+    let positions: Vec<i64> = (0..40).collect();
+    renamed.insert(
+        "bert.embeddings.position_ids".into(),
+        TensorData::new(positions, [1, 40]),
+    );
+    checkpoints_convert::write_safetensors(&dir.join("model.safetensors"), &renamed, None).unwrap();
+
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&dir, &device, &LoadOptions::default()).unwrap();
+    assert!(loaded.unused.is_empty(), "{:?}", loaded.unused);
+    let reference = reference("bert");
+    let input = reference_input(&reference, &device);
+    let output = loaded.model.forward(&input);
+    let error = max_abs_diff(
+        &output.last_hidden_state.into_data(),
+        &reference["last_hidden_state"].data,
+    );
+    assert!(error < TOLERANCE, "{error}");
 }

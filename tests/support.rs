@@ -5,8 +5,10 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::TensorData;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::TensorMap;
+use models::bert::EncoderInput;
 
 /// The HF model fixtures, each a directory with `model.safetensors`, `pytorch_model.bin` and
 /// `reference.safetensors`.
@@ -60,4 +62,17 @@ pub fn max_relative_diff(got: &TensorData, want: &TensorData) -> f32 {
         .fold(0.0, f32::max)
         .max(f32::MIN_POSITIVE);
     max_abs_diff(got, want) / scale
+}
+
+/// The reference's `input_ids`, `attention_mask` and `token_type_ids` as model input.
+pub fn reference_input<B: Backend>(reference: &TensorMap, device: &B::Device) -> EncoderInput<B> {
+    let tensor = |name: &str| {
+        let data = &reference[name].data;
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ints(data), data.shape.clone()), device)
+    };
+    EncoderInput {
+        input_ids: tensor("input_ids"),
+        attention_mask: Some(tensor("attention_mask")),
+        token_type_ids: Some(tensor("token_type_ids")),
+    }
 }
