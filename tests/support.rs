@@ -3,6 +3,8 @@
 //! The fixtures under `tests/fixtures/` are made by `tests/fixtures/generate.py` with torch and
 //! transformers; the expected numbers in every parity test come from there, never from zoo.
 
+#![warn(missing_docs)]
+
 use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;

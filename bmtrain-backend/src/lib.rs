@@ -12,6 +12,8 @@
 //! Sharded parameters (ZeRO-3), block checkpointing, communicators and the ZeRO optimizer will live
 //! here too, under the models, so that every model family gets them the same way.
 
+#![warn(missing_docs)]
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -7,6 +7,8 @@
 //! - [`convert_hf_to_zoo`] / [`export_zoo_to_hf`]: `zoo convert` both ways, bit-exact;
 //! - [`load_tokenizer`]: `tokenizer.json`, or one built from `vocab.txt` / `vocab.json` + `merges.txt`.
 
+#![warn(missing_docs)]
+
 pub mod batch;
 pub mod error;
 pub mod families;

@@ -10,6 +10,8 @@
 //! Every model is generic over the burn backend: on `Autodiff<B>` it trains (dropout active), on
 //! `B` it runs inference.
 
+#![warn(missing_docs)]
+
 pub mod bert;
 pub mod layers;
 pub mod registry;

@@ -41,6 +41,7 @@ pub struct ForwardArgs {
     format: FormatArg,
 }
 
+/// Tokenises (or parses) the inputs, then loads and runs the model on the chosen device.
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let rows = if args.text.is_empty() {
         parse_ids(&args.ids)?
@@ -92,6 +93,7 @@ fn tokenize(model_dir: &Path, texts: &[String]) -> anyhow::Result<Vec<Vec<u32>>>
         .collect()
 }
 
+/// The backend-generic part of `zoo forward`: load, check the inputs, run, write.
 struct ForwardTask {
     args: ForwardArgs,
     rows: Vec<Vec<u32>>,

@@ -4,6 +4,8 @@
 //! - `zoo convert`: HF directory → zoo directory, and back with `--to-hf`;
 //! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors.
 
+#![warn(missing_docs)]
+
 mod forward;
 mod list;
 
