@@ -299,6 +299,30 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// A pickle that, unpickled by Python, would run `os.system("touch PWNED")`. zoo's reader
+    /// interprets opcodes without calling anything: the file is refused, nothing runs.
+    #[test]
+    fn pickles_that_call_functions_are_refused_without_running_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pytorch_model.bin");
+        let marker = dir.path().join("PWNED");
+        let command = format!("touch {}", marker.display());
+        let mut pickle = b"\x80\x02cos\nsystem\nq\x00X".to_vec();
+        pickle.extend((command.len() as u32).to_le_bytes());
+        pickle.extend(command.as_bytes());
+        pickle.extend(b"q\x01\x85q\x02Rq\x03.");
+        fs::write(&path, &pickle).unwrap();
+        let result = read_weights_file(&path);
+        assert!(!marker.exists(), "pickled code ran");
+        let err = result
+            .expect_err("a pickle with a function call is refused")
+            .to_string();
+        assert!(
+            err.contains("pytorch_model.bin") && err.contains("os.system"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn truncated_safetensors_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
