@@ -246,23 +246,7 @@ fn truncated_safetensors_is_an_error_naming_the_file() {
     assert_convert_fails(&dir, &["model.safetensors", "safetensors"]);
 
     // `zoo forward` refuses it too, and writes no output file.
-    let out = dir.parent().unwrap().join("out.safetensors");
-    let result = zoo(&[
-        "forward",
-        "--model",
-        dir.to_str().unwrap(),
-        "--ids",
-        "2,5,3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!result.status.success());
-    assert!(
-        stderr(&result).contains("model.safetensors"),
-        "{}",
-        stderr(&result)
-    );
-    assert!(!out.exists());
+    assert_forward_fails(&dir, &["--ids", "2,5,3"], &["model.safetensors"]);
 }
 
 #[test]
@@ -312,57 +296,39 @@ fn malformed_json_is_an_error_naming_the_file_and_line() {
     assert_convert_fails(&dir, &["config.json", "line"]);
 }
 
-#[test]
-fn empty_text_is_an_error_and_writes_nothing() {
+/// `zoo forward --model MODEL ARGS --out FILE` must fail with every `needles` in its message,
+/// without panicking or writing FILE.
+fn assert_forward_fails(model: &Path, args: &[&str], needles: &[&str]) {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out.safetensors");
-    let model = fixture("bert");
-    let result = zoo(&[
-        "forward",
-        "--model",
-        model.to_str().unwrap(),
-        "--text",
-        "  ",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let mut all = vec!["forward", "--model", model.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    let result = zoo(&all);
     let message = stderr(&result);
-    assert!(!result.status.success());
+    assert!(!result.status.success(), "forward succeeded with {args:?}");
+    assert!(!message.contains("panicked"), "{message}");
+    for needle in needles {
+        assert!(message.contains(needle), "'{needle}' not in: {message}");
+    }
     assert!(
-        message.contains("--text") && message.contains("empty"),
-        "{message}"
+        !out.exists(),
+        "forward wrote {} although it failed",
+        out.display()
     );
-    assert!(!out.exists());
+}
+
+#[test]
+fn empty_text_is_an_error_and_writes_nothing() {
+    assert_forward_fails(&fixture("bert"), &["--text", "  "], &["--text", "empty"]);
 }
 
 #[test]
 fn out_of_range_ids_and_unknown_devices_are_errors() {
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out.safetensors");
-    let model = fixture("bert");
-    let result = zoo(&[
-        "forward",
-        "--model",
-        model.to_str().unwrap(),
-        "--ids",
-        "2,99999,3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!result.status.success());
-    assert!(stderr(&result).contains("99999"), "{}", stderr(&result));
-    let result = zoo(&[
-        "forward",
-        "--model",
-        model.to_str().unwrap(),
-        "--ids",
-        "2,3",
-        "--device",
-        "tpu:0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!result.status.success());
-    assert!(stderr(&result).contains("tpu:0"), "{}", stderr(&result));
-    assert!(!out.exists());
+    assert_forward_fails(&fixture("bert"), &["--ids", "2,99999,3"], &["99999"]);
+    assert_forward_fails(
+        &fixture("bert"),
+        &["--ids", "2,3", "--device", "tpu:0"],
+        &["tpu:0"],
+    );
 }
