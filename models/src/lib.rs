@@ -5,6 +5,8 @@
 //!   additive position bias), feed-forward (ReLU, GELU, gelu_new, gated), dropout.
 //! - [`bert`]: `BertModel`, `BertForMaskedLM`, `BertForSequenceClassification`.
 //! - [`roberta`]: `RobertaModel`, `RobertaForMaskedLM`, `RobertaForSequenceClassification`.
+//! - [`gpt2`]: `GPT2Model`, `GPT2LMHeadModel` (GPT-2, the GPT-3 sizes, CPM-1), causal-LM loss.
+//! - [`generation`]: KV-cache generation (greedy, sampling, beam search) for any [`generation::Decoder`].
 //! - [`registry`]: which class a config asks for, [`AnyModel`] to run any of them, presets.
 //!
 //! Every model is generic over the burn backend: on `Autodiff<B>` it trains (dropout active), on
@@ -13,13 +15,15 @@
 #![warn(missing_docs)]
 
 pub mod bert;
+pub mod generation;
+pub mod gpt2;
 pub mod layers;
 pub mod registry;
 pub mod roberta;
 
 pub use registry::{
-    AnyModel, Architecture, Family, Logits, ModelOutput, ParamInfo, ParamPath, Preset,
-    count_params, param_infos, preset, presets,
+    AnyModel, Architecture, ConfigError, Family, Logits, ModelConfig, ModelOutput, ParamInfo,
+    ParamPath, Preset, count_params, param_infos, preset, presets,
 };
 
 /// Errors from building a model.

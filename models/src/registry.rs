@@ -8,6 +8,7 @@ use crate::ModelError;
 use crate::bert::{
     BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, EncoderInput,
 };
+use crate::gpt2::{DecoderInput, Gpt2Config, Gpt2LmHeadModel, Gpt2Model};
 use crate::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel};
 
 /// A model family: one file in `models/src`, one key table in `checkpoints-convert`.
@@ -17,17 +18,20 @@ pub enum Family {
     Bert,
     /// RoBERTa (`model_type: "roberta"`).
     Roberta,
+    /// GPT-2, and the GPT-3 sizes and CPM-1 built on it (`model_type: "gpt2"`).
+    Gpt2,
 }
 
 impl Family {
     /// Every family, in `zoo list` order.
-    pub const ALL: [Family; 2] = [Family::Bert, Family::Roberta];
+    pub const ALL: [Family; 3] = [Family::Bert, Family::Roberta, Family::Gpt2];
 
     /// HF's `model_type`.
     pub fn model_type(self) -> &'static str {
         match self {
             Self::Bert => "bert",
             Self::Roberta => "roberta",
+            Self::Gpt2 => "gpt2",
         }
     }
 
@@ -39,16 +43,117 @@ impl Family {
             .ok_or_else(|| {
                 ModelError::config(
                     "model_type",
-                    format!("unknown model_type '{model_type}' (zoo knows: bert, roberta)"),
+                    format!(
+                        "unknown model_type '{model_type}' (zoo knows: {})",
+                        Self::ALL.map(Self::model_type).join(", ")
+                    ),
                 )
             })
     }
 
-    /// Where the encoder's keys sit under a head, in HF and in zoo: `bert.` / `roberta.`.
+    /// Where the body's keys sit under a head, in HF and in zoo: `bert.` / `roberta.` /
+    /// `transformer.`.
     pub fn body_prefix(self) -> &'static str {
         match self {
             Self::Bert => "bert.",
             Self::Roberta => "roberta.",
+            Self::Gpt2 => "transformer.",
+        }
+    }
+
+    /// Parses an HF `config.json` into this family's config and validates it.
+    pub fn parse_config(self, value: &Value) -> Result<ModelConfig, ConfigError> {
+        let config = match self {
+            Self::Bert | Self::Roberta => {
+                ModelConfig::Bert(serde_json::from_value(value.clone()).map_err(ConfigError::Json)?)
+            }
+            Self::Gpt2 => {
+                ModelConfig::Gpt2(serde_json::from_value(value.clone()).map_err(ConfigError::Json)?)
+            }
+        };
+        config.validate().map_err(ConfigError::Model)?;
+        Ok(config)
+    }
+}
+
+/// Why a `config.json` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not the schema (a field of the wrong type, say).
+    #[error(transparent)]
+    Json(serde_json::Error),
+    /// Well-formed, but a value zoo cannot use.
+    #[error(transparent)]
+    Model(ModelError),
+}
+
+/// The config of any family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    /// BERT and RoBERTa.
+    Bert(BertConfig),
+    /// GPT-2, GPT-3 sizes, CPM-1.
+    Gpt2(Gpt2Config),
+}
+
+impl ModelConfig {
+    /// Checks the config, naming the offending field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        match self {
+            Self::Bert(c) => c.validate(),
+            Self::Gpt2(c) => c.validate(),
+        }
+    }
+
+    /// Number of layers (blocks).
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Bert(c) => c.num_hidden_layers,
+            Self::Gpt2(c) => c.n_layer,
+        }
+    }
+
+    /// Whether the LM head shares the token embeddings.
+    pub fn tie_word_embeddings(&self) -> bool {
+        match self {
+            Self::Bert(c) => c.tie_word_embeddings,
+            Self::Gpt2(c) => c.tie_word_embeddings,
+        }
+    }
+
+    /// The same config with every dropout probability set to `p`.
+    pub fn with_dropout(self, p: f64) -> Self {
+        match self {
+            Self::Bert(c) => Self::Bert(c.with_dropout(p)),
+            Self::Gpt2(c) => Self::Gpt2(c.with_dropout(p)),
+        }
+    }
+
+    /// The padding id, when the config names one.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        match self {
+            Self::Bert(c) => c.pad_token_id.map(|id| id as u32),
+            Self::Gpt2(c) => c.pad_token_id,
+        }
+    }
+
+    /// The BERT config, or an error naming what was expected.
+    pub fn as_bert(&self) -> Result<&BertConfig, ModelError> {
+        match self {
+            Self::Bert(c) => Ok(c),
+            _ => Err(ModelError::Unsupported(
+                "a GPT-2 config for a BERT-family class".into(),
+            )),
+        }
+    }
+
+    /// The GPT-2 config, or an error naming what was expected.
+    pub fn as_gpt2(&self) -> Result<&Gpt2Config, ModelError> {
+        match self {
+            Self::Gpt2(c) => Ok(c),
+            _ => Err(ModelError::Unsupported(
+                "a BERT-family config for a GPT-2 class".into(),
+            )),
         }
     }
 }
@@ -68,17 +173,23 @@ pub enum Architecture {
     RobertaForMaskedLM,
     /// `RobertaForSequenceClassification`: encoder and classification head.
     RobertaForSequenceClassification,
+    /// `GPT2Model`: the decoder stack.
+    Gpt2Model,
+    /// `GPT2LMHeadModel`: the decoder stack and the (tied) LM head.
+    Gpt2LmHeadModel,
 }
 
 impl Architecture {
     /// Every architecture.
-    pub const ALL: [Architecture; 6] = [
+    pub const ALL: [Architecture; 8] = [
         Self::BertModel,
         Self::BertForMaskedLM,
         Self::BertForSequenceClassification,
         Self::RobertaModel,
         Self::RobertaForMaskedLM,
         Self::RobertaForSequenceClassification,
+        Self::Gpt2Model,
+        Self::Gpt2LmHeadModel,
     ];
 
     /// The transformers class name.
@@ -90,6 +201,8 @@ impl Architecture {
             Self::RobertaModel => "RobertaModel",
             Self::RobertaForMaskedLM => "RobertaForMaskedLM",
             Self::RobertaForSequenceClassification => "RobertaForSequenceClassification",
+            Self::Gpt2Model => "GPT2Model",
+            Self::Gpt2LmHeadModel => "GPT2LMHeadModel",
         }
     }
 
@@ -99,13 +212,16 @@ impl Architecture {
             Self::BertModel | Self::BertForMaskedLM | Self::BertForSequenceClassification => {
                 Family::Bert
             }
-            _ => Family::Roberta,
+            Self::RobertaModel
+            | Self::RobertaForMaskedLM
+            | Self::RobertaForSequenceClassification => Family::Roberta,
+            Self::Gpt2Model | Self::Gpt2LmHeadModel => Family::Gpt2,
         }
     }
 
-    /// Whether this is the bare encoder (keys without the `bert.` / `roberta.` prefix).
+    /// Whether this is the bare body (keys without the `bert.` / `roberta.` / `transformer.` prefix).
     pub fn is_base(self) -> bool {
-        matches!(self, Self::BertModel | Self::RobertaModel)
+        matches!(self, Self::BertModel | Self::RobertaModel | Self::Gpt2Model)
     }
 
     /// Whether the class has BERT's tanh pooler (the MLM and RoBERTa classification heads do not).
@@ -121,6 +237,7 @@ impl Architecture {
         match family {
             Family::Bert => Self::BertModel,
             Family::Roberta => Self::RobertaModel,
+            Family::Gpt2 => Self::Gpt2Model,
         }
     }
 
@@ -155,6 +272,8 @@ impl Architecture {
         Ok(match (family, name.ends_with("ForPreTraining")) {
             (Family::Bert, true) => Self::BertForMaskedLM,
             (Family::Roberta, true) => Self::RobertaForMaskedLM,
+            // GPT2DoubleHeadsModel's LM head is the same tied head.
+            (Family::Gpt2, _) if name == "GPT2DoubleHeadsModel" => Self::Gpt2LmHeadModel,
             _ => Self::base(family),
         })
     }
@@ -188,6 +307,10 @@ pub enum AnyModel<B: Backend> {
     RobertaForMaskedLM(RobertaForMaskedLM<B>),
     /// `RobertaForSequenceClassification`.
     RobertaForSequenceClassification(RobertaForSequenceClassification<B>),
+    /// `GPT2Model`.
+    Gpt2Model(Gpt2Model<B>),
+    /// `GPT2LMHeadModel`.
+    Gpt2LmHeadModel(Gpt2LmHeadModel<B>),
 }
 
 /// Logits of a head: per token (MLM) or per sequence (classification).
@@ -214,9 +337,17 @@ impl<B: Backend> AnyModel<B> {
     /// Builds `architecture` from `config` with fresh (lazy) weights.
     pub fn new(
         architecture: Architecture,
-        config: &BertConfig,
+        config: &ModelConfig,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
+        if let Architecture::Gpt2Model | Architecture::Gpt2LmHeadModel = architecture {
+            let config = config.as_gpt2()?;
+            return Ok(match architecture {
+                Architecture::Gpt2Model => Self::Gpt2Model(Gpt2Model::new(config, device)?),
+                _ => Self::Gpt2LmHeadModel(Gpt2LmHeadModel::new(config, device)?),
+            });
+        }
+        let config = config.as_bert()?;
         Ok(match architecture {
             Architecture::BertModel => Self::BertModel(BertModel::new(config, true, device)?),
             Architecture::BertForMaskedLM => {
@@ -236,12 +367,35 @@ impl<B: Backend> AnyModel<B> {
                     config, device,
                 )?)
             }
+            Architecture::Gpt2Model | Architecture::Gpt2LmHeadModel => unreachable!("built above"),
         })
     }
 
-    /// Runs the model.
+    /// Runs the model. Decoder-only models read `input_ids` and `attention_mask` (right padding)
+    /// and ignore `token_type_ids`.
     pub fn forward(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let decoder_input = || DecoderInput {
+            input_ids: input.input_ids.clone(),
+            attention_mask: input.attention_mask.clone(),
+            position_ids: None,
+        };
         let (output, logits) = match self {
+            Self::Gpt2Model(m) => {
+                let hidden = m.forward(&decoder_input());
+                return ModelOutput {
+                    last_hidden_state: hidden,
+                    pooler_output: None,
+                    logits: None,
+                };
+            }
+            Self::Gpt2LmHeadModel(m) => {
+                let (hidden, logits) = m.forward(&decoder_input());
+                return ModelOutput {
+                    last_hidden_state: hidden,
+                    pooler_output: None,
+                    logits: Some(Logits::PerToken(logits)),
+                };
+            }
             Self::BertModel(m) => (m.forward(input), None),
             Self::RobertaModel(m) => (m.forward(input), None),
             Self::BertForMaskedLM(m) => {
@@ -277,6 +431,8 @@ impl<B: Backend> AnyModel<B> {
             Self::RobertaModel(m) => return m.max_sequence_length(),
             Self::RobertaForMaskedLM(m) => return m.roberta.max_sequence_length(),
             Self::RobertaForSequenceClassification(m) => return m.roberta.max_sequence_length(),
+            Self::Gpt2Model(m) => return m.max_positions(),
+            Self::Gpt2LmHeadModel(m) => return m.transformer.max_positions(),
         };
         embeddings.max_positions().unwrap_or(usize::MAX)
     }
@@ -290,6 +446,8 @@ impl<B: Backend> AnyModel<B> {
             Self::RobertaModel(m) => m.embeddings.vocab_size(),
             Self::RobertaForMaskedLM(m) => m.roberta.embeddings.vocab_size(),
             Self::RobertaForSequenceClassification(m) => m.roberta.embeddings.vocab_size(),
+            Self::Gpt2Model(m) => m.vocab_size(),
+            Self::Gpt2LmHeadModel(m) => m.transformer.vocab_size(),
         }
     }
 }
@@ -366,7 +524,7 @@ pub fn count_params<B: Backend, M: Module<B>>(module: &M) -> usize {
         .sum()
 }
 
-/// A named configuration of a published checkpoint.
+/// A named configuration of a published checkpoint (or, for GPT-3, of a paper's table row).
 #[derive(Debug, Clone)]
 pub struct Preset {
     /// The hub name, e.g. `bert-base-uncased`.
@@ -374,8 +532,43 @@ pub struct Preset {
     /// The class the hub checkpoint is saved as.
     pub architecture: Architecture,
     /// Its config.
-    pub config: BertConfig,
+    pub config: ModelConfig,
 }
+
+/// One row of Table 2.1 of the GPT-3 paper (Brown et al., 2020, "Language Models are Few-Shot
+/// Learners"): the name, `n_params` as printed, `n_layers`, `d_model`, `n_heads`, `d_head`.
+#[derive(Debug, Clone, Copy)]
+pub struct Gpt3Row {
+    /// Preset name.
+    pub name: &'static str,
+    /// `n_params` as the paper prints it.
+    pub paper_params: f64,
+    /// `n_layers`.
+    pub layers: usize,
+    /// `d_model`.
+    pub d_model: usize,
+    /// `n_heads`.
+    pub heads: usize,
+    /// `d_head`.
+    pub head_dim: usize,
+}
+
+/// The eight GPT-3 sizes. Every model has a 2048-token context and GPT-2's 50257-token vocabulary.
+///
+/// The paper's XL row is inconsistent: 24 heads × 128 = 3072 ≠ d_model 2048, and with a
+/// 3072-wide attention the model would have 1.52B parameters, not 1.3B. The preset keeps
+/// d_model and d_head and uses 16 heads, which gives the printed 1.3B. The 13B row (5140 wide,
+/// 40 × 128 = 5120 attention) is kept as printed, with `head_dim` set.
+pub const GPT3_TABLE: [Gpt3Row; 8] = [
+    Gpt3Row { name: "gpt3-small", paper_params: 125e6, layers: 12, d_model: 768, heads: 12, head_dim: 64 },
+    Gpt3Row { name: "gpt3-medium", paper_params: 350e6, layers: 24, d_model: 1024, heads: 16, head_dim: 64 },
+    Gpt3Row { name: "gpt3-large", paper_params: 760e6, layers: 24, d_model: 1536, heads: 16, head_dim: 96 },
+    Gpt3Row { name: "gpt3-xl", paper_params: 1.3e9, layers: 24, d_model: 2048, heads: 16, head_dim: 128 },
+    Gpt3Row { name: "gpt3-2.7b", paper_params: 2.7e9, layers: 32, d_model: 2560, heads: 32, head_dim: 80 },
+    Gpt3Row { name: "gpt3-6.7b", paper_params: 6.7e9, layers: 32, d_model: 4096, heads: 32, head_dim: 128 },
+    Gpt3Row { name: "gpt3-13b", paper_params: 13.0e9, layers: 40, d_model: 5140, heads: 40, head_dim: 128 },
+    Gpt3Row { name: "gpt3-175b", paper_params: 175.0e9, layers: 96, d_model: 12288, heads: 96, head_dim: 128 },
+];
 
 /// Every preset zoo knows, in `zoo list` order.
 pub fn presets() -> Vec<Preset> {
@@ -388,22 +581,17 @@ pub fn presets() -> Vec<Preset> {
             config.intermediate_size = 4096;
         }
         config.pad_token_id = Some(0);
-        Preset {
-            name,
-            architecture: Architecture::BertForMaskedLM,
-            config,
-        }
+        (name, Architecture::BertForMaskedLM, config)
     };
     let roberta = |name, large: bool| {
-        let mut p = bert(name, 50265, large);
-        p.architecture = Architecture::RobertaForMaskedLM;
-        p.config.max_position_embeddings = 514;
-        p.config.type_vocab_size = 1;
-        p.config.layer_norm_eps = 1e-5;
-        p.config.pad_token_id = Some(1);
-        p
+        let (name, _, mut config) = bert(name, 50265, large);
+        config.max_position_embeddings = 514;
+        config.type_vocab_size = 1;
+        config.layer_norm_eps = 1e-5;
+        config.pad_token_id = Some(1);
+        (name, Architecture::RobertaForMaskedLM, config)
     };
-    vec![
+    let encoders = [
         bert("bert-base-uncased", 30522, false),
         bert("bert-base-cased", 28996, false),
         bert("bert-large-uncased", 30522, true),
@@ -411,7 +599,47 @@ pub fn presets() -> Vec<Preset> {
         bert("bert-base-chinese", 21128, false),
         roberta("roberta-base", false),
         roberta("roberta-large", true),
+    ];
+    let gpt = |name, config: Gpt2Config| Preset {
+        name,
+        architecture: Architecture::Gpt2LmHeadModel,
+        config: ModelConfig::Gpt2(config),
+    };
+    let gpt2 = [
+        ("gpt2", 12, 768, 12),
+        ("gpt2-medium", 24, 1024, 16),
+        ("gpt2-large", 36, 1280, 20),
+        ("gpt2-xl", 48, 1600, 25),
     ]
+    .map(|(name, layers, width, heads)| {
+        let mut config = Gpt2Config::sized(layers, width, heads, 1024);
+        config.bos_token_id = Some(50256);
+        config.eos_token_id = Some(crate::generation::TokenIds::One(50256));
+        gpt(name, config)
+    });
+    let gpt3 = GPT3_TABLE.map(|row| {
+        let mut config = Gpt2Config::sized(row.layers, row.d_model, row.heads, 2048);
+        config.head_dim = Some(row.head_dim);
+        config.bos_token_id = Some(50256);
+        config.eos_token_id = Some(crate::generation::TokenIds::One(50256));
+        gpt(row.name, config)
+    });
+    // TsinghuaAI/CPM-Generate: GPT-2 blocks, 30000 SentencePiece ids, 1024 positions.
+    let cpm = gpt("cpm-generate", Gpt2Config {
+        vocab_size: 30000,
+        ..Gpt2Config::sized(32, 2560, 32, 1024)
+    });
+    encoders
+        .into_iter()
+        .map(|(name, architecture, config)| Preset {
+            name,
+            architecture,
+            config: ModelConfig::Bert(config),
+        })
+        .chain(gpt2)
+        .chain(gpt3)
+        .chain([cpm])
+        .collect()
 }
 
 /// Finds a preset by name.
@@ -443,6 +671,46 @@ mod tests {
         }
     }
 
+    /// GPT-2 counts as transformers gives them:
+    /// `sum(p.numel() for p in GPT2LMHeadModel(GPT2Config(...)).parameters())` (tied head once).
+    #[test]
+    fn gpt2_preset_counts_match_transformers() {
+        let device = Default::default();
+        let expected = [
+            ("gpt2", 124_439_808),
+            ("gpt2-medium", 354_823_168),
+            ("gpt2-large", 774_030_080),
+            ("gpt2-xl", 1_557_611_200),
+        ];
+        for (name, count) in expected {
+            let preset = preset(name).unwrap();
+            let model = AnyModel::<Cpu>::new(preset.architecture, &preset.config, &device).unwrap();
+            assert_eq!(count_params::<Cpu, _>(&model), count, "{name}");
+        }
+    }
+
+    /// The GPT-3 presets against the paper's Table 2.1: exactly the closed-form count of the
+    /// architecture (embeddings, per-block attention + MLP + norms, final norm), and within 2% of
+    /// the printed `n_params` (the paper rounds: "350M" is 355.9M, "175.0B" is 174.6B).
+    #[test]
+    fn gpt3_preset_counts_match_the_paper() {
+        let device = Default::default();
+        let (vocab, context) = (50257usize, 2048usize);
+        for row in GPT3_TABLE {
+            let preset = preset(row.name).unwrap();
+            let model = AnyModel::<Cpu>::new(preset.architecture, &preset.config, &device).unwrap();
+            let count = count_params::<Cpu, _>(&model);
+            let (d, a) = (row.d_model, row.heads * row.head_dim);
+            let attention = 3 * (d * a + a) + (a * d + d);
+            let mlp = (d * 4 * d + 4 * d) + (4 * d * d + d);
+            let norms = 2 * 2 * d;
+            let closed_form = vocab * d + context * d + row.layers * (attention + mlp + norms) + 2 * d;
+            assert_eq!(count, closed_form, "{}", row.name);
+            let off = (count as f64 - row.paper_params).abs() / row.paper_params;
+            assert!(off < 0.02, "{}: {count} vs the paper's {}", row.name, row.paper_params);
+        }
+    }
+
     #[test]
     fn architecture_comes_from_the_config() {
         let config =
@@ -471,7 +739,7 @@ mod tests {
         config.num_attention_heads = 1;
         config.intermediate_size = 8;
         config.num_hidden_layers = 1;
-        let model = AnyModel::<Cpu>::new(Architecture::BertForMaskedLM, &config, &device).unwrap();
+        let model = AnyModel::<Cpu>::new(Architecture::BertForMaskedLM, &ModelConfig::Bert(config), &device).unwrap();
         let names: Vec<String> = param_infos::<Cpu, _>(&model)
             .into_iter()
             .map(|p| p.name)

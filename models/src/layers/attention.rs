@@ -25,6 +25,10 @@ pub struct MultiHeadAttentionConfig {
     /// Dropout on the attention probabilities (active only in training).
     #[config(default = 0.0)]
     pub dropout: f64,
+    /// Scores are further divided by this (GPT-2's `scale_attn_by_inverse_layer_idx` sets
+    /// `layer_idx + 1`).
+    #[config(default = 1.0)]
+    pub score_divisor: f64,
 }
 
 /// Multi-head attention: `softmax(q·kᵀ·scale + bias + mask)·v`, then an output projection.
@@ -65,9 +69,9 @@ impl MultiHeadAttentionConfig {
             n_heads: self.n_heads,
             head_dim,
             scale: if self.scale_scores {
-                1.0 / (head_dim as f64).sqrt()
+                1.0 / (head_dim as f64).sqrt() / self.score_divisor
             } else {
-                1.0
+                1.0 / self.score_divisor
             },
         }
     }
@@ -115,6 +119,33 @@ impl<B: Backend> AttentionMask<B> {
         self.add(causal)
     }
 
+    /// Adds a locally banded causal mask (the Sparse Transformer's "local" pattern, used by GPT-3 in
+    /// every other layer): query `i` sees only the `window` keys up to and including itself.
+    pub fn with_local_causal(
+        self,
+        q_len: usize,
+        k_len: usize,
+        window: usize,
+        device: &B::Device,
+    ) -> Self {
+        let offset = k_len - q_len;
+        let value = most_negative(DType::F32);
+        let band: Vec<f32> = (0..q_len)
+            .flat_map(|i| {
+                let position = i + offset;
+                (0..k_len).map(move |j| {
+                    if j > position || j + window <= position {
+                        value
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let band = Tensor::<B, 4>::from_data(TensorData::new(band, [1, 1, q_len, k_len]), device);
+        self.add(band)
+    }
+
     /// Adds an additive bias (such as T5's relative position bias), broadcastable to the scores.
     pub fn with_bias(self, bias: Tensor<B, 4>) -> Self {
         self.add(bias)
@@ -141,7 +172,59 @@ fn most_negative(dtype: DType) -> f32 {
     }
 }
 
+/// The keys and values a decoder layer has seen so far, so that each generation step computes only
+/// the new position's. Both are `[batch, heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// Keys, after the key projection.
+    pub key: Tensor<B, 4>,
+    /// Values, after the value projection.
+    pub value: Tensor<B, 4>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.key.dims()[2]
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the rows `indices` of the batch, in that order (beam search reorders its beams).
+    pub fn select(&self, indices: Tensor<B, 1, Int>) -> Self {
+        Self {
+            key: self.key.clone().select(0, indices.clone()),
+            value: self.value.clone().select(0, indices),
+        }
+    }
+}
+
 impl<B: Backend> MultiHeadAttention<B> {
+    /// Self-attention over the cached positions and `hidden`'s, returning the grown cache.
+    /// The mask covers all `cache.len() + seq` keys.
+    ///
+    /// - hidden: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn forward_cached(
+        &self,
+        hidden: Tensor<B, 3>,
+        cache: Option<KvCache<B>>,
+        mask: &AttentionMask<B>,
+    ) -> (Tensor<B, 3>, KvCache<B>) {
+        let q = self.split_heads(self.query.forward(hidden.clone()));
+        let mut k = self.split_heads(self.key.forward(hidden.clone()));
+        let mut v = self.split_heads(self.value.forward(hidden));
+        if let Some(past) = cache {
+            k = Tensor::cat(vec![past.key, k], 2);
+            v = Tensor::cat(vec![past.value, v], 2);
+        }
+        let context = self.attend(q, k.clone(), v.clone(), mask);
+        let output = self.output.forward(self.merge_heads(context));
+        (output, KvCache { key: k, value: v })
+    }
+
     /// Self-attention.
     ///
     /// - hidden: `[batch, seq, d_model]` → `[batch, seq, d_model]`
@@ -286,6 +369,17 @@ mod tests {
             allowed,
             [true, true, true, true, false, true, true, true, true, true]
         );
+    }
+
+    #[test]
+    fn local_band_sees_only_the_last_window_keys() {
+        let mask = AttentionMask::<Cpu>::none().with_local_causal(4, 4, 2, &device());
+        let bias: Vec<f32> = mask.additive.unwrap().into_data().to_vec().unwrap();
+        let allowed: Vec<bool> = bias.iter().map(|&b| b == 0.0).collect();
+        let naive: Vec<bool> = (0..4)
+            .flat_map(|i: usize| (0..4).map(move |j: usize| j <= i && i - j < 2))
+            .collect();
+        assert_eq!(allowed, naive);
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod feed_forward;
 pub mod norm;
 
 pub use activation::Activation;
-pub use attention::{AttentionMask, MultiHeadAttention, MultiHeadAttentionConfig};
+pub use attention::{AttentionMask, KvCache, MultiHeadAttention, MultiHeadAttentionConfig};
 pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use feed_forward::{FeedForward, FeedForwardConfig};
 pub use norm::{RmsNorm, RmsNormConfig};

@@ -1,0 +1,654 @@
+//! GPT-2 (Radford et al., 2019), as transformers' `modeling_gpt2.py`: pre-LN decoder blocks, learned
+//! absolute positions, `gelu_new`, and an LM head tied to the token embeddings. The same file covers
+//! the GPT-3 sizes (Brown et al., 2020; optional alternating locally banded attention) and CPM-1
+//! (`TsinghuaAI/CPM-Generate`), which is a GPT-2 with a Chinese vocabulary.
+//!
+//! Reading order: config → block → model (with its KV cache) → LM head → loss.
+
+use burn::module::Module;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig,
+};
+use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+use crate::layers::{
+    Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, MultiHeadAttention,
+    MultiHeadAttentionConfig,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+/// GPT-2's `config.json`, with transformers' field names and defaults, plus two zoo fields for the
+/// GPT-3 shapes that transformers' GPT-2 cannot express (`head_dim`, `local_attention_window`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gpt2Config {
+    /// Number of token ids.
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: usize,
+    /// Size of the learned position table: the longest context.
+    #[serde(default = "defaults::n_positions")]
+    pub n_positions: usize,
+    /// Width of the hidden states.
+    #[serde(default = "defaults::n_embd")]
+    pub n_embd: usize,
+    /// Number of blocks.
+    #[serde(default = "defaults::n_layer")]
+    pub n_layer: usize,
+    /// Number of attention heads.
+    #[serde(default = "defaults::n_head")]
+    pub n_head: usize,
+    /// Inner width of the MLP; `4 · n_embd` when absent.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    /// MLP activation.
+    #[serde(default = "defaults::activation_function")]
+    pub activation_function: String,
+    /// Dropout on sublayer outputs.
+    #[serde(default = "defaults::dropout")]
+    pub resid_pdrop: f64,
+    /// Dropout on the embeddings.
+    #[serde(default = "defaults::dropout")]
+    pub embd_pdrop: f64,
+    /// Dropout on attention probabilities.
+    #[serde(default = "defaults::dropout")]
+    pub attn_pdrop: f64,
+    /// LayerNorm epsilon.
+    #[serde(default = "defaults::layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    /// Whether scores are scaled by `1/sqrt(head_dim)`.
+    #[serde(default = "defaults::yes")]
+    pub scale_attn_weights: bool,
+    /// Whether block `i`'s scores are further divided by `i + 1` (Mistral's GPT-2 runs).
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// Start-of-text id.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-text id(s): a number or a list.
+    #[serde(default)]
+    pub eos_token_id: Option<crate::generation::TokenIds>,
+    /// Padding id, when the checkpoint has one.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Whether `lm_head` shares the token embeddings (every published GPT-2 does).
+    #[serde(default = "defaults::yes")]
+    pub tie_word_embeddings: bool,
+    /// Cross-attention (GPT-2 as a seq2seq decoder) is not supported.
+    #[serde(default)]
+    pub add_cross_attention: bool,
+    /// zoo: width of one head when it is not `n_embd / n_head` (GPT-3 13B: 5140 wide, 40 × 128).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// zoo: GPT-3's alternating dense / locally banded attention. When set, every odd block
+    /// (1, 3, …) attends only to the last `local_attention_window` positions; even blocks are dense.
+    #[serde(default)]
+    pub local_attention_window: Option<usize>,
+}
+
+mod defaults {
+    pub fn vocab_size() -> usize {
+        50257
+    }
+    pub fn n_positions() -> usize {
+        1024
+    }
+    pub fn n_embd() -> usize {
+        768
+    }
+    pub fn n_layer() -> usize {
+        12
+    }
+    pub fn n_head() -> usize {
+        12
+    }
+    pub fn activation_function() -> String {
+        "gelu_new".into()
+    }
+    pub fn dropout() -> f64 {
+        0.1
+    }
+    pub fn layer_norm_epsilon() -> f64 {
+        1e-5
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+impl Gpt2Config {
+    /// transformers' `GPT2Config()`: the 124M gpt2 shape.
+    pub fn new() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("an empty GPT-2 config is valid")
+    }
+
+    /// A config of the given shape, the rest as [`Gpt2Config::new`].
+    pub fn sized(n_layer: usize, n_embd: usize, n_head: usize, n_positions: usize) -> Self {
+        Self {
+            n_layer,
+            n_embd,
+            n_head,
+            n_positions,
+            ..Self::new()
+        }
+    }
+
+    /// Checks what the model code relies on, naming the offending field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ModelError::config(field, "must be positive".into()));
+            }
+        }
+        if self.head_dim.is_none() && self.n_embd % self.n_head != 0 {
+            return Err(ModelError::config(
+                "n_head",
+                format!(
+                    "n_embd {} is not divisible by n_head {}",
+                    self.n_embd, self.n_head
+                ),
+            ));
+        }
+        if self.add_cross_attention {
+            return Err(ModelError::Unsupported(
+                "add_cross_attention (GPT-2 as an encoder-decoder's decoder)".into(),
+            ));
+        }
+        if self.local_attention_window == Some(0) {
+            return Err(ModelError::config(
+                "local_attention_window",
+                "must be positive".into(),
+            ));
+        }
+        for p in [self.resid_pdrop, self.embd_pdrop, self.attn_pdrop] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(ModelError::config(
+                    "resid_pdrop",
+                    format!("dropout {p} is not in [0, 1)"),
+                ));
+            }
+        }
+        self.activation()?;
+        Ok(())
+    }
+
+    /// The MLP activation.
+    pub fn activation(&self) -> Result<Activation, ModelError> {
+        Activation::from_hf(&self.activation_function)
+            .map_err(|e| ModelError::config("activation_function", e.to_string()))
+    }
+
+    /// The same config with every dropout probability set to `p`.
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.resid_pdrop = p;
+        self.embd_pdrop = p;
+        self.attn_pdrop = p;
+        self
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.n_embd / self.n_head)
+    }
+
+    /// Whether block `index` uses the locally banded pattern.
+    pub fn is_local_block(&self, index: usize) -> bool {
+        self.local_attention_window.is_some() && index % 2 == 1
+    }
+}
+
+impl Default for Gpt2Config {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block
+
+/// One pre-LN decoder block: `x + attn(ln_1(x))`, then `h + mlp(ln_2(h))`. HF `h.{i}`.
+#[derive(Module, Debug)]
+pub struct Gpt2Block<B: Backend> {
+    /// HF `ln_1`.
+    pub ln_1: LayerNorm<B>,
+    /// HF `attn` (`c_attn` is split into query/key/value by the key table; `c_proj` is `output`).
+    pub attention: MultiHeadAttention<B>,
+    /// HF `ln_2`.
+    pub ln_2: LayerNorm<B>,
+    /// HF `mlp` (`c_fc` is `input`, `c_proj` is `output`).
+    pub mlp: FeedForward<B>,
+    dropout: Dropout,
+}
+
+impl<B: Backend> Gpt2Block<B> {
+    fn new(config: &Gpt2Config, index: usize, device: &B::Device) -> Result<Self, ModelError> {
+        let d_ff = config.n_inner.unwrap_or(4 * config.n_embd);
+        let norm = || {
+            LayerNormConfig::new(config.n_embd)
+                .with_epsilon(config.layer_norm_epsilon)
+                .init(device)
+        };
+        let divisor = if config.scale_attn_by_inverse_layer_idx {
+            (index + 1) as f64
+        } else {
+            1.0
+        };
+        Ok(Self {
+            ln_1: norm(),
+            attention: MultiHeadAttentionConfig::new(config.n_embd, config.n_head)
+                .with_head_dim(Some(config.head_dim()))
+                .with_scale_scores(config.scale_attn_weights)
+                .with_score_divisor(divisor)
+                .with_dropout(config.attn_pdrop)
+                .init(device),
+            ln_2: norm(),
+            mlp: FeedForwardConfig::new(config.n_embd, d_ff, config.activation()?).init(device),
+            dropout: DropoutConfig::new(config.resid_pdrop).init(),
+        })
+    }
+
+    /// - hidden: `[batch, seq, n_embd]` → same shape, and the block's grown KV cache.
+    pub fn forward(
+        &self,
+        hidden: Tensor<B, 3>,
+        cache: Option<KvCache<B>>,
+        mask: &AttentionMask<B>,
+    ) -> (Tensor<B, 3>, KvCache<B>) {
+        let (attended, cache) = self
+            .attention
+            .forward_cached(self.ln_1.forward(hidden.clone()), cache, mask);
+        let hidden = hidden + self.dropout.forward(attended);
+        let fed = self.mlp.forward(self.ln_2.forward(hidden.clone()));
+        (hidden + self.dropout.forward(fed), cache)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model
+
+/// What a decoder-only model reads.
+#[derive(Debug, Clone)]
+pub struct DecoderInput<B: Backend> {
+    /// `[batch, seq]` token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, past + seq]`: 1 for real tokens, 0 for padding (left padding in generation).
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// `[batch, seq]`; `past..past + seq` when absent, as transformers' forward.
+    pub position_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> DecoderInput<B> {
+    /// Ids only: no padding, positions counted from the cache length.
+    pub fn new(input_ids: Tensor<B, 2, Int>) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            position_ids: None,
+        }
+    }
+}
+
+/// Every block's keys and values: what a generation step needs from the steps before.
+#[derive(Debug, Clone)]
+pub struct DecoderCache<B: Backend> {
+    /// One entry per block.
+    pub layers: Vec<KvCache<B>>,
+}
+
+impl<B: Backend> DecoderCache<B> {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the batch rows `indices`, in that order.
+    pub fn select(&self, indices: Tensor<B, 1, Int>) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.select(indices.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The GPT-2 decoder stack without a head. HF `GPT2Model` (under `transformer.` in the LM model).
+#[derive(Module, Debug)]
+pub struct Gpt2Model<B: Backend> {
+    /// HF `wte`: token embeddings `[vocab, n_embd]`, also the tied LM head.
+    pub wte: Embedding<B>,
+    /// HF `wpe`: position embeddings `[n_positions, n_embd]`.
+    pub wpe: Embedding<B>,
+    /// HF `h`.
+    pub blocks: Vec<Gpt2Block<B>>,
+    /// HF `ln_f`.
+    pub ln_f: LayerNorm<B>,
+    dropout: Dropout,
+    local_window: Option<usize>,
+}
+
+impl<B: Backend> Gpt2Model<B> {
+    /// Builds the stack from a config (weights lazily initialised).
+    pub fn new(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
+        config.validate()?;
+        Ok(Self {
+            wte: EmbeddingConfig::new(config.vocab_size, config.n_embd).init(device),
+            wpe: EmbeddingConfig::new(config.n_positions, config.n_embd).init(device),
+            blocks: (0..config.n_layer)
+                .map(|i| Gpt2Block::new(config, i, device))
+                .collect::<Result<_, _>>()?,
+            ln_f: LayerNormConfig::new(config.n_embd)
+                .with_epsilon(config.layer_norm_epsilon)
+                .init(device),
+            dropout: DropoutConfig::new(config.embd_pdrop).init(),
+            local_window: config.local_attention_window,
+        })
+    }
+
+    /// The longest context: the size of the position table.
+    pub fn max_positions(&self) -> usize {
+        self.wpe.weight.shape().dims::<2>()[0]
+    }
+
+    /// Number of token ids.
+    pub fn vocab_size(&self) -> usize {
+        self.wte.weight.shape().dims::<2>()[0]
+    }
+
+    /// Full-sequence forward (training, scoring): `[batch, seq]` → `[batch, seq, n_embd]`, after `ln_f`.
+    pub fn forward(&self, input: &DecoderInput<B>) -> Tensor<B, 3> {
+        self.forward_cached(input, None).0
+    }
+
+    /// Forward that continues `cache` (or starts one) and returns the grown cache.
+    pub fn forward_cached(
+        &self,
+        input: &DecoderInput<B>,
+        cache: Option<DecoderCache<B>>,
+    ) -> (Tensor<B, 3>, DecoderCache<B>) {
+        let [batch, seq] = input.input_ids.dims();
+        let device = input.input_ids.device();
+        let past = cache.as_ref().map_or(0, DecoderCache::len);
+        let position_ids = match &input.position_ids {
+            Some(p) => p.clone(),
+            None => Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device)
+                .reshape([1, seq])
+                .expand([batch, seq]),
+        };
+        let hidden = self.wte.forward(input.input_ids.clone()) + self.wpe.forward(position_ids);
+        let mut hidden = self.dropout.forward(hidden);
+
+        let padding = match &input.attention_mask {
+            Some(mask) => AttentionMask::padding(mask.clone()),
+            None => AttentionMask::none(),
+        };
+        let dense = padding.clone().with_causal(seq, past + seq, &device);
+        let local = self
+            .local_window
+            .map(|window| padding.with_local_causal(seq, past + seq, window, &device));
+
+        let mut caches = cache.map(|c| c.layers.into_iter());
+        let mut grown = Vec::with_capacity(self.blocks.len());
+        for (index, block) in self.blocks.iter().enumerate() {
+            let mask = match &local {
+                Some(local) if index % 2 == 1 => local,
+                _ => &dense,
+            };
+            let past = caches.as_mut().and_then(Iterator::next);
+            let (out, layer_cache) = block.forward(hidden, past, mask);
+            hidden = out;
+            grown.push(layer_cache);
+        }
+        (self.ln_f.forward(hidden), DecoderCache { layers: grown })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LM head
+
+/// GPT-2 with its language-model head. HF `GPT2LMHeadModel`.
+#[derive(Module, Debug)]
+pub struct Gpt2LmHeadModel<B: Backend> {
+    /// HF `transformer.*`.
+    pub transformer: Gpt2Model<B>,
+    /// HF `lm_head`, only when `tie_word_embeddings` is false; otherwise the head is `wte`.
+    pub lm_head: Option<Linear<B>>,
+}
+
+impl<B: Backend> Gpt2LmHeadModel<B> {
+    /// Builds the model from a config.
+    pub fn new(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
+        Ok(Self {
+            transformer: Gpt2Model::new(config, device)?,
+            lm_head: (!config.tie_word_embeddings).then(|| {
+                LinearConfig::new(config.n_embd, config.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
+        })
+    }
+
+    /// Hidden states → logits: `[batch, seq, n_embd]` → `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [batch, seq, width] = hidden.dims();
+                let table = self.transformer.wte.weight.val(); // [vocab, n_embd]
+                let vocab = table.dims()[0];
+                hidden
+                    .reshape([batch * seq, width])
+                    .matmul(table.transpose())
+                    .reshape([batch, seq, vocab])
+            }
+        }
+    }
+
+    /// Full-sequence forward: hidden states and logits.
+    pub fn forward(&self, input: &DecoderInput<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let hidden = self.transformer.forward(input);
+        let logits = self.logits(hidden.clone());
+        (hidden, logits)
+    }
+
+    /// One generation step: the logits of the last position only (`[batch, vocab]`), and the
+    /// grown cache. Projecting only the last position saves `seq − 1` vocabulary-wide products.
+    pub fn next_token_logits(
+        &self,
+        input: &DecoderInput<B>,
+        cache: Option<DecoderCache<B>>,
+    ) -> (Tensor<B, 2>, DecoderCache<B>) {
+        let (hidden, cache) = self.transformer.forward_cached(input, cache);
+        let [batch, seq, width] = hidden.dims();
+        let last = hidden.slice([0..batch, seq - 1..seq, 0..width]);
+        let logits = self.logits(last);
+        let vocab = logits.dims()[2];
+        (logits.reshape([batch, vocab]), cache)
+    }
+}
+
+impl<B: Backend> crate::generation::Decoder<B> for Gpt2LmHeadModel<B> {
+    type State = DecoderCache<B>;
+
+    fn vocab_size(&self) -> usize {
+        self.transformer.vocab_size()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.transformer.max_positions()
+    }
+
+    fn step(&self, input: &DecoderInput<B>, state: Option<Self::State>) -> (Tensor<B, 2>, Self::State) {
+        self.next_token_logits(input, state)
+    }
+
+    fn reorder(&self, state: &Self::State, indices: Tensor<B, 1, Int>) -> Self::State {
+        state.select(indices)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loss
+
+/// The label that [`causal_lm_loss`] skips, as PyTorch's `ignore_index`.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Causal-LM loss as transformers computes it: position `t` predicts label `t + 1`, labels equal to
+/// [`IGNORE_INDEX`] (padding, prompts) are skipped, and the loss is the mean over the rest.
+///
+/// - logits: `[batch, seq, vocab]`, labels: `[batch, seq]` (usually the input ids) → `[1]`
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [batch, seq, vocab] = logits.dims();
+    let predicting = logits
+        .slice([0..batch, 0..seq - 1, 0..vocab])
+        .reshape([batch * (seq - 1), vocab]);
+    let targets = labels.slice([0..batch, 1..seq]).reshape([batch * (seq - 1)]);
+    token_cross_entropy(predicting, targets, IGNORE_INDEX)
+}
+
+/// Mean cross-entropy over the rows whose label is not `ignore`.
+///
+/// - logits: `[n, vocab]`, labels: `[n]` → `[1]` (0 when every label is ignored)
+pub fn token_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    ignore: i64,
+) -> Tensor<B, 1> {
+    let [n, _] = logits.dims();
+    let device = logits.device();
+    let ignored = labels.clone().equal_elem(ignore);
+    // Gather needs a valid index; ignored rows read class 0 and are zeroed below.
+    let safe = labels.mask_fill(ignored.clone(), 0).reshape([n, 1]);
+    let picked = log_softmax(logits, 1).gather(1, safe).reshape([n]);
+    let kept = ignored.bool_not().float();
+    let count = kept.clone().sum().into_data().to_vec::<f32>().unwrap_or_default()[0];
+    let total = (picked * kept).sum().neg();
+    total / Tensor::from_data(TensorData::from([count.max(1.0)]), &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bmtrain_backend::Cpu;
+
+    fn tiny(layers: usize) -> Gpt2Config {
+        Gpt2Config {
+            vocab_size: 13,
+            n_positions: 16,
+            n_embd: 8,
+            n_layer: layers,
+            n_head: 2,
+            ..Gpt2Config::new()
+        }
+        .with_dropout(0.0)
+    }
+
+    fn ids(rows: &[&[i64]]) -> Tensor<Cpu, 2, Int> {
+        let width = rows[0].len();
+        let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_data(TensorData::new(flat, [rows.len(), width]), &Default::default())
+    }
+
+    fn floats<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn gpt2_config_defaults_are_transformers_defaults() {
+        let config = Gpt2Config::new();
+        assert_eq!(
+            (config.vocab_size, config.n_positions, config.n_embd),
+            (50257, 1024, 768)
+        );
+        assert_eq!((config.n_layer, config.n_head), (12, 12));
+        assert_eq!(config.activation_function, "gelu_new");
+        assert!(config.tie_word_embeddings);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let config = Gpt2Config {
+            n_embd: 10,
+            n_head: 3,
+            ..Gpt2Config::new()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("n_head"), "{err}");
+        let config = Gpt2Config {
+            activation_function: "swish2".into(),
+            ..Gpt2Config::new()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("activation_function"), "{err}");
+    }
+
+    /// A wide enough band is the dense pattern; a narrow one changes the local blocks' output.
+    #[test]
+    fn local_attention_with_a_full_window_equals_dense() {
+        let device = Default::default();
+        let dense = Gpt2LmHeadModel::<Cpu>::new(&tiny(2), &device).unwrap();
+        let input = DecoderInput::new(ids(&[&[1, 5, 7, 2, 9, 3]]));
+        let want = floats(dense.forward(&input).1);
+        let with_window = |window| {
+            let mut model = Gpt2LmHeadModel::<Cpu>::new(&tiny(2), &device).unwrap();
+            model = model.load_record(dense.clone().into_record());
+            model.transformer.local_window = Some(window);
+            floats(model.forward(&input).1)
+        };
+        assert_eq!(with_window(6), want);
+        let narrow = with_window(2);
+        // Position 0 and 1 see the same keys either way; position 5 does not.
+        assert_eq!(narrow[..2 * 13], want[..2 * 13]);
+        assert_ne!(narrow[5 * 13..], want[5 * 13..]);
+    }
+
+    /// Through a local block, an output depends only on the last `window` tokens.
+    #[test]
+    fn local_attention_ignores_tokens_outside_the_window() {
+        let device = Default::default();
+        let model = Gpt2Model::<Cpu>::new(&tiny(1), &device).unwrap();
+        let run = |tokens: &[i64]| {
+            let input = ids(&[tokens]);
+            let positions = Tensor::<Cpu, 1, Int>::arange(0..4, &device).reshape([1, 4]);
+            let hidden = model.wte.forward(input) + model.wpe.forward(positions);
+            let mask = AttentionMask::none().with_local_causal(4, 4, 2, &device);
+            floats(model.blocks[0].forward(hidden, None, &mask).0)
+        };
+        let a = run(&[1, 5, 7, 2]);
+        let b = run(&[9, 4, 7, 2]);
+        // Tokens 0 and 1 differ: position 2 (window 1..=2) sees token 1; position 3 (2..=3) does not.
+        assert_ne!(a[2 * 8..3 * 8], b[2 * 8..3 * 8]);
+        assert_eq!(a[3 * 8..], b[3 * 8..]);
+    }
+
+    #[test]
+    fn causal_lm_loss_skips_ignored_labels() {
+        let device = Default::default();
+        // batch 1, seq 3, vocab 2: predictions at t = 0, 1 for labels at t = 1, 2.
+        let logits = Tensor::<Cpu, 3>::from_data(
+            TensorData::from([[[0.0f32, 1.0], [2.0, 0.0], [5.0, 5.0]]]),
+            &device,
+        );
+        let labels = ids(&[&[0, 1, IGNORE_INDEX]]);
+        let got = floats(causal_lm_loss(logits, labels))[0];
+        // Only t = 0 → label 1 counts: -log softmax([0, 1])[1].
+        let want = -(1f32.exp() / (1.0 + 1f32.exp())).ln();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+}
