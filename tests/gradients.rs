@@ -1,5 +1,5 @@
-//! One training step of the classification fixtures: loss and every parameter's gradient against
-//! transformers (dropout off on both sides).
+//! One training step of the classification fixtures and of the GPT-2 LM: loss and every
+//! parameter's gradient against transformers (dropout off on both sides).
 
 use std::collections::BTreeMap;
 
@@ -8,10 +8,13 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::families::Layout;
-use checkpoints_convert::{LoadOptions, load_model};
+use checkpoints_convert::{LoadOptions, load_model, tensors};
 use models::bert::cross_entropy;
+use models::gpt2::causal_lm_loss;
 use models::{Logits, ParamPath};
-use zoo_tests::{fixture, floats, ints, max_relative_diff, reference, reference_input};
+use zoo_tests::{
+    fixture, floats, int_tensor, ints, max_relative_diff, reference, reference_input,
+};
 
 /// Gradients within this, relative to the largest value of each reference tensor.
 const TOLERANCE: f32 = 1e-4;
@@ -40,6 +43,25 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     }
 }
 
+/// The loss transformers computes from the fixture's `labels`: cross-entropy over classes for the
+/// classifiers, the shifted causal-LM loss (ignore index -100) for GPT-2.
+fn loss_of(name: &str, logits: Option<Logits<CpuTrain>>, reference: &checkpoints_convert::TensorMap) -> Tensor<CpuTrain, 1> {
+    let device = Default::default();
+    match logits {
+        Some(Logits::PerSequence(logits)) => {
+            let labels = Tensor::<CpuTrain, 1, Int>::from_data(
+                TensorData::new(ints(&reference["labels"].data), [2]),
+                &device,
+            );
+            cross_entropy(logits, labels)
+        }
+        Some(Logits::PerToken(logits)) => {
+            causal_lm_loss(logits, int_tensor(reference, "labels", &device))
+        }
+        None => panic!("{name}: no head"),
+    }
+}
+
 fn check_training_step(name: &str) {
     let device = Default::default();
     let options = LoadOptions {
@@ -49,14 +71,7 @@ fn check_training_step(name: &str) {
     let loaded = load_model::<CpuTrain>(&fixture(name), &device, &options).unwrap();
     let reference = reference(name);
     let input = reference_input(&reference, &device);
-    let labels = Tensor::<CpuTrain, 1, Int>::from_data(
-        TensorData::new(ints(&reference["labels"].data), [2]),
-        &device,
-    );
-    let Some(Logits::PerSequence(logits)) = loaded.model.forward(&input).logits else {
-        panic!("{name}: not a classification model");
-    };
-    let loss = cross_entropy(logits, labels);
+    let loss = loss_of(name, loaded.model.forward(&input).logits, &reference);
     let loss_value = floats(&loss.clone().into_data())[0];
     let want_loss = floats(&reference["loss"].data)[0];
     eprintln!("gradients {name}: loss {loss_value} vs transformers {want_loss}");
@@ -81,16 +96,18 @@ fn check_training_step(name: &str) {
     );
     for pair in pairs {
         let got = &collector.found[&pair.zoo];
-        let got = match pair.layout {
-            Layout::Same => got.clone(),
-            Layout::Transposed => checkpoints_convert::tensors::transpose_2d(got),
+        // The HF gradient, in zoo's layout.
+        let hf_grad = &reference[&format!("grad.{}", pair.hf)].data;
+        let want = &match pair.layout {
+            Layout::Same => hf_grad.clone(),
+            Layout::Transposed => tensors::transpose_2d(hf_grad),
+            Layout::Split { part, parts } => tensors::split_last_dim(hf_grad, part, parts),
         };
-        let want = &reference[&format!("grad.{}", pair.hf)].data;
         let largest = floats(want).iter().fold(0.0f32, |m, x| m.max(x.abs()));
         if largest < NUMERICALLY_ZERO {
             // Key biases shift every score of a row equally, which softmax cancels: their exact
             // gradient is 0 and both sides hold round-off. Compare absolutely.
-            let got_largest = floats(&got).iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let got_largest = floats(got).iter().fold(0.0f32, |m, x| m.max(x.abs()));
             assert!(
                 got_largest < NUMERICALLY_ZERO,
                 "{name}: gradient of {} is {got_largest}, want ~0",
@@ -98,7 +115,7 @@ fn check_training_step(name: &str) {
             );
             continue;
         }
-        let error = max_relative_diff(&got, want);
+        let error = max_relative_diff(got, want);
         if error > worst.0 {
             worst = (error, pair.hf.clone());
         }
@@ -122,4 +139,9 @@ fn bert_classification_gradients_match_transformers() {
 #[test]
 fn roberta_classification_gradients_match_transformers() {
     check_training_step("roberta_cls");
+}
+
+#[test]
+fn gpt2_causal_lm_gradients_match_transformers() {
+    check_training_step("gpt2");
 }

@@ -59,7 +59,7 @@ fn max_error(dir: &str, reference_name: &str, format: WeightsFormat) -> f32 {
 }
 
 #[test]
-fn bert_and_roberta_outputs_match_transformers_from_safetensors() {
+fn fixture_outputs_match_transformers_from_safetensors() {
     for name in MODEL_FIXTURES {
         let error = max_error(name, name, WeightsFormat::Safetensors);
         eprintln!("parity {name} (safetensors): max abs error {error:.3e}");
@@ -68,7 +68,7 @@ fn bert_and_roberta_outputs_match_transformers_from_safetensors() {
 }
 
 #[test]
-fn bert_and_roberta_outputs_match_transformers_from_pytorch_bin() {
+fn fixture_outputs_match_transformers_from_pytorch_bin() {
     for name in MODEL_FIXTURES {
         let error = max_error(name, name, WeightsFormat::PytorchBin);
         eprintln!("parity {name} (pytorch_model.bin): max abs error {error:.3e}");

@@ -14,13 +14,14 @@ use models::bert::EncoderInput;
 
 /// The HF model fixtures, each a directory with `model.safetensors`, `pytorch_model.bin` and
 /// `reference.safetensors`.
-pub const MODEL_FIXTURES: [&str; 6] = [
+pub const MODEL_FIXTURES: [&str; 7] = [
     "bert",
     "bert_mlm",
     "bert_cls",
     "roberta",
     "roberta_mlm",
     "roberta_cls",
+    "gpt2",
 ];
 
 /// `tests/fixtures/<name>`.
@@ -66,15 +67,23 @@ pub fn max_relative_diff(got: &TensorData, want: &TensorData) -> f32 {
     max_abs_diff(got, want) / scale
 }
 
-/// The reference's `input_ids`, `attention_mask` and `token_type_ids` as model input.
+/// The reference's `input_ids`, `attention_mask` and (when there) `token_type_ids` as model input.
 pub fn reference_input<B: Backend>(reference: &TensorMap, device: &B::Device) -> EncoderInput<B> {
     let tensor = |name: &str| {
-        let data = &reference[name].data;
-        Tensor::<B, 2, Int>::from_data(TensorData::new(ints(data), data.shape.clone()), device)
+        reference.get(name).map(|stored| {
+            let data = &stored.data;
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ints(data), data.shape.clone()), device)
+        })
     };
     EncoderInput {
-        input_ids: tensor("input_ids"),
-        attention_mask: Some(tensor("attention_mask")),
-        token_type_ids: Some(tensor("token_type_ids")),
+        input_ids: tensor("input_ids").expect("reference has input_ids"),
+        attention_mask: tensor("attention_mask"),
+        token_type_ids: tensor("token_type_ids"),
     }
+}
+
+/// A 2-D int tensor from a reference entry.
+pub fn int_tensor<B: Backend>(reference: &TensorMap, name: &str, device: &B::Device) -> Tensor<B, 2, Int> {
+    let data = &reference[name].data;
+    Tensor::from_data(TensorData::new(ints(data), data.shape.clone()), device)
 }

@@ -14,16 +14,15 @@ use burn::module::ParamId;
 use burn::tensor::TensorData;
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, TensorSnapshot};
-use models::bert::BertConfig;
-use models::{AnyModel, Architecture};
+use models::{AnyModel, Architecture, ConfigError, ModelConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ConvertError, Result};
 use crate::families::{KeyPair, Layout, by_hf_key, table};
 use crate::tensors::{
-    StoredTensor, TensorMap, WeightsFormat, read_dir_weights, read_json, transpose_2d,
-    write_atomic, write_safetensors,
+    StoredTensor, TensorMap, WeightsFormat, concat_last_dim, read_dir_weights, read_json,
+    split_last_dim, transpose_2d, write_atomic, write_safetensors,
 };
 use crate::tokenizer;
 
@@ -75,7 +74,7 @@ pub struct ModelSpec {
     /// The model class.
     pub architecture: Architecture,
     /// The parsed and validated config.
-    pub config: BertConfig,
+    pub config: ModelConfig,
     /// The HF config as JSON.
     pub hf_config: Value,
 }
@@ -113,12 +112,16 @@ pub fn read_spec(dir: &Path) -> Result<ModelSpec> {
         Some(name) => Architecture::from_hf_name(&name).map_err(config_error)?,
         None => Architecture::from_hf_config(&hf_config).map_err(config_error)?,
     };
-    let config: BertConfig =
-        serde_json::from_value(hf_config.clone()).map_err(|error| ConvertError::Json {
-            path: config_path.clone(),
-            error,
+    let config = architecture
+        .family()
+        .parse_config(&hf_config)
+        .map_err(|error| match error {
+            ConfigError::Json(error) => ConvertError::Json {
+                path: config_path.clone(),
+                error,
+            },
+            ConfigError::Model(error) => config_error(error),
         })?;
-    config.validate().map_err(config_error)?;
     Ok(ModelSpec {
         kind,
         dir: dir.to_path_buf(),
@@ -140,7 +143,11 @@ pub struct ZooWeights {
 impl ModelSpec {
     /// The key pairs of this model.
     pub fn key_pairs(&self) -> Vec<KeyPair> {
-        table(self.architecture.family()).pairs(self.architecture, self.config.num_hidden_layers)
+        table(self.architecture.family()).pairs(
+            self.architecture,
+            self.config.num_layers(),
+            self.config.tie_word_embeddings(),
+        )
     }
 
     /// Zoo key → shape the config implies, from lazily built parameters (nothing is allocated).
@@ -167,8 +174,8 @@ impl ModelSpec {
         let mut unused = Vec::new();
         for (key, tensor) in hf {
             let normalized = table.normalize_hf_key(&key, self.architecture);
-            if let Some(pair) = lookup.get(normalized.as_str()) {
-                found.insert(pair.hf.as_str(), tensor);
+            if let Some((hf_key, _)) = lookup.get_key_value(normalized.as_str()) {
+                found.insert(hf_key, tensor);
             } else if table.is_ignored(&normalized) {
                 continue;
             } else if let Some(canonical) = table.canonical(&normalized) {
@@ -178,17 +185,17 @@ impl ModelSpec {
             }
         }
         for (canonical, key, tensor) in aliased {
-            match lookup.get(canonical) {
-                Some(pair) => {
-                    found.entry(pair.hf.as_str()).or_insert(tensor);
+            match lookup.get_key_value(canonical) {
+                Some((hf_key, _)) => {
+                    found.entry(hf_key).or_insert(tensor);
                 }
                 None => unused.push(key),
             }
         }
-        let missing: Vec<String> = pairs
-            .iter()
-            .filter(|p| !found.contains_key(p.hf.as_str()))
-            .map(|p| p.hf.clone())
+        let missing: Vec<String> = lookup
+            .keys()
+            .filter(|k| !found.contains_key(*k))
+            .map(|k| k.to_string())
             .collect();
         if !missing.is_empty() {
             return Err(ConvertError::MissingKeys {
@@ -200,12 +207,13 @@ impl ModelSpec {
         let expected = self.expected_shapes()?;
         let mut tensors = BTreeMap::new();
         for pair in &pairs {
-            let stored = found.remove(pair.hf.as_str()).expect("checked above");
+            let stored = &found[pair.hf.as_str()];
             let want = &expected[&pair.zoo];
-            check_shape(&stored, &pair.hf, &hf_shape(want, pair.layout))?;
+            check_shape(stored, &pair.hf, &hf_shape(want, pair.layout))?;
             let data = match pair.layout {
-                Layout::Same => stored.data,
+                Layout::Same => stored.data.clone(),
                 Layout::Transposed => transpose_2d(&stored.data),
+                Layout::Split { part, parts } => split_last_dim(&stored.data, part, parts),
             };
             tensors.insert(pair.zoo.clone(), data);
         }
@@ -255,6 +263,13 @@ fn hf_shape(zoo_shape: &[usize], layout: Layout) -> Vec<usize> {
     match layout {
         Layout::Same => zoo_shape.to_vec(),
         Layout::Transposed => zoo_shape.iter().rev().copied().collect(),
+        Layout::Split { parts, .. } => {
+            let mut shape = zoo_shape.to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last *= parts;
+            }
+            shape
+        }
     }
 }
 
@@ -418,15 +433,33 @@ pub fn export_zoo_to_hf(from: &Path, out: &Path, overwrite: bool) -> Result<Conv
     }
     let mut zoo = spec.read_weights(WeightsFormat::Safetensors)?.tensors;
     let mut hf = BTreeMap::new();
+    // Split parts of one HF tensor, gathered until all are there.
+    let mut fused: BTreeMap<String, Vec<Option<TensorData>>> = BTreeMap::new();
     for pair in spec.key_pairs() {
         let data = zoo
             .remove(&pair.zoo)
             .expect("check_zoo guarantees every key");
-        let data = match pair.layout {
-            Layout::Same => data,
-            Layout::Transposed => transpose_2d(&data),
-        };
-        hf.insert(pair.hf, data);
+        match pair.layout {
+            Layout::Same => {
+                hf.insert(pair.hf, data);
+            }
+            Layout::Transposed => {
+                hf.insert(pair.hf, transpose_2d(&data));
+            }
+            Layout::Split { part, parts } => {
+                let slots = fused.entry(pair.hf.clone()).or_insert_with(|| vec![None; parts]);
+                slots[part] = Some(data);
+                if slots.iter().all(Option::is_some) {
+                    let parts: Vec<TensorData> = fused
+                        .remove(&pair.hf)
+                        .expect("just inserted")
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    hf.insert(pair.hf, concat_last_dim(&parts));
+                }
+            }
+        }
     }
     let tensors = hf.len();
     let metadata = Some(

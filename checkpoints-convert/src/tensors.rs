@@ -223,6 +223,46 @@ pub fn transpose_2d(data: &TensorData) -> TensorData {
     TensorData::from_bytes_vec(out, vec![cols, rows], data.dtype)
 }
 
+/// Part `part` of `parts` equal slices of the last dimension (GPT-2's fused `c_attn` → q, k, v),
+/// on bytes, whatever the dtype.
+pub fn split_last_dim(data: &TensorData, part: usize, parts: usize) -> TensorData {
+    let shape = data.shape.to_vec();
+    let last = *shape.last().expect("split_last_dim needs at least one dimension");
+    let width = last / parts;
+    let size = data.dtype.size();
+    let bytes = data.as_bytes();
+    let rows = bytes.len() / (last * size);
+    let mut out = Vec::with_capacity(rows * width * size);
+    for r in 0..rows {
+        let start = (r * last + part * width) * size;
+        out.extend_from_slice(&bytes[start..start + width * size]);
+    }
+    let mut out_shape = shape;
+    *out_shape.last_mut().expect("checked") = width;
+    TensorData::from_bytes_vec(out, out_shape, data.dtype)
+}
+
+/// Joins tensors of equal shape (but the last dimension) along their last dimension: the inverse
+/// of [`split_last_dim`].
+pub fn concat_last_dim(parts: &[TensorData]) -> TensorData {
+    let size = parts[0].dtype.size();
+    let widths: Vec<usize> = parts
+        .iter()
+        .map(|p| *p.shape.to_vec().last().expect("at least one dimension"))
+        .collect();
+    let rows = parts[0].as_bytes().len() / (widths[0] * size);
+    let mut out = Vec::new();
+    for r in 0..rows {
+        for (p, width) in parts.iter().zip(&widths) {
+            let start = r * width * size;
+            out.extend_from_slice(&p.as_bytes()[start..start + width * size]);
+        }
+    }
+    let mut shape = parts[0].shape.to_vec();
+    *shape.last_mut().expect("checked") = widths.iter().sum();
+    TensorData::from_bytes_vec(out, shape, parts[0].dtype)
+}
+
 /// Serialises `tensors` as safetensors into `path` without ever leaving a partial file there:
 /// the bytes go to a temporary file in the same directory, which is then renamed over `path`.
 pub fn write_safetensors(
@@ -266,6 +306,20 @@ pub fn temporary_sibling(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_and_concat_of_the_last_dim_are_inverses() {
+        // [2, 6] = two rows of [q q | k k | v v].
+        let fused = TensorData::new(vec![1i32, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [2, 6]);
+        let parts: Vec<TensorData> = (0..3).map(|p| split_last_dim(&fused, p, 3)).collect();
+        assert_eq!(parts[1].to_vec::<i32>().unwrap(), [3, 4, 9, 10]);
+        assert_eq!(parts[1].shape.to_vec(), [2, 2]);
+        let bias = TensorData::new(vec![1.0f32, 2.0, 3.0], [3]);
+        assert_eq!(split_last_dim(&bias, 2, 3).to_vec::<f32>().unwrap(), [3.0]);
+        let joined = concat_last_dim(&parts);
+        assert_eq!(joined.shape.to_vec(), [2, 6]);
+        assert_eq!(joined.as_bytes(), fused.as_bytes());
+    }
 
     #[test]
     fn transpose_moves_bytes_for_any_dtype() {

@@ -130,7 +130,7 @@ impl BackendTask for ForwardTask {
                 ids.len()
             );
         }
-        let pad = loaded.spec.config.pad_token_id.unwrap_or(0) as u32;
+        let pad = loaded.spec.config.pad_token_id().unwrap_or(0);
         let batch = Batch::pad(&rows, pad);
         let output = model.forward(&batch.to_input::<B>(&device));
 

@@ -18,7 +18,7 @@ pub fn run() -> anyhow::Result<()> {
     println!();
     println!(
         "{:<20} {:<9} {:<34} {:>10} {:>16}",
-        "preset", "family", "class (encoder params)", "params", "exact"
+        "preset", "family", "class (body params)", "params", "exact"
     );
     for preset in presets() {
         let model = AnyModel::<Cpu>::new(preset.architecture, &preset.config, &device)?;

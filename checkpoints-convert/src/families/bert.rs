@@ -152,6 +152,7 @@ pub static TABLE: KeyTable = KeyTable {
             SEQUENCE_CLASSIFICATION,
         ),
     ],
+    untied_heads: &[],
     ignored: &[
         // Buffers, not parameters.
         "embeddings.position_ids",

@@ -6,9 +6,12 @@
 //! load a `BertForMaskedLM` checkpoint and the other way round, as in transformers).
 //!
 //! HF `nn.Linear` stores weights `[out, in]`, burn's `Linear` `[in, out]`: those rows are
-//! [`Layout::Transposed`]. Transposing moves bytes only, so HF → zoo → HF is bit-exact.
+//! [`Layout::Transposed`]. GPT-2's `Conv1D` already stores `[in, out]` ([`Layout::Same`]), and its
+//! fused `c_attn` is split into zoo's query/key/value by three [`Layout::Split`] rows. Every layout
+//! moves bytes only, so HF → zoo → HF is bit-exact.
 
 pub mod bert;
+pub mod gpt2;
 pub mod roberta;
 
 use std::collections::BTreeMap;
@@ -22,6 +25,14 @@ pub enum Layout {
     Same,
     /// A 2-D weight whose dimensions are swapped (`nn.Linear` ↔ burn `Linear`).
     Transposed,
+    /// Slice `part` of `parts` equal slices of the HF tensor's last dimension (several zoo
+    /// tensors fused into one HF tensor).
+    Split {
+        /// Which slice.
+        part: usize,
+        /// How many slices.
+        parts: usize,
+    },
 }
 
 /// One row of a key table.
@@ -51,8 +62,11 @@ pub struct KeyTable {
     pub pooler: &'static [KeyRule],
     /// Rows of each head, as full keys.
     pub heads: &'static [(Architecture, &'static [KeyRule])],
+    /// Rows of each head that exist only when the config unties the output projection from the
+    /// token embeddings (`tie_word_embeddings: false`).
+    pub untied_heads: &'static [(Architecture, &'static [KeyRule])],
     /// HF keys that are not parameters (buffers) or are tied copies of another parameter; read and
-    /// dropped. Body-relative or full.
+    /// dropped. Body-relative or full; `{i}` matches a layer index.
     pub ignored: &'static [&'static str],
     /// Duplicate names of one parameter: `(alias, canonical)`. The alias is used only when the
     /// canonical key is absent (old checkpoints saved `cls.predictions.decoder.bias` alone).
@@ -64,6 +78,7 @@ pub fn table(family: Family) -> &'static KeyTable {
     match family {
         Family::Bert => &bert::TABLE,
         Family::Roberta => &roberta::TABLE,
+        Family::Gpt2 => &gpt2::TABLE,
     }
 }
 
@@ -79,8 +94,9 @@ pub struct KeyPair {
 }
 
 impl KeyTable {
-    /// Every key pair of `architecture` with `num_layers` layers, in table order.
-    pub fn pairs(&self, architecture: Architecture, num_layers: usize) -> Vec<KeyPair> {
+    /// Every key pair of `architecture` with `num_layers` layers, in table order. `tied` says
+    /// whether the output projection is the token embeddings (no head rows of its own).
+    pub fn pairs(&self, architecture: Architecture, num_layers: usize, tied: bool) -> Vec<KeyPair> {
         let prefix = if architecture.is_base() {
             ""
         } else {
@@ -101,7 +117,13 @@ impl KeyTable {
                 });
             }
         }
-        for (_, rules) in self.heads.iter().filter(|(a, _)| *a == architecture) {
+        let untied: &[(Architecture, &[KeyRule])] = if tied { &[] } else { self.untied_heads };
+        for (_, rules) in self
+            .heads
+            .iter()
+            .chain(untied)
+            .filter(|(a, _)| *a == architecture)
+        {
             for rule in rules.iter() {
                 for (hf, zoo) in expand(rule, num_layers) {
                     pairs.push(KeyPair {
@@ -130,7 +152,9 @@ impl KeyTable {
     /// Whether an HF key (normalised) is dropped on purpose.
     pub fn is_ignored(&self, key: &str) -> bool {
         let body = key.strip_prefix(self.family.body_prefix()).unwrap_or(key);
-        self.ignored.iter().any(|i| *i == key || *i == body)
+        self.ignored
+            .iter()
+            .any(|pattern| matches_pattern(pattern, key) || matches_pattern(pattern, body))
     }
 
     /// The canonical key of an alias, if `key` is one.
@@ -149,6 +173,20 @@ impl KeyTable {
             .iter()
             .chain(self.pooler)
             .any(|r| r.hf.split('.').next() == Some(root))
+    }
+}
+
+/// Whether `key` is `pattern` with each `{i}` segment replaced by a number.
+fn matches_pattern(pattern: &str, key: &str) -> bool {
+    let (mut p, mut k) = (pattern.split('.'), key.split('.'));
+    loop {
+        match (p.next(), k.next()) {
+            (None, None) => return true,
+            (Some("{i}"), Some(segment))
+                if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
     }
 }
 
@@ -178,9 +216,13 @@ fn expand(rule: &KeyRule, num_layers: usize) -> Vec<(String, String)> {
     }
 }
 
-/// HF key → pair, for lookups.
-pub fn by_hf_key(pairs: &[KeyPair]) -> BTreeMap<&str, &KeyPair> {
-    pairs.iter().map(|p| (p.hf.as_str(), p)).collect()
+/// HF key → its pairs (several when the HF tensor is split), for lookups.
+pub fn by_hf_key(pairs: &[KeyPair]) -> BTreeMap<&str, Vec<&KeyPair>> {
+    let mut map: BTreeMap<&str, Vec<&KeyPair>> = BTreeMap::new();
+    for pair in pairs {
+        map.entry(pair.hf.as_str()).or_default().push(pair);
+    }
+    map
 }
 
 #[cfg(test)]
@@ -188,35 +230,62 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
 
-    fn tiny() -> models::bert::BertConfig {
-        let mut config = models::bert::BertConfig::new(11);
-        config.hidden_size = 4;
-        config.num_attention_heads = 2;
-        config.intermediate_size = 8;
-        config.num_hidden_layers = 2;
-        config.max_position_embeddings = 8;
-        config
+    fn tiny(family: Family, tied: bool) -> models::ModelConfig {
+        match family {
+            Family::Gpt2 => models::ModelConfig::Gpt2(models::gpt2::Gpt2Config {
+                vocab_size: 11,
+                n_positions: 8,
+                n_embd: 4,
+                n_layer: 2,
+                n_head: 2,
+                tie_word_embeddings: tied,
+                ..Default::default()
+            }),
+            _ => {
+                let mut config = models::bert::BertConfig::new(11);
+                config.hidden_size = 4;
+                config.num_attention_heads = 2;
+                config.intermediate_size = 8;
+                config.num_hidden_layers = 2;
+                config.max_position_embeddings = 8;
+                models::ModelConfig::Bert(config)
+            }
+        }
     }
 
-    /// Every parameter of every model is covered by exactly one table row, with matching shapes.
+    /// Every parameter of every model is covered by exactly one table row.
     #[test]
     fn tables_cover_every_parameter_of_every_architecture() {
         let device = Default::default();
         for architecture in Architecture::ALL {
-            let model = models::AnyModel::<Flex>::new(architecture, &tiny(), &device).unwrap();
-            let mut params: Vec<String> = models::param_infos::<Flex, _>(&model)
-                .into_iter()
-                .map(|p| p.name)
-                .collect();
-            let mut zoo: Vec<String> = table(architecture.family())
-                .pairs(architecture, 2)
-                .into_iter()
-                .map(|p| p.zoo)
-                .collect();
-            params.sort();
-            zoo.sort();
-            assert_eq!(params, zoo, "{architecture:?}");
+            let family = architecture.family();
+            let ties: &[bool] = if family == Family::Gpt2 { &[true, false] } else { &[true] };
+            for &tied in ties {
+                let config = tiny(family, tied);
+                let model = models::AnyModel::<Flex>::new(architecture, &config, &device).unwrap();
+                let mut params: Vec<String> = models::param_infos::<Flex, _>(&model)
+                    .into_iter()
+                    .map(|p| p.name)
+                    .collect();
+                let mut zoo: Vec<String> = table(family)
+                    .pairs(architecture, 2, tied)
+                    .into_iter()
+                    .map(|p| p.zoo)
+                    .collect();
+                params.sort();
+                zoo.sort();
+                assert_eq!(params, zoo, "{architecture:?}, tied {tied}");
+            }
         }
+    }
+
+    #[test]
+    fn ignored_patterns_match_layer_indices_only() {
+        let t = table(Family::Gpt2);
+        assert!(t.is_ignored("transformer.h.11.attn.masked_bias"));
+        assert!(t.is_ignored("h.0.attn.bias"));
+        assert!(!t.is_ignored("h.x.attn.bias"));
+        assert!(!t.is_ignored("h.0.attn.c_attn.bias"));
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub static TABLE: KeyTable = KeyTable {
             SEQUENCE_CLASSIFICATION,
         ),
     ],
+    untied_heads: &[],
     ignored: &[
         "embeddings.position_ids",
         "embeddings.token_type_ids",
