@@ -2,6 +2,7 @@
 //! conversion round trips, tokenizers.
 
 mod convert;
+mod generation;
 mod gradients;
 mod parity;
 mod tokenizers;

@@ -12,9 +12,7 @@ use checkpoints_convert::{LoadOptions, load_model, tensors};
 use models::bert::cross_entropy;
 use models::gpt2::causal_lm_loss;
 use models::{Logits, ParamPath};
-use zoo_tests::{
-    fixture, floats, int_tensor, ints, max_relative_diff, reference, reference_input,
-};
+use zoo_tests::{fixture, floats, int_tensor, ints, max_relative_diff, reference, reference_input};
 
 /// Gradients within this, relative to the largest value of each reference tensor.
 const TOLERANCE: f32 = 1e-4;
@@ -45,7 +43,11 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
 
 /// The loss transformers computes from the fixture's `labels`: cross-entropy over classes for the
 /// classifiers, the shifted causal-LM loss (ignore index -100) for GPT-2.
-fn loss_of(name: &str, logits: Option<Logits<CpuTrain>>, reference: &checkpoints_convert::TensorMap) -> Tensor<CpuTrain, 1> {
+fn loss_of(
+    name: &str,
+    logits: Option<Logits<CpuTrain>>,
+    reference: &checkpoints_convert::TensorMap,
+) -> Tensor<CpuTrain, 1> {
     let device = Default::default();
     match logits {
         Some(Logits::PerSequence(logits)) => {

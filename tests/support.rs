@@ -83,7 +83,11 @@ pub fn reference_input<B: Backend>(reference: &TensorMap, device: &B::Device) ->
 }
 
 /// A 2-D int tensor from a reference entry.
-pub fn int_tensor<B: Backend>(reference: &TensorMap, name: &str, device: &B::Device) -> Tensor<B, 2, Int> {
+pub fn int_tensor<B: Backend>(
+    reference: &TensorMap,
+    name: &str,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
     let data = &reference[name].data;
     Tensor::from_data(TensorData::new(ints(data), data.shape.clone()), device)
 }

@@ -447,7 +447,9 @@ pub fn export_zoo_to_hf(from: &Path, out: &Path, overwrite: bool) -> Result<Conv
                 hf.insert(pair.hf, transpose_2d(&data));
             }
             Layout::Split { part, parts } => {
-                let slots = fused.entry(pair.hf.clone()).or_insert_with(|| vec![None; parts]);
+                let slots = fused
+                    .entry(pair.hf.clone())
+                    .or_insert_with(|| vec![None; parts]);
                 slots[part] = Some(data);
                 if slots.iter().all(Option::is_some) {
                     let parts: Vec<TensorData> = fused

@@ -227,7 +227,9 @@ pub fn transpose_2d(data: &TensorData) -> TensorData {
 /// on bytes, whatever the dtype.
 pub fn split_last_dim(data: &TensorData, part: usize, parts: usize) -> TensorData {
     let shape = data.shape.to_vec();
-    let last = *shape.last().expect("split_last_dim needs at least one dimension");
+    let last = *shape
+        .last()
+        .expect("split_last_dim needs at least one dimension");
     let width = last / parts;
     let size = data.dtype.size();
     let bytes = data.as_bytes();

@@ -49,7 +49,11 @@ pub trait Decoder<B: Backend> {
     fn max_positions(&self) -> usize;
 
     /// Runs the new tokens and returns `[rows, vocab]` logits of each row's last position.
-    fn step(&self, input: &DecoderInput<B>, state: Option<Self::State>) -> (Tensor<B, 2>, Self::State);
+    fn step(
+        &self,
+        input: &DecoderInput<B>,
+        state: Option<Self::State>,
+    ) -> (Tensor<B, 2>, Self::State);
 
     /// Keeps the rows `indices` of the state, in that order (beam search).
     fn reorder(&self, state: &Self::State, indices: Tensor<B, 1, Int>) -> Self::State;
@@ -135,7 +139,9 @@ pub enum GenerationError {
         row: usize,
     },
     /// A prompt id the model has no embedding for.
-    #[error("prompt {row} has token id {id}, but the model's vocabulary has {vocab} ids (0..{vocab})")]
+    #[error(
+        "prompt {row} has token id {id}, but the model's vocabulary has {vocab} ids (0..{vocab})"
+    )]
     UnknownToken {
         /// Row of the batch.
         row: usize,
@@ -352,7 +358,11 @@ struct StepInputs {
 }
 
 impl StepInputs {
-    fn prompt<B: Backend>(ids: &[Vec<u32>], mask: Vec<Vec<u32>>, device: &B::Device) -> (Self, DecoderInput<B>) {
+    fn prompt<B: Backend>(
+        ids: &[Vec<u32>],
+        mask: Vec<Vec<u32>>,
+        device: &B::Device,
+    ) -> (Self, DecoderInput<B>) {
         // transformers: position_ids = cumsum(mask) - 1, with padding at 0.
         let positions: Vec<Vec<i64>> = mask
             .iter()
@@ -366,13 +376,22 @@ impl StepInputs {
                     .collect()
             })
             .collect();
-        let next_position = positions.iter().map(|p| p.last().copied().unwrap_or(-1) + 1).collect();
+        let next_position = positions
+            .iter()
+            .map(|p| p.last().copied().unwrap_or(-1) + 1)
+            .collect();
         let input = DecoderInput {
             input_ids: int_tensor(ids, device),
             attention_mask: Some(int_tensor(&mask, device)),
             position_ids: Some(int_tensor_i64(&positions, device)),
         };
-        (Self { mask, next_position }, input)
+        (
+            Self {
+                mask,
+                next_position,
+            },
+            input,
+        )
     }
 
     /// The inputs for one new token per row.
@@ -704,7 +723,10 @@ fn beam_search<B: Backend, M: Decoder<B>>(
 
             // Next running beams: the best continuations that did not just finish.
             let next_running = top_by_score(
-                top.iter().zip(&hits).map(|(c, &hit)| (c.0 + if hit { NEG } else { 0.0 }, c.1, c.2)).collect(),
+                top.iter()
+                    .zip(&hits)
+                    .map(|(c, &hit)| (c.0 + if hit { NEG } else { 0.0 }, c.1, c.2))
+                    .collect(),
                 num_beams,
                 |c| c.0,
             );
@@ -712,7 +734,8 @@ fn beam_search<B: Backend, M: Decoder<B>>(
             // Finished hypotheses: the top `num_beams` candidates that just finished, when they can
             // still improve the set.
             let generated = (cur_len + 1 - prompt_len) as f32;
-            let full = finished[item].iter().all(|h| h.finished) && early_stopping == EarlyStopping::Eager;
+            let full =
+                finished[item].iter().all(|h| h.finished) && early_stopping == EarlyStopping::Eager;
             let mut merged = finished[item].clone();
             for (rank, ((score, beam, token), &hit)) in top.iter().zip(&hits).enumerate() {
                 let just_finished = hit && rank < num_beams;
@@ -762,7 +785,10 @@ fn beam_search<B: Backend, M: Decoder<B>>(
             let best_possible = running[item][0].score / (best_len as f32).powf(length_penalty);
             let all_finished = finished[item].iter().all(|h| h.finished);
             let worst = if all_finished {
-                finished[item].iter().map(|h| h.score).fold(f32::INFINITY, f32::min)
+                finished[item]
+                    .iter()
+                    .map(|h| h.score)
+                    .fold(f32::INFINITY, f32::min)
             } else {
                 NEG
             };

@@ -264,9 +264,9 @@ impl<B: Backend> Gpt2Block<B> {
         cache: Option<KvCache<B>>,
         mask: &AttentionMask<B>,
     ) -> (Tensor<B, 3>, KvCache<B>) {
-        let (attended, cache) = self
-            .attention
-            .forward_cached(self.ln_1.forward(hidden.clone()), cache, mask);
+        let (attended, cache) =
+            self.attention
+                .forward_cached(self.ln_1.forward(hidden.clone()), cache, mask);
         let hidden = hidden + self.dropout.forward(attended);
         let fed = self.mlp.forward(self.ln_2.forward(hidden.clone()));
         (hidden + self.dropout.forward(fed), cache)
@@ -494,7 +494,11 @@ impl<B: Backend> crate::generation::Decoder<B> for Gpt2LmHeadModel<B> {
         self.transformer.max_positions()
     }
 
-    fn step(&self, input: &DecoderInput<B>, state: Option<Self::State>) -> (Tensor<B, 2>, Self::State) {
+    fn step(
+        &self,
+        input: &DecoderInput<B>,
+        state: Option<Self::State>,
+    ) -> (Tensor<B, 2>, Self::State) {
         self.next_token_logits(input, state)
     }
 
@@ -518,7 +522,9 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let predicting = logits
         .slice([0..batch, 0..seq - 1, 0..vocab])
         .reshape([batch * (seq - 1), vocab]);
-    let targets = labels.slice([0..batch, 1..seq]).reshape([batch * (seq - 1)]);
+    let targets = labels
+        .slice([0..batch, 1..seq])
+        .reshape([batch * (seq - 1)]);
     token_cross_entropy(predicting, targets, IGNORE_INDEX)
 }
 
@@ -537,7 +543,12 @@ pub fn token_cross_entropy<B: Backend>(
     let safe = labels.mask_fill(ignored.clone(), 0).reshape([n, 1]);
     let picked = log_softmax(logits, 1).gather(1, safe).reshape([n]);
     let kept = ignored.bool_not().float();
-    let count = kept.clone().sum().into_data().to_vec::<f32>().unwrap_or_default()[0];
+    let count = kept
+        .clone()
+        .sum()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap_or_default()[0];
     let total = (picked * kept).sum().neg();
     total / Tensor::from_data(TensorData::from([count.max(1.0)]), &device)
 }
@@ -562,7 +573,10 @@ mod tests {
     fn ids(rows: &[&[i64]]) -> Tensor<Cpu, 2, Int> {
         let width = rows[0].len();
         let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        Tensor::from_data(TensorData::new(flat, [rows.len(), width]), &Default::default())
+        Tensor::from_data(
+            TensorData::new(flat, [rows.len(), width]),
+            &Default::default(),
+        )
     }
 
     fn floats<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {

@@ -560,14 +560,70 @@ pub struct Gpt3Row {
 /// d_model and d_head and uses 16 heads, which gives the printed 1.3B. The 13B row (5140 wide,
 /// 40 × 128 = 5120 attention) is kept as printed, with `head_dim` set.
 pub const GPT3_TABLE: [Gpt3Row; 8] = [
-    Gpt3Row { name: "gpt3-small", paper_params: 125e6, layers: 12, d_model: 768, heads: 12, head_dim: 64 },
-    Gpt3Row { name: "gpt3-medium", paper_params: 350e6, layers: 24, d_model: 1024, heads: 16, head_dim: 64 },
-    Gpt3Row { name: "gpt3-large", paper_params: 760e6, layers: 24, d_model: 1536, heads: 16, head_dim: 96 },
-    Gpt3Row { name: "gpt3-xl", paper_params: 1.3e9, layers: 24, d_model: 2048, heads: 16, head_dim: 128 },
-    Gpt3Row { name: "gpt3-2.7b", paper_params: 2.7e9, layers: 32, d_model: 2560, heads: 32, head_dim: 80 },
-    Gpt3Row { name: "gpt3-6.7b", paper_params: 6.7e9, layers: 32, d_model: 4096, heads: 32, head_dim: 128 },
-    Gpt3Row { name: "gpt3-13b", paper_params: 13.0e9, layers: 40, d_model: 5140, heads: 40, head_dim: 128 },
-    Gpt3Row { name: "gpt3-175b", paper_params: 175.0e9, layers: 96, d_model: 12288, heads: 96, head_dim: 128 },
+    Gpt3Row {
+        name: "gpt3-small",
+        paper_params: 125e6,
+        layers: 12,
+        d_model: 768,
+        heads: 12,
+        head_dim: 64,
+    },
+    Gpt3Row {
+        name: "gpt3-medium",
+        paper_params: 350e6,
+        layers: 24,
+        d_model: 1024,
+        heads: 16,
+        head_dim: 64,
+    },
+    Gpt3Row {
+        name: "gpt3-large",
+        paper_params: 760e6,
+        layers: 24,
+        d_model: 1536,
+        heads: 16,
+        head_dim: 96,
+    },
+    Gpt3Row {
+        name: "gpt3-xl",
+        paper_params: 1.3e9,
+        layers: 24,
+        d_model: 2048,
+        heads: 16,
+        head_dim: 128,
+    },
+    Gpt3Row {
+        name: "gpt3-2.7b",
+        paper_params: 2.7e9,
+        layers: 32,
+        d_model: 2560,
+        heads: 32,
+        head_dim: 80,
+    },
+    Gpt3Row {
+        name: "gpt3-6.7b",
+        paper_params: 6.7e9,
+        layers: 32,
+        d_model: 4096,
+        heads: 32,
+        head_dim: 128,
+    },
+    Gpt3Row {
+        name: "gpt3-13b",
+        paper_params: 13.0e9,
+        layers: 40,
+        d_model: 5140,
+        heads: 40,
+        head_dim: 128,
+    },
+    Gpt3Row {
+        name: "gpt3-175b",
+        paper_params: 175.0e9,
+        layers: 96,
+        d_model: 12288,
+        heads: 96,
+        head_dim: 128,
+    },
 ];
 
 /// Every preset zoo knows, in `zoo list` order.
@@ -625,10 +681,13 @@ pub fn presets() -> Vec<Preset> {
         gpt(row.name, config)
     });
     // TsinghuaAI/CPM-Generate: GPT-2 blocks, 30000 SentencePiece ids, 1024 positions.
-    let cpm = gpt("cpm-generate", Gpt2Config {
-        vocab_size: 30000,
-        ..Gpt2Config::sized(32, 2560, 32, 1024)
-    });
+    let cpm = gpt(
+        "cpm-generate",
+        Gpt2Config {
+            vocab_size: 30000,
+            ..Gpt2Config::sized(32, 2560, 32, 1024)
+        },
+    );
     encoders
         .into_iter()
         .map(|(name, architecture, config)| Preset {
@@ -704,10 +763,16 @@ mod tests {
             let attention = 3 * (d * a + a) + (a * d + d);
             let mlp = (d * 4 * d + 4 * d) + (4 * d * d + d);
             let norms = 2 * 2 * d;
-            let closed_form = vocab * d + context * d + row.layers * (attention + mlp + norms) + 2 * d;
+            let closed_form =
+                vocab * d + context * d + row.layers * (attention + mlp + norms) + 2 * d;
             assert_eq!(count, closed_form, "{}", row.name);
             let off = (count as f64 - row.paper_params).abs() / row.paper_params;
-            assert!(off < 0.02, "{}: {count} vs the paper's {}", row.name, row.paper_params);
+            assert!(
+                off < 0.02,
+                "{}: {count} vs the paper's {}",
+                row.name,
+                row.paper_params
+            );
         }
     }
 
@@ -739,7 +804,12 @@ mod tests {
         config.num_attention_heads = 1;
         config.intermediate_size = 8;
         config.num_hidden_layers = 1;
-        let model = AnyModel::<Cpu>::new(Architecture::BertForMaskedLM, &ModelConfig::Bert(config), &device).unwrap();
+        let model = AnyModel::<Cpu>::new(
+            Architecture::BertForMaskedLM,
+            &ModelConfig::Bert(config),
+            &device,
+        )
+        .unwrap();
         let names: Vec<String> = param_infos::<Cpu, _>(&model)
             .into_iter()
             .map(|p| p.name)

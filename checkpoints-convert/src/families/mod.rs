@@ -259,7 +259,11 @@ mod tests {
         let device = Default::default();
         for architecture in Architecture::ALL {
             let family = architecture.family();
-            let ties: &[bool] = if family == Family::Gpt2 { &[true, false] } else { &[true] };
+            let ties: &[bool] = if family == Family::Gpt2 {
+                &[true, false]
+            } else {
+                &[true]
+            };
             for &tied in ties {
                 let config = tiny(family, tied);
                 let model = models::AnyModel::<Flex>::new(architecture, &config, &device).unwrap();

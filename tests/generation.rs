@@ -1,0 +1,139 @@
+//! Generation on the tiny trained GPT-2: ids identical to transformers' `generate` (greedy, with a
+//! repetition penalty, beam search with each early-stopping rule; single prompts and left-padded
+//! batches), and KV-cache decoding equal to full recomputation.
+
+use bmtrain_backend::Cpu;
+use burn::tensor::{Int, Tensor, TensorData};
+use checkpoints_convert::{LoadOptions, load_model};
+use models::AnyModel;
+use models::generation::{Decoding, EarlyStopping, GenerationConfig, generate};
+use models::gpt2::{DecoderInput, Gpt2LmHeadModel};
+use serde_json::Value;
+use zoo_tests::{fixture, floats, max_abs_diff};
+
+fn tiny_gpt2() -> Gpt2LmHeadModel<Cpu> {
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&fixture("gpt2"), &device, &LoadOptions::default()).unwrap();
+    match loaded.model {
+        AnyModel::Gpt2LmHeadModel(model) => model,
+        other => panic!("gpt2 fixture loaded as {other:?}"),
+    }
+}
+
+fn ids(value: &Value) -> Vec<Vec<u32>> {
+    serde_json::from_value(value.clone()).expect("a list of id lists")
+}
+
+/// transformers' `generate` keyword arguments → zoo's config.
+fn config_of(settings: &Value, eos: u32) -> GenerationConfig {
+    let get = |name: &str| settings.get(name);
+    let mut config = GenerationConfig::greedy(
+        get("max_new_tokens").and_then(Value::as_u64).unwrap() as usize,
+        vec![eos],
+        eos, // the fixture passes pad_token_id = eos, as GPT-2 users do
+    );
+    config.repetition_penalty = get("repetition_penalty")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0) as f32;
+    if let Some(beams) = get("num_beams").and_then(Value::as_u64) {
+        let early_stopping = match get("early_stopping") {
+            Some(Value::Bool(true)) => EarlyStopping::Eager,
+            Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
+            _ => EarlyStopping::Heuristic,
+        };
+        config.decoding = Decoding::Beam {
+            num_beams: beams as usize,
+            length_penalty: get("length_penalty").and_then(Value::as_f64).unwrap_or(1.0) as f32,
+            early_stopping,
+        };
+    }
+    config
+}
+
+#[test]
+fn greedy_and_beam_ids_equal_transformers_generate() {
+    let model = tiny_gpt2();
+    let device = Default::default();
+    let text = std::fs::read_to_string(fixture("gpt2").join("generation.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let eos = reference["eos_token_id"].as_u64().unwrap() as u32;
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20, "the fixture has every setting");
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let padded = ids(&case["input_ids"]);
+        let mask = ids(&case["attention_mask"]);
+        let prompts: Vec<Vec<u32>> = padded
+            .iter()
+            .zip(&mask)
+            .map(|(row, m)| {
+                row.iter()
+                    .zip(m)
+                    .filter(|(_, m)| **m == 1)
+                    .map(|(t, _)| *t)
+                    .collect()
+            })
+            .collect();
+        let config = config_of(&case["settings"], eos);
+        let got = generate(&model, &prompts, &config, &device, |_| {}).unwrap();
+        assert_eq!(
+            got.sequences,
+            ids(&case["output_ids"]),
+            "case {name}, prompts {:?}",
+            case["prompts"]
+        );
+    }
+}
+
+#[test]
+fn cached_decoding_equals_full_recomputation() {
+    let model = tiny_gpt2();
+    let device = Default::default();
+    let tokens: Vec<i64> = vec![291, 221, 343, 73, 67, 75, 358, 82, 79, 87, 78, 12, 300, 5];
+    let len = tokens.len();
+    let all = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(tokens.clone(), [1, len]), &device);
+    let (_, full) = model.forward(&DecoderInput::new(all));
+    // A prompt of 4, then one token at a time through the cache.
+    let prompt = 4;
+    let first = Tensor::<Cpu, 2, Int>::from_data(
+        TensorData::new(tokens[..prompt].to_vec(), [1, prompt]),
+        &device,
+    );
+    let (mut logits, mut cache) = model.next_token_logits(&DecoderInput::new(first), None);
+    let vocab = logits.dims()[1];
+    let mut worst = 0.0f32;
+    for t in prompt..=len {
+        let want = full
+            .clone()
+            .slice([0..1, t - 1..t, 0..vocab])
+            .reshape([1, vocab]);
+        worst = worst.max(max_abs_diff(&logits.clone().into_data(), &want.into_data()));
+        if t == len {
+            break;
+        }
+        let next =
+            Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![tokens[t]], [1, 1]), &device);
+        (logits, cache) = model.next_token_logits(&DecoderInput::new(next), Some(cache));
+    }
+    assert_eq!(cache.len(), len);
+    eprintln!("generation: KV cache vs recomputation, max abs logit difference {worst:.3e}");
+    assert!(worst < 1e-5, "{worst}");
+    assert!(floats(&full.into_data()).iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn bad_prompts_are_refused_with_the_reason() {
+    let model = tiny_gpt2();
+    let device = Default::default();
+    let config = GenerationConfig::greedy(4, vec![0], 0);
+    let err = generate(&model, &[vec![1, 100_000]], &config, &device, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("token id 100000"), "{err}");
+    let long = vec![5u32; 129];
+    let err = generate(&model, &[long], &config, &device, |_| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("129 tokens") && err.to_string().contains("128"),
+        "{err}"
+    );
+    let err = generate(&model, &[vec![]], &config, &device, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+}
