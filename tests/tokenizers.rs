@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use checkpoints_convert::{encode, load_tokenizer};
+use checkpoints_convert::{TextTokenizer, encode, load_tokenizer};
 use serde_json::Value;
 use zoo_tests::fixture;
 
@@ -62,4 +62,50 @@ fn tokenizer_json_of_the_model_fixtures_matches_transformers() {
     // The model fixtures carry the same vocabularies as tokenizer.json.
     assert_same_ids(&fixture("bert"), "bert_uncased");
     assert_same_ids(&fixture("roberta"), "roberta_bpe");
+}
+
+/// CPM-1's tokenizer: jieba segmentation, ids and decoded text against the fixture, which ran
+/// rjieba (jieba-rs) and transformers' `CpmTokenizer` over the sentencepiece library.
+fn assert_cpm_matches(name: &str) {
+    let text = std::fs::read_to_string(fixture("tokenizers").join("cpm_reference.json")).unwrap();
+    let all: Value = serde_json::from_str(&text).unwrap();
+    let entry = &all[name];
+    let dir = fixture("tokenizers").join(name);
+    let tokenizer = load_tokenizer(&dir).unwrap().expect("a tokenizer");
+    let TextTokenizer::Cpm(cpm) = &tokenizer else {
+        panic!("{name}: tokenizer_config.json names CpmTokenizer");
+    };
+    let strings =
+        |key: &str| -> Vec<String> { serde_json::from_value(entry[key].clone()).unwrap() };
+    let ids: Vec<Vec<u32>> = serde_json::from_value(entry["ids"].clone()).unwrap();
+    let (sentences, segmented, decoded) = (
+        strings("sentences"),
+        strings("segmented"),
+        strings("decoded"),
+    );
+    assert!(sentences.len() >= 7);
+    for (i, sentence) in sentences.iter().enumerate() {
+        assert_eq!(
+            cpm.segment(sentence),
+            segmented[i],
+            "{name}: jieba of {sentence:?}"
+        );
+        let got = encode(&tokenizer, sentence).unwrap();
+        assert_eq!(got, ids[i], "{name}: ids of {sentence:?}");
+        assert_eq!(
+            tokenizer.decode(&got, true).unwrap(),
+            decoded[i],
+            "{name}: decode of {sentence:?}"
+        );
+    }
+}
+
+#[test]
+fn cpm_unigram_tokenizer_matches_transformers() {
+    assert_cpm_matches("cpm_unigram");
+}
+
+#[test]
+fn cpm_bpe_tokenizer_matches_transformers() {
+    assert_cpm_matches("cpm_bpe");
 }

@@ -5,14 +5,17 @@
 //! The usual entry points:
 //! - [`load_model`]: an HF or zoo directory → a burn model, with every key and shape checked;
 //! - [`convert_hf_to_zoo`] / [`export_zoo_to_hf`]: `zoo convert` both ways, bit-exact;
-//! - [`load_tokenizer`]: `tokenizer.json`, or one built from `vocab.txt` / `vocab.json` + `merges.txt`.
+//! - [`load_tokenizer`]: `tokenizer.json`, or one built from `vocab.txt` / `vocab.json` + `merges.txt`,
+//!   or CPM's jieba + SentencePiece ([`cpm`], [`sentencepiece`]).
 
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod cpm;
 pub mod error;
 pub mod families;
 pub mod model_dir;
+pub mod sentencepiece;
 pub mod tensors;
 pub mod tokenizer;
 
@@ -25,4 +28,4 @@ pub use model_dir::{
 pub use tensors::{
     StoredTensor, TensorMap, WeightsFormat, read_dir_weights, read_weights_file, write_safetensors,
 };
-pub use tokenizer::{encode, load_tokenizer};
+pub use tokenizer::{TextTokenizer, encode, load_tokenizer};

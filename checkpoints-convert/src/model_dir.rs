@@ -405,7 +405,8 @@ pub fn convert_hf_to_zoo(
         write_json_file(&staging.join(ZOO_MANIFEST), &manifest)?;
         write_safetensors(&staging.join("model.safetensors"), &weights.tensors, None)?;
         let mut files = copy_tokenizer_files(from, staging)?;
-        if let Some(tokenizer) = &tokenizer
+        // A CPM tokenizer has no tokenizer.json form (jieba); its spiece.model is copied.
+        if let Some(tokenizer) = tokenizer.as_ref().and_then(|t| t.as_hf())
             && !files.iter().any(|f| f == "tokenizer.json")
         {
             tokenizer::save_tokenizer(tokenizer, &staging.join("tokenizer.json"))?;

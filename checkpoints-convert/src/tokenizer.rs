@@ -3,7 +3,9 @@
 //! `tokenizer.json` is loaded as it is. When a directory has none, one is built the way
 //! transformers builds it: from `vocab.txt` a BERT WordPiece tokenizer (lower-casing and accent
 //! stripping as `tokenizer_config.json` says), from `vocab.json` + `merges.txt` a byte-level BPE
-//! with RoBERTa's `<s> … </s>` template.
+//! with RoBERTa's `<s> … </s>` template. A directory whose `tokenizer_config.json` names
+//! `CpmTokenizer` gets CPM's jieba + SentencePiece tokenizer ([`crate::cpm`]) from `spiece.model`,
+//! even when it also ships a `tokenizer.json` (which cannot express the jieba step).
 
 use std::path::Path;
 
@@ -19,6 +21,7 @@ use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::cpm::{CpmOptions, CpmTokenizer};
 use crate::error::{ConvertError, Result};
 
 /// The fields of `tokenizer_config.json` that change how a vocab-file tokenizer is built.
@@ -39,6 +42,63 @@ struct TokenizerConfig {
     mask_token: Option<SpecialToken>,
     bos_token: Option<SpecialToken>,
     eos_token: Option<SpecialToken>,
+    /// The transformers class, e.g. `CpmTokenizer`.
+    tokenizer_class: Option<String>,
+    /// XLNet / CPM: trim and collapse whitespace (default true).
+    remove_space: Option<bool>,
+    /// XLNet / CPM: keep accents (default false).
+    keep_accents: Option<bool>,
+}
+
+/// A model directory's tokenizer.
+#[derive(Debug)]
+pub enum TextTokenizer {
+    /// Anything the `tokenizers` crate runs by itself.
+    Hf(Box<Tokenizer>),
+    /// CPM-1's jieba + SentencePiece tokenizer.
+    Cpm(Box<CpmTokenizer>),
+}
+
+impl TextTokenizer {
+    /// Token ids of `text`; with `add_special_tokens`, the model's template (`[CLS] … [SEP]`,
+    /// `<s> … </s>`, CPM's `… <sep> <cls>`).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        match self {
+            Self::Hf(tokenizer) => {
+                let encoding = tokenizer
+                    .encode(text, add_special_tokens)
+                    .map_err(|e| tokenizer_error(Path::new("tokenizer"), e))?;
+                Ok(encoding.get_ids().to_vec())
+            }
+            Self::Cpm(tokenizer) => tokenizer.encode(text, add_special_tokens),
+        }
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        match self {
+            Self::Hf(tokenizer) => tokenizer
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| tokenizer_error(Path::new("tokenizer"), e)),
+            Self::Cpm(tokenizer) => Ok(tokenizer.decode(ids, skip_special_tokens)),
+        }
+    }
+
+    /// Id of a token.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Self::Hf(tokenizer) => tokenizer.token_to_id(token),
+            Self::Cpm(tokenizer) => tokenizer.token_to_id(token),
+        }
+    }
+
+    /// The `tokenizers` tokenizer, when this is one (not CPM's).
+    pub fn as_hf(&self) -> Option<&Tokenizer> {
+        match self {
+            Self::Hf(tokenizer) => Some(tokenizer),
+            Self::Cpm(_) => None,
+        }
+    }
 }
 
 /// A special token is a string, or `{"content": "..."}` in newer configs.
@@ -66,7 +126,32 @@ fn pick(token: &Option<SpecialToken>, default: &str) -> String {
 }
 
 /// Loads the tokenizer of a model directory, or `None` when it has no tokenizer files.
-pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+pub fn load_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
+    let config = read_config(dir)?;
+    let class = config.tokenizer_class.as_deref().unwrap_or_default();
+    let spiece = dir.join("spiece.model");
+    if class.starts_with("CpmTokenizer") {
+        if !spiece.is_file() {
+            return Err(tokenizer_error(
+                dir,
+                format!(
+                    "{class} needs spiece.model (tokenizer.json cannot express its jieba step)"
+                ),
+            ));
+        }
+        let options = CpmOptions {
+            do_lower_case: config.do_lower_case.unwrap_or(false),
+            remove_space: config.remove_space.unwrap_or(true),
+            keep_accents: config.keep_accents.unwrap_or(false),
+        };
+        let tokenizer = CpmTokenizer::from_spiece(&spiece, options)?;
+        return Ok(Some(TextTokenizer::Cpm(Box::new(tokenizer))));
+    }
+    Ok(load_hf_tokenizer(dir)?.map(|t| TextTokenizer::Hf(Box::new(t))))
+}
+
+/// The `tokenizers` tokenizer of a directory (`tokenizer.json`, or one built from vocab files).
+fn load_hf_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
     let json = dir.join("tokenizer.json");
     let tokenizer = if json.is_file() {
         Tokenizer::from_file(&json).map_err(|e| tokenizer_error(&json, e))?
@@ -74,6 +159,14 @@ pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
         wordpiece_from_vocab(dir)?
     } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
         byte_level_bpe_from_files(dir)?
+    } else if dir.join("spiece.model").is_file() {
+        // T5-style directories: the special-token template depends on the class, which zoo does
+        // not guess.
+        return Err(tokenizer_error(
+            dir,
+            "spiece.model without tokenizer.json: zoo builds it only for CpmTokenizer \
+             (tokenizer_config.json's tokenizer_class)",
+        ));
     } else {
         return Ok(None);
     };
@@ -227,9 +320,6 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
 }
 
 /// Token ids of `text`, with the model's special tokens (`[CLS] … [SEP]`, `<s> … </s>`).
-pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let encoding = tokenizer
-        .encode(text, true)
-        .map_err(|e| tokenizer_error(Path::new("tokenizer"), e))?;
-    Ok(encoding.get_ids().to_vec())
+pub fn encode(tokenizer: &TextTokenizer, text: &str) -> Result<Vec<u32>> {
+    tokenizer.encode(text, true)
 }
