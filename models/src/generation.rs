@@ -202,7 +202,7 @@ pub fn generate<B: Backend, M: Decoder<B>>(
     device: &B::Device,
     mut on_tokens: impl FnMut(&[Option<u32>]),
 ) -> Result<Generated, GenerationError> {
-    check(model, prompts, config)?;
+    validate(model, prompts, config)?;
     let batch = LeftPadded::new(prompts, config.pad_token_id);
     let generated = match &config.decoding {
         Decoding::Beam {
@@ -242,7 +242,8 @@ pub fn generate<B: Backend, M: Decoder<B>>(
     Ok(generated)
 }
 
-fn check<B: Backend, M: Decoder<B>>(
+/// Checks prompts and settings before anything runs: what [`generate`] refuses, with the reason.
+pub fn validate<B: Backend, M: Decoder<B>>(
     model: &M,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,

@@ -44,7 +44,7 @@ pub struct ForwardArgs {
 /// Tokenises (or parses) the inputs, then loads and runs the model on the chosen device.
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let rows = if args.text.is_empty() {
-        parse_ids(&args.ids)?
+        parse_ids(&args.ids, "--ids")?
     } else {
         tokenize(&args.model, &args.text)?
     };
@@ -52,8 +52,8 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     device.run(ForwardTask { args, rows })?
 }
 
-/// Parses each `--ids` value: comma-separated non-negative integers.
-fn parse_ids(values: &[String]) -> anyhow::Result<Vec<Vec<u32>>> {
+/// Parses each value of the id flag `flag`: comma-separated non-negative integers.
+pub fn parse_ids(values: &[String], flag: &str) -> anyhow::Result<Vec<Vec<u32>>> {
     values
         .iter()
         .enumerate()
@@ -64,11 +64,11 @@ fn parse_ids(values: &[String]) -> anyhow::Result<Vec<Vec<u32>>> {
                 .filter(|s| !s.is_empty())
                 .map(|s| {
                     s.parse::<u32>().with_context(|| {
-                        format!("--ids value {}: '{s}' is not a token id", row + 1)
+                        format!("{flag} value {}: '{s}' is not a token id", row + 1)
                     })
                 })
                 .collect::<anyhow::Result<Vec<u32>>>()?;
-            ensure!(!ids.is_empty(), "--ids value {} is empty", row + 1);
+            ensure!(!ids.is_empty(), "{flag} value {} is empty", row + 1);
             Ok(ids)
         })
         .collect()

@@ -2,11 +2,13 @@
 //!
 //! - `zoo list`: families, presets and parameter counts;
 //! - `zoo convert`: HF directory → zoo directory, and back with `--to-hf`;
-//! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors.
+//! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors;
+//! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search).
 
 #![warn(missing_docs)]
 
 mod forward;
+mod generate;
 mod list;
 
 use std::path::PathBuf;
@@ -33,6 +35,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Run a model directory (HF or zoo) and write its outputs to a safetensors file.
     Forward(forward::ForwardArgs),
+    /// Continue a prompt with a causal LM and stream the text (or --ids) to stdout.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List => list::run(),
         Command::Convert(args) => convert(args),
         Command::Forward(args) => forward::run(args),
+        Command::Generate(args) => generate::run(args),
     }
 }
 

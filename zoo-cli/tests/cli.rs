@@ -332,3 +332,132 @@ fn out_of_range_ids_and_unknown_devices_are_errors() {
         &["tpu:0"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// GPT-2: forward and generate
+
+#[test]
+fn forward_on_the_gpt2_fixture_writes_logits_matching_transformers() {
+    let error = forward_matches_reference(&fixture("gpt2"), "gpt2");
+    eprintln!("zoo forward gpt2: max abs error {error:.3e}");
+    assert!(error < 1e-4, "{error}");
+}
+
+/// The first greedy case of transformers' generate ids (tests/fixtures/gpt2/generation.json).
+fn reference_greedy_case() -> (Vec<u32>, Vec<u32>, String) {
+    let text = fs::read_to_string(fixture("gpt2").join("generation.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let case = &reference["cases"][0];
+    assert_eq!(case["name"], "greedy");
+    let prompt: Vec<u32> = serde_json::from_value(case["input_ids"][0].clone()).unwrap();
+    let output: Vec<u32> = serde_json::from_value(case["output_ids"][0].clone()).unwrap();
+    let text = case["prompts"][0].as_str().unwrap().to_string();
+    (prompt, output, text)
+}
+
+#[test]
+fn generate_prints_transformers_greedy_ids_and_streams_text() {
+    let (prompt, output, text) = reference_greedy_case();
+    let max_new = (output.len() - prompt.len()).to_string();
+    let model = fixture("gpt2");
+    let result = zoo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &text,
+        "--greedy",
+        "--max-new-tokens",
+        &max_new,
+        "--ids",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(json["prompts"].clone()).unwrap();
+    let generated: Vec<Vec<u32>> = serde_json::from_value(json["generated"].clone()).unwrap();
+    assert_eq!(prompts[0], prompt);
+    // transformers pads after end-of-text; zoo stops at it.
+    let eos_at = output[prompt.len()..]
+        .iter()
+        .position(|&t| t == 0)
+        .map_or(output.len(), |p| prompt.len() + p + 1);
+    assert_eq!(generated[0], output[prompt.len()..eos_at]);
+
+    let result = zoo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &text,
+        "--max-new-tokens",
+        &max_new,
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let printed = String::from_utf8(result.stdout.clone()).unwrap();
+    assert!(printed.starts_with(&text), "{printed}");
+    assert!(printed.trim_end().len() > text.len(), "{printed}");
+    assert!(stderr(&result).contains("tokens/s"), "{}", stderr(&result));
+}
+
+/// `zoo generate` must fail with every `needles` in its message, without panicking.
+fn assert_generate_fails(model: &Path, args: &[&str], needles: &[&str]) {
+    let mut all = vec!["generate", "--model", model.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let result = zoo(&all);
+    let message = stderr(&result);
+    assert!(!result.status.success(), "generate succeeded with {args:?}");
+    assert!(!message.contains("panicked"), "{message}");
+    for needle in needles {
+        assert!(message.contains(needle), "'{needle}' not in: {message}");
+    }
+}
+
+#[test]
+fn generate_refuses_long_prompts_unknown_ids_and_missing_tokenizers() {
+    let model = fixture("gpt2");
+    // The fixture's context is 128 positions.
+    let long = vec!["5"; 129].join(",");
+    assert_generate_fails(&model, &["--prompt-ids", &long], &["129 tokens", "128"]);
+    let long_text = "The quick brown fox. ".repeat(60);
+    assert_generate_fails(&model, &["--prompt", &long_text], &["does not fit", "128"]);
+    assert_generate_fails(
+        &model,
+        &["--prompt-ids", "5,70000,6"],
+        &["70000", "vocabulary"],
+    );
+    assert_generate_fails(&model, &["--prompt-ids", "5,x"], &["'x'"]);
+
+    let (_work, dir) = broken_copy("gpt2");
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        fs::remove_file(dir.join(file)).unwrap();
+    }
+    assert_generate_fails(
+        &dir,
+        &["--prompt", "Hello"],
+        &["no tokenizer", "--prompt-ids"],
+    );
+    // With ids in and ids out, no tokenizer is needed.
+    let result = zoo(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "5,6",
+        "--ids",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+
+    assert_generate_fails(
+        &fixture("bert_mlm"),
+        &["--prompt", "Hello"],
+        &["BertForMaskedLM", "causal LM"],
+    );
+    assert_generate_fails(&model, &["--prompt", "Hello", "--top-p", "1.5"], &["top_p"]);
+}
