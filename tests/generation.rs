@@ -102,6 +102,7 @@ fn cached_decoding_equals_full_recomputation() {
     let (mut logits, mut cache) = model.next_token_logits(&DecoderInput::new(first), None);
     let vocab = logits.dims()[1];
     let mut worst = 0.0f32;
+    #[allow(clippy::needless_range_loop)] // t is a position: logits row t - 1, token t.
     for t in prompt..=len {
         let want = full
             .clone()

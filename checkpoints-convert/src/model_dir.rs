@@ -30,8 +30,10 @@ use crate::tokenizer;
 pub const ZOO_MANIFEST: &str = "zoo.json";
 /// The HF config file.
 pub const HF_CONFIG: &str = "config.json";
-/// Tokenizer files copied between directories as they are.
-pub const TOKENIZER_FILES: [&str; 8] = [
+/// Tokenizer files (and `generation_config.json`, which holds the end-of-text and padding ids
+/// `zoo generate` uses) copied between directories as they are.
+pub const TOKENIZER_FILES: [&str; 9] = [
+    "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

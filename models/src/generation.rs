@@ -133,14 +133,15 @@ impl GenerationConfig {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum GenerationError {
     /// Nothing to start from.
-    #[error("prompt {row} is empty: generation needs at least one token to start from")]
+    #[error("prompt {} is empty: generation needs at least one token to start from", .row + 1)]
     EmptyPrompt {
-        /// Row of the batch.
+        /// Row of the batch, from 0.
         row: usize,
     },
     /// A prompt id the model has no embedding for.
     #[error(
-        "prompt {row} has token id {id}, but the model's vocabulary has {vocab} ids (0..{vocab})"
+        "prompt {} has token id {id}, but the model's vocabulary has {vocab} ids (0..{vocab})",
+        .row + 1
     )]
     UnknownToken {
         /// Row of the batch.
@@ -263,7 +264,7 @@ pub fn validate<B: Backend, M: Decoder<B>>(
         return Err(GenerationError::PromptTooLong { len, max });
     }
     let setting = |name, message: String| Err(GenerationError::Setting { name, message });
-    if !(config.repetition_penalty > 0.0) {
+    if config.repetition_penalty.is_nan() || config.repetition_penalty <= 0.0 {
         return setting(
             "repetition_penalty",
             format!("{} must be positive", config.repetition_penalty),
@@ -277,7 +278,7 @@ pub fn validate<B: Backend, M: Decoder<B>>(
             top_p,
             ..
         } => {
-            if !(*temperature > 0.0) {
+            if temperature.is_nan() || *temperature <= 0.0 {
                 return setting(
                     "temperature",
                     format!("{temperature} must be positive (use greedy decoding for 0)"),

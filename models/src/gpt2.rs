@@ -150,7 +150,7 @@ impl Gpt2Config {
                 return Err(ModelError::config(field, "must be positive".into()));
             }
         }
-        if self.head_dim.is_none() && self.n_embd % self.n_head != 0 {
+        if self.head_dim.is_none() && !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::config(
                 "n_head",
                 format!(

@@ -461,3 +461,34 @@ fn generate_refuses_long_prompts_unknown_ids_and_missing_tokenizers() {
     );
     assert_generate_fails(&model, &["--prompt", "Hello", "--top-p", "1.5"], &["top_p"]);
 }
+
+/// A GPT-2 directory with CPM's tokenizer (as TsinghuaAI/CPM-Generate ships): the prompt goes
+/// through jieba + SentencePiece, and the printed text starts with the prompt decoded back.
+#[test]
+fn generate_runs_on_a_cpm_style_directory() {
+    let (_work, dir) = broken_copy("gpt2");
+    for file in ["tokenizer.json", "vocab.json", "merges.txt"] {
+        fs::remove_file(dir.join(file)).unwrap();
+    }
+    let cpm = fixture("tokenizers/cpm_unigram");
+    for file in ["spiece.model", "tokenizer_config.json"] {
+        fs::copy(cpm.join(file), dir.join(file)).unwrap();
+    }
+    let prompt = "今天天气很好，我们去公园散步。";
+    let result = zoo(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let printed = String::from_utf8(result.stdout.clone()).unwrap();
+    // NFKD turns the full-width comma into ","; cpm_reference.json decodes this prompt to:
+    assert!(
+        printed.starts_with("今天天气很好,我们去公园散步。"),
+        "{printed}"
+    );
+}
