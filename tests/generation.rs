@@ -138,3 +138,30 @@ fn bad_prompts_are_refused_with_the_reason() {
     let err = generate(&model, &[vec![]], &config, &device, |_| {}).unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
 }
+
+#[test]
+fn sampling_is_seeded_and_top_k_one_is_greedy() {
+    let model = tiny_gpt2();
+    let device = Default::default();
+    let prompts = [vec![291u32, 379, 360, 316, 80, 83]];
+    let greedy = GenerationConfig::greedy(12, vec![0], 0);
+    let sample = |top_k, seed| GenerationConfig {
+        decoding: Decoding::Sample {
+            temperature: 1.5,
+            top_k,
+            top_p: None,
+            seed,
+        },
+        ..greedy.clone()
+    };
+    let run = |config: &GenerationConfig| {
+        generate(&model, &prompts, config, &device, |_| {})
+            .unwrap()
+            .sequences
+    };
+    assert_eq!(run(&sample(Some(1), 5)), run(&greedy));
+    assert_eq!(run(&sample(None, 5)), run(&sample(None, 5)));
+    let draws: std::collections::BTreeSet<_> =
+        (0..8).map(|seed| run(&sample(None, seed))).collect();
+    assert!(draws.len() > 1, "different seeds give different samples");
+}

@@ -119,3 +119,48 @@ fn prefixed_gamma_beta_checkpoints_with_buffers_load_the_same() {
     );
     assert!(error < TOLERANCE, "{error}");
 }
+
+/// A GPT-2 checkpoint saved from a bare `GPT2Model` (no `transformer.` prefix), with the
+/// `attn.bias` / `attn.masked_bias` buffers older transformers saved, loads into
+/// `GPT2LMHeadModel` with the same logits.
+#[test]
+fn gpt2_without_prefix_and_with_mask_buffers_loads_the_same() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("old_gpt2");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(fixture("gpt2").join("config.json"), dir.join("config.json")).unwrap();
+    let original =
+        checkpoints_convert::read_weights_file(&fixture("gpt2").join("model.safetensors")).unwrap();
+    let mut renamed = std::collections::BTreeMap::new();
+    for (key, tensor) in original {
+        renamed.insert(
+            key.trim_start_matches("transformer.").to_string(),
+            tensor.data,
+        );
+    }
+    for layer in 0..2 {
+        let causal: Vec<u8> = (0..128 * 128)
+            .map(|i| u8::from(i % 128 <= i / 128))
+            .collect();
+        renamed.insert(
+            format!("h.{layer}.attn.bias"),
+            TensorData::new(causal, [1, 1, 128, 128]),
+        );
+        renamed.insert(
+            format!("h.{layer}.attn.masked_bias"),
+            TensorData::new(vec![-1e4f32], [1]),
+        );
+    }
+    checkpoints_convert::write_safetensors(&dir.join("model.safetensors"), &renamed, None).unwrap();
+
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&dir, &device, &LoadOptions::default()).unwrap();
+    assert!(loaded.unused.is_empty(), "{:?}", loaded.unused);
+    let reference = reference("gpt2");
+    let output = loaded.model.forward(&reference_input(&reference, &device));
+    let Some(Logits::PerToken(logits)) = output.logits else {
+        panic!("GPT2LMHeadModel has per-token logits");
+    };
+    let error = max_abs_diff(&logits.into_data(), &reference["logits"].data);
+    assert!(error < TOLERANCE, "{error}");
+}
