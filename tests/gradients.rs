@@ -11,7 +11,8 @@ use checkpoints_convert::families::Layout;
 use checkpoints_convert::{LoadOptions, load_model, tensors};
 use models::bert::cross_entropy;
 use models::gpt2::causal_lm_loss;
-use models::{Logits, ParamPath};
+use models::t5::seq2seq_loss;
+use models::{Family, Logits, ParamPath};
 use zoo_tests::{fixture, floats, int_tensor, ints, max_relative_diff, reference, reference_input};
 
 /// Gradients within this, relative to the largest value of each reference tensor.
@@ -42,9 +43,11 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
 }
 
 /// The loss transformers computes from the fixture's `labels`: cross-entropy over classes for the
-/// classifiers, the shifted causal-LM loss (ignore index -100) for GPT-2.
+/// classifiers, the shifted causal-LM loss (ignore index -100) for GPT-2, the per-position loss
+/// against the labels for T5 (its decoder input is already shifted).
 fn loss_of(
     name: &str,
+    family: Family,
     logits: Option<Logits<CpuTrain>>,
     reference: &checkpoints_convert::TensorMap,
 ) -> Tensor<CpuTrain, 1> {
@@ -56,6 +59,9 @@ fn loss_of(
                 &device,
             );
             cross_entropy(logits, labels)
+        }
+        Some(Logits::PerToken(logits)) if family == Family::T5 => {
+            seq2seq_loss(logits, int_tensor(reference, "labels", &device))
         }
         Some(Logits::PerToken(logits)) => {
             causal_lm_loss(logits, int_tensor(reference, "labels", &device))
@@ -73,7 +79,13 @@ fn check_training_step(name: &str) {
     let loaded = load_model::<CpuTrain>(&fixture(name), &device, &options).unwrap();
     let reference = reference(name);
     let input = reference_input(&reference, &device);
-    let loss = loss_of(name, loaded.model.forward(&input).logits, &reference);
+    let family = loaded.spec.architecture.family();
+    let loss = loss_of(
+        name,
+        family,
+        loaded.model.forward(&input).logits,
+        &reference,
+    );
     let loss_value = floats(&loss.clone().into_data())[0];
     let want_loss = floats(&reference["loss"].data)[0];
     eprintln!("gradients {name}: loss {loss_value} vs transformers {want_loss}");
@@ -146,4 +158,14 @@ fn roberta_classification_gradients_match_transformers() {
 #[test]
 fn gpt2_causal_lm_gradients_match_transformers() {
     check_training_step("gpt2");
+}
+
+#[test]
+fn t5_gradients_match_transformers() {
+    check_training_step("t5");
+}
+
+#[test]
+fn t5_v1_1_gradients_match_transformers() {
+    check_training_step("t5_v1_1");
 }

@@ -33,6 +33,14 @@ fn max_error(dir: &str, reference_name: &str, format: WeightsFormat) -> f32 {
         &output.last_hidden_state.into_data(),
         &reference["last_hidden_state"].data,
     );
+    match (
+        output.encoder_last_hidden_state,
+        reference.get("encoder_last_hidden_state"),
+    ) {
+        (Some(got), Some(want)) => worst = worst.max(max_abs_diff(&got.into_data(), &want.data)),
+        (None, None) => {}
+        (got, _) => panic!("{dir}: encoder output present: {}", got.is_some()),
+    }
     // transformers returns a pooler output from the bare models only; the classification head
     // consumes it, and the logits check covers it there.
     if let Some(want) = reference.get("pooler_output") {

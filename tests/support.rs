@@ -14,7 +14,7 @@ use models::bert::EncoderInput;
 
 /// The HF model fixtures, each a directory with `model.safetensors`, `pytorch_model.bin` and
 /// `reference.safetensors`.
-pub const MODEL_FIXTURES: [&str; 7] = [
+pub const MODEL_FIXTURES: [&str; 9] = [
     "bert",
     "bert_mlm",
     "bert_cls",
@@ -22,6 +22,8 @@ pub const MODEL_FIXTURES: [&str; 7] = [
     "roberta_mlm",
     "roberta_cls",
     "gpt2",
+    "t5",
+    "t5_v1_1",
 ];
 
 /// `tests/fixtures/<name>`.
@@ -79,6 +81,7 @@ pub fn reference_input<B: Backend>(reference: &TensorMap, device: &B::Device) ->
         input_ids: tensor("input_ids").expect("reference has input_ids"),
         attention_mask: tensor("attention_mask"),
         token_type_ids: tensor("token_type_ids"),
+        decoder_input_ids: tensor("decoder_input_ids"),
     }
 }
 

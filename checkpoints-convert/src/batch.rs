@@ -54,6 +54,7 @@ impl Batch {
             )
         };
         EncoderInput {
+            decoder_input_ids: None,
             input_ids: tensor(&self.input_ids),
             attention_mask: Some(tensor(&self.attention_mask)),
             token_type_ids: Some(tensor(&self.token_type_ids)),

@@ -75,6 +75,20 @@ pub enum ConvertError {
         /// Shape in the file.
         found: Vec<usize>,
     },
+    /// The config ties the output head to the token embeddings, but the checkpoint's head differs.
+    #[error(
+        "{file}: '{head}' differs from '{embeddings}', but the config says tie_word_embeddings: \
+         true (a tied head is a copy of the embeddings; a separate head needs \
+         tie_word_embeddings: false)"
+    )]
+    TiedHeadMismatch {
+        /// The file holding the head.
+        file: String,
+        /// The head's key.
+        head: String,
+        /// The embeddings' key.
+        embeddings: String,
+    },
     /// A tensor has a dtype zoo cannot store.
     #[error("{file}: key '{key}' has unsupported dtype {dtype}")]
     UnsupportedDtype {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ConvertError, Result};
-use crate::families::{KeyPair, Layout, by_hf_key, table};
+use crate::families::{KeyPair, Layout, Variant, by_hf_key, table};
 use crate::tensors::{
     StoredTensor, TensorMap, WeightsFormat, concat_last_dim, read_dir_weights, read_json,
     split_last_dim, transpose_2d, write_atomic, write_safetensors,
@@ -145,11 +145,7 @@ pub struct ZooWeights {
 impl ModelSpec {
     /// The key pairs of this model.
     pub fn key_pairs(&self) -> Vec<KeyPair> {
-        table(self.architecture.family()).pairs(
-            self.architecture,
-            self.config.num_layers(),
-            self.config.tie_word_embeddings(),
-        )
+        table(self.architecture.family()).pairs(self.architecture, &Variant::of(&self.config))
     }
 
     /// Zoo key → shape the config implies, from lazily built parameters (nothing is allocated).
@@ -249,14 +245,65 @@ impl ModelSpec {
         })
     }
 
-    /// Reads and checks the directory's weights, whatever its kind.
-    pub fn read_weights(&self, format: WeightsFormat) -> Result<ZooWeights> {
+    /// Reads and checks the directory's weights, whatever its kind. An HF T5 checkpoint saved by
+    /// transformers 5 may untie the head here (see [`ModelSpec::resolve_tied_output`]).
+    pub fn read_weights(&mut self, format: WeightsFormat) -> Result<ZooWeights> {
         let source_name = self.dir.display().to_string();
         let tensors = read_dir_weights(&self.dir, format)?;
         match self.kind {
-            DirKind::Hf => self.hf_to_zoo(tensors, &source_name),
+            DirKind::Hf => {
+                self.resolve_tied_output(&tensors)?;
+                self.hf_to_zoo(tensors, &source_name)
+            }
             DirKind::Zoo => self.check_zoo(tensors, &source_name),
         }
+    }
+
+    /// Decides whether the output head is tied when the config alone cannot say. A head that is
+    /// a byte copy of the embeddings is tied (state dicts store both). A distinct head is a
+    /// separate parameter when the config comes from transformers 5, which writes
+    /// `tie_word_embeddings: true` for every T5 and keeps a separate head in the file; the config
+    /// is then untied (also in the HF config zoo stores). With any other config a distinct head
+    /// contradicts `tie_word_embeddings: true` and is an error.
+    pub fn resolve_tied_output(&mut self, hf: &TensorMap) -> Result<()> {
+        let table = table(self.architecture.family());
+        let Some((head, embeddings)) = table.tied_output else {
+            return Ok(());
+        };
+        let has_head = table
+            .heads
+            .iter()
+            .any(|(a, rows)| *a == self.architecture && rows.iter().any(|r| r.hf == head));
+        if !has_head || !self.config.tie_word_embeddings() {
+            return Ok(());
+        }
+        let (Some(h), Some(e)) = (hf.get(head), hf.get(embeddings)) else {
+            return Ok(());
+        };
+        if h.data.shape == e.data.shape
+            && h.data.dtype == e.data.dtype
+            && h.data.as_bytes() == e.data.as_bytes()
+        {
+            return Ok(());
+        }
+        if !self.config.head_tie_follows_checkpoint() {
+            return Err(ConvertError::TiedHeadMismatch {
+                file: h.file.display().to_string(),
+                head: head.to_string(),
+                embeddings: embeddings.to_string(),
+            });
+        }
+        self.config.untie_word_embeddings();
+        if let Some(object) = self.hf_config.as_object_mut() {
+            object.insert("tie_word_embeddings".into(), Value::Bool(false));
+            if let models::ModelConfig::T5(c) = &self.config {
+                object.insert(
+                    "scale_decoder_outputs".into(),
+                    Value::Bool(c.scales_decoder_output()),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -387,7 +434,7 @@ pub fn convert_hf_to_zoo(
     overwrite: bool,
 ) -> Result<ConvertReport> {
     check_output(out, overwrite)?;
-    let spec = read_spec(from)?;
+    let mut spec = read_spec(from)?;
     if spec.kind != DirKind::Hf {
         return Err(ConvertError::NotAModelDir {
             dir: from.join(HF_CONFIG),
@@ -428,7 +475,7 @@ pub fn convert_hf_to_zoo(
 /// (`config.json`, `model.safetensors` with tied weights stored once, tokenizer files).
 pub fn export_zoo_to_hf(from: &Path, out: &Path, overwrite: bool) -> Result<ConvertReport> {
     check_output(out, overwrite)?;
-    let spec = read_spec(from)?;
+    let mut spec = read_spec(from)?;
     if spec.kind != DirKind::Zoo {
         return Err(ConvertError::NotAModelDir {
             dir: from.join(ZOO_MANIFEST),

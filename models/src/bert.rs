@@ -228,6 +228,9 @@ pub struct EncoderInput<B: Backend> {
     pub attention_mask: Option<Tensor<B, 2, Int>>,
     /// `[batch, seq]` segment ids; zeros when `None`.
     pub token_type_ids: Option<Tensor<B, 2, Int>>,
+    /// Encoder-decoder models only: `[batch, tgt]` decoder ids; when `None`, one decoder step from
+    /// the start token. Encoder-only and decoder-only models ignore it.
+    pub decoder_input_ids: Option<Tensor<B, 2, Int>>,
 }
 
 impl<B: Backend> EncoderInput<B> {

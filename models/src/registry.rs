@@ -10,6 +10,7 @@ use crate::bert::{
 };
 use crate::gpt2::{DecoderInput, Gpt2Config, Gpt2LmHeadModel, Gpt2Model};
 use crate::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel};
+use crate::t5::{Seq2SeqInput, T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Model};
 
 /// A model family: one file in `models/src`, one key table in `checkpoints-convert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,11 +21,13 @@ pub enum Family {
     Roberta,
     /// GPT-2, and the GPT-3 sizes and CPM-1 built on it (`model_type: "gpt2"`).
     Gpt2,
+    /// T5, T5 v1.1, mT5, FLAN-T5 and CPM-2 (`model_type: "t5"` or `"mt5"`).
+    T5,
 }
 
 impl Family {
     /// Every family, in `zoo list` order.
-    pub const ALL: [Family; 3] = [Family::Bert, Family::Roberta, Family::Gpt2];
+    pub const ALL: [Family; 4] = [Family::Bert, Family::Roberta, Family::Gpt2, Family::T5];
 
     /// HF's `model_type`.
     pub fn model_type(self) -> &'static str {
@@ -32,11 +35,15 @@ impl Family {
             Self::Bert => "bert",
             Self::Roberta => "roberta",
             Self::Gpt2 => "gpt2",
+            Self::T5 => "t5",
         }
     }
 
     /// Parses HF's `model_type`.
     pub fn from_model_type(model_type: &str) -> Result<Self, ModelError> {
+        if model_type == "mt5" {
+            return Ok(Self::T5);
+        }
         Self::ALL
             .into_iter()
             .find(|f| f.model_type() == model_type)
@@ -58,6 +65,8 @@ impl Family {
             Self::Bert => "bert.",
             Self::Roberta => "roberta.",
             Self::Gpt2 => "transformer.",
+            // T5 classes share one key layout (shared, encoder, decoder, lm_head).
+            Self::T5 => "",
         }
     }
 
@@ -69,6 +78,9 @@ impl Family {
             }
             Self::Gpt2 => {
                 ModelConfig::Gpt2(serde_json::from_value(value.clone()).map_err(ConfigError::Json)?)
+            }
+            Self::T5 => {
+                ModelConfig::T5(serde_json::from_value(value.clone()).map_err(ConfigError::Json)?)
             }
         };
         config.validate().map_err(ConfigError::Model)?;
@@ -94,6 +106,8 @@ pub enum ModelConfig {
     Bert(BertConfig),
     /// GPT-2, GPT-3 sizes, CPM-1.
     Gpt2(Gpt2Config),
+    /// T5, v1.1, mT5, FLAN-T5, CPM-2.
+    T5(T5Config),
 }
 
 impl ModelConfig {
@@ -102,14 +116,24 @@ impl ModelConfig {
         match self {
             Self::Bert(c) => c.validate(),
             Self::Gpt2(c) => c.validate(),
+            Self::T5(c) => c.validate(),
         }
     }
 
-    /// Number of layers (blocks).
+    /// Number of (encoder) layers.
     pub fn num_layers(&self) -> usize {
         match self {
             Self::Bert(c) => c.num_hidden_layers,
             Self::Gpt2(c) => c.n_layer,
+            Self::T5(c) => c.num_layers,
+        }
+    }
+
+    /// Number of decoder layers of an encoder-decoder model (0 otherwise).
+    pub fn num_decoder_layers(&self) -> usize {
+        match self {
+            Self::T5(c) => c.decoder_layers(),
+            _ => 0,
         }
     }
 
@@ -118,6 +142,34 @@ impl ModelConfig {
         match self {
             Self::Bert(c) => c.tie_word_embeddings,
             Self::Gpt2(c) => c.tie_word_embeddings,
+            Self::T5(c) => c.tie_word_embeddings,
+        }
+    }
+
+    /// Whether the feed-forward layers are gated (T5 v1.1 and later).
+    pub fn gated_ffn(&self) -> bool {
+        match self {
+            Self::T5(c) => c.activation().is_ok_and(|(_, gated)| gated),
+            _ => false,
+        }
+    }
+
+    /// Whether a checkpoint's own output head unties it although the config says tied: true for
+    /// T5 configs written by transformers 5 (they carry `scale_decoder_outputs`).
+    pub fn head_tie_follows_checkpoint(&self) -> bool {
+        matches!(self, Self::T5(c) if c.scale_decoder_outputs.is_some())
+    }
+
+    /// Unties the output head from the token embeddings (a transformers-5 T5 config says
+    /// `tie_word_embeddings: true` even when the checkpoint has its own `lm_head`).
+    pub fn untie_word_embeddings(&mut self) {
+        match self {
+            Self::Bert(c) => c.tie_word_embeddings = false,
+            Self::Gpt2(c) => c.tie_word_embeddings = false,
+            Self::T5(c) => {
+                c.scale_decoder_outputs = Some(c.scales_decoder_output());
+                c.tie_word_embeddings = false;
+            }
         }
     }
 
@@ -126,6 +178,7 @@ impl ModelConfig {
         match self {
             Self::Bert(c) => Self::Bert(c.with_dropout(p)),
             Self::Gpt2(c) => Self::Gpt2(c.with_dropout(p)),
+            Self::T5(c) => Self::T5(c.with_dropout(p)),
         }
     }
 
@@ -134,6 +187,17 @@ impl ModelConfig {
         match self {
             Self::Bert(c) => c.pad_token_id.map(|id| id as u32),
             Self::Gpt2(c) => c.pad_token_id,
+            Self::T5(c) => c.pad_token_id,
+        }
+    }
+
+    /// The T5 config, or an error naming what was expected.
+    pub fn as_t5(&self) -> Result<&T5Config, ModelError> {
+        match self {
+            Self::T5(c) => Ok(c),
+            _ => Err(ModelError::Unsupported(
+                "a non-T5 config for a T5 class".into(),
+            )),
         }
     }
 
@@ -142,7 +206,7 @@ impl ModelConfig {
         match self {
             Self::Bert(c) => Ok(c),
             _ => Err(ModelError::Unsupported(
-                "a GPT-2 config for a BERT-family class".into(),
+                "a non-BERT config for a BERT-family class".into(),
             )),
         }
     }
@@ -152,7 +216,7 @@ impl ModelConfig {
         match self {
             Self::Gpt2(c) => Ok(c),
             _ => Err(ModelError::Unsupported(
-                "a BERT-family config for a GPT-2 class".into(),
+                "a non-GPT-2 config for a GPT-2 class".into(),
             )),
         }
     }
@@ -177,11 +241,17 @@ pub enum Architecture {
     Gpt2Model,
     /// `GPT2LMHeadModel`: the decoder stack and the (tied) LM head.
     Gpt2LmHeadModel,
+    /// `T5Model`: encoder and decoder.
+    T5Model,
+    /// `T5ForConditionalGeneration`: encoder, decoder and LM head.
+    T5ForConditionalGeneration,
+    /// `T5EncoderModel`: the encoder alone.
+    T5EncoderModel,
 }
 
 impl Architecture {
     /// Every architecture.
-    pub const ALL: [Architecture; 8] = [
+    pub const ALL: [Architecture; 11] = [
         Self::BertModel,
         Self::BertForMaskedLM,
         Self::BertForSequenceClassification,
@@ -190,6 +260,9 @@ impl Architecture {
         Self::RobertaForSequenceClassification,
         Self::Gpt2Model,
         Self::Gpt2LmHeadModel,
+        Self::T5Model,
+        Self::T5ForConditionalGeneration,
+        Self::T5EncoderModel,
     ];
 
     /// The transformers class name.
@@ -203,6 +276,9 @@ impl Architecture {
             Self::RobertaForSequenceClassification => "RobertaForSequenceClassification",
             Self::Gpt2Model => "GPT2Model",
             Self::Gpt2LmHeadModel => "GPT2LMHeadModel",
+            Self::T5Model => "T5Model",
+            Self::T5ForConditionalGeneration => "T5ForConditionalGeneration",
+            Self::T5EncoderModel => "T5EncoderModel",
         }
     }
 
@@ -216,6 +292,7 @@ impl Architecture {
             | Self::RobertaForMaskedLM
             | Self::RobertaForSequenceClassification => Family::Roberta,
             Self::Gpt2Model | Self::Gpt2LmHeadModel => Family::Gpt2,
+            Self::T5Model | Self::T5ForConditionalGeneration | Self::T5EncoderModel => Family::T5,
         }
     }
 
@@ -238,6 +315,7 @@ impl Architecture {
             Family::Bert => Self::BertModel,
             Family::Roberta => Self::RobertaModel,
             Family::Gpt2 => Self::Gpt2Model,
+            Family::T5 => Self::T5Model,
         }
     }
 
@@ -263,6 +341,11 @@ impl Architecture {
         let Some(name) = named else {
             return Ok(Self::base(family));
         };
+        // mT5's classes are T5's.
+        let name = name
+            .strip_prefix('M')
+            .filter(|n| n.starts_with("T5"))
+            .unwrap_or(name);
         if let Some(arch) = Self::ALL
             .into_iter()
             .find(|a| a.hf_name() == name && a.family() == family)
@@ -311,6 +394,12 @@ pub enum AnyModel<B: Backend> {
     Gpt2Model(Gpt2Model<B>),
     /// `GPT2LMHeadModel`.
     Gpt2LmHeadModel(Gpt2LmHeadModel<B>),
+    /// `T5Model`.
+    T5Model(T5Model<B>),
+    /// `T5ForConditionalGeneration`.
+    T5ForConditionalGeneration(T5ForConditionalGeneration<B>),
+    /// `T5EncoderModel`.
+    T5EncoderModel(T5EncoderModel<B>),
 }
 
 /// Logits of a head: per token (MLM) or per sequence (classification).
@@ -331,6 +420,9 @@ pub struct ModelOutput<B: Backend> {
     pub pooler_output: Option<Tensor<B, 2>>,
     /// When the model has a head.
     pub logits: Option<Logits<B>>,
+    /// Encoder-decoder models: the encoder's output `[batch, src, hidden]` (`last_hidden_state`
+    /// is then the decoder's).
+    pub encoder_last_hidden_state: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> AnyModel<B> {
@@ -340,6 +432,18 @@ impl<B: Backend> AnyModel<B> {
         config: &ModelConfig,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
+        if architecture.family() == Family::T5 {
+            let config = config.as_t5()?;
+            return Ok(match architecture {
+                Architecture::T5Model => Self::T5Model(T5Model::new(config, device)?),
+                Architecture::T5EncoderModel => {
+                    Self::T5EncoderModel(T5EncoderModel::new(config, device)?)
+                }
+                _ => Self::T5ForConditionalGeneration(T5ForConditionalGeneration::new(
+                    config, device,
+                )?),
+            });
+        }
         if let Architecture::Gpt2Model | Architecture::Gpt2LmHeadModel = architecture {
             let config = config.as_gpt2()?;
             return Ok(match architecture {
@@ -367,7 +471,11 @@ impl<B: Backend> AnyModel<B> {
                     config, device,
                 )?)
             }
-            Architecture::Gpt2Model | Architecture::Gpt2LmHeadModel => unreachable!("built above"),
+            Architecture::Gpt2Model
+            | Architecture::Gpt2LmHeadModel
+            | Architecture::T5Model
+            | Architecture::T5ForConditionalGeneration
+            | Architecture::T5EncoderModel => unreachable!("built above"),
         })
     }
 
@@ -382,19 +490,28 @@ impl<B: Backend> AnyModel<B> {
         let (output, logits) = match self {
             Self::Gpt2Model(m) => {
                 let hidden = m.forward(&decoder_input());
-                return ModelOutput {
-                    last_hidden_state: hidden,
-                    pooler_output: None,
-                    logits: None,
-                };
+                return ModelOutput::hidden(hidden, None);
             }
             Self::Gpt2LmHeadModel(m) => {
                 let (hidden, logits) = m.forward(&decoder_input());
-                return ModelOutput {
-                    last_hidden_state: hidden,
-                    pooler_output: None,
-                    logits: Some(Logits::PerToken(logits)),
-                };
+                return ModelOutput::hidden(hidden, Some(logits));
+            }
+            Self::T5EncoderModel(m) => {
+                let hidden = m.forward(input.input_ids.clone(), input.attention_mask.clone());
+                return ModelOutput::hidden(hidden, None);
+            }
+            Self::T5Model(m) => {
+                let (encoded, decoded) = m.forward(&seq2seq_input(input, None));
+                let mut output = ModelOutput::hidden(decoded, None);
+                output.encoder_last_hidden_state = Some(encoded);
+                return output;
+            }
+            Self::T5ForConditionalGeneration(m) => {
+                let start = m.decoder_start_token_id();
+                let (encoded, decoded, logits) = m.forward(&seq2seq_input(input, start));
+                let mut output = ModelOutput::hidden(decoded, Some(logits));
+                output.encoder_last_hidden_state = Some(encoded);
+                return output;
             }
             Self::BertModel(m) => (m.forward(input), None),
             Self::RobertaModel(m) => (m.forward(input), None),
@@ -419,6 +536,7 @@ impl<B: Backend> AnyModel<B> {
             last_hidden_state: output.last_hidden_state,
             pooler_output: output.pooler_output,
             logits,
+            encoder_last_hidden_state: None,
         }
     }
 
@@ -433,6 +551,10 @@ impl<B: Backend> AnyModel<B> {
             Self::RobertaForSequenceClassification(m) => return m.roberta.max_sequence_length(),
             Self::Gpt2Model(m) => return m.max_positions(),
             Self::Gpt2LmHeadModel(m) => return m.transformer.max_positions(),
+            // Relative positions: no table limits the length.
+            Self::T5Model(_) | Self::T5ForConditionalGeneration(_) | Self::T5EncoderModel(_) => {
+                return usize::MAX;
+            }
         };
         embeddings.max_positions().unwrap_or(usize::MAX)
     }
@@ -448,7 +570,38 @@ impl<B: Backend> AnyModel<B> {
             Self::RobertaForSequenceClassification(m) => m.roberta.embeddings.vocab_size(),
             Self::Gpt2Model(m) => m.vocab_size(),
             Self::Gpt2LmHeadModel(m) => m.transformer.vocab_size(),
+            Self::T5Model(m) => m.shared.weight.shape().dims::<2>()[0],
+            Self::T5ForConditionalGeneration(m) => m.vocab_size(),
+            Self::T5EncoderModel(m) => m.shared.weight.shape().dims::<2>()[0],
         }
+    }
+}
+
+impl<B: Backend> ModelOutput<B> {
+    fn hidden(last_hidden_state: Tensor<B, 3>, logits: Option<Tensor<B, 3>>) -> Self {
+        Self {
+            last_hidden_state,
+            pooler_output: None,
+            logits: logits.map(Logits::PerToken),
+            encoder_last_hidden_state: None,
+        }
+    }
+}
+
+/// An encoder-decoder input from [`EncoderInput`]: its decoder ids, or one start token per row.
+fn seq2seq_input<B: Backend>(input: &EncoderInput<B>, start: Option<u32>) -> Seq2SeqInput<B> {
+    let decoder_input_ids = input.decoder_input_ids.clone().unwrap_or_else(|| {
+        let batch = input.input_ids.dims()[0];
+        Tensor::full(
+            [batch, 1],
+            start.unwrap_or(0) as i64,
+            &input.input_ids.device(),
+        )
+    });
+    Seq2SeqInput {
+        input_ids: input.input_ids.clone(),
+        attention_mask: input.attention_mask.clone(),
+        decoder_input_ids,
     }
 }
 
@@ -688,6 +841,49 @@ pub fn presets() -> Vec<Preset> {
             ..Gpt2Config::sized(32, 2560, 32, 1024)
         },
     );
+    // (name, d_model, d_kv, d_ff, layers, heads, vocab, v1.1-style: gated gelu_new + untied head)
+    let t5_rows = [
+        ("t5-small", 512, 64, 2048, 6, 8, 32128, false),
+        ("t5-base", 768, 64, 3072, 12, 12, 32128, false),
+        ("t5-large", 1024, 64, 4096, 24, 16, 32128, false),
+        ("t5-3b", 1024, 128, 16384, 24, 32, 32128, false),
+        ("t5-11b", 1024, 128, 65536, 24, 128, 32128, false),
+        ("t5-v1_1-small", 512, 64, 1024, 8, 6, 32128, true),
+        ("t5-v1_1-base", 768, 64, 2048, 12, 12, 32128, true),
+        ("t5-v1_1-large", 1024, 64, 2816, 24, 16, 32128, true),
+        ("t5-v1_1-xl", 2048, 64, 5120, 24, 32, 32128, true),
+        ("t5-v1_1-xxl", 4096, 64, 10240, 24, 64, 32128, true),
+        ("mt5-small", 512, 64, 1024, 8, 6, 250112, true),
+        ("mt5-base", 768, 64, 2048, 12, 12, 250112, true),
+        ("mt5-large", 1024, 64, 2816, 24, 16, 250112, true),
+        ("mt5-xl", 2048, 64, 5120, 24, 32, 250112, true),
+        ("mt5-xxl", 4096, 64, 10240, 24, 64, 250112, true),
+        ("flan-t5-small", 512, 64, 1024, 8, 6, 32128, true),
+        ("flan-t5-base", 768, 64, 2048, 12, 12, 32128, true),
+        ("flan-t5-large", 1024, 64, 2816, 24, 16, 32128, true),
+        ("flan-t5-xl", 2048, 64, 5120, 24, 32, 32128, true),
+        ("flan-t5-xxl", 4096, 64, 10240, 24, 64, 32128, true),
+    ];
+    let t5 = t5_rows.map(
+        |(name, d_model, d_kv, d_ff, layers, heads, vocab, v11)| Preset {
+            name,
+            architecture: Architecture::T5ForConditionalGeneration,
+            config: ModelConfig::T5(T5Config {
+                vocab_size: vocab,
+                d_model,
+                d_kv,
+                d_ff,
+                num_layers: layers,
+                num_heads: heads,
+                feed_forward_proj: if v11 { "gated-gelu" } else { "relu" }.into(),
+                tie_word_embeddings: !v11,
+                decoder_start_token_id: Some(0),
+                pad_token_id: Some(0),
+                eos_token_id: Some(crate::generation::TokenIds::One(1)),
+                ..T5Config::new()
+            }),
+        },
+    );
     encoders
         .into_iter()
         .map(|(name, architecture, config)| Preset {
@@ -698,7 +894,35 @@ pub fn presets() -> Vec<Preset> {
         .chain(gpt2)
         .chain(gpt3)
         .chain([cpm])
+        .chain(t5)
+        .chain([Preset {
+            name: "cpm2",
+            architecture: Architecture::T5ForConditionalGeneration,
+            config: ModelConfig::T5(cpm2_config()),
+        }])
         .collect()
+}
+
+/// CPM-2 (Zhang et al., 2021, "CPM-2: Large-scale Cost-effective Pre-trained Language Models"):
+/// a T5 v1.1-style encoder-decoder, 24 + 24 blocks, d_model 4096, 64 heads × 64, d_ff 10240 with
+/// gated GELU, relative buckets 32 / max distance 128, RMSNorm eps 1e-6, no biases, untied head,
+/// and a 26240-id Chinese vocabulary whose 190 span sentinels are `<s_0>` … `<s_189>`.
+pub fn cpm2_config() -> T5Config {
+    T5Config {
+        vocab_size: 26240,
+        d_model: 4096,
+        d_kv: 64,
+        d_ff: 10240,
+        num_layers: 24,
+        num_decoder_layers: Some(24),
+        num_heads: 64,
+        relative_attention_num_buckets: 32,
+        relative_attention_max_distance: 128,
+        layer_norm_epsilon: 1e-6,
+        feed_forward_proj: "gated-gelu".into(),
+        tie_word_embeddings: false,
+        ..T5Config::new()
+    }
 }
 
 /// Finds a preset by name.
@@ -740,6 +964,25 @@ mod tests {
             ("gpt2-medium", 354_823_168),
             ("gpt2-large", 774_030_080),
             ("gpt2-xl", 1_557_611_200),
+        ];
+        for (name, count) in expected {
+            let preset = preset(name).unwrap();
+            let model = AnyModel::<Cpu>::new(preset.architecture, &preset.config, &device).unwrap();
+            assert_eq!(count_params::<Cpu, _>(&model), count, "{name}");
+        }
+    }
+
+    /// T5 counts as transformers gives them:
+    /// `sum(p.numel() for p in T5ForConditionalGeneration(T5Config(...)).parameters())`.
+    #[test]
+    fn t5_preset_counts_match_transformers() {
+        let device = Default::default();
+        let expected = [
+            ("t5-small", 60_506_624),
+            ("t5-base", 222_903_552),
+            ("t5-large", 737_668_096),
+            ("flan-t5-small", 76_961_152),
+            ("mt5-small", 300_176_768),
         ];
         for (name, count) in expected {
             let preset = preset(name).unwrap();

@@ -152,7 +152,7 @@ pub static TABLE: KeyTable = KeyTable {
             SEQUENCE_CLASSIFICATION,
         ),
     ],
-    untied_heads: &[],
+    tied_output: None,
     ignored: &[
         // Buffers, not parameters.
         "embeddings.position_ids",

@@ -7,7 +7,7 @@
 
 use models::{Architecture, Family};
 
-use super::{KeyRule, KeyTable, Layout::*, rule};
+use super::{KeyRule, KeyTable, Layout::*, When, rule, rule_if};
 
 const Q: super::Layout = Split { part: 0, parts: 3 };
 const K: super::Layout = Split { part: 1, parts: 3 };
@@ -70,15 +70,21 @@ const BODY: &[KeyRule] = &[
 ];
 
 /// An untied head is an `nn.Linear` without bias: `[vocab, n_embd]` in HF.
-const UNTIED_LM_HEAD: &[KeyRule] = &[rule("lm_head.weight", "lm_head.weight", Transposed)];
+const LM_HEAD: &[KeyRule] = &[rule_if(
+    When::Untied,
+    "lm_head.weight",
+    "lm_head.weight",
+    Transposed,
+)];
 
 /// GPT-2's table.
 pub static TABLE: KeyTable = KeyTable {
     family: Family::Gpt2,
     body: BODY,
     pooler: &[],
-    heads: &[],
-    untied_heads: &[(Architecture::Gpt2LmHeadModel, UNTIED_LM_HEAD)],
+    heads: &[(Architecture::Gpt2LmHeadModel, LM_HEAD)],
+    // transformers re-ties a GPT-2 head to wte whatever the file holds; zoo does the same.
+    tied_output: None,
     ignored: &[
         // The causal-mask buffers older checkpoints saved.
         "h.{i}.attn.bias",

@@ -13,6 +13,7 @@
 pub mod bert;
 pub mod gpt2;
 pub mod roberta;
+pub mod t5;
 
 use std::collections::BTreeMap;
 
@@ -35,20 +36,84 @@ pub enum Layout {
     },
 }
 
+/// When a row applies, depending on the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Always.
+    Always,
+    /// Only when the output head is not the token embeddings (`tie_word_embeddings: false`).
+    Untied,
+    /// Only with gated feed-forward layers (T5 v1.1: `wi_0`, `wi_1`).
+    Gated,
+    /// Only with plain feed-forward layers (T5 v1.0: `wi`).
+    NotGated,
+}
+
 /// One row of a key table.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyRule {
-    /// The HF key, with `{i}` for a layer index.
+    /// The HF key, with `{i}` for an (encoder) layer index or `{d}` for a decoder layer index.
     pub hf: &'static str,
-    /// The zoo key, with `{i}` for the same index.
+    /// The zoo key, with the same placeholder.
     pub zoo: &'static str,
     /// Layout difference.
     pub layout: Layout,
+    /// When the row applies.
+    pub when: When,
 }
 
 /// Shorthand for table rows: `rule("hf", "zoo", Layout::Same)`.
 pub const fn rule(hf: &'static str, zoo: &'static str, layout: Layout) -> KeyRule {
-    KeyRule { hf, zoo, layout }
+    KeyRule {
+        hf,
+        zoo,
+        layout,
+        when: When::Always,
+    }
+}
+
+/// A row that applies only `when`.
+pub const fn rule_if(when: When, hf: &'static str, zoo: &'static str, layout: Layout) -> KeyRule {
+    KeyRule {
+        hf,
+        zoo,
+        layout,
+        when,
+    }
+}
+
+/// What of a config decides which rows apply and how often layer rows repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    /// Layers (`{i}`).
+    pub layers: usize,
+    /// Decoder layers (`{d}`).
+    pub decoder_layers: usize,
+    /// Whether the output head is the token embeddings.
+    pub tied: bool,
+    /// Whether feed-forward layers are gated.
+    pub gated: bool,
+}
+
+impl Variant {
+    /// The variant of a config.
+    pub fn of(config: &models::ModelConfig) -> Self {
+        Self {
+            layers: config.num_layers(),
+            decoder_layers: config.num_decoder_layers(),
+            tied: config.tie_word_embeddings(),
+            gated: config.gated_ffn(),
+        }
+    }
+
+    fn applies(&self, when: When) -> bool {
+        match when {
+            When::Always => true,
+            When::Untied => !self.tied,
+            When::Gated => self.gated,
+            When::NotGated => !self.gated,
+        }
+    }
 }
 
 /// Everything zoo knows about a family's HF checkpoints.
@@ -62,9 +127,9 @@ pub struct KeyTable {
     pub pooler: &'static [KeyRule],
     /// Rows of each head, as full keys.
     pub heads: &'static [(Architecture, &'static [KeyRule])],
-    /// Rows of each head that exist only when the config unties the output projection from the
-    /// token embeddings (`tie_word_embeddings: false`).
-    pub untied_heads: &'static [(Architecture, &'static [KeyRule])],
+    /// `(head, embeddings)`: an HF output head that must equal the token embeddings when the
+    /// config ties them (full keys). Checked on load; `None` when not checked.
+    pub tied_output: Option<(&'static str, &'static str)>,
     /// HF keys that are not parameters (buffers) or are tied copies of another parameter; read and
     /// dropped. Body-relative or full; `{i}` matches a layer index.
     pub ignored: &'static [&'static str],
@@ -79,6 +144,7 @@ pub fn table(family: Family) -> &'static KeyTable {
         Family::Bert => &bert::TABLE,
         Family::Roberta => &roberta::TABLE,
         Family::Gpt2 => &gpt2::TABLE,
+        Family::T5 => &t5::TABLE,
     }
 }
 
@@ -94,9 +160,8 @@ pub struct KeyPair {
 }
 
 impl KeyTable {
-    /// Every key pair of `architecture` with `num_layers` layers, in table order. `tied` says
-    /// whether the output projection is the token embeddings (no head rows of its own).
-    pub fn pairs(&self, architecture: Architecture, num_layers: usize, tied: bool) -> Vec<KeyPair> {
+    /// Every key pair of `architecture` in the config `variant`, in table order.
+    pub fn pairs(&self, architecture: Architecture, variant: &Variant) -> Vec<KeyPair> {
         let prefix = if architecture.is_base() {
             ""
         } else {
@@ -109,7 +174,10 @@ impl KeyTable {
             &[]
         };
         for rule in self.body.iter().chain(pooler) {
-            for (hf, zoo) in expand(rule, num_layers) {
+            if !variant.applies(rule.when) {
+                continue;
+            }
+            for (hf, zoo) in expand(rule, variant) {
                 pairs.push(KeyPair {
                     hf: format!("{prefix}{hf}"),
                     zoo: format!("{prefix}{zoo}"),
@@ -117,15 +185,9 @@ impl KeyTable {
                 });
             }
         }
-        let untied: &[(Architecture, &[KeyRule])] = if tied { &[] } else { self.untied_heads };
-        for (_, rules) in self
-            .heads
-            .iter()
-            .chain(untied)
-            .filter(|(a, _)| *a == architecture)
-        {
-            for rule in rules.iter() {
-                for (hf, zoo) in expand(rule, num_layers) {
+        for (_, rules) in self.heads.iter().filter(|(a, _)| *a == architecture) {
+            for rule in rules.iter().filter(|r| variant.applies(r.when)) {
+                for (hf, zoo) in expand(rule, variant) {
                     pairs.push(KeyPair {
                         hf,
                         zoo,
@@ -168,6 +230,9 @@ impl KeyTable {
     /// Whether an unprefixed key belongs to the encoder: its first segment is one of the body
     /// rows' first segments (`embeddings`, `encoder`, `pooler`).
     fn is_body_key(&self, key: &str) -> bool {
+        if self.family.body_prefix().is_empty() {
+            return false;
+        }
         let root = key.split('.').next().unwrap_or_default();
         self.body
             .iter()
@@ -201,19 +266,20 @@ fn rename_norm_params(key: &str) -> String {
     }
 }
 
-fn expand(rule: &KeyRule, num_layers: usize) -> Vec<(String, String)> {
-    if rule.hf.contains("{i}") {
-        (0..num_layers)
-            .map(|i| {
-                (
-                    rule.hf.replace("{i}", &i.to_string()),
-                    rule.zoo.replace("{i}", &i.to_string()),
-                )
-            })
-            .collect()
-    } else {
-        vec![(rule.hf.to_string(), rule.zoo.to_string())]
+fn expand(rule: &KeyRule, variant: &Variant) -> Vec<(String, String)> {
+    for (placeholder, count) in [("{i}", variant.layers), ("{d}", variant.decoder_layers)] {
+        if rule.hf.contains(placeholder) {
+            return (0..count)
+                .map(|i| {
+                    (
+                        rule.hf.replace(placeholder, &i.to_string()),
+                        rule.zoo.replace(placeholder, &i.to_string()),
+                    )
+                })
+                .collect();
+        }
     }
+    vec![(rule.hf.to_string(), rule.zoo.to_string())]
 }
 
 /// HF key → its pairs (several when the HF tensor is split), for lookups.
@@ -230,8 +296,20 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
 
-    fn tiny(family: Family, tied: bool) -> models::ModelConfig {
+    fn tiny(family: Family, tied: bool, gated: bool) -> models::ModelConfig {
         match family {
+            Family::T5 => models::ModelConfig::T5(models::t5::T5Config {
+                vocab_size: 11,
+                d_model: 4,
+                d_kv: 2,
+                d_ff: 8,
+                num_layers: 2,
+                num_decoder_layers: Some(3),
+                num_heads: 2,
+                feed_forward_proj: if gated { "gated-gelu" } else { "relu" }.into(),
+                tie_word_embeddings: tied,
+                ..Default::default()
+            }),
             Family::Gpt2 => models::ModelConfig::Gpt2(models::gpt2::Gpt2Config {
                 vocab_size: 11,
                 n_positions: 8,
@@ -259,26 +337,26 @@ mod tests {
         let device = Default::default();
         for architecture in Architecture::ALL {
             let family = architecture.family();
-            let ties: &[bool] = if family == Family::Gpt2 {
-                &[true, false]
-            } else {
-                &[true]
+            let variants: &[(bool, bool)] = match family {
+                Family::Gpt2 => &[(true, false), (false, false)],
+                Family::T5 => &[(true, false), (false, true), (true, true)],
+                _ => &[(true, false)],
             };
-            for &tied in ties {
-                let config = tiny(family, tied);
+            for &(tied, gated) in variants {
+                let config = tiny(family, tied, gated);
                 let model = models::AnyModel::<Flex>::new(architecture, &config, &device).unwrap();
                 let mut params: Vec<String> = models::param_infos::<Flex, _>(&model)
                     .into_iter()
                     .map(|p| p.name)
                     .collect();
                 let mut zoo: Vec<String> = table(family)
-                    .pairs(architecture, 2, tied)
+                    .pairs(architecture, &Variant::of(&config))
                     .into_iter()
                     .map(|p| p.zoo)
                     .collect();
                 params.sort();
                 zoo.sort();
-                assert_eq!(params, zoo, "{architecture:?}, tied {tied}");
+                assert_eq!(params, zoo, "{architecture:?}, tied {tied}, gated {gated}");
             }
         }
     }

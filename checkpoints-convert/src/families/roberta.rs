@@ -43,7 +43,7 @@ pub static TABLE: KeyTable = KeyTable {
             SEQUENCE_CLASSIFICATION,
         ),
     ],
-    untied_heads: &[],
+    tied_output: None,
     ignored: &[
         "embeddings.position_ids",
         "embeddings.token_type_ids",

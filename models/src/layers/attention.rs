@@ -225,6 +225,31 @@ impl<B: Backend> MultiHeadAttention<B> {
         (output, KvCache { key: k, value: v })
     }
 
+    /// Projects `source` to keys and values once, for cross-attention that many steps reuse
+    /// (an encoder-decoder's decoder).
+    ///
+    /// - source: `[batch, k_len, d_model]`
+    pub fn keys_values(&self, source: Tensor<B, 3>) -> KvCache<B> {
+        KvCache {
+            key: self.split_heads(self.key.forward(source.clone())),
+            value: self.split_heads(self.value.forward(source)),
+        }
+    }
+
+    /// Attention of `queries` over keys/values projected before ([`Self::keys_values`]).
+    ///
+    /// - queries: `[batch, q_len, d_model]` → `[batch, q_len, d_model]`
+    pub fn attend_to(
+        &self,
+        queries: Tensor<B, 3>,
+        keys_values: &KvCache<B>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        let q = self.split_heads(self.query.forward(queries));
+        let context = self.attend(q, keys_values.key.clone(), keys_values.value.clone(), mask);
+        self.output.forward(self.merge_heads(context))
+    }
+
     /// Self-attention.
     ///
     /// - hidden: `[batch, seq, d_model]` → `[batch, seq, d_model]`
