@@ -5,4 +5,5 @@ mod convert;
 mod generation;
 mod gradients;
 mod parity;
+mod t5;
 mod tokenizers;

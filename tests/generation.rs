@@ -8,6 +8,7 @@ use checkpoints_convert::{LoadOptions, load_model};
 use models::AnyModel;
 use models::generation::{Decoding, EarlyStopping, GenerationConfig, generate};
 use models::gpt2::{DecoderInput, Gpt2LmHeadModel};
+use models::t5::{Seq2SeqInput, T5ForConditionalGeneration, generate_seq2seq};
 use serde_json::Value;
 use zoo_tests::{fixture, floats, max_abs_diff};
 
@@ -83,6 +84,97 @@ fn greedy_and_beam_ids_equal_transformers_generate() {
             case["prompts"]
         );
     }
+}
+
+fn tiny_t5(name: &str) -> T5ForConditionalGeneration<Cpu> {
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&fixture(name), &device, &LoadOptions::default()).unwrap();
+    match loaded.model {
+        AnyModel::T5ForConditionalGeneration(model) => model,
+        other => panic!("{name} loaded as {other:?}"),
+    }
+}
+
+fn t5_generate_matches(name: &str) {
+    let model = tiny_t5(name);
+    let device = Default::default();
+    let text = std::fs::read_to_string(fixture(name).join("generation.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let eos = reference["eos_token_id"].as_u64().unwrap() as u32;
+    let pad = reference["pad_token_id"].as_u64().unwrap() as u32;
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 15, "the fixture has every setting");
+    for case in cases {
+        let padded = ids(&case["input_ids"]);
+        let mask = ids(&case["attention_mask"]);
+        let prompts: Vec<Vec<u32>> = padded
+            .iter()
+            .zip(&mask)
+            .map(|(row, m)| {
+                row.iter()
+                    .zip(m)
+                    .filter(|(_, m)| **m == 1)
+                    .map(|(t, _)| *t)
+                    .collect()
+            })
+            .collect();
+        let mut config = config_of(&case["settings"], eos);
+        config.pad_token_id = pad;
+        let got = generate_seq2seq(&model, &prompts, &config, pad, &device, |_| {}).unwrap();
+        assert_eq!(
+            got.sequences,
+            ids(&case["output_ids"]),
+            "{name} case {}, prompts {:?}",
+            case["name"],
+            case["prompts"]
+        );
+    }
+}
+
+#[test]
+fn t5_greedy_and_beam_ids_equal_transformers_generate() {
+    t5_generate_matches("t5");
+}
+
+#[test]
+fn t5_v1_1_greedy_and_beam_ids_equal_transformers_generate() {
+    t5_generate_matches("t5_v1_1");
+}
+
+/// The decoder with its cache (self-attention K/V grown, cross-attention K/V computed once)
+/// against full recomputation of the decoder at every length.
+#[test]
+fn t5_cached_decoding_equals_full_recomputation() {
+    let model = tiny_t5("t5_v1_1");
+    let device = Default::default();
+    let source = vec![5i64, 17, 9, 33, 2, 41, 1];
+    let target = vec![0i64, 12, 7, 30, 8, 19, 4, 22];
+    let ids = |v: &Vec<i64>| {
+        Tensor::<Cpu, 2, Int>::from_data(TensorData::new(v.clone(), [1, v.len()]), &device)
+    };
+    let encoded = model.encode(ids(&source), None);
+    let input = Seq2SeqInput {
+        input_ids: ids(&source),
+        attention_mask: None,
+        decoder_input_ids: ids(&target),
+    };
+    let (_, _, full) = model.forward(&input);
+    let vocab = full.dims()[2];
+    let mask = models::layers::AttentionMask::none();
+    let mut cache = None;
+    let mut worst = 0.0f32;
+    for (t, &token) in target.iter().enumerate() {
+        let step = ids(&vec![token]);
+        let (logits, grown) = model.decode_step(step, &encoded, &mask, cache);
+        cache = Some(grown);
+        let want = full
+            .clone()
+            .slice([0..1, t..t + 1, 0..vocab])
+            .reshape([1, vocab]);
+        worst = worst.max(max_abs_diff(&logits.into_data(), &want.into_data()));
+    }
+    eprintln!("generation: T5 KV cache vs recomputation, max abs logit difference {worst:.3e}");
+    assert!(worst < 1e-5, "{worst}");
 }
 
 #[test]

@@ -342,6 +342,9 @@ pub struct LoadOptions {
     pub format: WeightsFormat,
     /// Replaces every dropout probability of the config (0 for deterministic training).
     pub dropout: Option<f64>,
+    /// The parameters' dtype. `None` is f32 whatever the checkpoint stores (bf16 and f16
+    /// checkpoints are widened on load); `Some(F16)` / `Some(BF16)` casts after loading.
+    pub dtype: Option<burn::tensor::FloatDType>,
 }
 
 /// A model loaded from a directory.
@@ -367,7 +370,10 @@ pub fn load_model<B: Backend>(
     if let Some(p) = options.dropout {
         spec.config = spec.config.with_dropout(p);
     }
-    let model = build_model(&spec, weights.tensors, device)?;
+    let mut model = build_model(&spec, weights.tensors, device)?;
+    if let Some(dtype) = options.dtype {
+        model = models::cast_float_params(model, dtype);
+    }
     Ok(LoadedModel {
         model,
         spec,

@@ -25,7 +25,7 @@ pub mod t5;
 
 pub use registry::{
     AnyModel, Architecture, ConfigError, Family, Logits, ModelConfig, ModelOutput, ParamInfo,
-    ParamPath, Preset, count_params, param_infos, preset, presets,
+    ParamPath, Preset, cast_float_params, count_params, param_infos, preset, presets,
 };
 
 /// Errors from building a model.

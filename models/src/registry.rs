@@ -1,6 +1,7 @@
 //! Which model classes zoo has, how an HF `config.json` picks one, and the named presets.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::FloatDType;
 use burn::tensor::{Tensor, backend::Backend};
 use serde_json::Value;
 
@@ -667,6 +668,18 @@ pub fn param_infos<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
     let mut lister = Lister::default();
     module.visit(&mut lister);
     lister.params
+}
+
+/// Casts every float parameter of a module to `dtype` (f16 / bf16 inference, or back to f32).
+pub fn cast_float_params<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+    struct Cast(FloatDType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let dtype = self.0;
+            param.map(|tensor| tensor.cast(dtype))
+        }
+    }
+    module.map(&mut Cast(dtype))
 }
 
 /// Number of float parameters, from lazy shapes.

@@ -153,7 +153,12 @@ impl<B: Backend> AttentionMask<B> {
 
     fn add(self, extra: Tensor<B, 4>) -> Self {
         let additive = match self.additive {
-            Some(current) => current + extra,
+            // Parts may come in different dtypes (an f16 model's position bias, f32 masks): the
+            // sum keeps the first part's, and `attend` casts the whole to the scores' dtype.
+            Some(current) => {
+                let dtype = current.dtype();
+                current + extra.cast(dtype)
+            }
             None => extra,
         };
         Self {
