@@ -109,3 +109,48 @@ fn cpm_unigram_tokenizer_matches_transformers() {
 fn cpm_bpe_tokenizer_matches_transformers() {
     assert_cpm_matches("cpm_bpe");
 }
+
+/// CPM-2's tokenizer against ModelCenter's `CPM2Tokenizer` (run by the fixture script), and the
+/// round trip: text in the vocabulary decodes back to itself.
+#[test]
+fn cpm2_tokenizer_matches_modelcenter_and_round_trips() {
+    let text = std::fs::read_to_string(fixture("tokenizers").join("cpm2_reference.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let tokenizer = load_tokenizer(&fixture("tokenizers/cpm2"))
+        .unwrap()
+        .expect("a tokenizer");
+    let TextTokenizer::Cpm2(cpm2) = &tokenizer else {
+        panic!("tokenizer_config.json names CPM2Tokenizer");
+    };
+    assert_eq!(
+        cpm2.vocab_size(),
+        reference["vocab_size"].as_u64().unwrap() as usize
+    );
+    assert_eq!(cpm2.sentinel_id(189), cpm2.token_to_id("<s_189>"));
+    assert!(cpm2.sentinel_id(189).is_some() && cpm2.sentinel_id(190).is_none());
+    let sentences: Vec<String> = serde_json::from_value(reference["sentences"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["ids"].clone()).unwrap();
+    let decoded: Vec<String> = serde_json::from_value(reference["decoded"].clone()).unwrap();
+    for (i, sentence) in sentences.iter().enumerate() {
+        let got = tokenizer.encode(sentence, true).unwrap();
+        assert_eq!(got, ids[i], "ids of {sentence:?}");
+        assert_eq!(
+            cpm2.decode(&got, false),
+            decoded[i],
+            "decode of {sentence:?}"
+        );
+    }
+    // Round trip on text whose every character is in the vocabulary.
+    for text in [
+        "今天天气很好，我们去公园散步。",
+        "春眠不觉晓，处处闻啼鸟。\n夜来风雨声 花落知多少。",
+        "价格是1,000元。",
+    ] {
+        let ids = cpm2.encode(text);
+        assert!(
+            !ids.contains(&cpm2.token_to_id("<unk>").unwrap()),
+            "{text:?}"
+        );
+        assert_eq!(cpm2.decode(&ids, false), text);
+    }
+}

@@ -12,6 +12,7 @@
 
 pub mod batch;
 pub mod cpm;
+pub mod cpm2;
 pub mod error;
 pub mod families;
 pub mod model_dir;

@@ -5,7 +5,9 @@
 //! stripping as `tokenizer_config.json` says), from `vocab.json` + `merges.txt` a byte-level BPE
 //! with RoBERTa's `<s> … </s>` template. A directory whose `tokenizer_config.json` names
 //! `CpmTokenizer` gets CPM's jieba + SentencePiece tokenizer ([`crate::cpm`]) from `spiece.model`,
-//! even when it also ships a `tokenizer.json` (which cannot express the jieba step).
+//! even when it also ships a `tokenizer.json` (which cannot express the jieba step); one naming
+//! `CPM2Tokenizer` gets CPM-2's jieba + greedy longest-match tokenizer ([`crate::cpm2`]) from
+//! `vocab.txt`.
 
 use std::path::Path;
 
@@ -22,6 +24,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::cpm::{CpmOptions, CpmTokenizer};
+use crate::cpm2::Cpm2Tokenizer;
 use crate::error::{ConvertError, Result};
 
 /// The fields of `tokenizer_config.json` that change how a vocab-file tokenizer is built.
@@ -57,6 +60,8 @@ pub enum TextTokenizer {
     Hf(Box<Tokenizer>),
     /// CPM-1's jieba + SentencePiece tokenizer.
     Cpm(Box<CpmTokenizer>),
+    /// CPM-2's jieba + greedy longest-match tokenizer.
+    Cpm2(Box<Cpm2Tokenizer>),
 }
 
 impl TextTokenizer {
@@ -71,6 +76,8 @@ impl TextTokenizer {
                 Ok(encoding.get_ids().to_vec())
             }
             Self::Cpm(tokenizer) => tokenizer.encode(text, add_special_tokens),
+            // CPM-2 adds no special tokens (its callers place <s>, <eod> and sentinels).
+            Self::Cpm2(tokenizer) => Ok(tokenizer.encode(text)),
         }
     }
 
@@ -81,6 +88,7 @@ impl TextTokenizer {
                 .decode(ids, skip_special_tokens)
                 .map_err(|e| tokenizer_error(Path::new("tokenizer"), e)),
             Self::Cpm(tokenizer) => Ok(tokenizer.decode(ids, skip_special_tokens)),
+            Self::Cpm2(tokenizer) => Ok(tokenizer.decode(ids, skip_special_tokens)),
         }
     }
 
@@ -89,6 +97,7 @@ impl TextTokenizer {
         match self {
             Self::Hf(tokenizer) => tokenizer.token_to_id(token),
             Self::Cpm(tokenizer) => tokenizer.token_to_id(token),
+            Self::Cpm2(tokenizer) => tokenizer.token_to_id(token),
         }
     }
 
@@ -96,7 +105,7 @@ impl TextTokenizer {
     pub fn as_hf(&self) -> Option<&Tokenizer> {
         match self {
             Self::Hf(tokenizer) => Some(tokenizer),
-            Self::Cpm(_) => None,
+            Self::Cpm(_) | Self::Cpm2(_) => None,
         }
     }
 }
@@ -130,6 +139,10 @@ pub fn load_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
     let config = read_config(dir)?;
     let class = config.tokenizer_class.as_deref().unwrap_or_default();
     let spiece = dir.join("spiece.model");
+    if class == "CPM2Tokenizer" {
+        let tokenizer = Cpm2Tokenizer::from_vocab(&dir.join("vocab.txt"))?;
+        return Ok(Some(TextTokenizer::Cpm2(Box::new(tokenizer))));
+    }
     if class.starts_with("CpmTokenizer") {
         if !spiece.is_file() {
             return Err(tokenizer_error(

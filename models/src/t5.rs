@@ -878,6 +878,39 @@ pub fn shift_right<B: Backend>(
     Tensor::cat(vec![starts, body], 1)
 }
 
+/// T5's span corruption (the pre-training objective of T5 and CPM-2) over given spans: each span
+/// `(start, len)` of `tokens` is replaced in the input by one sentinel, and the target lists each
+/// sentinel followed by the tokens it hides, then the sentinel after the last span (T5's end
+/// marker) and `end` when given. `sentinel(k)` is the id of the k-th sentinel. Spans must be
+/// sorted and not overlap.
+///
+/// `[a b c d e f]`, spans `[(1, 2), (4, 1)]` → input `[a S0 d S1 f]`, target `[S0 b c S1 e S2]`.
+pub fn span_corrupt(
+    tokens: &[u32],
+    spans: &[(usize, usize)],
+    sentinel: impl Fn(usize) -> u32,
+    end: Option<u32>,
+) -> (Vec<u32>, Vec<u32>) {
+    let mut input = Vec::with_capacity(tokens.len());
+    let mut target = Vec::new();
+    let mut next = 0;
+    for (k, &(start, len)) in spans.iter().enumerate() {
+        assert!(
+            start >= next && start + len <= tokens.len(),
+            "spans must be sorted, disjoint and inside the text"
+        );
+        input.extend_from_slice(&tokens[next..start]);
+        input.push(sentinel(k));
+        target.push(sentinel(k));
+        target.extend_from_slice(&tokens[start..start + len]);
+        next = start + len;
+    }
+    input.extend_from_slice(&tokens[next..]);
+    target.push(sentinel(spans.len()));
+    target.extend(end);
+    (input, target)
+}
+
 /// Seq2seq loss as transformers computes it: cross-entropy of every decoder position against its
 /// label (no shift: the decoder input is already shifted), labels -100 skipped.
 pub fn seq2seq_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
@@ -918,6 +951,18 @@ mod tests {
         let want = 16 + ((40f64 / 16.0).ln() / 8f64.ln() * 16.0).floor() as usize;
         assert_eq!(causal(-40), want);
         assert_eq!(causal(-500), 31);
+    }
+
+    #[test]
+    fn span_corruption_hides_spans_behind_sentinels() {
+        let (input, target) = span_corrupt(
+            &[1, 2, 3, 4, 5, 6],
+            &[(1, 2), (4, 1)],
+            |k| 100 + k as u32,
+            Some(9),
+        );
+        assert_eq!(input, [1, 100, 4, 101, 6]);
+        assert_eq!(target, [100, 2, 3, 101, 5, 102, 9]);
     }
 
     #[test]
