@@ -147,6 +147,12 @@ impl BackendTask for ForwardTask {
             "last_hidden_state".to_string(),
             output.last_hidden_state.into_data().convert::<f32>(),
         );
+        if let Some(encoded) = output.encoder_last_hidden_state {
+            tensors.insert(
+                "encoder_last_hidden_state".to_string(),
+                encoded.into_data().convert::<f32>(),
+            );
+        }
         if let Some(pooled) = output.pooler_output {
             tensors.insert(
                 "pooler_output".to_string(),

@@ -9,19 +9,21 @@ use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::tensor::backend::Backend;
 use checkpoints_convert::{LoadOptions, TextTokenizer, load_model, load_tokenizer};
 use clap::{Args, ValueEnum};
-use models::AnyModel;
 use models::generation::{Decoding, EarlyStopping, GenerationConfig, TokenIds, generate, validate};
+use models::t5::generate_seq2seq;
+use models::{AnyModel, Family};
 use serde_json::Value;
 
 use crate::FormatArg;
 
-/// `zoo generate` arguments.
+/// `zoo generate` arguments. With an encoder-decoder model (T5), the prompt is the encoder's input
+/// and the output is the decoder's text alone.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// A causal-LM directory (GPT2LMHeadModel): HF (config.json) or zoo (zoo.json).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Prompt text; repeat for a left-padded batch.
+    /// Prompt text (for T5: the encoder input); repeat for a batch.
     #[arg(
         long,
         value_name = "TEXT",
@@ -86,6 +88,11 @@ pub enum EarlyStoppingArg {
 
 /// Encodes the prompts, then loads and runs the model on the chosen device.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let spec = checkpoints_convert::read_spec(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    // An encoder reads a whole input, with its special tokens (T5 appends </s>); a decoder-only
+    // model continues the text as it is.
+    let seq2seq = spec.architecture.family() == Family::T5;
     let tokenizer = load_tokenizer(&args.model)
         .with_context(|| format!("reading the tokenizer of {}", args.model.display()))?;
     let prompts = if args.prompt.is_empty() {
@@ -98,7 +105,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 args.model.display()
             )
         })?;
-        encode_prompts(tokenizer, &args.prompt)?
+        encode_prompts(tokenizer, &args.prompt, seq2seq)?
     };
     if args.ids && tokenizer.is_none() {
         // Fine: ids need no tokenizer.
@@ -116,13 +123,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     })?
 }
 
-/// Prompts are encoded without the special-token template: generation continues the text.
-fn encode_prompts(tokenizer: &TextTokenizer, prompts: &[String]) -> anyhow::Result<Vec<Vec<u32>>> {
+/// Decoder-only prompts are encoded without the special-token template (generation continues
+/// the text); encoder inputs with it.
+fn encode_prompts(
+    tokenizer: &TextTokenizer,
+    prompts: &[String],
+    add_special_tokens: bool,
+) -> anyhow::Result<Vec<Vec<u32>>> {
     prompts
         .iter()
         .enumerate()
         .map(|(row, text)| {
-            let ids = tokenizer.encode(text, false)?;
+            let ids = tokenizer.encode(text, add_special_tokens)?;
             ensure!(
                 !ids.is_empty(),
                 "--prompt value {} encodes to no tokens",
@@ -215,30 +227,42 @@ impl BackendTask for GenerateTask {
         };
         let loaded = load_model::<B>(&args.model, &device, &options)
             .with_context(|| format!("loading {}", args.model.display()))?;
-        let AnyModel::Gpt2LmHeadModel(model) = &loaded.model else {
-            bail!(
-                "{} holds a {}; zoo generate needs a causal LM (GPT2LMHeadModel)",
-                args.model.display(),
-                loaded.spec.architecture.hf_name()
-            );
-        };
         let (eos, pad) = special_ids(&args.model, &loaded.spec.hf_config)?;
         let pad = pad.or(eos.first().copied()).unwrap_or(0);
         let config = args.config(eos.clone(), pad);
-        validate(model, &prompts, &config)?;
+        let seq2seq = matches!(loaded.model, AnyModel::T5ForConditionalGeneration(_));
+        if let AnyModel::Gpt2LmHeadModel(model) = &loaded.model {
+            validate(model, &prompts, &config)?;
+        }
 
-        // Stream one prompt's text as it comes; batches and beams print when done.
+        // Stream one prompt's text as it comes; batches and beams print when done. A decoder-only
+        // model's output starts with its prompt; an encoder-decoder's is the decoder's text alone.
         let stream = !args.ids && prompts.len() == 1 && args.num_beams <= 1;
+        let echoed: &[u32] = if seq2seq { &[] } else { &prompts[0] };
         let mut streamer = tokenizer
             .as_ref()
             .filter(|_| stream)
-            .map(|t| TextStreamer::new(t, &prompts[0]));
-        let started = Instant::now();
-        let generated = generate(model, &prompts, &config, &device, |tokens| {
+            .map(|t| TextStreamer::new(t, echoed));
+        let on_tokens = |tokens: &[Option<u32>]| {
             if let (Some(streamer), Some(Some(token))) = (streamer.as_mut(), tokens.first()) {
                 streamer.push(*token, &eos);
             }
-        })?;
+        };
+        let started = Instant::now();
+        let generated = match &loaded.model {
+            AnyModel::Gpt2LmHeadModel(model) => {
+                generate(model, &prompts, &config, &device, on_tokens)?
+            }
+            AnyModel::T5ForConditionalGeneration(model) => {
+                generate_seq2seq(model, &prompts, &config, pad, &device, on_tokens)?
+            }
+            _ => bail!(
+                "{} holds a {}; zoo generate needs a causal LM (GPT2LMHeadModel) or an \
+                 encoder-decoder LM (T5ForConditionalGeneration)",
+                args.model.display(),
+                loaded.spec.architecture.hf_name()
+            ),
+        };
         let elapsed = started.elapsed().as_secs_f64();
 
         let new_tokens: Vec<Vec<u32>> = (0..prompts.len())
@@ -252,7 +276,7 @@ impl BackendTask for GenerateTask {
         } else {
             let tokenizer = tokenizer.as_ref().expect("checked before loading");
             for (row, prompt) in prompts.iter().enumerate() {
-                let mut all = prompt.clone();
+                let mut all = if seq2seq { Vec::new() } else { prompt.clone() };
                 all.extend(&new_tokens[row]);
                 let text = tokenizer.decode(&all, true)?;
                 if prompts.len() > 1 {

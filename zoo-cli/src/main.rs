@@ -35,7 +35,7 @@ enum Command {
     Convert(ConvertArgs),
     /// Run a model directory (HF or zoo) and write its outputs to a safetensors file.
     Forward(forward::ForwardArgs),
-    /// Continue a prompt with a causal LM and stream the text (or --ids) to stdout.
+    /// Continue a prompt with a causal LM (or answer it with T5) and stream the text (or --ids).
     Generate(generate::GenerateArgs),
 }
 

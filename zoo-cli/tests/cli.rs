@@ -492,3 +492,84 @@ fn generate_runs_on_a_cpm_style_directory() {
         "{printed}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// T5: forward and generate
+
+#[test]
+fn forward_on_t5_writes_the_encoder_output_matching_transformers() {
+    let reference = read_weights_file(&fixture("t5").join("reference.safetensors")).unwrap();
+    let ids = &reference["input_ids"].data;
+    // Row 0 is the longest: no padding.
+    let first: Vec<String> = ints(ids)[..ids.shape[1]]
+        .iter()
+        .map(i64::to_string)
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out.safetensors");
+    let model = fixture("t5");
+    let result = zoo(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &first.join(","),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let got = read_weights_file(&out).unwrap();
+    let error = max_abs_diff(
+        &row(&got["encoder_last_hidden_state"].data, 0),
+        &row(&reference["encoder_last_hidden_state"].data, 0),
+    );
+    assert!(error < 1e-4, "{error}");
+    assert!(got.contains_key("logits"));
+}
+
+#[test]
+fn generate_on_t5_prints_transformers_ids_and_the_decoded_answer() {
+    let text = fs::read_to_string(fixture("t5_v1_1").join("generation.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let case = &reference["cases"][1];
+    assert_eq!(case["name"], "greedy");
+    let prompt = case["prompts"][0].as_str().unwrap();
+    let output: Vec<u32> = serde_json::from_value(case["output_ids"][0].clone()).unwrap();
+    let model = fixture("t5_v1_1");
+    let result = zoo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "12",
+        "--ids",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    let generated: Vec<u32> = serde_json::from_value(json["generated"][0].clone()).unwrap();
+    // transformers' row: the start token, then the answer (padded after </s>).
+    let end = output
+        .iter()
+        .position(|&t| t == 1)
+        .map_or(output.len(), |p| p + 1);
+    assert_eq!(generated, output[1..end]);
+
+    let result = zoo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let printed = String::from_utf8(result.stdout.clone()).unwrap();
+    assert!(
+        !printed.contains("summarize"),
+        "the answer alone: {printed}"
+    );
+    assert!(!printed.trim().is_empty());
+}
