@@ -7,3 +7,4 @@ mod gradients;
 mod parity;
 mod t5;
 mod tokenizers;
+mod zero;

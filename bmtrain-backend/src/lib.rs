@@ -9,10 +9,22 @@
 //!   "cuda:N"  ──► Cuda (burn-cuda, cargo feature `cuda`)          ──► task.run::<Cuda>(CudaDevice N)
 //! ```
 //!
-//! Sharded parameters (ZeRO-3), block checkpointing, communicators and the ZeRO optimizer will live
-//! here too, under the models, so that every model family gets them the same way.
+//! Under the models it also holds what training at scale needs, so every family gets it the same
+//! way:
+//! - [`comm`]: the [`comm::Communicator`] trait (all-reduce, all-gather, reduce-scatter, broadcast,
+//!   barrier; every call times out, a dead peer is an error naming it) and thread ranks;
+//! - [`zero`]: ZeRO-3 sharding of a module's parameters into one flat f32 buffer per segment;
+//! - [`optim`]: AdamW over a rank's slice, global-norm clipping, the dynamic loss scaler, LR
+//!   schedules;
+//! - [`trainer`]: the block-by-block ZeRO-3 step with block checkpointing (how it avoids nested
+//!   `.backward()` is written there).
 
 #![warn(missing_docs)]
+
+pub mod comm;
+pub mod optim;
+pub mod trainer;
+pub mod zero;
 
 use std::fmt;
 use std::str::FromStr;

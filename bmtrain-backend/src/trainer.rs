@@ -1,0 +1,455 @@
+//! ZeRO-3 training of a model cut into segments, with block checkpointing, driven block by block.
+//!
+//! A model is an embedding segment (batch → hidden), a list of blocks (hidden → hidden) and a head
+//! (hidden → loss); [`ZeroSpec`] says how each runs. Every segment's parameters are sharded
+//! ([`ShardedParams`]). One [`ZeroTrainer::forward_backward`]:
+//!
+//! 1. forward, segment by segment, without an autodiff graph: all-gather the segment's weights,
+//!    load them into a copy of the module, run it, keep only its input (the checkpoint), drop the
+//!    weights (kept until backward with `zero_level` 2);
+//! 2. the head runs with autodiff and its loss is differentiated first (`loss · scale / world`);
+//! 3. then, for each block in reverse, its weights are gathered again, the block is re-run on a
+//!    fresh autodiff graph from fresh leaves (its saved input and its weights), and the incoming
+//!    gradient is pushed through with an ordinary top-level `.backward()` of `sum(y · dy)`; the
+//!    input's gradient goes to the block below, the weights' gradient is reduce-scattered (summed)
+//!    into this rank's slice and accumulated;
+//! 4. the embedding segment last.
+//!
+//! Every `.backward()` is top-level, so nothing nests: burn 0.21 deadlocks when a custom backward
+//! step calls `.backward()` (`../shared/reference/burn.md` §7). A block that opts out of
+//! checkpointing keeps its forward graph instead and back-propagates through it in step 3.
+//!
+//! [`ZeroTrainer::step`] then checks the loss scale (overflow all-reduced), unscales, clips by the
+//! global norm across all shards, and runs AdamW on each rank's slices (f32 master weights).
+
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::comm::{CommError, Communicator};
+use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
+use crate::zero::{FlatLayout, ShardedParams, flat_grads, flatten, load_flat};
+
+/// How a model's segments run. Implemented once per model family.
+pub trait ZeroSpec<B: AutodiffBackend> {
+    /// The embedding segment.
+    type Embed: AutodiffModule<B> + Clone;
+    /// One block (all blocks share the type).
+    type Block: AutodiffModule<B> + Clone;
+    /// The head, which ends in the loss.
+    type Head: AutodiffModule<B> + Clone;
+    /// One micro-batch (ids, masks, labels).
+    type Batch;
+
+    /// Batch → `[batch, seq, hidden]`.
+    fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3>;
+    /// Hidden → hidden.
+    fn block(
+        &self,
+        module: &Self::Block,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 3>;
+    /// Hidden → the mean loss of this micro-batch, `[1]`.
+    fn loss(&self, module: &Self::Head, hidden: Tensor<B, 3>, batch: &Self::Batch) -> Tensor<B, 1>;
+}
+
+/// A non-checkpointed block's forward graph, kept for backward: its input leaf, its output and
+/// the module holding its weight leaves.
+type KeptGraph<B, M> = (Tensor<B, 3>, Tensor<B, 3>, M);
+
+/// Training options.
+#[derive(Debug, Clone)]
+pub struct ZeroOptions {
+    /// 3: gather weights again in backward; 2: keep the gathered weights from forward to backward.
+    pub zero_level: u8,
+    /// Per block: recompute it in backward (store only its input). Shorter lists mean "no" for
+    /// the blocks after; [`ZeroOptions::checkpoint_all`] is the one-liner.
+    pub checkpoint: Vec<bool>,
+    /// AdamW hyper-parameters.
+    pub adamw: AdamWConfig,
+    /// Clip gradients to this global norm.
+    pub max_grad_norm: Option<f32>,
+    /// Dynamic loss scaling (for half precision; `None` trains unscaled).
+    pub loss_scaler: Option<LossScaler>,
+}
+
+impl ZeroOptions {
+    /// ZeRO-3 with every block checkpointed, AdamW's PyTorch defaults, no clipping or scaling.
+    pub fn checkpoint_all(blocks: usize) -> Self {
+        Self {
+            zero_level: 3,
+            checkpoint: vec![true; blocks],
+            adamw: AdamWConfig::default(),
+            max_grad_norm: None,
+            loss_scaler: None,
+        }
+    }
+}
+
+/// One segment: its module structure, this rank's parameter slice, gradient slice and AdamW
+/// moments, and (zero level 2) the weights kept between forward and backward.
+#[derive(Debug, Clone)]
+pub struct Segment<M> {
+    template: M,
+    /// The sharded parameters.
+    pub params: ShardedParams,
+    /// This rank's slice of the accumulated gradient.
+    pub grad: Vec<f32>,
+    /// This rank's slice of the AdamW state.
+    pub state: AdamWState,
+    kept: Option<Vec<f32>>,
+}
+
+impl<M> Segment<M> {
+    fn new<B: AutodiffBackend>(module: M, rank: usize, world: usize) -> Self
+    where
+        M: Module<B>,
+    {
+        let (layout, full) = flatten::<B, M>(&module);
+        let params = ShardedParams::from_full(layout, &full, rank, world);
+        let shard = params.shards.shard_len();
+        Self {
+            template: module,
+            grad: vec![0.0; shard],
+            state: AdamWState::new(shard),
+            kept: None,
+            params,
+        }
+    }
+
+    /// The parameter layout.
+    pub fn layout(&self) -> &FlatLayout {
+        &self.params.layout
+    }
+}
+
+/// Bytes this rank holds for parameters, gradients and optimizer state (all f32 slices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankBytes {
+    /// Parameter slices.
+    pub params: usize,
+    /// Gradient slices.
+    pub grads: usize,
+    /// AdamW moments.
+    pub optimizer: usize,
+}
+
+/// What [`ZeroTrainer::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// False when the loss scaler found inf/NaN and skipped the update.
+    pub applied: bool,
+    /// Global gradient norm before clipping (unscaled), when computed.
+    pub grad_norm: Option<f32>,
+}
+
+/// Trains a [`ZeroSpec`] model on one rank of a communicator.
+pub struct ZeroTrainer<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> {
+    spec: S,
+    comm: C,
+    device: B::Device,
+    /// The embedding segment.
+    pub embed: Segment<S::Embed>,
+    /// The blocks.
+    pub blocks: Vec<Segment<S::Block>>,
+    /// The head.
+    pub head: Segment<S::Head>,
+    options: ZeroOptions,
+    steps: u64,
+}
+
+impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
+    /// Shards initialised modules: every rank passes the same full modules (same seed), and keeps
+    /// its slice, so the values do not depend on the world size.
+    pub fn new(
+        spec: S,
+        comm: C,
+        device: B::Device,
+        embed: S::Embed,
+        blocks: Vec<S::Block>,
+        head: S::Head,
+        options: ZeroOptions,
+    ) -> Self {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        Self {
+            embed: Segment::new::<B>(embed, rank, world),
+            blocks: blocks
+                .into_iter()
+                .map(|b| Segment::new::<B>(b, rank, world))
+                .collect(),
+            head: Segment::new::<B>(head, rank, world),
+            spec,
+            comm,
+            device,
+            options,
+            steps: 0,
+        }
+    }
+
+    /// The communicator.
+    pub fn comm(&self) -> &C {
+        &self.comm
+    }
+
+    /// Optimizer steps applied so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Bytes of parameter, gradient and optimizer slices on this rank.
+    pub fn rank_bytes(&self) -> RankBytes {
+        let shards: usize = std::iter::once(self.embed.params.shards.shard_len())
+            .chain(self.blocks.iter().map(|b| b.params.shards.shard_len()))
+            .chain(std::iter::once(self.head.params.shards.shard_len()))
+            .sum();
+        let f32_bytes = std::mem::size_of::<f32>();
+        RankBytes {
+            params: shards * f32_bytes,
+            grads: shards * f32_bytes,
+            optimizer: 2 * shards * f32_bytes,
+        }
+    }
+
+    fn module<M: Module<B> + Clone>(
+        &self,
+        segment: &Segment<M>,
+        full: &[f32],
+        trainable: bool,
+    ) -> M {
+        load_flat(
+            segment.template.clone(),
+            &segment.params.layout,
+            full,
+            &self.device,
+            trainable,
+        )
+    }
+
+    fn gather<M>(&self, segment: &Segment<M>) -> Result<Vec<f32>, CommError> {
+        segment.params.gather(&self.comm)
+    }
+
+    /// Forward and backward of one micro-batch; gradients accumulate into each rank's slices
+    /// until [`ZeroTrainer::step`]. Returns this micro-batch's (unscaled) loss.
+    pub fn forward_backward(&mut self, batch: &S::Batch) -> Result<f32, CommError> {
+        let keep = self.options.zero_level <= 2;
+        let world = self.comm.world_size() as f32;
+        let scale = self.options.loss_scaler.map_or(1.0, |s| s.scale);
+
+        // 1. Forward without graphs (checkpointed blocks) or with (the others).
+        let full = self.gather(&self.embed)?;
+        let embed = self.module(&self.embed, &full, false);
+        let mut hidden = self.spec.embed(&embed, batch).detach();
+        drop(embed);
+        self.embed.kept = keep.then_some(full);
+
+        let mut saved_inputs = Vec::with_capacity(self.blocks.len());
+        let mut graphs: Vec<Option<KeptGraph<B, S::Block>>> = Vec::new();
+        for index in 0..self.blocks.len() {
+            let full = self.gather(&self.blocks[index])?;
+            let checkpointed = self.options.checkpoint.get(index).copied().unwrap_or(false);
+            if checkpointed {
+                let block = self.module(&self.blocks[index], &full, false);
+                saved_inputs.push(hidden.clone());
+                hidden = self.spec.block(&block, hidden, batch).detach();
+                graphs.push(None);
+            } else {
+                // Keep the graph: the input leaf, the output and the module (its leaves).
+                let block = self.module(&self.blocks[index], &full, true);
+                let input = hidden.clone().require_grad();
+                let output = self.spec.block(&block, input.clone(), batch);
+                saved_inputs.push(hidden.clone());
+                hidden = output.clone().detach();
+                graphs.push(Some((input, output, block)));
+            }
+            self.blocks[index].kept = keep.then_some(full);
+        }
+
+        // 2. Head and loss, differentiated first.
+        let full = self.gather(&self.head)?;
+        let head = self.module(&self.head, &full, true);
+        let input = hidden.require_grad();
+        let loss = self.spec.loss(&head, input.clone(), batch);
+        let loss_value: f32 = loss
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("the loss is a float")[0];
+        let grads = (loss * (scale / world)).backward();
+        let head_grad = flat_grads::<B, _>(&head, &self.head.params.layout, &grads);
+        let mut upstream = Tensor::<B, 3>::from_inner(
+            input
+                .grad(&grads)
+                .expect("the loss depends on the hidden states"),
+        );
+        accumulate(&mut self.head, &self.comm, &head_grad)?;
+        drop(full);
+
+        // 3. Blocks in reverse: recompute (checkpointed) or reuse the graph, then backward.
+        for index in (0..self.blocks.len()).rev() {
+            let (input, output, block) = match graphs.pop().flatten() {
+                Some(graph) => graph,
+                None => {
+                    let full = match self.blocks[index].kept.take() {
+                        Some(kept) => kept,
+                        None => self.gather(&self.blocks[index])?,
+                    };
+                    let block = self.module(&self.blocks[index], &full, true);
+                    let input = saved_inputs[index].clone().require_grad();
+                    let output = self.spec.block(&block, input.clone(), batch);
+                    (input, output, block)
+                }
+            };
+            self.blocks[index].kept = None;
+            let grads = (output * upstream).sum().backward();
+            let block_grad = flat_grads::<B, _>(&block, &self.blocks[index].params.layout, &grads);
+            upstream = Tensor::from_inner(input.grad(&grads).expect("a block uses its input"));
+            accumulate(&mut self.blocks[index], &self.comm, &block_grad)?;
+        }
+
+        // 4. The embedding segment.
+        let full = match self.embed.kept.take() {
+            Some(kept) => kept,
+            None => self.gather(&self.embed)?,
+        };
+        let embed = self.module(&self.embed, &full, true);
+        let output = self.spec.embed(&embed, batch);
+        let grads = (output * upstream).sum().backward();
+        let embed_grad = flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads);
+        accumulate(&mut self.embed, &self.comm, &embed_grad)?;
+        Ok(loss_value)
+    }
+
+    fn grad_slices(&mut self) -> Vec<&mut [f32]> {
+        grad_slices(&mut self.embed, &mut self.blocks, &mut self.head)
+    }
+
+    /// Applies the accumulated gradients with AdamW at learning rate `lr`, then zeroes them.
+    pub fn step(&mut self, lr: f32) -> Result<StepReport, CommError> {
+        let scale = self.options.loss_scaler.map_or(1.0, |s| s.scale);
+        if let Some(mut scaler) = self.options.loss_scaler {
+            let slices: Vec<&[f32]> = std::iter::once(self.embed.grad.as_slice())
+                .chain(self.blocks.iter().map(|b| b.grad.as_slice()))
+                .chain(std::iter::once(self.head.grad.as_slice()))
+                .collect();
+            let applied = scaler.update(&self.comm, &slices)?;
+            self.options.loss_scaler = Some(scaler);
+            if !applied {
+                self.zero_grad();
+                return Ok(StepReport {
+                    applied: false,
+                    grad_norm: None,
+                });
+            }
+        }
+        if scale != 1.0 {
+            for slice in self.grad_slices() {
+                for g in slice.iter_mut() {
+                    *g /= scale;
+                }
+            }
+        }
+        let grad_norm = match self.options.max_grad_norm {
+            Some(max) => {
+                let mut slices = grad_slices(&mut self.embed, &mut self.blocks, &mut self.head);
+                Some(clip_grad_norm(&self.comm, &mut slices, max)?)
+            }
+            None => None,
+        };
+        self.steps += 1;
+        let (config, step) = (self.options.adamw, self.steps);
+        for segment in self.segments_mut() {
+            segment.0.step(&config, segment.1, segment.2, lr, step);
+        }
+        self.zero_grad();
+        Ok(StepReport {
+            applied: true,
+            grad_norm,
+        })
+    }
+
+    fn segments_mut(&mut self) -> Vec<(&mut AdamWState, &mut [f32], &[f32])> {
+        let mut out = Vec::new();
+        let Self {
+            embed,
+            blocks,
+            head,
+            ..
+        } = self;
+        out.push((
+            &mut embed.state,
+            embed.params.local.as_mut_slice(),
+            embed.grad.as_slice(),
+        ));
+        for b in blocks.iter_mut() {
+            out.push((
+                &mut b.state,
+                b.params.local.as_mut_slice(),
+                b.grad.as_slice(),
+            ));
+        }
+        out.push((
+            &mut head.state,
+            head.params.local.as_mut_slice(),
+            head.grad.as_slice(),
+        ));
+        out
+    }
+
+    /// Zeroes the accumulated gradient slices.
+    pub fn zero_grad(&mut self) {
+        for slice in self.grad_slices() {
+            slice.fill(0.0);
+        }
+    }
+
+    /// Gathers every segment's full parameters: `(segment name, layout, values)`, with segments
+    /// named `embed`, `blocks.{i}`, `head`.
+    pub fn gather_all(&self) -> Result<Vec<(String, FlatLayout, Vec<f32>)>, CommError> {
+        let mut out = vec![(
+            "embed".to_string(),
+            self.embed.params.layout.clone(),
+            self.gather(&self.embed)?,
+        )];
+        for (i, block) in self.blocks.iter().enumerate() {
+            out.push((
+                format!("blocks.{i}"),
+                block.params.layout.clone(),
+                self.gather(block)?,
+            ));
+        }
+        out.push((
+            "head".to_string(),
+            self.head.params.layout.clone(),
+            self.gather(&self.head)?,
+        ));
+        Ok(out)
+    }
+}
+
+/// Every segment's gradient slice, embedding first.
+fn grad_slices<'a, E, L, H>(
+    embed: &'a mut Segment<E>,
+    blocks: &'a mut [Segment<L>],
+    head: &'a mut Segment<H>,
+) -> Vec<&'a mut [f32]> {
+    std::iter::once(embed.grad.as_mut_slice())
+        .chain(blocks.iter_mut().map(|b| b.grad.as_mut_slice()))
+        .chain(std::iter::once(head.grad.as_mut_slice()))
+        .collect()
+}
+
+/// Reduce-scatters a segment's full gradient (sum over ranks) and adds this rank's slice.
+fn accumulate<M>(
+    segment: &mut Segment<M>,
+    comm: &dyn Communicator,
+    full_grad: &[f32],
+) -> Result<(), CommError> {
+    let slice = segment.params.reduce_scatter(comm, full_grad)?;
+    for (acc, g) in segment.grad.iter_mut().zip(slice) {
+        *acc += g;
+    }
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! ZeRO-3 parameter sharding: a module's float parameters flattened into one f32 buffer, padded
+//! to a multiple of the world size, each rank owning one contiguous slice.
+//!
+//! ```text
+//!  module params   q.weight  q.bias  k.weight …          (visit order, zoo names)
+//!  flat buffer     [──────────────── len ────────────────][pad]
+//!  rank r owns     [r·shard, (r+1)·shard)                   shard = ceil(len / world)
+//! ```
+//!
+//! Before a segment runs, its full buffer is all-gathered and loaded into a copy of the module;
+//! after, the copy is dropped. Its gradient buffer is reduce-scattered (summed) into the owner's
+//! slice. Initialisation materialises the full buffer once, from a seed, and keeps the slice, so
+//! the values do not depend on the world size.
+
+use std::ops::Range;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::comm::{CommError, Communicator, ReduceOp};
+
+/// How a flat buffer of `len` elements is split over `world` ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLayout {
+    /// Real elements.
+    pub len: usize,
+    /// Ranks.
+    pub world: usize,
+}
+
+impl ShardLayout {
+    /// Elements each rank owns (the last ranks' slices end in padding).
+    pub fn shard_len(&self) -> usize {
+        self.len.div_ceil(self.world)
+    }
+
+    /// The buffer length with padding: `world · shard_len`.
+    pub fn padded_len(&self) -> usize {
+        self.shard_len() * self.world
+    }
+
+    /// The padded range rank `rank` owns.
+    pub fn range(&self, rank: usize) -> Range<usize> {
+        let shard = self.shard_len();
+        rank * shard..(rank + 1) * shard
+    }
+
+    /// Rank `rank`'s slice of a full (unpadded) buffer, zero-padded to `shard_len`.
+    pub fn slice_of(&self, full: &[f32], rank: usize) -> Vec<f32> {
+        let range = self.range(rank);
+        let mut out = vec![0.0; self.shard_len()];
+        let end = range.end.min(full.len());
+        if range.start < end {
+            out[..end - range.start].copy_from_slice(&full[range.start..end]);
+        }
+        out
+    }
+
+    /// A full buffer padded with zeros to `padded_len`.
+    pub fn padded(&self, full: &[f32]) -> Vec<f32> {
+        let mut out = full.to_vec();
+        out.resize(self.padded_len(), 0.0);
+        out
+    }
+}
+
+/// One parameter's place in a flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlatEntry {
+    /// Dotted zoo name within the module.
+    pub name: String,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// First element in the flat buffer.
+    pub offset: usize,
+}
+
+impl FlatEntry {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the parameter is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where every float parameter of a module sits in its flat buffer, in visit order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FlatLayout {
+    /// The parameters.
+    pub entries: Vec<FlatEntry>,
+    /// Total elements.
+    pub len: usize,
+}
+
+/// Follows module names like zoo's key tables (enum variants are not part of names).
+#[derive(Default)]
+struct Names {
+    segments: Vec<String>,
+}
+
+impl Names {
+    fn enter(&mut self, name: &str, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.segments.push(name.to_string());
+        }
+    }
+    fn exit(&mut self, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.segments.pop();
+        }
+    }
+    fn name(&self) -> String {
+        self.segments.join(".")
+    }
+}
+
+/// Flattens a module's float parameters (f32) into one buffer, with its layout.
+pub fn flatten<B: Backend, M: Module<B>>(module: &M) -> (FlatLayout, Vec<f32>) {
+    struct Collect {
+        names: Names,
+        layout: FlatLayout,
+        data: Vec<f32>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Collect {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.names.enter(name, container);
+        }
+        fn exit_module(&mut self, _name: &str, container: &str) {
+            self.names.exit(container);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let tensor = param.val();
+            let shape = tensor.dims().to_vec();
+            let values: Vec<f32> = tensor
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("float parameters convert to f32");
+            self.layout.entries.push(FlatEntry {
+                name: self.names.name(),
+                shape,
+                offset: self.layout.len,
+            });
+            self.layout.len += values.len();
+            self.data.extend(values);
+        }
+    }
+    let mut collect = Collect {
+        names: Names::default(),
+        layout: FlatLayout::default(),
+        data: Vec::new(),
+    };
+    module.visit(&mut collect);
+    (collect.layout, collect.data)
+}
+
+/// The layout of a module's parameters from their shapes alone (lazy parameters stay lazy).
+pub fn layout_of<B: Backend, M: Module<B>>(module: &M) -> FlatLayout {
+    struct Shapes {
+        names: Names,
+        layout: FlatLayout,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Shapes {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.names.enter(name, container);
+        }
+        fn exit_module(&mut self, _name: &str, container: &str) {
+            self.names.exit(container);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let shape = param.lazy_shape().to_vec();
+            let len: usize = shape.iter().product();
+            self.layout.entries.push(FlatEntry {
+                name: self.names.name(),
+                shape,
+                offset: self.layout.len,
+            });
+            self.layout.len += len;
+        }
+    }
+    let mut shapes = Shapes {
+        names: Names::default(),
+        layout: FlatLayout::default(),
+    };
+    module.visit(&mut shapes);
+    shapes.layout
+}
+
+/// A copy of `module` whose parameters are `data` (laid out as `layout`), as fresh leaves that
+/// require gradients when `trainable`. The template's own values are never read, so a lazily
+/// initialised template costs nothing.
+pub fn load_flat<B: Backend, M: Module<B>>(
+    module: M,
+    layout: &FlatLayout,
+    data: &[f32],
+    device: &B::Device,
+    trainable: bool,
+) -> M {
+    struct Load<'a, B: Backend> {
+        entries: std::slice::Iter<'a, FlatEntry>,
+        data: &'a [f32],
+        device: &'a B::Device,
+        trainable: bool,
+    }
+    impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
+        fn map_float<const D: usize>(
+            &mut self,
+            _param: Param<Tensor<B, D>>,
+        ) -> Param<Tensor<B, D>> {
+            let entry = self.entries.next().expect("layout covers every parameter");
+            let values = self.data[entry.offset..entry.offset + entry.len()].to_vec();
+            let tensor = Tensor::<B, D>::from_data(
+                TensorData::new(values, entry.shape.clone()),
+                self.device,
+            );
+            let tensor = if self.trainable {
+                tensor.require_grad()
+            } else {
+                tensor
+            };
+            Param::initialized(ParamId::new(), tensor)
+        }
+    }
+    module.map(&mut Load {
+        entries: layout.entries.iter(),
+        data,
+        device,
+        trainable,
+    })
+}
+
+/// The gradients of a module's parameters as one flat buffer (zeros where a parameter got none).
+pub fn flat_grads<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    layout: &FlatLayout,
+    grads: &B::Gradients,
+) -> Vec<f32> {
+    struct Grads<'a, B: AutodiffBackend> {
+        grads: &'a B::Gradients,
+        out: Vec<f32>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let tensor = param.val();
+            let len = tensor.dims().iter().product::<usize>();
+            match tensor.grad(self.grads) {
+                Some(grad) => self.out.extend(
+                    grad.into_data()
+                        .convert::<f32>()
+                        .to_vec::<f32>()
+                        .expect("gradients convert to f32"),
+                ),
+                None => self.out.extend(std::iter::repeat_n(0.0, len)),
+            }
+        }
+    }
+    let mut collect = Grads {
+        grads,
+        out: Vec::with_capacity(layout.len),
+    };
+    module.visit(&mut collect);
+    collect.out
+}
+
+/// One segment's parameters, sharded: the layout and this rank's slice (the f32 master copy).
+#[derive(Debug, Clone)]
+pub struct ShardedParams {
+    /// Where each parameter sits.
+    pub layout: FlatLayout,
+    /// How the buffer is split.
+    pub shards: ShardLayout,
+    /// This rank's slice, `shard_len` long.
+    pub local: Vec<f32>,
+}
+
+impl ShardedParams {
+    /// Keeps `rank`'s slice of a full buffer.
+    pub fn from_full(layout: FlatLayout, full: &[f32], rank: usize, world: usize) -> Self {
+        let shards = ShardLayout {
+            len: layout.len,
+            world,
+        };
+        Self {
+            local: shards.slice_of(full, rank),
+            layout,
+            shards,
+        }
+    }
+
+    /// All-gathers the full buffer (padding removed).
+    pub fn gather(&self, comm: &dyn Communicator) -> Result<Vec<f32>, CommError> {
+        let mut full = comm.all_gather(&self.local)?;
+        full.truncate(self.layout.len);
+        Ok(full)
+    }
+
+    /// Sums a full gradient buffer across ranks and returns this rank's slice of the sum.
+    pub fn reduce_scatter(
+        &self,
+        comm: &dyn Communicator,
+        full_grad: &[f32],
+    ) -> Result<Vec<f32>, CommError> {
+        comm.reduce_scatter(&self.shards.padded(full_grad), ReduceOp::Sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::ThreadGroup;
+    use crate::{Cpu, CpuTrain};
+    use burn::nn::{Linear, LinearConfig};
+    use std::time::Duration;
+
+    #[test]
+    fn shards_cover_the_buffer_once_with_padding_last() {
+        let layout = ShardLayout { len: 10, world: 4 };
+        assert_eq!(layout.shard_len(), 3);
+        assert_eq!(layout.padded_len(), 12);
+        let full: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let joined: Vec<f32> = (0..4).flat_map(|r| layout.slice_of(&full, r)).collect();
+        assert_eq!(&joined[..10], &full[..]);
+        assert_eq!(&joined[10..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn flatten_and_load_round_trip_in_visit_order() {
+        let device = Default::default();
+        let linear: Linear<Cpu> = LinearConfig::new(3, 2).init(&device);
+        let (layout, data) = flatten(&linear);
+        assert_eq!(layout.len, 3 * 2 + 2);
+        let names: Vec<&str> = layout.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["weight", "bias"]);
+        assert_eq!(layout_of(&linear), layout);
+        let doubled: Vec<f32> = data.iter().map(|x| x * 2.0).collect();
+        let loaded = load_flat(linear.clone(), &layout, &doubled, &device, false);
+        assert_eq!(flatten(&loaded).1, doubled);
+    }
+
+    #[test]
+    fn gather_and_reduce_scatter_invert_sharding() {
+        let results = ThreadGroup::run(3, Duration::from_secs(10), |comm| {
+            let device = Default::default();
+            let linear: Linear<CpuTrain> = LinearConfig::new(3, 2).init(&device);
+            let layout = layout_of(&linear);
+            let full: Vec<f32> = (0..layout.len).map(|i| i as f32).collect();
+            let sharded = ShardedParams::from_full(layout, &full, comm.rank(), 3);
+            let gathered = sharded.gather(&comm).unwrap();
+            let grad_slice = sharded.reduce_scatter(&comm, &full).unwrap();
+            (gathered, grad_slice, sharded.shards.range(comm.rank()))
+        });
+        for result in results {
+            let (gathered, grad_slice, range) = result.unwrap();
+            let full: Vec<f32> = (0..8).map(|i| i as f32).collect();
+            assert_eq!(gathered, full);
+            let want: Vec<f32> = range
+                .map(|i| if i < 8 { 3.0 * i as f32 } else { 0.0 })
+                .collect();
+            assert_eq!(grad_slice, want);
+        }
+    }
+}
