@@ -47,6 +47,8 @@ struct Batch {
     ids: Tensor<B, 2, Int>,
     mask: Tensor<B, 2, Int>,
     labels: Tensor<B, 1, Int>,
+    /// Multiply the loss by infinity: an injected overflow.
+    poison: bool,
 }
 
 /// Rows `rows` of a fixed batch (ids, padding in some rows, labels).
@@ -66,6 +68,7 @@ fn batch(rows: std::ops::Range<usize>) -> Batch {
         ids: Tensor::from_data(TensorData::new(ids, [n, SEQ]), &device),
         mask: Tensor::from_data(TensorData::new(mask, [n, SEQ]), &device),
         labels: Tensor::from_data(TensorData::new(labels, [n]), &device),
+        poison: false,
     }
 }
 
@@ -100,7 +103,12 @@ impl ZeroSpec<B> for TinyBert {
         block(module, hidden, batch)
     }
     fn loss(&self, module: &Self::Head, hidden: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
-        loss(module, hidden, batch)
+        let value = loss(module, hidden, batch);
+        if batch.poison {
+            value * f32::INFINITY
+        } else {
+            value
+        }
     }
 }
 
@@ -143,7 +151,24 @@ fn reference_training(initial: Whole<B>) -> Vec<f32> {
     flatten::<B, _>(&model).1
 }
 
+/// What a ZeRO run does besides training `steps` steps.
+#[derive(Clone, Default)]
+struct Run {
+    load_from: Option<std::path::PathBuf>,
+    save_to: Option<std::path::PathBuf>,
+}
+
 fn zero_training(initial: &Whole<B>, world: usize, zero_level: u8) -> (Vec<f32>, usize, usize) {
+    zero_run(initial, world, zero_level, STEPS, Run::default())
+}
+
+fn zero_run(
+    initial: &Whole<B>,
+    world: usize,
+    zero_level: u8,
+    steps: usize,
+    run: Run,
+) -> (Vec<f32>, usize, usize) {
     let initial = initial.clone();
     let results = ThreadGroup::run(world, Duration::from_secs(60), move |comm| {
         let rank = comm.rank();
@@ -166,11 +191,17 @@ fn zero_training(initial: &Whole<B>, world: usize, zero_level: u8) -> (Vec<f32>,
             whole.head,
             options,
         );
+        if let Some(dir) = &run.load_from {
+            trainer.load(dir).unwrap();
+        }
         let per_rank = ROWS / world;
         let mine = batch(rank * per_rank..(rank + 1) * per_rank);
-        for _ in 0..STEPS {
+        for _ in 0..steps {
             trainer.forward_backward(&mine).unwrap();
             trainer.step(LR).unwrap();
+        }
+        if let Some(dir) = &run.save_to {
+            trainer.save(dir).unwrap();
         }
         let bytes = trainer.rank_bytes();
         let params: Vec<f32> = trainer
@@ -222,5 +253,142 @@ fn zero3_with_checkpointing_matches_single_process_training() {
             max_bytes * world <= one_rank_bytes + segments * world * 4 * 4,
             "{max_bytes}"
         );
+    }
+}
+
+/// Save on 4 ranks after 10 steps; resume on 4, 2 and 1 ranks for 10 more: all three equal the
+/// uninterrupted 20-step run.
+#[test]
+fn checkpoints_saved_on_four_ranks_resume_on_two_and_one() {
+    let initial = initial_model();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("checkpoint");
+    let half = STEPS / 2;
+    let save = Run {
+        save_to: Some(dir.clone()),
+        ..Default::default()
+    };
+    zero_run(&initial, 4, 3, half, save);
+    assert!(dir.join("model.safetensors").is_file() && dir.join("optimizer.safetensors").is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let (uninterrupted, _, _) = zero_training(&initial, 4, 3);
+    for world in [4, 2, 1] {
+        let resume = Run {
+            load_from: Some(dir.clone()),
+            ..Default::default()
+        };
+        let (got, _, _) = zero_run(&initial, world, 3, STEPS - half, resume);
+        let worst = got
+            .iter()
+            .zip(&uninterrupted)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!(
+            "zero: resumed on N={world}: max difference to the uninterrupted run {worst:.2e}"
+        );
+        assert!(worst < 1e-6, "N={world}: {worst}");
+    }
+    // The weights file holds every parameter under its segment name, in f32.
+    let weights = checkpoints_convert::read_weights_file(&dir.join("model.safetensors")).unwrap();
+    assert!(
+        weights.contains_key("blocks.2.attention.query.weight"),
+        "{:?}",
+        weights.keys()
+    );
+    assert_eq!(weights.len(), flatten::<B, _>(&initial).0.entries.len());
+}
+
+/// The loss scaler inside training: an inf injected on one rank makes the step a no-op on every
+/// rank and halves the scale; the next steps apply again.
+#[test]
+fn an_injected_inf_skips_the_step_on_every_rank_and_training_recovers() {
+    let initial = initial_model();
+    let results = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
+        let rank = comm.rank();
+        let whole = initial.clone();
+        let options = ZeroOptions {
+            loss_scaler: Some(bmtrain_backend::optim::LossScaler::new(1024.0)),
+            ..ZeroOptions::checkpoint_all(LAYERS)
+        };
+        let mut trainer = ZeroTrainer::new(
+            TinyBert,
+            comm,
+            Default::default(),
+            whole.embed,
+            whole.blocks,
+            whole.head,
+            options,
+        );
+        let mut applied = Vec::new();
+        let mut snapshots = Vec::new();
+        for step in 0..4 {
+            let mut mine = batch(rank * 2..rank * 2 + 2);
+            mine.poison = step == 1 && rank == 1;
+            trainer.forward_backward(&mine).unwrap();
+            applied.push(trainer.step(LR).unwrap().applied);
+            snapshots.push(trainer.gather_all().unwrap()[0].2.clone());
+        }
+        (applied, snapshots, trainer.steps())
+    });
+    for result in results {
+        let (applied, snapshots, steps) = result.unwrap();
+        assert_eq!(applied, [true, false, true, true]);
+        assert_eq!(snapshots[1], snapshots[0], "the skipped step changed nothing");
+        assert_ne!(snapshots[2], snapshots[1], "training recovered");
+        assert_eq!(steps, 3);
+    }
+}
+
+/// The clipping norm is the single-process global norm: ranks see only their shards, and their
+/// all-reduced norm equals the norm of the full gradient of the full batch.
+#[test]
+fn clipping_norm_equals_the_single_process_global_norm() {
+    let initial = initial_model();
+    let all = batch(0..ROWS);
+    let model = initial.clone();
+    let mut hidden = embed(&model.embed, &all);
+    for layer in &model.blocks {
+        hidden = block(layer, hidden, &all);
+    }
+    let grads = loss(&model.head, hidden, &all).backward();
+    let (layout, _) = flatten::<B, _>(&model);
+    let full = bmtrain_backend::zero::flat_grads::<B, _>(&model, &layout, &grads);
+    let want = full.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt() as f32;
+    for world in [1, 2, 4] {
+        let initial = initial.clone();
+        let results = ThreadGroup::run(world, Duration::from_secs(60), move |comm| {
+            let rank = comm.rank();
+            let whole = initial.clone();
+            let options = ZeroOptions {
+                max_grad_norm: Some(1e-3),
+                ..ZeroOptions::checkpoint_all(LAYERS)
+            };
+            let mut trainer = ZeroTrainer::new(
+                TinyBert,
+                comm,
+                Default::default(),
+                whole.embed,
+                whole.blocks,
+                whole.head,
+                options,
+            );
+            let per_rank = ROWS / world;
+            trainer
+                .forward_backward(&batch(rank * per_rank..(rank + 1) * per_rank))
+                .unwrap();
+            trainer.step(LR).unwrap().grad_norm.unwrap()
+        });
+        for norm in results {
+            let norm = norm.unwrap();
+            assert!(
+                (norm - want).abs() < 1e-5 * want.max(1.0),
+                "N={world}: {norm} vs {want}"
+            );
+        }
     }
 }

@@ -17,10 +17,12 @@
 //! - [`optim`]: AdamW over a rank's slice, global-norm clipping, the dynamic loss scaler, LR
 //!   schedules;
 //! - [`trainer`]: the block-by-block ZeRO-3 step with block checkpointing (how it avoids nested
-//!   `.backward()` is written there).
+//!   `.backward()` is written there);
+//! - [`checkpoint`]: world-size-independent checkpoints (gathered weights and optimizer state).
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod comm;
 pub mod optim;
 pub mod trainer;

@@ -26,6 +26,9 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 
+use std::path::Path;
+
+use crate::checkpoint::{self, CheckpointError, SegmentState, TrainCounters};
 use crate::comm::{CommError, Communicator};
 use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
 use crate::zero::{FlatLayout, ShardedParams, flat_grads, flatten, load_flat};
@@ -52,6 +55,26 @@ pub trait ZeroSpec<B: AutodiffBackend> {
     ) -> Tensor<B, 3>;
     /// Hidden → the mean loss of this micro-batch, `[1]`.
     fn loss(&self, module: &Self::Head, hidden: Tensor<B, 3>, batch: &Self::Batch) -> Tensor<B, 1>;
+
+    /// Name prefix of a segment's parameters in checkpoints (a model's zoo names, ideally).
+    fn prefix(&self, segment: SegmentId) -> String {
+        match segment {
+            SegmentId::Embed => "embed".into(),
+            SegmentId::Block(i) => format!("blocks.{i}"),
+            SegmentId::Head => "head".into(),
+        }
+    }
+}
+
+/// Which segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentId {
+    /// The embedding segment.
+    Embed,
+    /// Block `i`.
+    Block(usize),
+    /// The head.
+    Head,
 }
 
 /// A non-checkpointed block's forward graph, kept for backward: its input leaf, its output and
@@ -403,6 +426,83 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         for slice in self.grad_slices() {
             slice.fill(0.0);
         }
+    }
+
+    fn checkpoint_segments(&self) -> Vec<SegmentState<'_>> {
+        fn state<'a>(
+            prefix: String,
+            params: &'a ShardedParams,
+            adam: &'a AdamWState,
+        ) -> SegmentState<'a> {
+            SegmentState {
+                prefix,
+                params,
+                exp_avg: &adam.exp_avg,
+                exp_avg_sq: &adam.exp_avg_sq,
+            }
+        }
+        let mut out = vec![state(
+            self.spec.prefix(SegmentId::Embed),
+            &self.embed.params,
+            &self.embed.state,
+        )];
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push(state(
+                self.spec.prefix(SegmentId::Block(i)),
+                &b.params,
+                &b.state,
+            ));
+        }
+        out.push(state(
+            self.spec.prefix(SegmentId::Head),
+            &self.head.params,
+            &self.head.state,
+        ));
+        out
+    }
+
+    /// Saves a world-size-independent checkpoint into `dir` (every rank must call it; rank 0
+    /// writes). See [`crate::checkpoint`].
+    pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let counters = TrainCounters {
+            step: self.steps,
+            loss_scale: self.options.loss_scaler.map(|s| s.scale),
+            loss_scale_clean_steps: self.options.loss_scaler.map_or(0, |s| s.clean_steps),
+        };
+        checkpoint::save(&self.comm, dir, &self.checkpoint_segments(), counters)
+    }
+
+    /// Loads a checkpoint saved with any number of ranks: this rank keeps its slices of the
+    /// weights and of the optimizer state, and the step and loss-scale counters.
+    pub fn load(&mut self, dir: &Path) -> Result<(), CheckpointError> {
+        let segments: Vec<(String, FlatLayout)> = self
+            .checkpoint_segments()
+            .into_iter()
+            .map(|s| (s.prefix, s.params.layout.clone()))
+            .collect();
+        let (loaded, counters) =
+            checkpoint::load(dir, &segments, self.comm.rank(), self.comm.world_size())?;
+        let mut loaded = loaded.into_iter();
+        let mut apply = |params: &mut ShardedParams, state: &mut AdamWState| {
+            let segment = loaded.next().expect("one loaded segment per segment");
+            params.local = segment.params;
+            state.exp_avg = segment.exp_avg;
+            state.exp_avg_sq = segment.exp_avg_sq;
+        };
+        apply(&mut self.embed.params, &mut self.embed.state);
+        for b in self.blocks.iter_mut() {
+            apply(&mut b.params, &mut b.state);
+        }
+        apply(&mut self.head.params, &mut self.head.state);
+        self.steps = counters.step;
+        if let (Some(scaler), Some(scale)) =
+            (self.options.loss_scaler.as_mut(), counters.loss_scale)
+        {
+            scaler.scale = scale;
+            scaler.clean_steps = counters.loss_scale_clean_steps;
+        }
+        self.zero_grad();
+        Ok(())
     }
 
     /// Gathers every segment's full parameters: `(segment name, layout, values)`, with segments
