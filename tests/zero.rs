@@ -156,6 +156,8 @@ fn reference_training(initial: Whole<B>) -> Vec<f32> {
 struct Run {
     load_from: Option<std::path::PathBuf>,
     save_to: Option<std::path::PathBuf>,
+    /// Micro-batches per step (gradient accumulation); 0 or 1: one.
+    micro_batches: usize,
 }
 
 fn zero_training(initial: &Whole<B>, world: usize, zero_level: u8) -> (Vec<f32>, usize, usize) {
@@ -195,9 +197,15 @@ fn zero_run(
             trainer.load(dir).unwrap();
         }
         let per_rank = ROWS / world;
-        let mine = batch(rank * per_rank..(rank + 1) * per_rank);
+        let micro = run.micro_batches.max(1);
+        let rows = per_rank / micro;
+        let micro_batches: Vec<Batch> = (0..micro)
+            .map(|m| batch(rank * per_rank + m * rows..rank * per_rank + (m + 1) * rows))
+            .collect();
         for _ in 0..steps {
-            trainer.forward_backward(&mine).unwrap();
+            for micro_batch in &micro_batches {
+                trainer.forward_backward(micro_batch).unwrap();
+            }
             trainer.step(LR).unwrap();
         }
         if let Some(dir) = &run.save_to {
@@ -253,6 +261,28 @@ fn zero3_with_checkpointing_matches_single_process_training() {
             max_bytes * world <= one_rank_bytes + segments * world * 4 * 4,
             "{max_bytes}"
         );
+    }
+}
+
+/// Gradient accumulation: micro-batches of one row, accumulated to four rows per step over the
+/// ranks, train like the full batch.
+#[test]
+fn accumulated_micro_batches_train_like_the_full_batch() {
+    let initial = initial_model();
+    let want = reference_training(initial.clone());
+    for (world, micro) in [(1, 4), (2, 2)] {
+        let run = Run {
+            micro_batches: micro,
+            ..Default::default()
+        };
+        let (got, _, _) = zero_run(&initial, world, 3, STEPS, run);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!("zero: N={world}, {micro} micro-batches per step: max difference {worst:.2e}");
+        assert!(worst < 1e-5, "N={world}, micro {micro}: {worst}");
     }
 }
 

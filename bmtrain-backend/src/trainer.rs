@@ -180,6 +180,7 @@ pub struct ZeroTrainer<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> {
     pub head: Segment<S::Head>,
     options: ZeroOptions,
     steps: u64,
+    micro_batches: u32,
 }
 
 impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
@@ -207,6 +208,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             device,
             options,
             steps: 0,
+            micro_batches: 0,
         }
     }
 
@@ -342,6 +344,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         let grads = (output * upstream).sum().backward();
         let embed_grad = flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads);
         accumulate(&mut self.embed, &self.comm, &embed_grad)?;
+        self.micro_batches += 1;
         Ok(loss_value)
     }
 
@@ -349,9 +352,12 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         grad_slices(&mut self.embed, &mut self.blocks, &mut self.head)
     }
 
-    /// Applies the accumulated gradients with AdamW at learning rate `lr`, then zeroes them.
+    /// Applies the gradients accumulated since the last step with AdamW at learning rate `lr`,
+    /// then zeroes them. Gradients of several micro-batches are averaged (gradient accumulation:
+    /// k micro-batches of b rows step like one batch of k·b rows).
     pub fn step(&mut self, lr: f32) -> Result<StepReport, CommError> {
-        let scale = self.options.loss_scaler.map_or(1.0, |s| s.scale);
+        let scale =
+            self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
         if let Some(mut scaler) = self.options.loss_scaler {
             let slices: Vec<&[f32]> = std::iter::once(self.embed.grad.as_slice())
                 .chain(self.blocks.iter().map(|b| b.grad.as_slice()))
@@ -423,6 +429,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
 
     /// Zeroes the accumulated gradient slices.
     pub fn zero_grad(&mut self) {
+        self.micro_batches = 0;
         for slice in self.grad_slices() {
             slice.fill(0.0);
         }
