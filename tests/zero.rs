@@ -547,3 +547,105 @@ fn memory_probe() {
     println!("PROBE_ACTIVATION_MB={}", (peak - before) / 1024.0);
     println!("PROBE_STEP_MS={}", times[1]);
 }
+
+/// Mixed precision: segments compute in f16 from f32 master slices (loss-scaled). Training
+/// follows the f32 run closely and the loss falls.
+#[test]
+fn f16_compute_with_f32_master_weights_tracks_f32_training() {
+    let initial = initial_model();
+    let (f32_params, _, _) = zero_training(&initial, 2, 3);
+    let initial_f16 = initial.clone();
+    let results = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
+        let rank = comm.rank();
+        let whole = initial_f16.clone();
+        let options = ZeroOptions {
+            compute_dtype: Some(burn::tensor::DType::F16),
+            loss_scaler: Some(bmtrain_backend::optim::LossScaler::new(1024.0)),
+            adamw: ZeroAdamW {
+                weight_decay: WEIGHT_DECAY,
+                eps: EPSILON,
+                ..Default::default()
+            },
+            ..ZeroOptions::checkpoint_all(LAYERS)
+        };
+        let mut trainer = ZeroTrainer::new(
+            TinyBert,
+            comm,
+            Default::default(),
+            whole.embed,
+            whole.blocks,
+            whole.head,
+            options,
+        );
+        let mine = batch(rank * 2..rank * 2 + 2);
+        let mut losses = Vec::new();
+        for _ in 0..STEPS {
+            losses.push(trainer.forward_backward(&mine).unwrap());
+            assert!(trainer.step(LR).unwrap().applied);
+        }
+        let params: Vec<f32> = trainer
+            .gather_all()
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, _, v)| v)
+            .collect();
+        (losses, params)
+    });
+    let (losses, params) = results.into_iter().next().unwrap().unwrap();
+    let worst = params
+        .iter()
+        .zip(&f32_params)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "zero: f16 compute: loss {:.3} → {:.3}; max difference to f32 training {worst:.2e}",
+        losses[0],
+        losses[STEPS - 1]
+    );
+    assert!(losses[STEPS - 1] < losses[0]);
+    assert!(worst < 1e-3, "{worst}");
+}
+
+/// A rank that panics mid-training makes every other rank's next collective fail, naming it,
+/// instead of hanging.
+#[test]
+fn a_rank_that_dies_mid_training_fails_its_peers() {
+    let initial = initial_model();
+    let started = std::time::Instant::now();
+    let results = ThreadGroup::run(3, Duration::from_secs(30), move |comm| {
+        let rank = comm.rank();
+        let whole = initial.clone();
+        let mut trainer = ZeroTrainer::new(
+            TinyBert,
+            comm,
+            Default::default(),
+            whole.embed,
+            whole.blocks,
+            whole.head,
+            ZeroOptions::checkpoint_all(LAYERS),
+        );
+        let mine = batch(rank..rank + 1);
+        for step in 0..5 {
+            if step == 2 && rank == 1 {
+                panic!("rank 1 dies at step 2");
+            }
+            trainer.forward_backward(&mine)?;
+            trainer.step(LR)?;
+        }
+        Ok::<_, bmtrain_backend::comm::CommError>(())
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "peers waited for the timeout"
+    );
+    assert!(results[1].as_ref().unwrap_err().contains("dies"));
+    for rank in [0, 2] {
+        let err = results[rank]
+            .as_ref()
+            .unwrap()
+            .as_ref()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rank 1"), "rank {rank}: {err}");
+    }
+}

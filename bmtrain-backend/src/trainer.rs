@@ -23,15 +23,15 @@
 //! global norm across all shards, and runs AdamW on each rank's slices (f32 master weights).
 
 use burn::module::{AutodiffModule, Module};
-use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Tensor};
 
 use std::path::Path;
 
 use crate::checkpoint::{self, CheckpointError, SegmentState, TrainCounters};
 use crate::comm::{CommError, Communicator};
 use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
-use crate::zero::{FlatLayout, ShardedParams, flat_grads, flatten, load_flat};
+use crate::zero::{FlatLayout, ShardedParams, flat_grads, flatten, load_flat_as};
 
 /// How a model's segments run. Implemented once per model family.
 pub trait ZeroSpec<B: AutodiffBackend> {
@@ -95,6 +95,9 @@ pub struct ZeroOptions {
     pub max_grad_norm: Option<f32>,
     /// Dynamic loss scaling (for half precision; `None` trains unscaled).
     pub loss_scaler: Option<LossScaler>,
+    /// The dtype segments compute in (f16 / bf16 mixed precision). Master weights, gradients
+    /// and optimizer state stay f32 slices whatever it is. `None`: f32.
+    pub compute_dtype: Option<DType>,
 }
 
 impl ZeroOptions {
@@ -106,6 +109,7 @@ impl ZeroOptions {
             adamw: AdamWConfig::default(),
             max_grad_norm: None,
             loss_scaler: None,
+            compute_dtype: None,
         }
     }
 }
@@ -242,12 +246,13 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         full: &[f32],
         trainable: bool,
     ) -> M {
-        load_flat(
+        load_flat_as(
             segment.template.clone(),
             &segment.params.layout,
             full,
             &self.device,
             trainable,
+            self.options.compute_dtype,
         )
     }
 

@@ -16,7 +16,7 @@ use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::comm::{CommError, Communicator, ReduceOp};
 
@@ -201,11 +201,24 @@ pub fn load_flat<B: Backend, M: Module<B>>(
     device: &B::Device,
     trainable: bool,
 ) -> M {
+    load_flat_as(module, layout, data, device, trainable, None)
+}
+
+/// [`load_flat`] with the parameters in `dtype` (f16 / bf16 compute from f32 master values).
+pub fn load_flat_as<B: Backend, M: Module<B>>(
+    module: M,
+    layout: &FlatLayout,
+    data: &[f32],
+    device: &B::Device,
+    trainable: bool,
+    dtype: Option<DType>,
+) -> M {
     struct Load<'a, B: Backend> {
         entries: std::slice::Iter<'a, FlatEntry>,
         data: &'a [f32],
         device: &'a B::Device,
         trainable: bool,
+        dtype: Option<DType>,
     }
     impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
         fn map_float<const D: usize>(
@@ -214,10 +227,11 @@ pub fn load_flat<B: Backend, M: Module<B>>(
         ) -> Param<Tensor<B, D>> {
             let entry = self.entries.next().expect("layout covers every parameter");
             let values = self.data[entry.offset..entry.offset + entry.len()].to_vec();
-            let tensor = Tensor::<B, D>::from_data(
-                TensorData::new(values, entry.shape.clone()),
-                self.device,
-            );
+            let mut data = TensorData::new(values, entry.shape.clone());
+            if let Some(dtype) = self.dtype {
+                data = data.convert_dtype(dtype);
+            }
+            let tensor = Tensor::<B, D>::from_data(data, self.device);
             let tensor = if self.trainable {
                 tensor.require_grad()
             } else {
@@ -231,6 +245,7 @@ pub fn load_flat<B: Backend, M: Module<B>>(
         data,
         device,
         trainable,
+        dtype,
     })
 }
 
