@@ -649,3 +649,62 @@ fn a_rank_that_dies_mid_training_fails_its_peers() {
         assert!(err.contains("rank 1"), "rank {rank}: {err}");
     }
 }
+
+/// `inspect` gathers across shards: every world size reports the statistics of the full
+/// parameters and gradients, which equal those computed from the single-process model.
+#[test]
+fn inspect_reports_full_parameter_and_gradient_statistics() {
+    let initial = initial_model();
+    let all = batch(0..ROWS);
+    let model = initial.clone();
+    let mut hidden = embed(&model.embed, &all);
+    for layer in &model.blocks {
+        hidden = block(layer, hidden, &all);
+    }
+    let grads = loss(&model.head, hidden, &all).backward();
+    let (layout, values) = flatten::<B, _>(&model);
+    let full_grads = bmtrain_backend::zero::flat_grads::<B, _>(&model, &layout, &grads);
+    for world in [1, 4] {
+        let initial = initial.clone();
+        let results = ThreadGroup::run(world, Duration::from_secs(60), move |comm| {
+            let rank = comm.rank();
+            let whole = initial.clone();
+            let mut trainer = ZeroTrainer::new(
+                TinyBert,
+                comm,
+                Default::default(),
+                whole.embed,
+                whole.blocks,
+                whole.head,
+                ZeroOptions::checkpoint_all(LAYERS),
+            );
+            let per_rank = ROWS / world;
+            trainer
+                .forward_backward(&batch(rank * per_rank..(rank + 1) * per_rank))
+                .unwrap();
+            trainer.inspect().unwrap()
+        });
+        let stats = results.into_iter().next().unwrap().unwrap();
+        assert_eq!(stats.len(), layout.entries.len());
+        for (row, entry) in stats.iter().zip(&layout.entries) {
+            let range = entry.offset..entry.offset + entry.len();
+            let (mean, std, min, max) = bmtrain_backend::inspect::moments(&values[range.clone()]);
+            let (grad_mean, grad_std, _, _) = bmtrain_backend::inspect::moments(&full_grads[range]);
+            assert_eq!(
+                (row.mean, row.std, row.min, row.max),
+                (mean, std, min, max),
+                "{}",
+                row.name
+            );
+            assert!((row.grad_mean.unwrap() - grad_mean).abs() <= 1e-6 * (1.0 + grad_mean.abs()));
+            assert!((row.grad_std.unwrap() - grad_std).abs() <= 1e-5 * (1.0 + grad_std));
+        }
+        if world == 4 {
+            let table = bmtrain_backend::inspect::format_table(&stats);
+            eprintln!(
+                "zero: inspect table, first rows:\n{}",
+                table.lines().take(4).collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}

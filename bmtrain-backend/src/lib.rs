@@ -18,12 +18,14 @@
 //!   schedules;
 //! - [`trainer`]: the block-by-block ZeRO-3 step with block checkpointing (how it avoids nested
 //!   `.backward()` is written there);
-//! - [`checkpoint`]: world-size-independent checkpoints (gathered weights and optimizer state).
+//! - [`checkpoint`]: world-size-independent checkpoints (gathered weights and optimizer state);
+//! - [`inspect`]: per-parameter statistics gathered across shards, like `bmt.inspect`.
 
 #![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod comm;
+pub mod inspect;
 pub mod optim;
 pub mod trainer;
 pub mod zero;

@@ -30,6 +30,7 @@ use std::path::Path;
 
 use crate::checkpoint::{self, CheckpointError, SegmentState, TrainCounters};
 use crate::comm::{CommError, Communicator};
+use crate::inspect::{ParamStats, moments};
 use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
 use crate::zero::{FlatLayout, ShardedParams, flat_grads, flatten, load_flat_as};
 
@@ -515,6 +516,42 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         }
         self.zero_grad();
         Ok(())
+    }
+
+    /// Statistics of every parameter and of its accumulated gradient (as the next step would
+    /// apply it: unscaled and averaged over micro-batches), gathered across shards. Every rank
+    /// must call it; all get the same table.
+    pub fn inspect(&self) -> Result<Vec<ParamStats>, CommError> {
+        let divisor =
+            self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
+        let mut out = Vec::new();
+        let segments = self.checkpoint_segments();
+        let grads = std::iter::once(&self.embed.grad)
+            .chain(self.blocks.iter().map(|b| &b.grad))
+            .chain(std::iter::once(&self.head.grad));
+        for (segment, grad) in segments.iter().zip(grads) {
+            let values = segment.params.gather(&self.comm)?;
+            let mut grad = self.comm.all_gather(grad)?;
+            grad.truncate(values.len());
+            let has_grad = self.micro_batches > 0;
+            for entry in &segment.params.layout.entries {
+                let range = entry.offset..entry.offset + entry.len();
+                let (mean, std, min, max) = moments(&values[range.clone()]);
+                let grad_values: Vec<f32> = grad[range].iter().map(|g| g / divisor).collect();
+                let (grad_mean, grad_std, _, _) = moments(&grad_values);
+                out.push(ParamStats {
+                    name: format!("{}.{}", segment.prefix, entry.name),
+                    shape: entry.shape.clone(),
+                    mean,
+                    std,
+                    min,
+                    max,
+                    grad_mean: has_grad.then_some(grad_mean),
+                    grad_std: has_grad.then_some(grad_std),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Gathers every segment's full parameters: `(segment name, layout, values)`, with segments
