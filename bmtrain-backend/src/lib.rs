@@ -13,6 +13,8 @@
 //! way:
 //! - [`comm`]: the [`comm::Communicator`] trait (all-reduce, all-gather, reduce-scatter, broadcast,
 //!   barrier; every call times out, a dead peer is an error naming it) and thread ranks;
+//! - [`dist`]: ranks from torchrun / Slurm variables and the TCP rendezvous that shares NCCL's id;
+//! - `nccl` (feature `cuda`): the NCCL communicator, through cudarc with dynamic loading;
 //! - [`zero`]: ZeRO-3 sharding of a module's parameters into one flat f32 buffer per segment;
 //! - [`optim`]: AdamW over a rank's slice, global-norm clipping, the dynamic loss scaler, LR
 //!   schedules;
@@ -25,7 +27,10 @@
 
 pub mod checkpoint;
 pub mod comm;
+pub mod dist;
 pub mod inspect;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
 pub mod trainer;
 pub mod zero;
