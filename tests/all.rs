@@ -3,6 +3,8 @@
 
 mod convert;
 mod generation;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod gradients;
 mod parity;
 mod t5;

@@ -42,7 +42,9 @@ impl NcclComm {
         };
         // SAFETY: these only try to dlopen the libraries.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(fail("the CUDA driver library (libcuda) is not available".into()));
+            return Err(fail(
+                "the CUDA driver library (libcuda) is not available".into(),
+            ));
         }
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(fail("the NCCL library (libnccl) is not available".into()));
@@ -59,13 +61,21 @@ impl NcclComm {
         let blob = rendezvous(env, own_id.as_deref(), timeout)?;
         let mut internal = [0 as std::ffi::c_char; 128];
         if blob.len() != internal.len() {
-            return Err(fail(format!("the rendezvous gave {} bytes, not an NCCL id", blob.len())));
+            return Err(fail(format!(
+                "the rendezvous gave {} bytes, not an NCCL id",
+                blob.len()
+            )));
         }
         for (dst, src) in internal.iter_mut().zip(&blob) {
             *dst = *src as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(stream.clone(), env.rank, env.world_size, Id::uninit(internal))
-            .map_err(|e| fail(format!("ncclCommInitRank: {e:?}")))?;
+        let comm = Comm::from_rank(
+            stream.clone(),
+            env.rank,
+            env.world_size,
+            Id::uninit(internal),
+        )
+        .map_err(|e| fail(format!("ncclCommInitRank: {e:?}")))?;
         Ok(Self {
             comm,
             stream,
@@ -82,14 +92,22 @@ impl NcclComm {
     }
 
     fn upload(&self, data: &[f32]) -> Result<cudarc::driver::CudaSlice<f32>, CommError> {
-        self.stream.clone_htod(data).map_err(|e| self.error("host to device", e))
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| self.error("host to device", e))
     }
 
-    fn download(&self, buffer: &cudarc::driver::CudaSlice<f32>, out: &mut [f32]) -> Result<(), CommError> {
+    fn download(
+        &self,
+        buffer: &cudarc::driver::CudaSlice<f32>,
+        out: &mut [f32],
+    ) -> Result<(), CommError> {
         self.stream
             .memcpy_dtoh(buffer, out)
             .map_err(|e| self.error("device to host", e))?;
-        self.stream.synchronize().map_err(|e| self.error("stream synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| self.error("stream synchronize", e))
     }
 }
 
@@ -136,7 +154,11 @@ impl Communicator for NcclComm {
         if !full.len().is_multiple_of(self.world_size) {
             return Err(CommError::Mismatch {
                 rank: self.rank,
-                message: format!("reduce_scatter of {} elements over {} ranks", full.len(), self.world_size),
+                message: format!(
+                    "reduce_scatter of {} elements over {} ranks",
+                    full.len(),
+                    self.world_size
+                ),
             });
         }
         let chunk = full.len() / self.world_size;

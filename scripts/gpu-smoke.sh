@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU smoke checks for zoo's CUDA path: a 1-rank NCCL communicator, a CUDA training step of the
+# tiny GPT-2 fixture against transformers' loss and gradients, and ZeRO-3 training on CUDA through
+# NCCL. Run from the repository root on a machine with an NVIDIA GPU.
+#
+#   scripts/gpu-smoke.sh              # builds the test binary with --features cuda, then runs it
+#   scripts/gpu-smoke.sh PATH/TO/BIN  # runs an integration-test binary built elsewhere
+#
+# CUDA, NVRTC and NCCL are loaded at run time (cudarc's dynamic loading). NCCL from pip
+# (nvidia-nccl-cu*) lives in site-packages; its lib folder is added to LD_LIBRARY_PATH when found.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bin="${1:-}"
+if [[ -z "$bin" ]]; then
+    bin=$(cargo test --release -p zoo-tests --features cuda --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "integration" and m.get("executable"):
+        print(m["executable"])' | tail -1)
+fi
+
+for dir in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 \
+    $(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true) \
+    $(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.join(list(nvidia.cuda_nvrtc.__path__)[0], "lib"))' 2>/dev/null || true); do
+    [[ -d "$dir" ]] && export LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
+done
+# cudarc opens libnccl.so; pip ships libnccl.so.2 only.
+for dir in ${LD_LIBRARY_PATH//:/ }; do
+    if [[ -e "$dir/libnccl.so.2" && ! -e "$dir/libnccl.so" ]]; then
+        mkdir -p /tmp/zoo-libs && ln -sf "$dir/libnccl.so.2" /tmp/zoo-libs/libnccl.so
+        export LD_LIBRARY_PATH="/tmp/zoo-libs:$LD_LIBRARY_PATH"
+    fi
+done
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "test binary: $bin"
+"$bin" --ignored --nocapture --test-threads 1 gpu_smoke
