@@ -21,6 +21,23 @@ fn tiny_gpt2() -> Gpt2LmHeadModel<Cpu> {
     }
 }
 
+/// A case's prompts without the padding its `attention_mask` marks.
+fn unpadded_prompts(case: &Value) -> Vec<Vec<u32>> {
+    let padded = ids(&case["input_ids"]);
+    let mask = ids(&case["attention_mask"]);
+    padded
+        .iter()
+        .zip(&mask)
+        .map(|(row, m)| {
+            row.iter()
+                .zip(m)
+                .filter(|(_, m)| **m == 1)
+                .map(|(t, _)| *t)
+                .collect()
+        })
+        .collect()
+}
+
 fn ids(value: &Value) -> Vec<Vec<u32>> {
     serde_json::from_value(value.clone()).expect("a list of id lists")
 }
@@ -62,19 +79,7 @@ fn greedy_and_beam_ids_equal_transformers_generate() {
     assert!(cases.len() >= 20, "the fixture has every setting");
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let padded = ids(&case["input_ids"]);
-        let mask = ids(&case["attention_mask"]);
-        let prompts: Vec<Vec<u32>> = padded
-            .iter()
-            .zip(&mask)
-            .map(|(row, m)| {
-                row.iter()
-                    .zip(m)
-                    .filter(|(_, m)| **m == 1)
-                    .map(|(t, _)| *t)
-                    .collect()
-            })
-            .collect();
+        let prompts = unpadded_prompts(case);
         let config = config_of(&case["settings"], eos);
         let got = generate(&model, &prompts, &config, &device, |_| {}).unwrap();
         assert_eq!(
@@ -105,19 +110,7 @@ fn t5_generate_matches(name: &str) {
     let cases = reference["cases"].as_array().unwrap();
     assert!(cases.len() >= 15, "the fixture has every setting");
     for case in cases {
-        let padded = ids(&case["input_ids"]);
-        let mask = ids(&case["attention_mask"]);
-        let prompts: Vec<Vec<u32>> = padded
-            .iter()
-            .zip(&mask)
-            .map(|(row, m)| {
-                row.iter()
-                    .zip(m)
-                    .filter(|(_, m)| **m == 1)
-                    .map(|(t, _)| *t)
-                    .collect()
-            })
-            .collect();
+        let prompts = unpadded_prompts(case);
         let mut config = config_of(&case["settings"], eos);
         config.pad_token_id = pad;
         let got = generate_seq2seq(&model, &prompts, &config, pad, &device, |_| {}).unwrap();

@@ -112,6 +112,23 @@ impl ZeroSpec<B> for TinyBert {
     }
 }
 
+/// A trainer of `whole` on this rank.
+fn tiny_trainer<C: Communicator>(
+    whole: Whole<B>,
+    comm: C,
+    options: ZeroOptions,
+) -> ZeroTrainer<B, TinyBert, C> {
+    ZeroTrainer::new(
+        TinyBert,
+        comm,
+        Default::default(),
+        whole.embed,
+        whole.blocks,
+        whole.head,
+        options,
+    )
+}
+
 /// The initial model, materialised once (so every world size starts from the same values).
 fn initial_model() -> Whole<B> {
     let device = Default::default();
@@ -184,15 +201,7 @@ fn zero_run(
             ..ZeroOptions::checkpoint_all(LAYERS)
         };
         let whole = initial.clone();
-        let mut trainer = ZeroTrainer::new(
-            TinyBert,
-            comm,
-            Default::default(),
-            whole.embed,
-            whole.blocks,
-            whole.head,
-            options,
-        );
+        let mut trainer = tiny_trainer(whole, comm, options);
         if let Some(dir) = &run.load_from {
             trainer.load(dir).unwrap();
         }
@@ -345,15 +354,7 @@ fn an_injected_inf_skips_the_step_on_every_rank_and_training_recovers() {
             loss_scaler: Some(bmtrain_backend::optim::LossScaler::new(1024.0)),
             ..ZeroOptions::checkpoint_all(LAYERS)
         };
-        let mut trainer = ZeroTrainer::new(
-            TinyBert,
-            comm,
-            Default::default(),
-            whole.embed,
-            whole.blocks,
-            whole.head,
-            options,
-        );
+        let mut trainer = tiny_trainer(whole, comm, options);
         let mut applied = Vec::new();
         let mut snapshots = Vec::new();
         for step in 0..4 {
@@ -401,15 +402,7 @@ fn clipping_norm_equals_the_single_process_global_norm() {
                 max_grad_norm: Some(1e-3),
                 ..ZeroOptions::checkpoint_all(LAYERS)
             };
-            let mut trainer = ZeroTrainer::new(
-                TinyBert,
-                comm,
-                Default::default(),
-                whole.embed,
-                whole.blocks,
-                whole.head,
-                options,
-            );
+            let mut trainer = tiny_trainer(whole, comm, options);
             let per_rank = ROWS / world;
             trainer
                 .forward_backward(&batch(rank * per_rank..(rank + 1) * per_rank))
@@ -512,15 +505,7 @@ fn memory_probe() {
         checkpoint: vec![mode == "checkpoint"; LAYERS],
         ..ZeroOptions::checkpoint_all(LAYERS)
     };
-    let mut trainer = ZeroTrainer::new(
-        TinyBert,
-        bmtrain_backend::comm::SingleRank,
-        device,
-        whole.embed,
-        whole.blocks,
-        whole.head,
-        options,
-    );
+    let mut trainer = tiny_trainer(whole, bmtrain_backend::comm::SingleRank, options);
     let rows = 8;
     let ids: Vec<i64> = (0..rows * 128).map(|i| (i % VOCAB) as i64).collect();
     let probe = Batch {
@@ -568,15 +553,7 @@ fn f16_compute_with_f32_master_weights_tracks_f32_training() {
             },
             ..ZeroOptions::checkpoint_all(LAYERS)
         };
-        let mut trainer = ZeroTrainer::new(
-            TinyBert,
-            comm,
-            Default::default(),
-            whole.embed,
-            whole.blocks,
-            whole.head,
-            options,
-        );
+        let mut trainer = tiny_trainer(whole, comm, options);
         let mine = batch(rank * 2..rank * 2 + 2);
         let mut losses = Vec::new();
         for _ in 0..STEPS {
@@ -615,15 +592,7 @@ fn a_rank_that_dies_mid_training_fails_its_peers() {
     let results = ThreadGroup::run(3, Duration::from_secs(30), move |comm| {
         let rank = comm.rank();
         let whole = initial.clone();
-        let mut trainer = ZeroTrainer::new(
-            TinyBert,
-            comm,
-            Default::default(),
-            whole.embed,
-            whole.blocks,
-            whole.head,
-            ZeroOptions::checkpoint_all(LAYERS),
-        );
+        let mut trainer = tiny_trainer(whole, comm, ZeroOptions::checkpoint_all(LAYERS));
         let mine = batch(rank..rank + 1);
         for step in 0..5 {
             if step == 2 && rank == 1 {
@@ -669,15 +638,7 @@ fn inspect_reports_full_parameter_and_gradient_statistics() {
         let results = ThreadGroup::run(world, Duration::from_secs(60), move |comm| {
             let rank = comm.rank();
             let whole = initial.clone();
-            let mut trainer = ZeroTrainer::new(
-                TinyBert,
-                comm,
-                Default::default(),
-                whole.embed,
-                whole.blocks,
-                whole.head,
-                ZeroOptions::checkpoint_all(LAYERS),
-            );
+            let mut trainer = tiny_trainer(whole, comm, ZeroOptions::checkpoint_all(LAYERS));
             let per_rank = ROWS / world;
             trainer
                 .forward_backward(&batch(rank * per_rank..(rank + 1) * per_rank))
