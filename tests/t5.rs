@@ -245,16 +245,8 @@ fn tiny_cpm2_learns_span_corruption() {
     let decoder_input_ids = models::t5::shift_right(labels.clone(), pad, pad);
 
     let config = models::t5::T5Config {
-        vocab_size: cpm2.vocab_size(),
-        d_model: 32,
-        d_kv: 8,
-        num_heads: 4,
-        d_ff: 64,
-        num_layers: 2,
-        num_decoder_layers: Some(2),
-        dropout_rate: 0.0,
         decoder_start_token_id: Some(pad),
-        ..models::registry::cpm2_config()
+        ..models::registry::cpm2_tiny_config(cpm2.vocab_size())
     };
     let mut model = T5ForConditionalGeneration::<CpuTrain>::new(&config, &device).unwrap();
     let mut optimizer = AdamWConfig::new().init();

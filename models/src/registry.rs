@@ -938,6 +938,23 @@ pub fn cpm2_config() -> T5Config {
     }
 }
 
+/// CPM-2's layout at test size: the preset's choices (gated GELU, untied head, relative buckets,
+/// RMSNorm, no biases) with 2 + 2 blocks of width 32, 4 heads × 8, d_ff 64, dropout 0, for a
+/// vocabulary of `vocab_size` (a test `vocab.txt`).
+pub fn cpm2_tiny_config(vocab_size: usize) -> T5Config {
+    T5Config {
+        vocab_size,
+        d_model: 32,
+        d_kv: 8,
+        num_heads: 4,
+        d_ff: 64,
+        num_layers: 2,
+        num_decoder_layers: Some(2),
+        dropout_rate: 0.0,
+        ..cpm2_config()
+    }
+}
+
 /// Finds a preset by name.
 pub fn preset(name: &str) -> Option<Preset> {
     presets().into_iter().find(|p| p.name == name)
