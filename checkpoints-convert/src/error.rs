@@ -89,6 +89,14 @@ pub enum ConvertError {
         /// The embeddings' key.
         embeddings: String,
     },
+    /// The hub (or mirror) refused or failed.
+    #[error("hub repository '{repo}': {message}")]
+    Hub {
+        /// `org/name`.
+        repo: String,
+        /// What failed.
+        message: String,
+    },
     /// A tensor has a dtype zoo cannot store.
     #[error("{file}: key '{key}' has unsupported dtype {dtype}")]
     UnsupportedDtype {

@@ -5,6 +5,7 @@
 //! The usual entry points:
 //! - [`load_model`]: an HF or zoo directory → a burn model, with every key and shape checked;
 //! - [`convert_hf_to_zoo`] / [`export_zoo_to_hf`]: `zoo convert` both ways, bit-exact;
+//! - [`hub::download`]: `zoo download` from the HF hub or a mirror;
 //! - [`load_tokenizer`]: `tokenizer.json`, or one built from `vocab.txt` / `vocab.json` + `merges.txt`,
 //!   or CPM's jieba + SentencePiece ([`cpm`], [`sentencepiece`]).
 
@@ -15,6 +16,7 @@ pub mod cpm;
 pub mod cpm2;
 pub mod error;
 pub mod families;
+pub mod hub;
 pub mod model_dir;
 pub mod sentencepiece;
 pub mod tensors;

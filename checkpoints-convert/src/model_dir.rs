@@ -585,6 +585,25 @@ fn publish_dir<T>(out: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Resul
     result
 }
 
+/// Copies `(name, source, size)` files into `out`, all or nothing (staging directory, then one
+/// rename). Returns the names written.
+pub fn publish_files(
+    out: &Path,
+    overwrite: bool,
+    files: &[(String, PathBuf, u64)],
+) -> Result<Vec<String>> {
+    publish_dir(out, overwrite, |staging| {
+        for (name, source, _) in files {
+            let target = staging.join(name);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(|e| ConvertError::io(parent, e))?;
+            }
+            fs::copy(source, &target).map_err(|e| ConvertError::io(source, e))?;
+        }
+        Ok(files.iter().map(|f| f.0.clone()).collect())
+    })
+}
+
 fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).expect("JSON values serialise");
     text.push('\n');

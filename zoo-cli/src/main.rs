@@ -1,6 +1,7 @@
 //! `zoo`: the command line of the zoo model zoo.
 //!
 //! - `zoo list`: families, presets and parameter counts;
+//! - `zoo download`: a model repository from the HF hub or a mirror (`HF_ENDPOINT`);
 //! - `zoo convert`: HF directory → zoo directory, and back with `--to-hf`;
 //! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors;
 //! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search).
@@ -31,12 +32,33 @@ struct Cli {
 enum Command {
     /// List the model families, their classes and presets, with parameter counts.
     List,
+    /// Download a model repository (config, weights, tokenizer) from the HF hub or a mirror.
+    Download(DownloadArgs),
     /// Convert an HF model directory to a zoo directory, or back with --to-hf.
     Convert(ConvertArgs),
     /// Run a model directory (HF or zoo) and write its outputs to a safetensors file.
     Forward(forward::ForwardArgs),
     /// Continue a prompt with a causal LM (or answer it with T5) and stream the text (or --ids).
     Generate(generate::GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+struct DownloadArgs {
+    /// `org/name` on the hub.
+    repo_id: String,
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// The directory to write (default: the repository's name). It must not exist, unless
+    /// --overwrite.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// The hub's address (default: HF_ENDPOINT, else https://huggingface.co).
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// Replace --out if it exists (only once the new directory is complete).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -99,10 +121,36 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::List => list::run(),
+        Command::Download(args) => download(args),
         Command::Convert(args) => convert(args),
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
     }
+}
+
+fn download(args: DownloadArgs) -> anyhow::Result<()> {
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(args.repo_id.rsplit('/').next().unwrap_or(&args.repo_id)));
+    let options = checkpoints_convert::hub::DownloadOptions {
+        repo_id: args.repo_id.clone(),
+        revision: args.revision,
+        endpoint: args.endpoint,
+        token: None,
+        cache_dir: None,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = checkpoints_convert::hub::download(&options, &out, args.overwrite)
+        .with_context(|| format!("downloading {}", args.repo_id))?;
+    println!(
+        "wrote {} ({} files, {:.1} MB: {})",
+        out.display(),
+        report.files.len(),
+        report.bytes as f64 / 1e6,
+        report.files.join(", ")
+    );
+    Ok(())
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {

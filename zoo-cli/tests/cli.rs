@@ -573,3 +573,253 @@ fn generate_on_t5_prints_transformers_ids_and_the_decoded_answer() {
     );
     assert!(!printed.trim().is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// zoo download, against a mock hub on 127.0.0.1
+
+/// How the mock hub misbehaves with `model.safetensors`.
+#[derive(Clone, Copy, PartialEq)]
+enum Truncate {
+    Never,
+    /// Every full-body response stops halfway (the connection closes early).
+    Always,
+    /// Only the first one does.
+    Once,
+}
+
+/// A hub that serves one directory as repository `repo`, answering hf-hub's requests (repo info,
+/// one-byte range probes, ranged downloads). It logs `path range` per request.
+struct MockHub {
+    endpoint: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn mock_hub(root: PathBuf, repo: &'static str, truncate: Truncate) -> MockHub {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let served_log = log.clone();
+    std::thread::spawn(move || {
+        let mut truncations_left = match truncate {
+            Truncate::Never => 0,
+            Truncate::Always => usize::MAX,
+            Truncate::Once => 1,
+        };
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .to_string();
+            let mut range = None;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("range")
+                {
+                    range = Some(value.trim().trim_start_matches("bytes=").to_string());
+                }
+            }
+            served_log
+                .lock()
+                .unwrap()
+                .push(format!("{path} {}", range.clone().unwrap_or_default()));
+            let respond = |stream: &mut std::net::TcpStream,
+                           status: &str,
+                           headers: &[String],
+                           body: &[u8]| {
+                let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+                for h in headers {
+                    head.push_str(h);
+                    head.push_str("\r\n");
+                }
+                head.push_str("\r\n");
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            };
+            let info_prefix = format!("/api/models/{repo}/revision/");
+            let file_prefix = format!("/{repo}/resolve/");
+            if path.starts_with(&info_prefix) {
+                let siblings: Vec<serde_json::Value> = fs::read_dir(&root)
+                    .unwrap()
+                    .map(|e| serde_json::json!({"rfilename": e.unwrap().file_name().into_string().unwrap()}))
+                    .collect();
+                let body =
+                    serde_json::json!({"siblings": siblings, "sha": "0".repeat(40)}).to_string();
+                respond(
+                    &mut stream,
+                    "200 OK",
+                    &[format!("Content-Length: {}", body.len())],
+                    body.as_bytes(),
+                );
+                continue;
+            }
+            let file = path
+                .strip_prefix(&file_prefix)
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(_, name)| root.join(name));
+            let Some(file) = file.filter(|f| f.is_file()) else {
+                respond(
+                    &mut stream,
+                    "404 Not Found",
+                    &["Content-Length: 0".into()],
+                    b"",
+                );
+                continue;
+            };
+            let data = fs::read(&file).unwrap();
+            let size = data.len();
+            let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
+                Some((a, b)) => (
+                    a.parse().unwrap_or(0),
+                    b.parse().unwrap_or(size - 1).min(size - 1),
+                ),
+                None => (0, size - 1),
+            };
+            let body = &data[start..=end];
+            let headers = vec![
+                format!("Content-Length: {}", body.len()),
+                format!("Content-Range: bytes {start}-{end}/{size}"),
+                format!(
+                    "ETag: \"{size:x}-{}\"",
+                    file.file_name().unwrap().to_string_lossy().len()
+                ),
+                format!("X-Repo-Commit: {}", "0".repeat(40)),
+            ];
+            let full_body = end + 1 - start > 1;
+            let cut = file.ends_with("model.safetensors") && full_body && truncations_left > 0;
+            if cut {
+                truncations_left -= 1;
+                respond(
+                    &mut stream,
+                    "206 Partial Content",
+                    &headers,
+                    &body[..body.len() / 2],
+                );
+            } else {
+                respond(&mut stream, "206 Partial Content", &headers, body);
+            }
+        }
+    });
+    MockHub { endpoint, log }
+}
+
+fn zoo_download(hub: &MockHub, repo: &str, out: &Path, hf_home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args([
+            "download",
+            repo,
+            "--endpoint",
+            &hub.endpoint,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("HF_HOME", hf_home)
+        .env_remove("HF_ENDPOINT")
+        .output()
+        .expect("zoo runs")
+}
+
+#[test]
+fn download_fetches_a_repository_that_every_command_loads() {
+    let hub = mock_hub(fixture("gpt2"), "zoo-test/gpt2", Truncate::Never);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("gpt2");
+    let result = zoo_download(&hub, "zoo-test/gpt2", &out, &work.path().join("hf"));
+    assert!(result.status.success(), "{}", stderr(&result));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    assert!(
+        !out.join("pytorch_model.bin").exists(),
+        "safetensors preferred over .bin"
+    );
+    assert_eq!(
+        fs::read(out.join("model.safetensors")).unwrap(),
+        fs::read(fixture("gpt2").join("model.safetensors")).unwrap()
+    );
+    let generate = |dir: &Path| {
+        zoo(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "The quick brown",
+            "--ids",
+            "--max-new-tokens",
+            "8",
+        ])
+        .stdout
+    };
+    assert_eq!(generate(&out), generate(&fixture("gpt2")));
+}
+
+#[test]
+fn download_of_a_missing_repository_is_an_error_and_writes_nothing() {
+    let hub = mock_hub(fixture("gpt2"), "zoo-test/gpt2", Truncate::Never);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("missing");
+    let result = zoo_download(&hub, "zoo-test/missing", &out, &work.path().join("hf"));
+    let message = stderr(&result);
+    assert!(!result.status.success());
+    assert!(
+        message.contains("zoo-test/missing") && message.contains("404"),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"), "{message}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_truncated_download_is_an_error_and_writes_nothing() {
+    let hub = mock_hub(fixture("gpt2"), "zoo-test/gpt2", Truncate::Always);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("gpt2");
+    let result = zoo_download(&hub, "zoo-test/gpt2", &out, &work.path().join("hf"));
+    let message = stderr(&result);
+    assert!(!result.status.success(), "a truncated file was accepted");
+    assert!(message.contains("model.safetensors"), "{message}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_broken_download_resumes_from_the_bytes_it_has() {
+    let hub = mock_hub(fixture("gpt2"), "zoo-test/gpt2", Truncate::Once);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("gpt2");
+    let hf_home = work.path().join("hf");
+    let first = zoo_download(&hub, "zoo-test/gpt2", &out, &hf_home);
+    assert!(!first.status.success(), "the first transfer breaks");
+    assert!(!out.exists());
+    let second = zoo_download(&hub, "zoo-test/gpt2", &out, &hf_home);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(
+        fs::read(out.join("model.safetensors")).unwrap(),
+        fs::read(fixture("gpt2").join("model.safetensors")).unwrap()
+    );
+    let log = hub.log.lock().unwrap().clone();
+    let resumed = log.iter().any(|l| {
+        l.contains("model.safetensors")
+            && l.rsplit(' ')
+                .next()
+                .and_then(|r| r.split('-').next())
+                .and_then(|s| s.parse::<u64>().ok())
+                > Some(0)
+    });
+    assert!(resumed, "no ranged request resumed the transfer: {log:?}");
+}
