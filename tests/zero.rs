@@ -150,6 +150,22 @@ fn initial_model() -> Whole<B> {
     load_flat(whole, &layout, &values, &device, true)
 }
 
+/// One single-process forward and backward of the full batch: the layout, the flat parameters
+/// and the flat gradients.
+fn full_batch_gradients(
+    model: &Whole<B>,
+) -> (bmtrain_backend::zero::FlatLayout, Vec<f32>, Vec<f32>) {
+    let all = batch(0..ROWS);
+    let mut hidden = embed(&model.embed, &all);
+    for layer in &model.blocks {
+        hidden = block(layer, hidden, &all);
+    }
+    let grads = loss(&model.head, hidden, &all).backward();
+    let (layout, values) = flatten::<B, _>(model);
+    let full = bmtrain_backend::zero::flat_grads::<B, _>(model, &layout, &grads);
+    (layout, values, full)
+}
+
 fn reference_training(initial: Whole<B>) -> Vec<f32> {
     let mut model = initial;
     let mut optimizer = AdamWConfig::new()
@@ -383,15 +399,7 @@ fn an_injected_inf_skips_the_step_on_every_rank_and_training_recovers() {
 #[test]
 fn clipping_norm_equals_the_single_process_global_norm() {
     let initial = initial_model();
-    let all = batch(0..ROWS);
-    let model = initial.clone();
-    let mut hidden = embed(&model.embed, &all);
-    for layer in &model.blocks {
-        hidden = block(layer, hidden, &all);
-    }
-    let grads = loss(&model.head, hidden, &all).backward();
-    let (layout, _) = flatten::<B, _>(&model);
-    let full = bmtrain_backend::zero::flat_grads::<B, _>(&model, &layout, &grads);
+    let (_, _, full) = full_batch_gradients(&initial);
     let want = full.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt() as f32;
     for world in [1, 2, 4] {
         let initial = initial.clone();
@@ -624,15 +632,7 @@ fn a_rank_that_dies_mid_training_fails_its_peers() {
 #[test]
 fn inspect_reports_full_parameter_and_gradient_statistics() {
     let initial = initial_model();
-    let all = batch(0..ROWS);
-    let model = initial.clone();
-    let mut hidden = embed(&model.embed, &all);
-    for layer in &model.blocks {
-        hidden = block(layer, hidden, &all);
-    }
-    let grads = loss(&model.head, hidden, &all).backward();
-    let (layout, values) = flatten::<B, _>(&model);
-    let full_grads = bmtrain_backend::zero::flat_grads::<B, _>(&model, &layout, &grads);
+    let (layout, values, full_grads) = full_batch_gradients(&initial);
     for world in [1, 4] {
         let initial = initial.clone();
         let results = ThreadGroup::run(world, Duration::from_secs(60), move |comm| {

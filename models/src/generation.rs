@@ -243,13 +243,8 @@ pub fn generate<B: Backend, M: Decoder<B>>(
     Ok(generated)
 }
 
-/// Checks prompts and settings before anything runs: what [`generate`] refuses, with the reason.
-pub fn validate<B: Backend, M: Decoder<B>>(
-    model: &M,
-    prompts: &[Vec<u32>],
-    config: &GenerationConfig,
-) -> Result<(), GenerationError> {
-    let vocab = model.vocab_size();
+/// Checks that every prompt has a token and only ids below `vocab`.
+pub fn check_prompt_ids(prompts: &[Vec<u32>], vocab: usize) -> Result<(), GenerationError> {
     for (row, prompt) in prompts.iter().enumerate() {
         if prompt.is_empty() {
             return Err(GenerationError::EmptyPrompt { row });
@@ -258,6 +253,16 @@ pub fn validate<B: Backend, M: Decoder<B>>(
             return Err(GenerationError::UnknownToken { row, id, vocab });
         }
     }
+    Ok(())
+}
+
+/// Checks prompts and settings before anything runs: what [`generate`] refuses, with the reason.
+pub fn validate<B: Backend, M: Decoder<B>>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+) -> Result<(), GenerationError> {
+    check_prompt_ids(prompts, model.vocab_size())?;
     let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max = model.max_positions();
     if len > max {

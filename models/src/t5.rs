@@ -828,15 +828,7 @@ pub fn generate_seq2seq<B: Backend>(
             message: "the config has none; an encoder-decoder model needs it to start decoding"
                 .into(),
         })?;
-    let vocab = model.vocab_size();
-    for (row, prompt) in prompts.iter().enumerate() {
-        if prompt.is_empty() {
-            return Err(GenerationError::EmptyPrompt { row });
-        }
-        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(GenerationError::UnknownToken { row, id, vocab });
-        }
-    }
+    crate::generation::check_prompt_ids(prompts, model.vocab_size())?;
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(prompts.len() * width);
     let mut mask = Vec::with_capacity(prompts.len() * width);

@@ -22,6 +22,13 @@ fn zoo(args: &[&str]) -> Output {
         .expect("zoo runs")
 }
 
+/// `zoo generate --model DIR ARGS…`.
+fn zoo_generate(model: &str, args: &[&str]) -> Output {
+    let mut all = vec!["generate", "--model", model];
+    all.extend_from_slice(args);
+    zoo(&all)
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -360,17 +367,17 @@ fn generate_prints_transformers_greedy_ids_and_streams_text() {
     let (prompt, output, text) = reference_greedy_case();
     let max_new = (output.len() - prompt.len()).to_string();
     let model = fixture("gpt2");
-    let result = zoo(&[
-        "generate",
-        "--model",
+    let result = zoo_generate(
         model.to_str().unwrap(),
-        "--prompt",
-        &text,
-        "--greedy",
-        "--max-new-tokens",
-        &max_new,
-        "--ids",
-    ]);
+        &[
+            "--prompt",
+            &text,
+            "--greedy",
+            "--max-new-tokens",
+            &max_new,
+            "--ids",
+        ],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     let prompts: Vec<Vec<u32>> = serde_json::from_value(json["prompts"].clone()).unwrap();
@@ -383,15 +390,10 @@ fn generate_prints_transformers_greedy_ids_and_streams_text() {
         .map_or(output.len(), |p| prompt.len() + p + 1);
     assert_eq!(generated[0], output[prompt.len()..eos_at]);
 
-    let result = zoo(&[
-        "generate",
-        "--model",
+    let result = zoo_generate(
         model.to_str().unwrap(),
-        "--prompt",
-        &text,
-        "--max-new-tokens",
-        &max_new,
-    ]);
+        &["--prompt", &text, "--max-new-tokens", &max_new],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let printed = String::from_utf8(result.stdout.clone()).unwrap();
     assert!(printed.starts_with(&text), "{printed}");
@@ -442,16 +444,10 @@ fn generate_refuses_long_prompts_unknown_ids_and_missing_tokenizers() {
         &["no tokenizer", "--prompt-ids"],
     );
     // With ids in and ids out, no tokenizer is needed.
-    let result = zoo(&[
-        "generate",
-        "--model",
+    let result = zoo_generate(
         dir.to_str().unwrap(),
-        "--prompt-ids",
-        "5,6",
-        "--ids",
-        "--max-new-tokens",
-        "3",
-    ]);
+        &["--prompt-ids", "5,6", "--ids", "--max-new-tokens", "3"],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
 
     assert_generate_fails(
@@ -475,15 +471,10 @@ fn generate_runs_on_a_cpm_style_directory() {
         fs::copy(cpm.join(file), dir.join(file)).unwrap();
     }
     let prompt = "今天天气很好，我们去公园散步。";
-    let result = zoo(&[
-        "generate",
-        "--model",
+    let result = zoo_generate(
         dir.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "5",
-    ]);
+        &["--prompt", prompt, "--max-new-tokens", "5"],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let printed = String::from_utf8(result.stdout.clone()).unwrap();
     // NFKD turns the full-width comma into ","; cpm_reference.json decodes this prompt to:
@@ -536,16 +527,10 @@ fn generate_on_t5_prints_transformers_ids_and_the_decoded_answer() {
     let prompt = case["prompts"][0].as_str().unwrap();
     let output: Vec<u32> = serde_json::from_value(case["output_ids"][0].clone()).unwrap();
     let model = fixture("t5_v1_1");
-    let result = zoo(&[
-        "generate",
-        "--model",
+    let result = zoo_generate(
         model.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "12",
-        "--ids",
-    ]);
+        &["--prompt", prompt, "--max-new-tokens", "12", "--ids"],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     let generated: Vec<u32> = serde_json::from_value(json["generated"][0].clone()).unwrap();
@@ -556,15 +541,10 @@ fn generate_on_t5_prints_transformers_ids_and_the_decoded_answer() {
         .map_or(output.len(), |p| p + 1);
     assert_eq!(generated, output[1..end]);
 
-    let result = zoo(&[
-        "generate",
-        "--model",
+    let result = zoo_generate(
         model.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "12",
-    ]);
+        &["--prompt", prompt, "--max-new-tokens", "12"],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let printed = String::from_utf8(result.stdout.clone()).unwrap();
     assert!(
@@ -754,16 +734,16 @@ fn download_fetches_a_repository_that_every_command_loads() {
         fs::read(fixture("gpt2").join("model.safetensors")).unwrap()
     );
     let generate = |dir: &Path| {
-        zoo(&[
-            "generate",
-            "--model",
+        zoo_generate(
             dir.to_str().unwrap(),
-            "--prompt",
-            "The quick brown",
-            "--ids",
-            "--max-new-tokens",
-            "8",
-        ])
+            &[
+                "--prompt",
+                "The quick brown",
+                "--ids",
+                "--max-new-tokens",
+                "8",
+            ],
+        )
         .stdout
     };
     assert_eq!(generate(&out), generate(&fixture("gpt2")));
