@@ -9,4 +9,5 @@ mod gradients;
 mod parity;
 mod t5;
 mod tokenizers;
+mod train_specs;
 mod zero;

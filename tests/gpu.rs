@@ -113,10 +113,22 @@ impl<B: AutodiffBackend> ZeroSpec<B> for TinyStack {
     fn embed(&self, module: &Embedding<B>, batch: &Batch<B>) -> Tensor<B, 3> {
         module.forward(batch.ids.clone())
     }
-    fn block(&self, module: &Residual<B>, hidden: Tensor<B, 3>, _batch: &Batch<B>) -> Tensor<B, 3> {
+    fn block(
+        &self,
+        _index: usize,
+        module: &Residual<B>,
+        hidden: Tensor<B, 3>,
+        _batch: &Batch<B>,
+    ) -> Tensor<B, 3> {
         hidden.clone() + gelu(module.linear.forward(hidden))
     }
-    fn loss(&self, module: &Linear<B>, hidden: Tensor<B, 3>, batch: &Batch<B>) -> Tensor<B, 1> {
+    fn loss(
+        &self,
+        module: &Linear<B>,
+        _embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Batch<B>,
+    ) -> Tensor<B, 1> {
         (module.forward(hidden) - batch.targets.clone())
             .powi_scalar(2)
             .mean()

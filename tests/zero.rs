@@ -99,10 +99,22 @@ impl ZeroSpec<B> for TinyBert {
     fn embed(&self, module: &Self::Embed, batch: &Batch) -> Tensor<B, 3> {
         embed(module, batch)
     }
-    fn block(&self, module: &Self::Block, hidden: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 3> {
+    fn block(
+        &self,
+        _index: usize,
+        module: &Self::Block,
+        hidden: Tensor<B, 3>,
+        batch: &Batch,
+    ) -> Tensor<B, 3> {
         block(module, hidden, batch)
     }
-    fn loss(&self, module: &Self::Head, hidden: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 1> {
+    fn loss(
+        &self,
+        module: &Self::Head,
+        _embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Batch,
+    ) -> Tensor<B, 1> {
         let value = loss(module, hidden, batch);
         if batch.poison {
             value * f32::INFINITY

@@ -68,6 +68,15 @@ pub struct TrainCounters {
     pub loss_scale_clean_steps: u32,
 }
 
+/// `prefix.name`, or `name` alone under an empty prefix.
+pub fn tensor_name(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
 /// Gathers every segment and writes the checkpoint from rank 0; every rank must call it.
 pub fn save(
     comm: &dyn Communicator,
@@ -85,7 +94,7 @@ pub fn save(
         m.truncate(len);
         v.truncate(len);
         for entry in &segment.params.layout.entries {
-            let name = format!("{}.{}", segment.prefix, entry.name);
+            let name = tensor_name(&segment.prefix, &entry.name);
             let range = entry.offset..entry.offset + entry.len();
             weights.insert(
                 name.clone(),
@@ -228,7 +237,7 @@ pub fn load(
          -> Result<Vec<f32>, CheckpointError> {
             let mut values = Vec::with_capacity(layout.len);
             for entry in &layout.entries {
-                let key = format!("{key_prefix}{prefix}.{}", entry.name);
+                let key = format!("{key_prefix}{}", tensor_name(prefix, &entry.name));
                 let tensor = file.tensor(&key).map_err(|_| CheckpointError::Format {
                     path: path.to_path_buf(),
                     message: format!("missing tensor '{key}'"),

@@ -47,17 +47,33 @@ pub trait ZeroSpec<B: AutodiffBackend> {
 
     /// Batch → `[batch, seq, hidden]`.
     fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3>;
-    /// Hidden → hidden.
+    /// Hidden → hidden, for block `index` (blocks may differ in masks, as GPT-3's banded ones).
     fn block(
         &self,
+        index: usize,
         module: &Self::Block,
         hidden: Tensor<B, 3>,
         batch: &Self::Batch,
     ) -> Tensor<B, 3>;
-    /// Hidden → the mean loss of this micro-batch, `[1]`.
-    fn loss(&self, module: &Self::Head, hidden: Tensor<B, 3>, batch: &Self::Batch) -> Tensor<B, 1>;
+    /// Hidden → the mean loss of this micro-batch, `[1]`. `embed` is the embedding segment when
+    /// [`ZeroSpec::head_reads_embed`] (a tied output layer), `None` otherwise.
+    fn loss(
+        &self,
+        module: &Self::Head,
+        embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 1>;
 
-    /// Name prefix of a segment's parameters in checkpoints (a model's zoo names, ideally).
+    /// Whether the head reads the embedding segment's weights (an LM head tied to the token
+    /// embeddings). The trainer then gathers the embedding for the head too, and the gradient the
+    /// head gives it adds to the one from the embedding lookup.
+    fn head_reads_embed(&self) -> bool {
+        false
+    }
+
+    /// Name prefix of a segment's parameters in checkpoints (a model's zoo names, ideally; an
+    /// empty prefix puts the segment's own names at the top level).
     fn prefix(&self, segment: SegmentId) -> String {
         match segment {
             SegmentId::Embed => "embed".into(),
@@ -186,6 +202,7 @@ pub struct ZeroTrainer<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> {
     options: ZeroOptions,
     steps: u64,
     micro_batches: u32,
+    dropout_seed: Option<u64>,
 }
 
 impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
@@ -214,6 +231,30 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             options,
             steps: 0,
             micro_batches: 0,
+            dropout_seed: None,
+        }
+    }
+
+    /// Seeds the backend's random generator before every segment runs, from `seed`, the step,
+    /// the micro-batch, the rank and the segment. A checkpointed block then draws the same
+    /// dropout masks when it is recomputed in backward as in forward (so its gradient is exact),
+    /// and a run is reproducible. The backend's generator is process-global: thread ranks that
+    /// use dropout interleave their draws, so only one rank per process is bit-reproducible.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = Some(seed);
+    }
+
+    /// Seeds the backend for `segment` (0 = embedding, 1 + i = block i, last = head).
+    fn seed_segment(&self, segment: usize) {
+        if let Some(seed) = self.dropout_seed {
+            let mixed = mix(&[
+                seed,
+                self.steps,
+                u64::from(self.micro_batches),
+                self.comm.rank() as u64,
+                segment as u64,
+            ]);
+            B::seed(&self.device, mixed);
         }
     }
 
@@ -265,12 +306,15 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// until [`ZeroTrainer::step`]. Returns this micro-batch's (unscaled) loss.
     pub fn forward_backward(&mut self, batch: &S::Batch) -> Result<f32, CommError> {
         let keep = self.options.zero_level <= 2;
+        let tied = self.spec.head_reads_embed();
         let world = self.comm.world_size() as f32;
         let scale = self.options.loss_scaler.map_or(1.0, |s| s.scale);
+        let head_segment = self.blocks.len() + 1;
 
         // 1. Forward without graphs (checkpointed blocks) or with (the others).
         let full = self.gather(&self.embed)?;
         let embed = self.module(&self.embed, &full, false);
+        self.seed_segment(0);
         let mut hidden = self.spec.embed(&embed, batch).detach();
         drop(embed);
         self.embed.kept = keep.then_some(full);
@@ -280,16 +324,17 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         for index in 0..self.blocks.len() {
             let full = self.gather(&self.blocks[index])?;
             let checkpointed = self.options.checkpoint.get(index).copied().unwrap_or(false);
+            self.seed_segment(1 + index);
             if checkpointed {
                 let block = self.module(&self.blocks[index], &full, false);
                 saved_inputs.push(hidden.clone());
-                hidden = self.spec.block(&block, hidden, batch).detach();
+                hidden = self.spec.block(index, &block, hidden, batch).detach();
                 graphs.push(None);
             } else {
                 // Keep the graph: the input leaf, the output and the module (its leaves).
                 let block = self.module(&self.blocks[index], &full, true);
                 let input = hidden.clone().require_grad();
-                let output = self.spec.block(&block, input.clone(), batch);
+                let output = self.spec.block(index, &block, input.clone(), batch);
                 saved_inputs.push(hidden.clone());
                 hidden = output.clone().detach();
                 graphs.push(Some((input, output, block)));
@@ -300,8 +345,16 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         // 2. Head and loss, differentiated first.
         let full = self.gather(&self.head)?;
         let head = self.module(&self.head, &full, true);
+        let tied_embed = match (tied, &self.embed.kept) {
+            (false, _) => None,
+            (true, Some(kept)) => Some(self.module(&self.embed, kept, true)),
+            (true, None) => Some(self.module(&self.embed, &self.gather(&self.embed)?, true)),
+        };
         let input = hidden.require_grad();
-        let loss = self.spec.loss(&head, input.clone(), batch);
+        self.seed_segment(head_segment);
+        let loss = self
+            .spec
+            .loss(&head, tied_embed.as_ref(), input.clone(), batch);
         let loss_value: f32 = loss
             .clone()
             .into_data()
@@ -310,6 +363,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             .expect("the loss is a float")[0];
         let grads = (loss * (scale / world)).backward();
         let head_grad = flat_grads::<B, _>(&head, &self.head.params.layout, &grads);
+        // The tied embedding's gradient from the head, added to the lookup's in step 4.
+        let tied_grad =
+            tied_embed.map(|embed| flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads));
         let mut upstream = Tensor::<B, 3>::from_inner(
             input
                 .grad(&grads)
@@ -329,7 +385,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                     };
                     let block = self.module(&self.blocks[index], &full, true);
                     let input = saved_inputs[index].clone().require_grad();
-                    let output = self.spec.block(&block, input.clone(), batch);
+                    // The same seed as in forward: the same dropout masks.
+                    self.seed_segment(1 + index);
+                    let output = self.spec.block(index, &block, input.clone(), batch);
                     (input, output, block)
                 }
             };
@@ -346,9 +404,15 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             None => self.gather(&self.embed)?,
         };
         let embed = self.module(&self.embed, &full, true);
+        self.seed_segment(0);
         let output = self.spec.embed(&embed, batch);
         let grads = (output * upstream).sum().backward();
-        let embed_grad = flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads);
+        let mut embed_grad = flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads);
+        if let Some(tied_grad) = tied_grad {
+            for (g, t) in embed_grad.iter_mut().zip(tied_grad) {
+                *g += t;
+            }
+        }
         accumulate(&mut self.embed, &self.comm, &embed_grad)?;
         self.micro_batches += 1;
         Ok(loss_value)
@@ -540,7 +604,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 let grad_values: Vec<f32> = grad[range].iter().map(|g| g / divisor).collect();
                 let (grad_mean, grad_std, _, _) = moments(&grad_values);
                 out.push(ParamStats {
-                    name: format!("{}.{}", segment.prefix, entry.name),
+                    name: checkpoint::tensor_name(&segment.prefix, &entry.name),
                     shape: entry.shape.clone(),
                     mean,
                     std,
@@ -601,4 +665,17 @@ fn accumulate<M>(
         *acc += g;
     }
     Ok(())
+}
+
+/// Mixes numbers into one 64-bit seed (SplitMix64 steps), so nearby inputs give unrelated seeds.
+fn mix(parts: &[u64]) -> u64 {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for &part in parts {
+        state = state.wrapping_add(part).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        state = z ^ (z >> 31);
+    }
+    state
 }

@@ -211,7 +211,8 @@ impl BertConfig {
         LayerNormConfig::new(self.hidden_size).with_epsilon(self.layer_norm_eps)
     }
 
-    fn classifier_dropout(&self) -> f64 {
+    /// Dropout before the classifier: `classifier_dropout`, else `hidden_dropout_prob`.
+    pub fn classifier_dropout(&self) -> f64 {
         self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)
     }
 }

@@ -339,8 +339,8 @@ pub struct Gpt2Model<B: Backend> {
     pub blocks: Vec<Gpt2Block<B>>,
     /// HF `ln_f`.
     pub ln_f: LayerNorm<B>,
-    dropout: Dropout,
-    local_window: Option<usize>,
+    pub(crate) dropout: Dropout,
+    pub(crate) local_window: Option<usize>,
 }
 
 impl<B: Backend> Gpt2Model<B> {

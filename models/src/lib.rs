@@ -7,6 +7,7 @@
 //! - [`roberta`]: `RobertaModel`, `RobertaForMaskedLM`, `RobertaForSequenceClassification`.
 //! - [`gpt2`]: `GPT2Model`, `GPT2LMHeadModel` (GPT-2, the GPT-3 sizes, CPM-1), causal-LM loss.
 //! - [`t5`]: `T5Model`, `T5ForConditionalGeneration`, `T5EncoderModel` (T5 v1.0/v1.1, mT5, FLAN-T5, CPM-2).
+//! - [`train`]: each trainable family cut into ZeRO segments (GPT-2 causal LM, BERT/RoBERTa classifiers).
 //! - [`generation`]: KV-cache generation (greedy, sampling, beam search) for any [`generation::Decoder`].
 //! - [`registry`]: which class a config asks for, [`AnyModel`] to run any of them, presets.
 //!
@@ -22,6 +23,7 @@ pub mod layers;
 pub mod registry;
 pub mod roberta;
 pub mod t5;
+pub mod train;
 
 pub use registry::{
     AnyModel, Architecture, ConfigError, Family, Logits, ModelConfig, ModelOutput, ParamInfo,

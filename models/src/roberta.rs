@@ -28,7 +28,7 @@ pub struct RobertaModel<B: Backend> {
     pub encoder: BertEncoder<B>,
     /// Present in `RobertaModel`, absent under the heads.
     pub pooler: Option<BertPooler<B>>,
-    padding_idx: usize,
+    pub(crate) padding_idx: usize,
 }
 
 impl<B: Backend> RobertaModel<B> {

@@ -1,0 +1,405 @@
+//! How each trainable family runs under the ZeRO trainer ([`bmtrain_backend::trainer`]): its cut
+//! into an embedding segment, blocks and a head, and the loss.
+//!
+//! Segment prefixes are the model's zoo names, so a trainer checkpoint's `model.safetensors` holds
+//! exactly the tensors of the full model (`zoo convert --to-hf` and every command read it beside a
+//! `zoo.json`).
+//!
+//! - [`Gpt2Spec`]: `GPT2LMHeadModel` (GPT-2, the GPT-3 sizes, CPM-1) with the causal-LM loss; the
+//!   LM head tied to `wte` reads the embedding segment ([`ZeroSpec::head_reads_embed`]).
+//! - [`ClassifierSpec`]: `BertForSequenceClassification` and `RobertaForSequenceClassification`
+//!   with the cross-entropy over labels.
+
+use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+
+use crate::bert::{
+    BertConfig, BertForSequenceClassification, BertLayer, BertPooler, cross_entropy,
+};
+use crate::gpt2::{Gpt2Block, Gpt2LmHeadModel, causal_lm_loss};
+use crate::layers::{AttentionMask, Embeddings};
+use crate::roberta::{RobertaClassificationHead, RobertaForSequenceClassification, position_ids};
+
+// ---------------------------------------------------------------------------------------------
+// GPT-2
+
+/// Token windows for causal-LM training: each row predicts its own next tokens.
+#[derive(Debug, Clone)]
+pub struct LmBatch<B: Backend> {
+    /// `[batch, seq]` token ids (also the labels, shifted inside the loss as transformers does).
+    pub input_ids: Tensor<B, 2, Int>,
+}
+
+/// GPT-2's embedding segment: token and position tables (HF `transformer.wte`, `transformer.wpe`).
+#[derive(Module, Debug)]
+pub struct Gpt2Embedding<B: Backend> {
+    /// HF `transformer.wte`; the LM head when tied.
+    pub wte: Embedding<B>,
+    /// HF `transformer.wpe`.
+    pub wpe: Embedding<B>,
+    dropout: Dropout,
+}
+
+/// The final LayerNorm, under its zoo name `transformer.ln_f`.
+#[derive(Module, Debug)]
+pub struct Gpt2FinalNorm<B: Backend> {
+    /// HF `transformer.ln_f`.
+    pub ln_f: LayerNorm<B>,
+}
+
+/// GPT-2's head segment: the final norm and, when untied, the LM head.
+#[derive(Module, Debug)]
+pub struct Gpt2Head<B: Backend> {
+    /// `transformer.ln_f` (named so that the segment's prefix can be empty).
+    pub transformer: Gpt2FinalNorm<B>,
+    /// HF `lm_head`, only when `tie_word_embeddings` is false.
+    pub lm_head: Option<Linear<B>>,
+}
+
+/// `GPT2LMHeadModel` as ZeRO segments.
+#[derive(Debug, Clone)]
+pub struct Gpt2Spec {
+    local_window: Option<usize>,
+    tied: bool,
+}
+
+impl Gpt2Spec {
+    /// Cuts a model into the spec and its segments.
+    pub fn split<B: Backend>(
+        model: Gpt2LmHeadModel<B>,
+    ) -> (Self, Gpt2Embedding<B>, Vec<Gpt2Block<B>>, Gpt2Head<B>) {
+        let transformer = model.transformer;
+        let spec = Self {
+            local_window: transformer.local_window,
+            tied: model.lm_head.is_none(),
+        };
+        let embed = Gpt2Embedding {
+            wte: transformer.wte,
+            wpe: transformer.wpe,
+            dropout: transformer.dropout,
+        };
+        let head = Gpt2Head {
+            transformer: Gpt2FinalNorm {
+                ln_f: transformer.ln_f,
+            },
+            lm_head: model.lm_head,
+        };
+        (spec, embed, transformer.blocks, head)
+    }
+}
+
+impl<B: AutodiffBackend> ZeroSpec<B> for Gpt2Spec {
+    type Embed = Gpt2Embedding<B>;
+    type Block = Gpt2Block<B>;
+    type Head = Gpt2Head<B>;
+    type Batch = LmBatch<B>;
+
+    fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3> {
+        let [rows, seq] = batch.input_ids.dims();
+        let device = batch.input_ids.device();
+        let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+            .reshape([1, seq])
+            .expand([rows, seq]);
+        let hidden = module.wte.forward(batch.input_ids.clone()) + module.wpe.forward(positions);
+        module.dropout.forward(hidden)
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        module: &Self::Block,
+        hidden: Tensor<B, 3>,
+        _batch: &Self::Batch,
+    ) -> Tensor<B, 3> {
+        let seq = hidden.dims()[1];
+        let device = hidden.device();
+        // GPT-3's alternating pattern: odd blocks see a band of the last W positions.
+        let mask = match self.local_window {
+            Some(window) if index % 2 == 1 => {
+                AttentionMask::none().with_local_causal(seq, seq, window, &device)
+            }
+            _ => AttentionMask::none().with_causal(seq, seq, &device),
+        };
+        module.forward(hidden, None, &mask).0
+    }
+
+    fn loss(
+        &self,
+        module: &Self::Head,
+        embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 1> {
+        let hidden = module.transformer.ln_f.forward(hidden);
+        let logits = match (&module.lm_head, embed) {
+            (Some(head), _) => head.forward(hidden),
+            (None, Some(embed)) => {
+                let [rows, seq, width] = hidden.dims();
+                let table = embed.wte.weight.val(); // [vocab, n_embd]
+                let vocab = table.dims()[0];
+                hidden
+                    .reshape([rows * seq, width])
+                    .matmul(table.transpose())
+                    .reshape([rows, seq, vocab])
+            }
+            (None, None) => unreachable!("a tied head is given the embedding segment"),
+        };
+        causal_lm_loss(logits, batch.input_ids.clone())
+    }
+
+    fn head_reads_embed(&self) -> bool {
+        self.tied
+    }
+
+    fn prefix(&self, segment: SegmentId) -> String {
+        match segment {
+            SegmentId::Embed => "transformer".into(),
+            SegmentId::Block(i) => format!("transformer.blocks.{i}"),
+            SegmentId::Head => String::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequence classification (BERT, RoBERTa)
+
+/// Labelled sequences for classification.
+#[derive(Debug, Clone)]
+pub struct ClassifierBatch<B: Backend> {
+    /// `[batch, seq]` token ids (right-padded).
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]`: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor<B, 2, Int>,
+    /// `[batch, seq]` segment ids of sentence pairs (BERT).
+    pub token_type_ids: Option<Tensor<B, 2, Int>>,
+    /// `[batch]` class indices.
+    pub labels: Tensor<B, 1, Int>,
+}
+
+/// BERT's pooler under its zoo name `bert.pooler`.
+#[derive(Module, Debug)]
+pub struct BertPoolerOnly<B: Backend> {
+    /// HF `bert.pooler`.
+    pub pooler: BertPooler<B>,
+}
+
+/// A classification head segment: BERT's pooler and linear classifier, or RoBERTa's
+/// dense–tanh–projection head.
+#[derive(Module, Debug)]
+pub enum ClassifierHead<B: Backend> {
+    /// HF `bert.pooler.*` and `classifier.*`.
+    Bert(BertHead<B>),
+    /// HF `classifier.dense`, `classifier.out_proj`.
+    Roberta(RobertaHead<B>),
+}
+
+/// BERT's head: pooler, dropout, linear classifier.
+#[derive(Module, Debug)]
+pub struct BertHead<B: Backend> {
+    /// `bert.pooler`.
+    pub bert: BertPoolerOnly<B>,
+    /// HF `classifier`.
+    pub classifier: Linear<B>,
+    dropout: Dropout,
+}
+
+/// RoBERTa's head.
+#[derive(Module, Debug)]
+pub struct RobertaHead<B: Backend> {
+    /// HF `classifier`.
+    pub classifier: RobertaClassificationHead<B>,
+}
+
+/// `BertForSequenceClassification` / `RobertaForSequenceClassification` as ZeRO segments.
+#[derive(Debug, Clone)]
+pub struct ClassifierSpec {
+    /// `bert` or `roberta`: the zoo name of the encoder.
+    encoder: &'static str,
+    /// RoBERTa counts positions from `padding_idx + 1`, skipping padding.
+    roberta_padding_idx: Option<usize>,
+}
+
+impl ClassifierSpec {
+    /// Cuts a BERT classifier into the spec and its segments.
+    pub fn split_bert<B: Backend>(
+        model: BertForSequenceClassification<B>,
+        config: &BertConfig,
+    ) -> (Self, Embeddings<B>, Vec<BertLayer<B>>, ClassifierHead<B>) {
+        let bert = model.bert;
+        let head = ClassifierHead::Bert(BertHead {
+            bert: BertPoolerOnly {
+                pooler: bert.pooler.expect("a classifier has a pooler"),
+            },
+            classifier: model.classifier,
+            dropout: DropoutConfig::new(config.classifier_dropout()).init(),
+        });
+        let spec = Self {
+            encoder: "bert",
+            roberta_padding_idx: None,
+        };
+        (spec, bert.embeddings, bert.encoder.layers, head)
+    }
+
+    /// Cuts a RoBERTa classifier into the spec and its segments.
+    pub fn split_roberta<B: Backend>(
+        model: RobertaForSequenceClassification<B>,
+    ) -> (Self, Embeddings<B>, Vec<BertLayer<B>>, ClassifierHead<B>) {
+        let roberta = model.roberta;
+        let spec = Self {
+            encoder: "roberta",
+            roberta_padding_idx: Some(roberta.padding_idx),
+        };
+        let head = ClassifierHead::Roberta(RobertaHead {
+            classifier: model.classifier,
+        });
+        (spec, roberta.embeddings, roberta.encoder.layers, head)
+    }
+}
+
+impl<B: Backend> ClassifierHead<B> {
+    /// Last hidden states → logits `[batch, num_labels]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+        match self {
+            ClassifierHead::Bert(head) => {
+                let pooled = head.bert.pooler.forward(hidden);
+                head.classifier.forward(head.dropout.forward(pooled))
+            }
+            ClassifierHead::Roberta(head) => head.classifier.forward(hidden),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> ZeroSpec<B> for ClassifierSpec {
+    type Embed = Embeddings<B>;
+    type Block = BertLayer<B>;
+    type Head = ClassifierHead<B>;
+    type Batch = ClassifierBatch<B>;
+
+    fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3> {
+        let positions = self
+            .roberta_padding_idx
+            .map(|pad| position_ids(batch.input_ids.clone(), pad));
+        module.forward(
+            batch.input_ids.clone(),
+            positions,
+            batch.token_type_ids.clone(),
+        )
+    }
+
+    fn block(
+        &self,
+        _index: usize,
+        module: &Self::Block,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 3> {
+        module.forward(
+            hidden,
+            &AttentionMask::padding(batch.attention_mask.clone()),
+        )
+    }
+
+    fn loss(
+        &self,
+        module: &Self::Head,
+        _embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 1> {
+        cross_entropy(module.logits(hidden), batch.labels.clone())
+    }
+
+    fn prefix(&self, segment: SegmentId) -> String {
+        match segment {
+            SegmentId::Embed => format!("{}.embeddings", self.encoder),
+            SegmentId::Block(i) => format!("{}.encoder.layers.{i}", self.encoder),
+            // The head's own field names carry `bert.pooler` / `classifier`.
+            SegmentId::Head => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpt2::Gpt2Config;
+    use crate::param_infos;
+    use bmtrain_backend::CpuTrain;
+    use bmtrain_backend::trainer::SegmentId;
+    use bmtrain_backend::zero::layout_of;
+
+    type B = CpuTrain;
+
+    /// Every segment's names under its prefix, in model order.
+    fn segment_names<S: ZeroSpec<B>>(
+        spec: &S,
+        embed: &S::Embed,
+        blocks: &[S::Block],
+        head: &S::Head,
+    ) -> Vec<(String, Vec<usize>)> {
+        let named = |segment, layout: bmtrain_backend::zero::FlatLayout| {
+            let prefix = spec.prefix(segment);
+            layout
+                .entries
+                .into_iter()
+                .map(move |e| {
+                    let name = bmtrain_backend::checkpoint::tensor_name(&prefix, &e.name);
+                    (name, e.shape)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = named(SegmentId::Embed, layout_of::<B, _>(embed));
+        for (i, block) in blocks.iter().enumerate() {
+            out.extend(named(SegmentId::Block(i), layout_of::<B, _>(block)));
+        }
+        out.extend(named(SegmentId::Head, layout_of::<B, _>(head)));
+        out.sort();
+        out
+    }
+
+    fn model_names<M: Module<B>>(model: &M) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<_> = param_infos::<B, M>(model)
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn gpt2_segments_carry_the_full_models_zoo_names() {
+        let device = Default::default();
+        for tied in [true, false] {
+            let mut config = Gpt2Config::new();
+            (config.vocab_size, config.n_positions, config.n_embd) = (50, 16, 8);
+            (config.n_layer, config.n_head) = (2, 2);
+            config.tie_word_embeddings = tied;
+            let model = Gpt2LmHeadModel::<B>::new(&config, &device).unwrap();
+            let want = model_names(&model);
+            let (spec, embed, blocks, head) = Gpt2Spec::split(model);
+            assert_eq!(ZeroSpec::<B>::head_reads_embed(&spec), tied);
+            assert_eq!(segment_names(&spec, &embed, &blocks, &head), want);
+        }
+    }
+
+    #[test]
+    fn classifier_segments_carry_the_full_models_zoo_names() {
+        let device = Default::default();
+        let mut config = BertConfig::new(40);
+        (config.hidden_size, config.num_hidden_layers) = (8, 2);
+        (config.num_attention_heads, config.intermediate_size) = (2, 16);
+        config.num_labels = Some(3);
+        let bert = BertForSequenceClassification::<B>::new(&config, &device).unwrap();
+        let want = model_names(&bert);
+        let (spec, embed, blocks, head) = ClassifierSpec::split_bert(bert, &config);
+        assert_eq!(segment_names(&spec, &embed, &blocks, &head), want);
+
+        let roberta = RobertaForSequenceClassification::<B>::new(&config, &device).unwrap();
+        let want = model_names(&roberta);
+        let (spec, embed, blocks, head) = ClassifierSpec::split_roberta(roberta);
+        assert_eq!(segment_names(&spec, &embed, &blocks, &head), want);
+    }
+}
