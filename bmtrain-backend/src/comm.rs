@@ -101,6 +101,30 @@ pub trait Communicator: Send {
     fn barrier(&self) -> Result<(), CommError>;
 }
 
+impl Communicator for Box<dyn Communicator> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        (**self).all_reduce(data, op)
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        (**self).all_gather(local)
+    }
+    fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        (**self).reduce_scatter(full, op)
+    }
+    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError> {
+        (**self).broadcast(data, root)
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        (**self).barrier()
+    }
+}
+
 /// One process, one rank: every collective is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SingleRank;
@@ -328,7 +352,7 @@ impl Drop for ThreadComm {
 }
 
 /// Combines contributions element-wise, in rank order (so every rank computes the same bits).
-fn reduce(all: &[Vec<f32>], op: ReduceOp) -> Vec<f32> {
+pub(crate) fn reduce(all: &[Vec<f32>], op: ReduceOp) -> Vec<f32> {
     let mut out = all[0].clone();
     for other in &all[1..] {
         for (o, x) in out.iter_mut().zip(other) {

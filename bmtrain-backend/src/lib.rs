@@ -32,6 +32,7 @@ pub mod inspect;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod optim;
+pub mod tcp;
 pub mod trainer;
 pub mod zero;
 

@@ -336,3 +336,65 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
 pub fn encode(tokenizer: &TextTokenizer, text: &str) -> Result<Vec<u32>> {
     tokenizer.encode(text, true)
 }
+
+/// The end-of-text token of [`byte_level_tokenizer`], id 256.
+pub const BYTE_LEVEL_EOS: &str = "<|endoftext|>";
+
+/// A tokenizer with one token per byte (ids 0–255 are the byte values, in GPT-2's byte-to-char
+/// alphabet) and `<|endoftext|>` as id 256: what `zoo pretrain` uses when the model comes without a
+/// tokenizer. It is an ordinary byte-level BPE without merges, so it saves as a `tokenizer.json`
+/// that transformers and every zoo command read.
+pub fn byte_level_tokenizer() -> Tokenizer {
+    let vocab: tokenizers::models::bpe::Vocab = gpt2_byte_alphabet()
+        .into_iter()
+        .enumerate()
+        .map(|(byte, c)| (c.to_string(), byte as u32))
+        .chain(std::iter::once((BYTE_LEVEL_EOS.to_string(), 256)))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, Vec::new())
+        .build()
+        .expect("a vocabulary without merges is a valid BPE");
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer
+        .with_pre_tokenizer(Some(ByteLevel::new(false, false, false)))
+        .with_decoder(Some(ByteLevelDecoder::default()));
+    tokenizer.add_special_tokens(&[AddedToken::from(BYTE_LEVEL_EOS, true)]);
+    tokenizer
+}
+
+/// GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the others are shifted past
+/// U+0100, so every byte has a visible character.
+fn gpt2_byte_alphabet() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut shifted = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).expect("a Latin-1 code point")
+            } else {
+                shifted += 1;
+                char::from_u32(255 + shifted).expect("a code point below U+0200")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod byte_level_tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_ids_are_the_bytes_and_decode_back() {
+        let tokenizer = byte_level_tokenizer();
+        let text = "Phileas Fogg, 1872 — à Paris!\n";
+        let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(ids, bytes);
+        assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
+        let eos = tokenizer.encode(BYTE_LEVEL_EOS, false).unwrap();
+        assert_eq!(eos.get_ids(), &[256]);
+        assert_eq!(tokenizer.get_vocab_size(true), 257);
+    }
+}
