@@ -280,7 +280,9 @@ impl Communicator for TcpComm {
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
-        self.collective(Op::AllGather, ReduceOp::Sum, 0, local, |all, _| all.concat())
+        self.collective(Op::AllGather, ReduceOp::Sum, 0, local, |all, _| {
+            all.concat()
+        })
     }
 
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
@@ -369,8 +371,8 @@ mod tests {
         let handles: Vec<_> = (0..3)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let comm = TcpComm::connect(&env(rank, 3, port), Duration::from_secs(20))
-                        .unwrap();
+                    let comm =
+                        TcpComm::connect(&env(rank, 3, port), Duration::from_secs(20)).unwrap();
                     script(&comm)
                 })
             })

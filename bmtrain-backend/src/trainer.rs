@@ -618,6 +618,23 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         Ok(out)
     }
 
+    /// Every parameter under its checkpoint name (the spec's prefixes, so a model's zoo names),
+    /// gathered: `(name, shape, values)`. Every rank must call it.
+    pub fn named_parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, CommError> {
+        let mut out = Vec::new();
+        for segment in self.checkpoint_segments() {
+            let values = segment.params.gather(&self.comm)?;
+            for entry in &segment.params.layout.entries {
+                out.push((
+                    checkpoint::tensor_name(&segment.prefix, &entry.name),
+                    entry.shape.clone(),
+                    values[entry.offset..entry.offset + entry.len()].to_vec(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// Gathers every segment's full parameters: `(segment name, layout, values)`, with segments
     /// named `embed`, `blocks.{i}`, `head`.
     pub fn gather_all(&self) -> Result<Vec<(String, FlatLayout, Vec<f32>)>, CommError> {

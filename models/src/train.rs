@@ -163,6 +163,45 @@ impl<B: AutodiffBackend> ZeroSpec<B> for Gpt2Spec {
     }
 }
 
+/// GPT-2's initialisation (transformers' `GPT2PreTrainedModel._init_weights`, nanoGPT): every
+/// weight matrix and embedding `N(0, 0.02)`, the two residual projections of each block
+/// (`attention.output`, `mlp.output`) `N(0, 0.02 / √(2 · n_layer))`, biases 0, LayerNorm 1 and 0.
+/// Drawn from `seed` with a generator of its own, so every rank and every world size starts from
+/// the same weights.
+pub fn gpt2_init<B: Backend>(
+    model: Gpt2LmHeadModel<B>,
+    n_layer: usize,
+    seed: u64,
+    device: &B::Device,
+) -> Gpt2LmHeadModel<B> {
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+    let layout = bmtrain_backend::zero::layout_of::<B, _>(&model);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut normal = move |std: f64| -> f32 {
+        // Box–Muller: two uniforms in (0, 1] give one standard normal.
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    };
+    let residual_std = 0.02 / (2.0 * n_layer as f64).sqrt();
+    let mut values = Vec::with_capacity(layout.len);
+    for entry in &layout.entries {
+        let name = entry.name.as_str();
+        let len = entry.len();
+        if name.ends_with(".gamma") {
+            values.extend(std::iter::repeat_n(1.0, len));
+        } else if name.ends_with(".beta") || name.ends_with(".bias") {
+            values.extend(std::iter::repeat_n(0.0, len));
+        } else {
+            let residual =
+                name.ends_with("attention.output.weight") || name.ends_with("mlp.output.weight");
+            let std = if residual { residual_std } else { 0.02 };
+            values.extend((0..len).map(|_| normal(std)));
+        }
+    }
+    bmtrain_backend::zero::load_flat(model, &layout, &values, device, false)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sequence classification (BERT, RoBERTa)
 

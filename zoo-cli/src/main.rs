@@ -4,13 +4,17 @@
 //! - `zoo download`: a model repository from the HF hub or a mirror (`HF_ENDPOINT`);
 //! - `zoo convert`: HF directory → zoo directory, and back with `--to-hf`;
 //! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors;
-//! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search).
+//! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search);
+//! - `zoo pretrain`: train a GPT on a corpus (default: a tiny GPT on the shipped corpus).
 
 #![warn(missing_docs)]
 
 mod forward;
 mod generate;
 mod list;
+mod pretrain;
+mod run;
+mod tokens;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +44,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Continue a prompt with a causal LM (or answer it with T5) and stream the text (or --ids).
     Generate(generate::GenerateArgs),
+    /// Pretrain a GPT on text or token files (default: a tiny GPT on the shipped corpus).
+    Pretrain(pretrain::PretrainArgs),
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert(args),
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
     }
 }
 

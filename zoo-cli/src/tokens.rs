@@ -234,8 +234,8 @@ pub fn write_token_file(path: &Path, tokens: &[u32], width: TokenWidth) -> anyho
         }
     }
     let temporary = path.with_extension("bin.partial");
-    let mut file = File::create(&temporary)
-        .with_context(|| format!("creating {}", temporary.display()))?;
+    let mut file =
+        File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
     file.write_all(&bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", temporary.display()))?;

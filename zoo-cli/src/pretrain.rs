@@ -1,0 +1,1005 @@
+//! `zoo pretrain`: train a GPT (GPT-2, GPT-3 sizes, CPM-1) on a corpus with the causal-LM loss.
+//!
+//! Without `--model` and `--data` it trains a tiny GPT on the corpus shipped in the repository
+//! (chapters of *Around the World in Eighty Days*) with a byte-level tokenizer, about a minute on
+//! two CPU cores, and prints a sample.
+//!
+//! Data: plain text, JSONL with a `text` field (one document per line), or token files
+//! ([`crate::tokens`]). Text is tokenised once into `RUN_DIR/data/*.bin` (reused on resume).
+//! Training samples random fixed-length windows; which windows a step reads depends only on the
+//! seed and the step, so `--resume` continues exactly where the run stopped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use bmtrain_backend::comm::Communicator;
+use bmtrain_backend::optim::{AdamWConfig, LrSchedule};
+use bmtrain_backend::trainer::ZeroTrainer;
+use bmtrain_backend::{BackendTask, DeviceSpec};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use checkpoints_convert::{
+    DirKind, LoadOptions, ModelSpec, TextTokenizer, ZooManifest, load_tokenizer,
+};
+use clap::Args;
+use models::generation::{Decoding, GenerationConfig, TokenIds, generate};
+use models::gpt2::{DecoderInput, Gpt2Config, Gpt2LmHeadModel, causal_lm_loss};
+use models::train::{Gpt2Spec, LmBatch, gpt2_init};
+use models::{AnyModel, Architecture, ModelConfig};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use serde_json::{Value, json};
+
+use crate::run::{
+    CheckpointFiles, MemoryArgs, Metrics, Progress, any_rank_interrupted, check_resume_matches,
+    find_checkpoint, mean_over_ranks, record, run_dir, run_ranks, save_checkpoint,
+};
+use crate::tokens::{TokenFile, TokenWidth, write_token_file};
+
+/// The corpus shipped with zoo (public domain; see `zoo-cli/corpus/README.md`).
+const SHIPPED_CORPUS: &str = include_str!("../corpus/around-the-world-in-80-days.txt");
+
+/// `zoo pretrain` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct PretrainArgs {
+    /// A preset (`zoo list`), an HF `config.json` (random weights), or a model directory (its
+    /// weights and tokenizer). Default: a tiny GPT (4 blocks of 128) for the shipped corpus.
+    #[arg(long, value_name = "PRESET|CONFIG|DIR")]
+    model: Option<String>,
+    /// Training data: text, JSONL (`text` field), or token files (.bin: zoo/llm.c, nanoGPT,
+    /// Megatron with its .idx); repeat to concatenate. Default: the shipped corpus.
+    #[arg(long, value_name = "PATH")]
+    data: Vec<PathBuf>,
+    /// Validation data (same formats). Default: the last --valid-fraction of the training tokens.
+    #[arg(long, value_name = "PATH")]
+    valid: Option<PathBuf>,
+    /// Share of the training tokens held out for validation when there is no --valid.
+    #[arg(long, default_value_t = 0.1)]
+    valid_fraction: f64,
+    /// Tokenizer (a directory or a tokenizer.json) when the model has none. Default: bytes.
+    #[arg(long, value_name = "PATH")]
+    tokenizer: Option<PathBuf>,
+    /// Width of a headerless (nanoGPT) token file.
+    #[arg(long, value_enum, default_value_t = TokenWidth::U16)]
+    token_dtype: TokenWidth,
+    /// Tokens per training window (default: the context, at most 256; 64 for the tiny GPT).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Windows per micro-batch, over all ranks.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Optimizer steps in all (a resumed run continues up to it).
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    /// Peak learning rate (after warmup; cosine decay to --min-lr-ratio × it).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f32,
+    /// Final learning rate as a share of --lr.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f32,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.99)]
+    beta2: f32,
+    /// Clip gradients to this global norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// Dropout in every layer (transformers' resid/embd/attn_pdrop).
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Log to metrics.jsonl every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+    /// Validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Validation micro-batches per evaluation.
+    #[arg(long, default_value_t = 4)]
+    eval_batches: usize,
+    /// Checkpoint every N steps (0: only at the end or on Ctrl-C).
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    /// Step checkpoints to keep (the newest).
+    #[arg(long, default_value_t = 2)]
+    keep: usize,
+    /// Seed of the initial weights, the windows and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokens to sample at the end (0: none).
+    #[arg(long, default_value_t = 200)]
+    sample_tokens: usize,
+    /// Prompt of the sample (default: the start of the validation data).
+    #[arg(long)]
+    sample_prompt: Option<String>,
+    /// The run directory (default: runs/pretrain-<timestamp>).
+    #[arg(long, value_name = "RUN_DIR")]
+    out: Option<PathBuf>,
+    /// Continue from a checkpoint or a run directory's latest checkpoint.
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
+    /// No progress bar (log lines instead).
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+/// Everything the ranks share, prepared once.
+struct Job {
+    args: PretrainArgs,
+    run_dir: PathBuf,
+    config: Gpt2Config,
+    manifest: ZooManifest,
+    tokenizer_json: Option<String>,
+    /// Weights of a model directory (zoo names), or `None` for a fresh GPT-2 initialisation.
+    initial: Option<BTreeMap<String, TensorData>>,
+    train: Split,
+    valid: Split,
+    seq: usize,
+    resume: Option<PathBuf>,
+    sample_prompt: Vec<u32>,
+    /// Only for decoding the sample.
+    tokenizer: Option<Arc<TextTokenizer>>,
+}
+
+/// A token range of a token file.
+#[derive(Clone)]
+struct Split {
+    file: Arc<TokenFile>,
+    start: usize,
+    end: usize,
+}
+
+impl Split {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// What `zoo pretrain` prints at the end.
+#[derive(Debug)]
+struct Summary {
+    first_loss: f32,
+    last_loss: f32,
+    valid_loss: Option<f32>,
+    steps: u64,
+    interrupted: bool,
+    sample: Option<String>,
+    checkpoint: Option<PathBuf>,
+}
+
+/// Runs `zoo pretrain`.
+pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
+    let interrupted = crate::run::interrupted();
+    let _ = interrupted; // installs the handlers before any work
+    let job = Arc::new(prepare(args)?);
+    let device = job.args.memory.device;
+    let summary = device.run(PretrainTask { job: job.clone() })??;
+    if let Some(sample) = &summary.sample {
+        println!("--- sample ---\n{sample}\n--------------");
+    }
+    println!(
+        "pretrain: {} steps, loss {:.4} → {:.4}{}; run directory {}{}",
+        summary.steps,
+        summary.first_loss,
+        summary.last_loss,
+        summary
+            .valid_loss
+            .map(|v| format!(", validation loss {v:.4} (perplexity {:.2})", v.exp()))
+            .unwrap_or_default(),
+        job.run_dir.display(),
+        summary
+            .checkpoint
+            .as_ref()
+            .map(|c| format!(", checkpoint {}", c.display()))
+            .unwrap_or_default()
+    );
+    if summary.interrupted {
+        eprintln!(
+            "interrupted: resume with the same command and --resume {}",
+            job.run_dir.display()
+        );
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+/// The tiny GPT of the shipped corpus: 4 blocks of 128, 4 heads, 128 positions, 257 byte ids.
+fn tiny_config() -> Gpt2Config {
+    let mut config = Gpt2Config::new();
+    (config.vocab_size, config.n_positions, config.n_embd) = (257, 128, 128);
+    (config.n_layer, config.n_head) = (4, 4);
+    config.bos_token_id = Some(256);
+    config.eos_token_id = Some(TokenIds::One(256));
+    config
+}
+
+/// Resolves the model, tokenizer and data, and tokenises text into the run directory.
+fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
+    ensure!(args.batch >= 1, "--batch must be at least 1");
+    ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
+    ensure!(args.steps >= 1, "--steps must be at least 1");
+    let ranks = args.memory.ranks.max(world_size_from_env());
+    ensure!(
+        args.batch.is_multiple_of(ranks),
+        "--batch {} does not split over {ranks} ranks",
+        args.batch
+    );
+    let run_dir = run_dir(args.out.as_deref(), args.resume.as_deref(), "pretrain");
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+
+    // The model.
+    let (mut config, initial, model_tokenizer) = match &args.model {
+        None => (tiny_config(), None, None),
+        Some(name) => resolve_model(name)?,
+    };
+    (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) =
+        (args.dropout, args.dropout, args.dropout);
+    config.validate()?;
+
+    // The tokenizer: the model's, --tokenizer, or bytes.
+    let tokenizer = match (&args.tokenizer, model_tokenizer) {
+        (Some(path), _) => Some(open_tokenizer(path)?),
+        (None, Some(t)) => Some(t),
+        (None, None) => None,
+    }
+    .unwrap_or_else(|| {
+        TextTokenizer::Hf(Box::new(
+            checkpoints_convert::tokenizer::byte_level_tokenizer(),
+        ))
+    });
+    let tokenizer = Arc::new(tokenizer);
+    let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
+    let eos = tokenizer.token_to_id("<|endoftext|>").or_else(|| {
+        config
+            .eos_token_id
+            .as_ref()
+            .and_then(|e| e.to_vec().first().copied())
+    });
+
+    // The data.
+    let data_dir = run_dir.join("data");
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let sources: Vec<Source> = if args.data.is_empty() {
+        vec![Source::Shipped]
+    } else {
+        args.data.iter().cloned().map(Source::File).collect()
+    };
+    let train_file = Arc::new(load_tokens(
+        &sources,
+        &data_dir.join("train.bin"),
+        &tokenizer,
+        tokenizer_json.as_deref(),
+        eos,
+        &args,
+        &config,
+    )?);
+    let (train, valid) = match &args.valid {
+        Some(path) => {
+            let valid_file = Arc::new(load_tokens(
+                &[Source::File(path.clone())],
+                &data_dir.join("valid.bin"),
+                &tokenizer,
+                tokenizer_json.as_deref(),
+                eos,
+                &args,
+                &config,
+            )?);
+            (
+                Split {
+                    start: 0,
+                    end: train_file.len(),
+                    file: train_file,
+                },
+                Split {
+                    start: 0,
+                    end: valid_file.len(),
+                    file: valid_file,
+                },
+            )
+        }
+        None => {
+            ensure!(
+                args.valid_fraction > 0.0 && args.valid_fraction < 1.0,
+                "--valid-fraction must be between 0 and 1"
+            );
+            let cut = ((train_file.len() as f64) * (1.0 - args.valid_fraction)) as usize;
+            (
+                Split {
+                    file: train_file.clone(),
+                    start: 0,
+                    end: cut,
+                },
+                Split {
+                    file: train_file,
+                    start: cut,
+                    end: 0,
+                },
+            )
+        }
+    };
+    let valid = Split {
+        end: if valid.end == 0 {
+            valid.file.len()
+        } else {
+            valid.end
+        },
+        ..valid
+    };
+    let default_seq = if args.model.is_none() {
+        64
+    } else {
+        config.n_positions.min(256)
+    };
+    let seq = args.seq.unwrap_or(default_seq);
+    ensure!(
+        seq >= 2 && seq <= config.n_positions,
+        "--seq {seq}: the model's context is {} positions (and a window needs 2 tokens)",
+        config.n_positions
+    );
+    for (name, split) in [("training", &train), ("validation", &valid)] {
+        ensure!(
+            split.len() > seq,
+            "the {name} data has {} tokens, fewer than one window of --seq {seq} + 1 ({})",
+            split.len(),
+            split.file.path().display()
+        );
+    }
+
+    let sample_prompt = match &args.sample_prompt {
+        Some(text) => tokenizer.encode(text, false)?,
+        None => valid.file.window(valid.start, 16.min(seq)),
+    };
+    let mut hf_config = serde_json::to_value(&config)?;
+    hf_config["model_type"] = json!("gpt2");
+    hf_config["architectures"] = json!(["GPT2LMHeadModel"]);
+    let manifest = ZooManifest {
+        format: "zoo".into(),
+        format_version: 1,
+        architecture: Architecture::Gpt2LmHeadModel.hf_name().into(),
+        hf_config,
+    };
+    let resume = args.resume.as_deref().map(find_checkpoint).transpose()?;
+    Ok(Job {
+        run_dir,
+        config,
+        manifest,
+        tokenizer_json,
+        initial,
+        train,
+        valid,
+        seq,
+        resume,
+        sample_prompt,
+        tokenizer: Some(tokenizer),
+        args,
+    })
+}
+
+fn world_size_from_env() -> usize {
+    std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1)
+}
+
+/// `--model`: a preset, a config.json, or a model directory.
+fn resolve_model(
+    name: &str,
+) -> anyhow::Result<(
+    Gpt2Config,
+    Option<BTreeMap<String, TensorData>>,
+    Option<TextTokenizer>,
+)> {
+    let path = Path::new(name);
+    let gpt2 = |config: ModelConfig, what: &str| match config {
+        ModelConfig::Gpt2(c) => Ok(c),
+        _ => bail!("{what} is not a GPT (zoo pretrain trains GPT-2, the GPT-3 sizes and CPM-1)"),
+    };
+    if path.is_dir() {
+        let mut spec = checkpoints_convert::read_spec(path)?;
+        let weights = spec.read_weights(LoadOptions::default().format)?;
+        let config = gpt2(spec.config.clone(), &path.display().to_string())?;
+        let tokenizer = load_tokenizer(path)?;
+        return Ok((config, Some(weights.tensors), tokenizer));
+    }
+    if path.is_file() {
+        let value: Value = serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))?;
+        let config = models::Family::Gpt2
+            .parse_config(&value)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        return Ok((gpt2(config, &path.display().to_string())?, None, None));
+    }
+    match models::preset(name) {
+        Some(preset) => Ok((gpt2(preset.config, name)?, None, None)),
+        None => {
+            bail!("--model {name}: not a directory, a config file or a preset (see `zoo list`)")
+        }
+    }
+}
+
+fn open_tokenizer(path: &Path) -> anyhow::Result<TextTokenizer> {
+    if path.is_dir() {
+        return load_tokenizer(path)?
+            .with_context(|| format!("{}: no tokenizer files", path.display()));
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(TextTokenizer::Hf(Box::new(tokenizer)))
+}
+
+/// One input of the corpus.
+#[derive(Debug, Clone)]
+enum Source {
+    Shipped,
+    File(PathBuf),
+}
+
+/// Opens token files as they are, or tokenises text into `cache` (reused when its record of the
+/// sources and the tokenizer matches).
+fn load_tokens(
+    sources: &[Source],
+    cache: &Path,
+    tokenizer: &TextTokenizer,
+    tokenizer_json: Option<&str>,
+    eos: Option<u32>,
+    args: &PretrainArgs,
+    config: &Gpt2Config,
+) -> anyhow::Result<TokenFile> {
+    let is_token_file =
+        |s: &Source| matches!(s, Source::File(p) if p.extension().is_some_and(|e| e == "bin"));
+    if let [source] = sources
+        && is_token_file(source)
+    {
+        let Source::File(path) = source else {
+            unreachable!()
+        };
+        let file = TokenFile::open(path, args.token_dtype)?;
+        file.check_vocab(config.vocab_size)?;
+        return Ok(file);
+    }
+    ensure!(
+        !sources.iter().any(is_token_file),
+        "token files (.bin) cannot be mixed with text in one --data list"
+    );
+    // The record of what the cache was made from.
+    let mut record = Vec::new();
+    for source in sources {
+        match source {
+            Source::Shipped => record.push(json!({"shipped": SHIPPED_CORPUS.len()})),
+            Source::File(path) => {
+                let meta = std::fs::metadata(path)
+                    .with_context(|| format!("reading the corpus {}", path.display()))?;
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                record.push(json!({
+                    "path": path.display().to_string(),
+                    "bytes": meta.len(),
+                    "modified": modified.to_string()
+                }));
+            }
+        }
+    }
+    let record = json!({
+        "sources": record,
+        "tokenizer_bytes": tokenizer_json.map(str::len),
+        "tokenizer_hash": tokenizer_json.map(fnv1a),
+        "eos": eos,
+    });
+    let record_path = cache.with_extension("json");
+    if cache.is_file()
+        && std::fs::read_to_string(&record_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .is_some_and(|r| r == record)
+    {
+        return TokenFile::open(cache, args.token_dtype);
+    }
+    let mut tokens = Vec::new();
+    for source in sources {
+        let before = tokens.len();
+        match source {
+            Source::Shipped => tokenize_text(SHIPPED_CORPUS, tokenizer, eos, &mut tokens)?,
+            Source::File(path) => tokenize_file(path, tokenizer, eos, &mut tokens)?,
+        }
+        if tokens.len() == before {
+            let name = match source {
+                Source::Shipped => "the shipped corpus".to_string(),
+                Source::File(p) => p.display().to_string(),
+            };
+            bail!("the corpus {name} is empty: no text to train on");
+        }
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+        bail!(
+            "the tokenizer produced id {bad}, outside the model's vocabulary of {}",
+            config.vocab_size
+        );
+    }
+    write_token_file(cache, &tokens, TokenWidth::for_vocab(config.vocab_size))?;
+    std::fs::write(&record_path, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("writing {}", record_path.display()))?;
+    TokenFile::open(cache, args.token_dtype)
+}
+
+/// A 64-bit FNV-1a hash of a text, in hex (identifies a tokenizer in the cache record).
+fn fnv1a(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// Plain text: one document, then EOS. JSONL (`.jsonl`, `.json`): one document per line's `text`.
+fn tokenize_file(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    eos: Option<u32>,
+    out: &mut Vec<u32>,
+) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the corpus {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let jsonl = path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json");
+    if !jsonl {
+        return tokenize_text(&text, tokenizer, eos, out);
+    }
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), number + 1))?;
+        let document = value["text"].as_str().with_context(|| {
+            format!(
+                "{}:{}: no string field \"text\"",
+                path.display(),
+                number + 1
+            )
+        })?;
+        tokenize_text(document, tokenizer, eos, out)?;
+    }
+    Ok(())
+}
+
+/// Tokenises one document in pieces of about 64 KB cut after a blank line (so memory stays
+/// bounded and no pre-tokenizer word is split), then appends EOS.
+fn tokenize_text(
+    text: &str,
+    tokenizer: &TextTokenizer,
+    eos: Option<u32>,
+    out: &mut Vec<u32>,
+) -> anyhow::Result<()> {
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut cut = rest.len();
+        if rest.len() > 65536 {
+            let window = &rest[..rest.floor_char_boundary(65536)];
+            cut = window.rfind("\n\n").map_or(window.len(), |i| i + 2);
+        }
+        out.extend(tokenizer.encode(&rest[..cut], false)?);
+        rest = &rest[cut..];
+    }
+    out.extend(eos);
+    Ok(())
+}
+
+struct PretrainTask {
+    job: Arc<Job>,
+}
+
+impl BackendTask for PretrainTask {
+    type Output = anyhow::Result<Summary>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let job = self.job;
+        let ranks = job.args.memory.ranks;
+        let device_spec: DeviceSpec = job.args.memory.device;
+        run_ranks(ranks, &device_spec, move |comm| {
+            train::<Autodiff<B>>(comm, device.clone(), &job)
+        })
+    }
+}
+
+/// The windows of micro-batch `micro` of step `step`: `batch` start offsets, from the seed.
+fn window_starts(
+    seed: u64,
+    step: u64,
+    micro: usize,
+    batch: usize,
+    split: &Split,
+    seq: usize,
+) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+            ^ (micro as u64).wrapping_mul(0x94D0_49BB_1331_11EB),
+    );
+    (0..batch)
+        .map(|_| split.start + rng.random_range(0..split.len() - seq))
+        .collect()
+}
+
+fn batch_of<B: Backend>(
+    split: &Split,
+    starts: &[usize],
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = starts
+        .iter()
+        .flat_map(|&s| split.file.window(s, seq).into_iter().map(i64::from))
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [starts.len(), seq]), device)
+}
+
+fn learning_rate(args: &PretrainArgs, step: u64) -> f32 {
+    let factor = LrSchedule::Cosine.lr(1.0, step, args.warmup, args.steps);
+    if step < args.warmup {
+        args.lr * factor
+    } else {
+        let min = args.lr * args.min_lr_ratio;
+        min + (args.lr - min) * factor
+    }
+}
+
+/// The whole model on the inference backend, from the trainer's gathered parameters.
+fn assemble<B: Backend>(
+    job: &Job,
+    named: Vec<(String, Vec<usize>, Vec<f32>)>,
+    device: &B::Device,
+) -> anyhow::Result<Gpt2LmHeadModel<B>> {
+    let spec = ModelSpec {
+        kind: DirKind::Zoo,
+        dir: job.run_dir.clone(),
+        architecture: Architecture::Gpt2LmHeadModel,
+        config: ModelConfig::Gpt2(job.config.clone()),
+        hf_config: job.manifest.hf_config.clone(),
+    };
+    let tensors = named
+        .into_iter()
+        .map(|(name, shape, values)| (name, TensorData::new(values, shape)))
+        .collect();
+    match checkpoints_convert::build_model::<B>(&spec, tensors, device)? {
+        AnyModel::Gpt2LmHeadModel(model) => Ok(model),
+        _ => unreachable!("built as a GPT2LMHeadModel"),
+    }
+}
+
+/// Mean validation loss over fixed windows.
+fn validation_loss<B: Backend>(job: &Job, model: &Gpt2LmHeadModel<B>, device: &B::Device) -> f32 {
+    let mut total = 0.0;
+    for i in 0..job.args.eval_batches {
+        let starts = window_starts(
+            job.args.seed ^ 0x5A5A,
+            u64::MAX - i as u64,
+            0,
+            job.args.batch,
+            &job.valid,
+            job.seq,
+        );
+        let ids = batch_of::<B>(&job.valid, &starts, job.seq, device);
+        let (_, logits) = model.forward(&DecoderInput::new(ids.clone()));
+        let loss: f32 = causal_lm_loss(logits, ids).into_scalar().to_f32_lossy();
+        total += loss;
+    }
+    total / job.args.eval_batches.max(1) as f32
+}
+
+trait ToF32 {
+    fn to_f32_lossy(self) -> f32;
+}
+
+impl<E: burn::tensor::Element> ToF32 for E {
+    fn to_f32_lossy(self) -> f32 {
+        burn::tensor::ElementConversion::elem(self)
+    }
+}
+
+/// One rank's training loop.
+fn train<AB: AutodiffBackend>(
+    comm: Box<dyn Communicator>,
+    device: AB::Device,
+    job: &Job,
+) -> anyhow::Result<Summary> {
+    let args = &job.args;
+    let rank = comm.rank();
+    let world = comm.world_size();
+    let lead = rank == 0;
+
+    // The model: the directory's weights, or GPT-2's initialisation from the seed.
+    let model = Gpt2LmHeadModel::<AB>::new(&job.config, &device)?;
+    let model = match &job.initial {
+        Some(tensors) => {
+            let spec = ModelSpec {
+                kind: DirKind::Zoo,
+                dir: job.run_dir.clone(),
+                architecture: Architecture::Gpt2LmHeadModel,
+                config: ModelConfig::Gpt2(job.config.clone()),
+                hf_config: job.manifest.hf_config.clone(),
+            };
+            match checkpoints_convert::build_model::<AB>(&spec, tensors.clone(), &device)? {
+                AnyModel::Gpt2LmHeadModel(model) => model,
+                _ => unreachable!("built as a GPT2LMHeadModel"),
+            }
+        }
+        None => gpt2_init(model, job.config.n_layer, args.seed, &device),
+    };
+    let (spec, embed, blocks, head) = Gpt2Spec::split(model);
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: args.beta2,
+        eps: 1e-8,
+        weight_decay: args.weight_decay,
+    };
+    let options = args.memory.zero_options(
+        blocks.len(),
+        adamw,
+        (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+    )?;
+    let mut trainer = ZeroTrainer::new(spec, comm, device.clone(), embed, blocks, head, options);
+    trainer.set_dropout_seed(args.seed);
+
+    let mut start = 0;
+    if let Some(checkpoint) = &job.resume {
+        let state = check_resume_matches(checkpoint, &job.manifest)?;
+        trainer
+            .load(checkpoint)
+            .with_context(|| format!("--resume {}", checkpoint.display()))?;
+        start = trainer.steps();
+        if lead && state["seed"].as_u64() != Some(args.seed) {
+            eprintln!(
+                "warning: the checkpoint was trained with --seed {}, this run uses {}: the \
+                 windows after step {start} differ from an uninterrupted run",
+                state["seed"], args.seed
+            );
+        }
+    }
+    let metrics = if lead {
+        Some(Metrics::open(
+            &job.run_dir,
+            job.resume.as_ref().map(|_| start),
+        )?)
+    } else {
+        None
+    };
+    let files = CheckpointFiles {
+        manifest: job.manifest.clone(),
+        tokenizer_json: job.tokenizer_json.clone(),
+    };
+    let checkpoints = job.run_dir.join("checkpoints");
+    if lead {
+        std::fs::create_dir_all(&checkpoints)
+            .with_context(|| format!("creating {}", checkpoints.display()))?;
+    }
+    let save = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>,
+                step: u64|
+     -> anyhow::Result<PathBuf> {
+        let dir = checkpoints.join(format!("step-{step:07}"));
+        let state = json!({ "step": step, "seed": args.seed, "job": "pretrain" });
+        save_checkpoint(trainer, &dir, &files, &state)?;
+        if trainer.comm().rank() == 0 {
+            prune_checkpoints(&checkpoints, args.keep)?;
+        }
+        Ok(dir)
+    };
+
+    let rows = args.batch / world;
+    let tokens_per_step = (args.batch * args.grad_accum * job.seq) as f64;
+    let progress = Progress::new(args.steps, start, lead, !args.no_progress);
+    let evaluate = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>| -> anyhow::Result<Option<f32>> {
+        let named = trainer.named_parameters()?;
+        let loss = if trainer.comm().rank() == 0 {
+            let model = assemble::<AB::InnerBackend>(job, named, &device)?;
+            Some(validation_loss(job, &model, &device))
+        } else {
+            None
+        };
+        trainer.comm().barrier()?;
+        Ok(loss)
+    };
+
+    let mut first_loss = None;
+    let mut last_loss = f32::NAN;
+    let mut valid_loss = None;
+    let mut window_loss = 0.0;
+    let mut window_steps = 0;
+    let mut window_start = Instant::now();
+    let mut interrupted = false;
+    let mut last_saved = None;
+    for step in start..args.steps {
+        let lr = learning_rate(args, step);
+        let mut loss = 0.0;
+        for micro in 0..args.grad_accum {
+            let starts = window_starts(args.seed, step, micro, args.batch, &job.train, job.seq);
+            let mine = &starts[rank * rows..(rank + 1) * rows];
+            let batch = LmBatch {
+                input_ids: batch_of::<AB>(&job.train, mine, job.seq, &device),
+            };
+            loss += trainer.forward_backward(&batch)? / args.grad_accum as f32;
+        }
+        let report = trainer.step(lr)?;
+        let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
+        first_loss.get_or_insert(loss);
+        last_loss = loss;
+        window_loss += loss;
+        window_steps += 1;
+        let done = step + 1;
+        let elapsed = window_start.elapsed().as_secs_f64();
+        let tokens_per_s = tokens_per_step * window_steps as f64 / elapsed.max(1e-9);
+        progress.update(
+            done,
+            format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"),
+        );
+        if done % args.log_every == 0 || done == args.steps {
+            let mean = window_loss / window_steps as f32;
+            if let Some(metrics) = &metrics {
+                metrics.log(&record(
+                    done,
+                    json!({
+                        "loss": mean,
+                        "lr": lr,
+                        "tokens_per_s": tokens_per_s,
+                        "grad_norm": report.grad_norm,
+                        "applied": report.applied,
+                    }),
+                ))?;
+            }
+            progress.println(&format!(
+                "step {done:>6}  loss {mean:.4}  lr {lr:.2e}  {tokens_per_s:.0} tokens/s"
+            ));
+            (window_loss, window_steps, window_start) = (0.0, 0, Instant::now());
+        }
+        if args.eval_every > 0 && done % args.eval_every == 0 && done != args.steps {
+            if let Some(v) = evaluate(&trainer)? {
+                progress.println(&format!(
+                    "step {done:>6}  validation loss {v:.4}  perplexity {:.2}",
+                    v.exp()
+                ));
+                if let Some(metrics) = &metrics {
+                    metrics.log(&record(
+                        done,
+                        json!({"valid_loss": v, "valid_perplexity": v.exp()}),
+                    ))?;
+                }
+            }
+        }
+        if args.save_every > 0 && done % args.save_every == 0 {
+            last_saved = Some(save(&trainer, done)?);
+        }
+        if any_rank_interrupted(trainer.comm().as_ref())? {
+            interrupted = true;
+            if last_saved
+                .as_ref()
+                .is_none_or(|d: &PathBuf| !d.ends_with(format!("step-{done:07}")))
+            {
+                last_saved = Some(save(&trainer, done)?);
+            }
+            progress.println(&format!("interrupted at step {done}: checkpoint saved"));
+            break;
+        }
+    }
+    let steps = trainer.steps();
+    if !interrupted {
+        if last_saved
+            .as_ref()
+            .is_none_or(|d: &PathBuf| !d.ends_with(format!("step-{steps:07}")))
+        {
+            last_saved = Some(save(&trainer, steps)?);
+        }
+        valid_loss = evaluate(&trainer)?;
+        if let (Some(metrics), Some(v)) = (&metrics, valid_loss) {
+            metrics.log(&record(
+                steps,
+                json!({"valid_loss": v, "valid_perplexity": v.exp()}),
+            ))?;
+        }
+    }
+    progress.finish();
+
+    // A sample from the trained model.
+    let named = if args.sample_tokens > 0 && !interrupted {
+        Some(trainer.named_parameters()?)
+    } else {
+        None
+    };
+    let sample = match (named, lead) {
+        (Some(named), true) => {
+            let model = assemble::<AB::InnerBackend>(job, named, &device)?;
+            let eos: Vec<u32> = job
+                .config
+                .eos_token_id
+                .as_ref()
+                .map(|e| e.to_vec())
+                .unwrap_or_default();
+            let config = GenerationConfig {
+                max_new_tokens: args.sample_tokens.min(
+                    job.config
+                        .n_positions
+                        .saturating_sub(job.sample_prompt.len()),
+                ),
+                decoding: Decoding::Sample {
+                    temperature: 0.8,
+                    top_k: Some(40),
+                    top_p: None,
+                    seed: args.seed,
+                },
+                repetition_penalty: 1.0,
+                eos_token_ids: eos.clone(),
+                pad_token_id: eos.first().copied().unwrap_or(0),
+            };
+            let generated = generate(
+                &model,
+                std::slice::from_ref(&job.sample_prompt),
+                &config,
+                &device,
+                |_| {},
+            )?;
+            let mut ids = job.sample_prompt.clone();
+            ids.extend(generated.new_tokens(0, &eos));
+            match &job.tokenizer {
+                Some(t) => Some(t.decode(&ids, true)?),
+                None => Some(format!("{ids:?}")),
+            }
+        }
+        _ => None,
+    };
+    Ok(Summary {
+        first_loss: first_loss.unwrap_or(f32::NAN),
+        last_loss,
+        valid_loss,
+        steps,
+        interrupted,
+        sample,
+        checkpoint: last_saved,
+    })
+}
+
+/// Deletes all but the newest `keep` `step-*` checkpoints.
+fn prune_checkpoints(dir: &Path, keep: usize) -> anyhow::Result<()> {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep.max(1));
+    for old in &steps[..excess] {
+        std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}

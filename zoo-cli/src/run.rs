@@ -1,0 +1,466 @@
+//! What every training job shares: ranks (threads, processes or GPUs), the memory options, the
+//! run directory with its `metrics.jsonl` and checkpoints, the progress bar, and Ctrl-C.
+//!
+//! A run directory:
+//! - `metrics.jsonl`: one JSON object per logged step (`step`, `loss`, `lr`, `tokens_per_s`, …)
+//!   and per evaluation (`step`, `valid_loss`, `accuracy`, …);
+//! - `checkpoints/step-NNNNNNN/` (pretrain) or `checkpoints/{last,best}/` (finetune): each a zoo
+//!   model directory (`zoo.json`, `model.safetensors` under zoo names, `tokenizer.json`) plus
+//!   `optimizer.safetensors` and `trainer_state.json`, written in a staging directory and renamed;
+//! - `checkpoints/latest`: the name of the newest checkpoint (written, then renamed).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use bmtrain_backend::DeviceSpec;
+use bmtrain_backend::comm::{Communicator, ReduceOp, SingleRank, ThreadGroup};
+use bmtrain_backend::dist::DistEnv;
+use bmtrain_backend::optim::{AdamWConfig, LossScaler};
+use bmtrain_backend::trainer::{ZeroOptions, ZeroSpec, ZeroTrainer};
+use burn::tensor::DType;
+use burn::tensor::backend::AutodiffBackend;
+use checkpoints_convert::ZooManifest;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+/// How long a collective waits for its peers. Rank 0 evaluates and writes checkpoints while the
+/// others wait, so this is generous; a peer that dies is noticed at once anyway.
+const COMM_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The memory and placement options of every training job.
+#[derive(Args, Debug, Clone)]
+pub struct MemoryArgs {
+    /// Recompute every block in backward instead of storing its activations.
+    #[arg(long)]
+    pub checkpointing: bool,
+    /// 3: gather each block's weights again in backward; 2: keep them from forward to backward.
+    /// Parameters, gradients and optimizer state are sharded over the ranks either way.
+    #[arg(long, default_value_t = 3)]
+    pub zero_stage: u8,
+    /// Compute dtype; master weights, gradients and AdamW state stay f32.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Keep the optimizer state in host memory. zoo's ZeRO optimizer always does (its state
+    /// and master weights are host slices), so this only documents the choice.
+    #[arg(long)]
+    pub offload_optimizer: bool,
+    /// Ranks as threads of this process (data parallel + ZeRO). Under `zoo launch` or torchrun
+    /// the ranks are processes instead, and this stays 1.
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Where to run: cpu or cuda:N (under a launcher: cuda, and LOCAL_RANK picks the GPU).
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    pub device: DeviceSpec,
+}
+
+/// `--dtype`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats with dynamic loss scaling.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl MemoryArgs {
+    /// The trainer options for a model of `blocks` blocks.
+    pub fn zero_options(
+        &self,
+        blocks: usize,
+        adamw: AdamWConfig,
+        max_grad_norm: Option<f32>,
+    ) -> anyhow::Result<ZeroOptions> {
+        ensure!(
+            matches!(self.zero_stage, 2 | 3),
+            "--zero-stage {}: zoo shards parameters, gradients and optimizer state over the ranks \
+             (stage 3), or keeps gathered weights between forward and backward (stage 2)",
+            self.zero_stage
+        );
+        let (compute_dtype, loss_scaler) = match self.dtype {
+            DtypeArg::F32 => (None, None),
+            DtypeArg::F16 => (Some(DType::F16), Some(LossScaler::new(65536.0))),
+            DtypeArg::Bf16 => (Some(DType::BF16), None),
+        };
+        Ok(ZeroOptions {
+            zero_level: self.zero_stage,
+            checkpoint: vec![self.checkpointing; blocks],
+            adamw,
+            max_grad_norm,
+            loss_scaler,
+            compute_dtype,
+        })
+    }
+}
+
+/// Runs `body` on every rank and returns rank 0's result. Ranks come from a launcher's
+/// environment (processes: TCP on CPU, NCCL on GPU) or from `ranks` (threads of this process).
+/// When ranks fail, the first rank's own error is returned rather than its peers' "rank gone".
+pub fn run_ranks<T: Send + 'static>(
+    ranks: usize,
+    device: &DeviceSpec,
+    body: impl Fn(Box<dyn Communicator>) -> anyhow::Result<T> + Send + Sync + 'static,
+) -> anyhow::Result<T> {
+    ensure!(ranks >= 1, "--ranks must be at least 1");
+    let env = DistEnv::from_env()?;
+    if env.world_size > 1 {
+        ensure!(
+            ranks == 1,
+            "--ranks {ranks} under a launcher (WORLD_SIZE={}): the launcher's processes are the \
+             ranks",
+            env.world_size
+        );
+        let comm: Box<dyn Communicator> = match device {
+            DeviceSpec::Cpu => {
+                Box::new(bmtrain_backend::tcp::TcpComm::connect(&env, COMM_TIMEOUT)?)
+            }
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(_) => {
+                Box::new(bmtrain_backend::nccl::NcclComm::init(&env, COMM_TIMEOUT)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => bail!("{device}: this zoo was built without the `cuda` feature"),
+        };
+        return body(comm);
+    }
+    if ranks == 1 {
+        return body(Box::new(SingleRank));
+    }
+    let results = ThreadGroup::run(ranks, COMM_TIMEOUT, move |comm| body(Box::new(comm)));
+    let mut first_error = None;
+    let mut value = None;
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(Ok(v)) if rank == 0 => value = Some(v),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                // A peer's failure shows on the others as a communication error; keep the cause.
+                let is_echo = e
+                    .downcast_ref::<bmtrain_backend::comm::CommError>()
+                    .is_some_and(|c| {
+                        matches!(c, bmtrain_backend::comm::CommError::PeerGone { .. })
+                    });
+                if first_error.is_none()
+                    || (!is_echo && first_error.as_ref().is_some_and(|(echo, _)| *echo))
+                {
+                    first_error = Some((is_echo, e.context(format!("rank {rank}"))));
+                }
+            }
+            Err(panic) => {
+                if first_error.as_ref().is_none_or(|(echo, _)| *echo) {
+                    first_error = Some((false, anyhow::anyhow!("rank {rank} panicked: {panic}")));
+                }
+            }
+        }
+    }
+    match (first_error, value) {
+        (Some((_, e)), _) => Err(e),
+        (None, Some(v)) => Ok(v),
+        (None, None) => bail!("rank 0 returned nothing"),
+    }
+}
+
+/// Set by SIGINT / SIGTERM.
+pub fn interrupted() -> &'static AtomicBool {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // Registration only fails for forbidden signals; these two are allowed.
+            let _ = signal_hook::flag::register(signal, flag.clone());
+        }
+        flag
+    })
+}
+
+/// Whether any rank was interrupted: every rank stops at the same step.
+pub fn any_rank_interrupted(comm: &dyn Communicator) -> anyhow::Result<bool> {
+    let mut flag = [if interrupted().load(Ordering::Relaxed) {
+        1.0
+    } else {
+        0.0
+    }];
+    comm.all_reduce(&mut flag, ReduceOp::Max)?;
+    Ok(flag[0] > 0.0)
+}
+
+/// Averages a per-rank number over the ranks.
+pub fn mean_over_ranks(comm: &dyn Communicator, value: f32) -> anyhow::Result<f32> {
+    let mut data = [value];
+    comm.all_reduce(&mut data, ReduceOp::Avg)?;
+    Ok(data[0])
+}
+
+/// The run directory: `--out`, or the directory holding a resumed checkpoint, or
+/// `runs/<job>-<timestamp>`.
+pub fn run_dir(out: Option<&Path>, resume: Option<&Path>, job: &str) -> PathBuf {
+    if let Some(out) = out {
+        return out.to_path_buf();
+    }
+    if let Some(resume) = resume {
+        // RUN_DIR, or RUN_DIR/checkpoints/NAME.
+        if resume.join("checkpoints").is_dir() {
+            return resume.to_path_buf();
+        }
+        if let Some(run) = resume.parent().and_then(Path::parent) {
+            return run.to_path_buf();
+        }
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("{job}-{stamp}"))
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+#[derive(Debug)]
+pub struct Metrics {
+    path: PathBuf,
+}
+
+impl Metrics {
+    /// Opens `RUN_DIR/metrics.jsonl`. When resuming at `resumed_step`, lines of later steps (from
+    /// the interrupted run) are dropped so the file reads as one run.
+    pub fn open(run_dir: &Path, resumed_step: Option<u64>) -> anyhow::Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        if let Some(step) = resumed_step
+            && path.is_file()
+        {
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let kept: String = text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<Value>(line)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect();
+            fs::write(&path, kept).with_context(|| format!("writing {}", path.display()))?;
+        } else if resumed_step.is_none() {
+            fs::write(&path, "").with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(Self { path })
+    }
+
+    /// Appends one record.
+    pub fn log(&self, record: &Value) -> anyhow::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        writeln!(file, "{record}").with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// The progress bar (on a terminal) or plain log lines (otherwise).
+#[derive(Debug)]
+pub struct Progress {
+    bar: ProgressBar,
+    /// Rank 0 reports; the other ranks stay silent.
+    silent: bool,
+}
+
+impl Progress {
+    /// A bar over `total` steps starting at `start`, shown by rank 0 (`lead`) on a terminal unless
+    /// `bar` is false; elsewhere rank 0 prints log lines.
+    pub fn new(total: u64, start: u64, lead: bool, bar: bool) -> Self {
+        let bar = if lead && bar && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} {msg} ETA {eta_precise}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_position(start);
+        bar.reset_eta();
+        Self { bar, silent: !lead }
+    }
+
+    /// Moves to `step` with a status message (loss, lr, tokens/s).
+    pub fn update(&self, step: u64, message: String) {
+        self.bar.set_position(step);
+        self.bar.set_message(message);
+    }
+
+    /// A line above the bar, or on stderr when there is no bar.
+    pub fn println(&self, line: &str) {
+        if self.silent {
+        } else if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// What a checkpoint holds besides the trainer's tensors.
+#[derive(Debug, Clone)]
+pub struct CheckpointFiles {
+    /// `zoo.json`: the model class and its HF config.
+    pub manifest: ZooManifest,
+    /// `tokenizer.json`, when the model has one.
+    pub tokenizer_json: Option<String>,
+}
+
+/// Saves a checkpoint to `dir` (a staging directory beside it, then one rename), with
+/// `trainer_state.json` = `state`, and points `checkpoints/latest` at it. Every rank must call it.
+pub fn save_checkpoint<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+    trainer: &ZeroTrainer<B, S, C>,
+    dir: &Path,
+    files: &CheckpointFiles,
+    state: &Value,
+) -> anyhow::Result<()> {
+    let rank = trainer.comm().rank();
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a checkpoint directory has a name")?;
+    let staging = dir.with_file_name(format!(".{name}.partial"));
+    if rank == 0 {
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        let write = |file: &str, text: String| {
+            let path = staging.join(file);
+            fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+        };
+        write("zoo.json", serde_json::to_string_pretty(&files.manifest)?)?;
+        write("trainer_state.json", serde_json::to_string_pretty(state)?)?;
+        if let Some(tokenizer) = &files.tokenizer_json {
+            write("tokenizer.json", tokenizer.clone())?;
+        }
+    }
+    trainer.comm().barrier()?;
+    trainer
+        .save(&staging)
+        .with_context(|| format!("saving {}", staging.display()))?;
+    if rank == 0 {
+        if dir.exists() {
+            let old = dir.with_file_name(format!(".{name}.old"));
+            let _ = fs::remove_dir_all(&old);
+            fs::rename(dir, &old).with_context(|| format!("replacing {}", dir.display()))?;
+            fs::rename(&staging, dir).with_context(|| format!("writing {}", dir.display()))?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&staging, dir).with_context(|| format!("writing {}", dir.display()))?;
+        }
+        let latest = dir.with_file_name("latest");
+        let partial = dir.with_file_name(".latest.partial");
+        fs::write(&partial, name).with_context(|| format!("writing {}", partial.display()))?;
+        fs::rename(&partial, &latest).with_context(|| format!("writing {}", latest.display()))?;
+    }
+    trainer.comm().barrier()?;
+    Ok(())
+}
+
+/// The checkpoint directory `path` names: a checkpoint itself, or a run directory (its latest).
+pub fn find_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join("optimizer.safetensors").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join("checkpoints").join("latest");
+    if latest.is_file() {
+        let name =
+            fs::read_to_string(&latest).with_context(|| format!("reading {}", latest.display()))?;
+        let dir = path.join("checkpoints").join(name.trim());
+        ensure!(
+            dir.join("optimizer.safetensors").is_file(),
+            "{} names {}, which is not a complete checkpoint",
+            latest.display(),
+            dir.display()
+        );
+        return Ok(dir);
+    }
+    bail!(
+        "--resume {}: neither a checkpoint (no optimizer.safetensors) nor a run directory \
+         (no checkpoints/latest)",
+        path.display()
+    )
+}
+
+/// Checks that a checkpoint was saved for this model (class and config), before any weights are
+/// read, so resuming from another model's checkpoint fails with both named.
+pub fn check_resume_matches(checkpoint: &Path, manifest: &ZooManifest) -> anyhow::Result<Value> {
+    let path = checkpoint.join("zoo.json");
+    let theirs: ZooManifest = serde_json::from_str(
+        &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    ensure!(
+        theirs.architecture == manifest.architecture,
+        "--resume {}: that checkpoint is a {}, this run trains a {}",
+        checkpoint.display(),
+        theirs.architecture,
+        manifest.architecture
+    );
+    // Shape-defining fields must agree; dropout and the like may change on resume.
+    for key in SHAPE_KEYS {
+        let (a, b) = (&theirs.hf_config[key], &manifest.hf_config[key]);
+        ensure!(
+            a == b,
+            "--resume {}: that checkpoint has {key} = {a}, this run's model has {key} = {b}",
+            checkpoint.display()
+        );
+    }
+    let state_path = checkpoint.join("trainer_state.json");
+    serde_json::from_str(
+        &fs::read_to_string(&state_path)
+            .with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", state_path.display()))
+}
+
+/// Config fields that fix parameter shapes, over the families that train.
+const SHAPE_KEYS: &[&str] = &[
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "num_labels",
+    "id2label",
+];
+
+/// `{"step": …, …}` with the wall-clock time added.
+pub fn record(step: u64, mut fields: Value) -> Value {
+    let mut out = json!({ "step": step });
+    if let (Some(out), Some(fields)) = (out.as_object_mut(), fields.as_object_mut()) {
+        out.append(fields);
+        out.insert(
+            "time".into(),
+            json!(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64())
+            ),
+        );
+    }
+    out
+}
