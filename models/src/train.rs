@@ -174,6 +174,27 @@ pub fn gpt2_init<B: Backend>(
     seed: u64,
     device: &B::Device,
 ) -> Gpt2LmHeadModel<B> {
+    let residual_std = 0.02 / (2.0 * n_layer as f64).sqrt();
+    normal_init(model, seed, device, |name| {
+        let residual =
+            name.ends_with("attention.output.weight") || name.ends_with("mlp.output.weight");
+        if residual { residual_std } else { 0.02 }
+    })
+}
+
+/// BERT's initialisation (transformers' `BertPreTrainedModel._init_weights`): weights and
+/// embeddings `N(0, 0.02)`, biases 0, LayerNorm 1 and 0; from `seed`, as [`gpt2_init`].
+pub fn bert_init<B: Backend, M: Module<B>>(model: M, seed: u64, device: &B::Device) -> M {
+    normal_init(model, seed, device, |_| 0.02)
+}
+
+/// LayerNorm scales 1, shifts and biases 0, everything else `N(0, std(name))`.
+fn normal_init<B: Backend, M: Module<B>>(
+    model: M,
+    seed: u64,
+    device: &B::Device,
+    std_of: impl Fn(&str) -> f64,
+) -> M {
     use rand::{RngExt, SeedableRng, rngs::StdRng};
     let layout = bmtrain_backend::zero::layout_of::<B, _>(&model);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -183,7 +204,6 @@ pub fn gpt2_init<B: Backend>(
         let u2: f64 = rng.random::<f64>();
         (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
     };
-    let residual_std = 0.02 / (2.0 * n_layer as f64).sqrt();
     let mut values = Vec::with_capacity(layout.len);
     for entry in &layout.entries {
         let name = entry.name.as_str();
@@ -193,9 +213,7 @@ pub fn gpt2_init<B: Backend>(
         } else if name.ends_with(".beta") || name.ends_with(".bias") {
             values.extend(std::iter::repeat_n(0.0, len));
         } else {
-            let residual =
-                name.ends_with("attention.output.weight") || name.ends_with("mlp.output.weight");
-            let std = if residual { residual_std } else { 0.02 };
+            let std = std_of(name);
             values.extend((0..len).map(|_| normal(std)));
         }
     }

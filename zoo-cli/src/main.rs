@@ -5,10 +5,12 @@
 //! - `zoo convert`: HF directory → zoo directory, and back with `--to-hf`;
 //! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors;
 //! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search);
-//! - `zoo pretrain`: train a GPT on a corpus (default: a tiny GPT on the shipped corpus).
+//! - `zoo pretrain`: train a GPT on a corpus (default: a tiny GPT on the shipped corpus);
+//! - `zoo finetune`: sequence classification with BERT or RoBERTa.
 
 #![warn(missing_docs)]
 
+mod finetune;
 mod forward;
 mod generate;
 mod list;
@@ -46,6 +48,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Pretrain a GPT on text or token files (default: a tiny GPT on the shipped corpus).
     Pretrain(pretrain::PretrainArgs),
+    /// Fine-tune BERT or RoBERTa for sequence classification on TSV, CSV or JSONL examples.
+    Finetune(finetune::FinetuneArgs),
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Finetune(args) => finetune::run(args),
     }
 }
 

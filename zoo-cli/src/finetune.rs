@@ -1,0 +1,816 @@
+//! `zoo finetune`: sequence classification with BERT or RoBERTa.
+//!
+//! Data: GLUE-style TSV with a header (`sentence\tlabel`, or `sentence1\tsentence2\tlabel` for
+//! pairs), CSV with a header (quoted fields), or JSONL objects; the label is an integer in
+//! `0..num_labels`. Batches are padded to their longest row (dynamic padding); each epoch reads
+//! the examples in an order drawn from the seed and the epoch. Evaluation after every epoch
+//! (accuracy, F1: the positive class's with two labels, the macro average otherwise) keeps
+//! `checkpoints/best` and `checkpoints/last`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use bmtrain_backend::comm::Communicator;
+use bmtrain_backend::optim::{AdamWConfig, LrSchedule};
+use bmtrain_backend::trainer::ZeroTrainer;
+use bmtrain_backend::{BackendTask, DeviceSpec};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use checkpoints_convert::{DirKind, ModelSpec, TextTokenizer, ZooManifest, load_tokenizer};
+use clap::Args;
+use models::bert::{BertConfig, BertForSequenceClassification, EncoderInput};
+use models::roberta::RobertaForSequenceClassification;
+use models::train::{ClassifierBatch, ClassifierSpec, bert_init};
+use models::{AnyModel, Architecture, Family, ModelConfig};
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde_json::{Value, json};
+
+use crate::run::{
+    CheckpointFiles, MemoryArgs, Metrics, Progress, any_rank_interrupted, check_resume_matches,
+    find_checkpoint, mean_over_ranks, record, run_dir, run_ranks, save_checkpoint,
+};
+
+/// `zoo finetune` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct FinetuneArgs {
+    /// A BERT or RoBERTa directory (HF or zoo; any of their classes: the encoder is kept and a
+    /// classification head is added when it has none).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Training examples: .tsv, .csv or .jsonl.
+    #[arg(long, value_name = "FILE")]
+    train: PathBuf,
+    /// Evaluation examples (same formats).
+    #[arg(long, value_name = "FILE")]
+    valid: Option<PathBuf>,
+    /// Number of classes.
+    #[arg(long)]
+    num_labels: usize,
+    /// Column of the text (default: sentence, sentence1, text or question, whichever exists).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Column of the second text of a pair (default: sentence2 when it exists).
+    #[arg(long)]
+    pair_column: Option<String>,
+    /// Column of the label.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// Longest input in tokens; longer examples are truncated (and counted in the log).
+    #[arg(long, default_value_t = 128)]
+    max_seq: usize,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 3)]
+    epochs: u64,
+    /// Examples per micro-batch, over all ranks.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (linear warmup, then linear decay to 0).
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f32,
+    /// Share of the steps spent warming up.
+    #[arg(long, default_value_t = 0.1)]
+    warmup_ratio: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    /// Clip gradients to this global norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// Dropout everywhere (default: the model's config).
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Log to metrics.jsonl every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+    /// Seed of the new head's weights, the example order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The run directory (default: runs/finetune-<timestamp>).
+    #[arg(long, value_name = "RUN_DIR")]
+    out: Option<PathBuf>,
+    /// Continue from a checkpoint or a run directory's latest checkpoint.
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
+    /// No progress bar (log lines instead).
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+/// One tokenised example.
+#[derive(Debug, Clone)]
+struct Example {
+    ids: Vec<u32>,
+    types: Vec<u32>,
+    label: usize,
+}
+
+struct Job {
+    args: FinetuneArgs,
+    run_dir: PathBuf,
+    architecture: Architecture,
+    config: BertConfig,
+    manifest: ZooManifest,
+    tokenizer_json: Option<String>,
+    /// The directory's weights under the classifier's zoo names (missing ones start fresh).
+    initial: BTreeMap<String, TensorData>,
+    train: Vec<Example>,
+    valid: Vec<Example>,
+    pad_id: u32,
+    resume: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Summary {
+    steps: u64,
+    best_accuracy: Option<f32>,
+    last_eval: Option<Evaluation>,
+    interrupted: bool,
+}
+
+/// Accuracy and F1 of one evaluation.
+#[derive(Debug, Clone, Copy)]
+struct Evaluation {
+    loss: f32,
+    accuracy: f32,
+    f1: f32,
+}
+
+/// Runs `zoo finetune`.
+pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
+    let _ = crate::run::interrupted();
+    let job = Arc::new(prepare(args)?);
+    let summary = job
+        .args
+        .memory
+        .device
+        .run(FinetuneTask { job: job.clone() })??;
+    let last = summary
+        .last_eval
+        .map(|e| {
+            format!(
+                ", last evaluation: accuracy {:.4}, F1 {:.4}, loss {:.4}",
+                e.accuracy, e.f1, e.loss
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "finetune: {} steps{last}{}; run directory {}",
+        summary.steps,
+        summary
+            .best_accuracy
+            .map(|a| format!(", best accuracy {a:.4}"))
+            .unwrap_or_default(),
+        job.run_dir.display()
+    );
+    if summary.interrupted {
+        eprintln!(
+            "interrupted: resume with the same command and --resume {}",
+            job.run_dir.display()
+        );
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
+    ensure!(args.num_labels >= 2, "--num-labels must be at least 2");
+    ensure!(
+        args.batch >= 1 && args.grad_accum >= 1,
+        "--batch and --grad-accum must be at least 1"
+    );
+    let ranks = args.memory.ranks.max(
+        std::env::var("WORLD_SIZE")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(1),
+    );
+    ensure!(
+        args.batch.is_multiple_of(ranks),
+        "--batch {} does not split over {ranks} ranks",
+        args.batch
+    );
+    let mut spec = checkpoints_convert::read_spec(&args.model)?;
+    let family = spec.architecture.family();
+    let architecture = match family {
+        Family::Bert => Architecture::BertForSequenceClassification,
+        Family::Roberta => Architecture::RobertaForSequenceClassification,
+        _ => bail!(
+            "{}: a {} — zoo finetune classifies with BERT or RoBERTa",
+            args.model.display(),
+            spec.architecture.hf_name()
+        ),
+    };
+    let ModelConfig::Bert(mut config) = spec.config.clone() else {
+        unreachable!("BERT and RoBERTa share BertConfig")
+    };
+    config.num_labels = Some(args.num_labels);
+    if let Some(p) = args.dropout {
+        config = config.with_dropout(p);
+    }
+    let weights = spec.read_weights(Default::default())?;
+    // Base-model names gain the encoder's prefix; heads of other tasks are dropped.
+    let prefix = match family {
+        Family::Roberta => "roberta.",
+        _ => "bert.",
+    };
+    let base = matches!(
+        spec.architecture,
+        Architecture::BertModel | Architecture::RobertaModel
+    );
+    let initial: BTreeMap<String, TensorData> = weights
+        .tensors
+        .into_iter()
+        .map(|(name, data)| {
+            let name = if base {
+                format!("{prefix}{name}")
+            } else {
+                name
+            };
+            (name, data.convert::<f32>())
+        })
+        .collect();
+
+    let tokenizer = load_tokenizer(&args.model)?
+        .with_context(|| format!("{}: no tokenizer files", args.model.display()))?;
+    let pad_id = config.pad_token_id.unwrap_or(0) as u32;
+    let max_seq = args.max_seq.min(match family {
+        Family::Roberta => config
+            .max_position_embeddings
+            .saturating_sub(pad_id as usize + 1),
+        _ => config.max_position_embeddings,
+    });
+    let read = |path: &Path| read_examples(path, &args, &tokenizer, max_seq);
+    let train = read(&args.train)?;
+    let valid = match &args.valid {
+        Some(path) => read(path)?,
+        None => Vec::new(),
+    };
+    ensure!(
+        train.len() >= args.batch,
+        "{}: {} examples, fewer than one batch of {}",
+        args.train.display(),
+        train.len(),
+        args.batch
+    );
+
+    let mut hf_config = spec.hf_config.clone();
+    hf_config["architectures"] = json!([architecture.hf_name()]);
+    hf_config["num_labels"] = json!(args.num_labels);
+    hf_config["id2label"] = json!(
+        (0..args.num_labels)
+            .map(|i| (i.to_string(), format!("LABEL_{i}")))
+            .collect::<BTreeMap<_, _>>()
+    );
+    hf_config["label2id"] = json!(
+        (0..args.num_labels)
+            .map(|i| (format!("LABEL_{i}"), i))
+            .collect::<BTreeMap<_, _>>()
+    );
+    let manifest = ZooManifest {
+        format: "zoo".into(),
+        format_version: 1,
+        architecture: architecture.hf_name().into(),
+        hf_config,
+    };
+    let run_dir = run_dir(args.out.as_deref(), args.resume.as_deref(), "finetune");
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let resume = args.resume.as_deref().map(find_checkpoint).transpose()?;
+    let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
+    Ok(Job {
+        args,
+        run_dir,
+        architecture,
+        config,
+        manifest,
+        tokenizer_json,
+        initial,
+        train,
+        valid,
+        pad_id,
+        resume,
+    })
+}
+
+/// Reads labelled examples from a TSV, CSV or JSONL file; errors name the file and line.
+fn read_examples(
+    path: &Path,
+    args: &FinetuneArgs,
+    tokenizer: &TextTokenizer,
+    max_seq: usize,
+) -> anyhow::Result<Vec<Example>> {
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    // Rows as (line number, field map).
+    let mut rows: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
+    match extension.as_str() {
+        "tsv" | "csv" => {
+            let mut reader = csv::ReaderBuilder::new()
+                .delimiter(if extension == "tsv" { b'\t' } else { b',' })
+                .quoting(extension == "csv")
+                .flexible(true)
+                .from_reader(text.as_bytes());
+            let header: Vec<String> = reader
+                .headers()
+                .with_context(|| format!("{}: reading the header", path.display()))?
+                .iter()
+                .map(str::to_string)
+                .collect();
+            for record in reader.records() {
+                let record =
+                    record.with_context(|| format!("{}: malformed row", path.display()))?;
+                let line = record.position().map_or(0, |p| p.line() as usize);
+                let fields = header
+                    .iter()
+                    .zip(record.iter())
+                    .map(|(h, v)| (h.clone(), v.to_string()))
+                    .collect();
+                rows.push((line, fields));
+            }
+        }
+        "jsonl" | "json" => {
+            for (number, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let value: Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not JSON", path.display(), number + 1))?;
+                let object = value.as_object().with_context(|| {
+                    format!("{}:{}: not a JSON object", path.display(), number + 1)
+                })?;
+                let fields = object
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect();
+                rows.push((number + 1, fields));
+            }
+        }
+        _ => bail!(
+            "{}: unknown format (zoo finetune reads .tsv, .csv and .jsonl)",
+            path.display()
+        ),
+    }
+    ensure!(!rows.is_empty(), "{}: no examples", path.display());
+    let columns: Vec<&String> = rows[0].1.keys().collect();
+    let text_column = match &args.text_column {
+        Some(c) => c.clone(),
+        None => ["sentence", "sentence1", "text", "question"]
+            .into_iter()
+            .find(|c| rows.iter().any(|(_, r)| r.contains_key(*c)))
+            .with_context(|| {
+                format!(
+                    "{}: no text column (sentence, sentence1, text or question; columns are \
+                     {columns:?}); name it with --text-column",
+                    path.display()
+                )
+            })?
+            .to_string(),
+    };
+    let pair_column = args.pair_column.clone().or_else(|| {
+        rows.iter()
+            .any(|(_, r)| r.contains_key("sentence2"))
+            .then(|| "sentence2".to_string())
+    });
+    let hf = tokenizer.as_hf();
+    let mut truncated = 0;
+    let mut out = Vec::with_capacity(rows.len());
+    for (line, row) in &rows {
+        let at = || format!("{}:{line}", path.display());
+        let label_text = row
+            .get(&args.label_column)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .with_context(|| format!("{}: no label (column '{}')", at(), args.label_column))?;
+        let label: usize = label_text.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: label '{label_text}' is not a class index 0..{}",
+                at(),
+                args.num_labels - 1
+            )
+        })?;
+        ensure!(
+            label < args.num_labels,
+            "{}: label {label} is outside --num-labels {} (0..{})",
+            at(),
+            args.num_labels,
+            args.num_labels - 1
+        );
+        let first = row
+            .get(&text_column)
+            .with_context(|| format!("{}: no text (column '{text_column}')", at()))?;
+        let (mut ids, mut types) = match (&pair_column, hf) {
+            (Some(column), Some(hf)) => {
+                let second = row
+                    .get(column)
+                    .with_context(|| format!("{}: no second text (column '{column}')", at()))?;
+                let encoding = hf
+                    .encode((first.as_str(), second.as_str()), true)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+                (
+                    encoding.get_ids().to_vec(),
+                    encoding.get_type_ids().to_vec(),
+                )
+            }
+            (Some(_), None) => bail!("sentence pairs need a tokenizer.json tokenizer"),
+            (None, _) => {
+                let ids = tokenizer.encode(first, true)?;
+                let types = vec![0; ids.len()];
+                (ids, types)
+            }
+        };
+        if ids.len() > max_seq {
+            // Keep the final special token ([SEP] / </s>) after the cut.
+            let last = *ids.last().expect("non-empty");
+            ids.truncate(max_seq - 1);
+            ids.push(last);
+            types.truncate(max_seq);
+            truncated += 1;
+        }
+        out.push(Example { ids, types, label });
+    }
+    if truncated > 0 {
+        eprintln!(
+            "{}: {truncated} of {} examples truncated to --max-seq {max_seq} tokens",
+            path.display(),
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
+struct FinetuneTask {
+    job: Arc<Job>,
+}
+
+impl BackendTask for FinetuneTask {
+    type Output = anyhow::Result<Summary>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let job = self.job;
+        let ranks = job.args.memory.ranks;
+        let spec: DeviceSpec = job.args.memory.device;
+        run_ranks(ranks, &spec, move |comm| {
+            train::<Autodiff<B>>(comm, device.clone(), &job)
+        })
+    }
+}
+
+/// A padded batch of examples.
+fn batch_of<B: Backend>(
+    job: &Job,
+    examples: &[&Example],
+    device: &B::Device,
+) -> ClassifierBatch<B> {
+    let width = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let n = examples.len();
+    let mut ids = Vec::with_capacity(n * width);
+    let mut mask = Vec::with_capacity(n * width);
+    let mut types = Vec::with_capacity(n * width);
+    for e in examples {
+        for t in 0..width {
+            let real = t < e.ids.len();
+            ids.push(if real { e.ids[t] } else { job.pad_id } as i64);
+            mask.push(i64::from(real));
+            types.push(if real { e.types[t] as i64 } else { 0 });
+        }
+    }
+    let labels: Vec<i64> = examples.iter().map(|e| e.label as i64).collect();
+    let tensor = |values: Vec<i64>| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(values, [n, width]), device)
+    };
+    ClassifierBatch {
+        input_ids: tensor(ids),
+        attention_mask: tensor(mask),
+        token_type_ids: Some(tensor(types)),
+        labels: Tensor::from_data(TensorData::new(labels, [n]), device),
+    }
+}
+
+/// The example order of an epoch, from the seed.
+fn epoch_order(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
+    order
+}
+
+fn model_spec(job: &Job) -> ModelSpec {
+    ModelSpec {
+        kind: DirKind::Zoo,
+        dir: job.run_dir.clone(),
+        architecture: job.architecture,
+        config: ModelConfig::Bert(job.config.clone()),
+        hf_config: job.manifest.hf_config.clone(),
+    }
+}
+
+/// Accuracy, F1 and loss of the assembled model on the validation set.
+fn evaluate_model<B: Backend>(job: &Job, model: &AnyModel<B>, device: &B::Device) -> Evaluation {
+    let k = job.args.num_labels;
+    let mut confusion = vec![vec![0usize; k]; k];
+    let mut loss = 0.0;
+    for chunk in job.valid.chunks(job.args.batch) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = batch_of::<B>(job, &refs, device);
+        let input = EncoderInput {
+            input_ids: batch.input_ids,
+            attention_mask: Some(batch.attention_mask),
+            token_type_ids: batch.token_type_ids,
+            decoder_input_ids: None,
+        };
+        let logits = match model {
+            AnyModel::BertForSequenceClassification(m) => m.forward(&input).1,
+            AnyModel::RobertaForSequenceClassification(m) => m.forward(&input).1,
+            _ => unreachable!("a classifier"),
+        };
+        let batch_loss: f32 = models::bert::cross_entropy(logits.clone(), batch.labels)
+            .into_scalar()
+            .elem();
+        loss += batch_loss * chunk.len() as f32;
+        let predicted: Vec<i64> = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("int data");
+        for (e, p) in chunk.iter().zip(predicted) {
+            confusion[e.label][p as usize] += 1;
+        }
+    }
+    let total = job.valid.len().max(1) as f32;
+    let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
+    let f1_of = |c: usize| {
+        let tp = confusion[c][c] as f32;
+        let predicted: usize = (0..k).map(|r| confusion[r][c]).sum();
+        let actual: usize = confusion[c].iter().sum();
+        if predicted + actual == 0 {
+            0.0
+        } else {
+            2.0 * tp / (predicted + actual) as f32
+        }
+    };
+    let f1 = if k == 2 {
+        f1_of(1)
+    } else {
+        (0..k).map(f1_of).sum::<f32>() / k as f32
+    };
+    Evaluation {
+        loss: loss / total,
+        accuracy: correct as f32 / total,
+        f1,
+    }
+}
+
+use burn::tensor::ElementConversion;
+
+fn train<AB: AutodiffBackend>(
+    comm: Box<dyn Communicator>,
+    device: AB::Device,
+    job: &Job,
+) -> anyhow::Result<Summary> {
+    let args = &job.args;
+    let rank = comm.rank();
+    let world = comm.world_size();
+    let lead = rank == 0;
+
+    // The classifier: HF's initialisation from the seed, then every tensor the directory has.
+    let (spec, embed, blocks, head) = match job.architecture {
+        Architecture::RobertaForSequenceClassification => {
+            let model = RobertaForSequenceClassification::<AB>::new(&job.config, &device)?;
+            ClassifierSpec::split_roberta(overlay(
+                bert_init(model, args.seed, &device),
+                job,
+                &device,
+                lead,
+            )?)
+        }
+        _ => {
+            let model = BertForSequenceClassification::<AB>::new(&job.config, &device)?;
+            let model = overlay(bert_init(model, args.seed, &device), job, &device, lead)?;
+            ClassifierSpec::split_bert(model, &job.config)
+        }
+    };
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: args.weight_decay,
+    };
+    let options = args.memory.zero_options(
+        blocks.len(),
+        adamw,
+        (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+    )?;
+    let mut trainer = ZeroTrainer::new(spec, comm, device.clone(), embed, blocks, head, options);
+    trainer.set_dropout_seed(args.seed);
+
+    let micro_per_epoch = job.train.len() / args.batch;
+    let steps_per_epoch = (micro_per_epoch / args.grad_accum).max(1) as u64;
+    let total_steps = steps_per_epoch * args.epochs;
+    let warmup = (total_steps as f64 * args.warmup_ratio).round() as u64;
+    let mut best: Option<f32> = None;
+    let mut start = 0;
+    if let Some(checkpoint) = &job.resume {
+        let state = check_resume_matches(checkpoint, &job.manifest)?;
+        trainer
+            .load(checkpoint)
+            .with_context(|| format!("--resume {}", checkpoint.display()))?;
+        start = trainer.steps();
+        best = state["best_accuracy"].as_f64().map(|b| b as f32);
+    }
+    let metrics = if lead {
+        Some(Metrics::open(
+            &job.run_dir,
+            job.resume.as_ref().map(|_| start),
+        )?)
+    } else {
+        None
+    };
+    let files = CheckpointFiles {
+        manifest: job.manifest.clone(),
+        tokenizer_json: job.tokenizer_json.clone(),
+    };
+    let checkpoints = job.run_dir.join("checkpoints");
+    if lead {
+        std::fs::create_dir_all(&checkpoints)
+            .with_context(|| format!("creating {}", checkpoints.display()))?;
+    }
+    let state = |step: u64, best: Option<f32>| json!({ "step": step, "seed": args.seed, "job": "finetune", "best_accuracy": best });
+    let evaluate = |trainer: &ZeroTrainer<AB, ClassifierSpec, Box<dyn Communicator>>| -> anyhow::Result<Option<Evaluation>> {
+        if job.valid.is_empty() {
+            return Ok(None);
+        }
+        let named = trainer.named_parameters()?;
+        let result = if trainer.comm().rank() == 0 {
+            let tensors = named
+                .into_iter()
+                .map(|(n, shape, v)| (n, TensorData::new(v, shape)))
+                .collect();
+            let model = checkpoints_convert::build_model::<AB::InnerBackend>(&model_spec(job), tensors, &device)?;
+            Some(evaluate_model(job, &model, &device))
+        } else {
+            None
+        };
+        trainer.comm().barrier()?;
+        Ok(result)
+    };
+
+    let rows = args.batch / world;
+    let progress = Progress::new(total_steps, start, lead, !args.no_progress);
+    let mut last_eval = None;
+    let mut interrupted = false;
+    let mut window = (0.0f32, 0u64, Instant::now(), 0usize);
+    let mut step = start;
+    while step < total_steps {
+        let epoch = step / steps_per_epoch;
+        let order = epoch_order(args.seed, epoch, job.train.len());
+        let lr = LrSchedule::Linear.lr(args.lr, step, warmup, total_steps);
+        let mut loss = 0.0;
+        for micro in 0..args.grad_accum {
+            let index = ((step % steps_per_epoch) as usize * args.grad_accum + micro) * args.batch;
+            let examples: Vec<&Example> = order[index..index + args.batch]
+                .iter()
+                .map(|&i| &job.train[i])
+                .collect();
+            let mine = &examples[rank * rows..(rank + 1) * rows];
+            window.3 += examples.iter().map(|e| e.ids.len()).sum::<usize>();
+            let batch = batch_of::<AB>(job, mine, &device);
+            loss += trainer.forward_backward(&batch)? / args.grad_accum as f32;
+        }
+        let report = trainer.step(lr)?;
+        let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
+        step += 1;
+        window.0 += loss;
+        window.1 += 1;
+        let tokens_per_s = window.3 as f64 / window.2.elapsed().as_secs_f64().max(1e-9);
+        progress.update(
+            step,
+            format!(
+                "epoch {} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s",
+                epoch + 1
+            ),
+        );
+        if step % args.log_every == 0 || step == total_steps {
+            let mean = window.0 / window.1 as f32;
+            if let Some(metrics) = &metrics {
+                metrics.log(&record(
+                    step,
+                    json!({
+                        "epoch": epoch + 1, "loss": mean, "lr": lr, "tokens_per_s": tokens_per_s,
+                        "grad_norm": report.grad_norm, "applied": report.applied,
+                    }),
+                ))?;
+            }
+            progress.println(&format!(
+                "step {step:>6}  epoch {}  loss {mean:.4}  lr {lr:.2e}  {tokens_per_s:.0} tokens/s",
+                epoch + 1
+            ));
+            window = (0.0, 0, Instant::now(), 0);
+        }
+        let stop = any_rank_interrupted(trainer.comm().as_ref())?;
+        if step % steps_per_epoch == 0 || stop {
+            if step % steps_per_epoch == 0 {
+                last_eval = evaluate(&trainer)?;
+                if let Some(e) = last_eval {
+                    progress.println(&format!(
+                        "epoch {}  validation accuracy {:.4}  F1 {:.4}  loss {:.4}",
+                        epoch + 1,
+                        e.accuracy,
+                        e.f1,
+                        e.loss
+                    ));
+                    if let Some(metrics) = &metrics {
+                        metrics.log(&record(step, json!({
+                            "epoch": epoch + 1, "valid_loss": e.loss, "accuracy": e.accuracy, "f1": e.f1,
+                        })))?;
+                    }
+                }
+                // Every rank learns the evaluation's result.
+                let mut accuracy = [last_eval.map_or(-1.0, |e| e.accuracy)];
+                trainer.comm().broadcast(&mut accuracy, 0)?;
+                if accuracy[0] >= 0.0 && best.is_none_or(|b| accuracy[0] > b) {
+                    best = Some(accuracy[0]);
+                    save_checkpoint(
+                        &trainer,
+                        &checkpoints.join("best"),
+                        &files,
+                        &state(step, best),
+                    )?;
+                }
+            }
+            save_checkpoint(
+                &trainer,
+                &checkpoints.join("last"),
+                &files,
+                &state(step, best),
+            )?;
+        }
+        if stop {
+            interrupted = true;
+            progress.println(&format!("interrupted at step {step}: checkpoint saved"));
+            break;
+        }
+    }
+    progress.finish();
+    Ok(Summary {
+        steps: trainer.steps(),
+        best_accuracy: best,
+        last_eval,
+        interrupted,
+    })
+}
+
+/// Loads every tensor of the directory the classifier has (by zoo name and shape) over its fresh
+/// initialisation; the rest (a new head, a pooler an MLM checkpoint lacks) keep their initial
+/// values, and rank 0 names them.
+fn overlay<B: Backend, M: burn::module::Module<B>>(
+    model: M,
+    job: &Job,
+    device: &B::Device,
+    lead: bool,
+) -> anyhow::Result<M> {
+    let (layout, mut values) = bmtrain_backend::zero::flatten::<B, M>(&model);
+    let mut fresh = Vec::new();
+    for entry in &layout.entries {
+        match job.initial.get(&entry.name) {
+            Some(data) if data.shape.as_slice() == entry.shape.as_slice() => {
+                let loaded: Vec<f32> = data
+                    .to_vec()
+                    .map_err(|e| anyhow::anyhow!("{}: {e:?}", entry.name))?;
+                values[entry.offset..entry.offset + entry.len()].copy_from_slice(&loaded);
+            }
+            _ => fresh.push(entry.name.clone()),
+        }
+    }
+    if lead && !fresh.is_empty() {
+        eprintln!(
+            "initialised fresh (not in {}): {}",
+            job.args.model.display(),
+            fresh.join(", ")
+        );
+    }
+    Ok(bmtrain_backend::zero::load_flat(
+        model, &layout, &values, device, false,
+    ))
+}
