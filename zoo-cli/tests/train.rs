@@ -1,0 +1,380 @@
+//! `zoo pretrain` and `zoo finetune` end to end: the loss falls on the shipped corpus, a run killed
+//! with SIGKILL resumes to the bits of an uninterrupted run, thread ranks train like one rank, a
+//! tiny BERT learns a synthetic rule, and bad input fails clearly without overwriting anything.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use checkpoints_convert::read_weights_file;
+use serde_json::Value;
+
+fn zoo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args)
+        .output()
+        .expect("zoo runs")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The training-loss records (not the evaluations).
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    metrics(run)
+        .iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m["loss"].as_f64()?)))
+        .collect()
+}
+
+/// Every tensor of a checkpoint's model.safetensors as f32 values.
+fn weights(checkpoint: &Path) -> Vec<(String, Vec<f32>)> {
+    read_weights_file(&checkpoint.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| (name, t.data.convert::<f32>().to_vec().unwrap()))
+        .collect()
+}
+
+/// A small, quick pretraining setup on the shipped corpus (the tiny GPT, short windows).
+const QUICK: &[&str] = &[
+    "pretrain",
+    "--seq",
+    "32",
+    "--batch",
+    "8",
+    "--log-every",
+    "10",
+    "--eval-every",
+    "0",
+    "--eval-batches",
+    "1",
+    "--no-progress",
+];
+
+fn pretrain(out: &Path, extra: &[&str]) -> Output {
+    let mut args = QUICK.to_vec();
+    args.extend(["--out", out.to_str().unwrap()]);
+    if !extra.contains(&"--sample-tokens") {
+        args.extend(["--sample-tokens", "0"]);
+    }
+    args.extend_from_slice(extra);
+    zoo(&args)
+}
+
+#[test]
+fn pretraining_the_tiny_gpt_on_the_shipped_corpus_lowers_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let output = pretrain(&run, &["--steps", "60", "--sample-tokens", "20"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let losses = losses(&run);
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    println!("pretrain: mean loss of steps 1–10 {first:.3}, of steps 51–60 {last:.3}");
+    // A uniform guess over the 257 ids is ln 257 ≈ 5.55: the loss must fall by 1.5 nats and below
+    // 3.3 within 60 steps of 8 × 32 tokens.
+    assert!(first - last > 1.5 && last < 3.3, "{losses:?}");
+    assert!(text(&output).contains("--- sample ---"));
+    // The checkpoint is a model directory every command reads.
+    let checkpoint = run.join("checkpoints/step-0000060");
+    let generated = zoo(&[
+        "generate",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--prompt",
+        "Phileas",
+        "--max-new-tokens",
+        "5",
+        "--ids",
+    ]);
+    assert!(generated.status.success(), "{}", text(&generated));
+}
+
+#[test]
+fn a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = [
+        "--steps",
+        "40",
+        "--save-every",
+        "10",
+        "--seed",
+        "3",
+        "--dropout",
+        "0.1",
+    ];
+    let whole = dir.path().join("whole");
+    let output = pretrain(&whole, &common);
+    assert!(output.status.success(), "{}", text(&output));
+
+    // The same run, killed hard once its first checkpoint is on disk.
+    let killed = dir.path().join("killed");
+    let mut args = QUICK.to_vec();
+    args.extend(["--out", killed.to_str().unwrap(), "--sample-tokens", "0"]);
+    args.extend_from_slice(&common);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !killed.join("checkpoints/latest").is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = fs::read_to_string(killed.join("checkpoints/latest")).unwrap();
+    assert_ne!(
+        at_kill.trim(),
+        "step-0000040",
+        "the kill came too late to test anything"
+    );
+
+    let output = pretrain(
+        &killed,
+        &[&common[..], &["--resume", killed.to_str().unwrap()]].concat(),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let want = weights(&whole.join("checkpoints/step-0000040"));
+    let got = weights(&killed.join("checkpoints/step-0000040"));
+    assert_eq!(want.len(), got.len());
+    for ((name, a), (_, b)) in want.iter().zip(&got) {
+        assert!(a == b, "{name} differs after resuming from {at_kill}");
+    }
+    // metrics.jsonl reads as one run: each logged step once.
+    let steps: Vec<u64> = losses(&killed).iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![10, 20, 30, 40]);
+}
+
+#[test]
+fn two_thread_ranks_train_like_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut finals = Vec::new();
+    for ranks in ["1", "2"] {
+        let run = dir.path().join(format!("ranks{ranks}"));
+        let output = pretrain(
+            &run,
+            &["--steps", "20", "--ranks", ranks, "--save-every", "0"],
+        );
+        assert!(output.status.success(), "{}", text(&output));
+        finals.push(weights(&run.join("checkpoints/step-0000020")));
+    }
+    // The two runs sum gradients in different orders, so they agree to round-off, not to the bit;
+    // AdamW then turns round-off into steps of up to ±lr where a gradient is ~0 (attention key
+    // biases, whose exact gradient is zero), hence an absolute bound well below one lr step.
+    let mut worst: f32 = 0.0;
+    for ((name, a), (_, b)) in finals[0].iter().zip(&finals[1]) {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        worst = worst.max(diff);
+        assert!(diff < 1e-4, "{name}: {diff}");
+    }
+    let (one, two) = (
+        losses(&dir.path().join("ranks1")),
+        losses(&dir.path().join("ranks2")),
+    );
+    for ((step, a), (_, b)) in one.iter().zip(&two) {
+        assert!(
+            (a - b).abs() < 1e-4 * a.abs(),
+            "step {step}: loss {a} vs {b}"
+        );
+    }
+    println!(
+        "pretrain: ranks 2 vs 1 after 20 steps, worst weight difference {worst:.2e}, losses {one:?} vs {two:?}"
+    );
+}
+
+/// A synthetic set a tiny BERT can learn: label 1 iff the sentence has "hello".
+fn synthetic(path: &Path, rows: usize, seed: u64) {
+    let words = [
+        "the", "and", "token", "model", "from", "is", "world", "to", "com", "la", "do", "wor",
+    ];
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut next = |n: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % n as u64) as usize
+    };
+    let mut out = String::from("sentence\tlabel\n");
+    for _ in 0..rows {
+        let mut sentence: Vec<&str> = (0..3 + next(5)).map(|_| words[next(words.len())]).collect();
+        let label = next(2);
+        if label == 1 {
+            let at = next(sentence.len() + 1);
+            sentence.insert(at, "hello");
+        }
+        out.push_str(&format!("{}\t{label}\n", sentence.join(" ")));
+    }
+    fs::write(path, out).unwrap();
+}
+
+#[test]
+fn finetuning_a_tiny_bert_learns_a_synthetic_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, valid) = (dir.path().join("train.tsv"), dir.path().join("dev.tsv"));
+    synthetic(&train, 256, 1);
+    synthetic(&valid, 64, 2);
+    let run = dir.path().join("run");
+    let output = zoo(&[
+        "finetune",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        valid.to_str().unwrap(),
+        "--num-labels",
+        "2",
+        "--lr",
+        "1e-3",
+        "--epochs",
+        "3",
+        "--out",
+        run.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let accuracy = metrics(&run)
+        .iter()
+        .filter_map(|m| m["accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    println!("finetune: best validation accuracy {accuracy:.3}");
+    assert!(accuracy >= 0.9, "{}", text(&output));
+    assert!(run.join("checkpoints/best/model.safetensors").is_file());
+    assert!(run.join("checkpoints/last/optimizer.safetensors").is_file());
+}
+
+#[test]
+fn bad_training_input_fails_clearly_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let check = |output: Output, needles: &[&str]| {
+        let message = text(&output);
+        assert!(!output.status.success(), "{message}");
+        assert!(!message.contains("panicked"), "{message}");
+        for needle in needles {
+            assert!(message.contains(needle), "no '{needle}' in: {message}");
+        }
+    };
+
+    // An empty and a missing corpus.
+    let empty = dir.path().join("empty.txt");
+    fs::write(&empty, "\n\n").unwrap();
+    check(
+        pretrain(&run, &["--data", empty.to_str().unwrap()]),
+        &["empty.txt", "empty"],
+    );
+    let missing = dir.path().join("missing.txt");
+    check(
+        pretrain(&run, &["--data", missing.to_str().unwrap()]),
+        &["missing.txt"],
+    );
+
+    // A TSV line without a label, and a label outside --num-labels.
+    let finetune = |train: &Path, out: &Path| {
+        zoo(&[
+            "finetune",
+            "--model",
+            fixture("bert").to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--num-labels",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ])
+    };
+    let no_label = dir.path().join("no_label.tsv");
+    fs::write(&no_label, "sentence\tlabel\nthe model\t1\nthe world\n").unwrap();
+    check(finetune(&no_label, &run), &["no_label.tsv:3", "no label"]);
+    let outside = dir.path().join("outside.tsv");
+    fs::write(&outside, "sentence\tlabel\nthe model\t1\nthe world\t2\n").unwrap();
+    check(
+        finetune(&outside, &run),
+        &["outside.tsv:3", "label 2 is outside --num-labels 2"],
+    );
+
+    // --resume pointing at another model's checkpoint: a BERT classifier for a GPT.
+    let classifier = dir.path().join("classifier");
+    let train = dir.path().join("train.tsv");
+    synthetic(&train, 32, 3);
+    let output = zoo(&[
+        "finetune",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--num-labels",
+        "2",
+        "--epochs",
+        "1",
+        "--out",
+        classifier.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let last = classifier.join("checkpoints/last");
+    let before = fs::read(last.join("model.safetensors")).unwrap();
+    check(
+        pretrain(&run, &["--steps", "2", "--resume", last.to_str().unwrap()]),
+        &["BertForSequenceClassification", "GPT2LMHeadModel"],
+    );
+    assert_eq!(fs::read(last.join("model.safetensors")).unwrap(), before);
+    // And a GPT of another width.
+    let gpt = dir.path().join("gpt");
+    let output = pretrain(&gpt, &["--steps", "2"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let config = dir.path().join("wide.json");
+    fs::write(
+        &config,
+        r#"{"model_type": "gpt2", "vocab_size": 257, "n_positions": 128, "n_embd": 64,
+            "n_layer": 2, "n_head": 2}"#,
+    )
+    .unwrap();
+    check(
+        pretrain(
+            &dir.path().join("other"),
+            &[
+                "--model",
+                config.to_str().unwrap(),
+                "--resume",
+                gpt.to_str().unwrap(),
+            ],
+        ),
+        &["n_embd", "128", "64"],
+    );
+}
