@@ -102,6 +102,9 @@ pub struct FinetuneArgs {
     /// No progress bar (log lines instead).
     #[arg(long)]
     no_progress: bool,
+    /// Print the measured peak resident memory of training at the end (Linux).
+    #[arg(long)]
+    report_memory: bool,
     #[command(flatten)]
     memory: MemoryArgs,
 }
@@ -593,6 +596,7 @@ fn train<AB: AutodiffBackend>(
     let rank = comm.rank();
     let world = comm.world_size();
     let lead = rank == 0;
+    let baseline = crate::run::proc_status_bytes("VmRSS:");
 
     // The classifier: HF's initialisation from the seed, then every tensor the directory has.
     let (spec, embed, blocks, head) = match job.architecture {
@@ -772,7 +776,11 @@ fn train<AB: AutodiffBackend>(
             break;
         }
     }
+    let steps_peak = crate::run::proc_status_bytes("VmHWM:");
     progress.finish();
+    if args.report_memory && lead {
+        crate::run::report_memory(baseline, steps_peak);
+    }
     Ok(Summary {
         steps: trainer.steps(),
         best_accuracy: best,

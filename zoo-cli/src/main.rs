@@ -6,7 +6,8 @@
 //! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors;
 //! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search);
 //! - `zoo pretrain`: train a GPT on a corpus (default: a tiny GPT on the shipped corpus);
-//! - `zoo finetune`: sequence classification with BERT or RoBERTa.
+//! - `zoo finetune`: sequence classification with BERT or RoBERTa;
+//! - `zoo memory`: peak memory per rank of a training setup, and the largest batch that fits.
 
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ mod finetune;
 mod forward;
 mod generate;
 mod list;
+mod memory;
 mod pretrain;
 mod run;
 mod tokens;
@@ -50,6 +52,8 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Fine-tune BERT or RoBERTa for sequence classification on TSV, CSV or JSONL examples.
     Finetune(finetune::FinetuneArgs),
+    /// Estimate the peak memory per rank of a training setup, and the largest batch that fits.
+    Memory(memory::EstimateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +141,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Memory(args) => memory::run(args),
     }
 }
 

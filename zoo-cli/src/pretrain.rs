@@ -131,6 +131,9 @@ pub struct PretrainArgs {
     /// No progress bar (log lines instead).
     #[arg(long)]
     no_progress: bool,
+    /// Print the measured peak resident memory of training at the end (Linux).
+    #[arg(long)]
+    report_memory: bool,
     #[command(flatten)]
     memory: MemoryArgs,
 }
@@ -736,6 +739,7 @@ fn train<AB: AutodiffBackend>(
     let rank = comm.rank();
     let world = comm.world_size();
     let lead = rank == 0;
+    let baseline = crate::run::proc_status_bytes("VmRSS:");
 
     // The model: the directory's weights, or GPT-2's initialisation from the seed.
     let model = Gpt2LmHeadModel::<AB>::new(&job.config, &device)?;
@@ -909,6 +913,7 @@ fn train<AB: AutodiffBackend>(
             break;
         }
     }
+    let steps_peak = crate::run::proc_status_bytes("VmHWM:");
     let steps = trainer.steps();
     if !interrupted {
         if last_saved
@@ -926,6 +931,9 @@ fn train<AB: AutodiffBackend>(
         }
     }
     progress.finish();
+    if args.report_memory && lead {
+        crate::run::report_memory(baseline, steps_peak);
+    }
 
     // A sample from the trained model.
     let named = if args.sample_tokens > 0 && !interrupted {

@@ -464,3 +464,30 @@ pub fn record(step: u64, mut fields: Value) -> Value {
     }
     out
 }
+
+/// A field of `/proc/self/status` in bytes (`VmRSS:`, `VmHWM:`), on Linux.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// `--report-memory`: the resident set before the model was built and the peak of the training
+/// steps (read before the final evaluation and checkpoint), from `/proc/self/status`; what
+/// `zoo memory` is checked against.
+pub fn report_memory(baseline: Option<u64>, peak: Option<u64>) {
+    match (baseline, peak) {
+        (Some(base), Some(peak)) => println!(
+            "memory: resident {:.1} MB before the model, peak {:.1} MB, training peak {:.1} MB \
+             (MEASURED_TRAINING_PEAK_BYTES={})",
+            base as f64 / 1e6,
+            peak as f64 / 1e6,
+            peak.saturating_sub(base) as f64 / 1e6,
+            peak.saturating_sub(base)
+        ),
+        _ => eprintln!("--report-memory needs Linux's /proc/self/status"),
+    }
+}
