@@ -157,6 +157,12 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         .memory
         .device
         .run(FinetuneTask { job: job.clone() })??;
+    if !crate::run::is_lead_process() {
+        if summary.interrupted {
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     let last = summary
         .last_eval
         .map(|e| {

@@ -7,13 +7,15 @@
 //! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search);
 //! - `zoo pretrain`: train a GPT on a corpus (default: a tiny GPT on the shipped corpus);
 //! - `zoo finetune`: sequence classification with BERT or RoBERTa;
-//! - `zoo memory`: peak memory per rank of a training setup, and the largest batch that fits.
+//! - `zoo memory`: peak memory per rank of a training setup, and the largest batch that fits;
+//! - `zoo launch`: a torchrun-style launcher for multi-process (multi-GPU, multi-node) jobs.
 
 #![warn(missing_docs)]
 
 mod finetune;
 mod forward;
 mod generate;
+mod launch;
 mod list;
 mod memory;
 mod pretrain;
@@ -54,6 +56,8 @@ enum Command {
     Finetune(finetune::FinetuneArgs),
     /// Estimate the peak memory per rank of a training setup, and the largest batch that fits.
     Memory(memory::EstimateArgs),
+    /// Start the ranks of a training job (torchrun's variables), forward signals, stop all on a failure.
+    Launch(launch::LaunchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -122,7 +126,18 @@ fn parse_device(text: &str) -> Result<DeviceSpec, String> {
 }
 
 fn main() -> ExitCode {
+    // Like C programs, end quietly when stdout's reader goes away (`zoo list | head`).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
+    if let Command::Launch(args) = cli.command {
+        return launch::run(args).unwrap_or_else(|error| {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        });
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -142,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Finetune(args) => finetune::run(args),
         Command::Memory(args) => memory::run(args),
+        Command::Launch(_) => unreachable!("handled in main"),
     }
 }
 

@@ -189,6 +189,12 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     let job = Arc::new(prepare(args)?);
     let device = job.args.memory.device;
     let summary = device.run(PretrainTask { job: job.clone() })??;
+    if !crate::run::is_lead_process() {
+        if summary.interrupted {
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     if let Some(sample) = &summary.sample {
         println!("--- sample ---\n{sample}\n--------------");
     }

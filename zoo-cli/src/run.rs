@@ -167,6 +167,11 @@ pub fn run_ranks<T: Send + 'static>(
     }
 }
 
+/// Whether this process is rank 0 of a launched job (or not launched): the one that prints.
+pub fn is_lead_process() -> bool {
+    DistEnv::from_env().map_or(true, |env| env.rank == 0)
+}
+
 /// Set by SIGINT / SIGTERM.
 pub fn interrupted() -> &'static AtomicBool {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
@@ -213,9 +218,13 @@ pub fn run_dir(out: Option<&Path>, resume: Option<&Path>, job: &str) -> PathBuf 
             return run.to_path_buf();
         }
     }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    // `zoo launch` gives every rank the same stamp.
+    let stamp = std::env::var("ZOO_RUN_STAMP").unwrap_or_else(|_| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .to_string()
+    });
     PathBuf::from("runs").join(format!("{job}-{stamp}"))
 }
 

@@ -378,3 +378,65 @@ fn bad_training_input_fails_clearly_and_overwrites_nothing() {
         &["n_embd", "128", "64"],
     );
 }
+
+#[test]
+fn launched_process_ranks_train_to_the_bits_of_thread_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (threads, processes) = (dir.path().join("threads"), dir.path().join("processes"));
+    let output = pretrain(&threads, &["--steps", "6", "--ranks", "2"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let mut args = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        env!("CARGO_BIN_EXE_zoo"),
+    ];
+    args.extend_from_slice(QUICK);
+    args.extend([
+        "--out",
+        processes.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--sample-tokens",
+        "0",
+    ]);
+    let output = zoo(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    // One summary (rank 0's), and the same weights: TCP ranks reduce in the threads' order.
+    assert_eq!(
+        text(&output).matches("pretrain: 6 steps").count(),
+        1,
+        "{}",
+        text(&output)
+    );
+    let file = "checkpoints/step-0000006/model.safetensors";
+    assert!(fs::read(threads.join(file)).unwrap() == fs::read(processes.join(file)).unwrap());
+}
+
+#[test]
+fn launch_stops_every_rank_when_one_fails() {
+    let started = Instant::now();
+    let output = zoo(&[
+        "launch",
+        "--nproc-per-node",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "rank $RANK of $WORLD_SIZE local $LOCAL_RANK port $MASTER_PORT"; if [ "$RANK" = 1 ]; then exit 7; fi; sleep 60"#,
+    ]);
+    let message = text(&output);
+    assert_eq!(output.status.code(), Some(7), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{message}");
+    // Ranks the failure stopped early may not have printed; those that did saw torchrun's variables.
+    assert!(message.contains("rank 1 of 3 local 1"), "{message}");
+    for line in message
+        .lines()
+        .filter(|l| l.starts_with("rank ") && l.contains(" of "))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!((words[3], words[1]), ("3", words[5]), "{line}");
+    }
+    assert!(message.contains("rank 1 exited"), "{message}");
+}
