@@ -94,6 +94,9 @@ pub enum SegmentId {
     Head,
 }
 
+/// A parameter gathered whole: `(name, shape, values)`.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// A non-checkpointed block's forward graph, kept for backward: its input leaf, its output and
 /// the module holding its weight leaves.
 type KeptGraph<B, M> = (Tensor<B, 3>, Tensor<B, 3>, M);
@@ -620,7 +623,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
 
     /// Every parameter under its checkpoint name (the spec's prefixes, so a model's zoo names),
     /// gathered: `(name, shape, values)`. Every rank must call it.
-    pub fn named_parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, CommError> {
+    pub fn named_parameters(&self) -> Result<Vec<NamedTensor>, CommError> {
         let mut out = Vec::new();
         for segment in self.checkpoint_segments() {
             let values = segment.params.gather(&self.comm)?;

@@ -8,7 +8,8 @@
 //! - `zoo pretrain`: train a GPT on a corpus (default: a tiny GPT on the shipped corpus);
 //! - `zoo finetune`: sequence classification with BERT or RoBERTa;
 //! - `zoo memory`: peak memory per rank of a training setup, and the largest batch that fits;
-//! - `zoo launch`: a torchrun-style launcher for multi-process (multi-GPU, multi-node) jobs.
+//! - `zoo launch`: a torchrun-style launcher for multi-process (multi-GPU, multi-node) jobs;
+//! - `zoo plot`: a run's loss, learning rate and accuracy curves as a PNG.
 
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ mod generate;
 mod launch;
 mod list;
 mod memory;
+mod plot;
 mod pretrain;
 mod run;
 mod tokens;
@@ -58,6 +60,8 @@ enum Command {
     Memory(memory::EstimateArgs),
     /// Start the ranks of a training job (torchrun's variables), forward signals, stop all on a failure.
     Launch(launch::LaunchArgs),
+    /// Draw a run's metrics.jsonl (loss, learning rate, accuracy) into a PNG.
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Finetune(args) => finetune::run(args),
         Command::Memory(args) => memory::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Launch(_) => unreachable!("handled in main"),
     }
 }

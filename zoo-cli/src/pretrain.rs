@@ -405,13 +405,14 @@ fn world_size_from_env() -> usize {
 }
 
 /// `--model`: a preset, a config.json, or a model directory.
-fn resolve_model(
-    name: &str,
-) -> anyhow::Result<(
+/// A GPT config, a directory's weights and tokenizer when there are any.
+type ResolvedModel = (
     Gpt2Config,
     Option<BTreeMap<String, TensorData>>,
     Option<TextTokenizer>,
-)> {
+);
+
+fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
     let path = Path::new(name);
     let gpt2 = |config: ModelConfig, what: &str| match config {
         ModelConfig::Gpt2(c) => Ok(c),
@@ -685,7 +686,7 @@ fn learning_rate(args: &PretrainArgs, step: u64) -> f32 {
 /// The whole model on the inference backend, from the trainer's gathered parameters.
 fn assemble<B: Backend>(
     job: &Job,
-    named: Vec<(String, Vec<usize>, Vec<f32>)>,
+    named: Vec<bmtrain_backend::trainer::NamedTensor>,
     device: &B::Device,
 ) -> anyhow::Result<Gpt2LmHeadModel<B>> {
     let spec = ModelSpec {
@@ -890,18 +891,20 @@ fn train<AB: AutodiffBackend>(
             ));
             (window_loss, window_steps, window_start) = (0.0, 0, Instant::now());
         }
-        if args.eval_every > 0 && done % args.eval_every == 0 && done != args.steps {
-            if let Some(v) = evaluate(&trainer)? {
-                progress.println(&format!(
-                    "step {done:>6}  validation loss {v:.4}  perplexity {:.2}",
-                    v.exp()
-                ));
-                if let Some(metrics) = &metrics {
-                    metrics.log(&record(
-                        done,
-                        json!({"valid_loss": v, "valid_perplexity": v.exp()}),
-                    ))?;
-                }
+        if args.eval_every > 0
+            && done % args.eval_every == 0
+            && done != args.steps
+            && let Some(v) = evaluate(&trainer)?
+        {
+            progress.println(&format!(
+                "step {done:>6}  validation loss {v:.4}  perplexity {:.2}",
+                v.exp()
+            ));
+            if let Some(metrics) = &metrics {
+                metrics.log(&record(
+                    done,
+                    json!({"valid_loss": v, "valid_perplexity": v.exp()}),
+                ))?;
             }
         }
         if args.save_every > 0 && done % args.save_every == 0 {

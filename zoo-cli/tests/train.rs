@@ -440,3 +440,87 @@ fn launch_stops_every_rank_when_one_fails() {
     }
     assert!(message.contains("rank 1 exited"), "{message}");
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = QUICK.to_vec();
+    let out = run.to_str().unwrap().to_string();
+    args.extend([
+        "--out",
+        &out,
+        "--steps",
+        "100000",
+        "--save-every",
+        "0",
+        "--sample-tokens",
+        "0",
+    ]);
+    let child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first logged step, then interrupt as a terminal's Ctrl-C does.
+    let started = Instant::now();
+    while fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no step logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", text(&output));
+    assert!(
+        text(&output).contains("checkpoint saved"),
+        "{}",
+        text(&output)
+    );
+    let latest = fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    let step: u64 = latest.trim().trim_start_matches("step-").parse().unwrap();
+    assert!((10..100000).contains(&step), "{latest}");
+    // It resumes from there.
+    let target = (step + 2).to_string();
+    let output = pretrain(&run, &["--steps", &target, "--resume", &out]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains(&format!("pretrain: {target} steps")));
+}
+
+#[test]
+fn plot_draws_the_metrics_of_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    fs::create_dir_all(&run).unwrap();
+    fs::write(
+        run.join("metrics.jsonl"),
+        [
+            r#"{"step": 10, "loss": 2.0, "lr": 0.001}"#,
+            r#"{"step": 20, "loss": 1.5, "lr": 0.002}"#,
+            r#"{"step": 20, "valid_loss": 1.6, "accuracy": 0.7, "f1": 0.6}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let output = zoo(&["plot", run.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output));
+    let png = fs::read(run.join("metrics.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // IHDR: width 1000, three panels of 330 rows.
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 1000);
+    assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 990);
+    assert!(text(&output).contains("3 panel(s)"));
+
+    // A run without metrics is an error naming the file.
+    let empty = dir.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let output = zoo(&["plot", empty.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("metrics.jsonl"), "{}", text(&output));
+}
