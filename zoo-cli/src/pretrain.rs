@@ -546,7 +546,9 @@ fn load_tokens(
         );
     }
     write_token_file(cache, &tokens, TokenWidth::for_vocab(config.vocab_size))?;
-    std::fs::write(&record_path, serde_json::to_string_pretty(&record)?)
+    let partial = record_path.with_extension(format!("json.partial-{}", std::process::id()));
+    std::fs::write(&partial, serde_json::to_string_pretty(&record)?)
+        .and_then(|()| std::fs::rename(&partial, &record_path))
         .with_context(|| format!("writing {}", record_path.display()))?;
     TokenFile::open(cache, args.token_dtype)
 }

@@ -209,7 +209,9 @@ fn megatron_width(idx: &Path, bin_bytes: usize) -> anyhow::Result<TokenWidth> {
     Ok(width)
 }
 
-/// Writes tokens in zoo's (llm.c's) layout, to a temporary name then renamed into place.
+/// Writes tokens in zoo's (llm.c's) layout, to a temporary name then renamed into place. The
+/// temporary name carries the process id: ranks started by `zoo launch` may tokenise the same
+/// corpus at once, and each rename then installs a complete, identical file.
 pub fn write_token_file(path: &Path, tokens: &[u32], width: TokenWidth) -> anyhow::Result<()> {
     let count = i32::try_from(tokens.len()).context("more than 2^31 tokens in one file")?;
     let mut header = [0i32; 256];
@@ -233,7 +235,7 @@ pub fn write_token_file(path: &Path, tokens: &[u32], width: TokenWidth) -> anyho
             TokenWidth::U32 => bytes.extend_from_slice(&t.to_le_bytes()),
         }
     }
-    let temporary = path.with_extension("bin.partial");
+    let temporary = path.with_extension(format!("bin.partial-{}", std::process::id()));
     let mut file =
         File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
     file.write_all(&bytes)
