@@ -292,6 +292,7 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         hf_config,
     };
     let run_dir = run_dir(args.out.as_deref(), args.resume.as_deref(), "finetune");
+    crate::run::check_fresh_run_dir(&run_dir, args.resume.as_deref())?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let resume = args.resume.as_deref().map(find_checkpoint).transpose()?;
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());

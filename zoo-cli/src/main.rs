@@ -9,10 +9,12 @@
 //! - `zoo finetune`: sequence classification with BERT or RoBERTa;
 //! - `zoo memory`: peak memory per rank of a training setup, and the largest batch that fits;
 //! - `zoo launch`: a torchrun-style launcher for multi-process (multi-GPU, multi-node) jobs;
-//! - `zoo plot`: a run's loss, learning rate and accuracy curves as a PNG.
+//! - `zoo plot`: a run's loss, learning rate and accuracy curves as a PNG;
+//! - `zoo bench`: BERT-base / GPT-2 speed (forward, training step, generation).
 
 #![warn(missing_docs)]
 
+mod bench;
 mod finetune;
 mod forward;
 mod generate;
@@ -62,6 +64,8 @@ enum Command {
     Launch(launch::LaunchArgs),
     /// Draw a run's metrics.jsonl (loss, learning rate, accuracy) into a PNG.
     Plot(plot::PlotArgs),
+    /// Time BERT-base / GPT-2 forward, training step or generation (median of repeated runs).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -162,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Memory(args) => memory::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Launch(_) => unreachable!("handled in main"),
     }
 }

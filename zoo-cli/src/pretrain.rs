@@ -246,6 +246,7 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         args.batch
     );
     let run_dir = run_dir(args.out.as_deref(), args.resume.as_deref(), "pretrain");
+    crate::run::check_fresh_run_dir(&run_dir, args.resume.as_deref())?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
     // The model.

@@ -228,6 +228,20 @@ pub fn run_dir(out: Option<&Path>, resume: Option<&Path>, job: &str) -> PathBuf 
     PathBuf::from("runs").join(format!("{job}-{stamp}"))
 }
 
+/// Refuses to start a fresh run in a directory that already holds one: its checkpoints and
+/// metrics would be overwritten. Resuming (`resume` given) is the way to continue it.
+pub fn check_fresh_run_dir(run_dir: &Path, resume: Option<&Path>) -> anyhow::Result<()> {
+    let latest = run_dir.join("checkpoints").join("latest");
+    ensure!(
+        resume.is_some() || !latest.exists(),
+        "{} already holds a run ({} exists): continue it with --resume {}, or choose another --out",
+        run_dir.display(),
+        latest.display(),
+        run_dir.display()
+    );
+    Ok(())
+}
+
 /// Appends JSON lines to `metrics.jsonl`.
 #[derive(Debug)]
 pub struct Metrics {

@@ -358,6 +358,14 @@ fn bad_training_input_fails_clearly_and_overwrites_nothing() {
     let gpt = dir.path().join("gpt");
     let output = pretrain(&gpt, &["--steps", "2"]);
     assert!(output.status.success(), "{}", text(&output));
+    // A fresh run into a directory that holds one would overwrite it.
+    let checkpoint = gpt.join("checkpoints/step-0000002/model.safetensors");
+    let before = fs::read(&checkpoint).unwrap();
+    check(
+        pretrain(&gpt, &["--steps", "2", "--seed", "9"]),
+        &["already holds a run", "--resume"],
+    );
+    assert_eq!(fs::read(&checkpoint).unwrap(), before);
     let config = dir.path().join("wide.json");
     fs::write(
         &config,

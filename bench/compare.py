@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Runs `zoo bench` and bench/torch_reference.py back to back, alternating, and prints the table.
+
+    python3 bench/compare.py [--zoo target/release/zoo] [--python /path/to/python-with-torch]
+                             [--rounds 3] [--iters 3] [--cases bert-train,gpt2-train,...] [--markdown]
+
+Each round runs every case once in zoo and once in PyTorch (2 threads, as the machine has 2 cores),
+each a median of --iters timed runs after one warm-up; the table reports the median over rounds.
+"ratio" is zoo's throughput over PyTorch's (above 1: zoo is faster). GFLOP/s count the matrix
+products (see zoo-cli/src/bench.rs); the machine's peak is cores × clock × 32 f32 FLOPs per cycle
+(two AVX-512 FMA units of 16 lanes), with the clock read from /proc/cpuinfo ("cpu MHz").
+"""
+import argparse, json, os, statistics, subprocess, sys
+
+CASES = {
+    "bert-forward": ("bert-base", "forward", 8, 128),
+    "bert-train": ("bert-base", "train", 8, 128),
+    "gpt2-forward": ("gpt2", "forward", 4, 256),
+    "gpt2-train": ("gpt2", "train", 4, 256),
+    "gpt2-generate": ("gpt2", "generate", 1, 8),
+}
+
+
+def peak_gflops():
+    mhz = [float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")]
+    return len(mhz) * (sum(mhz) / len(mhz)) / 1e3 * 32, len(mhz), sum(mhz) / len(mhz)
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser()
+    p.add_argument("--zoo", default=os.path.join(here, "..", "target", "release", "zoo"))
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--markdown", action="store_true")
+    a = p.parse_args()
+    peak, cores, mhz = peak_gflops()
+    results = {c: {"zoo": [], "torch": []} for c in a.cases.split(",")}
+    for r in range(a.rounds):
+        for case in results:
+            model, mode, batch, seq = CASES[case]
+            common = ["--model", model, "--mode", mode, "--batch", str(batch), "--seq", str(seq),
+                      "--iters", str(a.iters), "--new-tokens", str(a.new_tokens), "--json"]
+            for engine in ("zoo", "torch"):
+                cmd = ([a.zoo, "bench"] + common if engine == "zoo"
+                       else [a.python, os.path.join(here, "torch_reference.py"), "--threads", str(cores)] + common)
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"{' '.join(cmd)}\n{out.stdout}{out.stderr}")
+                rec = json.loads(out.stdout.strip().splitlines()[-1])
+                results[case][engine].append(rec)
+                print(f"round {r + 1} {case} {engine}: {rec['median_ms']:.1f} ms", file=sys.stderr, flush=True)
+    head = ("case", "shape", "zoo ms", "torch ms", "zoo tok/s", "torch tok/s", "ratio", "zoo GFLOP/s (% peak)", "torch GFLOP/s (% peak)")
+    rows = []
+    for case, r in results.items():
+        model, mode, batch, seq = CASES[case]
+        med = lambda e, k: statistics.median(x[k] for x in r[e])
+        zms, tms = med("zoo", "median_ms"), med("torch", "median_ms")
+        shape = f"{batch}×{seq}" + (f" +{a.new_tokens}" if mode == "generate" else "")
+        rows.append((case, shape, f"{zms:.0f}", f"{tms:.0f}", f"{med('zoo', 'tokens_per_s'):.1f}",
+                     f"{med('torch', 'tokens_per_s'):.1f}", f"{tms / zms:.2f}×",
+                     f"{med('zoo', 'gflops'):.1f} ({med('zoo', 'gflops') / peak:.0%})",
+                     f"{med('torch', 'gflops'):.1f} ({med('torch', 'gflops') / peak:.0%})"))
+    torch_version = results[next(iter(results))]["torch"][0].get("torch", "?")
+    if a.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        for row in [head] + rows:
+            print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
+    print(f"\n{a.rounds} rounds × {a.iters} timed runs; torch {torch_version}, {cores} threads; "
+          f"peak {peak:.0f} GFLOP/s = {cores} cores × {mhz:.0f} MHz × 32 FLOP/cycle")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""PyTorch's side of `zoo bench`: the same models, shapes and steps, with torch on CPU.
+
+    python3 bench/torch_reference.py --model bert-base|gpt2 --mode forward|train|generate \
+        --batch B --seq S [--iters N] [--warmup W] [--new-tokens T] [--threads 2] [--json]
+
+Models are transformers' BertForSequenceClassification(BertConfig(num_labels=2)) and
+GPT2LMHeadModel(GPT2Config()) with random weights, fp32, default attention (sdpa). A training step is
+forward, backward and torch.optim.AdamW, in train mode (dropout 0.1 as in zoo); forward runs in eval
+mode under no_grad; generate is greedy `generate` with the KV cache and no early stop. The timed
+figure is the median of --iters runs after --warmup runs; FLOPs are counted as `zoo bench` counts
+them. Needs torch and transformers (tests/fixtures/generate.py's environment).
+"""
+import argparse, json, statistics, time
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+
+def flops(model, mode, batch, seq, new_tokens):
+    if model == "bert-base":
+        layers, width, ffn, head = 12, 768, 3072, 0
+    else:
+        layers, width, ffn, head = 12, 768, 3072, 50257
+    linear = layers * (4 * width * width + 2 * width * ffn) + width * head
+    per_token = lambda context: 2 * linear + 4 * layers * context * width
+    if mode == "forward":
+        return batch * seq * per_token(seq)
+    if mode == "train":
+        return 3 * batch * seq * per_token(seq)
+    return batch * seq * per_token(seq) + sum(batch * per_token(seq + 1 + i) for i in range(new_tokens - 1))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["bert-base", "gpt2"], required=True)
+    p.add_argument("--mode", choices=["forward", "train", "generate"], required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    if a.model == "bert-base":
+        model = BertForSequenceClassification(BertConfig(num_labels=2))
+        vocab = 30522
+    else:
+        model = GPT2LMHeadModel(GPT2Config())
+        vocab = 50257
+    ids = torch.randint(0, vocab, (a.batch, a.seq))
+
+    if a.mode == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        labels = torch.randint(0, 2, (a.batch,)) if a.model == "bert-base" else ids
+
+        def run():
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    elif a.mode == "forward":
+        model.eval()
+
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids).logits.sum().item()
+    else:
+        model.eval()
+        mask = torch.ones_like(ids)
+
+        def run():
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens,
+                               min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+
+    for _ in range(a.warmup):
+        run()
+    times = []
+    for _ in range(a.iters):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    tokens = a.batch * (a.new_tokens if a.mode == "generate" else a.seq)
+    record = {
+        "engine": "torch", "torch": torch.__version__, "model": a.model.replace("-", ""), "mode": a.mode,
+        "batch": a.batch, "seq": a.seq, "iters": a.iters, "median_ms": median * 1e3,
+        "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "times_ms": [t * 1e3 for t in times],
+        "tokens_per_s": tokens / median, "gflops": flops(a.model, a.mode, a.batch, a.seq, a.new_tokens) / median / 1e9,
+        "threads": a.threads,
+    }
+    if a.json:
+        print(json.dumps(record))
+    else:
+        print(f"torch {a.model} {a.mode}, {a.batch} × {a.seq}: median {median*1e3:.1f} ms, "
+              f"{record['tokens_per_s']:.1f} tokens/s, {record['gflops']:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

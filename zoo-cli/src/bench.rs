@@ -1,0 +1,356 @@
+//! `zoo bench`: the speed of BERT-base and GPT-2 (124M, random weights) forward, training step
+//! (forward, backward and AdamW through zoo's ZeRO trainer: what `zoo finetune` and `zoo pretrain`
+//! run) and generation, as the median of repeated runs after a warm-up. `bench/torch_reference.py`
+//! measures the same shapes in PyTorch and `bench/compare.py` runs both and prints the table.
+//!
+//! Achieved FLOP/s count the matrix products only: per token, `2 ·` the weights of the linear
+//! layers (and the LM head), plus `4 · layers · seq · width` for the attention scores and their
+//! product with the values; a training step is three forwards' worth.
+
+use std::time::Instant;
+
+use anyhow::ensure;
+use bmtrain_backend::comm::SingleRank;
+use bmtrain_backend::optim::AdamWConfig;
+use bmtrain_backend::trainer::{ZeroOptions, ZeroTrainer};
+use bmtrain_backend::{BackendTask, DeviceSpec};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use models::bert::{BertConfig, BertForSequenceClassification, EncoderInput};
+use models::generation::{Decoding, GenerationConfig, generate};
+use models::gpt2::{DecoderInput, Gpt2Config, Gpt2LmHeadModel};
+use models::train::{ClassifierBatch, ClassifierSpec, Gpt2Spec, LmBatch, bert_init, gpt2_init};
+use models::{ModelConfig, preset};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use serde_json::json;
+
+/// `zoo bench` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Which model (random weights, the preset's shapes).
+    #[arg(long, value_enum)]
+    model: BenchModel,
+    /// What to time.
+    #[arg(long, value_enum)]
+    mode: BenchMode,
+    /// Rows.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per row (the prompt length for generate).
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Tokens to generate per row (generate).
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Recompute blocks in backward (train).
+    #[arg(long)]
+    checkpointing: bool,
+    /// Where to run: cpu or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    device: DeviceSpec,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--model`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchModel {
+    /// bert-base-uncased's shapes, as a 2-label sequence classifier.
+    BertBase,
+    /// GPT-2 small (124M), LM head tied.
+    Gpt2,
+}
+
+/// `--mode`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMode {
+    /// Inference forward.
+    Forward,
+    /// Forward, backward and AdamW.
+    Train,
+    /// Greedy generation with the KV cache (GPT-2).
+    Generate,
+}
+
+/// Runs `zoo bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.iters >= 1 && args.batch >= 1 && args.seq >= 1,
+        "--iters, --batch and --seq must be at least 1"
+    );
+    ensure!(
+        !(args.model == BenchModel::BertBase && args.mode == BenchMode::Generate),
+        "--mode generate needs a causal LM (--model gpt2)"
+    );
+    let times = args.device.run(BenchTask { args: args.clone() })??;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let tokens = match args.mode {
+        BenchMode::Generate => args.batch * args.new_tokens,
+        _ => args.batch * args.seq,
+    } as f64;
+    let flops = flops_per_run(&args);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let record = json!({
+        "engine": "zoo",
+        "model": format!("{:?}", args.model).to_lowercase(),
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "new_tokens": (args.mode == BenchMode::Generate).then_some(args.new_tokens),
+        "iters": args.iters,
+        "median_ms": median * 1e3,
+        "min_ms": sorted[0] * 1e3,
+        "max_ms": sorted[sorted.len() - 1] * 1e3,
+        "times_ms": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+        "tokens_per_s": tokens / median,
+        "gflops": flops / median / 1e9,
+        "threads": threads,
+        "device": args.device.to_string(),
+    });
+    if args.json {
+        println!("{record}");
+    } else {
+        println!(
+            "{:?} {:?}, {} × {}: median {:.1} ms over {} runs ({:.1}–{:.1}), {:.1} tokens/s, {:.1} GFLOP/s",
+            args.model,
+            args.mode,
+            args.batch,
+            args.seq,
+            median * 1e3,
+            args.iters,
+            sorted[0] * 1e3,
+            sorted[sorted.len() - 1] * 1e3,
+            tokens / median,
+            flops / median / 1e9
+        );
+    }
+    Ok(())
+}
+
+fn bert_config() -> BertConfig {
+    let Some(ModelConfig::Bert(mut config)) = preset("bert-base-uncased").map(|p| p.config) else {
+        unreachable!("bert-base-uncased is a BERT preset")
+    };
+    config.num_labels = Some(2);
+    config
+}
+
+fn gpt2_config() -> Gpt2Config {
+    let Some(ModelConfig::Gpt2(config)) = preset("gpt2").map(|p| p.config) else {
+        unreachable!("gpt2 is a GPT-2 preset")
+    };
+    config
+}
+
+/// Matrix-product FLOPs of one timed run.
+fn flops_per_run(args: &BenchArgs) -> f64 {
+    let (layers, width, ffn, head) = match args.model {
+        BenchModel::BertBase => {
+            let c = bert_config();
+            (c.num_hidden_layers, c.hidden_size, c.intermediate_size, 0)
+        }
+        BenchModel::Gpt2 => {
+            let c = gpt2_config();
+            (
+                c.n_layer,
+                c.n_embd,
+                c.n_inner.unwrap_or(4 * c.n_embd),
+                c.vocab_size,
+            )
+        }
+    };
+    let (l, h, f, v) = (layers as f64, width as f64, ffn as f64, head as f64);
+    let linear = l * (4.0 * h * h + 2.0 * h * f) + h * v;
+    let per_token = |context: f64| 2.0 * linear + 4.0 * l * context * h;
+    let (b, t) = (args.batch as f64, args.seq as f64);
+    match args.mode {
+        BenchMode::Forward => b * t * per_token(t),
+        BenchMode::Train => 3.0 * b * t * per_token(t),
+        BenchMode::Generate => {
+            // The prompt once, then one token at a time against a growing cache.
+            let prompt = b * t * per_token(t);
+            let steps: f64 = (0..args.new_tokens.saturating_sub(1))
+                .map(|i| b * per_token(t + 1.0 + i as f64))
+                .sum();
+            prompt + steps
+        }
+    }
+}
+
+struct BenchTask {
+    args: BenchArgs,
+}
+
+impl BackendTask for BenchTask {
+    type Output = anyhow::Result<Vec<f64>>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let args = &self.args;
+        let mut rng = StdRng::seed_from_u64(0);
+        let vocab = match args.model {
+            BenchModel::BertBase => bert_config().vocab_size,
+            BenchModel::Gpt2 => gpt2_config().vocab_size,
+        };
+        let ids: Vec<i64> = (0..args.batch * args.seq)
+            .map(|_| rng.random_range(0..vocab as i64))
+            .collect();
+        let time =
+            |mut body: Box<dyn FnMut() -> anyhow::Result<()> + '_>| -> anyhow::Result<Vec<f64>> {
+                for _ in 0..args.warmup {
+                    body()?;
+                }
+                (0..args.iters)
+                    .map(|_| {
+                        let started = Instant::now();
+                        body()?;
+                        B::sync(&device)?;
+                        Ok(started.elapsed().as_secs_f64())
+                    })
+                    .collect()
+            };
+        match (args.model, args.mode) {
+            (BenchModel::BertBase, BenchMode::Forward) => {
+                let model = bert_init(
+                    BertForSequenceClassification::<B>::new(&bert_config(), &device)?,
+                    0,
+                    &device,
+                );
+                let input = EncoderInput {
+                    input_ids: ids_tensor::<B>(&ids, args, &device),
+                    attention_mask: None,
+                    token_type_ids: None,
+                    decoder_input_ids: None,
+                };
+                time(Box::new(|| {
+                    let (_, logits) = model.forward(&input);
+                    let _ = logits.into_data();
+                    Ok(())
+                }))
+            }
+            (BenchModel::Gpt2, BenchMode::Forward) => {
+                let model = gpt2_init(
+                    Gpt2LmHeadModel::<B>::new(&gpt2_config(), &device)?,
+                    12,
+                    0,
+                    &device,
+                );
+                let input = DecoderInput::new(ids_tensor::<B>(&ids, args, &device));
+                time(Box::new(|| {
+                    let (_, logits) = model.forward(&input);
+                    let _ = logits.sum().into_data();
+                    Ok(())
+                }))
+            }
+            (BenchModel::Gpt2, BenchMode::Generate) => {
+                let model = gpt2_init(
+                    Gpt2LmHeadModel::<B>::new(&gpt2_config(), &device)?,
+                    12,
+                    0,
+                    &device,
+                );
+                let prompts: Vec<Vec<u32>> = ids
+                    .chunks(args.seq)
+                    .map(|row| row.iter().map(|&i| i as u32).collect())
+                    .collect();
+                let config = GenerationConfig {
+                    max_new_tokens: args.new_tokens,
+                    decoding: Decoding::Greedy,
+                    repetition_penalty: 1.0,
+                    eos_token_ids: Vec::new(),
+                    pad_token_id: 0,
+                };
+                time(Box::new(|| {
+                    generate(&model, &prompts, &config, &device, |_| {})?;
+                    Ok(())
+                }))
+            }
+            (BenchModel::BertBase, BenchMode::Train) => {
+                type AB<B> = Autodiff<B>;
+                let config = bert_config();
+                let model = bert_init(
+                    BertForSequenceClassification::<AB<B>>::new(&config, &device)?,
+                    0,
+                    &device,
+                );
+                let (spec, embed, blocks, head) = ClassifierSpec::split_bert(model, &config);
+                let mut trainer = ZeroTrainer::new(
+                    spec,
+                    SingleRank,
+                    device.clone(),
+                    embed,
+                    blocks,
+                    head,
+                    options(args, config.num_hidden_layers),
+                );
+                let labels: Vec<i64> = (0..args.batch).map(|_| rng.random_range(0..2)).collect();
+                let batch = ClassifierBatch {
+                    input_ids: ids_tensor::<AB<B>>(&ids, args, &device),
+                    attention_mask: Tensor::ones([args.batch, args.seq], &device),
+                    token_type_ids: None,
+                    labels: Tensor::from_data(TensorData::new(labels, [args.batch]), &device),
+                };
+                time(Box::new(move || train_step(&mut trainer, &batch)))
+            }
+            (BenchModel::Gpt2, BenchMode::Train) => {
+                type AB<B> = Autodiff<B>;
+                let config = gpt2_config();
+                let model = gpt2_init(
+                    Gpt2LmHeadModel::<AB<B>>::new(&config, &device)?,
+                    config.n_layer,
+                    0,
+                    &device,
+                );
+                let (spec, embed, blocks, head) = Gpt2Spec::split(model);
+                let mut trainer = ZeroTrainer::new(
+                    spec,
+                    SingleRank,
+                    device.clone(),
+                    embed,
+                    blocks,
+                    head,
+                    options(args, config.n_layer),
+                );
+                let batch = LmBatch {
+                    input_ids: ids_tensor::<AB<B>>(&ids, args, &device),
+                };
+                time(Box::new(move || train_step(&mut trainer, &batch)))
+            }
+            (BenchModel::BertBase, BenchMode::Generate) => unreachable!("refused above"),
+        }
+    }
+}
+
+fn options(args: &BenchArgs, blocks: usize) -> ZeroOptions {
+    ZeroOptions {
+        checkpoint: vec![args.checkpointing; blocks],
+        adamw: AdamWConfig::default(),
+        ..ZeroOptions::checkpoint_all(blocks)
+    }
+}
+
+fn train_step<AB: AutodiffBackend, S: bmtrain_backend::trainer::ZeroSpec<AB>>(
+    trainer: &mut ZeroTrainer<AB, S, SingleRank>,
+    batch: &S::Batch,
+) -> anyhow::Result<()> {
+    trainer.forward_backward(batch)?;
+    trainer.step(1e-4)?;
+    Ok(())
+}
+
+fn ids_tensor<B: Backend>(ids: &[i64], args: &BenchArgs, device: &B::Device) -> Tensor<B, 2, Int> {
+    Tensor::from_data(
+        TensorData::new(ids.to_vec(), [args.batch, args.seq]),
+        device,
+    )
+}
