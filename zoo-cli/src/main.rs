@@ -139,6 +139,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    bmtrain_backend::keep_freed_memory();
     let cli = Cli::parse();
     if let Command::Launch(args) = cli.command {
         return launch::run(args).unwrap_or_else(|error| {
