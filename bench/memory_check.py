@@ -27,12 +27,12 @@ SHAPES = [
 def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for (h, a, l, t, b, ck, ranks) in SHAPES:
+        for i, (h, a, l, t, b, ck, ranks) in enumerate(SHAPES):
             cfg = os.path.join(tmp, "config.json")
             json.dump({"model_type": "gpt2", "vocab_size": 257, "n_positions": max(t, 128),
                        "n_embd": h, "n_layer": l, "n_head": a}, open(cfg, "w"))
             common = ["--seq", str(t), "--batch", str(b), "--ranks", str(ranks)] + (["--checkpointing"] if ck else [])
-            run = subprocess.run([ZOO, "pretrain", "--model", cfg, "--out", os.path.join(tmp, "run"), "--steps", "2",
+            run = subprocess.run([ZOO, "pretrain", "--model", cfg, "--out", os.path.join(tmp, f"run{i}"), "--steps", "2",
                                   "--sample-tokens", "0", "--eval-every", "0", "--eval-batches", "1", "--save-every", "0",
                                   "--no-progress", "--report-memory"] + common, capture_output=True, text=True)
             m = re.search(r"MEASURED_TRAINING_PEAK_BYTES=(\d+)", run.stdout)
