@@ -31,8 +31,8 @@ use rand::{SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Metrics, Progress, any_rank_interrupted, check_resume_matches,
-    find_checkpoint, mean_over_ranks, record, run_dir, run_ranks, save_checkpoint,
+    CheckpointFiles, MemoryArgs, Progress, RunOutputs, any_rank_interrupted, find_checkpoint,
+    mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks, save_checkpoint,
 };
 
 /// `zoo finetune` arguments.
@@ -643,48 +643,28 @@ fn train<AB: AutodiffBackend>(
     let mut best: Option<f32> = None;
     let mut start = 0;
     if let Some(checkpoint) = &job.resume {
-        let state = check_resume_matches(checkpoint, &job.manifest)?;
-        trainer
-            .load(checkpoint)
-            .with_context(|| format!("--resume {}", checkpoint.display()))?;
-        start = trainer.steps();
+        let (step, state) = resume_trainer(&mut trainer, checkpoint, &job.manifest)?;
+        start = step;
         best = state["best_accuracy"].as_f64().map(|b| b as f32);
     }
-    let metrics = if lead {
-        Some(Metrics::open(
-            &job.run_dir,
-            job.resume.as_ref().map(|_| start),
-        )?)
-    } else {
-        None
-    };
     let files = CheckpointFiles {
         manifest: job.manifest.clone(),
         tokenizer_json: job.tokenizer_json.clone(),
     };
-    let checkpoints = job.run_dir.join("checkpoints");
-    if lead {
-        std::fs::create_dir_all(&checkpoints)
-            .with_context(|| format!("creating {}", checkpoints.display()))?;
-    }
+    let outputs = RunOutputs::open(
+        &job.run_dir,
+        lead,
+        job.resume.as_ref().map(|_| start),
+        files,
+    )?;
     let state = |step: u64, best: Option<f32>| json!({ "step": step, "seed": args.seed, "job": "finetune", "best_accuracy": best });
-    let evaluate = |trainer: &ZeroTrainer<AB, ClassifierSpec, Box<dyn Communicator>>| -> anyhow::Result<Option<Evaluation>> {
+    let evaluate = |trainer: &ZeroTrainer<AB, ClassifierSpec, Box<dyn Communicator>>| {
         if job.valid.is_empty() {
             return Ok(None);
         }
-        let named = trainer.named_parameters()?;
-        let result = if trainer.comm().rank() == 0 {
-            let tensors = named
-                .into_iter()
-                .map(|(n, shape, v)| (n, TensorData::new(v, shape)))
-                .collect();
-            let model = checkpoints_convert::build_model::<AB::InnerBackend>(&model_spec(job), tensors, &device)?;
-            Some(evaluate_model(job, &model, &device))
-        } else {
-            None
-        };
-        trainer.comm().barrier()?;
-        Ok(result)
+        on_lead_model(trainer, &model_spec(job), &device, |model| {
+            Ok(evaluate_model(job, &model, &device))
+        })
     };
 
     let rows = args.batch / world;
@@ -724,15 +704,13 @@ fn train<AB: AutodiffBackend>(
         );
         if step % args.log_every == 0 || step == total_steps {
             let mean = window.0 / window.1 as f32;
-            if let Some(metrics) = &metrics {
-                metrics.log(&record(
-                    step,
-                    json!({
-                        "epoch": epoch + 1, "loss": mean, "lr": lr, "tokens_per_s": tokens_per_s,
-                        "grad_norm": report.grad_norm, "applied": report.applied,
-                    }),
-                ))?;
-            }
+            outputs.log(
+                step,
+                json!({
+                    "epoch": epoch + 1, "loss": mean, "lr": lr, "tokens_per_s": tokens_per_s,
+                    "grad_norm": report.grad_norm, "applied": report.applied,
+                }),
+            )?;
             progress.println(&format!(
                 "step {step:>6}  epoch {}  loss {mean:.4}  lr {lr:.2e}  {tokens_per_s:.0} tokens/s",
                 epoch + 1
@@ -751,11 +729,13 @@ fn train<AB: AutodiffBackend>(
                         e.f1,
                         e.loss
                     ));
-                    if let Some(metrics) = &metrics {
-                        metrics.log(&record(step, json!({
-                            "epoch": epoch + 1, "valid_loss": e.loss, "accuracy": e.accuracy, "f1": e.f1,
-                        })))?;
-                    }
+                    outputs.log(
+                        step,
+                        json!({
+                            "epoch": epoch + 1, "valid_loss": e.loss, "accuracy": e.accuracy,
+                            "f1": e.f1,
+                        }),
+                    )?;
                 }
                 // Every rank learns the evaluation's result.
                 let mut accuracy = [last_eval.map_or(-1.0, |e| e.accuracy)];
@@ -764,16 +744,16 @@ fn train<AB: AutodiffBackend>(
                     best = Some(accuracy[0]);
                     save_checkpoint(
                         &trainer,
-                        &checkpoints.join("best"),
-                        &files,
+                        &outputs.checkpoints.join("best"),
+                        &outputs.files,
                         &state(step, best),
                     )?;
                 }
             }
             save_checkpoint(
                 &trainer,
-                &checkpoints.join("last"),
-                &files,
+                &outputs.checkpoints.join("last"),
+                &outputs.files,
                 &state(step, best),
             )?;
         }

@@ -185,28 +185,27 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     let workspace = block + runtime;
     let parameters = master + gathered + module;
     let gradients = grad_shard + segment_grads;
-    if setup.gpu {
-        let device = module + d * s + activations + workspace;
-        let host = master + grad_shard + optimizer + gathered + 4.0 * s;
-        Estimate {
-            parameters,
-            gradients,
-            optimizer,
-            activations,
-            workspace,
-            peak: device,
-            host,
-        }
+    // On a GPU the device holds the module, one segment's gradients, activations and workspace;
+    // the f32 shards, moments and gathered buffers are host memory. On a CPU all is one memory.
+    let (peak, host) = if setup.gpu {
+        (
+            module + d * s + activations + workspace,
+            master + grad_shard + optimizer + gathered + 4.0 * s,
+        )
     } else {
-        Estimate {
-            parameters,
-            gradients,
-            optimizer,
-            activations,
-            workspace,
-            peak: parameters + gradients + optimizer + activations + workspace,
-            host: 0.0,
-        }
+        (
+            parameters + gradients + optimizer + activations + workspace,
+            0.0,
+        )
+    };
+    Estimate {
+        parameters,
+        gradients,
+        optimizer,
+        activations,
+        workspace,
+        peak,
+        host,
     }
 }
 

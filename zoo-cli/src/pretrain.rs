@@ -34,8 +34,8 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Metrics, Progress, any_rank_interrupted, check_resume_matches,
-    find_checkpoint, mean_over_ranks, record, run_dir, run_ranks, save_checkpoint,
+    CheckpointFiles, MemoryArgs, Progress, RunOutputs, any_rank_interrupted, find_checkpoint,
+    mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks, save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
 
@@ -165,6 +165,15 @@ struct Split {
 }
 
 impl Split {
+    /// All of a file's tokens.
+    fn whole(file: Arc<TokenFile>) -> Self {
+        Self {
+            start: 0,
+            end: file.len(),
+            file,
+        }
+    }
+
     fn len(&self) -> usize {
         self.end - self.start
     }
@@ -287,45 +296,31 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
     } else {
         args.data.iter().cloned().map(Source::File).collect()
     };
-    let train_file = Arc::new(load_tokens(
-        &sources,
-        &data_dir.join("train.bin"),
-        &tokenizer,
-        tokenizer_json.as_deref(),
-        eos,
-        &args,
-        &config,
-    )?);
+    let load = |sources: &[Source], name: &str| {
+        load_tokens(
+            sources,
+            &data_dir.join(name),
+            &tokenizer,
+            tokenizer_json.as_deref(),
+            eos,
+            &args,
+            &config,
+        )
+        .map(Arc::new)
+    };
+    let train_file = load(&sources, "train.bin")?;
     let (train, valid) = match &args.valid {
-        Some(path) => {
-            let valid_file = Arc::new(load_tokens(
-                &[Source::File(path.clone())],
-                &data_dir.join("valid.bin"),
-                &tokenizer,
-                tokenizer_json.as_deref(),
-                eos,
-                &args,
-                &config,
-            )?);
-            (
-                Split {
-                    start: 0,
-                    end: train_file.len(),
-                    file: train_file,
-                },
-                Split {
-                    start: 0,
-                    end: valid_file.len(),
-                    file: valid_file,
-                },
-            )
-        }
+        Some(path) => (
+            Split::whole(train_file),
+            Split::whole(load(&[Source::File(path.clone())], "valid.bin")?),
+        ),
         None => {
             ensure!(
                 args.valid_fraction > 0.0 && args.valid_fraction < 1.0,
                 "--valid-fraction must be between 0 and 1"
             );
             let cut = ((train_file.len() as f64) * (1.0 - args.valid_fraction)) as usize;
+            let end = train_file.len();
             (
                 Split {
                     file: train_file.clone(),
@@ -335,18 +330,10 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
                 Split {
                     file: train_file,
                     start: cut,
-                    end: 0,
+                    end,
                 },
             )
         }
-    };
-    let valid = Split {
-        end: if valid.end == 0 {
-            valid.file.len()
-        } else {
-            valid.end
-        },
-        ..valid
     };
     let default_seq = if args.model.is_none() {
         64
@@ -686,25 +673,20 @@ fn learning_rate(args: &PretrainArgs, step: u64) -> f32 {
     }
 }
 
-/// The whole model on the inference backend, from the trainer's gathered parameters.
-fn assemble<B: Backend>(
-    job: &Job,
-    named: Vec<bmtrain_backend::trainer::NamedTensor>,
-    device: &B::Device,
-) -> anyhow::Result<Gpt2LmHeadModel<B>> {
-    let spec = ModelSpec {
+/// What the trainer's parameters assemble into (for evaluation and sampling on rank 0).
+fn model_spec(job: &Job) -> ModelSpec {
+    ModelSpec {
         kind: DirKind::Zoo,
         dir: job.run_dir.clone(),
         architecture: Architecture::Gpt2LmHeadModel,
         config: ModelConfig::Gpt2(job.config.clone()),
         hf_config: job.manifest.hf_config.clone(),
-    };
-    let tensors = named
-        .into_iter()
-        .map(|(name, shape, values)| (name, TensorData::new(values, shape)))
-        .collect();
-    match checkpoints_convert::build_model::<B>(&spec, tensors, device)? {
-        AnyModel::Gpt2LmHeadModel(model) => Ok(model),
+    }
+}
+
+fn gpt2_of<B: Backend>(model: AnyModel<B>) -> Gpt2LmHeadModel<B> {
+    match model {
+        AnyModel::Gpt2LmHeadModel(model) => model,
         _ => unreachable!("built as a GPT2LMHeadModel"),
     }
 }
@@ -754,19 +736,11 @@ fn train<AB: AutodiffBackend>(
     // The model: the directory's weights, or GPT-2's initialisation from the seed.
     let model = Gpt2LmHeadModel::<AB>::new(&job.config, &device)?;
     let model = match &job.initial {
-        Some(tensors) => {
-            let spec = ModelSpec {
-                kind: DirKind::Zoo,
-                dir: job.run_dir.clone(),
-                architecture: Architecture::Gpt2LmHeadModel,
-                config: ModelConfig::Gpt2(job.config.clone()),
-                hf_config: job.manifest.hf_config.clone(),
-            };
-            match checkpoints_convert::build_model::<AB>(&spec, tensors.clone(), &device)? {
-                AnyModel::Gpt2LmHeadModel(model) => model,
-                _ => unreachable!("built as a GPT2LMHeadModel"),
-            }
-        }
+        Some(tensors) => gpt2_of(checkpoints_convert::build_model::<AB>(
+            &model_spec(job),
+            tensors.clone(),
+            &device,
+        )?),
         None => gpt2_init(model, job.config.n_layer, args.seed, &device),
     };
     let (spec, embed, blocks, head) = Gpt2Spec::split(model);
@@ -786,11 +760,8 @@ fn train<AB: AutodiffBackend>(
 
     let mut start = 0;
     if let Some(checkpoint) = &job.resume {
-        let state = check_resume_matches(checkpoint, &job.manifest)?;
-        trainer
-            .load(checkpoint)
-            .with_context(|| format!("--resume {}", checkpoint.display()))?;
-        start = trainer.steps();
+        let (step, state) = resume_trainer(&mut trainer, checkpoint, &job.manifest)?;
+        start = step;
         if lead && state["seed"].as_u64() != Some(args.seed) {
             eprintln!(
                 "warning: the checkpoint was trained with --seed {}, this run uses {}: the \
@@ -799,31 +770,24 @@ fn train<AB: AutodiffBackend>(
             );
         }
     }
-    let metrics = if lead {
-        Some(Metrics::open(
-            &job.run_dir,
-            job.resume.as_ref().map(|_| start),
-        )?)
-    } else {
-        None
-    };
     let files = CheckpointFiles {
         manifest: job.manifest.clone(),
         tokenizer_json: job.tokenizer_json.clone(),
     };
-    let checkpoints = job.run_dir.join("checkpoints");
-    if lead {
-        std::fs::create_dir_all(&checkpoints)
-            .with_context(|| format!("creating {}", checkpoints.display()))?;
-    }
+    let outputs = RunOutputs::open(
+        &job.run_dir,
+        lead,
+        job.resume.as_ref().map(|_| start),
+        files,
+    )?;
     let save = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>,
                 step: u64|
      -> anyhow::Result<PathBuf> {
-        let dir = checkpoints.join(format!("step-{step:07}"));
+        let dir = outputs.checkpoints.join(format!("step-{step:07}"));
         let state = json!({ "step": step, "seed": args.seed, "job": "pretrain" });
-        save_checkpoint(trainer, &dir, &files, &state)?;
+        save_checkpoint(trainer, &dir, &outputs.files, &state)?;
         if trainer.comm().rank() == 0 {
-            prune_checkpoints(&checkpoints, args.keep)?;
+            prune_checkpoints(&outputs.checkpoints, args.keep)?;
         }
         Ok(dir)
     };
@@ -831,16 +795,10 @@ fn train<AB: AutodiffBackend>(
     let rows = args.batch / world;
     let tokens_per_step = (args.batch * args.grad_accum * job.seq) as f64;
     let progress = Progress::new(args.steps, start, lead, !args.no_progress);
-    let evaluate = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>| -> anyhow::Result<Option<f32>> {
-        let named = trainer.named_parameters()?;
-        let loss = if trainer.comm().rank() == 0 {
-            let model = assemble::<AB::InnerBackend>(job, named, &device)?;
-            Some(validation_loss(job, &model, &device))
-        } else {
-            None
-        };
-        trainer.comm().barrier()?;
-        Ok(loss)
+    let evaluate = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>| {
+        on_lead_model(trainer, &model_spec(job), &device, |model| {
+            Ok(validation_loss(job, &gpt2_of(model), &device))
+        })
     };
 
     let mut first_loss = None;
@@ -877,18 +835,16 @@ fn train<AB: AutodiffBackend>(
         );
         if done % args.log_every == 0 || done == args.steps {
             let mean = window_loss / window_steps as f32;
-            if let Some(metrics) = &metrics {
-                metrics.log(&record(
-                    done,
-                    json!({
-                        "loss": mean,
-                        "lr": lr,
-                        "tokens_per_s": tokens_per_s,
-                        "grad_norm": report.grad_norm,
-                        "applied": report.applied,
-                    }),
-                ))?;
-            }
+            outputs.log(
+                done,
+                json!({
+                    "loss": mean,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                    "grad_norm": report.grad_norm,
+                    "applied": report.applied,
+                }),
+            )?;
             progress.println(&format!(
                 "step {done:>6}  loss {mean:.4}  lr {lr:.2e}  {tokens_per_s:.0} tokens/s"
             ));
@@ -903,12 +859,7 @@ fn train<AB: AutodiffBackend>(
                 "step {done:>6}  validation loss {v:.4}  perplexity {:.2}",
                 v.exp()
             ));
-            if let Some(metrics) = &metrics {
-                metrics.log(&record(
-                    done,
-                    json!({"valid_loss": v, "valid_perplexity": v.exp()}),
-                ))?;
-            }
+            outputs.log(done, json!({"valid_loss": v, "valid_perplexity": v.exp()}))?;
         }
         if args.save_every > 0 && done % args.save_every == 0 {
             last_saved = Some(save(&trainer, done)?);
@@ -935,11 +886,8 @@ fn train<AB: AutodiffBackend>(
             last_saved = Some(save(&trainer, steps)?);
         }
         valid_loss = evaluate(&trainer)?;
-        if let (Some(metrics), Some(v)) = (&metrics, valid_loss) {
-            metrics.log(&record(
-                steps,
-                json!({"valid_loss": v, "valid_perplexity": v.exp()}),
-            ))?;
+        if let Some(v) = valid_loss {
+            outputs.log(steps, json!({"valid_loss": v, "valid_perplexity": v.exp()}))?;
         }
     }
     progress.finish();
@@ -948,14 +896,9 @@ fn train<AB: AutodiffBackend>(
     }
 
     // A sample from the trained model.
-    let named = if args.sample_tokens > 0 && !interrupted {
-        Some(trainer.named_parameters()?)
-    } else {
-        None
-    };
-    let sample = match (named, lead) {
-        (Some(named), true) => {
-            let model = assemble::<AB::InnerBackend>(job, named, &device)?;
+    let sample = if args.sample_tokens > 0 && !interrupted {
+        on_lead_model(&trainer, &model_spec(job), &device, |model| {
+            let model = gpt2_of(model);
             let eos: Vec<u32> = job
                 .config
                 .eos_token_id
@@ -987,12 +930,13 @@ fn train<AB: AutodiffBackend>(
             )?;
             let mut ids = job.sample_prompt.clone();
             ids.extend(generated.new_tokens(0, &eos));
-            match &job.tokenizer {
-                Some(t) => Some(t.decode(&ids, true)?),
-                None => Some(format!("{ids:?}")),
-            }
-        }
-        _ => None,
+            Ok(match &job.tokenizer {
+                Some(t) => t.decode(&ids, true)?,
+                None => format!("{ids:?}"),
+            })
+        })?
+    } else {
+        None
     };
     Ok(Summary {
         first_loss: first_loss.unwrap_or(f32::NAN),

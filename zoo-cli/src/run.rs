@@ -396,6 +396,86 @@ pub fn save_checkpoint<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
     Ok(())
 }
 
+/// Where a job writes: rank 0's `metrics.jsonl` (reopened at `resumed_step`), the files every
+/// checkpoint carries, and `RUN_DIR/checkpoints` (created by rank 0).
+pub struct RunOutputs {
+    /// `metrics.jsonl`, on rank 0 only.
+    pub metrics: Option<Metrics>,
+    /// `zoo.json` and `tokenizer.json` of every checkpoint.
+    pub files: CheckpointFiles,
+    /// `RUN_DIR/checkpoints`.
+    pub checkpoints: PathBuf,
+}
+
+impl RunOutputs {
+    /// Opens them for rank `lead`-or-not.
+    pub fn open(
+        run_dir: &Path,
+        lead: bool,
+        resumed_step: Option<u64>,
+        files: CheckpointFiles,
+    ) -> anyhow::Result<Self> {
+        let checkpoints = run_dir.join("checkpoints");
+        let metrics = if lead {
+            fs::create_dir_all(&checkpoints)
+                .with_context(|| format!("creating {}", checkpoints.display()))?;
+            Some(Metrics::open(run_dir, resumed_step)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            metrics,
+            files,
+            checkpoints,
+        })
+    }
+
+    /// Appends a record to `metrics.jsonl` (rank 0; a no-op elsewhere).
+    pub fn log(&self, step: u64, fields: Value) -> anyhow::Result<()> {
+        match &self.metrics {
+            Some(metrics) => metrics.log(&record(step, fields)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `--resume`: checks the checkpoint against the model, loads it into the trainer, and returns the
+/// step it reached and its `trainer_state.json`.
+pub fn resume_trainer<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+    trainer: &mut ZeroTrainer<B, S, C>,
+    checkpoint: &Path,
+    manifest: &ZooManifest,
+) -> anyhow::Result<(u64, Value)> {
+    let state = check_resume_matches(checkpoint, manifest)?;
+    trainer
+        .load(checkpoint)
+        .with_context(|| format!("--resume {}", checkpoint.display()))?;
+    Ok((trainer.steps(), state))
+}
+
+/// Gathers the trainer's parameters on every rank and, on rank 0, builds `spec`'s model from them
+/// on the inference backend and runs `use_model` (evaluation, sampling); a barrier follows.
+pub fn on_lead_model<AB: AutodiffBackend, S: ZeroSpec<AB>, C: Communicator, T>(
+    trainer: &ZeroTrainer<AB, S, C>,
+    spec: &checkpoints_convert::ModelSpec,
+    device: &AB::Device,
+    use_model: impl FnOnce(models::AnyModel<AB::InnerBackend>) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    let named = trainer.named_parameters()?;
+    let result = if trainer.comm().rank() == 0 {
+        let tensors = named
+            .into_iter()
+            .map(|(name, shape, values)| (name, burn::tensor::TensorData::new(values, shape)))
+            .collect();
+        let model = checkpoints_convert::build_model::<AB::InnerBackend>(spec, tensors, device)?;
+        Some(use_model(model)?)
+    } else {
+        None
+    };
+    trainer.comm().barrier()?;
+    Ok(result)
+}
+
 /// The checkpoint directory `path` names: a checkpoint itself, or a run directory (its latest).
 pub fn find_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     if path.join("optimizer.safetensors").is_file() {
