@@ -352,6 +352,26 @@ impl Drop for ThreadComm {
 }
 
 /// Combines contributions element-wise, in rank order (so every rank computes the same bits).
+/// The chunk length of a reduce-scatter of `len` elements over `world` ranks, which must divide.
+pub(crate) fn scatter_chunk(rank: usize, world: usize, len: usize) -> Result<usize, CommError> {
+    if !len.is_multiple_of(world) {
+        return Err(CommError::Mismatch {
+            rank,
+            message: format!("reduce_scatter of {len} elements over {world} ranks"),
+        });
+    }
+    Ok(len / world)
+}
+
+/// Rank `rank`'s chunk of the reduction of every contribution.
+pub(crate) fn reduce_chunk(all: &[Vec<f32>], rank: usize, chunk: usize, op: ReduceOp) -> Vec<f32> {
+    let mine: Vec<Vec<f32>> = all
+        .iter()
+        .map(|c| c[rank * chunk..(rank + 1) * chunk].to_vec())
+        .collect();
+    reduce(&mine, op)
+}
+
 pub(crate) fn reduce(all: &[Vec<f32>], op: ReduceOp) -> Vec<f32> {
     let mut out = all[0].clone();
     for other in &all[1..] {
@@ -391,23 +411,9 @@ impl Communicator for ThreadComm {
     }
 
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
-        let world = self.world_size();
-        if !full.len().is_multiple_of(world) {
-            return Err(CommError::Mismatch {
-                rank: self.rank,
-                message: format!(
-                    "reduce_scatter of {} elements over {world} ranks",
-                    full.len()
-                ),
-            });
-        }
+        let chunk = scatter_chunk(self.rank, self.world_size(), full.len())?;
         let all = self.exchange("reduce_scatter", full)?;
-        let chunk = full.len() / world;
-        let mine: Vec<Vec<f32>> = all
-            .iter()
-            .map(|c| c[self.rank * chunk..(self.rank + 1) * chunk].to_vec())
-            .collect();
-        Ok(reduce(&mine, op))
+        Ok(reduce_chunk(&all, self.rank, chunk, op))
     }
 
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError> {

@@ -212,7 +212,7 @@ fn connect(address: &str, rank: usize, deadline: Instant) -> std::io::Result<Vec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
@@ -283,7 +283,8 @@ mod tests {
         );
     }
 
-    fn free_port() -> u16 {
+    /// A port nothing listens on now (for tests that start a rendezvous).
+    pub(crate) fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::comm::{CommError, Communicator, ReduceOp, reduce};
+use crate::comm::{CommError, Communicator, ReduceOp, reduce, reduce_chunk, scatter_chunk};
 use crate::dist::DistEnv;
 
 /// One process-rank of a TCP group.
@@ -286,23 +286,9 @@ impl Communicator for TcpComm {
     }
 
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
-        let world = self.world_size;
-        if !full.len().is_multiple_of(world) {
-            return Err(CommError::Mismatch {
-                rank: self.rank,
-                message: format!(
-                    "reduce_scatter of {} elements over {world} ranks",
-                    full.len()
-                ),
-            });
-        }
-        let chunk = full.len() / world;
+        let chunk = scatter_chunk(self.rank, self.world_size, full.len())?;
         self.collective(Op::ReduceScatter, op, 0, full, |all, rank| {
-            let mine: Vec<Vec<f32>> = all
-                .iter()
-                .map(|c| c[rank * chunk..(rank + 1) * chunk].to_vec())
-                .collect();
-            reduce(&mine, op)
+            reduce_chunk(all, rank, chunk, op)
         })
     }
 
@@ -324,6 +310,7 @@ impl Communicator for TcpComm {
 mod tests {
     use super::*;
     use crate::comm::ThreadGroup;
+    use crate::dist::tests::free_port;
 
     fn env(rank: usize, world: usize, port: u16) -> DistEnv {
         DistEnv {
@@ -333,14 +320,6 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: port,
         }
-    }
-
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     fn values(rank: usize) -> Vec<f32> {

@@ -31,8 +31,9 @@ use rand::{SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunOutputs, any_rank_interrupted, find_checkpoint,
-    mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks, save_checkpoint,
+    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunOutputs, any_rank_interrupted,
+    find_checkpoint, mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks,
+    save_checkpoint,
 };
 
 /// `zoo finetune` arguments.
@@ -87,24 +88,11 @@ pub struct FinetuneArgs {
     /// Dropout everywhere (default: the model's config).
     #[arg(long)]
     dropout: Option<f64>,
-    /// Log to metrics.jsonl every N steps.
-    #[arg(long, default_value_t = 10)]
-    log_every: u64,
     /// Seed of the new head's weights, the example order and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// The run directory (default: runs/finetune-<timestamp>).
-    #[arg(long, value_name = "RUN_DIR")]
-    out: Option<PathBuf>,
-    /// Continue from a checkpoint or a run directory's latest checkpoint.
-    #[arg(long, value_name = "PATH")]
-    resume: Option<PathBuf>,
-    /// No progress bar (log lines instead).
-    #[arg(long)]
-    no_progress: bool,
-    /// Print the measured peak resident memory of training at the end (Linux).
-    #[arg(long)]
-    report_memory: bool,
+    #[command(flatten)]
+    run: RunArgs,
     #[command(flatten)]
     memory: MemoryArgs,
 }
@@ -291,10 +279,19 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         architecture: architecture.hf_name().into(),
         hf_config,
     };
-    let run_dir = run_dir(args.out.as_deref(), args.resume.as_deref(), "finetune");
-    crate::run::check_fresh_run_dir(&run_dir, args.resume.as_deref())?;
+    let run_dir = run_dir(
+        args.run.out.as_deref(),
+        args.run.resume.as_deref(),
+        "finetune",
+    );
+    crate::run::check_fresh_run_dir(&run_dir, args.run.resume.as_deref())?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let resume = args.resume.as_deref().map(find_checkpoint).transpose()?;
+    let resume = args
+        .run
+        .resume
+        .as_deref()
+        .map(find_checkpoint)
+        .transpose()?;
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     Ok(Job {
         args,
@@ -668,7 +665,7 @@ fn train<AB: AutodiffBackend>(
     };
 
     let rows = args.batch / world;
-    let progress = Progress::new(total_steps, start, lead, !args.no_progress);
+    let progress = Progress::new(total_steps, start, lead, !args.run.no_progress);
     let mut last_eval = None;
     let mut interrupted = false;
     let mut window = (0.0f32, 0u64, Instant::now(), 0usize);
@@ -702,7 +699,7 @@ fn train<AB: AutodiffBackend>(
                 epoch + 1
             ),
         );
-        if step % args.log_every == 0 || step == total_steps {
+        if step % args.run.log_every == 0 || step == total_steps {
             let mean = window.0 / window.1 as f32;
             outputs.log(
                 step,
@@ -765,7 +762,7 @@ fn train<AB: AutodiffBackend>(
     }
     let steps_peak = crate::run::proc_status_bytes("VmHWM:");
     progress.finish();
-    if args.report_memory && lead {
+    if args.run.report_memory && lead {
         crate::run::report_memory(baseline, steps_peak);
     }
     Ok(Summary {

@@ -34,8 +34,9 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunOutputs, any_rank_interrupted, find_checkpoint,
-    mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks, save_checkpoint,
+    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunOutputs, any_rank_interrupted,
+    find_checkpoint, mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks,
+    save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
 
@@ -98,9 +99,6 @@ pub struct PretrainArgs {
     /// Dropout in every layer (transformers' resid/embd/attn_pdrop).
     #[arg(long, default_value_t = 0.0)]
     dropout: f64,
-    /// Log to metrics.jsonl every N steps.
-    #[arg(long, default_value_t = 10)]
-    log_every: u64,
     /// Validation loss every N steps (0: only at the end).
     #[arg(long, default_value_t = 50)]
     eval_every: u64,
@@ -122,18 +120,8 @@ pub struct PretrainArgs {
     /// Prompt of the sample (default: the start of the validation data).
     #[arg(long)]
     sample_prompt: Option<String>,
-    /// The run directory (default: runs/pretrain-<timestamp>).
-    #[arg(long, value_name = "RUN_DIR")]
-    out: Option<PathBuf>,
-    /// Continue from a checkpoint or a run directory's latest checkpoint.
-    #[arg(long, value_name = "PATH")]
-    resume: Option<PathBuf>,
-    /// No progress bar (log lines instead).
-    #[arg(long)]
-    no_progress: bool,
-    /// Print the measured peak resident memory of training at the end (Linux).
-    #[arg(long)]
-    report_memory: bool,
+    #[command(flatten)]
+    run: RunArgs,
     #[command(flatten)]
     memory: MemoryArgs,
 }
@@ -254,8 +242,12 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         "--batch {} does not split over {ranks} ranks",
         args.batch
     );
-    let run_dir = run_dir(args.out.as_deref(), args.resume.as_deref(), "pretrain");
-    crate::run::check_fresh_run_dir(&run_dir, args.resume.as_deref())?;
+    let run_dir = run_dir(
+        args.run.out.as_deref(),
+        args.run.resume.as_deref(),
+        "pretrain",
+    );
+    crate::run::check_fresh_run_dir(&run_dir, args.run.resume.as_deref())?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
     // The model.
@@ -368,7 +360,12 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         architecture: Architecture::Gpt2LmHeadModel.hf_name().into(),
         hf_config,
     };
-    let resume = args.resume.as_deref().map(find_checkpoint).transpose()?;
+    let resume = args
+        .run
+        .resume
+        .as_deref()
+        .map(find_checkpoint)
+        .transpose()?;
     Ok(Job {
         run_dir,
         config,
@@ -794,7 +791,7 @@ fn train<AB: AutodiffBackend>(
 
     let rows = args.batch / world;
     let tokens_per_step = (args.batch * args.grad_accum * job.seq) as f64;
-    let progress = Progress::new(args.steps, start, lead, !args.no_progress);
+    let progress = Progress::new(args.steps, start, lead, !args.run.no_progress);
     let evaluate = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>| {
         on_lead_model(trainer, &model_spec(job), &device, |model| {
             Ok(validation_loss(job, &gpt2_of(model), &device))
@@ -833,7 +830,7 @@ fn train<AB: AutodiffBackend>(
             done,
             format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"),
         );
-        if done % args.log_every == 0 || done == args.steps {
+        if done % args.run.log_every == 0 || done == args.steps {
             let mean = window_loss / window_steps as f32;
             outputs.log(
                 done,
@@ -891,7 +888,7 @@ fn train<AB: AutodiffBackend>(
         }
     }
     progress.finish();
-    if args.report_memory && lead {
+    if args.run.report_memory && lead {
         crate::run::report_memory(baseline, steps_peak);
     }
 

@@ -59,6 +59,26 @@ pub struct MemoryArgs {
     pub device: DeviceSpec,
 }
 
+/// Where a training job writes and how it reports: shared by `zoo pretrain` and `zoo finetune`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The run directory (default: runs/<job>-<timestamp>).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue from a checkpoint or a run directory's latest checkpoint.
+    #[arg(long, value_name = "PATH")]
+    pub resume: Option<PathBuf>,
+    /// Log to metrics.jsonl every N steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+    /// No progress bar (log lines instead).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print the measured peak resident memory of training at the end (Linux).
+    #[arg(long)]
+    pub report_memory: bool,
+}
+
 /// `--dtype`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DtypeArg {
