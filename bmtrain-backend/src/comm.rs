@@ -182,19 +182,38 @@ impl ThreadGroup {
 
     /// Runs `body(comm)` on `world_size` threads and returns their results in rank order. A rank
     /// that panics returns `Err` with the panic message; its peers see it gone.
+    ///
+    /// Each rank runs inside its own rayon pool with an equal share of the cores (at least one
+    /// thread), so that the tensor ops of the ranks (burn-flex and gemm parallelise through
+    /// rayon's *current* pool) run side by side instead of queueing on one global pool. On a CPU
+    /// this is what makes thread ranks worth having: element-wise ops that a backend runs on one
+    /// thread now keep every core busy, one rank per core.
     pub fn run<T: Send + 'static>(
         world_size: usize,
         timeout: Duration,
         body: impl Fn(ThreadComm) -> T + Send + Sync + 'static,
     ) -> Vec<Result<T, String>> {
         let body = Arc::new(body);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads_per_rank = (cores / world_size).max(1);
         let handles: Vec<_> = ThreadGroup::communicators(world_size, timeout)
             .into_iter()
             .map(|comm| {
                 let body = body.clone();
+                let rank = comm.rank;
                 std::thread::Builder::new()
-                    .name(format!("rank-{}", comm.rank))
-                    .spawn(move || body(comm))
+                    .name(format!("rank-{rank}"))
+                    .spawn(move || {
+                        match rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads_per_rank)
+                            .thread_name(move |i| format!("rank-{rank}-worker-{i}"))
+                            .build()
+                        {
+                            Ok(pool) => pool.install(|| body(comm)),
+                            // Without a pool of its own the rank still runs, on the global one.
+                            Err(_) => body(comm),
+                        }
+                    })
                     .expect("spawning a rank thread")
             })
             .collect();
@@ -231,7 +250,7 @@ struct State {
 #[derive(Debug)]
 struct Round {
     op: &'static str,
-    contributions: Vec<Option<Vec<f32>>>,
+    contributions: Vec<Option<Arc<[f32]>>>,
     /// Ranks that still have to read the result before the round is freed.
     readers_left: usize,
 }
@@ -259,7 +278,10 @@ impl ThreadComm {
     }
 
     /// Deposits `data` for the next round of `op` and returns every rank's contribution.
-    fn exchange(&self, op: &'static str, data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
+    ///
+    /// Contributions are shared, not copied per reader: each rank deposits one copy of its buffer
+    /// and every rank reads all of them through `Arc`s, outside the lock.
+    fn exchange(&self, op: &'static str, data: &[f32]) -> Result<Vec<Arc<[f32]>>, CommError> {
         let round = self.next_round.get();
         self.next_round.set(round + 1);
         let world = self.shared.world_size;
@@ -279,7 +301,7 @@ impl ThreadComm {
                 ),
             });
         }
-        entry.contributions[self.rank] = Some(data.to_vec());
+        entry.contributions[self.rank] = Some(Arc::from(data));
         self.shared.changed.notify_all();
         loop {
             let round_state = &state.rounds[&round];
@@ -316,7 +338,7 @@ impl ThreadComm {
                 .0;
         }
         let round_state = state.rounds.get_mut(&round).expect("present until read");
-        let all: Vec<Vec<f32>> = round_state
+        let all: Vec<Arc<[f32]>> = round_state
             .contributions
             .iter()
             .map(|c| c.clone().expect("every rank contributed"))
@@ -325,7 +347,8 @@ impl ThreadComm {
         if round_state.readers_left == 0 {
             state.rounds.remove(&round);
         }
-        if let Some(len) = all.iter().map(Vec::len).find(|&l| l != data.len()) {
+        drop(state);
+        if let Some(len) = all.iter().map(|c| c.len()).find(|&l| l != data.len()) {
             return Err(CommError::Mismatch {
                 rank: self.rank,
                 message: format!(
@@ -364,18 +387,23 @@ pub(crate) fn scatter_chunk(rank: usize, world: usize, len: usize) -> Result<usi
 }
 
 /// Rank `rank`'s chunk of the reduction of every contribution.
-pub(crate) fn reduce_chunk(all: &[Vec<f32>], rank: usize, chunk: usize, op: ReduceOp) -> Vec<f32> {
-    let mine: Vec<Vec<f32>> = all
+pub(crate) fn reduce_chunk<T: AsRef<[f32]>>(
+    all: &[T],
+    rank: usize,
+    chunk: usize,
+    op: ReduceOp,
+) -> Vec<f32> {
+    let mine: Vec<&[f32]> = all
         .iter()
-        .map(|c| c[rank * chunk..(rank + 1) * chunk].to_vec())
+        .map(|c| &c.as_ref()[rank * chunk..(rank + 1) * chunk])
         .collect();
     reduce(&mine, op)
 }
 
-pub(crate) fn reduce(all: &[Vec<f32>], op: ReduceOp) -> Vec<f32> {
-    let mut out = all[0].clone();
+pub(crate) fn reduce<T: AsRef<[f32]>>(all: &[T], op: ReduceOp) -> Vec<f32> {
+    let mut out = all[0].as_ref().to_vec();
     for other in &all[1..] {
-        for (o, x) in out.iter_mut().zip(other) {
+        for (o, x) in out.iter_mut().zip(other.as_ref()) {
             match op {
                 ReduceOp::Sum | ReduceOp::Avg => *o += x,
                 ReduceOp::Max => *o = o.max(*x),
@@ -407,7 +435,12 @@ impl Communicator for ThreadComm {
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
-        Ok(self.exchange("all_gather", local)?.concat())
+        let all = self.exchange("all_gather", local)?;
+        let mut gathered = Vec::with_capacity(local.len() * all.len());
+        for part in &all {
+            gathered.extend_from_slice(part);
+        }
+        Ok(gathered)
     }
 
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {

@@ -29,6 +29,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod dist;
 pub mod inspect;
+pub mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod optim;
@@ -99,28 +100,6 @@ impl fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(index) => write!(f, "cuda:{index}"),
-        }
-    }
-}
-
-/// Keeps freed memory in the process instead of handing it back to the kernel (glibc's malloc
-/// on Linux; elsewhere a no-op).
-///
-/// A training step allocates and frees the same large activation and gradient buffers over and
-/// over. With glibc's defaults every buffer above 128 KiB (then up to 32 MiB, as the threshold
-/// adapts) is its own `mmap`, returned with `munmap` when freed, so the next step's buffer is fresh
-/// pages the kernel must fault in and zero: 15–17% of a CPU BERT-base training step went to
-/// `clear_page`, page faults and their locks. Raising the mmap threshold to glibc's maximum (32 MiB)
-/// and never trimming the heap keeps those pages mapped for reuse; the resident set then stays near
-/// its peak between steps, which is what a training process wants anyway. Call it once, early
-/// (the `zoo` binary does).
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes allocator parameters; called before heavy allocation.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         }
     }
 }

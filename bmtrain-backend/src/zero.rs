@@ -264,12 +264,18 @@ pub fn flat_grads<B: AutodiffBackend, M: Module<B>>(
             let tensor = param.val();
             let len = tensor.dims().iter().product::<usize>();
             match tensor.grad(self.grads) {
-                Some(grad) => self.out.extend(
-                    grad.into_data()
-                        .convert::<f32>()
-                        .to_vec::<f32>()
-                        .expect("gradients convert to f32"),
-                ),
+                Some(grad) => {
+                    let data = grad.into_data();
+                    // f32 gradients are read in place: one copy, into the flat buffer.
+                    match data.as_slice::<f32>() {
+                        Ok(values) => self.out.extend_from_slice(values),
+                        Err(_) => self.out.extend(
+                            data.convert::<f32>()
+                                .to_vec::<f32>()
+                                .expect("gradients convert to f32"),
+                        ),
+                    }
+                }
                 None => self.out.extend(std::iter::repeat_n(0.0, len)),
             }
         }
@@ -320,7 +326,12 @@ impl ShardedParams {
         comm: &dyn Communicator,
         full_grad: &[f32],
     ) -> Result<Vec<f32>, CommError> {
-        comm.reduce_scatter(&self.shards.padded(full_grad), ReduceOp::Sum)
+        if full_grad.len() == self.shards.padded_len() {
+            // No padding needed: no copy.
+            comm.reduce_scatter(full_grad, ReduceOp::Sum)
+        } else {
+            comm.reduce_scatter(&self.shards.padded(full_grad), ReduceOp::Sum)
+        }
     }
 }
 

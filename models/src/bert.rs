@@ -4,17 +4,16 @@
 //! Reading order: config → embeddings (shared layer) → layer → encoder → pooler → models → heads.
 //! RoBERTa (`roberta.rs`) reuses the encoder, pooler and MLM head defined here.
 
+use crate::layers::{Dropout, DropoutConfig};
 use burn::module::{Module, Param};
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use burn::nn::{Embedding, Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, activation::log_softmax, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 use crate::layers::{
     Activation, AttentionMask, Embeddings, EmbeddingsConfig, FeedForward, FeedForwardConfig,
-    MultiHeadAttention, MultiHeadAttentionConfig,
+    LayerNorm, LayerNormConfig, MultiHeadAttention, MultiHeadAttentionConfig,
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -5,18 +5,17 @@
 //!
 //! Reading order: config → block → model (with its KV cache) → LM head → loss.
 
+use crate::layers::{Dropout, DropoutConfig};
+use bmtrain_backend::kernels;
 use burn::module::Module;
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 use crate::layers::{
-    Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, MultiHeadAttention,
-    MultiHeadAttentionConfig,
+    Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, LayerNorm, LayerNormConfig,
+    MultiHeadAttention, MultiHeadAttentionConfig,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -519,6 +518,17 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - logits: `[batch, seq, vocab]`, labels: `[batch, seq]` (usually the input ids) → `[1]`
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
+    // The fused kernel reads every row of the logits in place: each position's target is the next
+    // label, and each row's last position is ignored (no slicing copy of the logits).
+    let label_values = host_labels(labels.clone());
+    let shifted: Vec<i64> = label_values
+        .chunks(seq)
+        .flat_map(|row| row[1..].iter().copied().chain([IGNORE_INDEX]))
+        .collect();
+    let flat = logits.clone().reshape([batch * seq, vocab]);
+    if let Some(loss) = kernels::cross_entropy(&flat, &shifted, IGNORE_INDEX) {
+        return loss;
+    }
     let predicting = logits
         .slice([0..batch, 0..seq - 1, 0..vocab])
         .reshape([batch * (seq - 1), vocab]);
@@ -536,6 +546,9 @@ pub fn token_cross_entropy<B: Backend>(
     labels: Tensor<B, 1, Int>,
     ignore: i64,
 ) -> Tensor<B, 1> {
+    if let Some(loss) = kernels::cross_entropy(&logits, &host_labels(labels.clone()), ignore) {
+        return loss;
+    }
     let [n, _] = logits.dims();
     let device = logits.device();
     let ignored = labels.clone().equal_elem(ignore);
@@ -551,6 +564,15 @@ pub fn token_cross_entropy<B: Backend>(
         .unwrap_or_default()[0];
     let total = (picked * kept).sum().neg();
     total / Tensor::from_data(TensorData::from([count.max(1.0)]), &device)
+}
+
+/// Labels as host integers, for the fused loss.
+fn host_labels<B: Backend, const D: usize>(labels: Tensor<B, D, Int>) -> Vec<i64> {
+    labels
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

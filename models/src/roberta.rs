@@ -5,8 +5,9 @@
 //! - the MLM head always uses GELU;
 //! - the classification head is `out_proj(tanh(dense(h[:, 0])))` instead of BERT's pooler + linear.
 
+use crate::layers::{Dropout, DropoutConfig};
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 use crate::ModelError;

@@ -11,8 +11,9 @@
 //!
 //! Reading order: config → relative buckets → block → stack → models → loss helpers.
 
+use crate::layers::{Dropout, DropoutConfig};
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 

@@ -10,9 +10,10 @@
 //! - [`ClassifierSpec`]: `BertForSequenceClassification` and `RobertaForSequenceClassification`
 //!   with the cross-entropy over labels.
 
+use crate::layers::{Dropout, DropoutConfig};
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
+use burn::nn::{Embedding, Linear};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 
@@ -20,7 +21,7 @@ use crate::bert::{
     BertConfig, BertForSequenceClassification, BertLayer, BertPooler, cross_entropy,
 };
 use crate::gpt2::{Gpt2Block, Gpt2LmHeadModel, causal_lm_loss};
-use crate::layers::{AttentionMask, Embeddings};
+use crate::layers::{AttentionMask, Embeddings, LayerNorm};
 use crate::roberta::{RobertaClassificationHead, RobertaForSequenceClassification, position_ids};
 
 // ---------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@
 use std::time::Instant;
 
 use anyhow::ensure;
-use bmtrain_backend::comm::SingleRank;
+use bmtrain_backend::comm::Communicator;
 use bmtrain_backend::optim::AdamWConfig;
-use bmtrain_backend::trainer::{ZeroOptions, ZeroTrainer};
+use bmtrain_backend::trainer::{ZeroOptions, ZeroSpec, ZeroTrainer};
 use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -25,6 +25,8 @@ use models::train::{ClassifierBatch, ClassifierSpec, Gpt2Spec, LmBatch, bert_ini
 use models::{ModelConfig, preset};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::json;
+
+use crate::run::run_ranks;
 
 /// `zoo bench` arguments.
 #[derive(Args, Debug, Clone)]
@@ -53,6 +55,10 @@ pub struct BenchArgs {
     /// Recompute blocks in backward (train).
     #[arg(long)]
     checkpointing: bool,
+    /// Data-parallel thread ranks for a training step (train): the batch is split between them
+    /// and each runs on its share of the cores, as `zoo finetune --ranks N` does.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
     /// Where to run: cpu or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceSpec,
@@ -88,6 +94,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--iters, --batch and --seq must be at least 1"
     );
     ensure!(
+        args.ranks >= 1 && args.batch.is_multiple_of(args.ranks),
+        "--batch {} must split evenly between --ranks {}",
+        args.batch,
+        args.ranks
+    );
+    ensure!(
+        args.ranks == 1 || args.mode == BenchMode::Train,
+        "--ranks applies to --mode train"
+    );
+    ensure!(
         !(args.model == BenchModel::BertBase && args.mode == BenchMode::Generate),
         "--mode generate needs a causal LM (--model gpt2)"
     );
@@ -116,6 +132,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "tokens_per_s": tokens / median,
         "gflops": flops / median / 1e9,
         "threads": threads,
+        "ranks": args.ranks,
         "device": args.device.to_string(),
     });
     if args.json {
@@ -275,56 +292,11 @@ impl BackendTask for BenchTask {
                     Ok(())
                 }))
             }
-            (BenchModel::BertBase, BenchMode::Train) => {
-                type AB<B> = Autodiff<B>;
-                let config = bert_config();
-                let model = bert_init(
-                    BertForSequenceClassification::<AB<B>>::new(&config, &device)?,
-                    0,
-                    &device,
-                );
-                let (spec, embed, blocks, head) = ClassifierSpec::split_bert(model, &config);
-                let mut trainer = ZeroTrainer::new(
-                    spec,
-                    SingleRank,
-                    device.clone(),
-                    embed,
-                    blocks,
-                    head,
-                    options(args, config.num_hidden_layers),
-                );
-                let labels: Vec<i64> = (0..args.batch).map(|_| rng.random_range(0..2)).collect();
-                let batch = ClassifierBatch {
-                    input_ids: ids_tensor::<AB<B>>(&ids, args, &device),
-                    attention_mask: Tensor::ones([args.batch, args.seq], &device),
-                    token_type_ids: None,
-                    labels: Tensor::from_data(TensorData::new(labels, [args.batch]), &device),
-                };
-                time(Box::new(move || train_step(&mut trainer, &batch)))
-            }
-            (BenchModel::Gpt2, BenchMode::Train) => {
-                type AB<B> = Autodiff<B>;
-                let config = gpt2_config();
-                let model = gpt2_init(
-                    Gpt2LmHeadModel::<AB<B>>::new(&config, &device)?,
-                    config.n_layer,
-                    0,
-                    &device,
-                );
-                let (spec, embed, blocks, head) = Gpt2Spec::split(model);
-                let mut trainer = ZeroTrainer::new(
-                    spec,
-                    SingleRank,
-                    device.clone(),
-                    embed,
-                    blocks,
-                    head,
-                    options(args, config.n_layer),
-                );
-                let batch = LmBatch {
-                    input_ids: ids_tensor::<AB<B>>(&ids, args, &device),
-                };
-                time(Box::new(move || train_step(&mut trainer, &batch)))
+            (_, BenchMode::Train) => {
+                let args = args.clone();
+                run_ranks(args.ranks, &args.device.clone(), move |comm| {
+                    train_times::<Autodiff<B>>(comm, device.clone(), &args, &ids)
+                })
             }
             (BenchModel::BertBase, BenchMode::Generate) => unreachable!("refused above"),
         }
@@ -339,13 +311,97 @@ fn options(args: &BenchArgs, blocks: usize) -> ZeroOptions {
     }
 }
 
-fn train_step<AB: AutodiffBackend, S: bmtrain_backend::trainer::ZeroSpec<AB>>(
-    trainer: &mut ZeroTrainer<AB, S, SingleRank>,
+/// Times training steps on one rank: its share of the batch (rows `rank · B/N ..`), forward,
+/// backward and AdamW through the ZeRO trainer. Every step ends in collectives, so the ranks'
+/// clocks agree; rank 0's are reported.
+fn train_times<AB: AutodiffBackend>(
+    comm: Box<dyn Communicator>,
+    device: AB::Device,
+    args: &BenchArgs,
+    ids: &[i64],
+) -> anyhow::Result<Vec<f64>> {
+    let rows = args.batch / comm.world_size();
+    let rank_args = BenchArgs {
+        batch: rows,
+        ..args.clone()
+    };
+    let rank_ids = &ids[comm.rank() * rows * args.seq..][..rows * args.seq];
+    // Every rank builds the same weights (seed 0) and labels (seed 1), then keeps its shard.
+    let mut rng = StdRng::seed_from_u64(1);
+    let labels: Vec<i64> = (0..args.batch).map(|_| rng.random_range(0..2)).collect();
+    let rank_labels = labels[comm.rank() * rows..][..rows].to_vec();
+    match args.model {
+        BenchModel::BertBase => {
+            let config = bert_config();
+            let model = bert_init(
+                BertForSequenceClassification::<AB>::new(&config, &device)?,
+                0,
+                &device,
+            );
+            let (spec, embed, blocks, head) = ClassifierSpec::split_bert(model, &config);
+            let trainer = ZeroTrainer::new(
+                spec,
+                comm,
+                device.clone(),
+                embed,
+                blocks,
+                head,
+                options(args, config.num_hidden_layers),
+            );
+            let batch = ClassifierBatch {
+                input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
+                attention_mask: Tensor::ones([rows, args.seq], &device),
+                token_type_ids: None,
+                labels: Tensor::from_data(TensorData::new(rank_labels, [rows]), &device),
+            };
+            time_steps(trainer, &batch, args, &device)
+        }
+        BenchModel::Gpt2 => {
+            let config = gpt2_config();
+            let model = gpt2_init(
+                Gpt2LmHeadModel::<AB>::new(&config, &device)?,
+                config.n_layer,
+                0,
+                &device,
+            );
+            let (spec, embed, blocks, head) = Gpt2Spec::split(model);
+            let trainer = ZeroTrainer::new(
+                spec,
+                comm,
+                device.clone(),
+                embed,
+                blocks,
+                head,
+                options(args, config.n_layer),
+            );
+            let batch = LmBatch {
+                input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
+            };
+            time_steps(trainer, &batch, args, &device)
+        }
+    }
+}
+
+/// The warm-up steps, then the timed ones.
+fn time_steps<AB: AutodiffBackend, S: ZeroSpec<AB>>(
+    mut trainer: ZeroTrainer<AB, S, Box<dyn Communicator>>,
     batch: &S::Batch,
-) -> anyhow::Result<()> {
-    trainer.forward_backward(batch)?;
-    trainer.step(1e-4)?;
-    Ok(())
+    args: &BenchArgs,
+    device: &AB::Device,
+) -> anyhow::Result<Vec<f64>> {
+    for _ in 0..args.warmup {
+        trainer.forward_backward(batch)?;
+        trainer.step(1e-4)?;
+    }
+    (0..args.iters)
+        .map(|_| {
+            let started = Instant::now();
+            trainer.forward_backward(batch)?;
+            trainer.step(1e-4)?;
+            AB::sync(device)?;
+            Ok(started.elapsed().as_secs_f64())
+        })
+        .collect()
 }
 
 fn ids_tensor<B: Backend>(ids: &[i64], args: &BenchArgs, device: &B::Device) -> Tensor<B, 2, Int> {

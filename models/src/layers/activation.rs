@@ -1,5 +1,6 @@
 //! The activation functions HF configs name in `hidden_act` / `feed_forward_proj`.
 
+use bmtrain_backend::kernels;
 use burn::tensor::{Tensor, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
 
@@ -51,9 +52,11 @@ impl Activation {
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::Relu => activation::relu(x),
-            Self::Gelu => activation::gelu(x),
+            Self::Gelu => kernels::gelu(&x, false).unwrap_or_else(|| activation::gelu(x)),
             // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), as transformers' NewGELUActivation.
-            Self::GeluNew => activation::gelu_approximate(x),
+            Self::GeluNew => {
+                kernels::gelu(&x, true).unwrap_or_else(|| activation::gelu_approximate(x))
+            }
             Self::Silu => activation::silu(x),
             Self::Tanh => x.tanh(),
         }

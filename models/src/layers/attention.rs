@@ -1,9 +1,11 @@
 //! Multi-head attention with a padding mask, an optional causal mask and an optional additive
 //! position bias (T5's relative buckets).
 
+use super::dropout::{Dropout, DropoutConfig};
+use bmtrain_backend::kernels;
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{DType, Int, Tensor, TensorData, activation::softmax, backend::Backend};
 
 /// Hyper-parameters of [`MultiHeadAttention`].
@@ -218,9 +220,22 @@ impl<B: Backend> MultiHeadAttention<B> {
         cache: Option<KvCache<B>>,
         mask: &AttentionMask<B>,
     ) -> (Tensor<B, 3>, KvCache<B>) {
-        let q = self.split_heads(self.query.forward(hidden.clone()));
-        let mut k = self.split_heads(self.key.forward(hidden.clone()));
-        let mut v = self.split_heads(self.value.forward(hidden));
+        let q = self.query.forward(hidden.clone());
+        let k = self.key.forward(hidden.clone());
+        let v = self.value.forward(hidden);
+        if cache.is_none()
+            && let Some(context) = self.fused(&q, &k, &v, mask)
+        {
+            // The cache is views of k and v (no copy), for a prompt that generation continues.
+            let cache = KvCache {
+                key: self.split_heads(k),
+                value: self.split_heads(v),
+            };
+            return (self.output.forward(context), cache);
+        }
+        let q = self.split_heads(q);
+        let mut k = self.split_heads(k);
+        let mut v = self.split_heads(v);
         if let Some(past) = cache {
             k = Tensor::cat(vec![past.key, k], 2);
             v = Tensor::cat(vec![past.value, v], 2);
@@ -273,11 +288,40 @@ impl<B: Backend> MultiHeadAttention<B> {
         keys_values: Tensor<B, 3>,
         mask: &AttentionMask<B>,
     ) -> Tensor<B, 3> {
-        let q = self.split_heads(self.query.forward(queries));
-        let k = self.split_heads(self.key.forward(keys_values.clone()));
-        let v = self.split_heads(self.value.forward(keys_values));
-        let context = self.attend(q, k, v, mask);
-        self.output.forward(self.merge_heads(context))
+        let q = self.query.forward(queries);
+        let k = self.key.forward(keys_values.clone());
+        let v = self.value.forward(keys_values);
+        let context = match self.fused(&q, &k, &v, mask) {
+            Some(context) => context,
+            None => {
+                let (q, k, v) = (
+                    self.split_heads(q),
+                    self.split_heads(k),
+                    self.split_heads(v),
+                );
+                self.merge_heads(self.attend(q, k, v, mask))
+            }
+        };
+        self.output.forward(context)
+    }
+
+    /// [`kernels::attention`] on the projections `[batch, len, heads·head_dim]`, where it applies.
+    fn fused(
+        &self,
+        q: &Tensor<B, 3>,
+        k: &Tensor<B, 3>,
+        v: &Tensor<B, 3>,
+        mask: &AttentionMask<B>,
+    ) -> Option<Tensor<B, 3>> {
+        kernels::attention(
+            q,
+            k,
+            v,
+            mask.additive.as_ref(),
+            self.n_heads,
+            self.scale,
+            self.dropout.prob,
+        )
     }
 
     /// `softmax(q·kᵀ·scale + mask)·v` on heads laid out as `[batch, heads, len, head_dim]`.

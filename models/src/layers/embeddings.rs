@@ -1,8 +1,11 @@
 //! Token embeddings: word, and optionally learned positions, token types, a LayerNorm and dropout.
 
+use super::dropout::{Dropout, DropoutConfig};
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig};
+
+use super::norm::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 /// Hyper-parameters of [`Embeddings`].

@@ -6,12 +6,14 @@
 
 pub mod activation;
 pub mod attention;
+pub mod dropout;
 pub mod embeddings;
 pub mod feed_forward;
 pub mod norm;
 
 pub use activation::Activation;
 pub use attention::{AttentionMask, KvCache, MultiHeadAttention, MultiHeadAttentionConfig};
+pub use dropout::{Dropout, DropoutConfig};
 pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use feed_forward::{FeedForward, FeedForwardConfig};
-pub use norm::{RmsNorm, RmsNormConfig};
+pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};

@@ -1,10 +1,67 @@
-//! Normalisation layers: burn's LayerNorm (BERT, GPT-2) and an RMSNorm computed in f32 (T5).
+//! Normalisation layers: LayerNorm (BERT, GPT-2) and an RMSNorm computed in f32 (T5).
 
+use bmtrain_backend::kernels;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{FloatDType, Tensor, backend::Backend};
 
-pub use burn::nn::{LayerNorm, LayerNormConfig};
+/// Hyper-parameters of [`LayerNorm`] (the fields and defaults of burn's `LayerNormConfig`).
+#[derive(Config, Debug)]
+pub struct LayerNormConfig {
+    /// Width of the normalised (last) dimension.
+    pub d_model: usize,
+    /// Added to the variance before the square root.
+    #[config(default = 1e-5)]
+    pub epsilon: f64,
+    /// Whether there is a shift (`beta`).
+    #[config(default = true)]
+    pub bias: bool,
+}
+
+/// Layer normalisation over the last dimension: `(x − mean) / √(var + eps) · gamma + beta`.
+///
+/// The parameters are burn's `LayerNorm`'s (`gamma`, `beta`), so records and key tables are the
+/// same; the forward runs the fused kernel ([`kernels::layer_norm`]) where it applies.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// Per-channel scale, `[d_model]`, initialised to ones.
+    pub gamma: Param<Tensor<B, 1>>,
+    /// Per-channel shift, `[d_model]`, initialised to zeros.
+    pub beta: Option<Param<Tensor<B, 1>>>,
+    epsilon: f64,
+}
+
+impl LayerNormConfig {
+    /// Builds the layer with unit scale and zero shift.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LayerNorm<B> {
+        LayerNorm {
+            gamma: Param::from_tensor(Tensor::ones([self.d_model], device)),
+            beta: self
+                .bias
+                .then(|| Param::from_tensor(Tensor::zeros([self.d_model], device))),
+            epsilon: self.epsilon,
+        }
+    }
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// - x: `[..., d_model]` → same shape.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gamma = self.gamma.val();
+        if let Some(beta) = &self.beta
+            && let Some(y) = kernels::layer_norm(&x, &gamma, &beta.val(), self.epsilon)
+        {
+            return y;
+        }
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        let normed = (x - mean) / (var + self.epsilon).sqrt();
+        let scaled = normed * gamma.unsqueeze::<D>();
+        match &self.beta {
+            Some(beta) => scaled + beta.val().unsqueeze::<D>(),
+            None => scaled,
+        }
+    }
+}
 
 /// Hyper-parameters of [`RmsNorm`].
 #[derive(Config, Debug)]

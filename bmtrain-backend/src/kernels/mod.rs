@@ -1,0 +1,236 @@
+//! Fused CPU kernels for the hot operations of Transformer training, with their own backward.
+//!
+//! burn-flex runs each tensor operation as its own pass over memory, most of them on one thread,
+//! and composite layers (attention, GELU, layer norm, cross-entropy) become chains of such passes
+//! and copies: attention alone splits heads, scales, adds the mask, runs a five-pass softmax, draws
+//! a dropout mask through a ChaCha sampler and merges heads again. Here each of those layers is
+//! one operation that reads its inputs once, runs on every thread of rayon's current pool, and
+//! registers one backward step with burn's autodiff:
+//!
+//! - [`attention`]: `softmax(q·kᵀ·scale + bias)·v` with dropout, straight from and to the
+//!   `[batch, len, heads·head_dim]` layout of the projections (no head split/merge copies, no
+//!   score tensors besides the probabilities kept for backward);
+//! - [`gelu`]: the erf and tanh GELUs in one pass each way;
+//! - [`layer_norm`]: mean, variance, scale and shift in one pass, backward in one more;
+//! - [`cross_entropy`]: log-softmax, pick and mean in one pass over the logits; the gradient
+//!   `softmax − one-hot` in one more;
+//! - [`dropout`]: a counter-based mask (SplitMix64 of the element's index) applied in one pass and
+//!   regenerated in backward instead of stored.
+//!
+//! Every kernel takes and returns ordinary `Tensor<B, D>`s. It runs when `B` is the CPU backend
+//! ([`Cpu`]) or its autodiff ([`CpuTrain`]) and the tensors are f32; otherwise (CUDA, half
+//! precision) it answers with burn's own composition of the same maths, so models call the kernel
+//! unconditionally. `ZOO_KERNELS=off` in the environment turns the fused path off (for
+//! before/after benchmarks); `ZOO_KERNELS=attention,gelu` keeps only the named ones.
+//!
+//! The tests compare each kernel's outputs and gradients with burn's composition on random
+//! inputs.
+
+mod activation;
+mod attention;
+mod dropout;
+mod loss;
+mod norm;
+
+pub use activation::gelu;
+pub use attention::attention;
+pub use dropout::dropout;
+pub use loss::cross_entropy;
+pub use norm::layer_norm;
+
+use std::any::Any;
+use std::sync::OnceLock;
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Tensor, TensorData, TensorPrimitive};
+
+use crate::{Cpu, CpuTrain};
+
+/// The fused kernels, as `ZOO_KERNELS` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// [`attention`].
+    Attention,
+    /// [`gelu`].
+    Gelu,
+    /// [`layer_norm`].
+    LayerNorm,
+    /// [`cross_entropy`].
+    CrossEntropy,
+    /// [`dropout`].
+    Dropout,
+}
+
+impl Kernel {
+    const ALL: [Kernel; 5] = [
+        Kernel::Attention,
+        Kernel::Gelu,
+        Kernel::LayerNorm,
+        Kernel::CrossEntropy,
+        Kernel::Dropout,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Attention => "attention",
+            Kernel::Gelu => "gelu",
+            Kernel::LayerNorm => "layer_norm",
+            Kernel::CrossEntropy => "cross_entropy",
+            Kernel::Dropout => "dropout",
+        }
+    }
+
+    /// Whether `ZOO_KERNELS` lets this kernel run (all of them when it is unset).
+    pub fn enabled(self) -> bool {
+        static ENABLED: OnceLock<Vec<Kernel>> = OnceLock::new();
+        ENABLED
+            .get_or_init(|| match std::env::var("ZOO_KERNELS") {
+                Err(_) => Kernel::ALL.to_vec(),
+                Ok(list) => match list.trim() {
+                    "" | "all" | "on" => Kernel::ALL.to_vec(),
+                    "off" | "none" => Vec::new(),
+                    names => Kernel::ALL
+                        .into_iter()
+                        .filter(|k| names.split(',').any(|n| n.trim() == k.name()))
+                        .collect(),
+                },
+            })
+            .contains(&self)
+    }
+}
+
+/// A tensor seen as one of the two backends the kernels run on.
+enum OnCpu<const D: usize> {
+    Train(Tensor<CpuTrain, D>),
+    Infer(Tensor<Cpu, D>),
+}
+
+/// `tensor` as a CPU tensor when `B` is [`Cpu`] or [`CpuTrain`] and the values are f32.
+fn on_cpu<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> Option<OnCpu<D>> {
+    if tensor.dtype() != DType::F32 {
+        return None;
+    }
+    let any: Box<dyn Any> = Box::new(tensor.clone());
+    match any.downcast::<Tensor<CpuTrain, D>>() {
+        Ok(t) => Some(OnCpu::Train(*t)),
+        Err(any) => any
+            .downcast::<Tensor<Cpu, D>>()
+            .ok()
+            .map(|t| OnCpu::Infer(*t)),
+    }
+}
+
+/// The same tensor, typed back as `B` (which it is: [`on_cpu`] checked).
+fn from_cpu<B: Backend, C: Backend, const D: usize>(tensor: Tensor<C, D>) -> Tensor<B, D> {
+    let any: Box<dyn Any> = Box::new(tensor);
+    *any.downcast::<Tensor<B, D>>()
+        .unwrap_or_else(|_| unreachable!("the kernel's backend is the caller's"))
+}
+
+/// The flex tensor under an inference tensor, contiguous.
+fn flex<const D: usize>(tensor: Tensor<Cpu, D>) -> FlexTensor {
+    contiguous(tensor.into_primitive().tensor())
+}
+
+/// `tensor` laid out contiguously from the start of its buffer (a copy only when it is not).
+fn contiguous(tensor: FlexTensor) -> FlexTensor {
+    if tensor.is_contiguous() && tensor.layout().start_offset() == 0 {
+        tensor
+    } else {
+        tensor.to_contiguous()
+    }
+}
+
+/// The f32 values of a contiguous flex tensor.
+fn values(tensor: &FlexTensor) -> &[f32] {
+    &tensor.storage::<f32>()[..tensor.layout().num_elements()]
+}
+
+/// A new f32 flex tensor owning `values` (no copy).
+fn flex_from(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// An inference tensor from a flex tensor.
+fn tensor_from<const D: usize>(tensor: FlexTensor) -> Tensor<Cpu, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(tensor))
+}
+
+/// 64 random bits from the backend's seeded generator, so that a fused kernel's dropout follows
+/// `B::seed` as burn's own dropout does (block recomputation replays the same masks).
+fn draw_seed() -> u64 {
+    let device = Default::default();
+    let words: Vec<f32> = Tensor::<Cpu, 1>::random([4], Distribution::Default, &device)
+        .into_data()
+        .to_vec()
+        .unwrap_or_default();
+    words
+        .iter()
+        .fold(0u64, |acc, w| acc.rotate_left(16) ^ u64::from(w.to_bits()))
+}
+
+/// SplitMix64's finaliser: a counter-based generator, so that backward regenerates the forward's
+/// dropout mask from `(seed, index)` instead of storing it.
+#[inline(always)]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d1_49bb_133e_b111);
+    z ^ (z >> 31)
+}
+
+/// Dropout's keep test for element `index` of a mask: true with probability `1 − p`, where
+/// `threshold = p · 2³²`.
+#[inline(always)]
+fn keep(seed: u64, index: u64, threshold: u64) -> bool {
+    (mix(seed.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 32) >= threshold
+}
+
+/// A raw pointer that rayon tasks may share: each task writes a disjoint part of the buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+
+// SAFETY: the kernels only write through it to regions no other task touches.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Helpers for comparing a kernel with burn's composition.
+
+    use super::*;
+
+    /// Deterministic values in `[-scale, scale)` (an LCG, so the tests need no RNG crate).
+    pub fn random(len: usize, seed: u32, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// A training tensor that requires its gradient.
+    pub fn leaf<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<CpuTrain, D> {
+        Tensor::<CpuTrain, D>::from_data(TensorData::new(values, shape), &Default::default())
+            .require_grad()
+    }
+
+    /// The largest absolute difference between two tensors' values.
+    pub fn max_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+        let a: Vec<f32> = a.into_data().to_vec().unwrap();
+        let b: Vec<f32> = b.into_data().to_vec().unwrap();
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+}

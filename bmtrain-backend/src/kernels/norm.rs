@@ -1,0 +1,241 @@
+//! Layer norm in one pass per row forward and one backward (burn composes it from about ten
+//! element-wise passes and reductions, and twice that in backward).
+//!
+//! ```text
+//!   x̂ = (x − mean)·rstd,  rstd = 1/√(var + eps)      y = x̂·γ + β
+//!   dx = rstd·(g − mean(g) − x̂·mean(g·x̂)),  g = dy·γ    dγ = Σ dy·x̂    dβ = Σ dy
+//! ```
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+use rayon::prelude::*;
+
+use super::{Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, tensor_from, values};
+use crate::{Cpu, CpuTrain};
+
+/// Rows per rayon task.
+const ROWS: usize = 16;
+
+/// Layer norm over the last dimension with scale `gamma` and shift `beta` (both `[width]`), or
+/// `None` where the kernel does not apply (see [`super`]).
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    gamma: &Tensor<B, 1>,
+    beta: &Tensor<B, 1>,
+    epsilon: f64,
+) -> Option<Tensor<B, D>> {
+    if !Kernel::LayerNorm.enabled() {
+        return None;
+    }
+    let shape = x.dims().to_vec();
+    let width = shape[D - 1];
+    if width == 0 || gamma.dims() != [width] || beta.dims() != [width] {
+        return None;
+    }
+    let eps = epsilon as f32;
+    match (on_cpu(x)?, on_cpu(gamma)?, on_cpu(beta)?) {
+        (OnCpu::Infer(x), OnCpu::Infer(gamma), OnCpu::Infer(beta)) => {
+            let (x, gamma, beta) = (flex(x), flex(gamma), flex(beta));
+            let (y, _) = forward(values(&x), values(&gamma), values(&beta), eps);
+            Some(from_cpu(tensor_from::<D>(flex_from(y, shape))))
+        }
+        (OnCpu::Train(x), OnCpu::Train(gamma), OnCpu::Train(beta)) => {
+            let (x, gamma, beta) = (
+                x.into_primitive().tensor(),
+                gamma.into_primitive().tensor(),
+                beta.into_primitive().tensor(),
+            );
+            let input = contiguous(x.primitive.clone());
+            let scale = contiguous(gamma.primitive.clone());
+            let (y, stats) = forward(
+                values(&input),
+                values(&scale),
+                values(&contiguous(beta.primitive.clone())),
+                eps,
+            );
+            let y = flex_from(y, shape);
+            let output = match LayerNormBackward
+                .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    Saved {
+                        input,
+                        gamma: scale,
+                        stats: Arc::new(stats),
+                    },
+                    y,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            Some(from_cpu(Tensor::<CpuTrain, D>::from_primitive(
+                TensorPrimitive::Float(output),
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Forward: the normalised rows and, per row, `(mean, rstd)`.
+fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<(f32, f32)>) {
+    let width = gamma.len();
+    let rows = x.len() / width;
+    let mut y = vec![0.0f32; x.len()];
+    let mut stats = vec![(0.0f32, 0.0f32); rows];
+    y.par_chunks_mut(ROWS * width)
+        .zip(stats.par_chunks_mut(ROWS))
+        .zip(x.par_chunks(ROWS * width))
+        .for_each(|((y, stats), x)| {
+            for ((y, stat), x) in y.chunks_mut(width).zip(stats).zip(x.chunks(width)) {
+                let mean = x.iter().sum::<f32>() / width as f32;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                    *y = (x - mean) * rstd * g + b;
+                }
+                *stat = (mean, rstd);
+            }
+        });
+    (y, stats)
+}
+
+/// Backward: `(dx, dγ, dβ)`.
+fn backward(
+    x: &[f32],
+    gamma: &[f32],
+    stats: &[(f32, f32)],
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let mut dx = vec![0.0f32; x.len()];
+    // Each task's partial sums of dγ and dβ, added up in task order afterwards: the result does
+    // not depend on how rayon schedules the tasks (runs stay bit-identical at any thread count).
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(ROWS * width)
+        .zip(x.par_chunks(ROWS * width))
+        .zip(dy.par_chunks(ROWS * width))
+        .zip(stats.par_chunks(ROWS))
+        .map(|(((dx, x), dy), stats)| {
+            let (mut dg, mut db) = (vec![0.0f32; width], vec![0.0f32; width]);
+            for (((dx, x), dy), &(mean, rstd)) in dx
+                .chunks_mut(width)
+                .zip(x.chunks(width))
+                .zip(dy.chunks(width))
+                .zip(stats)
+            {
+                let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
+                for i in 0..width {
+                    let xhat = (x[i] - mean) * rstd;
+                    let g = dy[i] * gamma[i];
+                    sum_g += g;
+                    sum_gx += g * xhat;
+                    dg[i] += dy[i] * xhat;
+                    db[i] += dy[i];
+                }
+                let (mean_g, mean_gx) = (sum_g / width as f32, sum_gx / width as f32);
+                for i in 0..width {
+                    let xhat = (x[i] - mean) * rstd;
+                    dx[i] = rstd * (dy[i] * gamma[i] - mean_g - xhat * mean_gx);
+                }
+            }
+            (dg, db)
+        })
+        .collect();
+    let (mut d_gamma, mut d_beta) = (vec![0.0f32; width], vec![0.0f32; width]);
+    for (dg, db) in partials {
+        d_gamma.iter_mut().zip(dg).for_each(|(a, b)| *a += b);
+        d_beta.iter_mut().zip(db).for_each(|(a, b)| *a += b);
+    }
+    (dx, d_gamma, d_beta)
+}
+
+#[derive(Debug, Clone)]
+struct Saved {
+    input: FlexTensor,
+    gamma: FlexTensor,
+    stats: Arc<Vec<(f32, f32)>>,
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<Cpu, 3> for LayerNormBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let saved = ops.state;
+        let dy = contiguous(grads.consume::<Cpu>(&ops.node));
+        let (dx, d_gamma, d_beta) = backward(
+            values(&saved.input),
+            values(&saved.gamma),
+            &saved.stats,
+            values(&dy),
+        );
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let width = d_gamma.len();
+        if let Some(node) = node_x {
+            let shape = saved.input.layout().shape().to_vec();
+            grads.register::<Cpu>(node.id, flex_from(dx, shape));
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Cpu>(node.id, flex_from(d_gamma, vec![width]));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Cpu>(node.id, flex_from(d_beta, vec![width]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{leaf, max_diff, random};
+
+    /// burn's LayerNorm formula.
+    fn composed<B: Backend>(
+        x: Tensor<B, 3>,
+        gamma: Tensor<B, 1>,
+        beta: Tensor<B, 1>,
+    ) -> Tensor<B, 3> {
+        let (var, mean) = x.clone().var_mean_bias(2);
+        let normed = (x - mean) / (var + 1e-5).sqrt();
+        normed * gamma.unsqueeze::<3>() + beta.unsqueeze::<3>()
+    }
+
+    #[test]
+    fn forward_and_gradients_match_burns_layer_norm() {
+        let (rows, seq, width) = (3, 37, 24);
+        let x_values = random(rows * seq * width, 1, 3.0);
+        let run = |fused: bool| {
+            let x = leaf(x_values.clone(), [rows, seq, width]);
+            let gamma = leaf(random(width, 2, 1.0), [width]);
+            let beta = leaf(random(width, 3, 1.0), [width]);
+            let y = if fused {
+                layer_norm(&x, &gamma, &beta, 1e-5).expect("fused path")
+            } else {
+                composed(x.clone(), gamma.clone(), beta.clone())
+            };
+            let weights = leaf(random(rows * seq * width, 4, 1.0), [rows, seq, width]);
+            let grads = (y.clone() * weights).sum().backward();
+            (
+                y.inner(),
+                x.grad(&grads).unwrap(),
+                gamma.grad(&grads).unwrap(),
+                beta.grad(&grads).unwrap(),
+            )
+        };
+        let (fused, reference) = (run(true), run(false));
+        assert!(max_diff(fused.0, reference.0) < 1e-5);
+        assert!(max_diff(fused.1, reference.1) < 1e-4, "dx");
+        assert!(max_diff(fused.2, reference.2) < 1e-4, "dgamma");
+        assert!(max_diff(fused.3, reference.3) < 1e-4, "dbeta");
+    }
+}
