@@ -5,8 +5,9 @@
 //! RoBERTa (`roberta.rs`) reuses the encoder, pooler and MLM head defined here.
 
 use crate::layers::{Dropout, DropoutConfig};
+use crate::layers::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear, LinearConfig};
+use burn::nn::Embedding;
 use burn::tensor::{Int, Tensor, activation::log_softmax, backend::Backend};
 use serde::{Deserialize, Serialize};
 

@@ -6,9 +6,10 @@
 //! Reading order: config → block → model (with its KV cache) → LM head → loss.
 
 use crate::layers::{Dropout, DropoutConfig};
+use crate::layers::{Linear, LinearConfig};
 use bmtrain_backend::kernels;
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
 use serde::{Deserialize, Serialize};
 

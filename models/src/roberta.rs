@@ -6,8 +6,8 @@
 //! - the classification head is `out_proj(tanh(dense(h[:, 0])))` instead of BERT's pooler + linear.
 
 use crate::layers::{Dropout, DropoutConfig};
+use crate::layers::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 use crate::ModelError;

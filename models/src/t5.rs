@@ -12,8 +12,9 @@
 //! Reading order: config → relative buckets → block → stack → models → loss helpers.
 
 use crate::layers::{Dropout, DropoutConfig};
+use crate::layers::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 

@@ -10,10 +10,11 @@
 //! - [`ClassifierSpec`]: `BertForSequenceClassification` and `RobertaForSequenceClassification`
 //!   with the cross-entropy over labels.
 
+use crate::layers::Linear;
 use crate::layers::{Dropout, DropoutConfig};
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
 use burn::module::Module;
-use burn::nn::{Embedding, Linear};
+use burn::nn::Embedding;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use super::{
     Kernel, OnCpu, SharedMut, contiguous, draw_seed, flex, flex_from, from_cpu, keep, on_cpu,
-    tensor_from, values,
+    tensor_from, tracks_gradient, values,
 };
 use crate::{Cpu, CpuTrain};
 
@@ -71,7 +71,7 @@ pub fn attention<B: Backend>(
                 && (mh == 1 || mh == heads)
                 && (mq == 1 || mq == q_len)
                 && mk == k_len;
-            if !fits || bias.is_require_grad() {
+            if !fits {
                 return None;
             }
             Some([mb, mh, mq, mk])
@@ -96,6 +96,8 @@ pub fn attention<B: Backend>(
     let bias = match (bias, bias_dims) {
         (Some(bias), Some(dims)) => Some(Bias {
             values: match on_cpu(bias)? {
+                // A learned bias (T5's relative positions) needs its gradient: not this kernel's.
+                OnCpu::Train(t) if tracks_gradient(&t) => return None,
                 OnCpu::Train(t) => flex(t.inner()),
                 OnCpu::Infer(t) => flex(t),
             },
@@ -597,6 +599,16 @@ mod tests {
         let fused = attention(&q, &k, &v, None, heads, 0.5, 0.1).expect("fused path");
         let reference = composed(q, k, v, None, heads, 0.5);
         assert!(max_diff(fused, reference) < 1e-5);
+    }
+
+    #[test]
+    fn a_bias_computed_from_parameters_is_left_to_the_caller() {
+        let x = leaf(random(8, 1, 1.0), [1, 2, 4]);
+        // Not a leaf, but a gradient flows into it (T5's relative position bias).
+        let learned = leaf(random(4, 2, 1.0), [1, 1, 2, 2]) * 2.0;
+        assert!(attention(&x, &x, &x, Some(&learned), 2, 1.0, 0.0).is_none());
+        let fixed = Tensor::<CpuTrain, 4>::zeros([1, 1, 2, 2], &Default::default());
+        assert!(attention(&x, &x, &x, Some(&fixed), 2, 1.0, 0.0).is_some());
     }
 
     #[test]

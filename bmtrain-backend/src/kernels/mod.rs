@@ -14,6 +14,8 @@
 //! - [`layer_norm`]: mean, variance, scale and shift in one pass, backward in one more;
 //! - [`cross_entropy`]: log-softmax, pick and mean in one pass over the logits; the gradient
 //!   `softmax − one-hot` in one more;
+//! - [`linear`]: `x·W + b` on `gemm` with the bias as the accumulator's start and the transposes
+//!   of backward as strides (no zeroed-then-copied outputs, no transposed copies);
 //! - [`dropout`]: a counter-based mask (SplitMix64 of the element's index) applied in one pass and
 //!   regenerated in backward instead of stored.
 //!
@@ -29,12 +31,14 @@
 mod activation;
 mod attention;
 mod dropout;
+mod linear;
 mod loss;
 mod norm;
 
 pub use activation::gelu;
 pub use attention::attention;
 pub use dropout::dropout;
+pub use linear::linear;
 pub use loss::cross_entropy;
 pub use norm::layer_norm;
 
@@ -60,15 +64,18 @@ pub enum Kernel {
     CrossEntropy,
     /// [`dropout`].
     Dropout,
+    /// [`linear`].
+    Linear,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 5] = [
+    const ALL: [Kernel; 6] = [
         Kernel::Attention,
         Kernel::Gelu,
         Kernel::LayerNorm,
         Kernel::CrossEntropy,
         Kernel::Dropout,
+        Kernel::Linear,
     ];
 
     fn name(self) -> &'static str {
@@ -78,6 +85,7 @@ impl Kernel {
             Kernel::LayerNorm => "layer_norm",
             Kernel::CrossEntropy => "cross_entropy",
             Kernel::Dropout => "dropout",
+            Kernel::Linear => "linear",
         }
     }
 
@@ -119,6 +127,18 @@ fn on_cpu<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> Option<OnCpu<D>>
             .ok()
             .map(|t| OnCpu::Infer(*t)),
     }
+}
+
+/// Whether a gradient flows into `tensor` in backward (a parameter, or anything computed from
+/// one). burn's `is_require_grad` answers for leaves only.
+fn tracks_gradient<const D: usize>(tensor: &Tensor<CpuTrain, D>) -> bool {
+    !tensor
+        .clone()
+        .into_primitive()
+        .tensor()
+        .node
+        .requirement
+        .is_none()
 }
 
 /// The same tensor, typed back as `B` (which it is: [`on_cpu`] checked).

@@ -2,10 +2,10 @@
 //! position bias (T5's relative buckets).
 
 use super::dropout::{Dropout, DropoutConfig};
+use super::linear::{Linear, LinearConfig};
 use bmtrain_backend::kernels;
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{DType, Int, Tensor, TensorData, activation::softmax, backend::Backend};
 
 /// Hyper-parameters of [`MultiHeadAttention`].

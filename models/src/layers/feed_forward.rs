@@ -1,9 +1,9 @@
 //! Position-wise feed-forward: `output(act(input(x)))`, or the gated `output(act(gate(x)) · input(x))`.
 
 use super::dropout::{Dropout, DropoutConfig};
+use super::linear::{Linear, LinearConfig};
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::Activation;

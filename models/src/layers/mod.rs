@@ -9,6 +9,7 @@ pub mod attention;
 pub mod dropout;
 pub mod embeddings;
 pub mod feed_forward;
+pub mod linear;
 pub mod norm;
 
 pub use activation::Activation;
@@ -16,4 +17,5 @@ pub use attention::{AttentionMask, KvCache, MultiHeadAttention, MultiHeadAttenti
 pub use dropout::{Dropout, DropoutConfig};
 pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use feed_forward::{FeedForward, FeedForwardConfig};
+pub use linear::{Linear, LinearConfig};
 pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
