@@ -21,7 +21,9 @@
 //! - [`trainer`]: the block-by-block ZeRO-3 step with block checkpointing (how it avoids nested
 //!   `.backward()` is written there);
 //! - [`checkpoint`]: world-size-independent checkpoints (gathered weights and optimizer state);
-//! - [`inspect`]: per-parameter statistics gathered across shards, like `bmt.inspect`.
+//! - [`inspect`]: per-parameter statistics gathered across shards, like `bmt.inspect`;
+//! - [`kernels`]: fused CPU kernels with their own backward (attention, linear, GELU, layer norm,
+//!   cross-entropy, dropout) that the models call, falling back to burn's ops elsewhere.
 
 #![warn(missing_docs)]
 

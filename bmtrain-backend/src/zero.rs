@@ -265,6 +265,10 @@ pub fn flat_grads<B: AutodiffBackend, M: Module<B>>(
             let len = tensor.dims().iter().product::<usize>();
             match tensor.grad(self.grads) {
                 Some(grad) => {
+                    if crate::kernels::read_f32(&grad, |values| self.out.extend_from_slice(values))
+                    {
+                        return;
+                    }
                     let data = grad.into_data();
                     // f32 gradients are read in place: one copy, into the flat buffer.
                     match data.as_slice::<f32>() {

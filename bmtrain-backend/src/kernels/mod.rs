@@ -129,6 +129,24 @@ fn on_cpu<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> Option<OnCpu<D>>
     }
 }
 
+/// Calls `read` with a CPU f32 tensor's values in place (no copy, unless the tensor is a strided
+/// view) and returns true; returns false, without calling it, for other backends and dtypes.
+///
+/// burn's `into_data` copies a tensor that is shared (a gradient handed out by `Gradients` is),
+/// and then copies again to realign the bytes; the ZeRO trainer reads every gradient once a step.
+pub fn read_f32<B: Backend, const D: usize>(
+    tensor: &Tensor<B, D>,
+    read: impl FnOnce(&[f32]),
+) -> bool {
+    let flex = match on_cpu(tensor) {
+        Some(OnCpu::Infer(t)) => flex(t),
+        Some(OnCpu::Train(t)) => flex(t.inner()),
+        None => return false,
+    };
+    read(values(&flex));
+    true
+}
+
 /// Whether a gradient flows into `tensor` in backward (a parameter, or anything computed from
 /// one). burn's `is_require_grad` answers for leaves only.
 fn tracks_gradient<const D: usize>(tensor: &Tensor<CpuTrain, D>) -> bool {
