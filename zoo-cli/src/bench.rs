@@ -338,23 +338,14 @@ fn train_times<AB: AutodiffBackend>(
                 0,
                 &device,
             );
-            let (spec, embed, blocks, head) = ClassifierSpec::split_bert(model, &config);
-            let trainer = ZeroTrainer::new(
-                spec,
-                comm,
-                device.clone(),
-                embed,
-                blocks,
-                head,
-                options(args, config.num_hidden_layers),
-            );
+            let split = ClassifierSpec::split_bert(model, &config);
             let batch = ClassifierBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
                 attention_mask: Tensor::ones([rows, args.seq], &device),
                 token_type_ids: None,
                 labels: Tensor::from_data(TensorData::new(rank_labels, [rows]), &device),
             };
-            time_steps(trainer, &batch, args, &device)
+            time_steps(split, comm, &batch, args, &device)
         }
         BenchModel::Gpt2 => {
             let config = gpt2_config();
@@ -364,31 +355,33 @@ fn train_times<AB: AutodiffBackend>(
                 0,
                 &device,
             );
-            let (spec, embed, blocks, head) = Gpt2Spec::split(model);
-            let trainer = ZeroTrainer::new(
-                spec,
-                comm,
-                device.clone(),
-                embed,
-                blocks,
-                head,
-                options(args, config.n_layer),
-            );
+            let split = Gpt2Spec::split(model);
             let batch = LmBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
             };
-            time_steps(trainer, &batch, args, &device)
+            time_steps(split, comm, &batch, args, &device)
         }
     }
 }
 
-/// The warm-up steps, then the timed ones.
+/// A model cut into ZeRO segments: the spec, the embedding, the blocks, the head.
+type Split<AB, S> = (
+    S,
+    <S as ZeroSpec<AB>>::Embed,
+    Vec<<S as ZeroSpec<AB>>::Block>,
+    <S as ZeroSpec<AB>>::Head,
+);
+
+/// Builds the trainer, runs the warm-up steps, then the timed ones.
 fn time_steps<AB: AutodiffBackend, S: ZeroSpec<AB>>(
-    mut trainer: ZeroTrainer<AB, S, Box<dyn Communicator>>,
+    (spec, embed, blocks, head): Split<AB, S>,
+    comm: Box<dyn Communicator>,
     batch: &S::Batch,
     args: &BenchArgs,
     device: &AB::Device,
 ) -> anyhow::Result<Vec<f64>> {
+    let options = options(args, blocks.len());
+    let mut trainer = ZeroTrainer::new(spec, comm, device.clone(), embed, blocks, head, options);
     for _ in 0..args.warmup {
         trainer.forward_backward(batch)?;
         trainer.step(1e-4)?;

@@ -2,15 +2,16 @@
 //! tanh form alone is eight: cube, scale, add, scale, tanh, add, product, half).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, tensor_from, values};
+use super::{
+    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, record, tensor_from, values,
+};
 use crate::Cpu;
 
 /// Elements per rayon task.
@@ -39,17 +40,7 @@ pub fn gelu<B: Backend, const D: usize>(
             let x = x.into_primitive().tensor();
             let input = contiguous(x.primitive.clone());
             let y = flex_from(map(values(&input), |v| forward(v, approximate)), shape);
-            let output = match GeluBackward
-                .prepare::<NoCheckpointing>([x.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish((input, approximate), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            Some(from_cpu(Tensor::<crate::CpuTrain, D>::from_primitive(
-                TensorPrimitive::Float(output),
-            )))
+            Some(record(GeluBackward, [&x], (input, approximate), y))
         }
     }
 }

@@ -15,17 +15,16 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::{
-    Kernel, OnCpu, SharedMut, contiguous, draw_seed, flex, flex_from, from_cpu, keep, on_cpu,
-    tensor_from, tracks_gradient, values,
+    Kernel, OnCpu, SharedMut, contiguous, draw_seed, flex, flex_from, from_cpu, gemm, keep, on_cpu,
+    record, tensor_from, tracks_gradient, values,
 };
 use crate::{Cpu, CpuTrain};
 
@@ -176,48 +175,6 @@ impl Bias {
     }
 }
 
-/// A strided matrix operand: pointer, row stride, column stride (in elements).
-type View = (*const f32, isize, isize);
-
-/// `dst[m×n] = beta · lhs[m×k] · rhs[k×n]` on strided views, on the calling thread.
-///
-/// # Safety
-/// The views must cover `m×k`, `k×n` and `m×n` valid elements, and `dst` must not alias the others.
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (*mut f32, isize, isize),
-    lhs: View,
-    rhs: View,
-    beta: f32,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            dst.2,
-            dst.1,
-            false,
-            lhs.0,
-            lhs.2,
-            lhs.1,
-            rhs.0,
-            rhs.2,
-            rhs.1,
-            0.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 /// Forward: the output `[batch, q_len, heads·value_dim]` and the probabilities
 /// `[batch, heads, q_len, k_len]`.
 fn forward(
@@ -243,7 +200,7 @@ fn forward(
             // SAFETY: q_u/k_u address sq (sk) rows of d values at stride qs inside q (k); p
             // holds sq×sk values.
             unsafe {
-                matmul(
+                gemm(
                     sq,
                     sk,
                     d,
@@ -251,6 +208,8 @@ fn forward(
                     (q_u, qs as isize, 1),
                     (k_u, 1, qs as isize),
                     g.scale,
+                    false,
+                    false,
                 );
             }
             for (i, row) in p.chunks_mut(sk).enumerate() {
@@ -278,7 +237,7 @@ fn forward(
             // head h.
             unsafe {
                 let o_u = out_ptr.get().add(b * sq * vs + h * dv);
-                matmul(
+                gemm(
                     sq,
                     dv,
                     sk,
@@ -286,6 +245,8 @@ fn forward(
                     (weights.as_ptr(), sk as isize, 1),
                     (v_u, vs as isize, 1),
                     1.0,
+                    false,
+                    false,
                 );
             }
         },
@@ -354,7 +315,7 @@ fn backward(
             // the rows of batch row b, columns of head h, of dq, dk and dv.
             unsafe {
                 // dV = P̃ᵀ·dO
-                matmul(
+                gemm(
                     sk,
                     dv,
                     sq,
@@ -362,9 +323,11 @@ fn backward(
                     (weights.as_ptr(), 1, sk as isize),
                     (do_u, vs as isize, 1),
                     1.0,
+                    false,
+                    false,
                 );
                 // dP̃ = dO·Vᵀ
-                matmul(
+                gemm(
                     sq,
                     sk,
                     dv,
@@ -372,6 +335,8 @@ fn backward(
                     (do_u, vs as isize, 1),
                     (v_u, 1, vs as isize),
                     1.0,
+                    false,
+                    false,
                 );
             }
             for (i, (dp_row, p_row)) in dp.chunks_mut(sk).zip(p.chunks(sk)).enumerate() {
@@ -392,7 +357,7 @@ fn backward(
             // SAFETY: as above.
             unsafe {
                 // dQ = scale·dS·K
-                matmul(
+                gemm(
                     sq,
                     d,
                     sk,
@@ -400,9 +365,11 @@ fn backward(
                     (dp.as_ptr(), sk as isize, 1),
                     (k_u, qs as isize, 1),
                     g.scale,
+                    false,
+                    false,
                 );
                 // dK = scale·dSᵀ·Q
-                matmul(
+                gemm(
                     sk,
                     d,
                     sq,
@@ -410,6 +377,8 @@ fn backward(
                     (dp.as_ptr(), 1, sk as isize),
                     (q_u, qs as isize, 1),
                     g.scale,
+                    false,
+                    false,
                 );
             }
         },
@@ -485,24 +454,14 @@ fn train(
     );
     let shape = vec![geometry.batch, geometry.q_len, geometry.v_stride()];
     let out = flex_from(out, shape);
-    let output = match AttentionBackward
-        .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(
-            Saved {
-                geometry,
-                q: qf,
-                k: kf,
-                v: vf,
-                probs: Arc::new(probs),
-            },
-            out,
-        ),
-        OpsKind::UnTracked(prep) => prep.finish(out),
+    let saved = Saved {
+        geometry,
+        q: qf,
+        k: kf,
+        v: vf,
+        probs: Arc::new(probs),
     };
-    Tensor::from_primitive(TensorPrimitive::Float(output))
+    record(AttentionBackward, [&q, &k, &v], saved, out)
 }
 
 #[cfg(test)]

@@ -3,15 +3,14 @@
 //! compares, casts and multiplies: four passes and a tensor per call.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{Kernel, OnCpu, contiguous, draw_seed, flex_from, from_cpu, keep, on_cpu, values};
-use crate::{Cpu, CpuTrain};
+use super::{Kernel, OnCpu, contiguous, draw_seed, flex_from, keep, on_cpu, record, values};
+use crate::Cpu;
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -41,17 +40,7 @@ pub fn dropout<B: Backend, const D: usize>(x: &Tensor<B, D>, prob: f64) -> Optio
     let input = contiguous(x.primitive.clone());
     let shape = input.layout().shape().to_vec();
     let y = flex_from(mask.apply(values(&input)), shape);
-    let output = match DropoutBackward
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(mask, y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    };
-    Some(from_cpu(Tensor::<CpuTrain, D>::from_primitive(
-        TensorPrimitive::Float(output),
-    )))
+    Some(record(DropoutBackward, [&x], mask, y))
 }
 
 /// One call's mask: element `i` is kept when `keep(seed, i, threshold)`.
@@ -101,6 +90,7 @@ impl Backward<Cpu, 1> for DropoutBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CpuTrain;
     use crate::kernels::testing::{leaf, random};
 
     #[test]

@@ -10,16 +10,18 @@
 //! ```
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, tensor_from, values};
-use crate::{Cpu, CpuTrain};
+use super::{
+    Kernel, OnCpu, View, contiguous, flex, flex_from, from_cpu, gemm, on_cpu, record, tensor_from,
+    values,
+};
+use crate::Cpu;
 
 /// Rows per task when summing the bias gradient.
 const ROWS: usize = 64;
@@ -77,41 +79,20 @@ pub fn linear<B: Backend, const D: usize>(
                 weights,
                 d_output,
             };
-            let output = match bias {
-                Some(b) => match LinearBackward
-                    .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
-                    .compute_bound()
-                    .stateful()
-                {
-                    OpsKind::Tracked(prep) => prep.finish(saved, y),
-                    OpsKind::UnTracked(prep) => prep.finish(y),
-                },
-                None => match LinearBackward
-                    .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-                    .compute_bound()
-                    .stateful()
-                {
-                    OpsKind::Tracked(prep) => prep.finish(saved, y),
-                    OpsKind::UnTracked(prep) => prep.finish(y),
-                },
-            };
-            Some(from_cpu(Tensor::<CpuTrain, D>::from_primitive(
-                TensorPrimitive::Float(output),
-            )))
+            Some(match &bias {
+                Some(b) => record(LinearBackward, [&x, &w, b], saved, y),
+                None => record(LinearBackward, [&x, &w], saved, y),
+            })
         }
         _ => None,
     }
 }
 
-/// A strided operand: pointer, row stride, column stride.
-type View = (*const f32, isize, isize);
-
-/// `dst[m×n] = lhs·rhs` (or `dst + lhs·rhs` when `accumulate`), threaded over rayon's current
+/// `dst[m×n] = lhs·rhs`, or `dst + lhs·rhs` when `accumulate`, threaded over rayon's current
 /// pool when the product is large.
 ///
 /// # Safety
-/// `dst` must hold `m·n` elements (initialised when `accumulate`), the views must cover `m×k`
-/// and `k×n` valid elements, and nothing may alias `dst`.
+/// As [`gemm`]'s, with `dst` a contiguous `m×n` buffer.
 unsafe fn gemm_into(
     dst: *mut f32,
     m: usize,
@@ -121,34 +102,20 @@ unsafe fn gemm_into(
     rhs: View,
     accumulate: bool,
 ) {
-    let parallelism = if m * n * k >= 1 << 21 && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
+    let threaded = m * n * k >= 1 << 21 && rayon::current_num_threads() > 1;
     // SAFETY: forwarded from the caller.
     unsafe {
-        gemm::gemm(
+        gemm(
             m,
             n,
             k,
-            dst,
-            1,
-            n as isize,
+            (dst, n as isize, 1),
+            lhs,
+            rhs,
+            1.0,
             accumulate,
-            lhs.0,
-            lhs.2,
-            lhs.1,
-            rhs.0,
-            rhs.2,
-            rhs.1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+            threaded,
+        )
     }
 }
 

@@ -5,16 +5,17 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, tensor_from, values};
-use crate::{Cpu, CpuTrain};
+use super::{
+    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, record, tensor_from, values,
+};
+use crate::Cpu;
 
 /// Rows per rayon task.
 const ROWS: usize = 4;
@@ -52,24 +53,12 @@ pub fn cross_entropy<B: Backend>(
             let input = contiguous(logits.primitive.clone());
             let (loss, lse) = forward(values(&input), vocab, &targets);
             let loss = flex_from(vec![loss], vec![1]);
-            let output = match CrossEntropyBackward
-                .prepare::<NoCheckpointing>([logits.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(
-                    Saved {
-                        logits: input,
-                        lse: Arc::new(lse),
-                        targets: Arc::new(targets),
-                    },
-                    loss,
-                ),
-                OpsKind::UnTracked(prep) => prep.finish(loss),
+            let saved = Saved {
+                logits: input,
+                lse: Arc::new(lse),
+                targets: Arc::new(targets),
             };
-            Some(from_cpu(Tensor::<CpuTrain, 1>::from_primitive(
-                TensorPrimitive::Float(output),
-            )))
+            Some(record(CrossEntropyBackward, [&logits], saved, loss))
         }
     }
 }
@@ -162,6 +151,7 @@ impl Backward<Cpu, 1> for CrossEntropyBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CpuTrain;
     use crate::kernels::testing::{leaf, max_diff, random};
     use burn::tensor::activation::log_softmax;
     use burn::tensor::{Int, TensorData};

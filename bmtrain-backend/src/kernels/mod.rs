@@ -45,6 +45,8 @@ pub use norm::layer_norm;
 use std::any::Any;
 use std::sync::OnceLock;
 
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::ops::{Backward, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData, TensorPrimitive};
@@ -222,6 +224,87 @@ fn mix(mut z: u64) -> u64 {
 #[inline(always)]
 fn keep(seed: u64, index: u64, threshold: u64) -> bool {
     (mix(seed.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 32) >= threshold
+}
+
+/// The autodiff primitive of a training tensor (its values and its graph node).
+type TrainPrimitive = burn::tensor::ops::FloatTensor<CpuTrain>;
+
+/// `output` as a training tensor computed by `op` from `parents`: when a parent tracks gradients,
+/// `op`'s backward is registered with `state` (what it needs later); otherwise `state` is dropped.
+fn record<Op, B, const N: usize, const D: usize>(
+    op: Op,
+    parents: [&TrainPrimitive; N],
+    state: Op::State,
+    output: FlexTensor,
+) -> Tensor<B, D>
+where
+    Op: Backward<Cpu, N>,
+    B: Backend,
+{
+    let nodes = parents.map(|parent| parent.node.clone());
+    let output = match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    from_cpu(Tensor::<CpuTrain, D>::from_primitive(
+        TensorPrimitive::Float(output),
+    ))
+}
+
+/// A strided matrix operand: pointer, row stride, column stride (in elements).
+type View = (*const f32, isize, isize);
+
+/// `dst[m×n] = beta · lhs[m×k] · rhs[k×n]`, or `dst + beta · lhs · rhs` when `accumulate`, with
+/// `gemm` (the matrix kernels burn-flex uses); on rayon's current pool when `threaded`.
+///
+/// # Safety
+/// `dst` must address `m×n` writable elements (initialised when `accumulate`), the views `m×k`
+/// and `k×n` valid ones, and `dst` must not alias them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    lhs: View,
+    rhs: View,
+    beta: f32,
+    accumulate: bool,
+    threaded: bool,
+) {
+    let parallelism = if threaded {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: forwarded from the caller. gemm takes (column stride, row stride) pairs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2,
+            dst.1,
+            accumulate,
+            lhs.0,
+            lhs.2,
+            lhs.1,
+            rhs.0,
+            rhs.2,
+            rhs.1,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 /// A raw pointer that rayon tasks may share: each task writes a disjoint part of the buffer.

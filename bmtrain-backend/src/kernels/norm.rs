@@ -9,16 +9,17 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, tensor_from, values};
-use crate::{Cpu, CpuTrain};
+use super::{
+    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, record, tensor_from, values,
+};
+use crate::Cpu;
 
 /// Rows per rayon task.
 const ROWS: usize = 16;
@@ -61,24 +62,12 @@ pub fn layer_norm<B: Backend, const D: usize>(
                 eps,
             );
             let y = flex_from(y, shape);
-            let output = match LayerNormBackward
-                .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(
-                    Saved {
-                        input,
-                        gamma: scale,
-                        stats: Arc::new(stats),
-                    },
-                    y,
-                ),
-                OpsKind::UnTracked(prep) => prep.finish(y),
+            let saved = Saved {
+                input,
+                gamma: scale,
+                stats: Arc::new(stats),
             };
-            Some(from_cpu(Tensor::<CpuTrain, D>::from_primitive(
-                TensorPrimitive::Float(output),
-            )))
+            Some(record(LayerNormBackward, [&x, &gamma, &beta], saved, y))
         }
         _ => None,
     }
