@@ -70,6 +70,12 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     });
     let interrupted = crate::run::interrupted();
     let (program, rest) = args.command.split_first().expect("clap requires a command");
+    // The node's cores shared between its ranks, as thread ranks share them (torchrun sets
+    // OMP_NUM_THREADS=1 for the same reason); rayon reads RAYON_NUM_THREADS. A value the user
+    // set is kept.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .unwrap_or_else(|_| (cores / args.nproc_per_node).max(1).to_string());
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..args.nproc_per_node {
         let rank = args.node_rank * args.nproc_per_node + local;
@@ -86,6 +92,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", port.to_string())
             .env("ZOO_RUN_STAMP", &stamp)
+            .env("RAYON_NUM_THREADS", &threads)
             .spawn();
         match child {
             Ok(child) => children.push((rank, child)),

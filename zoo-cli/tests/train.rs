@@ -432,8 +432,12 @@ fn launch_stops_every_rank_when_one_fails() {
         "--",
         "sh",
         "-c",
-        r#"echo "rank $RANK of $WORLD_SIZE local $LOCAL_RANK port $MASTER_PORT"; if [ "$RANK" = 1 ]; then exit 7; fi; sleep 60"#,
+        r#"echo "rank $RANK of $WORLD_SIZE local $LOCAL_RANK port $MASTER_PORT threads $RAYON_NUM_THREADS"; if [ "$RANK" = 1 ]; then exit 7; fi; sleep 60"#,
     ]);
+    // The node's cores are shared between its three ranks (or the caller's setting is kept).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads =
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| (cores / 3).max(1).to_string());
     let message = text(&output);
     assert_eq!(output.status.code(), Some(7), "{message}");
     assert!(started.elapsed() < Duration::from_secs(20), "{message}");
@@ -445,6 +449,7 @@ fn launch_stops_every_rank_when_one_fails() {
     {
         let words: Vec<&str> = line.split_whitespace().collect();
         assert_eq!((words[3], words[1]), ("3", words[5]), "{line}");
+        assert_eq!(words[9], threads, "{line}");
     }
     assert!(message.contains("rank 1 exited"), "{message}");
 }
