@@ -521,13 +521,14 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let [batch, seq, vocab] = logits.dims();
     // The fused kernel reads every row of the logits in place: each position's target is the next
     // label, and each row's last position is ignored (no slicing copy of the logits).
-    let label_values = host_labels(labels.clone());
-    let shifted: Vec<i64> = label_values
-        .chunks(seq)
-        .flat_map(|row| row[1..].iter().copied().chain([IGNORE_INDEX]))
-        .collect();
+    let shifted = || {
+        host_labels(labels.clone())
+            .chunks(seq)
+            .flat_map(|row| row[1..].iter().copied().chain([IGNORE_INDEX]))
+            .collect()
+    };
     let flat = logits.clone().reshape([batch * seq, vocab]);
-    if let Some(loss) = kernels::cross_entropy(&flat, &shifted, IGNORE_INDEX) {
+    if let Some(loss) = kernels::cross_entropy(&flat, shifted, IGNORE_INDEX) {
         return loss;
     }
     let predicting = logits
@@ -547,7 +548,7 @@ pub fn token_cross_entropy<B: Backend>(
     labels: Tensor<B, 1, Int>,
     ignore: i64,
 ) -> Tensor<B, 1> {
-    if let Some(loss) = kernels::cross_entropy(&logits, &host_labels(labels.clone()), ignore) {
+    if let Some(loss) = kernels::cross_entropy(&logits, || host_labels(labels.clone()), ignore) {
         return loss;
     }
     let [n, _] = logits.dims();

@@ -256,12 +256,7 @@ impl BackendTask for BenchTask {
                 }))
             }
             (BenchModel::Gpt2, BenchMode::Forward) => {
-                let model = gpt2_init(
-                    Gpt2LmHeadModel::<B>::new(&gpt2_config(), &device)?,
-                    12,
-                    0,
-                    &device,
-                );
+                let model = random_gpt2::<B>(&device)?;
                 let input = DecoderInput::new(ids_tensor::<B>(&ids, args, &device));
                 time(Box::new(|| {
                     let (_, logits) = model.forward(&input);
@@ -270,12 +265,7 @@ impl BackendTask for BenchTask {
                 }))
             }
             (BenchModel::Gpt2, BenchMode::Generate) => {
-                let model = gpt2_init(
-                    Gpt2LmHeadModel::<B>::new(&gpt2_config(), &device)?,
-                    12,
-                    0,
-                    &device,
-                );
+                let model = random_gpt2::<B>(&device)?;
                 let prompts: Vec<Vec<u32>> = ids
                     .chunks(args.seq)
                     .map(|row| row.iter().map(|&i| i as u32).collect())
@@ -301,6 +291,13 @@ impl BackendTask for BenchTask {
             (BenchModel::BertBase, BenchMode::Generate) => unreachable!("refused above"),
         }
     }
+}
+
+/// GPT-2 small with random weights (GPT-2's initialisation, seed 0).
+fn random_gpt2<B: Backend>(device: &B::Device) -> anyhow::Result<Gpt2LmHeadModel<B>> {
+    let config = gpt2_config();
+    let model = Gpt2LmHeadModel::<B>::new(&config, device)?;
+    Ok(gpt2_init(model, config.n_layer, 0, device))
 }
 
 fn options(args: &BenchArgs, blocks: usize) -> ZeroOptions {
@@ -348,14 +345,7 @@ fn train_times<AB: AutodiffBackend>(
             time_steps(split, comm, &batch, args, &device)
         }
         BenchModel::Gpt2 => {
-            let config = gpt2_config();
-            let model = gpt2_init(
-                Gpt2LmHeadModel::<AB>::new(&config, &device)?,
-                config.n_layer,
-                0,
-                &device,
-            );
-            let split = Gpt2Spec::split(model);
+            let split = Gpt2Spec::split(random_gpt2::<AB>(&device)?);
             let batch = LmBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
             };

@@ -32,8 +32,7 @@ use serde_json::{Value, json};
 
 use crate::run::{
     CheckpointFiles, MemoryArgs, Progress, RunArgs, RunOutputs, any_rank_interrupted,
-    find_checkpoint, mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks,
-    save_checkpoint,
+    mean_over_ranks, on_lead_model, resume_trainer, run_ranks, save_checkpoint,
 };
 
 /// `zoo finetune` arguments.
@@ -279,19 +278,8 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         architecture: architecture.hf_name().into(),
         hf_config,
     };
-    let run_dir = run_dir(
-        args.run.out.as_deref(),
-        args.run.resume.as_deref(),
-        "finetune",
-    );
-    crate::run::check_fresh_run_dir(&run_dir, args.run.resume.as_deref())?;
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let resume = args
-        .run
-        .resume
-        .as_deref()
-        .map(find_checkpoint)
-        .transpose()?;
+    let run_dir = args.run.open_run_dir("finetune")?;
+    let resume = args.run.resume_checkpoint()?;
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     Ok(Job {
         args,

@@ -35,8 +35,7 @@ use serde_json::{Value, json};
 
 use crate::run::{
     CheckpointFiles, MemoryArgs, Progress, RunArgs, RunOutputs, any_rank_interrupted,
-    find_checkpoint, mean_over_ranks, on_lead_model, resume_trainer, run_dir, run_ranks,
-    save_checkpoint,
+    mean_over_ranks, on_lead_model, resume_trainer, run_ranks, save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
 
@@ -242,13 +241,7 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         "--batch {} does not split over {ranks} ranks",
         args.batch
     );
-    let run_dir = run_dir(
-        args.run.out.as_deref(),
-        args.run.resume.as_deref(),
-        "pretrain",
-    );
-    crate::run::check_fresh_run_dir(&run_dir, args.run.resume.as_deref())?;
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let run_dir = args.run.open_run_dir("pretrain")?;
 
     // The model.
     let (mut config, initial, model_tokenizer) = match &args.model {
@@ -360,12 +353,7 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         architecture: Architecture::Gpt2LmHeadModel.hf_name().into(),
         hf_config,
     };
-    let resume = args
-        .run
-        .resume
-        .as_deref()
-        .map(find_checkpoint)
-        .transpose()?;
+    let resume = args.run.resume_checkpoint()?;
     Ok(Job {
         run_dir,
         config,

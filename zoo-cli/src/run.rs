@@ -79,6 +79,22 @@ pub struct RunArgs {
     pub report_memory: bool,
 }
 
+impl RunArgs {
+    /// The run directory for `job` (see [`run_dir`]), created; refuses one that already holds a run
+    /// unless resuming.
+    pub fn open_run_dir(&self, job: &str) -> anyhow::Result<PathBuf> {
+        let dir = run_dir(self.out.as_deref(), self.resume.as_deref(), job);
+        check_fresh_run_dir(&dir, self.resume.as_deref())?;
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// The checkpoint `--resume` names (see [`find_checkpoint`]), if any.
+    pub fn resume_checkpoint(&self) -> anyhow::Result<Option<PathBuf>> {
+        self.resume.as_deref().map(find_checkpoint).transpose()
+    }
+}
+
 /// `--dtype`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DtypeArg {
@@ -225,7 +241,7 @@ pub fn mean_over_ranks(comm: &dyn Communicator, value: f32) -> anyhow::Result<f3
 
 /// The run directory: `--out`, or the directory holding a resumed checkpoint, or
 /// `runs/<job>-<timestamp>`.
-pub fn run_dir(out: Option<&Path>, resume: Option<&Path>, job: &str) -> PathBuf {
+fn run_dir(out: Option<&Path>, resume: Option<&Path>, job: &str) -> PathBuf {
     if let Some(out) = out {
         return out.to_path_buf();
     }
@@ -250,7 +266,7 @@ pub fn run_dir(out: Option<&Path>, resume: Option<&Path>, job: &str) -> PathBuf 
 
 /// Refuses to start a fresh run in a directory that already holds one: its checkpoints and
 /// metrics would be overwritten. Resuming (`resume` given) is the way to continue it.
-pub fn check_fresh_run_dir(run_dir: &Path, resume: Option<&Path>) -> anyhow::Result<()> {
+fn check_fresh_run_dir(run_dir: &Path, resume: Option<&Path>) -> anyhow::Result<()> {
     let latest = run_dir.join("checkpoints").join("latest");
     ensure!(
         resume.is_some() || !latest.exists(),
@@ -497,7 +513,7 @@ pub fn on_lead_model<AB: AutodiffBackend, S: ZeroSpec<AB>, C: Communicator, T>(
 }
 
 /// The checkpoint directory `path` names: a checkpoint itself, or a run directory (its latest).
-pub fn find_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+fn find_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     if path.join("optimizer.safetensors").is_file() {
         return Ok(path.to_path_buf());
     }

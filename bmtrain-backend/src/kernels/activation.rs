@@ -10,7 +10,8 @@ use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
 use super::{
-    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, record, tensor_from, values,
+    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, output_grad, record,
+    register_grads, tensor_from, values,
 };
 use crate::Cpu;
 
@@ -52,11 +53,10 @@ impl Backward<Cpu, 1> for GeluBackward {
     type State = (FlexTensor, bool);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (input, approximate) = ops.state;
-        let grad = contiguous(grads.consume::<Cpu>(&ops.node));
-        let [Some(node)] = ops.parents else {
+        let (grad, [Some(parent)]) = output_grad(&ops, grads) else {
             return;
         };
+        let (input, approximate) = ops.state;
         let dx: Vec<f32> = values(&input)
             .par_chunks(CHUNK)
             .zip(values(&grad).par_chunks(CHUNK))
@@ -67,7 +67,7 @@ impl Backward<Cpu, 1> for GeluBackward {
             })
             .collect();
         let shape = input.layout().shape().to_vec();
-        grads.register::<Cpu>(node.id, flex_from(dx, shape));
+        register_grads(grads, [Some(parent)], [(dx, shape)]);
     }
 }
 

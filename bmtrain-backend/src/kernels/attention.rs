@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::{
     Kernel, OnCpu, SharedMut, contiguous, draw_seed, flex, flex_from, from_cpu, gemm, keep, on_cpu,
-    record, tensor_from, tracks_gradient, values,
+    output_grad, record, register_grads, tensor_from, tracks_gradient, values,
 };
 use crate::{Cpu, CpuTrain};
 
@@ -403,8 +403,8 @@ impl Backward<Cpu, 3> for AttentionBackward {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (d_out, parents) = output_grad(&ops, grads);
         let saved = ops.state;
-        let d_out = contiguous(grads.consume::<Cpu>(&ops.node));
         let (dq, dk, dv) = backward(
             &saved.geometry,
             values(&saved.q),
@@ -413,17 +413,13 @@ impl Backward<Cpu, 3> for AttentionBackward {
             &saved.probs,
             values(&d_out),
         );
-        let [node_q, node_k, node_v] = ops.parents;
-        for (node, grad, like) in [
-            (node_q, dq, &saved.q),
-            (node_k, dk, &saved.k),
-            (node_v, dv, &saved.v),
-        ] {
-            if let Some(node) = node {
-                let shape = like.layout().shape().to_vec();
-                grads.register::<Cpu>(node.id, flex_from(grad, shape));
-            }
-        }
+        let shape = |t: &FlexTensor| t.layout().shape().to_vec();
+        let computed = [
+            (dq, shape(&saved.q)),
+            (dk, shape(&saved.k)),
+            (dv, shape(&saved.v)),
+        ];
+        register_grads(grads, parents, computed);
     }
 }
 

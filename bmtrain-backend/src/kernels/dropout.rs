@@ -9,7 +9,10 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
-use super::{Kernel, OnCpu, contiguous, draw_seed, flex_from, keep, on_cpu, record, values};
+use super::{
+    Kernel, OnCpu, contiguous, draw_seed, flex_from, keep, on_cpu, output_grad, record,
+    register_grads, values,
+};
 use crate::Cpu;
 
 /// Elements per rayon task.
@@ -77,13 +80,12 @@ impl Backward<Cpu, 1> for DropoutBackward {
     type State = Mask;
 
     fn backward(self, ops: Ops<Mask, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = contiguous(grads.consume::<Cpu>(&ops.node));
-        let [Some(node)] = ops.parents else {
+        let (grad, [Some(parent)]) = output_grad(&ops, grads) else {
             return;
         };
         let shape = grad.layout().shape().to_vec();
         let dx = ops.state.apply(values(&grad));
-        grads.register::<Cpu>(node.id, flex_from(dx, shape));
+        register_grads(grads, [Some(parent)], [(dx, shape)]);
     }
 }
 

@@ -18,8 +18,8 @@ use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
 use super::{
-    Kernel, OnCpu, View, contiguous, flex, flex_from, from_cpu, gemm, on_cpu, record, tensor_from,
-    values,
+    Kernel, OnCpu, View, contiguous, flex, flex_from, from_cpu, gemm, on_cpu, output_grad, record,
+    register_grads, tensor_from, values,
 };
 use crate::Cpu;
 
@@ -45,7 +45,10 @@ pub fn linear<B: Backend, const D: usize>(
         return None;
     }
     shape[D - 1] = d_output;
-    let bias = bias.map(on_cpu).map(|b| b.ok_or(())).transpose().ok()?;
+    let bias = match bias {
+        Some(bias) => Some(on_cpu(bias)?),
+        None => None,
+    };
     match (on_cpu(x)?, on_cpu(weight)?, bias) {
         (OnCpu::Infer(x), OnCpu::Infer(w), bias) => {
             let bias = match bias {
@@ -194,24 +197,21 @@ struct LinearBackward;
 
 impl LinearBackward {
     fn run<const N: usize>(ops: Ops<Saved, N>, grads: &mut Gradients) {
+        let (dy, parents) = output_grad(&ops, grads);
         let saved = ops.state;
-        let dy = contiguous(grads.consume::<Cpu>(&ops.node));
         let (dx, dw, db) = backward(
             values(&saved.input),
             values(&saved.weights),
             values(&dy),
             saved.d_output,
         );
-        let shapes = [
-            saved.input.layout().shape().to_vec(),
-            saved.weights.layout().shape().to_vec(),
-            vec![saved.d_output],
+        let computed = [
+            (dx, saved.input.layout().shape().to_vec()),
+            (dw, saved.weights.layout().shape().to_vec()),
+            (db, vec![saved.d_output]),
         ];
-        for ((node, grad), shape) in ops.parents.into_iter().zip([dx, dw, db]).zip(shapes) {
-            if let Some(node) = node {
-                grads.register::<Cpu>(node.id, flex_from(grad, shape));
-            }
-        }
+        // Without a bias there are two parents; the bias gradient has none to go to.
+        register_grads(grads, parents, computed);
     }
 }
 

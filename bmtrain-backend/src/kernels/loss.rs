@@ -13,7 +13,8 @@ use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
 use super::{
-    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, record, tensor_from, values,
+    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, output_grad, record,
+    register_grads, tensor_from, values,
 };
 use crate::Cpu;
 
@@ -24,16 +25,19 @@ const ROWS: usize = 4;
 /// (0 when every row is ignored), or `None` where the kernel does not apply (see [`super`]) or a
 /// target is outside the vocabulary (the caller's composition reports it).
 ///
-/// - logits: `[rows, vocab]`; targets: one per row
+/// - logits: `[rows, vocab]`; targets: one per row, asked for only once the kernel applies (on
+///   other backends, reading labels to the host would be a wasted device sync)
 pub fn cross_entropy<B: Backend>(
     logits: &Tensor<B, 2>,
-    targets: &[i64],
+    targets: impl FnOnce() -> Vec<i64>,
     ignore: i64,
 ) -> Option<Tensor<B, 1>> {
     if !Kernel::CrossEntropy.enabled() {
         return None;
     }
+    let route = on_cpu(logits)?;
     let [rows, vocab] = logits.dims();
+    let targets = targets();
     let in_range = |t: i64| t == ignore || (0..vocab as i64).contains(&t);
     if targets.len() != rows || !targets.iter().all(|&t| in_range(t)) {
         return None;
@@ -42,7 +46,7 @@ pub fn cross_entropy<B: Backend>(
         .iter()
         .map(|&t| (t != ignore).then_some(t as usize))
         .collect();
-    match on_cpu(logits)? {
+    match route {
         OnCpu::Infer(logits) => {
             let logits = flex(logits);
             let (loss, _) = forward(values(&logits), vocab, &targets);
@@ -136,15 +140,15 @@ impl Backward<Cpu, 1> for CrossEntropyBackward {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let saved = ops.state;
-        let g = values(&contiguous(grads.consume::<Cpu>(&ops.node)))[0];
-        let [Some(node)] = ops.parents else {
+        let (g, [Some(parent)]) = output_grad(&ops, grads) else {
             return;
         };
+        let g = values(&g)[0];
+        let saved = ops.state;
         let shape = saved.logits.layout().shape().to_vec();
         let vocab = shape[1];
         let grad = backward(values(&saved.logits), vocab, &saved.lse, &saved.targets, g);
-        grads.register::<Cpu>(node.id, flex_from(grad, shape));
+        register_grads(grads, [Some(parent)], [(grad, shape)]);
     }
 }
 
@@ -164,7 +168,7 @@ mod tests {
         let run = |fused: bool| {
             let logits = leaf(logit_values.clone(), [rows, vocab]);
             let loss = if fused {
-                cross_entropy(&logits, &targets, -100).expect("fused path")
+                cross_entropy(&logits, || targets.clone(), -100).expect("fused path")
             } else {
                 let device = Default::default();
                 let kept: Vec<(usize, i64)> = targets
@@ -203,6 +207,6 @@ mod tests {
     #[test]
     fn a_target_outside_the_vocabulary_is_left_to_the_caller() {
         let logits = leaf(random(6, 1, 1.0), [2, 3]);
-        assert!(cross_entropy(&logits, &[0, 3], -100).is_none());
+        assert!(cross_entropy(&logits, || vec![0, 3], -100).is_none());
     }
 }

@@ -45,8 +45,10 @@ pub use norm::layer_norm;
 use std::any::Any;
 use std::sync::OnceLock;
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::ops::{Backward, OpsKind};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData, TensorPrimitive};
@@ -253,6 +255,34 @@ where
     from_cpu(Tensor::<CpuTrain, D>::from_primitive(
         TensorPrimitive::Float(output),
     ))
+}
+
+/// Where every backward step starts: the gradient of the op's output (contiguous) and the ids of
+/// the parents that take a gradient (`None` for the others).
+fn output_grad<S, const N: usize>(
+    ops: &Ops<S, N>,
+    grads: &mut Gradients,
+) -> (FlexTensor, [Option<NodeId>; N]) {
+    let grad = contiguous(grads.consume::<Cpu>(&ops.node));
+    let parents = ops
+        .parents
+        .each_ref()
+        .map(|parent| parent.as_ref().map(|node| node.id));
+    (grad, parents)
+}
+
+/// Hands each computed gradient (values, shape) to its parent, in order; parents that take none
+/// are skipped, and so are gradients past the last parent.
+fn register_grads(
+    grads: &mut Gradients,
+    parents: impl IntoIterator<Item = Option<NodeId>>,
+    computed: impl IntoIterator<Item = (Vec<f32>, Vec<usize>)>,
+) {
+    for (parent, (values, shape)) in parents.into_iter().zip(computed) {
+        if let Some(id) = parent {
+            grads.register::<Cpu>(id, flex_from(values, shape));
+        }
+    }
 }
 
 /// A strided matrix operand: pointer, row stride, column stride (in elements).

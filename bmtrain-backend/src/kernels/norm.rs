@@ -17,7 +17,8 @@ use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
 use super::{
-    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, record, tensor_from, values,
+    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, output_grad, record,
+    register_grads, tensor_from, values,
 };
 use crate::Cpu;
 
@@ -160,26 +161,21 @@ impl Backward<Cpu, 3> for LayerNormBackward {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (dy, parents) = output_grad(&ops, grads);
         let saved = ops.state;
-        let dy = contiguous(grads.consume::<Cpu>(&ops.node));
         let (dx, d_gamma, d_beta) = backward(
             values(&saved.input),
             values(&saved.gamma),
             &saved.stats,
             values(&dy),
         );
-        let [node_x, node_gamma, node_beta] = ops.parents;
-        let width = d_gamma.len();
-        if let Some(node) = node_x {
-            let shape = saved.input.layout().shape().to_vec();
-            grads.register::<Cpu>(node.id, flex_from(dx, shape));
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<Cpu>(node.id, flex_from(d_gamma, vec![width]));
-        }
-        if let Some(node) = node_beta {
-            grads.register::<Cpu>(node.id, flex_from(d_beta, vec![width]));
-        }
+        let width = vec![d_gamma.len()];
+        let computed = [
+            (dx, saved.input.layout().shape().to_vec()),
+            (d_gamma, width.clone()),
+            (d_beta, width),
+        ];
+        register_grads(grads, parents, computed);
     }
 }
 
