@@ -94,6 +94,13 @@ pub trait Communicator: Send {
     /// chunk of the result.
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError>;
 
+    /// [`Communicator::reduce_scatter`] of a buffer the caller gives away, which a communicator
+    /// may then share with its peers instead of copying (thread ranks do: a ZeRO step
+    /// reduce-scatters every segment's full gradient, the model's size each step).
+    fn reduce_scatter_owned(&self, full: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        self.reduce_scatter(&full, op)
+    }
+
     /// Copies `root`'s `data` into every rank's `data` (equal lengths).
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError>;
 
@@ -116,6 +123,9 @@ impl Communicator for Box<dyn Communicator> {
     }
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
         (**self).reduce_scatter(full, op)
+    }
+    fn reduce_scatter_owned(&self, full: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        (**self).reduce_scatter_owned(full, op)
     }
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError> {
         (**self).broadcast(data, root)
@@ -250,7 +260,7 @@ struct State {
 #[derive(Debug)]
 struct Round {
     op: &'static str,
-    contributions: Vec<Option<Arc<[f32]>>>,
+    contributions: Vec<Option<Arc<Vec<f32>>>>,
     /// Ranks that still have to read the result before the round is freed.
     readers_left: usize,
 }
@@ -279,9 +289,11 @@ impl ThreadComm {
 
     /// Deposits `data` for the next round of `op` and returns every rank's contribution.
     ///
-    /// Contributions are shared, not copied per reader: each rank deposits one copy of its buffer
-    /// and every rank reads all of them through `Arc`s, outside the lock.
-    fn exchange(&self, op: &'static str, data: &[f32]) -> Result<Vec<Arc<[f32]>>, CommError> {
+    /// Contributions are shared, not copied per reader: each rank deposits its buffer (moved in,
+    /// so a caller that gives one away pays no copy) and every rank reads all of them through
+    /// `Arc`s, outside the lock.
+    fn exchange(&self, op: &'static str, data: Vec<f32>) -> Result<Vec<Arc<Vec<f32>>>, CommError> {
+        let len = data.len();
         let round = self.next_round.get();
         self.next_round.set(round + 1);
         let world = self.shared.world_size;
@@ -301,7 +313,7 @@ impl ThreadComm {
                 ),
             });
         }
-        entry.contributions[self.rank] = Some(Arc::from(data));
+        entry.contributions[self.rank] = Some(Arc::new(data));
         self.shared.changed.notify_all();
         loop {
             let round_state = &state.rounds[&round];
@@ -338,7 +350,7 @@ impl ThreadComm {
                 .0;
         }
         let round_state = state.rounds.get_mut(&round).expect("present until read");
-        let all: Vec<Arc<[f32]>> = round_state
+        let all: Vec<Arc<Vec<f32>>> = round_state
             .contributions
             .iter()
             .map(|c| c.clone().expect("every rank contributed"))
@@ -348,13 +360,10 @@ impl ThreadComm {
             state.rounds.remove(&round);
         }
         drop(state);
-        if let Some(len) = all.iter().map(|c| c.len()).find(|&l| l != data.len()) {
+        if let Some(other) = all.iter().map(|c| c.len()).find(|&l| l != len) {
             return Err(CommError::Mismatch {
                 rank: self.rank,
-                message: format!(
-                    "{op} #{round}: buffers of {} and {len} elements",
-                    data.len()
-                ),
+                message: format!("{op} #{round}: buffers of {len} and {other} elements"),
             });
         }
         Ok(all)
@@ -419,6 +428,11 @@ pub(crate) fn reduce<T: AsRef<[f32]>>(all: &[T], op: ReduceOp) -> Vec<f32> {
     out
 }
 
+/// The contributions of an exchange as slices.
+fn slices(all: &[Arc<Vec<f32>>]) -> Vec<&[f32]> {
+    all.iter().map(|c| c.as_slice()).collect()
+}
+
 impl Communicator for ThreadComm {
     fn rank(&self) -> usize {
         self.rank
@@ -429,13 +443,13 @@ impl Communicator for ThreadComm {
     }
 
     fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
-        let all = self.exchange("all_reduce", data)?;
-        data.copy_from_slice(&reduce(&all, op));
+        let all = self.exchange("all_reduce", data.to_vec())?;
+        data.copy_from_slice(&reduce(&slices(&all), op));
         Ok(())
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
-        let all = self.exchange("all_gather", local)?;
+        let all = self.exchange("all_gather", local.to_vec())?;
         let mut gathered = Vec::with_capacity(local.len() * all.len());
         for part in &all {
             gathered.extend_from_slice(part);
@@ -444,19 +458,23 @@ impl Communicator for ThreadComm {
     }
 
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        self.reduce_scatter_owned(full.to_vec(), op)
+    }
+
+    fn reduce_scatter_owned(&self, full: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, CommError> {
         let chunk = scatter_chunk(self.rank, self.world_size(), full.len())?;
         let all = self.exchange("reduce_scatter", full)?;
-        Ok(reduce_chunk(&all, self.rank, chunk, op))
+        Ok(reduce_chunk(&slices(&all), self.rank, chunk, op))
     }
 
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError> {
-        let all = self.exchange("broadcast", data)?;
+        let all = self.exchange("broadcast", data.to_vec())?;
         data.copy_from_slice(&all[root]);
         Ok(())
     }
 
     fn barrier(&self) -> Result<(), CommError> {
-        self.exchange("barrier", &[]).map(|_| ())
+        self.exchange("barrier", Vec::new()).map(|_| ())
     }
 }
 

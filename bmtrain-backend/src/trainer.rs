@@ -374,7 +374,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 .grad(&grads)
                 .expect("the loss depends on the hidden states"),
         );
-        accumulate(&mut self.head, &self.comm, &head_grad)?;
+        accumulate(&mut self.head, &self.comm, head_grad)?;
         drop(full);
 
         // 3. Blocks in reverse: recompute (checkpointed) or reuse the graph, then backward.
@@ -398,7 +398,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             let grads = (output * upstream).sum().backward();
             let block_grad = flat_grads::<B, _>(&block, &self.blocks[index].params.layout, &grads);
             upstream = Tensor::from_inner(input.grad(&grads).expect("a block uses its input"));
-            accumulate(&mut self.blocks[index], &self.comm, &block_grad)?;
+            accumulate(&mut self.blocks[index], &self.comm, block_grad)?;
         }
 
         // 4. The embedding segment.
@@ -416,7 +416,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 *g += t;
             }
         }
-        accumulate(&mut self.embed, &self.comm, &embed_grad)?;
+        accumulate(&mut self.embed, &self.comm, embed_grad)?;
         self.micro_batches += 1;
         Ok(loss_value)
     }
@@ -678,7 +678,7 @@ fn grad_slices<'a, E, L, H>(
 fn accumulate<M>(
     segment: &mut Segment<M>,
     comm: &dyn Communicator,
-    full_grad: &[f32],
+    full_grad: Vec<f32>,
 ) -> Result<(), CommError> {
     let slice = segment.params.reduce_scatter(comm, full_grad)?;
     for (acc, g) in segment.grad.iter_mut().zip(slice) {

@@ -56,13 +56,6 @@ impl ShardLayout {
         }
         out
     }
-
-    /// A full buffer padded with zeros to `padded_len`.
-    pub fn padded(&self, full: &[f32]) -> Vec<f32> {
-        let mut out = full.to_vec();
-        out.resize(self.padded_len(), 0.0);
-        out
-    }
 }
 
 /// One parameter's place in a flat buffer.
@@ -324,18 +317,15 @@ impl ShardedParams {
         Ok(full)
     }
 
-    /// Sums a full gradient buffer across ranks and returns this rank's slice of the sum.
+    /// Sums a full gradient buffer across ranks and returns this rank's slice of the sum. The
+    /// buffer is given away: padded in place and handed to the communicator, which need not copy.
     pub fn reduce_scatter(
         &self,
         comm: &dyn Communicator,
-        full_grad: &[f32],
+        mut full_grad: Vec<f32>,
     ) -> Result<Vec<f32>, CommError> {
-        if full_grad.len() == self.shards.padded_len() {
-            // No padding needed: no copy.
-            comm.reduce_scatter(full_grad, ReduceOp::Sum)
-        } else {
-            comm.reduce_scatter(&self.shards.padded(full_grad), ReduceOp::Sum)
-        }
+        full_grad.resize(self.shards.padded_len(), 0.0);
+        comm.reduce_scatter_owned(full_grad, ReduceOp::Sum)
     }
 }
 
@@ -381,7 +371,7 @@ mod tests {
             let full: Vec<f32> = (0..layout.len).map(|i| i as f32).collect();
             let sharded = ShardedParams::from_full(layout, &full, comm.rank(), 3);
             let gathered = sharded.gather(&comm).unwrap();
-            let grad_slice = sharded.reduce_scatter(&comm, &full).unwrap();
+            let grad_slice = sharded.reduce_scatter(&comm, full.clone()).unwrap();
             (gathered, grad_slice, sharded.shards.range(comm.rank()))
         });
         for result in results {

@@ -57,17 +57,16 @@ struct Mask {
 impl Mask {
     /// `x ⊙ mask / (1 − p)`.
     fn apply(&self, x: &[f32]) -> Vec<f32> {
-        x.par_chunks(CHUNK)
+        // Indexed, so rayon writes the result in place into one exactly sized buffer.
+        x.par_iter()
             .enumerate()
-            .flat_map_iter(|(c, chunk)| {
-                let base = (c * CHUNK) as u64;
-                chunk.iter().enumerate().map(move |(i, &v)| {
-                    if keep(self.seed, base + i as u64, self.threshold) {
-                        v * self.scale
-                    } else {
-                        0.0
-                    }
-                })
+            .with_min_len(CHUNK)
+            .map(|(i, &v)| {
+                if keep(self.seed, i as u64, self.threshold) {
+                    v * self.scale
+                } else {
+                    0.0
+                }
             })
             .collect()
     }
