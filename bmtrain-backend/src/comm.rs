@@ -410,8 +410,22 @@ pub(crate) fn reduce_chunk<T: AsRef<[f32]>>(
 }
 
 pub(crate) fn reduce<T: AsRef<[f32]>>(all: &[T], op: ReduceOp) -> Vec<f32> {
-    let mut out = all[0].as_ref().to_vec();
-    for other in &all[1..] {
+    // The first two contributions combine in one pass (no copy of the first to start from).
+    let first = all[0].as_ref();
+    let mut out = match (all.get(1), op) {
+        (Some(second), ReduceOp::Sum | ReduceOp::Avg) => first
+            .iter()
+            .zip(second.as_ref())
+            .map(|(a, b)| a + b)
+            .collect(),
+        (Some(second), ReduceOp::Max) => first
+            .iter()
+            .zip(second.as_ref())
+            .map(|(a, b)| a.max(*b))
+            .collect(),
+        (None, _) => first.to_vec(),
+    };
+    for other in all.iter().skip(2) {
         for (o, x) in out.iter_mut().zip(other.as_ref()) {
             match op {
                 ReduceOp::Sum | ReduceOp::Avg => *o += x,

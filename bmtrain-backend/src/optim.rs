@@ -3,6 +3,7 @@
 //! check is all-reduced, and BMTrain's learning-rate schedules.
 
 use crate::comm::{CommError, Communicator, ReduceOp};
+use crate::kernels::simd::avx512_version;
 
 /// AdamW hyper-parameters, PyTorch's defaults unless set.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,15 +59,46 @@ impl AdamWState {
     ) {
         let bias1 = 1.0 - config.beta1.powi(step as i32);
         let bias2 = 1.0 - config.beta2.powi(step as i32);
-        let step_size = lr / bias1;
-        let bias2_sqrt = bias2.sqrt();
-        for i in 0..params.len() {
-            let g = grads[i];
-            params[i] *= 1.0 - lr * config.weight_decay;
-            self.exp_avg[i] = config.beta1 * self.exp_avg[i] + (1.0 - config.beta1) * g;
-            self.exp_avg_sq[i] = config.beta2 * self.exp_avg_sq[i] + (1.0 - config.beta2) * g * g;
-            let denom = self.exp_avg_sq[i].sqrt() / bias2_sqrt + config.eps;
-            params[i] -= step_size * self.exp_avg[i] / denom;
+        let update = Update {
+            decay: 1.0 - lr * config.weight_decay,
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            step_size: lr / bias1,
+            bias2_sqrt: bias2.sqrt(),
+        };
+        adamw(
+            params,
+            grads,
+            &mut self.exp_avg,
+            &mut self.exp_avg_sq,
+            update,
+        );
+    }
+}
+
+/// One step's coefficients.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    decay: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+}
+
+avx512_version! {
+    /// The element-wise AdamW update (a loop LLVM vectorises; its AVX-512 copy computes the same
+    /// bits, every operation being IEEE-exact per element).
+    fn adamw(params: &mut [f32], grads: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], u: Update) {
+        let moments = exp_avg.iter_mut().zip(exp_avg_sq.iter_mut());
+        for ((p, &g), (m, v)) in params.iter_mut().zip(grads).zip(moments) {
+            *p *= u.decay;
+            *m = u.beta1 * *m + (1.0 - u.beta1) * g;
+            *v = u.beta2 * *v + (1.0 - u.beta2) * g * g;
+            let denom = v.sqrt() / u.bias2_sqrt + u.eps;
+            *p -= u.step_size * *m / denom;
         }
     }
 }

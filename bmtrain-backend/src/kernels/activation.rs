@@ -7,16 +7,14 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
+use super::simd::{self, avx512_version};
 use super::{
-    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, output_grad, record,
+    Kernel, OnCpu, contiguous, flex, flex_from, from_cpu, on_cpu, output_grad, par_filled, record,
     register_grads, tensor_from, values,
 };
 use crate::Cpu;
-
-/// Elements per rayon task.
-const CHUNK: usize = 1 << 14;
 
 /// `√(2/π)`.
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -34,13 +32,13 @@ pub fn gelu<B: Backend, const D: usize>(
     match on_cpu(x)? {
         OnCpu::Infer(x) => {
             let x = flex(x);
-            let y = map(values(&x), |v| forward(v, approximate));
+            let y = map(values(&x), approximate);
             Some(from_cpu(tensor_from::<D>(flex_from(y, shape))))
         }
         OnCpu::Train(x) => {
             let x = x.into_primitive().tensor();
             let input = contiguous(x.primitive.clone());
-            let y = flex_from(map(values(&input), |v| forward(v, approximate)), shape);
+            let y = flex_from(map(values(&input), approximate), shape);
             Some(record(GeluBackward, [&x], (input, approximate), y))
         }
     }
@@ -57,48 +55,57 @@ impl Backward<Cpu, 1> for GeluBackward {
             return;
         };
         let (input, approximate) = ops.state;
-        let dx: Vec<f32> = values(&input)
-            .par_chunks(CHUNK)
-            .zip(values(&grad).par_chunks(CHUNK))
-            .flat_map_iter(|(x, g)| {
-                x.iter()
-                    .zip(g)
-                    .map(move |(&x, &g)| g * derivative(x, approximate))
-            })
-            .collect();
+        let (x, dy) = (values(&input), values(&grad));
+        let dx = par_filled(x.len(), |start, out| {
+            let range = start..start + out.len();
+            backward_chunk(&x[range.clone()], &dy[range], out, approximate)
+        });
         let shape = input.layout().shape().to_vec();
         register_grads(grads, [Some(parent)], [(dx, shape)]);
     }
 }
 
-/// `f` of every value, on all threads.
-fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    x.par_chunks(CHUNK)
-        .flat_map_iter(|c| c.iter().map(|&v| f(v)))
-        .collect()
+/// GELU of every value, on all threads.
+fn map(x: &[f32], approximate: bool) -> Vec<f32> {
+    par_filled(x.len(), |start, out| {
+        forward_chunk(&x[start..start + out.len()], out, approximate)
+    })
 }
 
-#[inline(always)]
-fn forward(x: f32, approximate: bool) -> f32 {
-    if approximate {
-        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-        0.5 * x * (1.0 + u.tanh())
-    } else {
-        0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+avx512_version! {
+    /// `out = gelu(x)`.
+    fn forward_chunk(x: &[f32], out: &mut [MaybeUninit<f32>], approximate: bool) {
+        if approximate {
+            for (o, &v) in out.iter_mut().zip(x) {
+                let u = SQRT_2_OVER_PI * (v + 0.044_715 * v * v * v);
+                o.write(0.5 * v * (1.0 + simd::tanh(u)));
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                o.write(v * simd::normal_cdf(v));
+            }
+        }
     }
 }
 
-#[inline(always)]
-fn derivative(x: f32, approximate: bool) -> f32 {
-    if approximate {
-        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-        let t = u.tanh();
-        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x)
-    } else {
-        // Φ(x) + x·φ(x)
-        let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
-        cdf + x * pdf
+avx512_version! {
+    /// `dx = dy · gelu'(x)`.
+    fn backward_chunk(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], approximate: bool) {
+        if approximate {
+            for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let u = SQRT_2_OVER_PI * (v + 0.044_715 * v * v * v);
+                let t = simd::tanh(u);
+                let slope = 0.5 * (1.0 + t)
+                    + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * v * v);
+                o.write(g * slope);
+            }
+        } else {
+            for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                // Φ(x) + x·φ(x)
+                let pdf = simd::exp(-0.5 * v * v) * 0.398_942_3;
+                o.write(g * (simd::normal_cdf(v) + v * pdf));
+            }
+        }
     }
 }
 

@@ -22,8 +22,9 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
+use super::simd::{self, avx512_version};
 use super::{
-    Kernel, OnCpu, SharedMut, contiguous, draw_seed, flex, flex_from, from_cpu, gemm, keep, on_cpu,
+    Kernel, Mask, OnCpu, SharedMut, contiguous, draw_seed, flex, flex_from, from_cpu, gemm, on_cpu,
     output_grad, record, register_grads, tensor_from, tracks_gradient, values,
 };
 use crate::{Cpu, CpuTrain};
@@ -143,14 +144,13 @@ impl Geometry {
         self.heads * self.value_dim
     }
 
-    /// `p · 2³²`, the keep test's threshold.
-    fn threshold(&self) -> u64 {
-        (f64::from(self.dropout) * 4_294_967_296.0) as u64
-    }
-
-    /// What a kept probability is multiplied by.
-    fn keep_scale(&self) -> f32 {
-        1.0 / (1.0 - self.dropout)
+    /// The dropout mask of the probabilities.
+    fn mask(&self) -> Mask {
+        Mask {
+            seed: self.seed,
+            threshold: (f64::from(self.dropout) * 4_294_967_296.0) as u64,
+            scale: 1.0 / (1.0 - self.dropout),
+        }
     }
 }
 
@@ -189,7 +189,7 @@ fn forward(
     let mut out = vec![0.0f32; g.batch * sq * vs];
     let mut probs = vec![0.0f32; g.batch * g.heads * sq * sk];
     let out_ptr = SharedMut(out.as_mut_ptr());
-    let (threshold, keep_scale) = (g.threshold(), g.keep_scale());
+    let mask = g.mask();
     probs.par_chunks_mut(sq * sk).enumerate().for_each_init(
         || vec![0.0f32; if g.dropout > 0.0 { sq * sk } else { 0 }],
         |dropped, (unit, p)| {
@@ -212,23 +212,17 @@ fn forward(
                     false,
                 );
             }
-            for (i, row) in p.chunks_mut(sk).enumerate() {
-                if let Some(bias) = bias {
+            if let Some(bias) = bias {
+                for (i, row) in p.chunks_mut(sk).enumerate() {
                     for (s, add) in row.iter_mut().zip(bias.row(b, h, i)) {
                         *s += add;
                     }
                 }
-                softmax_in_place(row);
             }
+            softmax_rows(p, sk);
             let weights: &[f32] = if g.dropout > 0.0 {
-                let base = (unit * sq * sk) as u64;
-                for (j, (w, &pj)) in dropped.iter_mut().zip(p.iter()).enumerate() {
-                    *w = if keep(g.seed, base + j as u64, threshold) {
-                        pj * keep_scale
-                    } else {
-                        0.0
-                    };
-                }
+                dropped.copy_from_slice(p);
+                mask.apply_in_place(dropped, (unit * sq * sk) as u64);
                 dropped
             } else {
                 p
@@ -254,21 +248,36 @@ fn forward(
     (out, probs)
 }
 
-/// A numerically stable softmax of one row. A row whose scores are all `-inf` becomes zeros.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return;
+avx512_version! {
+    /// A numerically stable softmax of each `width`-long row, in place. A row whose scores are
+    /// all `-inf` becomes zeros.
+    fn softmax_rows(scores: &mut [f32], width: usize) {
+        for row in scores.chunks_mut(width) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            for s in row.iter_mut() {
+                *s = simd::exp(*s - max);
+            }
+            let inv = 1.0 / simd::sum(row);
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
     }
-    let mut total = 0.0f32;
-    for s in row.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    let inv = 1.0 / total;
-    for s in row.iter_mut() {
-        *s *= inv;
+}
+
+avx512_version! {
+    /// Softmax backward on each `width`-long row, in place: `dP` becomes `P ⊙ (dP − ⟨dP, P⟩)`.
+    fn softmax_backward_rows(d_probs: &mut [f32], probs: &[f32], width: usize) {
+        for (dp, p) in d_probs.chunks_mut(width).zip(probs.chunks(width)) {
+            let dot = simd::dot(dp, p);
+            for (x, &pj) in dp.iter_mut().zip(p) {
+                *x = pj * (*x - dot);
+            }
+        }
     }
 }
 
@@ -291,7 +300,7 @@ fn backward(
         SharedMut(dk.as_mut_ptr()),
         SharedMut(dval.as_mut_ptr()),
     );
-    let (threshold, keep_scale) = (g.threshold(), g.keep_scale());
+    let mask = g.mask();
     (0..g.batch * g.heads).into_par_iter().for_each_init(
         || (vec![0.0f32; sq * sk], vec![0.0f32; sq * sk]),
         |(dp, dropped), unit| {
@@ -302,11 +311,9 @@ fn backward(
             let v_u = v[b * sk * vs + h * dv..].as_ptr();
             let do_u = d_out[b * sq * vs + h * dv..].as_ptr();
             let base = (unit * sq * sk) as u64;
-            let kept = |j: usize| g.dropout == 0.0 || keep(g.seed, base + j as u64, threshold);
             let weights: &[f32] = if g.dropout > 0.0 {
-                for (j, (w, &pj)) in dropped.iter_mut().zip(p).enumerate() {
-                    *w = if kept(j) { pj * keep_scale } else { 0.0 };
-                }
+                dropped.copy_from_slice(p);
+                mask.apply_in_place(dropped, base);
                 dropped
             } else {
                 p
@@ -339,21 +346,10 @@ fn backward(
                     false,
                 );
             }
-            for (i, (dp_row, p_row)) in dp.chunks_mut(sk).zip(p.chunks(sk)).enumerate() {
-                if g.dropout > 0.0 {
-                    for (j, x) in dp_row.iter_mut().enumerate() {
-                        *x = if kept(i * sk + j) {
-                            *x * keep_scale
-                        } else {
-                            0.0
-                        };
-                    }
-                }
-                let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
-                for (x, &pj) in dp_row.iter_mut().zip(p_row) {
-                    *x = pj * (*x - dot);
-                }
+            if g.dropout > 0.0 {
+                mask.apply_in_place(dp, base);
             }
+            softmax_backward_rows(dp, p, sk);
             // SAFETY: as above.
             unsafe {
                 // dQ = scale·dS·K
@@ -588,7 +584,7 @@ mod tests {
         let ones = vec![1.0f32; batch * len * width];
         let (_, _, dv) = backward(&geometry, &q, &k, &v, &probs, &ones);
         // With dO = 1, dV[j, c] = Σ_i P̃[i, j] for each column c of the head.
-        let (threshold, keep_scale) = (geometry.threshold(), geometry.keep_scale());
+        let (threshold, keep_scale) = (0.25 * 4_294_967_296.0, 1.0 / 0.75);
         let mut dropped = 0usize;
         for unit in 0..batch * heads {
             let (b, h) = (unit / heads, unit % heads);
@@ -596,7 +592,7 @@ mod tests {
                 let mut column = 0.0f32;
                 for i in 0..len {
                     let index = unit * len * len + i * len + j;
-                    if keep(42, index as u64, threshold) {
+                    if crate::kernels::keep(42, index as u64, threshold as u64) {
                         column += probs[index] * keep_scale;
                     } else {
                         dropped += 1;

@@ -10,13 +10,10 @@ use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
 use super::{
-    Kernel, OnCpu, contiguous, draw_seed, flex_from, keep, on_cpu, output_grad, record,
+    CHUNK, Kernel, Mask, OnCpu, contiguous, draw_seed, flex_from, on_cpu, output_grad, record,
     register_grads, values,
 };
 use crate::Cpu;
-
-/// Elements per rayon task.
-const CHUNK: usize = 1 << 14;
 
 /// Zeroes each element with probability `prob` and scales the others by `1/(1 − prob)` when `B`
 /// tracks gradients (as burn's `Dropout`: identity otherwise), or `None` where the kernel does
@@ -34,42 +31,21 @@ pub fn dropout<B: Backend, const D: usize>(x: &Tensor<B, D>, prob: f64) -> Optio
     let OnCpu::Train(x) = on_cpu(x)? else {
         return None;
     };
-    let mask = Mask {
-        seed: draw_seed(),
-        threshold: (prob * 4_294_967_296.0) as u64,
-        scale: (1.0 / (1.0 - prob)) as f32,
-    };
+    let mask = Mask::new(draw_seed(), prob);
     let x = x.into_primitive().tensor();
     let input = contiguous(x.primitive.clone());
     let shape = input.layout().shape().to_vec();
-    let y = flex_from(mask.apply(values(&input)), shape);
+    let y = flex_from(apply(&mask, values(&input)), shape);
     Some(record(DropoutBackward, [&x], mask, y))
 }
 
-/// One call's mask: element `i` is kept when `keep(seed, i, threshold)`.
-#[derive(Debug, Clone, Copy)]
-struct Mask {
-    seed: u64,
-    threshold: u64,
-    scale: f32,
-}
-
-impl Mask {
-    /// `x ⊙ mask / (1 − p)`.
-    fn apply(&self, x: &[f32]) -> Vec<f32> {
-        // Indexed, so rayon writes the result in place into one exactly sized buffer.
-        x.par_iter()
-            .enumerate()
-            .with_min_len(CHUNK)
-            .map(|(i, &v)| {
-                if keep(self.seed, i as u64, self.threshold) {
-                    v * self.scale
-                } else {
-                    0.0
-                }
-            })
-            .collect()
-    }
+/// `x ⊙ mask / (1 − p)` on all threads.
+fn apply(mask: &Mask, x: &[f32]) -> Vec<f32> {
+    let mut y = x.to_vec();
+    y.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| mask.apply_in_place(chunk, (c * CHUNK) as u64));
+    y
 }
 
 #[derive(Debug)]
@@ -83,7 +59,7 @@ impl Backward<Cpu, 1> for DropoutBackward {
             return;
         };
         let shape = grad.layout().shape().to_vec();
-        let dx = ops.state.apply(values(&grad));
+        let dx = apply(&ops.state, values(&grad));
         register_grads(grads, [Some(parent)], [(dx, shape)]);
     }
 }

@@ -140,7 +140,10 @@ fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d_output: usize) -> Vec<f
     match bias {
         Some(bias) => {
             // The bias is the accumulator's starting value.
-            let mut y: Vec<f32> = bias.iter().copied().cycle().take(rows * d_output).collect();
+            let mut y = Vec::with_capacity(rows * d_output);
+            for _ in 0..rows {
+                y.extend_from_slice(bias);
+            }
             // SAFETY: y holds rows·d_output initialised values; x and w cover their shapes.
             unsafe { gemm_into(y.as_mut_ptr(), rows, d_output, d_input, lhs, rhs, true) };
             y

@@ -34,6 +34,7 @@ mod dropout;
 mod linear;
 mod loss;
 mod norm;
+pub(crate) mod simd;
 
 pub use activation::gelu;
 pub use attention::attention;
@@ -43,6 +44,7 @@ pub use loss::cross_entropy;
 pub use norm::layer_norm;
 
 use std::any::Any;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use burn::backend::autodiff::NodeId;
@@ -52,6 +54,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData, TensorPrimitive};
+use rayon::prelude::*;
 
 use crate::{Cpu, CpuTrain};
 
@@ -228,6 +231,41 @@ fn keep(seed: u64, index: u64, threshold: u64) -> bool {
     (mix(seed.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 32) >= threshold
 }
 
+/// A dropout mask: element `i` is kept when `keep(seed, i, threshold)` and then scaled by
+/// `scale = 1/(1 − p)`.
+#[derive(Debug, Clone, Copy)]
+struct Mask {
+    seed: u64,
+    threshold: u64,
+    scale: f32,
+}
+
+impl Mask {
+    /// The mask of dropout probability `prob` drawn from `seed`.
+    fn new(seed: u64, prob: f64) -> Self {
+        Self {
+            seed,
+            threshold: (prob * 4_294_967_296.0) as u64,
+            scale: (1.0 / (1.0 - prob)) as f32,
+        }
+    }
+
+    /// `x ⊙ mask · scale` in place, `x` being elements `first..` of the masked tensor.
+    fn apply_in_place(&self, x: &mut [f32], first: u64) {
+        masked_in_place(x, *self, first);
+    }
+}
+
+simd::avx512_version! {
+    /// [`Mask::apply_in_place`]'s loop (SplitMix64 vectorises with AVX-512's 64-bit multiply).
+    fn masked_in_place(x: &mut [f32], mask: Mask, first: u64) {
+        for (i, v) in x.iter_mut().enumerate() {
+            let kept = keep(mask.seed, first + i as u64, mask.threshold);
+            *v = if kept { *v * mask.scale } else { 0.0 };
+        }
+    }
+}
+
 /// The autodiff primitive of a training tensor (its values and its graph node).
 type TrainPrimitive = burn::tensor::ops::FloatTensor<CpuTrain>;
 
@@ -335,6 +373,22 @@ unsafe fn gemm(
             parallelism,
         );
     }
+}
+
+/// Elements per rayon task in the element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// A `len`-long buffer filled on all threads in chunks of [`CHUNK`]: `fill(start, out)` writes
+/// every element of `out`, the chunk that starts at element `start` (nothing is zeroed first).
+fn par_filled(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| fill(c * CHUNK, chunk));
+    // SAFETY: `fill` initialised every element of the `len` spare slots.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// A raw pointer that rayon tasks may share: each task writes a disjoint part of the buffer.
