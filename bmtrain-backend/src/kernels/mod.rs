@@ -19,6 +19,10 @@
 //! - [`dropout`]: a counter-based mask (SplitMix64 of the element's index) applied in one pass and
 //!   regenerated in backward instead of stored.
 //!
+//! Their element-wise loops are compiled twice, for baseline x86-64 and for AVX-512, and the
+//! AVX-512 copy runs when the CPU has it (`simd.rs`); the transcendental functions in them are
+//! branch-free polynomials so that they vectorise.
+//!
 //! Every kernel takes and returns ordinary `Tensor<B, D>`s. It runs when `B` is the CPU backend
 //! ([`Cpu`]) or its autodiff ([`CpuTrain`]) and the tensors are f32; otherwise (CUDA, half
 //! precision) it answers with burn's own composition of the same maths, so models call the kernel
