@@ -146,11 +146,7 @@ impl Geometry {
 
     /// The dropout mask of the probabilities.
     fn mask(&self) -> Mask {
-        Mask {
-            seed: self.seed,
-            threshold: (f64::from(self.dropout) * 4_294_967_296.0) as u64,
-            scale: 1.0 / (1.0 - self.dropout),
-        }
+        Mask::new(self.seed, f64::from(self.dropout))
     }
 }
 
