@@ -410,27 +410,23 @@ pub(crate) fn reduce_chunk<T: AsRef<[f32]>>(
 }
 
 pub(crate) fn reduce<T: AsRef<[f32]>>(all: &[T], op: ReduceOp) -> Vec<f32> {
+    let combine = |a: f32, b: f32| match op {
+        ReduceOp::Sum | ReduceOp::Avg => a + b,
+        ReduceOp::Max => a.max(b),
+    };
     // The first two contributions combine in one pass (no copy of the first to start from).
     let first = all[0].as_ref();
-    let mut out = match (all.get(1), op) {
-        (Some(second), ReduceOp::Sum | ReduceOp::Avg) => first
+    let mut out: Vec<f32> = match all.get(1) {
+        Some(second) => first
             .iter()
             .zip(second.as_ref())
-            .map(|(a, b)| a + b)
+            .map(|(&a, &b)| combine(a, b))
             .collect(),
-        (Some(second), ReduceOp::Max) => first
-            .iter()
-            .zip(second.as_ref())
-            .map(|(a, b)| a.max(*b))
-            .collect(),
-        (None, _) => first.to_vec(),
+        None => first.to_vec(),
     };
     for other in all.iter().skip(2) {
-        for (o, x) in out.iter_mut().zip(other.as_ref()) {
-            match op {
-                ReduceOp::Sum | ReduceOp::Avg => *o += x,
-                ReduceOp::Max => *o = o.max(*x),
-            }
+        for (o, &x) in out.iter_mut().zip(other.as_ref()) {
+            *o = combine(*o, x);
         }
     }
     if op == ReduceOp::Avg {
