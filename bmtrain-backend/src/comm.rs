@@ -155,6 +155,9 @@ impl Communicator for SingleRank {
     fn reduce_scatter(&self, full: &[f32], _op: ReduceOp) -> Result<Vec<f32>, CommError> {
         Ok(full.to_vec())
     }
+    fn reduce_scatter_owned(&self, full: Vec<f32>, _op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        Ok(full)
+    }
     fn broadcast(&self, _data: &mut [f32], _root: usize) -> Result<(), CommError> {
         Ok(())
     }

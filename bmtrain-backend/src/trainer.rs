@@ -23,25 +23,29 @@
 //! global norm across all shards, and runs AdamW on each rank's slices (f32 master weights).
 
 use burn::module::{AutodiffModule, Module};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor};
 
 use std::path::Path;
 
-use crate::checkpoint::{self, CheckpointError, SegmentState, TrainCounters};
+use crate::checkpoint::{self, CheckpointError, FileDigest, SegmentState, TrainCounters};
 use crate::comm::{CommError, Communicator};
 use crate::inspect::{ParamStats, moments};
 use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
-use crate::zero::{FlatLayout, ShardedParams, flat_grads, flatten, load_flat_as};
+use crate::zero::{
+    FlatLayout, ShardedParams, flat_grads, flatten, hollow, layout_of, load_flat_as,
+};
 
-/// How a model's segments run. Implemented once per model family.
-pub trait ZeroSpec<B: AutodiffBackend> {
+/// How a model's segments run. Implemented once per model family, for every backend: the
+/// trainer trains on an autodiff backend `B` and evaluates ([`ZeroTrainer::infer`]) on its
+/// inner backend with the same functions.
+pub trait ZeroSpec<B: Backend> {
     /// The embedding segment.
-    type Embed: AutodiffModule<B> + Clone;
+    type Embed: Module<B> + Clone;
     /// One block (all blocks share the type).
-    type Block: AutodiffModule<B> + Clone;
+    type Block: Module<B> + Clone;
     /// The head, which ends in the loss.
-    type Head: AutodiffModule<B> + Clone;
+    type Head: Module<B> + Clone;
     /// One micro-batch (ids, masks, labels).
     type Batch;
 
@@ -149,15 +153,33 @@ pub struct Segment<M> {
 }
 
 impl<M> Segment<M> {
-    fn new<B: AutodiffBackend>(module: M, rank: usize, world: usize) -> Self
+    /// A segment with `template`'s structure (its values, if any, are dropped) holding this
+    /// rank's slice of `full`, the segment's whole buffer laid out as `layout`.
+    fn from_full<B: Backend>(
+        template: M,
+        layout: FlatLayout,
+        full: Vec<f32>,
+        rank: usize,
+        world: usize,
+    ) -> Self
     where
         M: Module<B>,
     {
-        let (layout, full) = flatten::<B, M>(&module);
-        let params = ShardedParams::from_full(layout, &full, rank, world);
+        assert_eq!(
+            full.len(),
+            layout.len,
+            "a segment's values cover its layout exactly"
+        );
+        let params = if world == 1 {
+            // The whole buffer is the one rank's slice: kept, not copied.
+            ShardedParams::from_slice(layout, full, 1)
+        } else {
+            ShardedParams::from_full(layout, &full, rank, world)
+        };
         let shard = params.shards.shard_len();
         Self {
-            template: module,
+            template: hollow::<B, M>(template),
+            // Zeroed allocations: their pages are only touched (resident) once written.
             grad: vec![0.0; shard],
             state: AdamWState::new(shard),
             kept: None,
@@ -210,7 +232,8 @@ pub struct ZeroTrainer<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> {
 
 impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// Shards initialised modules: every rank passes the same full modules (same seed), and keeps
-    /// its slice, so the values do not depend on the world size.
+    /// its slice, so the values do not depend on the world size. Each module's values are freed
+    /// as soon as its segment is sharded.
     pub fn new(
         spec: S,
         comm: C,
@@ -220,14 +243,86 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         head: S::Head,
         options: ZeroOptions,
     ) -> Self {
+        let no_source =
+            |_: SegmentId, _: &str, _: &FlatLayout| -> Result<Vec<f32>, std::convert::Infallible> {
+                unreachable!("every segment is read from its module")
+            };
+        match Self::build(
+            spec, comm, device, embed, blocks, head, options, true, no_source,
+        ) {
+            Ok(trainer) => trainer,
+        }
+    }
+
+    /// Shards a model whose values come from `source`, one segment at a time, so that no
+    /// whole-model copy ever exists: the modules are templates (lazily initialised ones cost
+    /// nothing), and `source(segment, prefix, layout)` returns a segment's whole f32 buffer in
+    /// `layout`'s order (its tensors are named `prefix.` + the layout's names: the checkpoint
+    /// names). Every rank asks for every segment and keeps its slice, so the values do not
+    /// depend on the world size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_source<E>(
+        spec: S,
+        comm: C,
+        device: B::Device,
+        embed: S::Embed,
+        blocks: Vec<S::Block>,
+        head: S::Head,
+        options: ZeroOptions,
+        source: impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
+    ) -> Result<Self, E> {
+        Self::build(
+            spec, comm, device, embed, blocks, head, options, false, source,
+        )
+    }
+
+    /// Shards every segment in model order, its values read from its module (`from_modules`) or
+    /// from `source`; each segment's whole buffer lives only until its slice is kept.
+    #[allow(clippy::too_many_arguments)]
+    fn build<E>(
+        spec: S,
+        comm: C,
+        device: B::Device,
+        embed: S::Embed,
+        blocks: Vec<S::Block>,
+        head: S::Head,
+        options: ZeroOptions,
+        from_modules: bool,
+        mut source: impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
+    ) -> Result<Self, E> {
         let (rank, world) = (comm.rank(), comm.world_size());
-        Self {
-            embed: Segment::new::<B>(embed, rank, world),
-            blocks: blocks
-                .into_iter()
-                .map(|b| Segment::new::<B>(b, rank, world))
-                .collect(),
-            head: Segment::new::<B>(head, rank, world),
+        let embed = segment::<B, _, E>(
+            embed,
+            SegmentId::Embed,
+            &spec.prefix(SegmentId::Embed),
+            from_modules,
+            &mut source,
+            (rank, world),
+        )?;
+        let mut sharded = Vec::with_capacity(blocks.len());
+        for (i, block) in blocks.into_iter().enumerate() {
+            let id = SegmentId::Block(i);
+            sharded.push(segment::<B, _, E>(
+                block,
+                id,
+                &spec.prefix(id),
+                from_modules,
+                &mut source,
+                (rank, world),
+            )?);
+        }
+        let head = segment::<B, _, E>(
+            head,
+            SegmentId::Head,
+            &spec.prefix(SegmentId::Head),
+            from_modules,
+            &mut source,
+            (rank, world),
+        )?;
+        Ok(Self {
+            embed,
+            blocks: sharded,
+            head,
             spec,
             comm,
             device,
@@ -235,7 +330,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             steps: 0,
             micro_batches: 0,
             dropout_seed: None,
-        }
+        })
     }
 
     /// Seeds the backend's random generator before every segment runs, from `seed`, the step,
@@ -258,6 +353,8 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 segment as u64,
             ]);
             B::seed(&self.device, mixed);
+            // The fused kernels draw from a per-thread stream: thread ranks do not interleave.
+            crate::kernels::seed_thread(mixed);
         }
     }
 
@@ -269,6 +366,13 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// Optimizer steps applied so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Parameters of the whole model (every segment, unpadded).
+    pub fn parameter_count(&self) -> usize {
+        self.embed.params.layout.len
+            + self.blocks.iter().map(|b| b.params.layout.len).sum::<usize>()
+            + self.head.params.layout.len
     }
 
     /// Bytes of parameter, gradient and optimizer slices on this rank.
@@ -305,53 +409,80 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         segment.params.gather(&self.comm)
     }
 
+    /// The segment's module, built from its gathered weights: kept ones (`zero_level` 2) when
+    /// there are, else gathered now. One rank holds its whole segment already and builds the
+    /// module from it without a gathered copy. The gathered buffer is dropped as soon as the
+    /// module exists, unless `keep` (stage 2), when it is returned to be kept until backward.
+    fn working_copy<M: Module<B> + Clone>(
+        &self,
+        segment: &Segment<M>,
+        kept: Option<Vec<f32>>,
+        trainable: bool,
+        keep: bool,
+    ) -> Result<(M, Option<Vec<f32>>), CommError> {
+        if let Some(full) = kept {
+            let module = self.module(segment, &full, trainable);
+            return Ok((module, keep.then_some(full)));
+        }
+        if self.comm.world_size() == 1 {
+            let len = segment.params.layout.len;
+            let module = self.module(segment, &segment.params.local[..len], trainable);
+            return Ok((module, None));
+        }
+        let full = self.gather(segment)?;
+        let module = self.module(segment, &full, trainable);
+        Ok((module, keep.then_some(full)))
+    }
+
     /// Forward and backward of one micro-batch; gradients accumulate into each rank's slices
     /// until [`ZeroTrainer::step`]. Returns this micro-batch's (unscaled) loss.
+    ///
+    /// What lives at a time besides the sharded state: the saved block inputs (or the graphs of
+    /// blocks that are not checkpointed, with their weights), one segment's module and its
+    /// gradients, and the tied head's gradient slice; gathered buffers and autodiff gradients
+    /// are dropped as soon as they have been read.
     pub fn forward_backward(&mut self, batch: &S::Batch) -> Result<f32, CommError> {
-        let keep = self.options.zero_level <= 2;
+        // One rank has nothing to gather, so nothing to keep between forward and backward.
+        let keep = self.options.zero_level <= 2 && self.comm.world_size() > 1;
         let tied = self.spec.head_reads_embed();
         let world = self.comm.world_size() as f32;
         let scale = self.options.loss_scaler.map_or(1.0, |s| s.scale);
         let head_segment = self.blocks.len() + 1;
 
         // 1. Forward without graphs (checkpointed blocks) or with (the others).
-        let full = self.gather(&self.embed)?;
-        let embed = self.module(&self.embed, &full, false);
+        let (embed, kept) = self.working_copy(&self.embed, None, false, keep)?;
+        self.embed.kept = kept;
         self.seed_segment(0);
         let mut hidden = self.spec.embed(&embed, batch).detach();
         drop(embed);
-        self.embed.kept = keep.then_some(full);
 
         let mut saved_inputs = Vec::with_capacity(self.blocks.len());
         let mut graphs: Vec<Option<KeptGraph<B, S::Block>>> = Vec::new();
         for index in 0..self.blocks.len() {
-            let full = self.gather(&self.blocks[index])?;
             let checkpointed = self.options.checkpoint.get(index).copied().unwrap_or(false);
+            let (block, kept) = self.working_copy(&self.blocks[index], None, !checkpointed, keep)?;
+            self.blocks[index].kept = kept;
             self.seed_segment(1 + index);
             if checkpointed {
-                let block = self.module(&self.blocks[index], &full, false);
                 saved_inputs.push(hidden.clone());
                 hidden = self.spec.block(index, &block, hidden, batch).detach();
                 graphs.push(None);
             } else {
                 // Keep the graph: the input leaf, the output and the module (its leaves).
-                let block = self.module(&self.blocks[index], &full, true);
                 let input = hidden.clone().require_grad();
                 let output = self.spec.block(index, &block, input.clone(), batch);
                 saved_inputs.push(hidden.clone());
                 hidden = output.clone().detach();
                 graphs.push(Some((input, output, block)));
             }
-            self.blocks[index].kept = keep.then_some(full);
         }
 
         // 2. Head and loss, differentiated first.
-        let full = self.gather(&self.head)?;
-        let head = self.module(&self.head, &full, true);
+        let (head, _) = self.working_copy(&self.head, None, true, false)?;
         let tied_embed = match (tied, &self.embed.kept) {
             (false, _) => None,
             (true, Some(kept)) => Some(self.module(&self.embed, kept, true)),
-            (true, None) => Some(self.module(&self.embed, &self.gather(&self.embed)?, true)),
+            (true, None) => Some(self.working_copy(&self.embed, None, true, false)?.0),
         };
         let input = hidden.require_grad();
         self.seed_segment(head_segment);
@@ -366,7 +497,8 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             .expect("the loss is a float")[0];
         let grads = (loss * (scale / world)).backward();
         let head_grad = flat_grads::<B, _>(&head, &self.head.params.layout, &grads);
-        // The tied embedding's gradient from the head, added to the lookup's in step 4.
+        // The tied embedding's gradient from the head, reduce-scattered now (only this rank's
+        // slice waits for the lookup's gradient in step 4, not the whole table).
         let tied_grad =
             tied_embed.map(|embed| flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads));
         let mut upstream = Tensor::<B, 3>::from_inner(
@@ -374,19 +506,20 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 .grad(&grads)
                 .expect("the loss depends on the hidden states"),
         );
+        drop((grads, head));
         accumulate(&mut self.head, &self.comm, head_grad)?;
-        drop(full);
+        let tied_slice = match tied_grad {
+            Some(full) => Some(self.embed.params.reduce_scatter(&self.comm, full)?),
+            None => None,
+        };
 
         // 3. Blocks in reverse: recompute (checkpointed) or reuse the graph, then backward.
         for index in (0..self.blocks.len()).rev() {
             let (input, output, block) = match graphs.pop().flatten() {
                 Some(graph) => graph,
                 None => {
-                    let full = match self.blocks[index].kept.take() {
-                        Some(kept) => kept,
-                        None => self.gather(&self.blocks[index])?,
-                    };
-                    let block = self.module(&self.blocks[index], &full, true);
+                    let kept = self.blocks[index].kept.take();
+                    let (block, _) = self.working_copy(&self.blocks[index], kept, true, false)?;
                     let input = saved_inputs[index].clone().require_grad();
                     // The same seed as in forward: the same dropout masks.
                     self.seed_segment(1 + index);
@@ -398,25 +531,27 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             let grads = (output * upstream).sum().backward();
             let block_grad = flat_grads::<B, _>(&block, &self.blocks[index].params.layout, &grads);
             upstream = Tensor::from_inner(input.grad(&grads).expect("a block uses its input"));
+            drop((grads, block));
             accumulate(&mut self.blocks[index], &self.comm, block_grad)?;
         }
 
         // 4. The embedding segment.
-        let full = match self.embed.kept.take() {
-            Some(kept) => kept,
-            None => self.gather(&self.embed)?,
-        };
-        let embed = self.module(&self.embed, &full, true);
+        let kept = self.embed.kept.take();
+        let (embed, _) = self.working_copy(&self.embed, kept, true, false)?;
         self.seed_segment(0);
         let output = self.spec.embed(&embed, batch);
         let grads = (output * upstream).sum().backward();
-        let mut embed_grad = flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads);
-        if let Some(tied_grad) = tied_grad {
-            for (g, t) in embed_grad.iter_mut().zip(tied_grad) {
+        let embed_grad = flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads);
+        drop((grads, embed));
+        let mut slice = self.embed.params.reduce_scatter(&self.comm, embed_grad)?;
+        if let Some(tied_slice) = tied_slice {
+            for (g, t) in slice.iter_mut().zip(tied_slice) {
                 *g += t;
             }
         }
-        accumulate(&mut self.embed, &self.comm, embed_grad)?;
+        for (acc, g) in self.embed.grad.iter_mut().zip(slice) {
+            *acc += g;
+        }
         self.micro_batches += 1;
         Ok(loss_value)
     }
@@ -542,8 +677,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     }
 
     /// Saves a world-size-independent checkpoint into `dir` (every rank must call it; rank 0
-    /// writes). See [`crate::checkpoint`].
-    pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
+    /// writes, one segment at a time), and returns the files rank 0 wrote with their sizes and
+    /// hashes. See [`crate::checkpoint`].
+    pub fn save(&self, dir: &Path) -> Result<Vec<FileDigest>, CheckpointError> {
         let counters = TrainCounters {
             step: self.steps,
             loss_scale: self.options.loss_scaler.map(|s| s.scale),
@@ -660,6 +796,84 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         ));
         Ok(out)
     }
+}
+
+/// The module type a spec runs on `B`'s inner backend.
+type Inner<B, M> = <M as AutodiffModule<B>>::InnerModule;
+
+impl<B, S, C> ZeroTrainer<B, S, C>
+where
+    B: AutodiffBackend,
+    C: Communicator,
+    S: ZeroSpec<B> + ZeroSpec<B::InnerBackend>,
+    <S as ZeroSpec<B>>::Embed:
+        AutodiffModule<B, InnerModule = <S as ZeroSpec<B::InnerBackend>>::Embed>,
+    <S as ZeroSpec<B>>::Block:
+        AutodiffModule<B, InnerModule = <S as ZeroSpec<B::InnerBackend>>::Block>,
+    <S as ZeroSpec<B>>::Head:
+        AutodiffModule<B, InnerModule = <S as ZeroSpec<B::InnerBackend>>::Head>,
+{
+    /// Runs the model forward for evaluation on `B`'s inner backend (no autodiff graph, so no
+    /// dropout either), one gathered segment at a time, and returns what `head` makes of the last
+    /// hidden states: `head(spec, head module, embedding module when the head reads it, hidden)`
+    /// (logits, a loss). Only one segment's weights exist at a time, never the whole model.
+    ///
+    /// The gathers are collectives: every rank calls it the same number of times, each with its
+    /// own batch (its share of the evaluation data).
+    pub fn infer<T>(
+        &self,
+        batch: &<S as ZeroSpec<B::InnerBackend>>::Batch,
+        head: impl FnOnce(
+            &S,
+            &Inner<B, <S as ZeroSpec<B>>::Head>,
+            Option<&Inner<B, <S as ZeroSpec<B>>::Embed>>,
+            Tensor<B::InnerBackend, 3>,
+        ) -> T,
+    ) -> Result<T, CommError> {
+        let inner = <S as ZeroSpec<B::InnerBackend>>::embed;
+        let (embed, _) = self.working_copy(&self.embed, None, false, false)?;
+        let mut hidden = inner(&self.spec, &embed.valid(), batch);
+        drop(embed);
+        for (index, block) in self.blocks.iter().enumerate() {
+            let module = self.working_copy(block, None, false, false)?.0.valid();
+            hidden = <S as ZeroSpec<B::InnerBackend>>::block(
+                &self.spec, index, &module, hidden, batch,
+            );
+        }
+        let (head_module, _) = self.working_copy(&self.head, None, false, false)?;
+        // A tied head reads the embedding again (gathered anew: holding it through the blocks
+        // would keep the largest segment alive for the whole pass).
+        let tied = match ZeroSpec::<B>::head_reads_embed(&self.spec) {
+            true => Some(self.working_copy(&self.embed, None, false, false)?.0.valid()),
+            false => None,
+        };
+        Ok(head(
+            &self.spec,
+            &head_module.valid(),
+            tied.as_ref(),
+            hidden,
+        ))
+    }
+}
+
+/// One segment of `module`'s structure, its values read from the module itself or from `source`,
+/// sharded for `(rank, world)`.
+fn segment<B: Backend, M: Module<B>, E>(
+    module: M,
+    id: SegmentId,
+    prefix: &str,
+    from_module: bool,
+    source: &mut impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
+    (rank, world): (usize, usize),
+) -> Result<Segment<M>, E> {
+    let (layout, full) = if from_module {
+        flatten::<B, M>(&module)
+    } else {
+        let layout = layout_of::<B, M>(&module);
+        let full = source(id, prefix, &layout)?;
+        (layout, full)
+    };
+    Ok(Segment::from_full::<B>(module, layout, full, rank, world))
 }
 
 /// Every segment's gradient slice, embedding first.

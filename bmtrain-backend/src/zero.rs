@@ -184,6 +184,32 @@ pub fn layout_of<B: Backend, M: Module<B>>(module: &M) -> FlatLayout {
     shapes.layout
 }
 
+/// `module` with every float parameter replaced by a lazy one of the same shape that holds no
+/// values: what a segment keeps as its structure once its values live in the flat shards. A
+/// template's values are never read ([`load_flat`] replaces them), so the whole model's weights
+/// are not kept twice.
+pub fn hollow<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Hollow;
+    impl<B: Backend> ModuleMapper<B> for Hollow {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let shape = param.lazy_shape();
+            let device = param.lazy_device();
+            // Never called by zoo (templates are only mapped and measured); zeros if someone does.
+            let init_shape = shape.clone();
+            Param::uninitialized(
+                ParamId::new(),
+                move |device, require_grad| {
+                    Tensor::zeros(init_shape.clone(), device).set_require_grad(require_grad)
+                },
+                device,
+                false,
+                shape,
+            )
+        }
+    }
+    module.map(&mut Hollow)
+}
+
 /// A copy of `module` whose parameters are `data` (laid out as `layout`), as fresh leaves that
 /// require gradients when `trainable`. The template's own values are never read, so a lazily
 /// initialised template costs nothing.
@@ -297,6 +323,20 @@ pub struct ShardedParams {
 }
 
 impl ShardedParams {
+    /// The parameters of `layout` of which this rank holds `local` (its `shard_len`-long slice).
+    pub fn from_slice(layout: FlatLayout, local: Vec<f32>, world: usize) -> Self {
+        let shards = ShardLayout {
+            len: layout.len,
+            world,
+        };
+        debug_assert_eq!(local.len(), shards.shard_len());
+        Self {
+            layout,
+            shards,
+            local,
+        }
+    }
+
     /// Keeps `rank`'s slice of a full buffer.
     pub fn from_full(layout: FlatLayout, full: &[f32], rank: usize, world: usize) -> Self {
         let shards = ShardLayout {

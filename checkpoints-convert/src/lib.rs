@@ -26,9 +26,10 @@ pub use batch::Batch;
 pub use error::{ConvertError, Result};
 pub use model_dir::{
     ConvertReport, DirKind, LoadOptions, LoadedModel, ModelSpec, ZooManifest, ZooWeights,
-    build_model, convert_hf_to_zoo, export_zoo_to_hf, load_model, read_spec,
+    ZooWeightsReader, build_model, convert_hf_to_zoo, export_zoo_to_hf, load_model, read_spec,
 };
 pub use tensors::{
-    StoredTensor, TensorMap, WeightsFormat, read_dir_weights, read_weights_file, write_safetensors,
+    IndexedTensor, StoredTensor, TensorIndex, TensorMap, WeightsFormat, index_dir_weights,
+    index_weights_file, read_dir_weights, read_weights_file, write_safetensors,
 };
 pub use tokenizer::{TextTokenizer, encode, load_tokenizer};

@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::error::{ConvertError, Result};
 use crate::families::{KeyPair, Layout, Variant, by_hf_key, table};
 use crate::tensors::{
-    StoredTensor, TensorMap, WeightsFormat, concat_last_dim, read_dir_weights, read_json,
+    IndexedTensor, TensorIndex, WeightsFormat, concat_last_dim, index_dir_weights, read_json,
     split_last_dim, transpose_2d, write_atomic, write_safetensors,
 };
 use crate::tokenizer;
@@ -142,6 +142,64 @@ pub struct ZooWeights {
     pub unused: Vec<String>,
 }
 
+/// A directory's weights under zoo names, checked against the spec (every key and shape, from
+/// the files' headers), each read from disk only when asked ([`ZooWeightsReader::read`]): a
+/// training job builds its shards tensor by tensor without ever holding the whole checkpoint.
+#[derive(Debug, Clone)]
+pub struct ZooWeightsReader {
+    /// Per zoo key: the stored tensor and how its layout becomes zoo's.
+    recipes: BTreeMap<String, (IndexedTensor, Layout)>,
+    /// Keys of the checkpoint that no parameter uses.
+    pub unused: Vec<String>,
+}
+
+impl ZooWeightsReader {
+    /// The zoo keys, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.recipes.keys().map(String::as_str)
+    }
+
+    /// The zoo shape of `key`, if the checkpoint has it.
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.recipes
+            .get(key)
+            .map(|(stored, layout)| zoo_shape(&stored.shape, *layout))
+    }
+
+    /// Reads `key` in zoo's layout and the stored dtype; `None` if the checkpoint lacks it.
+    pub fn read(&self, key: &str) -> Option<Result<TensorData>> {
+        let (stored, layout) = self.recipes.get(key)?;
+        Some(stored.read().map(|data| match *layout {
+            Layout::Same => data,
+            Layout::Transposed => transpose_2d(&data),
+            Layout::Split { part, parts } => split_last_dim(&data, part, parts),
+        }))
+    }
+
+    /// Reads every tensor.
+    pub fn read_all(self) -> Result<ZooWeights> {
+        let mut tensors = BTreeMap::new();
+        for key in self.recipes.keys() {
+            let data = self.read(key).expect("a key of the reader")?;
+            tensors.insert(key.clone(), data);
+        }
+        Ok(ZooWeights {
+            tensors,
+            unused: self.unused,
+        })
+    }
+}
+
+impl models::train::TensorSource for ZooWeightsReader {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        ZooWeightsReader::shape(self, name)
+    }
+
+    fn read(&self, name: &str) -> Option<std::result::Result<TensorData, String>> {
+        ZooWeightsReader::read(self, name).map(|r| r.map_err(|e| e.to_string()))
+    }
+}
+
 impl ModelSpec {
     /// The key pairs of this model.
     pub fn key_pairs(&self) -> Vec<KeyPair> {
@@ -163,11 +221,11 @@ impl ModelSpec {
     }
 
     /// Maps HF tensors to zoo names, checking that every parameter is there with the right shape.
-    pub fn hf_to_zoo(&self, hf: TensorMap, source_name: &str) -> Result<ZooWeights> {
+    pub fn hf_to_zoo(&self, hf: TensorIndex, source_name: &str) -> Result<ZooWeightsReader> {
         let table = table(self.architecture.family());
         let pairs = self.key_pairs();
         let lookup = by_hf_key(&pairs);
-        let mut found: BTreeMap<&str, StoredTensor> = BTreeMap::new();
+        let mut found: BTreeMap<&str, IndexedTensor> = BTreeMap::new();
         let mut aliased = Vec::new();
         let mut unused = Vec::new();
         for (key, tensor) in hf {
@@ -203,23 +261,18 @@ impl ModelSpec {
             });
         }
         let expected = self.expected_shapes()?;
-        let mut tensors = BTreeMap::new();
+        let mut recipes = BTreeMap::new();
         for pair in &pairs {
             let stored = &found[pair.hf.as_str()];
             let want = &expected[&pair.zoo];
             check_shape(stored, &pair.hf, &hf_shape(want, pair.layout))?;
-            let data = match pair.layout {
-                Layout::Same => stored.data.clone(),
-                Layout::Transposed => transpose_2d(&stored.data),
-                Layout::Split { part, parts } => split_last_dim(&stored.data, part, parts),
-            };
-            tensors.insert(pair.zoo.clone(), data);
+            recipes.insert(pair.zoo.clone(), (stored.clone(), pair.layout));
         }
-        Ok(ZooWeights { tensors, unused })
+        Ok(ZooWeightsReader { recipes, unused })
     }
 
     /// Checks zoo-named tensors (a zoo directory's) the same way.
-    pub fn check_zoo(&self, mut zoo: TensorMap, source_name: &str) -> Result<ZooWeights> {
+    pub fn check_zoo(&self, mut zoo: TensorIndex, source_name: &str) -> Result<ZooWeightsReader> {
         let expected = self.expected_shapes()?;
         let missing: Vec<String> = expected
             .keys()
@@ -233,14 +286,14 @@ impl ModelSpec {
                 keys: missing,
             });
         }
-        let mut tensors = BTreeMap::new();
+        let mut recipes = BTreeMap::new();
         for (key, shape) in &expected {
             let stored = zoo.remove(key).expect("checked above");
             check_shape(&stored, key, shape)?;
-            tensors.insert(key.clone(), stored.data);
+            recipes.insert(key.clone(), (stored, Layout::Same));
         }
-        Ok(ZooWeights {
-            tensors,
+        Ok(ZooWeightsReader {
+            recipes,
             unused: zoo.into_keys().collect(),
         })
     }
@@ -248,8 +301,14 @@ impl ModelSpec {
     /// Reads and checks the directory's weights, whatever its kind. An HF T5 checkpoint saved by
     /// transformers 5 may untie the head here (see [`ModelSpec::resolve_tied_output`]).
     pub fn read_weights(&mut self, format: WeightsFormat) -> Result<ZooWeights> {
+        self.open_weights(format)?.read_all()
+    }
+
+    /// Checks the directory's weights from their headers and returns a reader of them under zoo
+    /// names: what [`ModelSpec::read_weights`] reads at once, tensor by tensor.
+    pub fn open_weights(&mut self, format: WeightsFormat) -> Result<ZooWeightsReader> {
         let source_name = self.dir.display().to_string();
-        let tensors = read_dir_weights(&self.dir, format)?;
+        let tensors = index_dir_weights(&self.dir, format)?;
         match self.kind {
             DirKind::Hf => {
                 self.resolve_tied_output(&tensors)?;
@@ -265,7 +324,7 @@ impl ModelSpec {
     /// `tie_word_embeddings: true` for every T5 and keeps a separate head in the file; the config
     /// is then untied (also in the HF config zoo stores). With any other config a distinct head
     /// contradicts `tie_word_embeddings: true` and is an error.
-    pub fn resolve_tied_output(&mut self, hf: &TensorMap) -> Result<()> {
+    pub fn resolve_tied_output(&mut self, hf: &TensorIndex) -> Result<()> {
         let table = table(self.architecture.family());
         let Some((head, embeddings)) = table.tied_output else {
             return Ok(());
@@ -280,9 +339,7 @@ impl ModelSpec {
         let (Some(h), Some(e)) = (hf.get(head), hf.get(embeddings)) else {
             return Ok(());
         };
-        if h.data.shape == e.data.shape
-            && h.data.dtype == e.data.dtype
-            && h.data.as_bytes() == e.data.as_bytes()
+        if h.shape == e.shape && h.dtype == e.dtype && h.read()?.as_bytes() == e.read()?.as_bytes()
         {
             return Ok(());
         }
@@ -322,8 +379,23 @@ fn hf_shape(zoo_shape: &[usize], layout: Layout) -> Vec<usize> {
     }
 }
 
-fn check_shape(stored: &StoredTensor, key: &str, expected: &[usize]) -> Result<()> {
-    let found = stored.data.shape.to_vec();
+/// The zoo-layout shape of an HF shape (the inverse of [`hf_shape`]).
+fn zoo_shape(hf: &[usize], layout: Layout) -> Vec<usize> {
+    match layout {
+        Layout::Same => hf.to_vec(),
+        Layout::Transposed => hf.iter().rev().copied().collect(),
+        Layout::Split { parts, .. } => {
+            let mut shape = hf.to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last /= parts;
+            }
+            shape
+        }
+    }
+}
+
+fn check_shape(stored: &IndexedTensor, key: &str, expected: &[usize]) -> Result<()> {
+    let found = stored.shape.clone();
     if found != expected {
         return Err(ConvertError::ShapeMismatch {
             file: stored.file.display().to_string(),

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::{DType, TensorData};
-use safetensors::{Dtype, SafeTensors, serialize};
+use safetensors::{Dtype, serialize};
 use serde::Deserialize;
 
 use crate::error::{ConvertError, Result};
@@ -22,6 +23,54 @@ pub struct StoredTensor {
 
 /// Tensors by key, sorted.
 pub type TensorMap = BTreeMap<String, StoredTensor>;
+
+/// A tensor of a checkpoint known by its header: dtype, shape and where its bytes are, read only
+/// when asked ([`IndexedTensor::read`]). Cloning one is cheap.
+#[derive(Debug, Clone)]
+pub struct IndexedTensor {
+    /// Dtype as stored.
+    pub dtype: DType,
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+    /// The file it is in (for error messages).
+    pub file: PathBuf,
+    location: Location,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    /// `len` bytes at `offset` of an open safetensors file.
+    Region {
+        file: Arc<fs::File>,
+        offset: u64,
+        len: usize,
+    },
+    /// Already in memory (a pickle's tensors are read whole).
+    Loaded(Arc<TensorData>),
+}
+
+impl IndexedTensor {
+    /// Reads the tensor's bytes (a positioned read of a safetensors file: nothing is mapped).
+    pub fn read(&self) -> Result<TensorData> {
+        match &self.location {
+            Location::Loaded(data) => Ok(TensorData::clone(data)),
+            Location::Region { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut bytes = vec![0u8; *len];
+                file.read_exact_at(&mut bytes, *offset)
+                    .map_err(|e| ConvertError::io(&self.file, e))?;
+                Ok(TensorData::from_bytes_vec(
+                    bytes,
+                    self.shape.clone(),
+                    self.dtype,
+                ))
+            }
+        }
+    }
+}
+
+/// Every tensor of a checkpoint by key, from the headers alone.
+pub type TensorIndex = BTreeMap<String, IndexedTensor>;
 
 /// The weight files zoo reads, in the order it looks for them.
 pub const WEIGHT_FILES: [&str; 4] = [
@@ -45,6 +94,11 @@ pub enum WeightsFormat {
 
 /// Reads every tensor of a model directory's weights.
 pub fn read_dir_weights(dir: &Path, format: WeightsFormat) -> Result<TensorMap> {
+    read_all(index_dir_weights(dir, format)?)
+}
+
+/// Indexes a model directory's weights (headers only; see [`index_weights_file`]).
+pub fn index_dir_weights(dir: &Path, format: WeightsFormat) -> Result<TensorIndex> {
     let candidates: &[&str] = match format {
         WeightsFormat::Auto => &WEIGHT_FILES,
         WeightsFormat::Safetensors => &WEIGHT_FILES[..2],
@@ -57,19 +111,42 @@ pub fn read_dir_weights(dir: &Path, format: WeightsFormat) -> Result<TensorMap> 
         .ok_or_else(|| ConvertError::NoWeights {
             dir: dir.to_path_buf(),
         })?;
-    read_weights_file(&found)
+    index_weights_file(&found)
 }
 
 /// Reads a safetensors file, a `.bin` pickle, or a sharded `*.index.json` and all its shards.
 pub fn read_weights_file(path: &Path) -> Result<TensorMap> {
+    read_all(index_weights_file(path)?)
+}
+
+/// Every tensor of an index, read.
+fn read_all(index: TensorIndex) -> Result<TensorMap> {
+    index
+        .into_iter()
+        .map(|(key, tensor)| {
+            let data = tensor.read()?;
+            Ok((
+                key,
+                StoredTensor {
+                    data,
+                    file: tensor.file,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Indexes a safetensors file (its header, checked against the file's size), a `.bin` pickle
+/// (read whole: pickles have no header to index), or a sharded `*.index.json` and its shards.
+pub fn index_weights_file(path: &Path) -> Result<TensorIndex> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     if name.ends_with(".index.json") {
-        read_sharded(path)
+        index_sharded(path)
     } else if name.ends_with(".safetensors") {
-        read_safetensors(path)
+        index_safetensors(path)
     } else {
         read_pytorch_bin(path)
     }
@@ -81,15 +158,15 @@ struct ShardIndex {
     weight_map: BTreeMap<String, String>,
 }
 
-fn read_sharded(index_path: &Path) -> Result<TensorMap> {
+fn index_sharded(index_path: &Path) -> Result<TensorIndex> {
     let index: ShardIndex = read_json(index_path)?;
     let dir = index_path.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<&String> = index.weight_map.values().collect();
     shards.sort();
     shards.dedup();
-    let mut tensors = TensorMap::new();
+    let mut tensors = TensorIndex::new();
     for shard in shards {
-        tensors.extend(read_weights_file(&dir.join(shard))?);
+        tensors.extend(index_weights_file(&dir.join(shard))?);
     }
     // Every key the index names must be in the shard it names.
     for (key, shard) in &index.weight_map {
@@ -113,27 +190,64 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
-fn read_safetensors(path: &Path) -> Result<TensorMap> {
-    let bytes = fs::read(path).map_err(|e| ConvertError::io(path, e))?;
+/// Indexes a safetensors file: its header, checked against the file's size before anything it
+/// claims is allocated; each tensor is read later with a positioned read of its bytes. The file
+/// is never held whole in memory, nor mapped.
+fn index_safetensors(path: &Path) -> Result<TensorIndex> {
+    use std::os::unix::fs::FileExt;
     let bad = |message: String| ConvertError::BadWeightsFile {
         path: path.to_path_buf(),
         format: "safetensors",
         message,
     };
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let mut tensors = TensorMap::new();
-    for (key, view) in file.tensors() {
-        let dtype = burn_dtype(view.dtype()).ok_or_else(|| ConvertError::UnsupportedDtype {
+    let io = |e| ConvertError::io(path, e);
+    let file = fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    if size < 8 {
+        return Err(bad(format!("{size} bytes, shorter than its header")));
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact_at(&mut prefix, 0).map_err(io)?;
+    let header_len = u64::from_le_bytes(prefix);
+    // safetensors' own limit on headers, and the file's size, bound what the header may claim.
+    if header_len > 100_000_000 || header_len > size - 8 {
+        return Err(bad(format!(
+            "its header claims {header_len} bytes of a {size}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8).map_err(io)?;
+    let header: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let data_start = 8 + header_len;
+    if data_start + header.data_len() as u64 != size {
+        return Err(bad(format!(
+            "the header describes {} bytes of tensors, the file holds {}",
+            header.data_len(),
+            size - data_start
+        )));
+    }
+    let file = Arc::new(file);
+    let mut tensors = TensorIndex::new();
+    for key in header.offset_keys() {
+        let info = header.info(&key).expect("a key of the header");
+        let dtype = burn_dtype(info.dtype).ok_or_else(|| ConvertError::UnsupportedDtype {
             file: path.display().to_string(),
             key: key.clone(),
-            dtype: format!("{:?}", view.dtype()),
+            dtype: format!("{:?}", info.dtype),
         })?;
-        let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
+        let (start, end) = info.data_offsets;
         tensors.insert(
             key,
-            StoredTensor {
-                data,
+            IndexedTensor {
+                dtype,
+                shape: info.shape.clone(),
                 file: path.to_path_buf(),
+                location: Location::Region {
+                    file: file.clone(),
+                    offset: data_start + start as u64,
+                    len: end - start,
+                },
             },
         );
     }
@@ -142,7 +256,7 @@ fn read_safetensors(path: &Path) -> Result<TensorMap> {
 
 /// Reads a `torch.save` state dict. burn-store's reader interprets the pickle opcodes itself and
 /// never runs pickled code, so a malicious `.bin` cannot execute anything.
-fn read_pytorch_bin(path: &Path) -> Result<TensorMap> {
+fn read_pytorch_bin(path: &Path) -> Result<TensorIndex> {
     let bad = |message: String| ConvertError::BadWeightsFile {
         path: path.to_path_buf(),
         format: "PyTorch pickle",
@@ -155,16 +269,18 @@ fn read_pytorch_bin(path: &Path) -> Result<TensorMap> {
         ));
     }
     let reader = burn_store::pytorch::PytorchReader::new(path).map_err(|e| bad(e.to_string()))?;
-    let mut tensors = TensorMap::new();
+    let mut tensors = TensorIndex::new();
     for (key, snapshot) in reader.into_tensors() {
         let data = snapshot
             .to_data()
             .map_err(|e| bad(format!("key '{key}': {e:?}")))?;
         tensors.insert(
             key,
-            StoredTensor {
-                data,
+            IndexedTensor {
+                dtype: data.dtype,
+                shape: data.shape.to_vec(),
                 file: path.to_path_buf(),
+                location: Location::Loaded(Arc::new(data)),
             },
         );
     }
@@ -210,17 +326,41 @@ pub fn transpose_2d(data: &TensorData) -> TensorData {
         .to_vec()
         .try_into()
         .expect("transpose_2d needs a 2-D tensor");
-    let size = data.dtype.size();
     let bytes = data.as_bytes();
-    let mut out = vec![0u8; bytes.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            let from = (r * cols + c) * size;
-            let to = (c * rows + r) * size;
-            out[to..to + size].copy_from_slice(&bytes[from..from + size]);
-        }
-    }
+    let out = match data.dtype.size() {
+        1 => transpose_elements::<1>(bytes, rows, cols),
+        2 => transpose_elements::<2>(bytes, rows, cols),
+        4 => transpose_elements::<4>(bytes, rows, cols),
+        8 => transpose_elements::<8>(bytes, rows, cols),
+        size => unreachable!("no dtype has {size}-byte elements"),
+    };
     TensorData::from_bytes_vec(out, vec![cols, rows], data.dtype)
+}
+
+/// `[rows, cols]` elements of `N` bytes → `[cols, rows]`, in 32 × 32 tiles (both sides stay in
+/// cache), each band of output rows on its own thread.
+fn transpose_elements<const N: usize>(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let (input, _) = bytes.as_chunks::<N>();
+    let mut out = vec![0u8; bytes.len()];
+    let (output, _) = out.as_chunks_mut::<N>();
+    // Output row c holds input column c; a band is TILE output rows.
+    output
+        .par_chunks_mut(TILE * rows.max(1))
+        .enumerate()
+        .for_each(|(band, block)| {
+            let c0 = band * TILE;
+            let band_cols = block.len() / rows.max(1);
+            for r0 in (0..rows).step_by(TILE) {
+                for c in 0..band_cols {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        block[c * rows + r] = input[r * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// Part `part` of `parts` equal slices of the last dimension (GPT-2's fused `c_attn` → q, k, v),

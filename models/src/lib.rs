@@ -44,6 +44,14 @@ pub enum ModelError {
     /// A feature zoo does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A checkpoint tensor a model cannot start from.
+    #[error("tensor '{name}': {message}")]
+    Weights {
+        /// The tensor's zoo name.
+        name: String,
+        /// What is wrong with it (missing, its shape).
+        message: String,
+    },
 }
 
 impl ModelError {

@@ -10,12 +10,17 @@
 //! - [`ClassifierSpec`]: `BertForSequenceClassification` and `RobertaForSequenceClassification`
 //!   with the cross-entropy over labels.
 
+use std::collections::BTreeMap;
+
+use crate::ModelError;
 use crate::layers::Linear;
 use crate::layers::{Dropout, DropoutConfig};
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
+use bmtrain_backend::zero::FlatLayout;
 use burn::module::Module;
 use burn::nn::Embedding;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::TensorData;
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::bert::{
@@ -93,7 +98,7 @@ impl Gpt2Spec {
     }
 }
 
-impl<B: AutodiffBackend> ZeroSpec<B> for Gpt2Spec {
+impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
     type Embed = Gpt2Embedding<B>;
     type Block = Gpt2Block<B>;
     type Head = Gpt2Head<B>;
@@ -165,61 +170,187 @@ impl<B: AutodiffBackend> ZeroSpec<B> for Gpt2Spec {
     }
 }
 
-/// GPT-2's initialisation (transformers' `GPT2PreTrainedModel._init_weights`, nanoGPT): every
-/// weight matrix and embedding `N(0, 0.02)`, the two residual projections of each block
-/// (`attention.output`, `mlp.output`) `N(0, 0.02 / √(2 · n_layer))`, biases 0, LayerNorm 1 and 0.
-/// Drawn from `seed` with a generator of its own, so every rank and every world size starts from
-/// the same weights.
+/// How a family's parameters start when no checkpoint gives them (transformers'
+/// `_init_weights`). Every parameter is drawn from the seed and its own name alone, so it starts
+/// the same whatever segment holds it, whichever other parameters the model has and however
+/// many ranks train it; the draws run on all threads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitScheme {
+    /// GPT-2 (transformers' `GPT2PreTrainedModel._init_weights`, nanoGPT): every weight matrix
+    /// and embedding `N(0, 0.02)`, the two residual projections of each block
+    /// (`attention.output`, `mlp.output`) `N(0, 0.02 / √(2 · n_layer))`, biases 0, LayerNorm 1
+    /// and 0.
+    Gpt2 {
+        /// Blocks, for the residual scaling.
+        n_layer: usize,
+    },
+    /// BERT and RoBERTa (`BertPreTrainedModel._init_weights`): weights and embeddings
+    /// `N(0, 0.02)`, biases 0, LayerNorm 1 and 0.
+    Bert,
+}
+
+/// Elements drawn from one generator: the unit of parallel initialisation.
+const INIT_CHUNK: usize = 1 << 16;
+
+impl InitScheme {
+    /// The standard deviation of a weight named `name`.
+    fn std(&self, name: &str) -> f64 {
+        match *self {
+            InitScheme::Gpt2 { n_layer }
+                if name.ends_with("attention.output.weight")
+                    || name.ends_with("mlp.output.weight") =>
+            {
+                0.02 / (2.0 * n_layer as f64).sqrt()
+            }
+            _ => 0.02,
+        }
+    }
+
+    /// The `len` initial values of the parameter called `name` (its zoo name): LayerNorm scales
+    /// (`.gamma`) 1, shifts and biases 0, everything else normal.
+    pub fn values(&self, seed: u64, name: &str, len: usize) -> Vec<f32> {
+        use rand::{RngExt, SeedableRng, rngs::StdRng};
+        use rayon::prelude::*;
+        if name.ends_with(".gamma") {
+            return vec![1.0; len];
+        }
+        if name.ends_with(".beta") || name.ends_with(".bias") {
+            return vec![0.0; len];
+        }
+        let std = self.std(name);
+        // FNV-1a of the name: parameters of one seed get unrelated streams.
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let mut out = vec![0.0f32; len];
+        out.par_chunks_mut(INIT_CHUNK)
+            .enumerate()
+            .for_each(|(chunk, values)| {
+                let mut rng = StdRng::seed_from_u64(
+                    seed ^ name_hash.rotate_left(17) ^ (chunk as u64).wrapping_mul(0x9E37_79B9),
+                );
+                for value in values {
+                    // Box–Muller: two uniforms in (0, 1] give one standard normal.
+                    let u1: f64 = 1.0 - rng.random::<f64>();
+                    let u2: f64 = rng.random::<f64>();
+                    *value =
+                        (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
+                }
+            });
+        out
+    }
+}
+
+/// GPT-2's initialisation ([`InitScheme::Gpt2`]) of a whole model, from `seed`.
 pub fn gpt2_init<B: Backend>(
     model: Gpt2LmHeadModel<B>,
     n_layer: usize,
     seed: u64,
     device: &B::Device,
 ) -> Gpt2LmHeadModel<B> {
-    let residual_std = 0.02 / (2.0 * n_layer as f64).sqrt();
-    normal_init(model, seed, device, |name| {
-        let residual =
-            name.ends_with("attention.output.weight") || name.ends_with("mlp.output.weight");
-        if residual { residual_std } else { 0.02 }
-    })
+    init_module(model, InitScheme::Gpt2 { n_layer }, seed, device)
 }
 
-/// BERT's initialisation (transformers' `BertPreTrainedModel._init_weights`): weights and
-/// embeddings `N(0, 0.02)`, biases 0, LayerNorm 1 and 0; from `seed`, as [`gpt2_init`].
+/// BERT's initialisation ([`InitScheme::Bert`]) of a whole model, from `seed`.
 pub fn bert_init<B: Backend, M: Module<B>>(model: M, seed: u64, device: &B::Device) -> M {
-    normal_init(model, seed, device, |_| 0.02)
+    init_module(model, InitScheme::Bert, seed, device)
 }
 
-/// LayerNorm scales 1, shifts and biases 0, everything else `N(0, std(name))`.
-fn normal_init<B: Backend, M: Module<B>>(
+/// `model` with every parameter drawn by `scheme` (names are the module's own).
+fn init_module<B: Backend, M: Module<B>>(
     model: M,
+    scheme: InitScheme,
     seed: u64,
     device: &B::Device,
-    std_of: impl Fn(&str) -> f64,
 ) -> M {
-    use rand::{RngExt, SeedableRng, rngs::StdRng};
     let layout = bmtrain_backend::zero::layout_of::<B, _>(&model);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut normal = move |std: f64| -> f32 {
-        // Box–Muller: two uniforms in (0, 1] give one standard normal.
-        let u1: f64 = 1.0 - rng.random::<f64>();
-        let u2: f64 = rng.random::<f64>();
-        (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-    };
     let mut values = Vec::with_capacity(layout.len);
     for entry in &layout.entries {
-        let name = entry.name.as_str();
-        let len = entry.len();
-        if name.ends_with(".gamma") {
-            values.extend(std::iter::repeat_n(1.0, len));
-        } else if name.ends_with(".beta") || name.ends_with(".bias") {
-            values.extend(std::iter::repeat_n(0.0, len));
-        } else {
-            let std = std_of(name);
-            values.extend((0..len).map(|_| normal(std)));
-        }
+        values.extend(scheme.values(seed, &entry.name, entry.len()));
     }
     bmtrain_backend::zero::load_flat(model, &layout, &values, device, false)
+}
+
+/// Tensors by zoo name a trainer can start from: a checkpoint's, read when asked (so that a
+/// model's segments are built one at a time, never the whole checkpoint at once).
+pub trait TensorSource {
+    /// The shape of `name`, if the source has it.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// Reads `name` (any float dtype); `None` if the source lacks it.
+    fn read(&self, name: &str) -> Option<Result<TensorData, String>>;
+}
+
+impl TensorSource for BTreeMap<String, TensorData> {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.get(name).map(|data| data.shape.to_vec())
+    }
+
+    fn read(&self, name: &str) -> Option<Result<TensorData, String>> {
+        self.get(name).cloned().map(Ok)
+    }
+}
+
+/// Where a trainer's segments take their first values ([`ZeroTrainer::from_source`]): a
+/// checkpoint's tensors (zoo names, any float dtype) where it has them, the family's
+/// initialisation for the rest. One segment's buffer is built at a time, so a model is never
+/// held twice.
+///
+/// [`ZeroTrainer::from_source`]: bmtrain_backend::trainer::ZeroTrainer::from_source
+pub struct StartValues<'a> {
+    /// The checkpoint's tensors by zoo name, if training starts from one.
+    pub tensors: Option<&'a dyn TensorSource>,
+    /// With a checkpoint: whether every parameter must come from it (continuing a model), or
+    /// missing and differently shaped ones start fresh (a new classification head).
+    pub strict: bool,
+    /// The initialisation of the parameters the checkpoint lacks.
+    pub init: InitScheme,
+    /// Its seed.
+    pub seed: u64,
+    /// The names of the parameters that started fresh although a checkpoint was given.
+    pub fresh: Vec<String>,
+}
+
+impl StartValues<'_> {
+    /// The whole f32 buffer of the segment whose tensors are `prefix.` + `layout`'s names.
+    pub fn segment(&mut self, prefix: &str, layout: &FlatLayout) -> Result<Vec<f32>, ModelError> {
+        let mut values = Vec::with_capacity(layout.len);
+        for entry in &layout.entries {
+            let name = bmtrain_backend::checkpoint::tensor_name(prefix, &entry.name);
+            let stored = self.tensors.and_then(|t| t.shape(&name));
+            let error = |message: String| ModelError::Weights {
+                name: name.clone(),
+                message,
+            };
+            match (stored, self.tensors) {
+                (Some(shape), Some(tensors)) if shape == entry.shape => {
+                    let data = tensors
+                        .read(&name)
+                        .expect("a tensor the source has a shape for")
+                        .map_err(error)?;
+                    match data.as_slice::<f32>() {
+                        Ok(slice) => values.extend_from_slice(slice),
+                        Err(_) => values.extend(data.convert::<f32>().iter::<f32>()),
+                    }
+                }
+                (shape, Some(_)) if self.strict => {
+                    return Err(error(match shape {
+                        Some(shape) => format!(
+                            "the checkpoint's is {shape:?}, the model's {:?}",
+                            entry.shape
+                        ),
+                        None => "not in the checkpoint".into(),
+                    }));
+                }
+                (_, tensors) => {
+                    if tensors.is_some() {
+                        self.fresh.push(name.clone());
+                    }
+                    values.extend(self.init.values(self.seed, &name, entry.len()));
+                }
+            }
+        }
+        Ok(values)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,7 +462,7 @@ impl<B: Backend> ClassifierHead<B> {
     }
 }
 
-impl<B: AutodiffBackend> ZeroSpec<B> for ClassifierSpec {
+impl<B: Backend> ZeroSpec<B> for ClassifierSpec {
     type Embed = Embeddings<B>;
     type Block = BertLayer<B>;
     type Head = ClassifierHead<B>;

@@ -20,19 +20,19 @@ use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use checkpoints_convert::{DirKind, ModelSpec, TextTokenizer, ZooManifest, load_tokenizer};
+use checkpoints_convert::{TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer};
 use clap::Args;
-use models::bert::{BertConfig, BertForSequenceClassification, EncoderInput};
+use models::bert::{BertConfig, BertForSequenceClassification};
 use models::roberta::RobertaForSequenceClassification;
-use models::train::{ClassifierBatch, ClassifierSpec, bert_init};
-use models::{AnyModel, Architecture, Family, ModelConfig};
+use models::train::{ClassifierBatch, ClassifierSpec, InitScheme, StartValues, TensorSource};
+use models::{Architecture, Family, ModelConfig};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunOutputs, any_rank_interrupted,
-    mean_over_ranks, on_lead_model, resume_trainer, run_ranks, save_checkpoint,
+    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, any_rank_interrupted,
+    mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
 };
 
 /// `zoo finetune` arguments.
@@ -96,6 +96,34 @@ pub struct FinetuneArgs {
     memory: MemoryArgs,
 }
 
+/// A BERT or RoBERTa directory's weights as the classifier names them: a base model's
+/// (`BertModel`, `RobertaModel`) names gain the encoder's prefix.
+struct ClassifierWeights {
+    reader: ZooWeightsReader,
+    /// `bert.` / `roberta.` for a base model's directory.
+    base_prefix: Option<&'static str>,
+}
+
+impl ClassifierWeights {
+    /// The directory's key of the classifier's tensor `name`.
+    fn key<'a>(&self, name: &'a str) -> Option<&'a str> {
+        match self.base_prefix {
+            Some(prefix) => name.strip_prefix(prefix),
+            None => Some(name),
+        }
+    }
+}
+
+impl TensorSource for ClassifierWeights {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.reader.shape(self.key(name)?)
+    }
+
+    fn read(&self, name: &str) -> Option<Result<TensorData, String>> {
+        TensorSource::read(&self.reader, self.key(name)?)
+    }
+}
+
 /// One tokenised example.
 #[derive(Debug, Clone)]
 struct Example {
@@ -107,12 +135,15 @@ struct Example {
 struct Job {
     args: FinetuneArgs,
     run_dir: PathBuf,
+    /// The run directory's lock, held until the job ends.
+    _lock: Option<RunLock>,
     architecture: Architecture,
     config: BertConfig,
     manifest: ZooManifest,
     tokenizer_json: Option<String>,
-    /// The directory's weights under the classifier's zoo names (missing ones start fresh).
-    initial: BTreeMap<String, TensorData>,
+    /// The directory's weights under the classifier's zoo names (missing ones start fresh),
+    /// read when the shards are built.
+    initial: ClassifierWeights,
     train: Vec<Example>,
     valid: Vec<Example>,
     pad_id: u32,
@@ -213,28 +244,20 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
     if let Some(p) = args.dropout {
         config = config.with_dropout(p);
     }
-    let weights = spec.read_weights(Default::default())?;
-    // Base-model names gain the encoder's prefix; heads of other tasks are dropped.
-    let prefix = match family {
-        Family::Roberta => "roberta.",
-        _ => "bert.",
-    };
+    // Checked now (every key and shape, from the headers), read segment by segment in training.
+    let reader = spec.open_weights(Default::default())?;
+    // Base-model names gain the encoder's prefix; heads of other tasks are not read.
     let base = matches!(
         spec.architecture,
         Architecture::BertModel | Architecture::RobertaModel
     );
-    let initial: BTreeMap<String, TensorData> = weights
-        .tensors
-        .into_iter()
-        .map(|(name, data)| {
-            let name = if base {
-                format!("{prefix}{name}")
-            } else {
-                name
-            };
-            (name, data.convert::<f32>())
-        })
-        .collect();
+    let initial = ClassifierWeights {
+        reader,
+        base_prefix: base.then_some(match family {
+            Family::Roberta => "roberta.",
+            _ => "bert.",
+        }),
+    };
 
     let tokenizer = load_tokenizer(&args.model)?
         .with_context(|| format!("{}: no tokenizer files", args.model.display()))?;
@@ -278,12 +301,13 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         architecture: architecture.hf_name().into(),
         hf_config,
     };
-    let run_dir = args.run.open_run_dir("finetune")?;
+    let (run_dir, lock) = args.run.open_run_dir("finetune")?;
     let resume = args.run.resume_checkpoint()?;
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     Ok(Job {
         args,
         run_dir,
+        _lock: lock,
         architecture,
         config,
         manifest,
@@ -510,55 +534,60 @@ fn epoch_order(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
     order
 }
 
-fn model_spec(job: &Job) -> ModelSpec {
-    ModelSpec {
-        kind: DirKind::Zoo,
-        dir: job.run_dir.clone(),
-        architecture: job.architecture,
-        config: ModelConfig::Bert(job.config.clone()),
-        hf_config: job.manifest.hf_config.clone(),
+/// Accuracy, F1 and loss on the validation set, run through the trainer's segments (one
+/// gathered at a time, on the inference backend: no dropout). Each chunk of `--batch` examples
+/// is shared between the ranks; a rank whose share is empty runs one padding row it then
+/// ignores, since every rank joins every gather. The confusion counts and the loss are summed
+/// over the ranks, so all ranks return the same evaluation.
+fn evaluate<AB: AutodiffBackend>(
+    job: &Job,
+    trainer: &ZeroTrainer<AB, ClassifierSpec, Box<dyn Communicator>>,
+    device: &AB::Device,
+) -> anyhow::Result<Option<Evaluation>> {
+    if job.valid.is_empty() {
+        return Ok(None);
     }
-}
-
-/// Accuracy, F1 and loss of the assembled model on the validation set.
-fn evaluate_model<B: Backend>(job: &Job, model: &AnyModel<B>, device: &B::Device) -> Evaluation {
+    let (rank, world) = (trainer.comm().rank(), trainer.comm().world_size());
     let k = job.args.num_labels;
-    let mut confusion = vec![vec![0usize; k]; k];
-    let mut loss = 0.0;
+    // k × k confusion counts (true label, predicted), then the summed loss.
+    let mut totals = vec![0.0f32; k * k + 1];
     for chunk in job.valid.chunks(job.args.batch) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = batch_of::<B>(job, &refs, device);
-        let input = EncoderInput {
-            input_ids: batch.input_ids,
-            attention_mask: Some(batch.attention_mask),
-            token_type_ids: batch.token_type_ids,
-            decoder_input_ids: None,
+        let share = chunk.len() * rank / world..chunk.len() * (rank + 1) / world;
+        let mine: Vec<&Example> = match chunk[share].iter().collect::<Vec<_>>() {
+            rows if rows.is_empty() => vec![&chunk[0]],
+            rows => rows,
         };
-        let logits = match model {
-            AnyModel::BertForSequenceClassification(m) => m.forward(&input).1,
-            AnyModel::RobertaForSequenceClassification(m) => m.forward(&input).1,
-            _ => unreachable!("a classifier"),
-        };
-        let batch_loss: f32 = models::bert::cross_entropy(logits.clone(), batch.labels)
+        let real = chunk.len() * (rank + 1) / world - chunk.len() * rank / world;
+        let batch = batch_of::<AB::InnerBackend>(job, &mine, device);
+        let labels = batch.labels.clone();
+        let logits = trainer.infer(&batch, |_, head, _, hidden| head.logits(hidden))?;
+        if real == 0 {
+            continue;
+        }
+        let batch_loss: f32 = models::bert::cross_entropy(logits.clone(), labels)
             .into_scalar()
             .elem();
-        loss += batch_loss * chunk.len() as f32;
+        totals[k * k] += batch_loss * real as f32;
         let predicted: Vec<i64> = logits
             .argmax(1)
             .into_data()
             .convert::<i64>()
             .to_vec()
             .expect("int data");
-        for (e, p) in chunk.iter().zip(predicted) {
-            confusion[e.label][p as usize] += 1;
+        for (e, p) in mine.iter().zip(predicted) {
+            totals[e.label * k + p as usize] += 1.0;
         }
     }
+    trainer
+        .comm()
+        .all_reduce(&mut totals, bmtrain_backend::comm::ReduceOp::Sum)?;
+    let confusion = |actual: usize, predicted: usize| totals[actual * k + predicted] as usize;
     let total = job.valid.len().max(1) as f32;
-    let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
+    let correct: usize = (0..k).map(|c| confusion(c, c)).sum();
     let f1_of = |c: usize| {
-        let tp = confusion[c][c] as f32;
-        let predicted: usize = (0..k).map(|r| confusion[r][c]).sum();
-        let actual: usize = confusion[c].iter().sum();
+        let tp = confusion(c, c) as f32;
+        let predicted: usize = (0..k).map(|r| confusion(r, c)).sum();
+        let actual: usize = (0..k).map(|p| confusion(c, p)).sum();
         if predicted + actual == 0 {
             0.0
         } else {
@@ -570,11 +599,11 @@ fn evaluate_model<B: Backend>(job: &Job, model: &AnyModel<B>, device: &B::Device
     } else {
         (0..k).map(f1_of).sum::<f32>() / k as f32
     };
-    Evaluation {
-        loss: loss / total,
+    Ok(Some(Evaluation {
+        loss: totals[k * k] / total,
         accuracy: correct as f32 / total,
         f1,
-    }
+    }))
 }
 
 use burn::tensor::ElementConversion;
@@ -590,22 +619,16 @@ fn train<AB: AutodiffBackend>(
     let lead = rank == 0;
     let baseline = crate::run::proc_status_bytes("VmRSS:");
 
-    // The classifier: HF's initialisation from the seed, then every tensor the directory has.
+    // The classifier, one segment at a time: every tensor the directory has, BERT's
+    // initialisation from the seed for the rest (a new head). The model is never whole in memory.
     let (spec, embed, blocks, head) = match job.architecture {
-        Architecture::RobertaForSequenceClassification => {
-            let model = RobertaForSequenceClassification::<AB>::new(&job.config, &device)?;
-            ClassifierSpec::split_roberta(overlay(
-                bert_init(model, args.seed, &device),
-                job,
-                &device,
-                lead,
-            )?)
-        }
-        _ => {
-            let model = BertForSequenceClassification::<AB>::new(&job.config, &device)?;
-            let model = overlay(bert_init(model, args.seed, &device), job, &device, lead)?;
-            ClassifierSpec::split_bert(model, &job.config)
-        }
+        Architecture::RobertaForSequenceClassification => ClassifierSpec::split_roberta(
+            RobertaForSequenceClassification::<AB>::new(&job.config, &device)?,
+        ),
+        _ => ClassifierSpec::split_bert(
+            BertForSequenceClassification::<AB>::new(&job.config, &device)?,
+            &job.config,
+        ),
     };
     let adamw = AdamWConfig {
         beta1: 0.9,
@@ -618,7 +641,33 @@ fn train<AB: AutodiffBackend>(
         adamw,
         (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
     )?;
-    let mut trainer = ZeroTrainer::new(spec, comm, device.clone(), embed, blocks, head, options);
+    let mut start_values = StartValues {
+        tensors: Some(&job.initial),
+        strict: false,
+        init: InitScheme::Bert,
+        seed: args.seed,
+        fresh: Vec::new(),
+    };
+    let mut trainer = ZeroTrainer::from_source(
+        spec,
+        comm,
+        device.clone(),
+        embed,
+        blocks,
+        head,
+        options,
+        |_, prefix, layout| start_values.segment(prefix, layout),
+    )?;
+    if lead && !start_values.fresh.is_empty() {
+        eprintln!(
+            "initialised fresh (not in {}): {}",
+            job.args.model.display(),
+            start_values.fresh.join(", ")
+        );
+    }
+    // What building the shards read and freed (segment buffers, tensors) goes back to the OS.
+    crate::alloc::release_free_memory();
+    crate::run::report_ready(&trainer);
     trainer.set_dropout_seed(args.seed);
 
     let micro_per_epoch = job.train.len() / args.batch;
@@ -643,14 +692,6 @@ fn train<AB: AutodiffBackend>(
         files,
     )?;
     let state = |step: u64, best: Option<f32>| json!({ "step": step, "seed": args.seed, "job": "finetune", "best_accuracy": best });
-    let evaluate = |trainer: &ZeroTrainer<AB, ClassifierSpec, Box<dyn Communicator>>| {
-        if job.valid.is_empty() {
-            return Ok(None);
-        }
-        on_lead_model(trainer, &model_spec(job), &device, |model| {
-            Ok(evaluate_model(job, &model, &device))
-        })
-    };
 
     let rows = args.batch / world;
     let progress = Progress::new(total_steps, start, lead, !args.run.no_progress);
@@ -705,7 +746,7 @@ fn train<AB: AutodiffBackend>(
         let stop = any_rank_interrupted(trainer.comm().as_ref())?;
         if step % steps_per_epoch == 0 || stop {
             if step % steps_per_epoch == 0 {
-                last_eval = evaluate(&trainer)?;
+                last_eval = evaluate(job, &trainer, &device)?;
                 if let Some(e) = last_eval {
                     progress.println(&format!(
                         "epoch {}  validation accuracy {:.4}  F1 {:.4}  loss {:.4}",
@@ -722,11 +763,11 @@ fn train<AB: AutodiffBackend>(
                         }),
                     )?;
                 }
-                // Every rank learns the evaluation's result.
-                let mut accuracy = [last_eval.map_or(-1.0, |e| e.accuracy)];
-                trainer.comm().broadcast(&mut accuracy, 0)?;
-                if accuracy[0] >= 0.0 && best.is_none_or(|b| accuracy[0] > b) {
-                    best = Some(accuracy[0]);
+                // Every rank has the same evaluation (its counts are summed over the ranks).
+                if let Some(accuracy) = last_eval.map(|e| e.accuracy)
+                    && best.is_none_or(|b| accuracy > b)
+                {
+                    best = Some(accuracy);
                     save_checkpoint(
                         &trainer,
                         &outputs.checkpoints.join("best"),
@@ -751,7 +792,7 @@ fn train<AB: AutodiffBackend>(
     let steps_peak = crate::run::proc_status_bytes("VmHWM:");
     progress.finish();
     if args.run.report_memory && lead {
-        crate::run::report_memory(baseline, steps_peak);
+        crate::run::report_memory(baseline, steps_peak, steps_peak);
     }
     Ok(Summary {
         steps: trainer.steps(),
@@ -759,38 +800,4 @@ fn train<AB: AutodiffBackend>(
         last_eval,
         interrupted,
     })
-}
-
-/// Loads every tensor of the directory the classifier has (by zoo name and shape) over its fresh
-/// initialisation; the rest (a new head, a pooler an MLM checkpoint lacks) keep their initial
-/// values, and rank 0 names them.
-fn overlay<B: Backend, M: burn::module::Module<B>>(
-    model: M,
-    job: &Job,
-    device: &B::Device,
-    lead: bool,
-) -> anyhow::Result<M> {
-    let (layout, mut values) = bmtrain_backend::zero::flatten::<B, M>(&model);
-    let mut fresh = Vec::new();
-    for entry in &layout.entries {
-        match job.initial.get(&entry.name) {
-            Some(data) if data.shape.as_slice() == entry.shape.as_slice() => {
-                let loaded: Vec<f32> = data
-                    .to_vec()
-                    .map_err(|e| anyhow::anyhow!("{}: {e:?}", entry.name))?;
-                values[entry.offset..entry.offset + entry.len()].copy_from_slice(&loaded);
-            }
-            _ => fresh.push(entry.name.clone()),
-        }
-    }
-    if lead && !fresh.is_empty() {
-        eprintln!(
-            "initialised fresh (not in {}): {}",
-            job.args.model.display(),
-            fresh.join(", ")
-        );
-    }
-    Ok(bmtrain_backend::zero::load_flat(
-        model, &layout, &values, device, false,
-    ))
 }

@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+mod alloc;
 mod bench;
 mod finetune;
 mod forward;
@@ -133,30 +134,14 @@ fn parse_device(text: &str) -> Result<DeviceSpec, String> {
         .map_err(|e: bmtrain_backend::DeviceError| e.to_string())
 }
 
-/// mimalloc: per-thread heaps (rank threads do not contend on one arena, as with glibc's), and
-/// with [`keep_freed_memory`] no page of a step's tensors goes back to the OS to be faulted in and
-/// zeroed again the next step.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Keeps freed memory in the process. A training step frees and reallocates the same few
-/// hundred MB of tensors; by default mimalloc purges (decommits) free pages after 10 ms, so each
-/// step faulted them in again (BERT-base, two ranks: 6.0 s a step kept, 7.5 s purged).
-fn keep_freed_memory() {
-    // `mi_option_purge_delay` in mimalloc 3.3's `mi_option_t` (libmimalloc-sys 0.1.49, pinned);
-    // the crate's own constants stop at mimalloc 2's options.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: setting an option is allowed at any time; -1 means "never purge".
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 fn main() -> ExitCode {
     // Like C programs, end quietly when stdout's reader goes away (`zoo list | head`).
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    keep_freed_memory();
+    alloc::keep_freed_memory();
+    run::process_start();
     let cli = Cli::parse();
     if let Command::Launch(args) = cli.command {
         return launch::run(args).unwrap_or_else(|error| {

@@ -9,7 +9,6 @@
 //! Training samples random fixed-length windows; which windows a step reads depends only on the
 //! seed and the step, so `--resume` continues exactly where the run stopped.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,24 +16,24 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use bmtrain_backend::comm::Communicator;
 use bmtrain_backend::optim::{AdamWConfig, LrSchedule};
-use bmtrain_backend::trainer::ZeroTrainer;
+use bmtrain_backend::trainer::{ZeroSpec, ZeroTrainer};
 use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::{
-    DirKind, LoadOptions, ModelSpec, TextTokenizer, ZooManifest, load_tokenizer,
+    DirKind, LoadOptions, ModelSpec, TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer,
 };
 use clap::Args;
 use models::generation::{Decoding, GenerationConfig, TokenIds, generate};
-use models::gpt2::{DecoderInput, Gpt2Config, Gpt2LmHeadModel, causal_lm_loss};
-use models::train::{Gpt2Spec, LmBatch, gpt2_init};
+use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+use models::train::{Gpt2Spec, InitScheme, LmBatch, StartValues, TensorSource};
 use models::{AnyModel, Architecture, ModelConfig};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunOutputs, any_rank_interrupted,
+    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, any_rank_interrupted,
     mean_over_ranks, on_lead_model, resume_trainer, run_ranks, save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
@@ -129,11 +128,14 @@ pub struct PretrainArgs {
 struct Job {
     args: PretrainArgs,
     run_dir: PathBuf,
+    /// The run directory's lock, held until the job ends.
+    _lock: Option<RunLock>,
     config: Gpt2Config,
     manifest: ZooManifest,
     tokenizer_json: Option<String>,
-    /// Weights of a model directory (zoo names), or `None` for a fresh GPT-2 initialisation.
-    initial: Option<BTreeMap<String, TensorData>>,
+    /// Weights of a model directory (zoo names, read when the shards are built), or `None` for a
+    /// fresh GPT-2 initialisation.
+    initial: Option<ZooWeightsReader>,
     train: Split,
     valid: Split,
     seq: usize,
@@ -241,7 +243,7 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         "--batch {} does not split over {ranks} ranks",
         args.batch
     );
-    let run_dir = args.run.open_run_dir("pretrain")?;
+    let (run_dir, lock) = args.run.open_run_dir("pretrain")?;
 
     // The model.
     let (mut config, initial, model_tokenizer) = match &args.model {
@@ -356,6 +358,7 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
     let resume = args.run.resume_checkpoint()?;
     Ok(Job {
         run_dir,
+        _lock: lock,
         config,
         manifest,
         tokenizer_json,
@@ -379,11 +382,7 @@ fn world_size_from_env() -> usize {
 
 /// `--model`: a preset, a config.json, or a model directory.
 /// A GPT config, a directory's weights and tokenizer when there are any.
-type ResolvedModel = (
-    Gpt2Config,
-    Option<BTreeMap<String, TensorData>>,
-    Option<TextTokenizer>,
-);
+type ResolvedModel = (Gpt2Config, Option<ZooWeightsReader>, Option<TextTokenizer>);
 
 fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
     let path = Path::new(name);
@@ -393,10 +392,11 @@ fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
     };
     if path.is_dir() {
         let mut spec = checkpoints_convert::read_spec(path)?;
-        let weights = spec.read_weights(LoadOptions::default().format)?;
+        // Checked now (every key and shape), read segment by segment when training starts.
+        let weights = spec.open_weights(LoadOptions::default().format)?;
         let config = gpt2(spec.config.clone(), &path.display().to_string())?;
         let tokenizer = load_tokenizer(path)?;
-        return Ok((config, Some(weights.tensors), tokenizer));
+        return Ok((config, Some(weights), tokenizer));
     }
     if path.is_file() {
         let value: Value = serde_json::from_str(
@@ -676,8 +676,16 @@ fn gpt2_of<B: Backend>(model: AnyModel<B>) -> Gpt2LmHeadModel<B> {
     }
 }
 
-/// Mean validation loss over fixed windows.
-fn validation_loss<B: Backend>(job: &Job, model: &Gpt2LmHeadModel<B>, device: &B::Device) -> f32 {
+/// Mean validation loss over fixed windows, run through the trainer's segments (one gathered at
+/// a time, on the inference backend: no dropout); each rank runs its share of every batch's rows
+/// and all get the mean.
+fn validation_loss<AB: AutodiffBackend>(
+    job: &Job,
+    trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>,
+    device: &AB::Device,
+) -> anyhow::Result<f32> {
+    let (rank, world) = (trainer.comm().rank(), trainer.comm().world_size());
+    let rows = job.args.batch / world;
     let mut total = 0.0;
     for i in 0..job.args.eval_batches {
         let starts = window_starts(
@@ -688,12 +696,19 @@ fn validation_loss<B: Backend>(job: &Job, model: &Gpt2LmHeadModel<B>, device: &B
             &job.valid,
             job.seq,
         );
-        let ids = batch_of::<B>(&job.valid, &starts, job.seq, device);
-        let (_, logits) = model.forward(&DecoderInput::new(ids.clone()));
-        let loss: f32 = causal_lm_loss(logits, ids).into_scalar().to_f32_lossy();
-        total += loss;
+        let mine = &starts[rank * rows..(rank + 1) * rows];
+        let batch = LmBatch {
+            input_ids: batch_of::<AB::InnerBackend>(&job.valid, mine, job.seq, device),
+        };
+        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
+            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
+        })?;
+        total += loss.into_scalar().to_f32_lossy();
     }
-    total / job.args.eval_batches.max(1) as f32
+    mean_over_ranks(
+        trainer.comm().as_ref(),
+        total / job.args.eval_batches.max(1) as f32,
+    )
 }
 
 trait ToF32 {
@@ -718,17 +733,10 @@ fn train<AB: AutodiffBackend>(
     let lead = rank == 0;
     let baseline = crate::run::proc_status_bytes("VmRSS:");
 
-    // The model: the directory's weights, or GPT-2's initialisation from the seed.
-    let model = Gpt2LmHeadModel::<AB>::new(&job.config, &device)?;
-    let model = match &job.initial {
-        Some(tensors) => gpt2_of(checkpoints_convert::build_model::<AB>(
-            &model_spec(job),
-            tensors.clone(),
-            &device,
-        )?),
-        None => gpt2_init(model, job.config.n_layer, args.seed, &device),
-    };
-    let (spec, embed, blocks, head) = Gpt2Spec::split(model);
+    // The model, one segment at a time: the directory's weights, or GPT-2's initialisation
+    // from the seed. The model is never whole in memory.
+    let (spec, embed, blocks, head) =
+        Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(&job.config, &device)?);
     let adamw = AdamWConfig {
         beta1: 0.9,
         beta2: args.beta2,
@@ -740,7 +748,31 @@ fn train<AB: AutodiffBackend>(
         adamw,
         (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
     )?;
-    let mut trainer = ZeroTrainer::new(spec, comm, device.clone(), embed, blocks, head, options);
+    let mut start_values = StartValues {
+        tensors: job.initial.as_ref().map(|r| r as &dyn TensorSource),
+        strict: true,
+        init: InitScheme::Gpt2 {
+            n_layer: job.config.n_layer,
+        },
+        seed: args.seed,
+        fresh: Vec::new(),
+    };
+    let mut trainer = ZeroTrainer::from_source(
+        spec,
+        comm,
+        device.clone(),
+        embed,
+        blocks,
+        head,
+        options,
+        |_, prefix, layout| start_values.segment(prefix, layout),
+    )
+    .with_context(|| match &args.model {
+        Some(model) => format!("starting from {model}"),
+        None => "initialising the model".into(),
+    })?;
+    crate::alloc::release_free_memory();
+    crate::run::report_ready(&trainer);
     trainer.set_dropout_seed(args.seed);
 
     let mut start = 0;
@@ -780,11 +812,6 @@ fn train<AB: AutodiffBackend>(
     let rows = args.batch / world;
     let tokens_per_step = (args.batch * args.grad_accum * job.seq) as f64;
     let progress = Progress::new(args.steps, start, lead, !args.run.no_progress);
-    let evaluate = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>| {
-        on_lead_model(trainer, &model_spec(job), &device, |model| {
-            Ok(validation_loss(job, &gpt2_of(model), &device))
-        })
-    };
 
     let mut first_loss = None;
     let mut last_loss = f32::NAN;
@@ -835,11 +862,8 @@ fn train<AB: AutodiffBackend>(
             ));
             (window_loss, window_steps, window_start) = (0.0, 0, Instant::now());
         }
-        if args.eval_every > 0
-            && done % args.eval_every == 0
-            && done != args.steps
-            && let Some(v) = evaluate(&trainer)?
-        {
+        if args.eval_every > 0 && done % args.eval_every == 0 && done != args.steps {
+            let v = validation_loss(job, &trainer, &device)?;
             progress.println(&format!(
                 "step {done:>6}  validation loss {v:.4}  perplexity {:.2}",
                 v.exp()
@@ -870,14 +894,14 @@ fn train<AB: AutodiffBackend>(
         {
             last_saved = Some(save(&trainer, steps)?);
         }
-        valid_loss = evaluate(&trainer)?;
-        if let Some(v) = valid_loss {
-            outputs.log(steps, json!({"valid_loss": v, "valid_perplexity": v.exp()}))?;
-        }
+        let v = validation_loss(job, &trainer, &device)?;
+        outputs.log(steps, json!({"valid_loss": v, "valid_perplexity": v.exp()}))?;
+        valid_loss = Some(v);
     }
     progress.finish();
     if args.run.report_memory && lead {
-        crate::run::report_memory(baseline, steps_peak);
+        let final_peak = crate::run::proc_status_bytes("VmHWM:");
+        crate::run::report_memory(baseline, steps_peak, final_peak);
     }
 
     // A sample from the trained model.

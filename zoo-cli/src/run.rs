@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use bmtrain_backend::DeviceSpec;
+use bmtrain_backend::checkpoint::{self, FileDigest};
 use bmtrain_backend::comm::{Communicator, ReduceOp, SingleRank, ThreadGroup};
 use bmtrain_backend::dist::DistEnv;
 use bmtrain_backend::optim::{AdamWConfig, LossScaler};
@@ -80,18 +81,87 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The run directory for `job` (see [`run_dir`]), created; refuses one that already holds a run
-    /// unless resuming.
-    pub fn open_run_dir(&self, job: &str) -> anyhow::Result<PathBuf> {
+    /// The run directory for `job` (see [`run_dir`]), created and locked for this job's lifetime
+    /// (by rank 0 of a launched job: its ranks share the lock); refuses a directory another live
+    /// job holds, and one that already holds a run unless resuming.
+    pub fn open_run_dir(&self, job: &str) -> anyhow::Result<(PathBuf, Option<RunLock>)> {
         let dir = run_dir(self.out.as_deref(), self.resume.as_deref(), job);
-        check_fresh_run_dir(&dir, self.resume.as_deref())?;
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(dir)
+        let lock = if is_lead_process() {
+            Some(RunLock::acquire(&dir)?)
+        } else {
+            None
+        };
+        check_fresh_run_dir(&dir, self.resume.as_deref())?;
+        Ok((dir, lock))
     }
 
-    /// The checkpoint `--resume` names (see [`find_checkpoint`]), if any.
+    /// The checkpoint `--resume` names (see [`find_checkpoint`]), if any: `None` also when a run
+    /// directory has no checkpoint yet (the run starts afresh, and says so).
     pub fn resume_checkpoint(&self) -> anyhow::Result<Option<PathBuf>> {
-        self.resume.as_deref().map(find_checkpoint).transpose()
+        match self.resume.as_deref() {
+            None => Ok(None),
+            Some(path) => find_checkpoint(path),
+        }
+    }
+}
+
+/// An advisory lock (`flock`) on `RUN_DIR/.lock`, held while the job runs: a second job into the
+/// same directory (a double launch, a requeued job whose predecessor still lives) is refused with
+/// the holder's pid and host. The kernel releases it when the holder dies, so a lock file left by
+/// a crash never blocks.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `dir`, or explains who holds it.
+    pub fn acquire(dir: &Path) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(".lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !locked {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            bail!(
+                "{} is in use by another job ({}; lock {}): wait for it to end, or choose another \
+                 --out",
+                dir.display(),
+                if holder.is_empty() {
+                    "holder unknown".to_string()
+                } else {
+                    holder.to_string()
+                },
+                path.display()
+            );
+        }
+        let record = format!("pid {} on host {}\n", std::process::id(), hostname());
+        file.set_len(0)
+            .and_then(|()| std::io::Seek::rewind(&mut file))
+            .and_then(|()| file.write_all(record.as_bytes()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// This machine's host name (for lock records).
+fn hostname() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer.
+    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    match ok {
+        true => String::from_utf8_lossy(&buffer[..end]).into_owned(),
+        false => "unknown".into(),
     }
 }
 
@@ -200,6 +270,27 @@ pub fn run_ranks<T: Send + 'static>(
         (Some((_, e)), _) => Err(e),
         (None, Some(v)) => Ok(v),
         (None, None) => bail!("rank 0 returned nothing"),
+    }
+}
+
+/// When this process started (first asked for in `main`).
+pub fn process_start() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
+/// Rank 0's line once the shards are built: how large the model is and how long the setup took
+/// (from the start of the process: reading the data and the checkpoint, building the shards).
+pub fn report_ready<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+    trainer: &ZeroTrainer<B, S, C>,
+) {
+    if trainer.comm().rank() == 0 {
+        eprintln!(
+            "model ready: {:.1}M parameters sharded over {} rank(s), {:.1} s after start",
+            trainer.parameter_count() as f64 / 1e6,
+            trainer.comm().world_size(),
+            process_start().elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -383,7 +474,10 @@ pub struct CheckpointFiles {
 }
 
 /// Saves a checkpoint to `dir` (a staging directory beside it, then one rename), with
-/// `trainer_state.json` = `state`, and points `checkpoints/latest` at it. Every rank must call it.
+/// `trainer_state.json` = `state` plus the size and xxh3 hash of every file (what `--resume`
+/// verifies), and points `checkpoints/latest` at it. Every rank must call it. Tensors are
+/// streamed one segment at a time; a write error (a full disk) stops the job with the file named
+/// and leaves the previous checkpoint, and `latest`, as they were.
 pub fn save_checkpoint<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
     trainer: &ZeroTrainer<B, S, C>,
     dir: &Path,
@@ -399,36 +493,68 @@ pub fn save_checkpoint<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
     if rank == 0 {
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-        let write = |file: &str, text: String| {
-            let path = staging.join(file);
-            fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-        };
-        write("zoo.json", serde_json::to_string_pretty(&files.manifest)?)?;
-        write("trainer_state.json", serde_json::to_string_pretty(state)?)?;
-        if let Some(tokenizer) = &files.tokenizer_json {
-            write("tokenizer.json", tokenizer.clone())?;
-        }
     }
     trainer.comm().barrier()?;
-    trainer
+    let saved = trainer
         .save(&staging)
-        .with_context(|| format!("saving {}", staging.display()))?;
-    if rank == 0 {
-        if dir.exists() {
-            let old = dir.with_file_name(format!(".{name}.old"));
-            let _ = fs::remove_dir_all(&old);
-            fs::rename(dir, &old).with_context(|| format!("replacing {}", dir.display()))?;
-            fs::rename(&staging, dir).with_context(|| format!("writing {}", dir.display()))?;
-            let _ = fs::remove_dir_all(&old);
-        } else {
-            fs::rename(&staging, dir).with_context(|| format!("writing {}", dir.display()))?;
-        }
-        let latest = dir.with_file_name("latest");
-        let partial = dir.with_file_name(".latest.partial");
-        fs::write(&partial, name).with_context(|| format!("writing {}", partial.display()))?;
-        fs::rename(&partial, &latest).with_context(|| format!("writing {}", latest.display()))?;
+        .with_context(|| format!("saving the checkpoint {}", dir.display()));
+    let result = match saved {
+        Ok(digests) if rank == 0 => publish_checkpoint(dir, &staging, name, files, state, digests),
+        Ok(_) => Ok(()),
+        Err(error) => Err(error),
+    };
+    if result.is_err() && rank == 0 {
+        let _ = fs::remove_dir_all(&staging);
     }
+    result?;
     trainer.comm().barrier()?;
+    // The file buffers and the gathered segments of the save are given back.
+    crate::alloc::release_free_memory();
+    Ok(())
+}
+
+/// Rank 0's part of [`save_checkpoint`] once the tensors are written: the small files, the
+/// digests in `trainer_state.json`, the rename into place and `latest`.
+fn publish_checkpoint(
+    dir: &Path,
+    staging: &Path,
+    name: &str,
+    files: &CheckpointFiles,
+    state: &Value,
+    mut digests: Vec<FileDigest>,
+) -> anyhow::Result<()> {
+    let write = |file: &str, text: String| -> anyhow::Result<FileDigest> {
+        let path = staging.join(file);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(checkpoint::digest(&path)?)
+    };
+    digests.push(write(
+        "zoo.json",
+        serde_json::to_string_pretty(&files.manifest)?,
+    )?);
+    if let Some(tokenizer) = &files.tokenizer_json {
+        digests.push(write("tokenizer.json", tokenizer.clone())?);
+    }
+    let mut state = state.clone();
+    state["files"] = digests
+        .iter()
+        .map(|d| (d.name.clone(), json!({ "bytes": d.bytes, "xxh3": d.xxh3 })))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    write("trainer_state.json", serde_json::to_string_pretty(&state)?)?;
+    if dir.exists() {
+        let old = dir.with_file_name(format!(".{name}.old"));
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(dir, &old).with_context(|| format!("replacing {}", dir.display()))?;
+        fs::rename(staging, dir).with_context(|| format!("writing {}", dir.display()))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(staging, dir).with_context(|| format!("writing {}", dir.display()))?;
+    }
+    let latest = dir.with_file_name("latest");
+    let partial = dir.with_file_name(".latest.partial");
+    fs::write(&partial, name).with_context(|| format!("writing {}", partial.display()))?;
+    fs::rename(&partial, &latest).with_context(|| format!("writing {}", latest.display()))?;
     Ok(())
 }
 
@@ -512,29 +638,116 @@ pub fn on_lead_model<AB: AutodiffBackend, S: ZeroSpec<AB>, C: Communicator, T>(
     Ok(result)
 }
 
-/// The checkpoint directory `path` names: a checkpoint itself, or a run directory (its latest).
-fn find_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
-    if path.join("optimizer.safetensors").is_file() {
-        return Ok(path.to_path_buf());
+/// The checkpoint `path` names: a checkpoint itself (it must verify), or a run directory, whose
+/// newest checkpoint that verifies is taken (by step; those skipped are named, with why). A run
+/// directory without any checkpoint (killed before its first) gives `None`: the run starts
+/// afresh, and says so.
+fn find_checkpoint(path: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let lead = is_lead_process();
+    if path.join("optimizer.safetensors").is_file() || path.join("trainer_state.json").is_file() {
+        verify_checkpoint(path).with_context(|| format!("--resume {}", path.display()))?;
+        return Ok(Some(path.to_path_buf()));
     }
-    let latest = path.join("checkpoints").join("latest");
-    if latest.is_file() {
-        let name =
-            fs::read_to_string(&latest).with_context(|| format!("reading {}", latest.display()))?;
-        let dir = path.join("checkpoints").join(name.trim());
-        ensure!(
-            dir.join("optimizer.safetensors").is_file(),
-            "{} names {}, which is not a complete checkpoint",
-            latest.display(),
-            dir.display()
+    let checkpoints = path.join("checkpoints");
+    if !checkpoints.is_dir() && !path.join("metrics.jsonl").is_file() {
+        bail!(
+            "--resume {}: neither a checkpoint (no optimizer.safetensors) nor a run directory \
+             (no checkpoints/)",
+            path.display()
+        )
+    }
+    // Every complete checkpoint directory, newest step first.
+    let mut candidates: Vec<(u64, PathBuf)> = Vec::new();
+    if checkpoints.is_dir() {
+        for entry in fs::read_dir(&checkpoints)
+            .with_context(|| format!("listing {}", checkpoints.display()))?
+        {
+            let dir = entry?.path();
+            let hidden = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.'));
+            if hidden || !dir.is_dir() {
+                continue;
+            }
+            let step = fs::read_to_string(dir.join("trainer_state.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+                .and_then(|state| state["step"].as_u64());
+            candidates.push((step.unwrap_or(0), dir));
+        }
+    }
+    candidates.sort_by(|a, b| b.cmp(a));
+    for (_, dir) in &candidates {
+        match verify_checkpoint(dir) {
+            Ok(()) => return Ok(Some(dir.clone())),
+            Err(error) => {
+                if lead {
+                    eprintln!("--resume: skipping {}: {error:#}", dir.display());
+                }
+            }
+        }
+    }
+    if !candidates.is_empty() {
+        bail!(
+            "--resume {}: none of its {} checkpoints is intact (see above)",
+            path.display(),
+            candidates.len()
         );
-        return Ok(dir);
     }
-    bail!(
-        "--resume {}: neither a checkpoint (no optimizer.safetensors) nor a run directory \
-         (no checkpoints/latest)",
-        path.display()
+    if lead {
+        eprintln!(
+            "--resume {}: no checkpoint was saved yet; starting a fresh run there",
+            path.display()
+        );
+    }
+    Ok(None)
+}
+
+/// Checks a checkpoint directory against its `trainer_state.json`: every file it records is
+/// there with its size and xxh3 hash. A checkpoint from before zoo recorded hashes is accepted
+/// when its files are there.
+fn verify_checkpoint(dir: &Path) -> anyhow::Result<()> {
+    let state_path = dir.join("trainer_state.json");
+    let state: Value = serde_json::from_str(
+        &fs::read_to_string(&state_path)
+            .with_context(|| format!("reading {}", state_path.display()))?,
     )
+    .with_context(|| format!("parsing {}", state_path.display()))?;
+    let Some(files) = state["files"].as_object() else {
+        for file in ["model.safetensors", "optimizer.safetensors", "zoo.json"] {
+            ensure!(
+                dir.join(file).is_file(),
+                "{} is missing",
+                dir.join(file).display()
+            );
+        }
+        return Ok(());
+    };
+    let expected: Vec<FileDigest> = files
+        .iter()
+        .map(|(name, record)| {
+            Ok(FileDigest {
+                name: name.clone(),
+                bytes: record["bytes"]
+                    .as_u64()
+                    .with_context(|| format!("{}: files.{name}.bytes", state_path.display()))?,
+                xxh3: record["xxh3"]
+                    .as_str()
+                    .with_context(|| format!("{}: files.{name}.xxh3", state_path.display()))?
+                    .to_string(),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for required in ["model.safetensors", "optimizer.safetensors"] {
+        ensure!(
+            expected.iter().any(|d| d.name == required),
+            "{} does not record {required}",
+            state_path.display()
+        );
+    }
+    checkpoint::verify(dir, &expected)?;
+    Ok(())
 }
 
 /// Checks that a checkpoint was saved for this model (class and config), before any weights are
@@ -614,18 +827,21 @@ pub fn proc_status_bytes(field: &str) -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
-/// `--report-memory`: the resident set before the model was built and the peak of the training
-/// steps (read before the final evaluation and checkpoint), from `/proc/self/status`; what
-/// `zoo memory` is checked against.
-pub fn report_memory(baseline: Option<u64>, peak: Option<u64>) {
-    match (baseline, peak) {
-        (Some(base), Some(peak)) => println!(
-            "memory: resident {:.1} MB before the model, peak {:.1} MB, training peak {:.1} MB \
-             (MEASURED_TRAINING_PEAK_BYTES={})",
+/// `--report-memory`: the resident set before the model was built, the peak of the training
+/// steps (read before the final checkpoint and evaluation), and the peak of the whole job after
+/// them, from `/proc/self/status`; what `zoo memory` is checked against.
+pub fn report_memory(baseline: Option<u64>, steps_peak: Option<u64>, final_peak: Option<u64>) {
+    match (baseline, steps_peak, final_peak) {
+        (Some(base), Some(peak), Some(last)) => println!(
+            "memory: resident {:.1} MB before the model, peak {:.1} MB, training peak {:.1} MB, \
+             with the last checkpoint and evaluation {:.1} MB (MEASURED_TRAINING_PEAK_BYTES={} \
+             MEASURED_FINAL_PEAK_BYTES={})",
             base as f64 / 1e6,
-            peak as f64 / 1e6,
+            last as f64 / 1e6,
             peak.saturating_sub(base) as f64 / 1e6,
-            peak.saturating_sub(base)
+            last.saturating_sub(base) as f64 / 1e6,
+            peak.saturating_sub(base),
+            last.saturating_sub(base)
         ),
         _ => eprintln!("--report-memory needs Linux's /proc/self/status"),
     }

@@ -206,9 +206,29 @@ fn tensor_from<const D: usize>(tensor: FlexTensor) -> Tensor<Cpu, D> {
     Tensor::from_primitive(TensorPrimitive::Float(tensor))
 }
 
-/// 64 random bits from the backend's seeded generator, so that a fused kernel's dropout follows
-/// `B::seed` as burn's own dropout does (block recomputation replays the same masks).
+thread_local! {
+    /// This thread's stream of dropout seeds, once [`seed_thread`] has started it.
+    static THREAD_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Starts this thread's own stream of dropout seeds at `seed`: from then on the fused kernels
+/// on this thread draw their masks from it instead of from the backend's process-wide generator.
+/// The ZeRO trainer calls it before every segment (from the seed, step, micro-batch, rank and
+/// segment), so thread ranks, which share one process and so one backend generator, draw the
+/// same masks whatever the interleaving of their threads: as process ranks do.
+pub fn seed_thread(seed: u64) {
+    THREAD_SEED.set(Some(seed));
+}
+
+/// 64 random bits for a mask: from this thread's stream when [`seed_thread`] started one, else
+/// from the backend's seeded generator, so that a fused kernel's dropout follows `B::seed` as
+/// burn's own dropout does (block recomputation replays the same masks either way).
 fn draw_seed() -> u64 {
+    if let Some(state) = THREAD_SEED.get() {
+        let next = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        THREAD_SEED.set(Some(next));
+        return mix(next);
+    }
     let device = Default::default();
     let words: Vec<f32> = Tensor::<Cpu, 1>::random([4], Distribution::Default, &device)
         .into_data()
