@@ -371,7 +371,11 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// Parameters of the whole model (every segment, unpadded).
     pub fn parameter_count(&self) -> usize {
         self.embed.params.layout.len
-            + self.blocks.iter().map(|b| b.params.layout.len).sum::<usize>()
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.params.layout.len)
+                .sum::<usize>()
             + self.head.params.layout.len
     }
 
@@ -460,7 +464,8 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         let mut graphs: Vec<Option<KeptGraph<B, S::Block>>> = Vec::new();
         for index in 0..self.blocks.len() {
             let checkpointed = self.options.checkpoint.get(index).copied().unwrap_or(false);
-            let (block, kept) = self.working_copy(&self.blocks[index], None, !checkpointed, keep)?;
+            let (block, kept) =
+                self.working_copy(&self.blocks[index], None, !checkpointed, keep)?;
             self.blocks[index].kept = kept;
             self.seed_segment(1 + index);
             if checkpointed {
@@ -836,15 +841,18 @@ where
         drop(embed);
         for (index, block) in self.blocks.iter().enumerate() {
             let module = self.working_copy(block, None, false, false)?.0.valid();
-            hidden = <S as ZeroSpec<B::InnerBackend>>::block(
-                &self.spec, index, &module, hidden, batch,
-            );
+            hidden =
+                <S as ZeroSpec<B::InnerBackend>>::block(&self.spec, index, &module, hidden, batch);
         }
         let (head_module, _) = self.working_copy(&self.head, None, false, false)?;
         // A tied head reads the embedding again (gathered anew: holding it through the blocks
         // would keep the largest segment alive for the whole pass).
         let tied = match ZeroSpec::<B>::head_reads_embed(&self.spec) {
-            true => Some(self.working_copy(&self.embed, None, false, false)?.0.valid()),
+            true => Some(
+                self.working_copy(&self.embed, None, false, false)?
+                    .0
+                    .valid(),
+            ),
             false => None,
         };
         Ok(head(
