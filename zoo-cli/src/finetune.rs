@@ -617,6 +617,8 @@ fn train<AB: AutodiffBackend>(
     let rank = comm.rank();
     let world = comm.world_size();
     let lead = rank == 0;
+    // What the setup freed (tokenising, reading) goes back first: the baseline is what is live.
+    crate::alloc::release_free_memory();
     let baseline = crate::run::proc_status_bytes("VmRSS:");
 
     // The classifier, one segment at a time: every tensor the directory has, BERT's

@@ -2,25 +2,26 @@
 //! zoo's ZeRO trainer keeps, without allocating anything.
 //!
 //! The model of one training step on one rank (N ranks, micro-batch of b = batch / N rows of T
-//! tokens, compute dtype of d bytes; P parameters, the largest segment S of them):
+//! tokens, compute dtype of d bytes; P parameters, of which P_L in the L blocks; the segments as
+//! the trainer cuts them: embedding E, largest block K, head J):
 //!
-//! - parameters: the f32 master shard `4P/N`, plus the gathered working copy of the segment being
-//!   run (`4S` as the gathered f32 buffer and `dS` as the module); stage 2 keeps every block's
-//!   gathered buffer from forward to backward (`4P`);
-//! - gradients: the f32 shard `4P/N`, plus one segment's autodiff gradients and flat buffer
-//!   (`(d + 4)S`);
-//! - optimizer: AdamW's two f32 moments, `8P/N` (always in host memory: zoo's optimizer runs on
-//!   the host, so `--offload-optimizer` changes nothing);
-//! - activations: per block and token, `c_H·H + c_F·F + c_S·a·T` values of d bytes (H the width,
-//!   F the FFN width, a the heads), kept for every block, or, with `--checkpointing`, only each
-//!   block's input (`H` values) plus one block's full set while it is recomputed; plus the
-//!   head's (the LM head's logits: 3 f32 values per token and vocabulary entry);
-//! - workspace: the transients of one block's backward, about one block's activations, plus the
-//!   runtime on a GPU (CUDA context and kernels, `RUNTIME_GPU_BYTES`).
+//! - state: the f32 master shard, gradient shard and AdamW's two moments, `16P/N`;
+//! - kept weights: a block that is not checkpointed keeps its module (its weights, `dP_L/L`) in its
+//!   autodiff graph until backward; stage 2 also keeps every gathered f32 buffer (`4P_L`);
+//! - working set: one segment's module, its autodiff gradients and its flat gradient buffer at
+//!   once, `c_work · d · W` with `W` the largest of K, E and J (plus E when the head is tied to the
+//!   embeddings: it reads the embedding module too);
+//! - activations: per block and token `c_H·H + c_F·F + c_S·a·T` values of d bytes (H the width,
+//!   F the FFN width, a the heads), kept for every block, or, with `--checkpointing`, each block's
+//!   input (`H` values) plus one block's full set while it is recomputed; an LM head's logits and
+//!   their gradient, `c_V · 4 · V` per token;
+//! - per rank, a fixed `c_rank` (its thread's heap, its rayon pool, the runtime).
 //!
-//! The constants come from counting what burn's autodiff saves, fitted on CPU runs of
-//! `zoo pretrain --report-memory` (c_H + 4 c_F = 31.5 per token and unit of width, c_S = 2.65 per
-//! attention score): `bench/memory_check.py` measures the error on other shapes. On a GPU the
+//! Thread ranks share one process, which holds every rank's share ([`Estimate::process`]).
+//! The constants are fitted, per backend path: the CPU's (fused kernels, which keep fewer
+//! intermediates than burn's composition) on measured CPU runs (`bench/memory_check.py --fit`,
+//! then checked on a separate report set: the README has the table); the GPU's still describe
+//! burn's composed ops, which the CUDA path runs, and have not been measured on a GPU. On a GPU the
 //! master weights, gradient shards and optimizer state live in host memory; the device holds
 //! the working copies, activations and workspace.
 
@@ -28,18 +29,63 @@ use std::path::Path;
 
 use anyhow::{Context, bail, ensure};
 use bmtrain_backend::Cpu;
+use bmtrain_backend::zero::layout_of;
 use clap::Args;
-use models::{AnyModel, Architecture, Family, ModelConfig, param_infos};
+use models::bert::{BertForSequenceClassification, BertLayer};
+use models::gpt2::{Gpt2Block, Gpt2LmHeadModel};
+use models::roberta::RobertaForSequenceClassification;
+use models::train::{ClassifierSpec, Gpt2Spec};
+use models::{Architecture, Family, ModelConfig};
 use serde_json::json;
 
 use crate::run::DtypeArg;
 
-/// Values an autodiff block keeps per token and unit of width, not counting the FFN.
-const C_WIDTH: f64 = 11.5;
-/// … per token and unit of FFN width.
-const C_FFN: f64 = 5.0;
-/// … per token and attention score (`heads × seq`).
-const C_SCORES: f64 = 2.65;
+/// The fitted constants of one backend path (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Constants {
+    /// Values a block keeps per token and unit of width, not counting the FFN.
+    width: f64,
+    /// … per token and unit of FFN width.
+    ffn: f64,
+    /// … per token and attention score (`heads × seq`).
+    scores: f64,
+    /// Bytes per checkpointed block input value (d bytes each).
+    saved: f64,
+    /// Share of a non-checkpointed block's weights its graph keeps.
+    kept: f64,
+    /// Copies of the largest segment live at once (module, gradients, flat buffer).
+    working: f64,
+    /// f32 values per token and vocabulary entry of an LM head (logits, their gradient).
+    logits: f64,
+    /// Bytes per rank besides (thread heap, rayon pool, runtime).
+    per_rank: f64,
+}
+
+/// The CPU path (fused kernels), fitted on `bench/memory_check.py --fit`.
+const CPU: Constants = Constants {
+    width: 10.6,
+    ffn: 2.5,
+    scores: 1.27,
+    saved: 3.4,
+    kept: 0.8,
+    working: 3.9,
+    logits: 6.8,
+    per_rank: 15e6,
+};
+
+/// The GPU path: burn's composed ops, counted from what burn's autodiff saves and fitted on CPU
+/// runs before the fused kernels existed (not yet measured on a GPU).
+const GPU: Constants = Constants {
+    width: 11.5,
+    ffn: 5.0,
+    scores: 2.65,
+    saved: 1.0,
+    kept: 1.0,
+    working: 3.0,
+    logits: 3.0,
+    per_rank: 0.0,
+};
+
 /// CUDA context, cubecl's kernels and pools: what a GPU holds before the model.
 const RUNTIME_GPU_BYTES: f64 = 0.5e9;
 
@@ -90,10 +136,16 @@ pub struct Shape {
     pub architecture: Architecture,
     /// All parameters.
     pub params: usize,
-    /// The largest segment (embedding, one block, head).
-    pub largest_segment: usize,
     /// The embedding segment (also read by a tied LM head).
     pub embedding: usize,
+    /// The largest block.
+    pub largest_block: usize,
+    /// Parameters of all blocks.
+    pub block_params: usize,
+    /// The head segment.
+    pub head: usize,
+    /// Whether the head reads the embedding segment (a tied LM head).
+    pub tied: bool,
     /// Blocks.
     pub layers: usize,
     /// Width.
@@ -128,27 +180,63 @@ pub struct Setup {
 /// Bytes per category, and what must fit in the budget.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Estimate {
-    /// Master weights and working copies.
+    /// Master weights, and the weights kept between forward and backward.
     pub parameters: f64,
-    /// Gradient shard and one segment's gradients.
+    /// Gradient shard.
     pub gradients: f64,
     /// AdamW moments.
     pub optimizer: f64,
-    /// Saved activations.
+    /// Saved activations and an LM head's logits.
     pub activations: f64,
-    /// Backward transients and runtime.
+    /// One segment's working copies and gradients, and the per-rank runtime.
     pub workspace: f64,
-    /// What the device holds (GPU), or everything (CPU).
+    /// What the device holds (GPU), or everything (CPU), per rank.
     pub peak: f64,
-    /// Host memory besides (GPU setups).
+    /// Host memory besides (GPU setups), per rank.
     pub host: f64,
+    /// The terms whose constants `bench/memory_check.py --fit` refits, per rank.
+    pub features: Features,
+}
+
+/// The fitted terms of an estimate, in bytes with the current constants, per rank.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Features {
+    /// `16P/N`.
+    pub state: f64,
+    /// Weights kept in graphs (no checkpointing) or gathered buffers kept (stage 2).
+    pub kept: f64,
+    /// The largest segment's working set.
+    pub working: f64,
+    /// Activations proportional to the width.
+    pub act_width: f64,
+    /// … to the FFN width.
+    pub act_ffn: f64,
+    /// … to the attention scores.
+    pub act_scores: f64,
+    /// Checkpointed blocks' inputs.
+    pub saved_inputs: f64,
+    /// An LM head's logits and their gradient.
+    pub head_logits: f64,
+    /// The fixed per-rank bytes.
+    pub ranks: f64,
+}
+
+impl Estimate {
+    /// What one process holds: thread ranks of a CPU job share it, so every rank's share.
+    pub fn process(&self, setup: &Setup) -> f64 {
+        if setup.gpu {
+            self.peak
+        } else {
+            self.peak * setup.ranks.max(1) as f64
+        }
+    }
 }
 
 /// The estimate of one rank's peak.
 pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
+    let c = if setup.gpu { GPU } else { CPU };
     let n = setup.ranks.max(1) as f64;
     let p = shape.params as f64;
-    let s = shape.largest_segment as f64;
     let d = setup.dtype_bytes as f64;
     let rows = setup.batch as f64 / n;
     let tokens = rows * setup.seq as f64;
@@ -158,39 +246,61 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         shape.heads as f64,
         setup.seq as f64,
     );
-    let block = tokens * (C_WIDTH * h + C_FFN * f + C_SCORES * a * t) * d;
-    let saved_inputs = shape.layers as f64 * tokens * h * d;
-    let graphs = if setup.checkpointing {
-        saved_inputs + block
-    } else {
-        shape.layers as f64 * block
-    };
-    let head = tokens * shape.lm_vocab as f64 * 3.0 * 4.0;
-    let activations = graphs + head;
-
-    // Host-side shards and optimizer; device-side working copies.
-    let master = 4.0 * p / n;
-    let grad_shard = 4.0 * p / n;
-    let optimizer = 8.0 * p / n;
-    let gathered = 4.0 * s + if setup.zero_stage == 2 { 4.0 * p } else { 0.0 };
-    // A tied LM head holds the embedding module beside the head's.
-    let tied = if shape.lm_vocab > 0 {
-        d * shape.embedding as f64
+    let layers = shape.layers as f64;
+    // A checkpointed model keeps one block's graph (while it is recomputed), the others all.
+    let graphs = if setup.checkpointing { 1.0 } else { layers };
+    let act_width = graphs * tokens * c.width * h * d;
+    let act_ffn = graphs * tokens * c.ffn * f * d;
+    let act_scores = graphs * tokens * c.scores * a * t * d;
+    let saved_inputs = if setup.checkpointing {
+        c.saved * layers * tokens * h * d
     } else {
         0.0
     };
-    let module = d * s + tied;
-    let segment_grads = (d + 4.0) * s;
+    let head_logits = tokens * shape.lm_vocab as f64 * c.logits * 4.0;
+    let stage2 = setup.zero_stage == 2 && setup.ranks > 1;
+    let blocks = shape.block_params as f64;
+    let kept = if setup.checkpointing {
+        0.0
+    } else {
+        c.kept * d * blocks
+    } + if stage2 {
+        4.0 * (blocks + shape.embedding as f64)
+    } else {
+        0.0
+    };
+    let tied = if shape.tied { shape.embedding } else { 0 };
+    let widest = shape
+        .largest_block
+        .max(shape.embedding)
+        .max(shape.head + tied) as f64;
+    let working = c.working * d * widest;
     let runtime = if setup.gpu { RUNTIME_GPU_BYTES } else { 0.0 };
-    let workspace = block + runtime;
-    let parameters = master + gathered + module;
-    let gradients = grad_shard + segment_grads;
-    // On a GPU the device holds the module, one segment's gradients, activations and workspace;
-    // the f32 shards, moments and gathered buffers are host memory. On a CPU all is one memory.
+    let features = Features {
+        state: 16.0 * p / n,
+        kept,
+        working,
+        act_width,
+        act_ffn,
+        act_scores,
+        saved_inputs,
+        head_logits,
+        ranks: c.per_rank,
+    };
+
+    let master = 4.0 * p / n;
+    let grad_shard = 4.0 * p / n;
+    let optimizer = 8.0 * p / n;
+    let activations = act_width + act_ffn + act_scores + saved_inputs + head_logits;
+    let workspace = working + c.per_rank + runtime;
+    let parameters = master + kept;
+    let gradients = grad_shard;
+    // On a GPU the device holds the working copies, kept weights, activations and workspace;
+    // the f32 shards and moments are host memory. On a CPU all is one memory.
     let (peak, host) = if setup.gpu {
         (
-            module + d * s + activations + workspace,
-            master + grad_shard + optimizer + gathered + 4.0 * s,
+            kept + activations + workspace,
+            master + grad_shard + optimizer + 4.0 * widest,
         )
     } else {
         (
@@ -206,12 +316,16 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         workspace,
         peak,
         host,
+        features,
     }
 }
 
 /// The largest global batch (a multiple of the ranks) whose peak fits `budget`.
 pub fn max_batch(shape: &Shape, setup: &Setup, budget: f64) -> usize {
-    let fits = |batch: usize| estimate(shape, &Setup { batch, ..*setup }).peak <= budget;
+    let fits = |batch: usize| {
+        let setup = Setup { batch, ..*setup };
+        estimate(shape, &setup).process(&setup) <= budget
+    };
     let step = setup.ranks.max(1);
     if !fits(step) {
         return 0;
@@ -232,7 +346,7 @@ pub fn max_batch(shape: &Shape, setup: &Setup, budget: f64) -> usize {
     low * step
 }
 
-/// The trained class and shapes of `--model`.
+/// The trained class and shapes of `--model`, with its segments as the trainer cuts them.
 pub fn shape_of(model: &str) -> anyhow::Result<Shape> {
     let path = Path::new(model);
     let (architecture, config) = if path.is_dir() {
@@ -256,67 +370,92 @@ pub fn shape_of(model: &str) -> anyhow::Result<Shape> {
             .with_context(|| format!("--model {model}: not a directory, config or preset"))?;
         (preset.architecture, preset.config)
     };
-    let (architecture, hidden, ffn, heads, layers, lm_vocab) =
-        match (&config, architecture.family()) {
-            (ModelConfig::Gpt2(c), _) => (
-                Architecture::Gpt2LmHeadModel,
-                c.n_embd,
-                c.n_inner.unwrap_or(4 * c.n_embd),
-                c.n_head,
-                c.n_layer,
-                c.vocab_size,
-            ),
-            (ModelConfig::Bert(c), family) => (
-                if family == Family::Roberta {
-                    Architecture::RobertaForSequenceClassification
-                } else {
-                    Architecture::BertForSequenceClassification
-                },
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.num_hidden_layers,
-                0,
-            ),
-            (ModelConfig::T5(_), _) => {
-                bail!("{model}: zoo's training jobs train GPTs and BERT/RoBERTa, not T5 yet")
-            }
-        };
+    shape_of_config(architecture.family(), &config).with_context(|| format!("--model {model}"))
+}
+
+/// The trained class and shapes of a config: the segments of the lazily built model (nothing
+/// is allocated), cut as the training jobs cut it.
+pub fn shape_of_config(family: Family, config: &ModelConfig) -> anyhow::Result<Shape> {
     let device = Default::default();
-    let built = AnyModel::<Cpu>::new(architecture, &config, &device)?;
-    let mut embedding = 0;
-    let mut blocks = std::collections::BTreeMap::<usize, usize>::new();
-    let mut head = 0;
-    for info in param_infos::<Cpu, _>(&built) {
-        let size: usize = info.shape.iter().product();
-        let parts: Vec<&str> = info.name.split('.').collect();
-        let block = parts
-            .windows(2)
-            .find(|w| w[0] == "blocks" || w[0] == "layers")
-            .and_then(|w| w[1].parse::<usize>().ok());
-        match block {
-            Some(i) => *blocks.entry(i).or_default() += size,
-            None if info.name.contains("embeddings.")
-                || info.name.contains(".wte.")
-                || info.name.contains(".wpe.") =>
-            {
-                embedding += size
-            }
-            None => head += size,
+    let sizes = |layouts: Vec<usize>| {
+        (
+            layouts.iter().sum::<usize>(),
+            layouts.iter().copied().max().unwrap_or(0),
+        )
+    };
+    match (config, family) {
+        (ModelConfig::Gpt2(c), _) => {
+            let (spec, embed, blocks, head) =
+                Gpt2Spec::split(Gpt2LmHeadModel::<Cpu>::new(c, &device)?);
+            let block_sizes: Vec<usize> = blocks
+                .iter()
+                .map(|b| layout_of::<Cpu, Gpt2Block<Cpu>>(b).len)
+                .collect();
+            let (block_params, largest_block) = sizes(block_sizes);
+            let embedding = layout_of::<Cpu, _>(&embed).len;
+            let head = layout_of::<Cpu, _>(&head).len;
+            Ok(Shape {
+                architecture: Architecture::Gpt2LmHeadModel,
+                params: embedding + block_params + head,
+                embedding,
+                largest_block,
+                block_params,
+                head,
+                tied: bmtrain_backend::trainer::ZeroSpec::<Cpu>::head_reads_embed(&spec),
+                layers: c.n_layer,
+                hidden: c.n_embd,
+                ffn: c.n_inner.unwrap_or(4 * c.n_embd),
+                heads: c.n_head,
+                lm_vocab: c.vocab_size,
+            })
+        }
+        (ModelConfig::Bert(c), family) => {
+            let (architecture, (_, embed, blocks, head)) = if family == Family::Roberta {
+                let mut c = c.clone();
+                c.num_labels = Some(c.num_labels.unwrap_or(2));
+                (
+                    Architecture::RobertaForSequenceClassification,
+                    ClassifierSpec::split_roberta(RobertaForSequenceClassification::<Cpu>::new(
+                        &c, &device,
+                    )?),
+                )
+            } else {
+                let mut c = c.clone();
+                c.num_labels = Some(c.num_labels.unwrap_or(2));
+                (
+                    Architecture::BertForSequenceClassification,
+                    ClassifierSpec::split_bert(
+                        BertForSequenceClassification::<Cpu>::new(&c, &device)?,
+                        &c,
+                    ),
+                )
+            };
+            let block_sizes: Vec<usize> = blocks
+                .iter()
+                .map(|b| layout_of::<Cpu, BertLayer<Cpu>>(b).len)
+                .collect();
+            let (block_params, largest_block) = sizes(block_sizes);
+            let embedding = layout_of::<Cpu, _>(&embed).len;
+            let head = layout_of::<Cpu, _>(&head).len;
+            Ok(Shape {
+                architecture,
+                params: embedding + block_params + head,
+                embedding,
+                largest_block,
+                block_params,
+                head,
+                tied: false,
+                layers: c.num_hidden_layers,
+                hidden: c.hidden_size,
+                ffn: c.intermediate_size,
+                heads: c.num_attention_heads,
+                lm_vocab: 0,
+            })
+        }
+        (ModelConfig::T5(_), _) => {
+            bail!("zoo's training jobs train GPTs and BERT/RoBERTa, not T5 yet")
         }
     }
-    let largest_block = blocks.values().copied().max().unwrap_or(0);
-    Ok(Shape {
-        architecture,
-        params: embedding + head + blocks.values().sum::<usize>(),
-        largest_segment: embedding.max(head).max(largest_block),
-        embedding,
-        layers,
-        hidden,
-        ffn,
-        heads,
-        lm_vocab,
-    })
 }
 
 /// `11GB` → 11e9, `24GiB` → 24·2³⁰, `512MB`, `1.5TB`; a bare number is bytes.
@@ -382,7 +521,9 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         (None, None) => machine_memory(),
     };
     let estimate = estimate(&shape, &setup);
-    let fits = budget.map(|b| estimate.peak <= b);
+    let fits = budget.map(|b| estimate.process(&setup) <= b);
+    // The fitted terms are reported for the whole process (thread ranks share it).
+    let n = if setup.gpu { 1.0 } else { setup.ranks as f64 };
     let max = budget.map(|b| max_batch(&shape, &setup, b));
     if args.json {
         println!(
@@ -401,7 +542,19 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
                 "activations_bytes": estimate.activations.round(),
                 "workspace_bytes": estimate.workspace.round(),
                 "peak_bytes": estimate.peak.round(),
+                "process_bytes": estimate.process(&setup).round(),
                 "host_bytes": estimate.host.round(),
+                "features": {
+                    "state": estimate.features.state * n,
+                    "kept": estimate.features.kept * n,
+                    "working": estimate.features.working * n,
+                    "act_width": estimate.features.act_width * n,
+                    "act_ffn": estimate.features.act_ffn * n,
+                    "act_scores": estimate.features.act_scores * n,
+                    "saved_inputs": estimate.features.saved_inputs * n,
+                    "head_logits": estimate.features.head_logits * n,
+                    "ranks": estimate.features.ranks * n,
+                },
                 "budget_bytes": budget.map(f64::round),
                 "fits": fits,
                 "max_batch": max,
@@ -428,13 +581,10 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
     );
     println!("per rank:");
     println!(
-        "  parameters   {}  (f32 master shard + gathered working copy)",
+        "  parameters   {}  (f32 master shard + weights kept for backward)",
         gb(estimate.parameters)
     );
-    println!(
-        "  gradients    {}  (f32 shard + one segment's)",
-        gb(estimate.gradients)
-    );
+    println!("  gradients    {}  (f32 shard)", gb(estimate.gradients));
     println!(
         "  optimizer    {}  (AdamW moments, host)",
         gb(estimate.optimizer)
@@ -449,6 +599,13 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         );
     } else {
         println!("  peak         {}", gb(estimate.peak));
+        if setup.ranks > 1 {
+            println!(
+                "  process      {}  ({} thread ranks share one process)",
+                gb(estimate.process(&setup)),
+                setup.ranks
+            );
+        }
     }
     match (budget, fits, max) {
         (Some(budget), Some(fits), Some(max)) => println!(

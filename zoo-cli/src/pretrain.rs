@@ -731,6 +731,8 @@ fn train<AB: AutodiffBackend>(
     let rank = comm.rank();
     let world = comm.world_size();
     let lead = rank == 0;
+    // What the setup freed (tokenising, reading) goes back first: the baseline is what is live.
+    crate::alloc::release_free_memory();
     let baseline = crate::run::proc_status_bytes("VmRSS:");
 
     // The model, one segment at a time: the directory's weights, or GPT-2's initialisation

@@ -3,84 +3,13 @@
 //! tiny BERT learns a synthetic rule, and bad input fails clearly without overwriting anything.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use checkpoints_convert::read_weights_file;
-use serde_json::Value;
+mod support;
 
-fn zoo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zoo"))
-        .args(args)
-        .output()
-        .expect("zoo runs")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn metrics(run: &Path) -> Vec<Value> {
-    fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The training-loss records (not the evaluations).
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    metrics(run)
-        .iter()
-        .filter_map(|m| Some((m["step"].as_u64()?, m["loss"].as_f64()?)))
-        .collect()
-}
-
-/// Every tensor of a checkpoint's model.safetensors as f32 values.
-fn weights(checkpoint: &Path) -> Vec<(String, Vec<f32>)> {
-    read_weights_file(&checkpoint.join("model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| (name, t.data.convert::<f32>().to_vec().unwrap()))
-        .collect()
-}
-
-/// A small, quick pretraining setup on the shipped corpus (the tiny GPT, short windows).
-const QUICK: &[&str] = &[
-    "pretrain",
-    "--seq",
-    "32",
-    "--batch",
-    "8",
-    "--log-every",
-    "10",
-    "--eval-every",
-    "0",
-    "--eval-batches",
-    "1",
-    "--no-progress",
-];
-
-fn pretrain(out: &Path, extra: &[&str]) -> Output {
-    let mut args = QUICK.to_vec();
-    args.extend(["--out", out.to_str().unwrap()]);
-    if !extra.contains(&"--sample-tokens") {
-        args.extend(["--sample-tokens", "0"]);
-    }
-    args.extend_from_slice(extra);
-    zoo(&args)
-}
+use support::*;
 
 #[test]
 fn pretraining_the_tiny_gpt_on_the_shipped_corpus_lowers_the_loss() {
