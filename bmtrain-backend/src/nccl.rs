@@ -7,8 +7,10 @@
 //! `LOCAL_RANK`. The collectives take host buffers (the [`Communicator`] trait's), stage them
 //! through device memory and wait for the stream.
 //!
-//! Timeouts: NCCL collectives block until every rank arrives; NCCL's own watchdog and the
-//! launcher's are what end a job whose peer died. The rendezvous has a deadline.
+//! Timeouts: the rendezvous has a deadline, and every collective is waited for by polling an
+//! event recorded behind it on the stream, for at most the communicator's timeout: a peer that
+//! hangs or died ends this rank with [`CommError::Timeout`] instead of a wait forever (NCCL's
+//! kernels still spin on the GPU; they are torn down with the process, which then exits).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,9 @@ pub struct NcclComm {
     stream: Arc<CudaStream>,
     rank: usize,
     world_size: usize,
+    timeout: Duration,
+    /// Collectives issued, for error messages.
+    round: std::cell::Cell<u64>,
 }
 
 // An NCCL communicator may be used from any thread, one call at a time; `NcclComm` is owned by
@@ -81,7 +86,37 @@ impl NcclComm {
             stream,
             rank: env.rank,
             world_size: env.world_size,
+            timeout,
+            round: std::cell::Cell::new(0),
         })
+    }
+
+    /// Waits until the work queued on the stream (the collective just issued) is done, for at most
+    /// the timeout; polling an event never blocks in the driver, so a hung peer cannot hang us.
+    fn wait(&self, op: &'static str) -> Result<(), CommError> {
+        let round = self.round.get();
+        self.round.set(round + 1);
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| self.error("recording an event", e))?;
+        let started = std::time::Instant::now();
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) if started.elapsed() > self.timeout => {
+                    return Err(CommError::Timeout {
+                        rank: self.rank,
+                        missing: (0..self.world_size).filter(|&r| r != self.rank).collect(),
+                        op,
+                        round,
+                        timeout: self.timeout,
+                    });
+                }
+                Ok(false) => std::thread::sleep(Duration::from_micros(200)),
+                Err(e) => return Err(self.error(op, e)),
+            }
+        }
     }
 
     fn error(&self, what: &str, detail: impl std::fmt::Debug) -> CommError {
@@ -133,6 +168,7 @@ impl Communicator for NcclComm {
         self.comm
             .all_reduce_in_place(&mut buffer, &nccl_op(op))
             .map_err(|e| self.error("ncclAllReduce", e))?;
+        self.wait("all_reduce")?;
         self.download(&buffer, data)
     }
 
@@ -145,6 +181,7 @@ impl Communicator for NcclComm {
         self.comm
             .all_gather(&send, &mut receive)
             .map_err(|e| self.error("ncclAllGather", e))?;
+        self.wait("all_gather")?;
         let mut out = vec![0.0; local.len() * self.world_size];
         self.download(&receive, &mut out)?;
         Ok(out)
@@ -170,6 +207,7 @@ impl Communicator for NcclComm {
         self.comm
             .reduce_scatter(&send, &mut receive, &nccl_op(op))
             .map_err(|e| self.error("ncclReduceScatter", e))?;
+        self.wait("reduce_scatter")?;
         let mut out = vec![0.0; chunk];
         self.download(&receive, &mut out)?;
         Ok(out)
@@ -180,6 +218,7 @@ impl Communicator for NcclComm {
         self.comm
             .broadcast_in_place(&mut buffer, root as i32)
             .map_err(|e| self.error("ncclBroadcast", e))?;
+        self.wait("broadcast")?;
         self.download(&buffer, data)
     }
 

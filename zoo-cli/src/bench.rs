@@ -284,9 +284,12 @@ impl BackendTask for BenchTask {
             }
             (_, BenchMode::Train) => {
                 let args = args.clone();
-                run_ranks(args.ranks, &args.device.clone(), move |comm| {
-                    train_times::<Autodiff<B>>(comm, device.clone(), &args, &ids)
-                })
+                run_ranks(
+                    args.ranks,
+                    &args.device.clone(),
+                    std::time::Duration::from_secs(crate::run::DEFAULT_COMM_TIMEOUT_S),
+                    move |comm| train_times::<Autodiff<B>>(comm, device.clone(), &args, &ids),
+                )
             }
             (BenchModel::BertBase, BenchMode::Generate) => unreachable!("refused above"),
         }

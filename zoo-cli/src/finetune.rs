@@ -488,7 +488,8 @@ impl BackendTask for FinetuneTask {
         let job = self.job;
         let ranks = job.args.memory.ranks;
         let spec: DeviceSpec = job.args.memory.device;
-        run_ranks(ranks, &spec, move |comm| {
+        let timeout = std::time::Duration::from_secs(job.args.memory.comm_timeout);
+        run_ranks(ranks, &spec, timeout, move |comm| {
             train::<Autodiff<B>>(comm, device.clone(), &job)
         })
     }

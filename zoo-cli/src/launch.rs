@@ -172,9 +172,11 @@ fn signal_all(children: &[(usize, Child)], signal: i32) {
     }
 }
 
-/// Sends `signal`, waits up to [`GRACE`], then kills what is left.
+/// Sends `signal`, waits up to [`GRACE`], then kills what is left. A stopped rank (SIGSTOP, a
+/// debugger's) is continued too, so that it gets the signal now rather than after the grace.
 fn stop(children: &mut [(usize, Child)], signal: i32) {
     signal_all(children, signal);
+    signal_all(children, libc::SIGCONT);
     let deadline = Instant::now() + GRACE;
     for (_, child) in children.iter_mut() {
         while Instant::now() < deadline {

@@ -610,7 +610,8 @@ impl BackendTask for PretrainTask {
         let job = self.job;
         let ranks = job.args.memory.ranks;
         let device_spec: DeviceSpec = job.args.memory.device;
-        run_ranks(ranks, &device_spec, move |comm| {
+        let timeout = std::time::Duration::from_secs(job.args.memory.comm_timeout);
+        run_ranks(ranks, &device_spec, timeout, move |comm| {
             train::<Autodiff<B>>(comm, device.clone(), &job)
         })
     }

@@ -30,9 +30,10 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-/// How long a collective waits for its peers. Rank 0 evaluates and writes checkpoints while the
-/// others wait, so this is generous; a peer that dies is noticed at once anyway.
-const COMM_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a collective waits for its peers by default (`--comm-timeout`): every rank joins
+/// evaluation and checkpointing segment by segment, so no rank waits long on another in a healthy
+/// job; the first collective also waits for every rank's setup (reading and tokenising the data).
+pub const DEFAULT_COMM_TIMEOUT_S: u64 = 600;
 
 /// The memory and placement options of every training job.
 #[derive(Args, Debug, Clone)]
@@ -58,6 +59,11 @@ pub struct MemoryArgs {
     /// Where to run: cpu or cuda:N (under a launcher: cuda, and LOCAL_RANK picks the GPU).
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     pub device: DeviceSpec,
+    /// Seconds a collective waits for the other ranks before the job stops with an error naming
+    /// the ranks that did not answer (thread, TCP and NCCL ranks alike). A rank that dies is
+    /// noticed at once; this bounds one that hangs.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_COMM_TIMEOUT_S)]
+    pub comm_timeout: u64,
 }
 
 /// Where a training job writes and how it reports: shared by `zoo pretrain` and `zoo finetune`.
@@ -212,9 +218,14 @@ impl MemoryArgs {
 pub fn run_ranks<T: Send + 'static>(
     ranks: usize,
     device: &DeviceSpec,
+    timeout: Duration,
     body: impl Fn(Box<dyn Communicator>) -> anyhow::Result<T> + Send + Sync + 'static,
 ) -> anyhow::Result<T> {
     ensure!(ranks >= 1, "--ranks must be at least 1");
+    ensure!(
+        !timeout.is_zero(),
+        "--comm-timeout must be at least 1 second"
+    );
     let env = DistEnv::from_env()?;
     if env.world_size > 1 {
         ensure!(
@@ -224,13 +235,9 @@ pub fn run_ranks<T: Send + 'static>(
             env.world_size
         );
         let comm: Box<dyn Communicator> = match device {
-            DeviceSpec::Cpu => {
-                Box::new(bmtrain_backend::tcp::TcpComm::connect(&env, COMM_TIMEOUT)?)
-            }
+            DeviceSpec::Cpu => Box::new(bmtrain_backend::tcp::TcpComm::connect(&env, timeout)?),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(_) => {
-                Box::new(bmtrain_backend::nccl::NcclComm::init(&env, COMM_TIMEOUT)?)
-            }
+            DeviceSpec::Cuda(_) => Box::new(bmtrain_backend::nccl::NcclComm::init(&env, timeout)?),
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => bail!("{device}: this zoo was built without the `cuda` feature"),
         };
@@ -239,7 +246,7 @@ pub fn run_ranks<T: Send + 'static>(
     if ranks == 1 {
         return body(Box::new(SingleRank));
     }
-    let results = ThreadGroup::run(ranks, COMM_TIMEOUT, move |comm| body(Box::new(comm)));
+    let results = ThreadGroup::run(ranks, timeout, move |comm| body(Box::new(comm)));
     let mut first_error = None;
     let mut value = None;
     for (rank, result) in results.into_iter().enumerate() {
@@ -649,7 +656,11 @@ fn find_checkpoint(path: &Path) -> anyhow::Result<Option<PathBuf>> {
         return Ok(Some(path.to_path_buf()));
     }
     let checkpoints = path.join("checkpoints");
-    if !checkpoints.is_dir() && !path.join("metrics.jsonl").is_file() {
+    // A run directory: a job locked it, logged into it or saved into it.
+    let run_dir = [".lock", "metrics.jsonl", "checkpoints"]
+        .iter()
+        .any(|name| path.join(name).exists());
+    if !run_dir {
         bail!(
             "--resume {}: neither a checkpoint (no optimizer.safetensors) nor a run directory \
              (no checkpoints/)",

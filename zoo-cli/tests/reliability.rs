@@ -3,7 +3,10 @@
 //! survive a full disk, thread ranks with dropout are reproducible, and a hung rank ends its peers.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 mod support;
 
@@ -93,8 +96,297 @@ fn a_124m_model_trains_and_saves_within_the_planners_estimate() {
     assert_eq!(state["files"]["model.safetensors"]["bytes"], model);
 }
 
-/// Unused in this file's first test, kept for the ones below.
-#[allow(dead_code)]
-fn exists(path: &Path) -> bool {
-    path.exists()
+/// Starts `zoo ARGS` in the background, its output discarded.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (at most two minutes) until `ready()`, failing if `child` ends first.
+fn wait_until(child: &mut Child, what: &str, ready: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{what}: timed out"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{what}: ended too early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The quick pretraining arguments into `run`, plus `extra`.
+fn quick(run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = QUICK.iter().map(|s| s.to_string()).collect();
+    args.extend(["--out", run.to_str().unwrap(), "--sample-tokens", "0"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A second job into a run directory a live job holds is refused, naming the holder's pid and
+/// host, whether it is fresh or resuming; once the holder is dead (SIGKILL, before its first
+/// checkpoint) its lock no longer blocks, and `--resume` starts afresh, saying so.
+#[test]
+fn a_run_directory_is_held_by_one_job_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let args = quick(&run, &["--steps", "100000", "--save-every", "0"]);
+    let mut holder = spawn(&strs(&args));
+    let lock = run.join(".lock");
+    wait_until(&mut holder, "the first job's lock", || {
+        fs::read_to_string(&lock).is_ok_and(|t| t.contains("pid"))
+    });
+    let pid = holder.id().to_string();
+
+    for extra in [&[][..], &["--resume", run.to_str().unwrap()][..]] {
+        let second = zoo(&strs(&quick(
+            &run,
+            &[&["--steps", "5"][..], extra].concat(),
+        )));
+        let message = text(&second);
+        assert!(!second.status.success(), "{message}");
+        assert!(
+            message.contains("in use by another job") && message.contains(&format!("pid {pid}")),
+            "{message}"
+        );
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    let resumed = zoo(&strs(&quick(
+        &run,
+        &["--steps", "5", "--resume", run.to_str().unwrap()],
+    )));
+    let message = text(&resumed);
+    assert!(resumed.status.success(), "{message}");
+    assert!(message.contains("no checkpoint was saved yet"), "{message}");
+    assert!(run.join("checkpoints/step-0000005").is_dir(), "{message}");
+}
+
+/// `--resume RUN_DIR` takes the newest checkpoint whose files match the sizes and hashes its
+/// `trainer_state.json` recorded, names the damaged one it skipped, and continues to the weights of
+/// an uninterrupted run. A save that fails part-way (here: files may not grow past 64 KiB, as on a
+/// full disk) stops the job with the file named and leaves the previous checkpoint, and `latest`,
+/// whole and loadable.
+#[test]
+fn resume_skips_damaged_checkpoints_and_a_failed_save_keeps_the_last_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["--save-every", "10", "--keep", "5", "--dropout", "0.1"];
+    let whole = dir.path().join("whole");
+    let output = zoo(&strs(&quick(
+        &whole,
+        &[&["--steps", "30"][..], &common].concat(),
+    )));
+    assert!(output.status.success(), "{}", text(&output));
+
+    let run = dir.path().join("run");
+    let output = zoo(&strs(&quick(
+        &run,
+        &[&["--steps", "20"][..], &common].concat(),
+    )));
+    assert!(output.status.success(), "{}", text(&output));
+    // One flipped byte in the newest checkpoint's weights.
+    let damaged = run.join("checkpoints/step-0000020/model.safetensors");
+    let mut bytes = fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&damaged, &bytes).unwrap();
+    let resume = ["--resume", run.to_str().unwrap()];
+    let output = zoo(&strs(&quick(
+        &run,
+        &[&["--steps", "30"][..], &common, &resume].concat(),
+    )));
+    let message = text(&output);
+    assert!(output.status.success(), "{message}");
+    assert!(
+        message.contains("skipping")
+            && message.contains("step-0000020")
+            && message.contains("corrupt"),
+        "{message}"
+    );
+    // Resumed from step 10, it still ends with the uninterrupted run's weights.
+    let want = weights(&whole.join("checkpoints/step-0000030"));
+    let got = weights(&run.join("checkpoints/step-0000030"));
+    assert!(want == got, "resuming from step 10 changed the weights");
+
+    // Now the disk is "full": no file may grow past 64 KiB (RLIMIT_FSIZE; EFBIG instead of the
+    // default SIGXFSZ), so the step-40 checkpoint cannot be written.
+    let args = quick(&run, &[&["--steps", "40"][..], &common, &resume].concat());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_zoo"));
+    command.args(&args);
+    // SAFETY: setrlimit and signal are async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 64 << 10,
+                rlim_max: 64 << 10,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output: Output = command.output().unwrap();
+    let message = text(&output);
+    assert!(!output.status.success(), "{message}");
+    assert!(
+        message.contains(".safetensors") && message.contains("File too large"),
+        "{message}"
+    );
+    let checkpoints = run.join("checkpoints");
+    assert_eq!(
+        fs::read_to_string(checkpoints.join("latest"))
+            .unwrap()
+            .trim(),
+        "step-0000030"
+    );
+    assert!(!checkpoints.join("step-0000040").exists());
+    let leftovers: Vec<String> = fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The last good checkpoint still verifies and resumes.
+    let output = zoo(&strs(&quick(
+        &run,
+        &[&["--steps", "31"][..], &common, &resume].concat(),
+    )));
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!text(&output).contains("skipping"), "{}", text(&output));
+}
+
+/// With dropout, two runs of two thread ranks give the same bits, and two launched process ranks
+/// give those bits too: every mask is drawn from a stream seeded by (seed, step, micro-batch, rank,
+/// segment) on the rank's own thread.
+#[test]
+fn thread_ranks_with_dropout_are_reproducible_and_match_process_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--steps", "6", "--dropout", "0.1", "--save-every", "0"];
+    let file = "checkpoints/step-0000006/model.safetensors";
+    let mut finals = Vec::new();
+    for name in ["threads-a", "threads-b"] {
+        let run = dir.path().join(name);
+        let output = zoo(&strs(&quick(
+            &run,
+            &[&extra[..], &["--ranks", "2"]].concat(),
+        )));
+        assert!(output.status.success(), "{}", text(&output));
+        finals.push(fs::read(run.join(file)).unwrap());
+    }
+    assert!(
+        finals[0] == finals[1],
+        "two thread-rank runs with dropout differ"
+    );
+    let processes = dir.path().join("processes");
+    let mut args = vec![
+        "launch".to_string(),
+        "--nproc-per-node".into(),
+        "2".into(),
+        "--".into(),
+        env!("CARGO_BIN_EXE_zoo").into(),
+    ];
+    args.extend(quick(&processes, &extra));
+    let output = zoo(&strs(&args));
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        fs::read(processes.join(file)).unwrap() == finals[0],
+        "process ranks with dropout differ from thread ranks"
+    );
+}
+
+/// The pid of the launched rank `rank` whose command line names `marker`.
+fn rank_pid(rank: usize, marker: &str) -> Option<i32> {
+    for entry in fs::read_dir("/proc").ok()? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let environ = fs::read(entry.path().join("environ")).unwrap_or_default();
+        let has = |bytes: &[u8], needle: &str| {
+            bytes
+                .split(|&b| b == 0)
+                .any(|part| part == needle.as_bytes())
+        };
+        let names = String::from_utf8_lossy(&cmdline).contains(marker);
+        if names && has(&environ, &format!("RANK={rank}")) && !cmdline.starts_with(b"launch") {
+            let first = cmdline.split(|&b| b == 0).nth(1).unwrap_or_default();
+            if first == b"pretrain" {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// A process rank that stops answering (SIGSTOP: alive, silent) ends the job within
+/// `--comm-timeout`, with an error naming it, instead of a hang.
+#[test]
+fn a_hung_rank_ends_the_job_within_the_comm_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("hung");
+    let mut args = vec![
+        "launch".to_string(),
+        "--nproc-per-node".into(),
+        "2".into(),
+        "--".into(),
+        env!("CARGO_BIN_EXE_zoo").into(),
+    ];
+    args.extend(quick(
+        &run,
+        &[
+            "--steps",
+            "100000",
+            "--save-every",
+            "0",
+            "--comm-timeout",
+            "4",
+        ],
+    ));
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run.join("metrics.jsonl");
+    wait_until(&mut launcher, "training", || {
+        fs::read_to_string(&metrics).is_ok_and(|m| m.lines().count() >= 1)
+    });
+    let marker = run.to_str().unwrap().to_string();
+    let pid = rank_pid(1, &marker).expect("rank 1 is running");
+    // SAFETY: stopping a child process of this test.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    let output = launcher.wait_with_output().unwrap();
+    let elapsed = stopped.elapsed();
+    let message = String::from_utf8_lossy(&output.stderr).into_owned();
+    println!("a stopped rank ended the job after {elapsed:.1?}");
+    assert!(!output.status.success(), "{message}");
+    assert!(
+        message.contains("timed out") && message.contains("ranks [1]"),
+        "{message}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(25),
+        "took {elapsed:?}: {message}"
+    );
 }
