@@ -39,6 +39,25 @@ pub enum ConvertError {
         /// What the reader said.
         message: String,
     },
+    /// The model would not fit in memory: refused before anything is allocated.
+    #[error(
+        "{path}: the weights alone need {:.2} GB ({parameters} parameters × {bytes_per_parameter} bytes), \
+         more than the {:.2} GB of memory available",
+        *needed as f64 / 1e9,
+        *available as f64 / 1e9
+    )]
+    TooLarge {
+        /// The config (or weights file) that describes the model.
+        path: PathBuf,
+        /// Parameters of the model.
+        parameters: u128,
+        /// Bytes each takes once loaded.
+        bytes_per_parameter: u64,
+        /// `parameters × bytes_per_parameter`.
+        needed: u128,
+        /// What the process may use.
+        available: u64,
+    },
     /// The directory has no weights file zoo can read.
     #[error(
         "{dir}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json)"

@@ -201,6 +201,40 @@ impl models::train::TensorSource for ZooWeightsReader {
 }
 
 impl ModelSpec {
+    /// Parameters of the model the config describes, counted on the lazily built model (its
+    /// shapes alone: nothing is allocated, whatever the config claims).
+    pub fn parameter_count(&self) -> Result<u128> {
+        let device = Default::default();
+        let model = AnyModel::<bmtrain_backend::Cpu>::new(self.architecture, &self.config, &device)
+            .map_err(|error| ConvertError::Config {
+                path: self.dir.join(HF_CONFIG),
+                error,
+            })?;
+        Ok(models::param_infos::<bmtrain_backend::Cpu, _>(&model)
+            .iter()
+            .map(|p| p.shape.iter().map(|&d| d as u128).product::<u128>())
+            .sum())
+    }
+
+    /// Refuses a model whose weights, at `bytes_per_parameter`, exceed `available` bytes.
+    pub fn check_fits(&self, bytes_per_parameter: u64, available: u64) -> Result<()> {
+        let parameters = self.parameter_count()?;
+        let needed = parameters * u128::from(bytes_per_parameter);
+        if needed > u128::from(available) {
+            return Err(ConvertError::TooLarge {
+                path: self.dir.join(match self.kind {
+                    DirKind::Hf => HF_CONFIG,
+                    DirKind::Zoo => ZOO_MANIFEST,
+                }),
+                parameters,
+                bytes_per_parameter,
+                needed,
+                available,
+            });
+        }
+        Ok(())
+    }
+
     /// The key pairs of this model.
     pub fn key_pairs(&self) -> Vec<KeyPair> {
         table(self.architecture.family()).pairs(self.architecture, &Variant::of(&self.config))
@@ -417,6 +451,9 @@ pub struct LoadOptions {
     /// The parameters' dtype. `None` is f32 whatever the checkpoint stores (bf16 and f16
     /// checkpoints are widened on load); `Some(F16)` / `Some(BF16)` casts after loading.
     pub dtype: Option<burn::tensor::FloatDType>,
+    /// Bytes of memory the process may use: a model whose weights alone need more is refused
+    /// ([`ConvertError::TooLarge`]) from its config, before any tensor is read. `None`: no check.
+    pub memory_limit: Option<u64>,
 }
 
 /// A model loaded from a directory.
@@ -438,6 +475,10 @@ pub fn load_model<B: Backend>(
     options: &LoadOptions,
 ) -> Result<LoadedModel<B>> {
     let mut spec = read_spec(dir)?;
+    if let Some(limit) = options.memory_limit {
+        // Loaded as f32 (4 bytes) whatever the file stores, then cast.
+        spec.check_fits(4, limit)?;
+    }
     let weights = spec.read_weights(options.format)?;
     if let Some(p) = options.dropout {
         spec.config = spec.config.with_dropout(p);
@@ -511,12 +552,28 @@ pub fn convert_hf_to_zoo(
     format: WeightsFormat,
     overwrite: bool,
 ) -> Result<ConvertReport> {
+    convert_hf_to_zoo_within(from, out, format, overwrite, None)
+}
+
+/// [`convert_hf_to_zoo`], refusing (before reading any tensor) a model whose weights in their
+/// stored dtype exceed `memory_limit` bytes: a conversion holds every tensor at once.
+pub fn convert_hf_to_zoo_within(
+    from: &Path,
+    out: &Path,
+    format: WeightsFormat,
+    overwrite: bool,
+    memory_limit: Option<u64>,
+) -> Result<ConvertReport> {
     check_output(out, overwrite)?;
     let mut spec = read_spec(from)?;
     if spec.kind != DirKind::Hf {
         return Err(ConvertError::NotAModelDir {
             dir: from.join(HF_CONFIG),
         });
+    }
+    if let Some(limit) = memory_limit {
+        // At least two bytes a parameter (half precision), whatever the file stores.
+        spec.check_fits(2, limit)?;
     }
     let weights = spec.read_weights(format)?;
     // Check the tokenizer before writing anything, and keep a tokenizer.json for zoo.
@@ -552,12 +609,26 @@ pub fn convert_hf_to_zoo(
 /// `zoo convert --to-hf --from ZOO_DIR --out HF_DIR`: the HF layout transformers writes
 /// (`config.json`, `model.safetensors` with tied weights stored once, tokenizer files).
 pub fn export_zoo_to_hf(from: &Path, out: &Path, overwrite: bool) -> Result<ConvertReport> {
+    export_zoo_to_hf_within(from, out, overwrite, None)
+}
+
+/// [`export_zoo_to_hf`], refusing a model that does not fit `memory_limit` bytes (see
+/// [`convert_hf_to_zoo_within`]).
+pub fn export_zoo_to_hf_within(
+    from: &Path,
+    out: &Path,
+    overwrite: bool,
+    memory_limit: Option<u64>,
+) -> Result<ConvertReport> {
     check_output(out, overwrite)?;
     let mut spec = read_spec(from)?;
     if spec.kind != DirKind::Zoo {
         return Err(ConvertError::NotAModelDir {
             dir: from.join(ZOO_MANIFEST),
         });
+    }
+    if let Some(limit) = memory_limit {
+        spec.check_fits(2, limit)?;
     }
     let mut zoo = spec.read_weights(WeightsFormat::Safetensors)?.tensors;
     let mut hf = BTreeMap::new();

@@ -99,6 +99,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.batch,
         args.ranks
     );
+    // The models are fixed (124M parameters at most), but the machine may still be too small.
+    if let Some(available) = crate::memory::available_memory() {
+        let (family, config) = match args.model {
+            BenchModel::BertBase => (models::Family::Bert, ModelConfig::Bert(bert_config())),
+            BenchModel::Gpt2 => (models::Family::Gpt2, ModelConfig::Gpt2(gpt2_config())),
+        };
+        let shape = crate::memory::shape_of_config(family, &config)?;
+        let setup = crate::memory::Setup {
+            seq: args.seq,
+            batch: args.batch,
+            dtype_bytes: 4,
+            checkpointing: args.checkpointing,
+            zero_stage: 3,
+            ranks: args.ranks,
+            ranks_in_process: args.ranks,
+            gpu: false,
+        };
+        crate::memory::check_training_fits(&shape, &setup, available, "zoo bench")?;
+    }
     ensure!(
         args.ranks == 1 || args.mode == BenchMode::Train,
         "--ranks applies to --mode train"

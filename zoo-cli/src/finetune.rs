@@ -215,12 +215,7 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         args.batch >= 1 && args.grad_accum >= 1,
         "--batch and --grad-accum must be at least 1"
     );
-    let ranks = args.memory.ranks.max(
-        std::env::var("WORLD_SIZE")
-            .ok()
-            .and_then(|w| w.parse().ok())
-            .unwrap_or(1),
-    );
+    let ranks = args.memory.ranks.max(crate::run::world_size_from_env());
     ensure!(
         args.batch.is_multiple_of(ranks),
         "--batch {} does not split over {ranks} ranks",
@@ -244,6 +239,14 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
     if let Some(p) = args.dropout {
         config = config.with_dropout(p);
     }
+    // A model this machine cannot hold is refused now, before anything is read.
+    args.memory.check_fits(
+        family,
+        &ModelConfig::Bert(config.clone()),
+        args.max_seq,
+        args.batch,
+        &args.model.display().to_string(),
+    )?;
     // Checked now (every key and shape, from the headers), read segment by segment in training.
     let reader = spec.open_weights(Default::default())?;
     // Base-model names gain the encoder's prefix; heads of other tasks are not read.

@@ -223,6 +223,7 @@ impl BackendTask for GenerateTask {
         } = self;
         let options = LoadOptions {
             format: args.format.into(),
+            memory_limit: crate::memory::available_memory().map(|b| b as u64),
             ..Default::default()
         };
         let loaded = load_model::<B>(&args.model, &device, &options)

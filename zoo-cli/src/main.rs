@@ -200,14 +200,17 @@ fn download(args: DownloadArgs) -> anyhow::Result<()> {
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    // A conversion holds every tensor at once: a model larger than memory is refused first.
+    let limit = memory::available_memory().map(|b| b as u64);
     let report = if args.to_hf {
-        checkpoints_convert::export_zoo_to_hf(&args.from, &args.out, args.overwrite)
+        checkpoints_convert::export_zoo_to_hf_within(&args.from, &args.out, args.overwrite, limit)
     } else {
-        checkpoints_convert::convert_hf_to_zoo(
+        checkpoints_convert::convert_hf_to_zoo_within(
             &args.from,
             &args.out,
             args.format.into(),
             args.overwrite,
+            limit,
         )
     }
     .with_context(|| format!("converting {}", args.from.display()))?;

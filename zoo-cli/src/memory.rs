@@ -171,8 +171,11 @@ pub struct Setup {
     pub checkpointing: bool,
     /// 2 or 3.
     pub zero_stage: u8,
-    /// Ranks.
+    /// Ranks (the world the state is sharded over).
     pub ranks: usize,
+    /// How many of them run as threads of one process (the process holds all their shares):
+    /// `ranks` for `--ranks N`, 1 under a launcher.
+    pub ranks_in_process: usize,
     /// Whether the estimate is for a GPU (device vs host split).
     pub gpu: bool,
 }
@@ -227,7 +230,7 @@ impl Estimate {
         if setup.gpu {
             self.peak
         } else {
-            self.peak * setup.ranks.max(1) as f64
+            self.peak * setup.ranks_in_process.max(1) as f64
         }
     }
 }
@@ -483,13 +486,91 @@ pub fn parse_size(text: &str) -> anyhow::Result<f64> {
     Ok(value * scale)
 }
 
-fn machine_memory() -> Option<f64> {
+/// A `/proc/meminfo` field in bytes.
+fn meminfo(field: &str) -> Option<f64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb * 1024.0)
+}
+
+/// A number in a cgroup file, or `None` for "max", absent or unreadable.
+fn cgroup_number(path: &str) -> Option<f64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The cgroup's memory limit and usage (v2, else v1), when the process is limited.
+fn cgroup_memory() -> Option<(f64, f64)> {
+    let v2 = cgroup_number("/sys/fs/cgroup/memory.max")
+        .zip(cgroup_number("/sys/fs/cgroup/memory.current"));
+    let v1 = || {
+        cgroup_number("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+            .zip(cgroup_number("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+            // v1 reports "no limit" as a huge number.
+            .filter(|(limit, _)| *limit < 1e18)
+    };
+    v2.or_else(v1)
+}
+
+/// The memory this machine has for the budget of `zoo memory` (without `--mem`): the cgroup's
+/// limit when the process has one, else the machine's total.
+fn machine_memory() -> Option<f64> {
+    match cgroup_memory() {
+        Some((limit, _)) => Some(meminfo("MemTotal:").map_or(limit, |total| total.min(limit))),
+        None => meminfo("MemTotal:"),
+    }
+}
+
+/// The memory this process may still take: `MemAvailable`, or what the cgroup's limit leaves
+/// when that is less. What commands check a model against before building it.
+pub fn available_memory() -> Option<f64> {
+    let available = meminfo("MemAvailable:");
+    let cgroup = cgroup_memory().map(|(limit, used)| (limit - used).max(0.0));
+    match (available, cgroup) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// Refuses, before anything is allocated, a training job whose sharded state (f32 master
+/// weights, gradients and AdamW moments: 16 bytes a parameter, this process's share of them)
+/// exceeds `budget`; warns when the whole estimate does (the job may still fit with
+/// `--checkpointing` or a smaller batch: `--auto` picks them).
+pub fn check_training_fits(
+    shape: &Shape,
+    setup: &Setup,
+    budget: f64,
+    what: &str,
+) -> anyhow::Result<()> {
+    let world = setup.ranks.max(1);
+    let ranks_here = setup.ranks_in_process.max(1);
+    let state = 16.0 * shape.params as f64 * ranks_here as f64 / world as f64;
+    ensure!(
+        state <= budget,
+        "{what}: the weights alone, with their gradients and AdamW moments, need {:.2} GB \
+         ({:.1}M parameters × 16 bytes{}), more than the {:.2} GB of memory available",
+        state / 1e9,
+        shape.params as f64 / 1e6,
+        if world > ranks_here {
+            format!(", this process's share of {world} ranks")
+        } else {
+            String::new()
+        },
+        budget / 1e9
+    );
+    let estimate = estimate(shape, setup);
+    let peak = estimate.process(setup);
+    if peak > budget {
+        eprintln!(
+            "warning: {what}: zoo memory estimates {:.2} GB for this setup, more than the {:.2} GB \
+             available (--checkpointing, a smaller --batch with --grad-accum, or --auto would fit it)",
+            peak / 1e9,
+            budget / 1e9
+        );
+    }
+    Ok(())
 }
 
 /// Runs `zoo memory`.
@@ -514,6 +595,7 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         checkpointing: args.checkpointing,
         zero_stage: args.zero_stage,
         ranks: args.ranks,
+        ranks_in_process: args.ranks,
         gpu: args.gpu_mem.is_some(),
     };
     let budget = match (&args.gpu_mem, &args.mem) {
@@ -523,7 +605,11 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
     let estimate = estimate(&shape, &setup);
     let fits = budget.map(|b| estimate.process(&setup) <= b);
     // The fitted terms are reported for the whole process (thread ranks share it).
-    let n = if setup.gpu { 1.0 } else { setup.ranks as f64 };
+    let n = if setup.gpu {
+        1.0
+    } else {
+        setup.ranks_in_process as f64
+    };
     let max = budget.map(|b| max_batch(&shape, &setup, b));
     if args.json {
         println!(

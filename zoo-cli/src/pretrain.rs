@@ -237,22 +237,41 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
     ensure!(args.batch >= 1, "--batch must be at least 1");
     ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
     ensure!(args.steps >= 1, "--steps must be at least 1");
-    let ranks = args.memory.ranks.max(world_size_from_env());
+    let ranks = args.memory.ranks.max(crate::run::world_size_from_env());
     ensure!(
         args.batch.is_multiple_of(ranks),
         "--batch {} does not split over {ranks} ranks",
         args.batch
     );
-    let (run_dir, lock) = args.run.open_run_dir("pretrain")?;
-
     // The model.
-    let (mut config, initial, model_tokenizer) = match &args.model {
+    let (mut config, directory, model_tokenizer) = match &args.model {
         None => (tiny_config(), None, None),
         Some(name) => resolve_model(name)?,
     };
     (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) =
         (args.dropout, args.dropout, args.dropout);
     config.validate()?;
+    let default_seq = if args.model.is_none() {
+        64
+    } else {
+        config.n_positions.min(256)
+    };
+    let seq = args.seq.unwrap_or(default_seq);
+    // A model this machine cannot hold is refused now, before the data or the model is touched.
+    args.memory.check_fits(
+        models::Family::Gpt2,
+        &ModelConfig::Gpt2(config.clone()),
+        seq,
+        args.batch,
+        args.model.as_deref().unwrap_or("the default model"),
+    )?;
+    // A directory's weights: checked now (every key and shape, from the headers), read segment
+    // by segment when training starts.
+    let initial = match directory {
+        Some(mut spec) => Some(spec.open_weights(LoadOptions::default().format)?),
+        None => None,
+    };
+    let (run_dir, lock) = args.run.open_run_dir("pretrain")?;
 
     // The tokenizer: the model's, --tokenizer, or bytes.
     let tokenizer = match (&args.tokenizer, model_tokenizer) {
@@ -322,12 +341,6 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
             )
         }
     };
-    let default_seq = if args.model.is_none() {
-        64
-    } else {
-        config.n_positions.min(256)
-    };
-    let seq = args.seq.unwrap_or(default_seq);
     ensure!(
         seq >= 2 && seq <= config.n_positions,
         "--seq {seq}: the model's context is {} positions (and a window needs 2 tokens)",
@@ -373,16 +386,9 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
     })
 }
 
-fn world_size_from_env() -> usize {
-    std::env::var("WORLD_SIZE")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(1)
-}
-
 /// `--model`: a preset, a config.json, or a model directory.
-/// A GPT config, a directory's weights and tokenizer when there are any.
-type ResolvedModel = (Gpt2Config, Option<ZooWeightsReader>, Option<TextTokenizer>);
+/// A GPT config, and a directory's spec and tokenizer when there are any.
+type ResolvedModel = (Gpt2Config, Option<ModelSpec>, Option<TextTokenizer>);
 
 fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
     let path = Path::new(name);
@@ -391,12 +397,10 @@ fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
         _ => bail!("{what} is not a GPT (zoo pretrain trains GPT-2, the GPT-3 sizes and CPM-1)"),
     };
     if path.is_dir() {
-        let mut spec = checkpoints_convert::read_spec(path)?;
-        // Checked now (every key and shape), read segment by segment when training starts.
-        let weights = spec.open_weights(LoadOptions::default().format)?;
+        let spec = checkpoints_convert::read_spec(path)?;
         let config = gpt2(spec.config.clone(), &path.display().to_string())?;
         let tokenizer = load_tokenizer(path)?;
-        return Ok((config, Some(weights), tokenizer));
+        return Ok((config, Some(spec), tokenizer));
     }
     if path.is_file() {
         let value: Value = serde_json::from_str(

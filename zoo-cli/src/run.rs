@@ -183,6 +183,41 @@ pub enum DtypeArg {
 }
 
 impl MemoryArgs {
+    /// This job's setup as `zoo memory` models it, for micro-batches of `batch` rows of `seq`
+    /// tokens over all ranks.
+    pub fn setup(&self, seq: usize, batch: usize) -> crate::memory::Setup {
+        crate::memory::Setup {
+            seq,
+            batch,
+            dtype_bytes: match self.dtype {
+                DtypeArg::F32 => 4,
+                DtypeArg::F16 | DtypeArg::Bf16 => 2,
+            },
+            checkpointing: self.checkpointing,
+            zero_stage: self.zero_stage,
+            ranks: self.ranks.max(world_size_from_env()),
+            ranks_in_process: self.ranks,
+            gpu: matches!(self.device, DeviceSpec::Cuda(_)),
+        }
+    }
+
+    /// Refuses, from its config alone (nothing is allocated), a model this machine cannot hold
+    /// (see [`crate::memory::check_training_fits`]); `what` names it in the message.
+    pub fn check_fits(
+        &self,
+        family: models::Family,
+        config: &models::ModelConfig,
+        seq: usize,
+        batch: usize,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let Some(available) = crate::memory::available_memory() else {
+            return Ok(());
+        };
+        let shape = crate::memory::shape_of_config(family, config)?;
+        crate::memory::check_training_fits(&shape, &self.setup(seq, batch), available, what)
+    }
+
     /// The trainer options for a model of `blocks` blocks.
     pub fn zero_options(
         &self,
@@ -299,6 +334,14 @@ pub fn report_ready<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
             process_start().elapsed().as_secs_f64()
         );
     }
+}
+
+/// `WORLD_SIZE` of a launched job, 1 otherwise.
+pub fn world_size_from_env() -> usize {
+    std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Whether this process is rank 0 of a launched job (or not launched): the one that prints.

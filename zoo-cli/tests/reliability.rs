@@ -390,3 +390,78 @@ fn a_hung_rank_ends_the_job_within_the_comm_timeout() {
         "took {elapsed:?}: {message}"
     );
 }
+
+/// A model whose weights alone exceed the memory (a config with a vocabulary of 10¹² tokens) is
+/// refused by every command that would build it, with the estimate and the limit, before
+/// anything is allocated or written.
+#[test]
+fn a_model_larger_than_memory_is_refused_by_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = |fixture_name: &str| {
+        let to = dir.path().join(fixture_name);
+        fs::create_dir_all(&to).unwrap();
+        for entry in fs::read_dir(fixture(fixture_name)).unwrap() {
+            let path = entry.unwrap().path();
+            fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+        let config = to.join("config.json");
+        let mut value: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&config).unwrap()).unwrap();
+        value["vocab_size"] = serde_json::json!(1_000_000_000_000u64);
+        fs::write(&config, value.to_string()).unwrap();
+        to
+    };
+    let (gpt2, bert) = (huge("gpt2"), huge("bert_cls"));
+    let train = dir.path().join("train.tsv");
+    fs::write(&train, "sentence\tlabel\nhello world\t0\ngood bye\t1\n").unwrap();
+    let out = dir.path().join("out");
+    let (gpt2, bert, train, out) = (
+        gpt2.to_str().unwrap(),
+        bert.to_str().unwrap(),
+        train.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let commands: [&[&str]; 6] = [
+        &["forward", "--model", gpt2, "--ids", "1,2", "--out", out],
+        &["generate", "--model", gpt2, "--prompt-ids", "1,2", "--ids"],
+        &["convert", "--from", gpt2, "--out", out],
+        &["pretrain", "--model", gpt2, "--out", out, "--no-progress"],
+        &[
+            "finetune",
+            "--model",
+            bert,
+            "--train",
+            train,
+            "--num-labels",
+            "2",
+            "--batch",
+            "2",
+            "--out",
+            out,
+        ],
+        &["memory", "--model", gpt2, "--seq", "8", "--json"],
+    ];
+    for command in commands {
+        let started = Instant::now();
+        let output = zoo(command);
+        let message = text(&output);
+        if command[0] == "memory" {
+            // zoo memory only estimates: it says the model does not fit.
+            assert!(output.status.success(), "{message}");
+            assert!(message.contains("\"fits\":false"), "{message}");
+            continue;
+        }
+        assert!(!output.status.success(), "{}: {message}", command[0]);
+        assert!(
+            message.contains("need") && message.contains("GB of memory available"),
+            "{}: {message}",
+            command[0]
+        );
+        assert!(!Path::new(out).exists(), "{}: wrote {out}", command[0]);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            command[0]
+        );
+    }
+}
