@@ -130,6 +130,21 @@ impl DeviceSpec {
     }
 }
 
+/// Free and total bytes of CUDA GPU `index` (through the driver, loaded at run time); an error
+/// when there is no driver or no such GPU.
+#[cfg(feature = "cuda")]
+pub fn cuda_memory(index: usize) -> Result<(usize, usize), String> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda) is not available".into());
+    }
+    let context = cudarc::driver::CudaContext::new(index)
+        .map_err(|e| format!("opening GPU {index}: {e:?}"))?;
+    context
+        .mem_get_info()
+        .map_err(|e| format!("GPU {index}: cuMemGetInfo: {e:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,8 +31,8 @@ use rand::{SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, any_rank_interrupted,
-    mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
+    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
+    any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
 };
 
 /// `zoo finetune` arguments.
@@ -148,6 +148,8 @@ struct Job {
     valid: Vec<Example>,
     pad_id: u32,
     resume: Option<PathBuf>,
+    /// What `--auto` chose (`args.batch` and `args.grad_accum` hold its split).
+    auto: Option<crate::memory::AutoPlan>,
 }
 
 #[derive(Debug)]
@@ -209,7 +211,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
+fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     ensure!(args.num_labels >= 2, "--num-labels must be at least 2");
     ensure!(
         args.batch >= 1 && args.grad_accum >= 1,
@@ -277,12 +279,16 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         Some(path) => read(path)?,
         None => Vec::new(),
     };
+    let global_batch = if args.memory.auto {
+        args.batch
+    } else {
+        args.batch * args.grad_accum
+    };
     ensure!(
-        train.len() >= args.batch,
-        "{}: {} examples, fewer than one batch of {}",
+        train.len() >= global_batch,
+        "{}: {} examples, fewer than one step's batch of {global_batch} (--batch × --grad-accum)",
         args.train.display(),
         train.len(),
-        args.batch
     );
 
     let mut hf_config = spec.hf_config.clone();
@@ -306,6 +312,30 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
     };
     let (run_dir, lock) = args.run.open_run_dir("finetune")?;
     let resume = args.run.resume_checkpoint()?;
+    // --auto: the memory settings for a step of --batch examples.
+    let auto = if args.memory.auto {
+        ensure!(
+            args.grad_accum == 1,
+            "--auto chooses the micro-batch and --grad-accum itself: give the global batch of a \
+             step with --batch"
+        );
+        let state = match &resume {
+            Some(checkpoint) => Some(crate::run::trainer_state(checkpoint)?),
+            None => None,
+        };
+        let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+        let plan = args.memory.apply_auto(
+            family,
+            &ModelConfig::Bert(config.clone()),
+            longest,
+            args.batch,
+            state.as_ref(),
+        )?;
+        (args.batch, args.grad_accum) = (plan.micro_batch, plan.grad_accum);
+        Some(plan)
+    } else {
+        None
+    };
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     Ok(Job {
         args,
@@ -320,6 +350,7 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         valid,
         pad_id,
         resume,
+        auto,
     })
 }
 
@@ -676,8 +707,9 @@ fn train<AB: AutodiffBackend>(
     crate::run::report_ready(&trainer);
     trainer.set_dropout_seed(args.seed);
 
-    let micro_per_epoch = job.train.len() / args.batch;
-    let steps_per_epoch = (micro_per_epoch / args.grad_accum).max(1) as u64;
+    // A step reads `global` examples of the epoch's order, however they are split.
+    let global = args.batch * args.grad_accum;
+    let steps_per_epoch = (job.train.len() / global) as u64;
     let total_steps = steps_per_epoch * args.epochs;
     let warmup = (total_steps as f64 * args.warmup_ratio).round() as u64;
     let mut best: Option<f32> = None;
@@ -697,9 +729,17 @@ fn train<AB: AutodiffBackend>(
         job.resume.as_ref().map(|_| start),
         files,
     )?;
-    let state = |step: u64, best: Option<f32>| json!({ "step": step, "seed": args.seed, "job": "finetune", "best_accuracy": best });
+    let state = |step: u64, best: Option<f32>, auto: Option<Value>| {
+        let mut state =
+            json!({ "step": step, "seed": args.seed, "job": "finetune", "best_accuracy": best });
+        if let Some(auto) = auto {
+            state["auto"] = auto;
+        }
+        state
+    };
 
-    let rows = args.batch / world;
+    // The split of a step's batch: --batch × --grad-accum, or --auto's (which may halve it).
+    let mut split = StepSplit::new(args.batch, args.grad_accum, job.auto, args.memory.dtype);
     let progress = Progress::new(total_steps, start, lead, !args.run.no_progress);
     let mut last_eval = None;
     let mut interrupted = false;
@@ -709,17 +749,34 @@ fn train<AB: AutodiffBackend>(
         let epoch = step / steps_per_epoch;
         let order = epoch_order(args.seed, epoch, job.train.len());
         let lr = LrSchedule::Linear.lr(args.lr, step, warmup, total_steps);
-        let mut loss = 0.0;
-        for micro in 0..args.grad_accum {
-            let index = ((step % steps_per_epoch) as usize * args.grad_accum + micro) * args.batch;
-            let examples: Vec<&Example> = order[index..index + args.batch]
-                .iter()
-                .map(|&i| &job.train[i])
-                .collect();
-            let mine = &examples[rank * rows..(rank + 1) * rows];
-            window.3 += examples.iter().map(|e| e.ids.len()).sum::<usize>();
-            let batch = batch_of::<AB>(job, mine, &device);
-            loss += trainer.forward_backward(&batch)? / args.grad_accum as f32;
+        let first = (step % steps_per_epoch) as usize * global;
+        let step_examples: Vec<&Example> = order[first..first + global]
+            .iter()
+            .map(|&i| &job.train[i])
+            .collect();
+        window.3 += step_examples.iter().map(|e| e.ids.len()).sum::<usize>();
+        let mut loss;
+        let mut retried = false;
+        loop {
+            split.start_attempt();
+            let (micro_batch, rows) = (split.micro_batch, split.micro_batch / world);
+            let mut over = false;
+            loss = 0.0;
+            for examples in step_examples.chunks(micro_batch) {
+                let mine = &examples[rank * rows..(rank + 1) * rows];
+                let batch = batch_of::<AB>(job, mine, &device);
+                loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
+                if split.over_budget(trainer.comm().as_ref())? {
+                    over = true;
+                    break;
+                }
+            }
+            if !over {
+                break;
+            }
+            // Over --auto's budget: the same step again with a smaller micro-batch, once.
+            trainer.zero_grad();
+            split.shrink(step, world, &mut retried, |line| progress.println(line))?;
         }
         let report = trainer.step(lr)?;
         let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
@@ -778,7 +835,7 @@ fn train<AB: AutodiffBackend>(
                         &trainer,
                         &outputs.checkpoints.join("best"),
                         &outputs.files,
-                        &state(step, best),
+                        &state(step, best, split.record()),
                     )?;
                 }
             }
@@ -786,7 +843,7 @@ fn train<AB: AutodiffBackend>(
                 &trainer,
                 &outputs.checkpoints.join("last"),
                 &outputs.files,
-                &state(step, best),
+                &state(step, best, split.record()),
             )?;
         }
         if stop {

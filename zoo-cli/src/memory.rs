@@ -534,6 +534,85 @@ pub fn available_memory() -> Option<f64> {
     }
 }
 
+/// What `--auto` chose: the memory settings of a job and the estimate they were chosen by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoPlan {
+    /// Rows per micro-batch over all ranks.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step (`micro_batch × grad_accum` = the global batch).
+    pub grad_accum: usize,
+    /// Block checkpointing.
+    pub checkpointing: bool,
+    /// ZeRO stage.
+    pub zero_stage: u8,
+    /// The estimate of this process's peak with these settings (plus what it already holds).
+    pub estimate: f64,
+    /// The budget they were fitted into.
+    pub budget: f64,
+}
+
+/// Share of the budget a plan may take: the estimate errs by up to ±25% (README: *Memory*).
+pub const AUTO_MARGIN: f64 = 0.85;
+
+/// Chooses the fastest memory settings that fit: for a global batch of `global_batch` rows
+/// (a multiple of the ranks), every split into micro-batch × grad-accum, with and without block
+/// checkpointing, ZeRO stage 3 or (several ranks) 2, whose estimate plus `resident` (what the
+/// process holds already) is within [`AUTO_MARGIN`] of `budget`; of those, the one with the
+/// least relative step time, modelled as ×4/3 for checkpointing (a second forward), ×1.05 for
+/// stage 3 over 2 (a second gather), and ×(r + 1)/r for r rows per rank and micro-batch (small
+/// products and a gather of every segment per micro-batch). `None` when nothing fits, not even
+/// one row with checkpointing.
+pub fn choose(
+    shape: &Shape,
+    base: &Setup,
+    global_batch: usize,
+    resident: f64,
+    budget: f64,
+) -> Option<AutoPlan> {
+    let world = base.ranks.max(1);
+    let rows = global_batch / world;
+    let mut best: Option<(f64, AutoPlan)> = None;
+    for per_rank in (1..=rows).rev().filter(|r| rows.is_multiple_of(*r)) {
+        for checkpointing in [false, true] {
+            for zero_stage in [3u8, 2] {
+                if zero_stage == 2 && world == 1 {
+                    continue;
+                }
+                let setup = Setup {
+                    batch: per_rank * world,
+                    checkpointing,
+                    zero_stage,
+                    ..*base
+                };
+                let estimate = estimate(shape, &setup).process(&setup) + resident;
+                if estimate > AUTO_MARGIN * budget {
+                    continue;
+                }
+                let time = if checkpointing { 4.0 / 3.0 } else { 1.0 }
+                    * if zero_stage == 3 && world > 1 {
+                        1.05
+                    } else {
+                        1.0
+                    }
+                    * (per_rank as f64 + 1.0)
+                    / per_rank as f64;
+                let plan = AutoPlan {
+                    micro_batch: per_rank * world,
+                    grad_accum: rows / per_rank,
+                    checkpointing,
+                    zero_stage,
+                    estimate,
+                    budget,
+                };
+                if best.as_ref().is_none_or(|(t, _)| time < *t - 1e-12) {
+                    best = Some((time, plan));
+                }
+            }
+        }
+    }
+    best.map(|(_, plan)| plan)
+}
+
 /// Refuses, before anything is allocated, a training job whose sharded state (f32 master
 /// weights, gradients and AdamW moments: 16 bytes a parameter, this process's share of them)
 /// exceeds `budget`; warns when the whole estimate does (the job may still fit with
@@ -702,4 +781,55 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         _ => println!("(no memory budget known: give --gpu-mem or --mem)"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpt2_shape() -> Shape {
+        let preset = models::preset("gpt2").unwrap();
+        shape_of_config(Family::Gpt2, &preset.config).unwrap()
+    }
+
+    fn setup(batch: usize) -> Setup {
+        Setup {
+            seq: 512,
+            batch,
+            dtype_bytes: 4,
+            checkpointing: false,
+            zero_stage: 3,
+            ranks: 1,
+            ranks_in_process: 1,
+            gpu: false,
+        }
+    }
+
+    #[test]
+    fn segments_come_from_the_trainers_cut() {
+        let shape = gpt2_shape();
+        assert_eq!(shape.params, 124_439_808);
+        // wte (50257 × 768) + wpe (1024 × 768), and the tied head reads it.
+        assert_eq!(shape.embedding, 50257 * 768 + 1024 * 768);
+        assert!(shape.tied);
+        assert_eq!(shape.layers, 12);
+        assert_eq!(shape.block_params, 12 * shape.largest_block);
+    }
+
+    #[test]
+    fn auto_takes_the_whole_batch_when_it_fits_and_splits_it_when_not() {
+        let shape = gpt2_shape();
+        let roomy = choose(&shape, &setup(8), 8, 0.0, 1e12).unwrap();
+        assert_eq!((roomy.micro_batch, roomy.grad_accum), (8, 1));
+        assert!(!roomy.checkpointing);
+        // Between the estimates of 2 and 8 rows without checkpointing: a split, still fitting.
+        let two = estimate(&shape, &setup(2)).process(&setup(2));
+        let eight = estimate(&shape, &setup(8)).process(&setup(8));
+        let budget = (two + eight) / 2.0 / AUTO_MARGIN;
+        let tight = choose(&shape, &setup(8), 8, 0.0, budget).unwrap();
+        assert_eq!(tight.micro_batch * tight.grad_accum, 8);
+        assert!(tight.micro_batch < 8 && tight.estimate <= AUTO_MARGIN * budget);
+        // Less than the sharded state alone: nothing fits.
+        assert!(choose(&shape, &setup(8), 8, 0.0, 16.0 * shape.params as f64).is_none());
+    }
 }

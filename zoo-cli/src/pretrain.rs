@@ -33,8 +33,9 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, any_rank_interrupted,
-    mean_over_ranks, on_lead_model, resume_trainer, run_ranks, save_checkpoint,
+    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
+    any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
+    save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
 
@@ -140,6 +141,8 @@ struct Job {
     valid: Split,
     seq: usize,
     resume: Option<PathBuf>,
+    /// What `--auto` chose (`args.batch` and `args.grad_accum` hold its split).
+    auto: Option<crate::memory::AutoPlan>,
     sample_prompt: Vec<u32>,
     /// Only for decoding the sample.
     tokenizer: Option<Arc<TextTokenizer>>,
@@ -233,7 +236,7 @@ fn tiny_config() -> Gpt2Config {
 }
 
 /// Resolves the model, tokenizer and data, and tokenises text into the run directory.
-fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
+fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     ensure!(args.batch >= 1, "--batch must be at least 1");
     ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
     ensure!(args.steps >= 1, "--steps must be at least 1");
@@ -272,6 +275,30 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         None => None,
     };
     let (run_dir, lock) = args.run.open_run_dir("pretrain")?;
+    let resume = args.run.resume_checkpoint()?;
+    // --auto: the memory settings for a step of --batch rows.
+    let auto = if args.memory.auto {
+        ensure!(
+            args.grad_accum == 1,
+            "--auto chooses the micro-batch and --grad-accum itself: give the global batch of a \
+             step with --batch"
+        );
+        let state = match &resume {
+            Some(checkpoint) => Some(crate::run::trainer_state(checkpoint)?),
+            None => None,
+        };
+        let plan = args.memory.apply_auto(
+            models::Family::Gpt2,
+            &ModelConfig::Gpt2(config.clone()),
+            seq,
+            args.batch,
+            state.as_ref(),
+        )?;
+        (args.batch, args.grad_accum) = (plan.micro_batch, plan.grad_accum);
+        Some(plan)
+    } else {
+        None
+    };
 
     // The tokenizer: the model's, --tokenizer, or bytes.
     let tokenizer = match (&args.tokenizer, model_tokenizer) {
@@ -368,7 +395,6 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         architecture: Architecture::Gpt2LmHeadModel.hf_name().into(),
         hf_config,
     };
-    let resume = args.run.resume_checkpoint()?;
     Ok(Job {
         run_dir,
         _lock: lock,
@@ -380,6 +406,7 @@ fn prepare(args: PretrainArgs) -> anyhow::Result<Job> {
         valid,
         seq,
         resume,
+        auto,
         sample_prompt,
         tokenizer: Some(tokenizer),
         args,
@@ -621,21 +648,13 @@ impl BackendTask for PretrainTask {
     }
 }
 
-/// The windows of micro-batch `micro` of step `step`: `batch` start offsets, from the seed.
-fn window_starts(
-    seed: u64,
-    step: u64,
-    micro: usize,
-    batch: usize,
-    split: &Split,
-    seq: usize,
-) -> Vec<usize> {
+/// The `count` window start offsets of step `step`, from the seed alone: a step reads the same
+/// windows however its batch is split into micro-batches (`--grad-accum`, `--auto`) and ranks.
+fn step_windows(seed: u64, step: u64, count: usize, split: &Split, seq: usize) -> Vec<usize> {
     let mut rng = StdRng::seed_from_u64(
-        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
-            ^ (micro as u64).wrapping_mul(0x94D0_49BB_1331_11EB),
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9),
     );
-    (0..batch)
+    (0..count)
         .map(|_| split.start + rng.random_range(0..split.len() - seq))
         .collect()
 }
@@ -693,10 +712,9 @@ fn validation_loss<AB: AutodiffBackend>(
     let rows = job.args.batch / world;
     let mut total = 0.0;
     for i in 0..job.args.eval_batches {
-        let starts = window_starts(
+        let starts = step_windows(
             job.args.seed ^ 0x5A5A,
             u64::MAX - i as u64,
-            0,
             job.args.batch,
             &job.valid,
             job.seq,
@@ -804,11 +822,16 @@ fn train<AB: AutodiffBackend>(
         job.resume.as_ref().map(|_| start),
         files,
     )?;
+    // `auto`: --auto's settings as they are now (a retry may have halved the micro-batch).
     let save = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>,
-                step: u64|
+                step: u64,
+                auto: Option<Value>|
      -> anyhow::Result<PathBuf> {
         let dir = outputs.checkpoints.join(format!("step-{step:07}"));
-        let state = json!({ "step": step, "seed": args.seed, "job": "pretrain" });
+        let mut state = json!({ "step": step, "seed": args.seed, "job": "pretrain" });
+        if let Some(auto) = auto {
+            state["auto"] = auto;
+        }
         save_checkpoint(trainer, &dir, &outputs.files, &state)?;
         if trainer.comm().rank() == 0 {
             prune_checkpoints(&outputs.checkpoints, args.keep)?;
@@ -816,7 +839,8 @@ fn train<AB: AutodiffBackend>(
         Ok(dir)
     };
 
-    let rows = args.batch / world;
+    // The split of a step's batch: --batch × --grad-accum, or --auto's (which may halve it).
+    let mut split = StepSplit::new(args.batch, args.grad_accum, job.auto, args.memory.dtype);
     let tokens_per_step = (args.batch * args.grad_accum * job.seq) as f64;
     let progress = Progress::new(args.steps, start, lead, !args.run.no_progress);
 
@@ -830,14 +854,38 @@ fn train<AB: AutodiffBackend>(
     let mut last_saved = None;
     for step in start..args.steps {
         let lr = learning_rate(args, step);
-        let mut loss = 0.0;
-        for micro in 0..args.grad_accum {
-            let starts = window_starts(args.seed, step, micro, args.batch, &job.train, job.seq);
-            let mine = &starts[rank * rows..(rank + 1) * rows];
-            let batch = LmBatch {
-                input_ids: batch_of::<AB>(&job.train, mine, job.seq, &device),
-            };
-            loss += trainer.forward_backward(&batch)? / args.grad_accum as f32;
+        let starts = step_windows(
+            args.seed,
+            step,
+            split.micro_batch * split.grad_accum,
+            &job.train,
+            job.seq,
+        );
+        let mut loss;
+        let mut retried = false;
+        loop {
+            split.start_attempt();
+            let (micro_batch, rows) = (split.micro_batch, split.micro_batch / world);
+            let mut over = false;
+            loss = 0.0;
+            for micro in 0..split.grad_accum {
+                let micro_starts = &starts[micro * micro_batch..(micro + 1) * micro_batch];
+                let mine = &micro_starts[rank * rows..(rank + 1) * rows];
+                let batch = LmBatch {
+                    input_ids: batch_of::<AB>(&job.train, mine, job.seq, &device),
+                };
+                loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
+                if split.over_budget(trainer.comm().as_ref())? {
+                    over = true;
+                    break;
+                }
+            }
+            if !over {
+                break;
+            }
+            // Over --auto's budget: the same step again with a smaller micro-batch, once.
+            trainer.zero_grad();
+            split.shrink(step, world, &mut retried, |line| progress.println(line))?;
         }
         let report = trainer.step(lr)?;
         let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
@@ -878,7 +926,7 @@ fn train<AB: AutodiffBackend>(
             outputs.log(done, json!({"valid_loss": v, "valid_perplexity": v.exp()}))?;
         }
         if args.save_every > 0 && done % args.save_every == 0 {
-            last_saved = Some(save(&trainer, done)?);
+            last_saved = Some(save(&trainer, done, split.record())?);
         }
         if any_rank_interrupted(trainer.comm().as_ref())? {
             interrupted = true;
@@ -886,7 +934,7 @@ fn train<AB: AutodiffBackend>(
                 .as_ref()
                 .is_none_or(|d: &PathBuf| !d.ends_with(format!("step-{done:07}")))
             {
-                last_saved = Some(save(&trainer, done)?);
+                last_saved = Some(save(&trainer, done, split.record())?);
             }
             progress.println(&format!("interrupted at step {done}: checkpoint saved"));
             break;
@@ -899,7 +947,7 @@ fn train<AB: AutodiffBackend>(
             .as_ref()
             .is_none_or(|d: &PathBuf| !d.ends_with(format!("step-{steps:07}")))
         {
-            last_saved = Some(save(&trainer, steps)?);
+            last_saved = Some(save(&trainer, steps, split.record())?);
         }
         let v = validation_loss(job, &trainer, &device)?;
         outputs.log(steps, json!({"valid_loss": v, "valid_perplexity": v.exp()}))?;

@@ -45,9 +45,24 @@ pub struct MemoryArgs {
     /// Parameters, gradients and optimizer state are sharded over the ranks either way.
     #[arg(long, default_value_t = 3)]
     pub zero_stage: u8,
-    /// Compute dtype; master weights, gradients and AdamW state stay f32.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    /// Compute dtype; master weights, gradients and AdamW state stay f32 [default: f32; with
+    /// --auto on a GPU: bf16].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// Choose the memory settings: from --batch (the global batch of a step) and the memory
+    /// budget, the fastest split into micro-batch × grad-accum, with or without --checkpointing,
+    /// ZeRO stage 3 or 2, that `zoo memory` says fits (within 85% of the budget); bf16 on a GPU
+    /// unless --dtype. The choice is printed and recorded in trainer_state.json; a micro-batch
+    /// that goes over the budget anyway is halved (grad-accum doubled) and its step retried once.
+    #[arg(long)]
+    pub auto: bool,
+    /// Host memory budget of --auto, e.g. 24GB (default: what is available now: MemAvailable,
+    /// or the cgroup's limit).
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// GPU memory budget of --auto on a GPU, e.g. 11GB (default: the GPU's free memory).
+    #[arg(long, value_name = "SIZE")]
+    pub gpu_mem: Option<String>,
     /// Keep the optimizer state in host memory. zoo's ZeRO optimizer always does (its state
     /// and master weights are host slices), so this only documents the choice.
     #[arg(long)]
@@ -189,7 +204,7 @@ impl MemoryArgs {
         crate::memory::Setup {
             seq,
             batch,
-            dtype_bytes: match self.dtype {
+            dtype_bytes: match self.dtype.unwrap_or(DtypeArg::F32) {
                 DtypeArg::F32 => 4,
                 DtypeArg::F16 | DtypeArg::Bf16 => 2,
             },
@@ -199,6 +214,112 @@ impl MemoryArgs {
             ranks_in_process: self.ranks,
             gpu: matches!(self.device, DeviceSpec::Cuda(_)),
         }
+    }
+
+    /// The memory budget of `--auto`: `--gpu-mem` / `--mem`, or what this machine has free.
+    pub fn budget(&self) -> anyhow::Result<f64> {
+        let gpu = matches!(self.device, DeviceSpec::Cuda(_));
+        match (gpu, &self.gpu_mem, &self.mem) {
+            (true, Some(size), _) | (false, _, Some(size)) => crate::memory::parse_size(size),
+            (false, _, None) => crate::memory::available_memory()
+                .context("--auto: the free memory is unknown here; give it with --mem"),
+            (true, None, _) => gpu_free_memory(&self.device),
+        }
+    }
+
+    /// Applies `--auto` for a step of `global_batch` rows of `seq` tokens: sets the checkpointing,
+    /// ZeRO stage and (on a GPU, unless given) dtype, and returns the plan, whose micro-batch and
+    /// grad-accum the job then uses. Resuming a run that `--auto` planned (`resumed_state`, its
+    /// `trainer_state.json`) keeps that run's settings, so that it continues as it would have.
+    pub fn apply_auto(
+        &mut self,
+        family: models::Family,
+        config: &models::ModelConfig,
+        seq: usize,
+        global_batch: usize,
+        resumed_state: Option<&Value>,
+    ) -> anyhow::Result<crate::memory::AutoPlan> {
+        let lead = is_lead_process();
+        if let Some(recorded) = resumed_state.map(|state| &state["auto"])
+            && recorded.is_object()
+        {
+            let plan = crate::memory::AutoPlan {
+                micro_batch: recorded["micro_batch"]
+                    .as_u64()
+                    .context("auto.micro_batch")? as usize,
+                grad_accum: recorded["grad_accum"].as_u64().context("auto.grad_accum")? as usize,
+                checkpointing: recorded["checkpointing"].as_bool().unwrap_or(false),
+                zero_stage: recorded["zero_stage"].as_u64().unwrap_or(3) as u8,
+                estimate: recorded["estimate_bytes"].as_f64().unwrap_or(0.0),
+                budget: recorded["budget_bytes"].as_f64().unwrap_or(0.0),
+            };
+            self.checkpointing = plan.checkpointing;
+            self.zero_stage = plan.zero_stage;
+            if let Some(dtype) = recorded["dtype"].as_str() {
+                self.dtype = DtypeArg::from_str(dtype, true).ok();
+            }
+            if lead {
+                eprintln!(
+                    "auto: resuming with the run's settings: micro-batch {} × grad-accum {}{}, \
+                     ZeRO stage {}",
+                    plan.micro_batch,
+                    plan.grad_accum,
+                    if plan.checkpointing {
+                        ", checkpointing"
+                    } else {
+                        ""
+                    },
+                    plan.zero_stage
+                );
+            }
+            return Ok(plan);
+        }
+        let budget = self.budget()?;
+        if self.dtype.is_none() && matches!(self.device, DeviceSpec::Cuda(_)) {
+            self.dtype = Some(DtypeArg::Bf16);
+        }
+        let shape = crate::memory::shape_of_config(family, config)?;
+        let base = self.setup(seq, global_batch);
+        ensure!(
+            global_batch.is_multiple_of(base.ranks),
+            "--auto: --batch {global_batch} (the global batch) does not split over {} ranks",
+            base.ranks
+        );
+        let resident = if base.gpu {
+            0.0
+        } else {
+            proc_status_bytes("VmRSS:").unwrap_or(0) as f64
+        };
+        let plan = crate::memory::choose(&shape, &base, global_batch, resident, budget)
+            .with_context(|| {
+                format!(
+                    "--auto: nothing fits in {:.2} GB, not even one row per rank with \
+                     checkpointing (the weights and optimizer state alone are {:.2} GB)",
+                    budget / 1e9,
+                    16.0 * shape.params as f64 / base.ranks as f64 * base.ranks_in_process as f64
+                        / 1e9
+                )
+            })?;
+        self.checkpointing = plan.checkpointing;
+        self.zero_stage = plan.zero_stage;
+        if lead {
+            eprintln!(
+                "auto: micro-batch {} × grad-accum {} (global batch {global_batch}){}, ZeRO stage \
+                 {}, {}: zoo memory estimates {:.2} GB of the {:.2} GB budget",
+                plan.micro_batch,
+                plan.grad_accum,
+                if plan.checkpointing {
+                    ", checkpointing"
+                } else {
+                    ", no checkpointing"
+                },
+                plan.zero_stage,
+                dtype_name(self.dtype.unwrap_or(DtypeArg::F32)),
+                plan.estimate / 1e9,
+                plan.budget / 1e9
+            );
+        }
+        Ok(plan)
     }
 
     /// Refuses, from its config alone (nothing is allocated), a model this machine cannot hold
@@ -231,7 +352,7 @@ impl MemoryArgs {
              (stage 3), or keeps gathered weights between forward and backward (stage 2)",
             self.zero_stage
         );
-        let (compute_dtype, loss_scaler) = match self.dtype {
+        let (compute_dtype, loss_scaler) = match self.dtype.unwrap_or(DtypeArg::F32) {
             DtypeArg::F32 => (None, None),
             DtypeArg::F16 => (Some(DType::F16), Some(LossScaler::new(65536.0))),
             DtypeArg::Bf16 => (Some(DType::BF16), None),
@@ -334,6 +455,164 @@ pub fn report_ready<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
             process_start().elapsed().as_secs_f64()
         );
     }
+}
+
+/// The free memory of the GPU `device` names.
+#[cfg(feature = "cuda")]
+fn gpu_free_memory(device: &DeviceSpec) -> anyhow::Result<f64> {
+    let DeviceSpec::Cuda(index) = device else {
+        bail!("{device} is not a GPU")
+    };
+    let (free, _) = bmtrain_backend::cuda_memory(*index)
+        .map_err(|e| anyhow::anyhow!("--auto: {e}; give the budget with --gpu-mem"))?;
+    Ok(free as f64)
+}
+
+/// The free memory of the GPU `device` names: unknown in a build without CUDA.
+#[cfg(not(feature = "cuda"))]
+fn gpu_free_memory(device: &DeviceSpec) -> anyhow::Result<f64> {
+    bail!("--auto on {device}: this zoo was built without the `cuda` feature")
+}
+
+/// What `--auto` chose, as `trainer_state.json` records it (`retries`: micro-batches halved
+/// since, because a step went over the budget).
+fn auto_record(plan: &crate::memory::AutoPlan, dtype: Option<DtypeArg>, retries: u32) -> Value {
+    json!({
+        "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum,
+        "checkpointing": plan.checkpointing,
+        "zero_stage": plan.zero_stage,
+        "dtype": dtype_name(dtype.unwrap_or(DtypeArg::F32)),
+        "estimate_bytes": plan.estimate.round(),
+        "budget_bytes": plan.budget.round(),
+        "retries": retries,
+    })
+}
+
+/// How a step's batch is split into micro-batches: `--batch` × `--grad-accum`, or `--auto`'s
+/// plan, whose micro-batch shrinks when a step goes over its budget anyway (the step is then
+/// run again, once, with half the rows per rank and twice the micro-batches).
+#[derive(Debug, Clone)]
+pub struct StepSplit {
+    /// Rows per micro-batch over all ranks.
+    pub micro_batch: usize,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// `--auto`'s plan, when it chose the split.
+    auto: Option<crate::memory::AutoPlan>,
+    /// `--dtype` (for the record).
+    dtype: Option<DtypeArg>,
+    /// Micro-batches halved so far.
+    retries: u32,
+}
+
+impl StepSplit {
+    /// The split of `micro_batch × grad_accum`, guarded by `auto`'s budget when given.
+    pub fn new(
+        micro_batch: usize,
+        grad_accum: usize,
+        auto: Option<crate::memory::AutoPlan>,
+        dtype: Option<DtypeArg>,
+    ) -> Self {
+        Self {
+            micro_batch,
+            grad_accum,
+            auto,
+            dtype,
+            retries: 0,
+        }
+    }
+
+    /// Call before each attempt at a step: the heap's high-water mark starts again.
+    pub fn start_attempt(&self) {
+        crate::alloc::reset_peak();
+    }
+
+    /// After a micro-batch: whether the step went over `--auto`'s budget on any rank (a
+    /// collective: every rank calls it after every micro-batch when `--auto` is on).
+    pub fn over_budget(&self, comm: &dyn Communicator) -> anyhow::Result<bool> {
+        match &self.auto {
+            Some(plan) => over_budget(comm, plan.budget),
+            None => Ok(false),
+        }
+    }
+
+    /// After an attempt that went over the budget: the next smaller split (rows per rank at most
+    /// halved, micro-batches multiplied to keep the global batch), logged through `log`; an error
+    /// when the step was already retried or one row per rank is already too much.
+    pub fn shrink(
+        &mut self,
+        step: u64,
+        world: usize,
+        retried: &mut bool,
+        log: impl Fn(&str),
+    ) -> anyhow::Result<()> {
+        let rows = self.micro_batch / world;
+        let budget = self.auto.map_or(0.0, |p| p.budget);
+        let heap = crate::alloc::peak_bytes() as f64 / 1e9;
+        let smaller = (1..rows)
+            .rev()
+            .find(|r| rows.is_multiple_of(*r) && *r <= rows / 2);
+        let (Some(smaller), false) = (smaller, *retried) else {
+            bail!(
+                "step {}: out of memory: the heap reached {heap:.2} GB, over --auto's budget of \
+                 {:.2} GB, with {rows} row(s) per rank and micro-batch",
+                step + 1,
+                budget / 1e9
+            );
+        };
+        self.grad_accum *= rows / smaller;
+        self.micro_batch = smaller * world;
+        self.retries += 1;
+        *retried = true;
+        log(&format!(
+            "step {}: over the memory budget (heap {heap:.2} GB of {:.2} GB): retrying with \
+             micro-batch {} × grad-accum {}",
+            step + 1,
+            budget / 1e9,
+            self.micro_batch,
+            self.grad_accum
+        ));
+        Ok(())
+    }
+
+    /// `--auto`'s record for `trainer_state.json`: the plan with the split as it is now.
+    pub fn record(&self) -> Option<Value> {
+        self.auto.map(|plan| {
+            let now = crate::memory::AutoPlan {
+                micro_batch: self.micro_batch,
+                grad_accum: self.grad_accum,
+                ..plan
+            };
+            auto_record(&now, self.dtype, self.retries)
+        })
+    }
+}
+
+/// Whether this micro-batch went over `--auto`'s budget (the heap's high-water mark since the
+/// step began, on any rank: all ranks then agree to retry). `ZOO_TEST_AUTO_GUARD_BYTES` replaces
+/// the budget here (and only here), so that tests can make a step go over it.
+fn over_budget(comm: &dyn Communicator, budget: f64) -> anyhow::Result<bool> {
+    static TEST_GUARD: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    let budget = TEST_GUARD
+        .get_or_init(|| {
+            std::env::var("ZOO_TEST_AUTO_GUARD_BYTES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(budget);
+    let mut over = [if crate::alloc::peak_bytes() as f64 > budget {
+        1.0
+    } else {
+        0.0
+    }];
+    comm.all_reduce(&mut over, ReduceOp::Max)?;
+    Ok(over[0] > 0.0)
+}
+
+/// `--dtype`'s spelling of a dtype.
+pub fn dtype_name(dtype: DtypeArg) -> String {
+    format!("{dtype:?}").to_lowercase()
 }
 
 /// `WORLD_SIZE` of a launched job, 1 otherwise.
@@ -828,6 +1107,11 @@ pub fn check_resume_matches(checkpoint: &Path, manifest: &ZooManifest) -> anyhow
             checkpoint.display()
         );
     }
+    trainer_state(checkpoint)
+}
+
+/// A checkpoint's `trainer_state.json`.
+pub fn trainer_state(checkpoint: &Path) -> anyhow::Result<Value> {
     let state_path = checkpoint.join("trainer_state.json");
     serde_json::from_str(
         &fs::read_to_string(&state_path)
@@ -889,7 +1173,7 @@ pub fn report_memory(baseline: Option<u64>, steps_peak: Option<u64>, final_peak:
         (Some(base), Some(peak), Some(last)) => println!(
             "memory: resident {:.1} MB before the model, peak {:.1} MB, training peak {:.1} MB, \
              with the last checkpoint and evaluation {:.1} MB (MEASURED_TRAINING_PEAK_BYTES={} \
-             MEASURED_FINAL_PEAK_BYTES={})",
+             MEASURED_FINAL_PEAK_BYTES={} MEASURED_PEAK_RSS_BYTES={last})",
             base as f64 / 1e6,
             last as f64 / 1e6,
             peak.saturating_sub(base) as f64 / 1e6,

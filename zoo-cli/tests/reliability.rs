@@ -465,3 +465,118 @@ fn a_model_larger_than_memory_is_refused_by_every_command() {
         );
     }
 }
+
+/// `--auto --batch 64 --mem 1GB` on a 12-block GPT, whose batch of 64 × 128 tokens does not fit
+/// in one micro-batch: the chosen split fits (the measured peak of the whole process is under the
+/// budget), is recorded in `trainer_state.json`, and trains to the bits of the same split set by
+/// hand. When a micro-batch goes over the budget anyway (here the guard is lowered for the test),
+/// the step is retried once with half the micro-batch, and the run equals that split set by hand;
+/// when the smaller one is over too, the job stops with an out-of-memory error naming the budget.
+#[test]
+fn auto_chooses_settings_that_fit_and_retries_a_step_that_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gpt12.json");
+    fs::write(
+        &config,
+        r#"{"model_type": "gpt2", "vocab_size": 257, "n_positions": 256, "n_embd": 256,
+            "n_layer": 12, "n_head": 4}"#,
+    )
+    .unwrap();
+    let run = |name: &str, extra: &[&str], guard: Option<&str>| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "pretrain",
+            "--model",
+            config.to_str().unwrap(),
+            "--seq",
+            "128",
+            "--steps",
+            "2",
+            "--eval-every",
+            "0",
+            "--eval-batches",
+            "1",
+            "--sample-tokens",
+            "0",
+            "--no-progress",
+            "--report-memory",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_zoo"));
+        command.args(&args);
+        if let Some(guard) = guard {
+            command.env("ZOO_TEST_AUTO_GUARD_BYTES", guard);
+        }
+        let output = command.output().unwrap();
+        (out, output)
+    };
+    let auto = ["--auto", "--batch", "64", "--mem", "1GB"];
+    let (chosen, output) = run("auto", &auto, None);
+    let printed = text(&output);
+    assert!(output.status.success(), "{printed}");
+    let line = printed.lines().find(|l| l.starts_with("auto:")).unwrap();
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let (micro, accum) = (numbers[0], numbers[1]);
+    println!("{line}");
+    assert_eq!(micro * accum, 64, "{line}");
+    assert!(
+        micro < 64,
+        "the whole batch was not expected to fit: {line}"
+    );
+    let peak = reported(&printed, "MEASURED_PEAK_RSS_BYTES");
+    assert!(peak < 1e9, "the process peaked at {peak} bytes: {printed}");
+    let weights_of =
+        |run: &Path| fs::read(run.join("checkpoints/step-0000002/model.safetensors")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(chosen.join("checkpoints/step-0000002/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["auto"]["micro_batch"], micro);
+    assert_eq!(state["auto"]["grad_accum"], accum);
+    assert_eq!(state["auto"]["budget_bytes"], 1e9);
+
+    let (micro_s, accum_s) = (micro.to_string(), accum.to_string());
+    let (by_hand, output) = run(
+        "hand",
+        &["--batch", &micro_s, "--grad-accum", &accum_s],
+        None,
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        weights_of(&chosen) == weights_of(&by_hand),
+        "--auto differs from its split by hand"
+    );
+
+    // Between the heap peaks of micro-batches of 16 and 8 rows (0.66 and 0.43 GB).
+    let (retried, output) = run("retried", &auto, Some("550000000"));
+    let printed = text(&output);
+    assert!(output.status.success(), "{printed}");
+    assert!(
+        printed.contains("over the memory budget") && printed.contains("retrying"),
+        "{printed}"
+    );
+    let (half, half_accum) = ((micro / 2).to_string(), (accum * 2).to_string());
+    let (by_hand, output) = run(
+        "hand-half",
+        &["--batch", &half, "--grad-accum", &half_accum],
+        None,
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        weights_of(&retried) == weights_of(&by_hand),
+        "the retried run differs"
+    );
+
+    let (_, output) = run("never", &auto, Some("1"));
+    let printed = text(&output);
+    assert!(!output.status.success(), "{printed}");
+    assert!(
+        printed.contains("out of memory") && printed.contains("--auto's budget"),
+        "{printed}"
+    );
+}
