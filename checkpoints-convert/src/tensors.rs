@@ -268,9 +268,28 @@ fn read_pytorch_bin(path: &Path) -> Result<TensorIndex> {
             std::io::Error::from(std::io::ErrorKind::NotFound),
         ));
     }
+    // burn-store trusts the lengths a file declares: they are checked against its size first.
+    crate::pickle_guard::check(path).map_err(bad)?;
+    let size = fs::metadata(path)
+        .map_err(|e| ConvertError::io(path, e))?
+        .len();
     let reader = burn_store::pytorch::PytorchReader::new(path).map_err(|e| bad(e.to_string()))?;
     let mut tensors = TensorIndex::new();
     for (key, snapshot) in reader.into_tensors() {
+        // A tensor's bytes are in the file: its shape cannot claim more.
+        let bytes = snapshot
+            .shape
+            .iter()
+            .try_fold(snapshot.dtype.size() as u128, |n, &d| {
+                n.checked_mul(d as u128)
+            });
+        if bytes.is_none_or(|b| b > u128::from(size)) {
+            return Err(bad(format!(
+                "key '{key}': shape {:?} of {:?} needs more bytes than the {size}-byte file has",
+                snapshot.shape.as_slice(),
+                snapshot.dtype
+            )));
+        }
         let data = snapshot
             .to_data()
             .map_err(|e| bad(format!("key '{key}': {e:?}")))?;

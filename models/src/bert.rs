@@ -6,7 +6,7 @@
 
 use crate::layers::{Dropout, DropoutConfig};
 use crate::layers::{Linear, LinearConfig};
-use burn::module::{Module, Param};
+use burn::module::{Initializer, Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::{Int, Tensor, activation::log_softmax, backend::Backend};
 use serde::{Deserialize, Serialize};
@@ -136,6 +136,7 @@ impl BertConfig {
                 return field(name, "must be greater than 0".into());
             }
         }
+        crate::check_blocks("num_hidden_layers", self.num_hidden_layers)?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return field(
                 "num_attention_heads",
@@ -414,7 +415,7 @@ impl<B: Backend> MlmHead<B> {
         Self {
             transform: LinearConfig::new(config.hidden_size, config.hidden_size).init(device),
             norm: config.layer_norm().init(device),
-            bias: Param::from_tensor(Tensor::zeros([config.vocab_size], device)),
+            bias: Initializer::Zeros.init([config.vocab_size], device),
             activation,
         }
     }

@@ -150,6 +150,7 @@ impl Gpt2Config {
                 return Err(ModelError::config(field, "must be positive".into()));
             }
         }
+        crate::check_blocks("n_layer", self.n_layer)?;
         if self.head_dim.is_none() && !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::config(
                 "n_head",

@@ -54,6 +54,23 @@ pub enum ModelError {
     },
 }
 
+/// The most blocks a config may ask for. Every block is a module of its own, built (lazily,
+/// but its structure all the same) before anything else can be checked, so an absurd count (a
+/// damaged `config.json`) would allocate without bound; the deepest published models have a few
+/// hundred.
+pub const MAX_BLOCKS: usize = 4096;
+
+/// Refuses a block count above [`MAX_BLOCKS`], naming the field.
+pub fn check_blocks(field: &str, blocks: usize) -> Result<(), ModelError> {
+    if blocks > MAX_BLOCKS {
+        return Err(ModelError::config(
+            field,
+            format!("{blocks} blocks: zoo builds at most {MAX_BLOCKS}"),
+        ));
+    }
+    Ok(())
+}
+
 impl ModelError {
     /// An error about one config field.
     pub fn config(field: &str, message: String) -> Self {

@@ -196,6 +196,10 @@ impl T5Config {
                 return Err(ModelError::config(field, "must be positive".into()));
             }
         }
+        crate::check_blocks("num_layers", self.num_layers)?;
+        if let Some(decoder) = self.num_decoder_layers {
+            crate::check_blocks("num_decoder_layers", decoder)?;
+        }
         if self.relative_attention_num_buckets < 4 {
             return Err(ModelError::config(
                 "relative_attention_num_buckets",

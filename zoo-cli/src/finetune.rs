@@ -864,3 +864,89 @@ fn train<AB: AutodiffBackend>(
         interrupted,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use proptest::prelude::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FinetuneArgs,
+    }
+
+    fn fixture_tokenizer() -> TextTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bert_cls");
+        load_tokenizer(&dir).unwrap().unwrap()
+    }
+
+    /// Good files of each format, for the property test to damage.
+    const GOOD: [(&str, &str); 3] = [
+        (
+            "tsv",
+            "sentence1\tsentence2\tlabel\nhello there\tgood bye\t1\n\"quoted\ttab\tfield\t0\n",
+        ),
+        (
+            "csv",
+            "text,label\n\"a, quoted, text\",0\nplain text,1\n\"unterminated,1\n",
+        ),
+        (
+            "jsonl",
+            "{\"sentence\": \"hello\", \"label\": 1}\n{\"sentence\": \"bye\", \"label\": 0}\n",
+        ),
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Any bytes in a TSV, CSV or JSONL file, and any damage to good ones (bytes replaced,
+        /// inserted, the file cut), read as examples or give an error naming the file: never a
+        /// panic, and no example longer than --max-seq.
+        #[test]
+        fn example_files_of_any_bytes_read_or_name_the_file(
+            format in 0..3usize,
+            noise in proptest::collection::vec(any::<u8>(), 0..200),
+            at in 0..400usize,
+            replace in any::<bool>(),
+            cut in 0..400usize,
+            max_seq in 2..16usize,
+        ) {
+            let (extension, good) = GOOD[format];
+            let mut bytes = good.as_bytes().to_vec();
+            if noise.len() > 150 {
+                bytes = noise.clone();
+            } else {
+                let at = at % (bytes.len() + 1);
+                if replace {
+                    let end = (at + noise.len()).min(bytes.len());
+                    bytes.splice(at..end, noise.iter().copied());
+                } else {
+                    bytes.splice(at..at, noise.iter().copied());
+                }
+                if cut % 3 == 0 {
+                    bytes.truncate(cut / 3 % (bytes.len() + 1));
+                }
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("examples.{extension}"));
+            std::fs::write(&path, &bytes).unwrap();
+            let cli = Cli::parse_from([
+                "finetune", "--model", "m", "--train", "t", "--num-labels", "2",
+            ]);
+            match read_examples(&path, &cli.args, &fixture_tokenizer(), max_seq) {
+                Ok(examples) => {
+                    for example in examples {
+                        prop_assert!(example.ids.len() <= max_seq);
+                        prop_assert!(example.label < 2);
+                    }
+                }
+                Err(error) => {
+                    let message = format!("{error:#}");
+                    prop_assert!(message.contains("examples."), "{}", message);
+                }
+            }
+        }
+    }
+}

@@ -154,14 +154,19 @@ fn llmc_header(path: &Path, map: &[u8]) -> anyhow::Result<Option<TokenWidth>> {
         MAGIC_U32 => TokenWidth::U32,
         _ => return Ok(None),
     };
-    let count = word(2) as usize;
+    let count = word(2);
     let body = map.len() - HEADER_BYTES;
-    if count * width.bytes() != body {
+    // A negative count cannot be a length; a positive one must describe exactly the body.
+    if usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(width.bytes()))
+        != Some(body)
+    {
         bail!(
-            "{}: the header promises {count} tokens ({} bytes) but {body} bytes follow it \
+            "{}: the header promises {count} tokens of {} bytes but {body} bytes follow it \
              (a truncated or damaged file)",
             path.display(),
-            count * width.bytes()
+            width.bytes()
         );
     }
     Ok(Some(width))
@@ -188,22 +193,25 @@ fn megatron_width(idx: &Path, bin_bytes: usize) -> anyhow::Result<TokenWidth> {
             )));
         }
     };
-    let sequences = u64_at(18) as usize;
-    if bytes.len() < 34 + sequences * 4 {
-        return Err(bad(format!(
-            "{sequences} sequence lengths do not fit the file"
-        )));
+    let sequences = u64_at(18);
+    // The lengths must fit the file before any of them is read (the count is outside data).
+    let lengths_end = usize::try_from(sequences)
+        .ok()
+        .and_then(|n| n.checked_mul(4))
+        .and_then(|n| n.checked_add(34))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| bad(format!("{sequences} sequence lengths do not fit the file")))?;
+    let mut tokens = 0usize;
+    for (s, length) in bytes[34..lengths_end].chunks_exact(4).enumerate() {
+        let length = i32::from_le_bytes(length.try_into().expect("4 bytes"));
+        tokens = usize::try_from(length)
+            .ok()
+            .and_then(|l| tokens.checked_add(l))
+            .ok_or_else(|| bad(format!("sequence {s} has length {length}")))?;
     }
-    let tokens: usize = (0..sequences)
-        .map(|s| {
-            let at = 34 + 4 * s;
-            i32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize
-        })
-        .sum();
-    if tokens * size != bin_bytes {
+    if tokens.checked_mul(size) != Some(bin_bytes) {
         return Err(bad(format!(
-            "its sequences hold {tokens} tokens ({} bytes) but the .bin has {bin_bytes} bytes",
-            tokens * size
+            "its sequences hold {tokens} tokens of {size} bytes but the .bin has {bin_bytes} bytes"
         )));
     }
     Ok(width)
@@ -304,6 +312,119 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("hold 5 tokens"), "{err}");
+    }
+
+    /// A Megatron index for `docs` documents of one token each, as Megatron writes it.
+    fn megatron_index(docs: usize) -> Vec<u8> {
+        let mut idx = MEGATRON_MAGIC.to_vec();
+        idx.extend(1u64.to_le_bytes());
+        idx.push(8);
+        idx.extend((docs as u64).to_le_bytes());
+        idx.extend((docs as u64 + 1).to_le_bytes());
+        for _ in 0..docs {
+            idx.extend(1i32.to_le_bytes());
+        }
+        idx
+    }
+
+    /// Values that break length fields: any, and above all the edges (0, 1, negative as i32,
+    /// powers of two that overflow a product).
+    fn length_fields() -> impl proptest::strategy::Strategy<Value = u64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<u64>(),
+            (0..64u32).prop_map(|shift| 1u64 << shift),
+            (0..64u32).prop_map(|shift| u64::MAX >> shift),
+            Just(0u64),
+            Just(u32::MAX as u64),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// Any bytes, and any damage to a good file of each layout (a byte overwritten anywhere,
+        /// above all in the headers and their length fields, or the file cut short), open as
+        /// tokens or give an error naming the file: never a panic, never a read past the map.
+        #[test]
+        fn token_files_of_any_bytes_open_or_name_the_file(
+            layout in 0..3usize,
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            at in 0..2048usize,
+            value in length_fields(),
+            cut in 0..2048usize,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.bin");
+            match layout {
+                // llm.c: damage the header words (magic, version, count) or beyond.
+                0 => {
+                    write_token_file(&path, &[1, 2, 3, 4, 5], TokenWidth::U16).unwrap();
+                    let mut bytes = std::fs::read(&path).unwrap();
+                    // Mostly the header's words (magic, version, count), else anywhere.
+                    let at = if at % 2 == 0 { 4 * (at / 2 % 3) } else { at % (bytes.len() - 7) };
+                    bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                    if cut % 4 == 0 {
+                        bytes.truncate(bytes.len() - cut / 4 % bytes.len());
+                    }
+                    std::fs::write(&path, bytes).unwrap();
+                }
+                // Megatron: damage the index (counts, lengths) of a good pair.
+                1 => {
+                    std::fs::write(&path, [1u8, 0, 2, 0, 3, 0]).unwrap();
+                    let mut idx = megatron_index(3);
+                    // Mostly the header's fields (version, dtype, counts), else anywhere.
+                    let at = if at % 2 == 0 { [9, 17, 18, 26][at / 2 % 4] } else { at % (idx.len() - 7) };
+                    idx[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                    if cut % 4 == 0 {
+                        idx.truncate(idx.len() - cut / 4 % idx.len());
+                    }
+                    std::fs::write(path.with_extension("idx"), idx).unwrap();
+                }
+                // Noise, with or without an index beside it.
+                _ => {
+                    std::fs::write(&path, &noise).unwrap();
+                    if cut % 2 == 0 {
+                        std::fs::write(path.with_extension("idx"), &noise).unwrap();
+                    }
+                }
+            }
+            match TokenFile::open(&path, TokenWidth::U16) {
+                Ok(file) => {
+                    // Every token it claims can be read.
+                    let _ = file.window(0, file.len());
+                }
+                Err(error) => {
+                    let message = format!("{error:#}");
+                    proptest::prop_assert!(message.contains("c.bin") || message.contains("c.idx"), "{}", message);
+                }
+            }
+        }
+    }
+
+    /// Inputs the property test once found panicking (kept as a corpus): a Megatron index whose
+    /// sequence count overflows `34 + 4n`, and an llm.c header with a negative count.
+    #[test]
+    fn length_fields_that_overflow_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.bin");
+        std::fs::write(&path, [1u8, 0, 2, 0]).unwrap();
+        let mut idx = megatron_index(2);
+        idx[18..26].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        std::fs::write(path.with_extension("idx"), idx).unwrap();
+        let err = TokenFile::open(&path, TokenWidth::U16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.idx"), "{err}");
+        std::fs::remove_file(path.with_extension("idx")).unwrap();
+        write_token_file(&path, &[1, 2], TokenWidth::U16).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&(-1i32).to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let err = TokenFile::open(&path, TokenWidth::U16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.bin"), "{err}");
     }
 
     #[test]

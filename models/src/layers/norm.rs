@@ -2,7 +2,7 @@
 
 use bmtrain_backend::kernels;
 use burn::config::Config;
-use burn::module::{Module, Param};
+use burn::module::{Initializer, Module, Param};
 use burn::tensor::{FloatDType, Tensor, backend::Backend};
 
 /// Hyper-parameters of [`LayerNorm`] (the fields and defaults of burn's `LayerNormConfig`).
@@ -35,10 +35,11 @@ impl LayerNormConfig {
     /// Builds the layer with unit scale and zero shift.
     pub fn init<B: Backend>(&self, device: &B::Device) -> LayerNorm<B> {
         LayerNorm {
-            gamma: Param::from_tensor(Tensor::ones([self.d_model], device)),
+            // Lazy, like burn's own layers: a model is built (and measured) before it is allocated.
+            gamma: Initializer::Ones.init([self.d_model], device),
             beta: self
                 .bias
-                .then(|| Param::from_tensor(Tensor::zeros([self.d_model], device))),
+                .then(|| Initializer::Zeros.init([self.d_model], device)),
             epsilon: self.epsilon,
         }
     }
@@ -88,7 +89,7 @@ impl RmsNormConfig {
     /// Builds the layer with unit scale.
     pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
         RmsNorm {
-            weight: Param::from_tensor(Tensor::ones([self.d_model], device)),
+            weight: Initializer::Ones.init([self.d_model], device),
             epsilon: self.epsilon,
         }
     }
