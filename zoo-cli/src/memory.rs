@@ -278,7 +278,13 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         .max(shape.embedding)
         .max(shape.head + tied) as f64;
     let working = c.working * d * widest;
-    let runtime = if setup.gpu { RUNTIME_GPU_BYTES } else { 0.0 };
+    // On a GPU: the runtime, and burn's composed backward, whose transients are about one
+    // block's activations again (the CPU kernels' are within the fitted terms).
+    let runtime = if setup.gpu {
+        RUNTIME_GPU_BYTES + (act_width + act_ffn + act_scores) / graphs
+    } else {
+        0.0
+    };
     let features = Features {
         state: 16.0 * p / n,
         kept,
