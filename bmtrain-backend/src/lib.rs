@@ -68,16 +68,34 @@ pub enum DeviceError {
     /// A CUDA device was asked for in a build without the `cuda` feature.
     #[error("device '{0}' needs a zoo built with `--features cuda`")]
     CudaNotBuilt(String),
+    /// This rank's GPU does not exist among the visible ones.
+    #[error(
+        "{requested}: this rank's GPU is {index} (LOCAL_RANK={local_rank}), but only {count} \
+         GPU(s) are visible (CUDA_VISIBLE_DEVICES={visible})"
+    )]
+    NoSuchGpu {
+        /// The `--device` asked for.
+        requested: String,
+        /// The GPU index it resolved to.
+        index: usize,
+        /// `LOCAL_RANK` as read (`unset` when absent).
+        local_rank: String,
+        /// How many GPUs the process sees.
+        count: usize,
+        /// `CUDA_VISIBLE_DEVICES` as read (`unset` when absent).
+        visible: String,
+    },
 }
 
-/// Where to run: parsed from `--device cpu|cuda:N`.
+/// Where to run: parsed from `--device cpu|cuda|cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// The CPU, through burn-flex.
     #[default]
     Cpu,
-    /// The CUDA GPU with this index.
-    Cuda(usize),
+    /// A CUDA GPU: the one with this index (`cuda:N`), or, `None` (`cuda`), this rank's: see
+    /// [`DeviceSpec::for_this_rank`].
+    Cuda(Option<usize>),
 }
 
 impl FromStr for DeviceSpec {
@@ -87,11 +105,11 @@ impl FromStr for DeviceSpec {
         let lower = text.trim().to_ascii_lowercase();
         match lower.as_str() {
             "cpu" => Ok(Self::Cpu),
-            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "cuda" | "gpu" => Ok(Self::Cuda(None)),
             _ => lower
                 .strip_prefix("cuda:")
                 .and_then(|index| index.parse().ok())
-                .map(Self::Cuda)
+                .map(|index| Self::Cuda(Some(index)))
                 .ok_or_else(|| DeviceError::Unknown(text.to_string())),
         }
     }
@@ -101,7 +119,8 @@ impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Cpu => write!(f, "cpu"),
-            Self::Cuda(index) => write!(f, "cuda:{index}"),
+            Self::Cuda(Some(index)) => write!(f, "cuda:{index}"),
+            Self::Cuda(None) => write!(f, "cuda"),
         }
     }
 }
@@ -115,19 +134,122 @@ pub trait BackendTask {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output;
 }
 
+/// What a rank's environment says about its GPU: `LOCAL_RANK` (or Slurm's `SLURM_LOCALID`),
+/// `CUDA_VISIBLE_DEVICES`, and how many GPUs the driver reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuEnv {
+    /// The rank within its node, when a launcher set it.
+    pub local_rank: Option<usize>,
+    /// `CUDA_VISIBLE_DEVICES`, when set.
+    pub visible_devices: Option<String>,
+    /// GPUs the driver sees (it already applies `CUDA_VISIBLE_DEVICES`), when known.
+    pub driver_count: Option<usize>,
+}
+
+impl GpuEnv {
+    /// Reads this process's environment (and, with the `cuda` feature and a driver, its GPU
+    /// count).
+    pub fn from_env() -> Self {
+        let number = |name: &str| std::env::var(name).ok()?.trim().parse().ok();
+        Self {
+            local_rank: number("LOCAL_RANK").or_else(|| number("SLURM_LOCALID")),
+            visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+            driver_count: cuda_device_count(),
+        }
+    }
+
+    /// How many GPUs this process can use, when known: `CUDA_VISIBLE_DEVICES`' entries, else the
+    /// driver's count.
+    pub fn visible_count(&self) -> Option<usize> {
+        let listed = self.visible_devices.as_deref().map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .take_while(|entry| !entry.is_empty() && !entry.starts_with('-'))
+                .count()
+        });
+        listed.or(self.driver_count)
+    }
+}
+
 impl DeviceSpec {
-    /// Runs `task` on the backend this device belongs to.
+    /// The device this rank runs on, for burn and NCCL alike. `cuda` under a launcher is GPU
+    /// `LOCAL_RANK`, or GPU 0 when the process sees a single GPU (a launcher or scheduler that
+    /// gives each rank its own `CUDA_VISIBLE_DEVICES`); outside a launcher it is GPU 0. An explicit
+    /// `cuda:N` wins. A GPU that does not exist among the visible ones is an error naming both
+    /// variables.
+    pub fn for_rank(self, env: &GpuEnv) -> Result<DeviceSpec, DeviceError> {
+        let count = env.visible_count();
+        let index = match self {
+            Self::Cpu => return Ok(self),
+            Self::Cuda(Some(index)) => index,
+            Self::Cuda(None) if count == Some(1) => 0,
+            Self::Cuda(None) => env.local_rank.unwrap_or(0),
+        };
+        if let Some(count) = count
+            && index >= count
+        {
+            return Err(DeviceError::NoSuchGpu {
+                requested: self.to_string(),
+                index,
+                local_rank: env
+                    .local_rank
+                    .map_or_else(|| "unset".to_string(), |r| r.to_string()),
+                count,
+                visible: env
+                    .visible_devices
+                    .clone()
+                    .unwrap_or_else(|| "unset".to_string()),
+            });
+        }
+        Ok(Self::Cuda(Some(index)))
+    }
+
+    /// [`DeviceSpec::for_rank`] with this process's environment.
+    pub fn for_this_rank(self) -> Result<DeviceSpec, DeviceError> {
+        self.for_rank(&GpuEnv::from_env())
+    }
+
+    /// The GPU index of a resolved CUDA device (see [`DeviceSpec::for_this_rank`]).
+    pub fn gpu_index(self) -> Option<usize> {
+        match self.for_this_rank() {
+            Ok(Self::Cuda(Some(index))) => Some(index),
+            _ => None,
+        }
+    }
+
+    /// Runs `task` on the backend this device belongs to, on this rank's GPU for `cuda`.
     ///
     /// A CUDA device in a build without the `cuda` feature is an error, not a silent fallback to CPU.
     pub fn run<T: BackendTask>(self, task: T) -> Result<T::Output, DeviceError> {
-        match self {
+        match self.for_this_rank()? {
             Self::Cpu => Ok(task.run::<Cpu>(Default::default())),
             #[cfg(feature = "cuda")]
-            Self::Cuda(index) => Ok(task.run::<Cuda>(burn::backend::cuda::CudaDevice::new(index))),
+            Self::Cuda(index) => {
+                Ok(task.run::<Cuda>(burn::backend::cuda::CudaDevice::new(index.unwrap_or(0))))
+            }
             #[cfg(not(feature = "cuda"))]
             Self::Cuda(_) => Err(DeviceError::CudaNotBuilt(self.to_string())),
         }
     }
+}
+
+/// GPUs the CUDA driver sees, when this build has CUDA and the machine a driver.
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count() -> Option<usize> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    cudarc::driver::result::init().ok()?;
+    cudarc::driver::result::device::get_count()
+        .ok()
+        .map(|n| n as usize)
+}
+
+/// GPUs the CUDA driver sees: unknown in a build without CUDA.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device_count() -> Option<usize> {
+    None
 }
 
 /// Free and total bytes of CUDA GPU `index` (through the driver, loaded at run time); an error
@@ -152,9 +274,52 @@ mod tests {
     #[test]
     fn device_strings_parse_like_torch() {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
-        assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
+        assert_eq!(
+            "CUDA".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Cuda(None)
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Cuda(Some(3))
+        );
+        assert_eq!(DeviceSpec::Cuda(Some(3)).to_string(), "cuda:3");
+    }
+
+    #[test]
+    fn cuda_means_this_ranks_gpu_and_an_explicit_index_wins() {
+        let env = |local_rank, visible: Option<&str>, driver_count| GpuEnv {
+            local_rank,
+            visible_devices: visible.map(String::from),
+            driver_count,
+        };
+        let cuda = DeviceSpec::Cuda(None);
+        let resolved = |spec: DeviceSpec, e: &GpuEnv| spec.for_rank(e).unwrap().to_string();
+        // Not launched: GPU 0. Launched: GPU LOCAL_RANK (the driver unknown, or 8 GPUs).
+        assert_eq!(resolved(cuda, &env(None, None, None)), "cuda:0");
+        assert_eq!(resolved(cuda, &env(Some(3), None, None)), "cuda:3");
+        assert_eq!(resolved(cuda, &env(Some(3), None, Some(8))), "cuda:3");
+        // One visible GPU per rank (CUDA_VISIBLE_DEVICES=5): it is GPU 0 of the process.
+        assert_eq!(resolved(cuda, &env(Some(3), Some("5"), None)), "cuda:0");
+        assert_eq!(
+            resolved(cuda, &env(Some(2), Some("4,5,6,7"), None)),
+            "cuda:2"
+        );
+        // An explicit index wins over LOCAL_RANK.
+        let one = DeviceSpec::Cuda(Some(1));
+        assert_eq!(resolved(one, &env(Some(3), None, None)), "cuda:1");
+        assert_eq!(resolved(DeviceSpec::Cpu, &env(Some(3), None, None)), "cpu");
+        // A rank whose GPU is not there names both variables.
+        let err = cuda.for_rank(&env(Some(3), Some("0,1"), None)).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("LOCAL_RANK=3") && message.contains("CUDA_VISIBLE_DEVICES=0,1"),
+            "{message}"
+        );
+        let err = cuda.for_rank(&env(Some(5), None, Some(4))).unwrap_err();
+        assert!(
+            err.to_string().contains("CUDA_VISIBLE_DEVICES=unset"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -172,7 +337,7 @@ mod tests {
             type Output = ();
             fn run<B: Backend>(self, _device: B::Device) {}
         }
-        let err = DeviceSpec::Cuda(0).run(Nothing).unwrap_err();
+        let err = DeviceSpec::Cuda(Some(0)).run(Nothing).unwrap_err();
         assert!(err.to_string().contains("--features cuda"), "{err}");
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! Ranks come from the launcher ([`crate::dist::DistEnv`]); rank 0 creates the NCCL unique id and
 //! the TCP rendezvous ([`crate::dist::rendezvous`]) hands it to the others. Each rank drives the GPU
-//! `LOCAL_RANK`. The collectives take host buffers (the [`Communicator`] trait's), stage them
+//! its device resolves to ([`crate::DeviceSpec::for_this_rank`]), the one burn computes on. The collectives take host buffers (the [`Communicator`] trait's), stage them
 //! through device memory and wait for the stream.
 //!
 //! Timeouts: the rendezvous has a deadline, and every collective is waited for by polling an
@@ -38,9 +38,9 @@ pub struct NcclComm {
 unsafe impl Send for NcclComm {}
 
 impl NcclComm {
-    /// Joins the job described by `env`: checks that libcuda and libnccl load, opens GPU
-    /// `env.local_rank`, and shares rank 0's NCCL id through the rendezvous.
-    pub fn init(env: &DistEnv, timeout: Duration) -> Result<Self, CommError> {
+    /// Joins the job described by `env` on GPU `gpu` (this rank's, as burn uses it): checks that
+    /// libcuda and libnccl load, opens the GPU, and shares rank 0's NCCL id through the rendezvous.
+    pub fn init(env: &DistEnv, gpu: usize, timeout: Duration) -> Result<Self, CommError> {
         let fail = |message: String| CommError::Transport {
             rank: env.rank,
             message,
@@ -54,8 +54,8 @@ impl NcclComm {
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(fail("the NCCL library (libnccl) is not available".into()));
         }
-        let context = CudaContext::new(env.local_rank)
-            .map_err(|e| fail(format!("opening GPU {}: {e:?}", env.local_rank)))?;
+        let context =
+            CudaContext::new(gpu).map_err(|e| fail(format!("opening GPU {gpu}: {e:?}")))?;
         let stream = context.default_stream();
         let own_id = if env.rank == 0 {
             let id = Id::new().map_err(|e| fail(format!("ncclGetUniqueId: {e:?}")))?;

@@ -10,12 +10,14 @@
 //! - `zoo memory`: peak memory per rank of a training setup, and the largest batch that fits;
 //! - `zoo launch`: a torchrun-style launcher for multi-process (multi-GPU, multi-node) jobs;
 //! - `zoo plot`: a run's loss, learning rate and accuracy curves as a PNG;
-//! - `zoo bench`: BERT-base / GPT-2 speed (forward, training step, generation).
+//! - `zoo bench`: BERT-base / GPT-2 speed (forward, training step, generation);
+//! - `zoo env`: version, backends, this rank's device, what it finds of CUDA and NCCL.
 
 #![warn(missing_docs)]
 
 mod alloc;
 mod bench;
+mod env;
 mod finetune;
 mod forward;
 mod generate;
@@ -67,6 +69,9 @@ enum Command {
     Plot(plot::PlotArgs),
     /// Time BERT-base / GPT-2 forward, training step or generation (median of repeated runs).
     Bench(bench::BenchArgs),
+    /// Print zoo's version and backends, this rank's variables and device, and what it finds of
+    /// CUDA (driver, NVRTC, headers) and NCCL: what a bug report needs.
+    Env(env::EnvArgs),
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Memory(args) => memory::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Env(args) => env::run(args),
         Command::Launch(_) => unreachable!("handled in main"),
     }
 }

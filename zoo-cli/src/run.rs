@@ -393,7 +393,13 @@ pub fn run_ranks<T: Send + 'static>(
         let comm: Box<dyn Communicator> = match device {
             DeviceSpec::Cpu => Box::new(bmtrain_backend::tcp::TcpComm::connect(&env, timeout)?),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(_) => Box::new(bmtrain_backend::nccl::NcclComm::init(&env, timeout)?),
+            DeviceSpec::Cuda(_) => {
+                // The GPU burn computes on: this rank's.
+                let DeviceSpec::Cuda(Some(gpu)) = device.for_this_rank()? else {
+                    unreachable!("a CUDA device resolves to an index")
+                };
+                Box::new(bmtrain_backend::nccl::NcclComm::init(&env, gpu, timeout)?)
+            }
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => bail!("{device}: this zoo was built without the `cuda` feature"),
         };
@@ -460,10 +466,10 @@ pub fn report_ready<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
 /// The free memory of the GPU `device` names.
 #[cfg(feature = "cuda")]
 fn gpu_free_memory(device: &DeviceSpec) -> anyhow::Result<f64> {
-    let DeviceSpec::Cuda(index) = device else {
-        bail!("{device} is not a GPU")
+    let Some(index) = device.gpu_index() else {
+        bail!("{device} is not a GPU (or not this rank's: see zoo env)")
     };
-    let (free, _) = bmtrain_backend::cuda_memory(*index)
+    let (free, _) = bmtrain_backend::cuda_memory(index)
         .map_err(|e| anyhow::anyhow!("--auto: {e}; give the budget with --gpu-mem"))?;
     Ok(free as f64)
 }

@@ -803,3 +803,56 @@ fn a_broken_download_resumes_from_the_bytes_it_has() {
     });
     assert!(resumed, "no ranged request resumed the transfer: {log:?}");
 }
+
+/// `zoo env` resolves this rank's device as training does: under a launcher `cuda` is GPU
+/// `LOCAL_RANK`, or GPU 0 when the rank sees one GPU; an explicit index wins; a GPU that is not
+/// visible is an error naming both variables. It works without a GPU, saying what it did not find.
+#[test]
+fn env_reports_the_rank_and_resolves_its_gpu() {
+    let env = |vars: &[(&str, &str)], device: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_zoo"));
+        command.args(["env", "--device", device, "--json"]);
+        for name in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "CUDA_VISIBLE_DEVICES",
+            "SLURM_LOCALID",
+        ] {
+            command.env_remove(name);
+        }
+        command.envs(vars.iter().copied());
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let launched = [("LOCAL_RANK", "3"), ("WORLD_SIZE", "4"), ("RANK", "3")];
+    let report = env(&launched, "cuda");
+    for key in [
+        "rank",
+        "local_rank",
+        "world_size",
+        "device",
+        "backends",
+        "cuda",
+        "nccl",
+    ] {
+        assert!(report.get(key).is_some(), "no {key}: {report}");
+    }
+    assert_eq!(report["device"], "cuda:3");
+    assert_eq!(
+        (report["rank"].as_u64(), report["world_size"].as_u64()),
+        (Some(3), Some(4))
+    );
+    assert!(report["cuda"]["driver"].is_string() || report["cuda"]["driver"].is_object());
+    let one_gpu = [&launched[..], &[("CUDA_VISIBLE_DEVICES", "5")]].concat();
+    assert_eq!(env(&one_gpu, "cuda")["device"], "cuda:0");
+    assert_eq!(env(&launched, "cuda:1")["device"], "cuda:1");
+    assert_eq!(env(&[], "cuda")["device"], "cuda:0");
+    let two_gpus = [&launched[..], &[("CUDA_VISIBLE_DEVICES", "0,1")]].concat();
+    let error = env(&two_gpus, "cuda")["device"]["error"].to_string();
+    assert!(
+        error.contains("LOCAL_RANK=3") && error.contains("CUDA_VISIBLE_DEVICES=0,1"),
+        "{error}"
+    );
+}
