@@ -421,30 +421,7 @@ impl TensorFile {
             message: format!("not a safetensors file: {message}"),
         };
         let file = File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
-        let mut prefix = [0u8; 8];
-        if size < 8 {
-            return Err(format(format!("{size} bytes, shorter than its header")));
-        }
-        file.read_exact_at(&mut prefix, 0).map_err(io)?;
-        let header_len = u64::from_le_bytes(prefix);
-        if header_len > MAX_HEADER || header_len > size - 8 {
-            return Err(format(format!(
-                "its header claims {header_len} bytes of a {size}-byte file"
-            )));
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header, 8).map_err(io)?;
-        let header: Metadata =
-            serde_json::from_slice(&header).map_err(|e| format(format!("header: {e}")))?;
-        let data_start = 8 + header_len;
-        if data_start + header.data_len() as u64 != size {
-            return Err(format(format!(
-                "the header describes {} bytes of tensors, the file holds {}",
-                header.data_len(),
-                size - data_start
-            )));
-        }
+        let (header, data_start) = read_header(&file).map_err(format)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -497,6 +474,39 @@ impl TensorFile {
         );
         Ok(())
     }
+}
+
+/// Reads a safetensors header with positioned reads (no tensor data): its 8-byte length, bounded
+/// by safetensors' own limit and by the file's size before anything is allocated, then the JSON,
+/// whose tensors must tile the rest of the file exactly. Returns the header and where the data
+/// starts; the error says what is wrong (callers name the file).
+pub fn read_header(file: &File) -> Result<(Metadata, u64), String> {
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    if size < 8 {
+        return Err(format!("{size} bytes, shorter than its header"));
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact_at(&mut prefix, 0)
+        .map_err(|e| e.to_string())?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > MAX_HEADER || header_len > size - 8 {
+        return Err(format!(
+            "its header claims {header_len} bytes of a {size}-byte file"
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| e.to_string())?;
+    let header: Metadata = serde_json::from_slice(&header).map_err(|e| format!("header: {e}"))?;
+    let data_start = 8 + header_len;
+    if data_start + header.data_len() as u64 != size {
+        return Err(format!(
+            "the header describes {} bytes of tensors, the file holds {}",
+            header.data_len(),
+            size - data_start
+        ));
+    }
+    Ok((header, data_start))
 }
 
 /// Reads a checkpoint and slices it for `rank` of `world`, segment by segment (`(prefix, layout)`

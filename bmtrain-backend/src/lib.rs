@@ -1,12 +1,13 @@
 //! zoo's training backend layer.
 //!
-//! Today this crate is thin: it names the burn backends zoo runs on and turns a `--device` string
-//! into a device. The models are generic over `B: Backend`, so the caller picks the backend once,
-//! at the top, with [`DeviceSpec::run`]:
+//! It names the burn backends zoo runs on and turns a `--device` string into this rank's device
+//! (for burn and NCCL alike: [`DeviceSpec::for_this_rank`]). The models are generic over
+//! `B: Backend`, so the caller picks the backend once, at the top, with [`DeviceSpec::run`]:
 //!
 //! ```text
 //!   "cpu"     ──► Cpu  (burn-flex, pure Rust, SIMD + rayon)      ──► task.run::<Cpu>(FlexDevice)
 //!   "cuda:N"  ──► Cuda (burn-cuda, cargo feature `cuda`)          ──► task.run::<Cuda>(CudaDevice N)
+//!   "cuda"    ──► this rank's GPU: LOCAL_RANK, or 0 when one is visible, then as "cuda:N"
 //! ```
 //!
 //! Under the models it also holds what training at scale needs, so every family gets it the same
@@ -20,7 +21,8 @@
 //!   schedules;
 //! - [`trainer`]: the block-by-block ZeRO-3 step with block checkpointing (how it avoids nested
 //!   `.backward()` is written there);
-//! - [`checkpoint`]: world-size-independent checkpoints (gathered weights and optimizer state);
+//! - [`checkpoint`]: world-size-independent checkpoints, streamed one segment at a time, with
+//!   file digests for verification;
 //! - [`inspect`]: per-parameter statistics gathered across shards, like `bmt.inspect`;
 //! - [`kernels`]: fused CPU kernels with their own backward (attention, linear, GELU, layer norm,
 //!   cross-entropy, dropout) that the models call, falling back to burn's ops elsewhere.

@@ -194,7 +194,6 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 /// claims is allocated; each tensor is read later with a positioned read of its bytes. The file
 /// is never held whole in memory, nor mapped.
 fn index_safetensors(path: &Path) -> Result<TensorIndex> {
-    use std::os::unix::fs::FileExt;
     let bad = |message: String| ConvertError::BadWeightsFile {
         path: path.to_path_buf(),
         format: "safetensors",
@@ -202,31 +201,7 @@ fn index_safetensors(path: &Path) -> Result<TensorIndex> {
     };
     let io = |e| ConvertError::io(path, e);
     let file = fs::File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
-    if size < 8 {
-        return Err(bad(format!("{size} bytes, shorter than its header")));
-    }
-    let mut prefix = [0u8; 8];
-    file.read_exact_at(&mut prefix, 0).map_err(io)?;
-    let header_len = u64::from_le_bytes(prefix);
-    // safetensors' own limit on headers, and the file's size, bound what the header may claim.
-    if header_len > 100_000_000 || header_len > size - 8 {
-        return Err(bad(format!(
-            "its header claims {header_len} bytes of a {size}-byte file"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8).map_err(io)?;
-    let header: safetensors::tensor::Metadata =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-    let data_start = 8 + header_len;
-    if data_start + header.data_len() as u64 != size {
-        return Err(bad(format!(
-            "the header describes {} bytes of tensors, the file holds {}",
-            header.data_len(),
-            size - data_start
-        )));
-    }
+    let (header, data_start) = bmtrain_backend::checkpoint::read_header(&file).map_err(bad)?;
     let file = Arc::new(file);
     let mut tensors = TensorIndex::new();
     for key in header.offset_keys() {

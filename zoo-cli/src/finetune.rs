@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 
 use crate::run::{
     CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
-    any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
+    any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint, shard_model,
 };
 
 /// `zoo finetune` arguments.
@@ -685,15 +685,13 @@ fn train<AB: AutodiffBackend>(
         seed: args.seed,
         fresh: Vec::new(),
     };
-    let mut trainer = ZeroTrainer::from_source(
-        spec,
+    let mut trainer = shard_model(
+        (spec, embed, blocks, head),
         comm,
         device.clone(),
-        embed,
-        blocks,
-        head,
         options,
-        |_, prefix, layout| start_values.segment(prefix, layout),
+        &mut start_values,
+        args.seed,
     )?;
     if lead && !start_values.fresh.is_empty() {
         eprintln!(
@@ -702,10 +700,6 @@ fn train<AB: AutodiffBackend>(
             start_values.fresh.join(", ")
         );
     }
-    // What building the shards read and freed (segment buffers, tensors) goes back to the OS.
-    crate::alloc::release_free_memory();
-    crate::run::report_ready(&trainer);
-    trainer.set_dropout_seed(args.seed);
 
     // A step reads `global` examples of the epoch's order, however they are split.
     let global = args.batch * args.grad_accum;

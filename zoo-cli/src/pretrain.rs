@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use crate::run::{
     CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
     any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
-    save_checkpoint,
+    save_checkpoint, shard_model,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
 
@@ -782,23 +782,18 @@ fn train<AB: AutodiffBackend>(
         seed: args.seed,
         fresh: Vec::new(),
     };
-    let mut trainer = ZeroTrainer::from_source(
-        spec,
+    let mut trainer = shard_model(
+        (spec, embed, blocks, head),
         comm,
         device.clone(),
-        embed,
-        blocks,
-        head,
         options,
-        |_, prefix, layout| start_values.segment(prefix, layout),
+        &mut start_values,
+        args.seed,
     )
     .with_context(|| match &args.model {
         Some(model) => format!("starting from {model}"),
         None => "initialising the model".into(),
     })?;
-    crate::alloc::release_free_memory();
-    crate::run::report_ready(&trainer);
-    trainer.set_dropout_seed(args.seed);
 
     let mut start = 0;
     if let Some(checkpoint) = &job.resume {

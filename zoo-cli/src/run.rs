@@ -442,6 +442,35 @@ pub fn run_ranks<T: Send + 'static>(
     }
 }
 
+/// Builds a job's trainer from a model cut into segments, its shards taken one segment at a time
+/// from `start` (a checkpoint's tensors and the family's initialisation), then gives back what the
+/// setup freed, says the model is ready, and seeds dropout with `seed`.
+#[allow(clippy::too_many_arguments)]
+pub fn shard_model<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+    (spec, embed, blocks, head): (S, S::Embed, Vec<S::Block>, S::Head),
+    comm: C,
+    device: B::Device,
+    options: ZeroOptions,
+    start: &mut models::train::StartValues<'_>,
+    seed: u64,
+) -> anyhow::Result<ZeroTrainer<B, S, C>> {
+    let mut trainer = ZeroTrainer::from_source(
+        spec,
+        comm,
+        device,
+        embed,
+        blocks,
+        head,
+        options,
+        |_, prefix, layout| start.segment(prefix, layout),
+    )?;
+    // What building the shards read and freed (segment buffers, tensors) goes back to the OS.
+    crate::alloc::release_free_memory();
+    report_ready(&trainer);
+    trainer.set_dropout_seed(seed);
+    Ok(trainer)
+}
+
 /// When this process started (first asked for in `main`).
 pub fn process_start() -> std::time::Instant {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
