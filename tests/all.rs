@@ -8,6 +8,7 @@ mod gpu;
 mod gradients;
 mod parity;
 mod t5;
+mod t5_train;
 mod tokenizers;
 mod train_specs;
 mod zero;

@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 use crate::generation::TokenIds;
+pub mod zero;
+
 use crate::layers::{
     Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, MultiHeadAttention,
     MultiHeadAttentionConfig, RmsNorm, RmsNormConfig,
@@ -435,29 +437,22 @@ impl<B: Backend> T5Stack<B> {
     /// The relative position bias of queries `past..past + q_len` over keys `0..k_len`:
     /// `[1, heads, q_len, k_len]`, in the table's dtype.
     pub fn relative_bias(&self, q_len: usize, k_len: usize, past: usize) -> Tensor<B, 4> {
-        let table = self.position_bias.weight.val(); // [buckets, heads]
-        let device = table.device();
-        let heads = table.dims()[1];
-        let buckets: Vec<i64> = (0..q_len)
-            .flat_map(|i| {
-                (0..k_len).map(move |j| {
-                    let relative = j as i64 - (i + past) as i64;
-                    relative_position_bucket(
-                        relative,
-                        !self.is_decoder,
-                        self.num_buckets,
-                        self.max_distance,
-                    ) as i64
-                })
-            })
-            .collect();
-        let ids =
-            Tensor::<B, 1, Int>::from_data(TensorData::new(buckets, [q_len * k_len]), &device);
-        table
-            .select(0, ids)
-            .reshape([q_len, k_len, heads])
-            .permute([2, 0, 1])
-            .unsqueeze::<4>()
+        relative_bias(
+            self.position_bias.weight.val(),
+            self.buckets(),
+            q_len,
+            k_len,
+            past,
+        )
+    }
+
+    /// How this stack buckets relative positions.
+    fn buckets(&self) -> Buckets {
+        Buckets {
+            bidirectional: !self.is_decoder,
+            count: self.num_buckets,
+            max_distance: self.max_distance,
+        }
     }
 
     /// Encoder: `[batch, seq, d_model]` embeddings and the `[batch, seq]` padding mask → hidden states.
@@ -467,11 +462,7 @@ impl<B: Backend> T5Stack<B> {
         attention_mask: Option<Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
         let seq = embeddings.dims()[1];
-        let mask = match attention_mask {
-            Some(m) => AttentionMask::padding(m),
-            None => AttentionMask::none(),
-        }
-        .with_bias(self.relative_bias(seq, seq, 0));
+        let mask = padding_mask(attention_mask).with_bias(self.relative_bias(seq, seq, 0));
         let mut hidden = self.dropout.forward(embeddings);
         for block in &self.blocks {
             hidden = block.forward(hidden, &mask, None, None).0;
@@ -489,11 +480,8 @@ impl<B: Backend> T5Stack<B> {
         cache: Option<T5DecoderCache<B>>,
     ) -> (Tensor<B, 3>, T5DecoderCache<B>) {
         let seq = embeddings.dims()[1];
-        let device = embeddings.device();
         let past = cache.as_ref().map_or(0, T5DecoderCache::len);
-        let self_mask = AttentionMask::none()
-            .with_causal(seq, past + seq, &device)
-            .with_bias(self.relative_bias(seq, past + seq, past));
+        let self_mask = decoder_self_mask(self.relative_bias(seq, past + seq, past), seq, past);
         let (mut self_caches, cross_caches) = match cache {
             Some(c) => (
                 c.self_attention.into_iter().map(Some).collect(),
@@ -532,6 +520,95 @@ impl<B: Backend> T5Stack<B> {
                 cross_attention: cross_caches,
             },
         )
+    }
+}
+
+/// How a stack buckets relative positions: both directions (encoder) or the past only
+/// (decoder), into `count` buckets up to `max_distance`.
+#[derive(Debug, Clone, Copy)]
+struct Buckets {
+    bidirectional: bool,
+    count: usize,
+    max_distance: usize,
+}
+
+/// The relative position bias from a `[buckets, heads]` table (a stack's, or the one its ZeRO
+/// blocks carry): queries `past..past + q_len` over keys `0..k_len`, `[1, heads, q_len, k_len]`.
+fn relative_bias<B: Backend>(
+    table: Tensor<B, 2>,
+    buckets: Buckets,
+    q_len: usize,
+    k_len: usize,
+    past: usize,
+) -> Tensor<B, 4> {
+    let device = table.device();
+    let heads = table.dims()[1];
+    let ids: Vec<i64> = (0..q_len)
+        .flat_map(|i| {
+            (0..k_len).map(move |j| {
+                let relative = j as i64 - (i + past) as i64;
+                relative_position_bucket(
+                    relative,
+                    buckets.bidirectional,
+                    buckets.count,
+                    buckets.max_distance,
+                ) as i64
+            })
+        })
+        .collect();
+    let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [q_len * k_len]), &device);
+    table
+        .select(0, ids)
+        .reshape([q_len, k_len, heads])
+        .permute([2, 0, 1])
+        .unsqueeze::<4>()
+}
+
+/// The encoder's self-attention mask and the decoder's cross-attention mask: the source padding.
+fn padding_mask<B: Backend>(attention_mask: Option<Tensor<B, 2, Int>>) -> AttentionMask<B> {
+    match attention_mask {
+        Some(m) => AttentionMask::padding(m),
+        None => AttentionMask::none(),
+    }
+}
+
+/// The decoder's self-attention mask for `seq` new positions after `past`: causal, plus `bias`.
+fn decoder_self_mask<B: Backend>(bias: Tensor<B, 4>, seq: usize, past: usize) -> AttentionMask<B> {
+    let device = bias.device();
+    AttentionMask::none()
+        .with_causal(seq, past + seq, &device)
+        .with_bias(bias)
+}
+
+/// What turns decoder states into logits: `lm_head`, or `shared` when tied.
+enum OutputLayer<'a, B: Backend> {
+    Head(&'a Linear<B>),
+    Tied(&'a Embedding<B>),
+}
+
+/// Decoder hidden states → logits `[batch, tgt, vocab]`, scaled by `output_scale` first (v1.0
+/// scales when tied).
+fn lm_logits<B: Backend>(
+    hidden: Tensor<B, 3>,
+    output: OutputLayer<'_, B>,
+    output_scale: f64,
+) -> Tensor<B, 3> {
+    let hidden = if output_scale != 1.0 {
+        hidden * output_scale
+    } else {
+        hidden
+    };
+    match output {
+        OutputLayer::Head(head) => head.forward(hidden),
+        OutputLayer::Tied(shared) => {
+            let [batch, seq, width] = hidden.dims();
+            let table = shared.weight.val();
+            let vocab = table.dims()[0];
+            hidden
+                .reshape([batch * seq, width])
+                .matmul(table.transpose())
+                .reshape([batch, seq, vocab])
+        }
     }
 }
 
@@ -617,10 +694,7 @@ fn run_seq2seq<B: Backend>(
         shared.forward(input.input_ids.clone()),
         input.attention_mask.clone(),
     );
-    let mask = match &input.attention_mask {
-        Some(m) => AttentionMask::padding(m.clone()),
-        None => AttentionMask::none(),
-    };
+    let mask = padding_mask(input.attention_mask.clone());
     let (decoded, _) = decoder.decode(
         shared.forward(input.decoder_input_ids.clone()),
         &encoded,
@@ -689,23 +763,11 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
 
     /// Decoder hidden states → logits `[batch, tgt, vocab]` (scaled first when tied, as v1.0).
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        let hidden = if self.output_scale != 1.0 {
-            hidden * self.output_scale
-        } else {
-            hidden
+        let output = match &self.lm_head {
+            Some(head) => OutputLayer::Head(head),
+            None => OutputLayer::Tied(&self.shared),
         };
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let [batch, seq, width] = hidden.dims();
-                let table = self.shared.weight.val();
-                let vocab = table.dims()[0];
-                hidden
-                    .reshape([batch * seq, width])
-                    .matmul(table.transpose())
-                    .reshape([batch, seq, vocab])
-            }
-        }
+        lm_logits(hidden, output, self.output_scale)
     }
 
     /// Full forward: encoder output, decoder output and logits.

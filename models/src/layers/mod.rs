@@ -18,4 +18,4 @@ pub use dropout::{Dropout, DropoutConfig};
 pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use feed_forward::{FeedForward, FeedForwardConfig};
 pub use linear::{Linear, LinearConfig};
-pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
+pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig, rms_norm};

@@ -98,14 +98,28 @@ impl RmsNormConfig {
 impl<B: Backend> RmsNorm<B> {
     /// - x: `[..., d_model]` → same shape and dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x32 = x.cast(FloatDType::F32);
-        let mean_square = x32.clone().square().mean_dim(D - 1);
-        let normed = x32 * (mean_square + self.epsilon).sqrt().recip();
-        // As T5: normalise in f32, then scale in the model's dtype.
-        let weight = self.weight.val().cast(dtype).unsqueeze::<D>();
-        weight * normed.cast(dtype)
+        rms_norm(x, self.weight.val(), self.epsilon)
     }
+
+    /// The ε added to the mean square.
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon
+    }
+}
+
+/// RMS norm of `x` `[..., d_model]` with the scale `weight` `[d_model]` given as a tensor (the
+/// layer's, or one a ZeRO segment carries from another): statistics in f32, scaled in `x`'s
+/// dtype, as T5.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x32 = x.cast(FloatDType::F32);
+    let mean_square = x32.clone().square().mean_dim(D - 1);
+    let normed = x32 * (mean_square + epsilon).sqrt().recip();
+    weight.cast(dtype).unsqueeze::<D>() * normed.cast(dtype)
 }
 
 #[cfg(test)]
