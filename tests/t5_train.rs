@@ -152,7 +152,7 @@ fn t5_trainer_gradients_match_whole_model_autodiff_on_one_and_two_ranks() {
         let reference = reference(name);
 
         // One rank, the whole batch: with and without checkpointing.
-        let want = reference_gradients(model.clone(), &reference, &[0..2]);
+        let want = reference_gradients(model.clone(), &reference, std::slice::from_ref(&(0..2)));
         for checkpoint in [true, false] {
             let got = trainer_gradients(model.clone(), &reference, SingleRank, 0..2, checkpoint);
             for (segment, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -579,11 +579,13 @@ mod tests {
                     name: "w".into(),
                     shape: vec![2, 3],
                     offset: 0,
+                    owner: String::new(),
                 },
                 FlatEntry {
                     name: "b".into(),
                     shape: vec![3],
                     offset: 6,
+                    owner: String::new(),
                 },
             ],
             len: 9,

@@ -67,6 +67,9 @@ pub struct FlatEntry {
     pub shape: Vec<usize>,
     /// First element in the flat buffer.
     pub offset: usize,
+    /// The type of the module that holds the parameter (`RmsNorm`, `Linear`, `Embedding`, …;
+    /// empty when unknown): with the last part of the name, what kind of parameter it is.
+    pub owner: String,
 }
 
 impl FlatEntry {
@@ -94,6 +97,8 @@ pub struct FlatLayout {
 #[derive(Default)]
 struct Names {
     segments: Vec<String>,
+    /// The containers entered, innermost last (burn names the struct that holds a field).
+    containers: Vec<String>,
 }
 
 impl Names {
@@ -101,14 +106,24 @@ impl Names {
         if !container.starts_with("Enum:") {
             self.segments.push(name.to_string());
         }
+        self.containers.push(container.to_string());
     }
     fn exit(&mut self, container: &str) {
         if !container.starts_with("Enum:") {
             self.segments.pop();
         }
+        self.containers.pop();
     }
     fn name(&self) -> String {
         self.segments.join(".")
+    }
+    /// The struct holding the parameter being visited.
+    fn owner(&self) -> String {
+        self.containers
+            .last()
+            .and_then(|c| c.strip_prefix("Struct:"))
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -138,6 +153,7 @@ pub fn flatten<B: Backend, M: Module<B>>(module: &M) -> (FlatLayout, Vec<f32>) {
                 name: self.names.name(),
                 shape,
                 offset: self.layout.len,
+                owner: self.names.owner(),
             });
             self.layout.len += values.len();
             self.data.extend(values);
@@ -172,6 +188,7 @@ pub fn layout_of<B: Backend, M: Module<B>>(module: &M) -> FlatLayout {
                 name: self.names.name(),
                 shape,
                 offset: self.layout.len,
+                owner: self.names.owner(),
             });
             self.layout.len += len;
         }

@@ -971,6 +971,61 @@ pub fn span_corrupt(
     (input, target)
 }
 
+/// T5's span-corruption noise (`random_spans_noise_mask` of the T5 paper's code, as
+/// transformers' `run_t5_mlm_flax.py`): of `length` tokens, `round(length · density)` (at least
+/// one, at most `length − 1`) are noise, in `round(noise / mean_span)` (at least one) spans; the
+/// text alternates non-noise and noise runs, starting with non-noise, and the lengths of each
+/// kind are a uniformly random split of its tokens into that many runs of at least one. Returns
+/// the noise spans as sorted `(start, len)`, for [`span_corrupt`]. The number of spans and noise
+/// tokens depends on `length` alone, so every row of a batch corrupts to the same lengths.
+pub fn random_noise_spans(
+    length: usize,
+    density: f64,
+    mean_span: f64,
+    rng: &mut impl rand::Rng,
+) -> Vec<(usize, usize)> {
+    let (noise, spans) = noise_counts(length, density, mean_span);
+    let noise_runs = random_segmentation(noise, spans, rng);
+    let kept_runs = random_segmentation(length - noise, spans, rng);
+    let mut out = Vec::with_capacity(spans);
+    let mut position = 0;
+    for (kept, noisy) in kept_runs.into_iter().zip(noise_runs) {
+        position += kept;
+        out.push((position, noisy));
+        position += noisy;
+    }
+    out
+}
+
+/// `(noise tokens, noise spans)` of [`random_noise_spans`] for a text of `length` (≥ 2) tokens.
+pub fn noise_counts(length: usize, density: f64, mean_span: f64) -> (usize, usize) {
+    let noise = ((length as f64 * density).round() as usize).clamp(1, length.saturating_sub(1));
+    let spans = ((noise as f64 / mean_span).round() as usize)
+        .max(1)
+        .min(noise)
+        .min(length - noise);
+    (noise, spans)
+}
+
+/// `items` split into `segments` runs of at least one, uniformly over the ways to cut them.
+fn random_segmentation(items: usize, segments: usize, rng: &mut impl rand::Rng) -> Vec<usize> {
+    // Cut after `segments − 1` distinct positions among the `items − 1` gaps.
+    let mut cuts: Vec<usize> = rand::seq::index::sample(rng, items - 1, segments - 1)
+        .into_iter()
+        .map(|gap| gap + 1)
+        .collect();
+    cuts.sort_unstable();
+    cuts.push(items);
+    let mut previous = 0;
+    cuts.into_iter()
+        .map(|cut| {
+            let run = cut - previous;
+            previous = cut;
+            run
+        })
+        .collect()
+}
+
 /// Seq2seq loss as transformers computes it: cross-entropy of every decoder position against its
 /// label (no shift: the decoder input is already shifted), labels -100 skipped.
 pub fn seq2seq_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
@@ -1023,6 +1078,29 @@ mod tests {
         );
         assert_eq!(input, [1, 100, 4, 101, 6]);
         assert_eq!(target, [100, 2, 3, 101, 5, 102, 9]);
+    }
+
+    #[test]
+    fn noise_spans_have_t5s_counts_and_alternate_with_kept_text() {
+        use rand::SeedableRng;
+        // T5's defaults on 512 tokens: round(76.8) = 77 noise tokens in round(77 / 3) = 26 spans.
+        assert_eq!(noise_counts(512, 0.15, 3.0), (77, 26));
+        assert_eq!(noise_counts(10, 0.15, 3.0), (2, 1));
+        assert_eq!(noise_counts(2, 0.15, 3.0), (1, 1));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..50 {
+            let spans = random_noise_spans(512, 0.15, 3.0, &mut rng);
+            assert_eq!(spans.len(), 26);
+            assert_eq!(spans.iter().map(|s| s.1).sum::<usize>(), 77);
+            // Non-noise first, every run at least one token, inside the text.
+            let mut end = 0;
+            for &(start, len) in &spans {
+                assert!(start > end, "{spans:?}");
+                assert!(len >= 1);
+                end = start + len;
+            }
+            assert!(end <= 512);
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::ModelError;
 use crate::layers::Linear;
 use crate::layers::{Dropout, DropoutConfig};
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
-use bmtrain_backend::zero::FlatLayout;
+use bmtrain_backend::zero::{FlatEntry, FlatLayout};
 use burn::module::Module;
 use burn::nn::Embedding;
 use burn::tensor::TensorData;
@@ -170,30 +170,72 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
     }
 }
 
+/// What a parameter is, from the module that holds it and its field name — not from where it
+/// sits in the model, so an RMSNorm scale called `weight` starts at one like a LayerNorm's
+/// `gamma`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A norm's scale (LayerNorm `gamma`, RMSNorm `weight`): starts at 1.
+    NormScale,
+    /// A norm's shift or any bias: starts at 0.
+    Bias,
+    /// An embedding table.
+    Embedding,
+    /// A weight matrix (or anything else drawn from a normal).
+    Matrix,
+}
+
+impl ParamKind {
+    /// The kind of a layout entry (its holder's type and the field, the last part of its name).
+    pub fn of(entry: &FlatEntry) -> Self {
+        let field = entry.name.rsplit('.').next().unwrap_or_default();
+        match (entry.owner.as_str(), field) {
+            ("LayerNorm" | "RmsNorm", "gamma" | "weight") => Self::NormScale,
+            (_, "beta" | "bias") => Self::Bias,
+            ("Embedding", _) => Self::Embedding,
+            _ => Self::Matrix,
+        }
+    }
+}
+
 /// How a family's parameters start when no checkpoint gives them (transformers'
-/// `_init_weights`). Every parameter is drawn from the seed and its own name alone, so it starts
-/// the same whatever segment holds it, whichever other parameters the model has and however
-/// many ranks train it; the draws run on all threads.
+/// `_init_weights`). Norm scales start at 1 and biases at 0 ([`ParamKind`]); the family says the
+/// standard deviation of each matrix and embedding. Every parameter is drawn from the seed and
+/// its own name alone, so it starts the same whatever segment holds it, whichever other
+/// parameters the model has and however many ranks train it; the draws run on all threads.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum InitScheme {
     /// GPT-2 (transformers' `GPT2PreTrainedModel._init_weights`, nanoGPT): every weight matrix
     /// and embedding `N(0, 0.02)`, the two residual projections of each block
-    /// (`attention.output`, `mlp.output`) `N(0, 0.02 / √(2 · n_layer))`, biases 0, LayerNorm 1
-    /// and 0.
+    /// (`attention.output`, `mlp.output`) `N(0, 0.02 / √(2 · n_layer))`.
     Gpt2 {
         /// Blocks, for the residual scaling.
         n_layer: usize,
     },
     /// BERT and RoBERTa (`BertPreTrainedModel._init_weights`): weights and embeddings
-    /// `N(0, 0.02)`, biases 0, LayerNorm 1 and 0.
+    /// `N(0, 0.02)`.
     Bert,
+    /// T5 and its descendants (`T5PreTrainedModel._init_weights`, factor 1): `shared` and
+    /// `lm_head` `N(0, 1)`; attention queries `N(0, (d_model · d_kv)^-½)`, keys, values and the
+    /// relative-position tables `N(0, d_model^-½)`, outputs `N(0, (heads · d_kv)^-½)`; FFN inputs
+    /// (and gates) `N(0, d_model^-½)`, outputs `N(0, d_ff^-½)`.
+    T5 {
+        /// `d_model`.
+        d_model: usize,
+        /// `d_kv` (per-head width).
+        d_kv: usize,
+        /// `num_heads`.
+        heads: usize,
+        /// `d_ff`.
+        d_ff: usize,
+    },
 }
 
 /// Elements drawn from one generator: the unit of parallel initialisation.
 const INIT_CHUNK: usize = 1 << 16;
 
 impl InitScheme {
-    /// The standard deviation of a weight named `name`.
+    /// The standard deviation of the matrix or embedding named `name`.
     fn std(&self, name: &str) -> f64 {
         match *self {
             InitScheme::Gpt2 { n_layer }
@@ -202,20 +244,45 @@ impl InitScheme {
             {
                 0.02 / (2.0 * n_layer as f64).sqrt()
             }
-            _ => 0.02,
+            InitScheme::Gpt2 { .. } | InitScheme::Bert => 0.02,
+            InitScheme::T5 {
+                d_model,
+                d_kv,
+                heads,
+                d_ff,
+            } => {
+                let inverse_root = |n: usize| (n as f64).powf(-0.5);
+                let attention = name.contains("attention.");
+                if name.ends_with("position_bias.weight") {
+                    inverse_root(d_model)
+                } else if attention && name.ends_with("query.weight") {
+                    inverse_root(d_model * d_kv)
+                } else if attention && name.ends_with("output.weight") {
+                    inverse_root(heads * d_kv)
+                } else if attention {
+                    inverse_root(d_model)
+                } else if name.ends_with("ffn.output.weight") {
+                    inverse_root(d_ff)
+                } else if name.contains("ffn.") {
+                    inverse_root(d_model)
+                } else {
+                    // `shared`, `lm_head`.
+                    1.0
+                }
+            }
         }
     }
 
-    /// The `len` initial values of the parameter called `name` (its zoo name): LayerNorm scales
-    /// (`.gamma`) 1, shifts and biases 0, everything else normal.
-    pub fn values(&self, seed: u64, name: &str, len: usize) -> Vec<f32> {
+    /// The initial values of the parameter `entry` of a segment whose prefix made `name` its
+    /// zoo name: by kind, then the family's standard deviation.
+    pub fn values(&self, seed: u64, name: &str, entry: &FlatEntry) -> Vec<f32> {
         use rand::{RngExt, SeedableRng, rngs::StdRng};
         use rayon::prelude::*;
-        if name.ends_with(".gamma") {
-            return vec![1.0; len];
-        }
-        if name.ends_with(".beta") || name.ends_with(".bias") {
-            return vec![0.0; len];
+        let len = entry.len();
+        match ParamKind::of(entry) {
+            ParamKind::NormScale => return vec![1.0; len],
+            ParamKind::Bias => return vec![0.0; len],
+            ParamKind::Embedding | ParamKind::Matrix => {}
         }
         let std = self.std(name);
         // FNV-1a of the name: parameters of one seed get unrelated streams.
@@ -266,7 +333,7 @@ fn init_module<B: Backend, M: Module<B>>(
     let layout = bmtrain_backend::zero::layout_of::<B, _>(&model);
     let mut values = Vec::with_capacity(layout.len);
     for entry in &layout.entries {
-        values.extend(scheme.values(seed, &entry.name, entry.len()));
+        values.extend(scheme.values(seed, &entry.name, entry));
     }
     bmtrain_backend::zero::load_flat(model, &layout, &values, device, false)
 }
@@ -345,7 +412,7 @@ impl StartValues<'_> {
                     if tensors.is_some() {
                         self.fresh.push(name.clone());
                     }
-                    values.extend(self.init.values(self.seed, &name, entry.len()));
+                    values.extend(self.init.values(self.seed, &name, entry));
                 }
             }
         }

@@ -34,6 +34,8 @@ use clap::Args;
 use models::bert::{BertForSequenceClassification, BertLayer};
 use models::gpt2::{Gpt2Block, Gpt2LmHeadModel};
 use models::roberta::RobertaForSequenceClassification;
+use models::t5::zero::T5Spec;
+use models::t5::{T5Block, T5ForConditionalGeneration};
 use models::train::{ClassifierSpec, Gpt2Spec};
 use models::{Architecture, Family, ModelConfig};
 use serde_json::json;
@@ -461,8 +463,33 @@ pub fn shape_of_config(family: Family, config: &ModelConfig) -> anyhow::Result<S
                 lm_vocab: 0,
             })
         }
-        (ModelConfig::T5(_), _) => {
-            bail!("zoo's training jobs train GPTs and BERT/RoBERTa, not T5 yet")
+        (ModelConfig::T5(c), _) => {
+            // The stream through the blocks carries the encoder and the decoder states (see
+            // `models::t5::zero`); counted as `layers` blocks of `d_model`. Not refitted on
+            // measured T5 runs yet.
+            let model = T5ForConditionalGeneration::<Cpu>::new(c, &device)?;
+            let (spec, embed, blocks, head) = T5Spec::split(model)?;
+            let block_sizes: Vec<usize> = blocks
+                .iter()
+                .map(|b| layout_of::<Cpu, T5Block<Cpu>>(b).len)
+                .collect();
+            let (block_params, largest_block) = sizes(block_sizes);
+            let embedding = layout_of::<Cpu, _>(&embed).len;
+            let head = layout_of::<Cpu, _>(&head).len;
+            Ok(Shape {
+                architecture: Architecture::T5ForConditionalGeneration,
+                params: embedding + block_params + head,
+                embedding,
+                largest_block,
+                block_params,
+                head,
+                tied: bmtrain_backend::trainer::ZeroSpec::<Cpu>::head_reads_embed(&spec),
+                layers: blocks.len(),
+                hidden: c.d_model,
+                ffn: c.d_ff,
+                heads: c.num_heads,
+                lm_vocab: c.vocab_size,
+            })
         }
     }
 }

@@ -1,4 +1,6 @@
-//! `zoo pretrain`: train a GPT (GPT-2, GPT-3 sizes, CPM-1) on a corpus with the causal-LM loss.
+//! `zoo pretrain`: train a model on a corpus with its family's objective: a GPT (GPT-2, GPT-3
+//! sizes, CPM-1) with the causal-LM loss, a T5 (v1.0 / v1.1, mT5, FLAN-T5, CPM-2) with span
+//! corruption (`models::t5::random_noise_spans`).
 //!
 //! Without `--model` and `--data` it trains a tiny GPT on the corpus shipped in the repository
 //! (chapters of *Around the World in Eighty Days*) with a byte-level tokenizer, about a minute on
@@ -27,8 +29,12 @@ use checkpoints_convert::{
 use clap::Args;
 use models::generation::{Decoding, GenerationConfig, TokenIds, generate};
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+use models::t5::zero::{Seq2SeqBatch, T5Spec};
+use models::t5::{
+    T5Config, T5ForConditionalGeneration, random_noise_spans, shift_right, span_corrupt,
+};
 use models::train::{Gpt2Spec, InitScheme, LmBatch, StartValues, TensorSource};
-use models::{AnyModel, Architecture, ModelConfig};
+use models::{AnyModel, Architecture, Family, ModelConfig};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
@@ -113,7 +119,13 @@ pub struct PretrainArgs {
     /// Seed of the initial weights, the windows and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Tokens to sample at the end (0: none).
+    /// Span corruption (T5): share of each window's tokens hidden behind sentinels.
+    #[arg(long, default_value_t = 0.15)]
+    noise_density: f64,
+    /// Span corruption (T5): mean length of a hidden span.
+    #[arg(long, default_value_t = 3.0)]
+    mean_span: f64,
+    /// Tokens to sample at the end (0: none; causal LMs).
     #[arg(long, default_value_t = 200)]
     sample_tokens: usize,
     /// Prompt of the sample (default: the start of the validation data).
@@ -131,7 +143,9 @@ struct Job {
     run_dir: PathBuf,
     /// The run directory's lock, held until the job ends.
     _lock: Option<RunLock>,
-    config: Gpt2Config,
+    model: Pretrained,
+    /// The sentinels and special ids of span corruption (T5).
+    span: Option<SpanIds>,
     manifest: ZooManifest,
     tokenizer_json: Option<String>,
     /// Weights of a model directory (zoo names, read when the shards are built), or `None` for a
@@ -146,6 +160,108 @@ struct Job {
     sample_prompt: Vec<u32>,
     /// Only for decoding the sample.
     tokenizer: Option<Arc<TextTokenizer>>,
+}
+
+/// The model being pretrained, which decides the objective.
+#[derive(Debug, Clone)]
+enum Pretrained {
+    /// A GPT: the causal-LM loss over each window.
+    Causal(Gpt2Config),
+    /// A T5: span corruption of each window, the seq2seq loss on the hidden spans.
+    Span(T5Config),
+}
+
+impl Pretrained {
+    fn new(config: ModelConfig, what: &str) -> anyhow::Result<Self> {
+        match config {
+            ModelConfig::Gpt2(c) => Ok(Self::Causal(c)),
+            ModelConfig::T5(c) => Ok(Self::Span(c)),
+            ModelConfig::Bert(_) => bail!(
+                "{what} is a BERT/RoBERTa: zoo pretrain trains GPTs (causal LM) and T5s (span \
+                 corruption); masked-LM pretraining is not there yet (zoo finetune trains BERT \
+                 classifiers)"
+            ),
+        }
+    }
+
+    fn config(&self) -> ModelConfig {
+        match self {
+            Self::Causal(c) => ModelConfig::Gpt2(c.clone()),
+            Self::Span(c) => ModelConfig::T5(c.clone()),
+        }
+    }
+
+    fn family(&self) -> Family {
+        match self {
+            Self::Causal(_) => Family::Gpt2,
+            Self::Span(_) => Family::T5,
+        }
+    }
+
+    fn architecture(&self) -> Architecture {
+        match self {
+            Self::Causal(_) => Architecture::Gpt2LmHeadModel,
+            Self::Span(_) => Architecture::T5ForConditionalGeneration,
+        }
+    }
+
+    /// Positions a window may have (T5's relative positions have no limit).
+    fn context(&self) -> Option<usize> {
+        match self {
+            Self::Causal(c) => Some(c.n_positions),
+            Self::Span(_) => None,
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Causal(c) => c.vocab_size,
+            Self::Span(c) => c.vocab_size,
+        }
+    }
+
+    fn eos(&self) -> Option<u32> {
+        match self {
+            Self::Causal(c) => c
+                .eos_token_id
+                .as_ref()
+                .and_then(|e| e.to_vec().first().copied()),
+            Self::Span(c) => c
+                .eos_token_id
+                .as_ref()
+                .and_then(|e| e.to_vec().first().copied()),
+        }
+    }
+
+    fn set_dropout(&mut self, p: f64) {
+        match self {
+            Self::Causal(c) => (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p),
+            Self::Span(c) => c.dropout_rate = p,
+        }
+    }
+
+    /// The HF `config.json` of the trained model.
+    fn hf_config(&self) -> anyhow::Result<Value> {
+        let (mut value, model_type, class) = match self {
+            Self::Causal(c) => (serde_json::to_value(c)?, "gpt2", "GPT2LMHeadModel"),
+            Self::Span(c) => (serde_json::to_value(c)?, "t5", "T5ForConditionalGeneration"),
+        };
+        if value.get("model_type").is_none_or(Value::is_null) {
+            value["model_type"] = json!(model_type);
+        }
+        value["architectures"] = json!([class]);
+        Ok(value)
+    }
+}
+
+/// The ids span corruption writes: one sentinel per hidden span (and one after the last), the
+/// end of text, and the decoder's start and padding.
+#[derive(Debug, Clone)]
+struct SpanIds {
+    sentinels: Vec<u32>,
+    eos: Option<u32>,
+    decoder_start: u32,
+    pad: u32,
 }
 
 /// A token range of a token file.
@@ -247,23 +363,23 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         args.batch
     );
     // The model.
-    let (mut config, directory, model_tokenizer) = match &args.model {
-        None => (tiny_config(), None, None),
+    let (config, directory, model_tokenizer) = match &args.model {
+        None => (ModelConfig::Gpt2(tiny_config()), None, None),
         Some(name) => resolve_model(name)?,
     };
-    (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) =
-        (args.dropout, args.dropout, args.dropout);
-    config.validate()?;
+    let mut model = Pretrained::new(config, args.model.as_deref().unwrap_or_default())?;
+    model.set_dropout(args.dropout);
+    model.config().validate()?;
     let default_seq = if args.model.is_none() {
         64
     } else {
-        config.n_positions.min(256)
+        model.context().unwrap_or(256).min(256)
     };
     let seq = args.seq.unwrap_or(default_seq);
     // A model this machine cannot hold is refused now, before the data or the model is touched.
     args.memory.check_fits(
-        models::Family::Gpt2,
-        &ModelConfig::Gpt2(config.clone()),
+        model.family(),
+        &model.config(),
         seq,
         args.batch,
         args.model.as_deref().unwrap_or("the default model"),
@@ -288,8 +404,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             None => None,
         };
         let plan = args.memory.apply_auto(
-            models::Family::Gpt2,
-            &ModelConfig::Gpt2(config.clone()),
+            model.family(),
+            &model.config(),
             seq,
             args.batch,
             state.as_ref(),
@@ -313,12 +429,13 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     });
     let tokenizer = Arc::new(tokenizer);
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
-    let eos = tokenizer.token_to_id("<|endoftext|>").or_else(|| {
-        config
-            .eos_token_id
-            .as_ref()
-            .and_then(|e| e.to_vec().first().copied())
-    });
+    let eos = match &model {
+        Pretrained::Causal(_) => tokenizer.token_to_id("<|endoftext|>"),
+        Pretrained::Span(_) => tokenizer
+            .token_to_id("</s>")
+            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
+    }
+    .or_else(|| model.eos());
 
     // The data.
     let data_dir = run_dir.join("data");
@@ -337,7 +454,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             tokenizer_json.as_deref(),
             eos,
             &args,
-            &config,
+            model.vocab_size(),
         )
         .map(Arc::new)
     };
@@ -368,11 +485,24 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             )
         }
     };
-    ensure!(
-        seq >= 2 && seq <= config.n_positions,
-        "--seq {seq}: the model's context is {} positions (and a window needs 2 tokens)",
-        config.n_positions
-    );
+    ensure!(seq >= 2, "--seq {seq}: a window needs 2 tokens");
+    if let Some(context) = model.context() {
+        ensure!(
+            seq <= context,
+            "--seq {seq}: the model's context is {context} positions"
+        );
+    }
+    let span = match &model {
+        Pretrained::Causal(_) => None,
+        Pretrained::Span(config) => Some(span_ids(
+            config,
+            &tokenizer,
+            eos,
+            seq,
+            &args,
+            [&train, &valid],
+        )?),
+    };
     for (name, split) in [("training", &train), ("validation", &valid)] {
         ensure!(
             split.len() > seq,
@@ -386,19 +516,17 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         Some(text) => tokenizer.encode(text, false)?,
         None => valid.file.window(valid.start, 16.min(seq)),
     };
-    let mut hf_config = serde_json::to_value(&config)?;
-    hf_config["model_type"] = json!("gpt2");
-    hf_config["architectures"] = json!(["GPT2LMHeadModel"]);
     let manifest = ZooManifest {
         format: "zoo".into(),
         format_version: 1,
-        architecture: Architecture::Gpt2LmHeadModel.hf_name().into(),
-        hf_config,
+        architecture: model.architecture().hf_name().into(),
+        hf_config: model.hf_config()?,
     };
     Ok(Job {
         run_dir,
         _lock: lock,
-        config,
+        model,
+        span,
         manifest,
         tokenizer_json,
         initial,
@@ -414,20 +542,15 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
 }
 
 /// `--model`: a preset, a config.json, or a model directory.
-/// A GPT config, and a directory's spec and tokenizer when there are any.
-type ResolvedModel = (Gpt2Config, Option<ModelSpec>, Option<TextTokenizer>);
+/// Its config, and a directory's spec and tokenizer when there are any.
+type ResolvedModel = (ModelConfig, Option<ModelSpec>, Option<TextTokenizer>);
 
 fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
     let path = Path::new(name);
-    let gpt2 = |config: ModelConfig, what: &str| match config {
-        ModelConfig::Gpt2(c) => Ok(c),
-        _ => bail!("{what} is not a GPT (zoo pretrain trains GPT-2, the GPT-3 sizes and CPM-1)"),
-    };
     if path.is_dir() {
         let spec = checkpoints_convert::read_spec(path)?;
-        let config = gpt2(spec.config.clone(), &path.display().to_string())?;
         let tokenizer = load_tokenizer(path)?;
-        return Ok((config, Some(spec), tokenizer));
+        return Ok((spec.config.clone(), Some(spec), tokenizer));
     }
     if path.is_file() {
         let value: Value = serde_json::from_str(
@@ -435,13 +558,15 @@ fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
                 .with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("parsing {}", path.display()))?;
-        let config = models::Family::Gpt2
-            .parse_config(&value)
+        let model_type = value["model_type"].as_str().unwrap_or("gpt2");
+        let config = Family::from_model_type(model_type)
+            .map_err(anyhow::Error::from)
+            .and_then(|family| family.parse_config(&value).map_err(anyhow::Error::from))
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        return Ok((gpt2(config, &path.display().to_string())?, None, None));
+        return Ok((config, None, None));
     }
     match models::preset(name) {
-        Some(preset) => Ok((gpt2(preset.config, name)?, None, None)),
+        Some(preset) => Ok((preset.config, None, None)),
         None => {
             bail!("--model {name}: not a directory, a config file or a preset (see `zoo list`)")
         }
@@ -474,7 +599,7 @@ fn load_tokens(
     tokenizer_json: Option<&str>,
     eos: Option<u32>,
     args: &PretrainArgs,
-    config: &Gpt2Config,
+    vocab_size: usize,
 ) -> anyhow::Result<TokenFile> {
     let is_token_file =
         |s: &Source| matches!(s, Source::File(p) if p.extension().is_some_and(|e| e == "bin"));
@@ -485,7 +610,7 @@ fn load_tokens(
             unreachable!()
         };
         let file = TokenFile::open(path, args.token_dtype)?;
-        file.check_vocab(config.vocab_size)?;
+        file.check_vocab(vocab_size)?;
         return Ok(file);
     }
     ensure!(
@@ -543,13 +668,10 @@ fn load_tokens(
             bail!("the corpus {name} is empty: no text to train on");
         }
     }
-    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
-        bail!(
-            "the tokenizer produced id {bad}, outside the model's vocabulary of {}",
-            config.vocab_size
-        );
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        bail!("the tokenizer produced id {bad}, outside the model's vocabulary of {vocab_size}");
     }
-    write_token_file(cache, &tokens, TokenWidth::for_vocab(config.vocab_size))?;
+    write_token_file(cache, &tokens, TokenWidth::for_vocab(vocab_size))?;
     let partial = record_path.with_extension(format!("json.partial-{}", std::process::id()));
     std::fs::write(&partial, serde_json::to_string_pretty(&record)?)
         .and_then(|()| std::fs::rename(&partial, &record_path))
@@ -682,51 +804,289 @@ fn learning_rate(args: &PretrainArgs, step: u64) -> f32 {
     }
 }
 
-/// What the trainer's parameters assemble into (for evaluation and sampling on rank 0).
+/// What the trainer's parameters assemble into (for sampling on rank 0).
 fn model_spec(job: &Job) -> ModelSpec {
     ModelSpec {
         kind: DirKind::Zoo,
         dir: job.run_dir.clone(),
-        architecture: Architecture::Gpt2LmHeadModel,
-        config: ModelConfig::Gpt2(job.config.clone()),
+        architecture: job.model.architecture(),
+        config: job.model.config(),
         hf_config: job.manifest.hf_config.clone(),
     }
 }
 
-fn gpt2_of<B: Backend>(model: AnyModel<B>) -> Gpt2LmHeadModel<B> {
-    match model {
-        AnyModel::Gpt2LmHeadModel(model) => model,
-        _ => unreachable!("built as a GPT2LMHeadModel"),
+/// The sentinels of span corruption on windows of `seq` tokens: the tokenizer's `<extra_id_N>`
+/// (T5, mT5) or `<s_N>` (CPM-2), else the last ids of the vocabulary, `vocab_size − 1 − N`, as
+/// T5 numbers them; those must be ids the corpus does not use.
+fn span_ids(
+    config: &T5Config,
+    tokenizer: &TextTokenizer,
+    eos: Option<u32>,
+    seq: usize,
+    args: &PretrainArgs,
+    splits: [&Split; 2],
+) -> anyhow::Result<SpanIds> {
+    ensure!(
+        args.noise_density > 0.0 && args.noise_density < 1.0,
+        "--noise-density must be between 0 and 1"
+    );
+    ensure!(args.mean_span >= 1.0, "--mean-span must be at least 1");
+    let (_, spans) = models::t5::noise_counts(seq, args.noise_density, args.mean_span);
+    let named = |pattern: &str| -> Option<Vec<u32>> {
+        (0..=spans)
+            .map(|k| tokenizer.token_to_id(&pattern.replace("{}", &k.to_string())))
+            .collect()
+    };
+    let sentinels = match named("<extra_id_{}>").or_else(|| named("<s_{}>")) {
+        Some(ids) => ids,
+        None => {
+            ensure!(
+                config.vocab_size > spans + 1,
+                "span corruption of --seq {seq} needs {} sentinel ids, more than the vocabulary \
+                 of {} holds",
+                spans + 1,
+                config.vocab_size
+            );
+            let ids: Vec<u32> = (0..=spans)
+                .map(|k| (config.vocab_size - 1 - k) as u32)
+                .collect();
+            let lowest = *ids.last().expect("at least one sentinel");
+            for split in splits {
+                if let Some(used) = split.file.max_id(split.start, split.end)
+                    && used >= lowest
+                {
+                    bail!(
+                        "span corruption of --seq {seq} takes ids {lowest}..={} of the vocabulary \
+                         ({} entries) for its {} sentinels, but the corpus {} uses id {used}: \
+                         use a tokenizer with <extra_id_N> tokens, a larger vocab_size, or a \
+                         shorter --seq",
+                        config.vocab_size - 1,
+                        config.vocab_size,
+                        spans + 1,
+                        split.file.path().display()
+                    );
+                }
+            }
+            ids
+        }
+    };
+    Ok(SpanIds {
+        sentinels,
+        eos,
+        decoder_start: config
+            .decoder_start_token_id
+            .unwrap_or(config.pad_token_id.unwrap_or(0)),
+        pad: config.pad_token_id.unwrap_or(0),
+    })
+}
+
+/// Span corruption of the windows at `starts`: each window's noise is drawn from the seed,
+/// `salt` (the step) and the window's start, so a step corrupts the same way however its batch is
+/// split. Every row corrupts to the same lengths (no padding).
+fn span_batch<B: Backend>(
+    job: &Job,
+    split: &Split,
+    starts: &[usize],
+    salt: u64,
+    device: &B::Device,
+) -> Seq2SeqBatch<B> {
+    let ids = job.span.as_ref().expect("a T5 job has span ids");
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    for &start in starts {
+        let window = split.file.window(start, job.seq);
+        let mut rng = StdRng::seed_from_u64(
+            job.args.seed.wrapping_mul(0xD1B5_4A32_D192_ED03)
+                ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (start as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9),
+        );
+        let spans = random_noise_spans(
+            window.len(),
+            job.args.noise_density,
+            job.args.mean_span,
+            &mut rng,
+        );
+        let (mut input, target) = span_corrupt(&window, &spans, |k| ids.sentinels[k], ids.eos);
+        input.extend(ids.eos);
+        inputs.push(input);
+        targets.push(target);
+    }
+    let tensor = |rows: Vec<Vec<u32>>| {
+        let width = rows.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = rows.into_iter().flatten().map(i64::from).collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [starts.len(), width]), device)
+    };
+    let labels = tensor(targets);
+    Seq2SeqBatch {
+        input_ids: tensor(inputs),
+        attention_mask: None,
+        decoder_input_ids: shift_right(labels.clone(), ids.decoder_start, ids.pad),
+        labels,
+    }
+}
+
+/// What the step loop needs of a family's cut beyond [`ZeroSpec`]: its micro-batch from token
+/// windows, its validation loss and its end-of-run sample.
+trait Pretraining<AB: AutodiffBackend>: ZeroSpec<AB> + Sized {
+    /// The micro-batch of the windows at `starts` (`salt`: the step, for the objective's noise).
+    fn batch(
+        job: &Job,
+        split: &Split,
+        starts: &[usize],
+        salt: u64,
+        device: &AB::Device,
+    ) -> Self::Batch;
+
+    /// The validation loss of one batch of this rank's windows, through the trainer's segments.
+    fn validation_batch_loss(
+        job: &Job,
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        starts: &[usize],
+        salt: u64,
+        device: &AB::Device,
+    ) -> anyhow::Result<f32>;
+
+    /// Rank 0's sample from the trained model (`None` on the other ranks, or none to show).
+    fn sample(
+        job: &Job,
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        device: &AB::Device,
+    ) -> anyhow::Result<Option<String>>;
+}
+
+impl<AB: AutodiffBackend> Pretraining<AB> for Gpt2Spec {
+    fn batch(
+        job: &Job,
+        split: &Split,
+        starts: &[usize],
+        _: u64,
+        device: &AB::Device,
+    ) -> LmBatch<AB> {
+        LmBatch {
+            input_ids: batch_of::<AB>(split, starts, job.seq, device),
+        }
+    }
+
+    fn validation_batch_loss(
+        job: &Job,
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        starts: &[usize],
+        _: u64,
+        device: &AB::Device,
+    ) -> anyhow::Result<f32> {
+        let batch = LmBatch {
+            input_ids: batch_of::<AB::InnerBackend>(&job.valid, starts, job.seq, device),
+        };
+        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
+            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
+        })?;
+        Ok(loss.into_scalar().to_f32_lossy())
+    }
+
+    fn sample(
+        job: &Job,
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        device: &AB::Device,
+    ) -> anyhow::Result<Option<String>> {
+        let Pretrained::Causal(config) = &job.model else {
+            unreachable!("GPT-2's cut trains a causal LM")
+        };
+        let args = &job.args;
+        on_lead_model(trainer, &model_spec(job), device, |model| {
+            let AnyModel::Gpt2LmHeadModel(model) = model else {
+                unreachable!("built as a GPT2LMHeadModel")
+            };
+            let eos: Vec<u32> = config
+                .eos_token_id
+                .as_ref()
+                .map(|e| e.to_vec())
+                .unwrap_or_default();
+            let generation = GenerationConfig {
+                max_new_tokens: args
+                    .sample_tokens
+                    .min(config.n_positions.saturating_sub(job.sample_prompt.len())),
+                decoding: Decoding::Sample {
+                    temperature: 0.8,
+                    top_k: Some(40),
+                    top_p: None,
+                    seed: args.seed,
+                },
+                repetition_penalty: 1.0,
+                eos_token_ids: eos.clone(),
+                pad_token_id: eos.first().copied().unwrap_or(0),
+            };
+            let generated = generate(
+                &model,
+                std::slice::from_ref(&job.sample_prompt),
+                &generation,
+                device,
+                |_| {},
+            )?;
+            let mut ids = job.sample_prompt.clone();
+            ids.extend(generated.new_tokens(0, &eos));
+            Ok(match &job.tokenizer {
+                Some(t) => t.decode(&ids, true)?,
+                None => format!("{ids:?}"),
+            })
+        })
+    }
+}
+
+impl<AB: AutodiffBackend> Pretraining<AB> for T5Spec {
+    fn batch(
+        job: &Job,
+        split: &Split,
+        starts: &[usize],
+        salt: u64,
+        device: &AB::Device,
+    ) -> Seq2SeqBatch<AB> {
+        span_batch::<AB>(job, split, starts, salt, device)
+    }
+
+    fn validation_batch_loss(
+        job: &Job,
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        starts: &[usize],
+        salt: u64,
+        device: &AB::Device,
+    ) -> anyhow::Result<f32> {
+        let batch = span_batch::<AB::InnerBackend>(job, &job.valid, starts, salt, device);
+        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
+            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
+        })?;
+        Ok(loss.into_scalar().to_f32_lossy())
+    }
+
+    fn sample(
+        _: &Job,
+        _: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        _: &AB::Device,
+    ) -> anyhow::Result<Option<String>> {
+        Ok(None)
     }
 }
 
 /// Mean validation loss over fixed windows, run through the trainer's segments (one gathered at
 /// a time, on the inference backend: no dropout); each rank runs its share of every batch's rows
 /// and all get the mean.
-fn validation_loss<AB: AutodiffBackend>(
+fn validation_loss<AB: AutodiffBackend, S: Pretraining<AB>>(
     job: &Job,
-    trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>,
+    trainer: &ZeroTrainer<AB, S, Box<dyn Communicator>>,
     device: &AB::Device,
 ) -> anyhow::Result<f32> {
     let (rank, world) = (trainer.comm().rank(), trainer.comm().world_size());
     let rows = job.args.batch / world;
     let mut total = 0.0;
     for i in 0..job.args.eval_batches {
+        let salt = u64::MAX - i as u64;
         let starts = step_windows(
             job.args.seed ^ 0x5A5A,
-            u64::MAX - i as u64,
+            salt,
             job.args.batch,
             &job.valid,
             job.seq,
         );
         let mine = &starts[rank * rows..(rank + 1) * rows];
-        let batch = LmBatch {
-            input_ids: batch_of::<AB::InnerBackend>(&job.valid, mine, job.seq, device),
-        };
-        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
-            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
-        })?;
-        total += loss.into_scalar().to_f32_lossy();
+        total += S::validation_batch_loss(job, trainer, mine, salt, device)?;
     }
     mean_over_ranks(
         trainer.comm().as_ref(),
@@ -744,11 +1104,48 @@ impl<E: burn::tensor::Element> ToF32 for E {
     }
 }
 
-/// One rank's training loop.
+/// One rank's job: the family's cut, then its training loop.
 fn train<AB: AutodiffBackend>(
     comm: Box<dyn Communicator>,
     device: AB::Device,
     job: &Job,
+) -> anyhow::Result<Summary> {
+    match &job.model {
+        Pretrained::Causal(config) => {
+            let cut = Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(config, &device)?);
+            let init = InitScheme::Gpt2 {
+                n_layer: config.n_layer,
+            };
+            train_loop(comm, device, job, cut, init)
+        }
+        Pretrained::Span(config) => {
+            let cut = T5Spec::split(T5ForConditionalGeneration::<AB>::new(config, &device)?)?;
+            let init = InitScheme::T5 {
+                d_model: config.d_model,
+                d_kv: config.d_kv,
+                heads: config.num_heads,
+                d_ff: config.d_ff,
+            };
+            train_loop(comm, device, job, cut, init)
+        }
+    }
+}
+
+/// The segments of a cut: the spec, the embedding, the blocks and the head.
+type Cut<AB, S> = (
+    S,
+    <S as ZeroSpec<AB>>::Embed,
+    Vec<<S as ZeroSpec<AB>>::Block>,
+    <S as ZeroSpec<AB>>::Head,
+);
+
+/// One rank's training loop, top to bottom.
+fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
+    comm: Box<dyn Communicator>,
+    device: AB::Device,
+    job: &Job,
+    (spec, embed, blocks, head): Cut<AB, S>,
+    init: InitScheme,
 ) -> anyhow::Result<Summary> {
     let args = &job.args;
     let rank = comm.rank();
@@ -758,10 +1155,8 @@ fn train<AB: AutodiffBackend>(
     crate::alloc::release_free_memory();
     let baseline = crate::run::proc_status_bytes("VmRSS:");
 
-    // The model, one segment at a time: the directory's weights, or GPT-2's initialisation
+    // The model, one segment at a time: the directory's weights, or the family's initialisation
     // from the seed. The model is never whole in memory.
-    let (spec, embed, blocks, head) =
-        Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(&job.config, &device)?);
     let adamw = AdamWConfig {
         beta1: 0.9,
         beta2: args.beta2,
@@ -776,9 +1171,7 @@ fn train<AB: AutodiffBackend>(
     let mut start_values = StartValues {
         tensors: job.initial.as_ref().map(|r| r as &dyn TensorSource),
         strict: true,
-        init: InitScheme::Gpt2 {
-            n_layer: job.config.n_layer,
-        },
+        init,
         seed: args.seed,
         fresh: Vec::new(),
     };
@@ -818,7 +1211,7 @@ fn train<AB: AutodiffBackend>(
         files,
     )?;
     // `auto`: --auto's settings as they are now (a retry may have halved the micro-batch).
-    let save = |trainer: &ZeroTrainer<AB, Gpt2Spec, Box<dyn Communicator>>,
+    let save = |trainer: &ZeroTrainer<AB, S, Box<dyn Communicator>>,
                 step: u64,
                 auto: Option<Value>|
      -> anyhow::Result<PathBuf> {
@@ -866,9 +1259,7 @@ fn train<AB: AutodiffBackend>(
             for micro in 0..split.grad_accum {
                 let micro_starts = &starts[micro * micro_batch..(micro + 1) * micro_batch];
                 let mine = &micro_starts[rank * rows..(rank + 1) * rows];
-                let batch = LmBatch {
-                    input_ids: batch_of::<AB>(&job.train, mine, job.seq, &device),
-                };
+                let batch = S::batch(job, &job.train, mine, step, &device);
                 loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
                 if split.over_budget(trainer.comm().as_ref())? {
                     over = true;
@@ -956,44 +1347,7 @@ fn train<AB: AutodiffBackend>(
 
     // A sample from the trained model.
     let sample = if args.sample_tokens > 0 && !interrupted {
-        on_lead_model(&trainer, &model_spec(job), &device, |model| {
-            let model = gpt2_of(model);
-            let eos: Vec<u32> = job
-                .config
-                .eos_token_id
-                .as_ref()
-                .map(|e| e.to_vec())
-                .unwrap_or_default();
-            let config = GenerationConfig {
-                max_new_tokens: args.sample_tokens.min(
-                    job.config
-                        .n_positions
-                        .saturating_sub(job.sample_prompt.len()),
-                ),
-                decoding: Decoding::Sample {
-                    temperature: 0.8,
-                    top_k: Some(40),
-                    top_p: None,
-                    seed: args.seed,
-                },
-                repetition_penalty: 1.0,
-                eos_token_ids: eos.clone(),
-                pad_token_id: eos.first().copied().unwrap_or(0),
-            };
-            let generated = generate(
-                &model,
-                std::slice::from_ref(&job.sample_prompt),
-                &config,
-                &device,
-                |_| {},
-            )?;
-            let mut ids = job.sample_prompt.clone();
-            ids.extend(generated.new_tokens(0, &eos));
-            Ok(match &job.tokenizer {
-                Some(t) => t.decode(&ids, true)?,
-                None => format!("{ids:?}"),
-            })
-        })?
+        S::sample(job, &trainer, &device)?
     } else {
         None
     };

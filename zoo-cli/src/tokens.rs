@@ -129,6 +129,11 @@ impl TokenFile {
         (start..start + len).map(|i| self.get(i)).collect()
     }
 
+    /// The largest id among tokens `start..end` (`None` when the range is empty).
+    pub fn max_id(&self, start: usize, end: usize) -> Option<u32> {
+        (start..end.min(self.len)).map(|i| self.get(i)).max()
+    }
+
     /// Checks every id against the vocabulary (one pass over the file), naming the first bad one.
     pub fn check_vocab(&self, vocab_size: usize) -> anyhow::Result<()> {
         if let Some(i) = (0..self.len).find(|&i| self.get(i) as usize >= vocab_size) {

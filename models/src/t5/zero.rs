@@ -92,6 +92,10 @@ pub struct T5Head<B: Backend> {
     pub lm_head: Option<Linear<B>>,
 }
 
+/// The spec and the segments [`T5Spec::split`] cuts: embedding, blocks (encoder's, then
+/// decoder's), head.
+pub type T5Segments<B> = (T5Spec, T5Embed<B>, Vec<T5Block<B>>, T5Head<B>);
+
 /// `T5ForConditionalGeneration` as ZeRO segments (see the module docs for the stream).
 #[derive(Debug, Clone)]
 pub struct T5Spec {
@@ -119,7 +123,7 @@ impl T5Spec {
     /// followed by the decoder's, and the head.
     pub fn split<B: Backend>(
         model: T5ForConditionalGeneration<B>,
-    ) -> Result<(Self, T5Embed<B>, Vec<T5Block<B>>, T5Head<B>), ModelError> {
+    ) -> Result<T5Segments<B>, ModelError> {
         let (encoder, decoder) = (model.encoder, model.decoder);
         if encoder.blocks.is_empty() || decoder.blocks.is_empty() {
             return Err(ModelError::Config {
