@@ -8,7 +8,12 @@ use serde_json::Value;
 use zoo_tests::fixture;
 
 fn reference_ids(name: &str) -> (Vec<String>, Vec<Vec<u32>>) {
-    let text = std::fs::read_to_string(fixture("tokenizers").join("reference.json")).unwrap();
+    let file = if name.starts_with("gpt2") {
+        "gpt2_reference.json"
+    } else {
+        "reference.json"
+    };
+    let text = std::fs::read_to_string(fixture("tokenizers").join(file)).unwrap();
     let all: Value = serde_json::from_str(&text).unwrap();
     let entry = &all[name];
     let sentences = entry["sentences"]
@@ -55,6 +60,34 @@ fn wordpiece_from_vocab_txt_matches_transformers_cased() {
 #[test]
 fn byte_level_bpe_from_vocab_and_merges_matches_transformers() {
     assert_same_ids(&fixture("tokenizers/roberta_bpe"), "roberta_bpe");
+}
+
+#[test]
+fn gpt2_vocab_files_get_gpt2s_specials_not_robertas() {
+    // GPT2Tokenizer adds nothing (a RoBERTa template would wrap every text in <|endoftext|>)…
+    assert!(!fixture("tokenizers/gpt2_bpe/tokenizer.json").exists());
+    assert_same_ids(&fixture("tokenizers/gpt2_bpe"), "gpt2_bpe");
+    // …unless add_bos_token asks for the bos token.
+    assert_same_ids(&fixture("tokenizers/gpt2_bpe_bos"), "gpt2_bpe_bos");
+    // Without tokenizer_class, the model's model_type decides, as AutoTokenizer does.
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["vocab.json", "merges.txt"] {
+        std::fs::copy(
+            fixture("tokenizers/gpt2_bpe").join(file),
+            dir.path().join(file),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+    assert_same_ids(dir.path(), "gpt2_bpe");
+    // A class zoo cannot build from these files is an error naming it, not a guess.
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "FancyTokenizer"}"#,
+    )
+    .unwrap();
+    let error = load_tokenizer(dir.path()).unwrap_err().to_string();
+    assert!(error.contains("FancyTokenizer"), "{error}");
 }
 
 #[test]

@@ -19,6 +19,7 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
@@ -51,6 +52,66 @@ struct TokenizerConfig {
     remove_space: Option<bool>,
     /// XLNet / CPM: keep accents (default false).
     keep_accents: Option<bool>,
+    /// GPT-2 style: put `bos_token` before the text (transformers' default false).
+    add_bos_token: Option<bool>,
+    /// GPT-2 / Llama style: put `eos_token` after the text (default false).
+    add_eos_token: Option<bool>,
+}
+
+/// Which special tokens a byte-level BPE tokenizer built from vocab files adds, as transformers
+/// decides it: by `tokenizer_class`, else by the model's `model_type` (its `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BpeTemplate {
+    /// RoBERTa / BART: `<s> A </s>` and `<s> A </s></s> B </s>`.
+    Roberta,
+    /// GPT-2: nothing, unless `add_bos_token` / `add_eos_token` ask for them.
+    Gpt2,
+}
+
+impl BpeTemplate {
+    fn of(dir: &Path, config: &TokenizerConfig) -> Result<Self> {
+        let class = config.tokenizer_class.as_deref().unwrap_or_default();
+        const GPT2_CLASSES: [&str; 4] = [
+            "GPT2Tokenizer",
+            "CodeGenTokenizer",
+            "GPTNeoXTokenizer",
+            "GPTJTokenizer",
+        ];
+        const ROBERTA_CLASSES: [&str; 4] = [
+            "RobertaTokenizer",
+            "BartTokenizer",
+            "LongformerTokenizer",
+            "MvpTokenizer",
+        ];
+        let is = |names: &[&str]| names.iter().any(|n| class.starts_with(n));
+        if is(&GPT2_CLASSES) {
+            return Ok(Self::Gpt2);
+        }
+        if is(&ROBERTA_CLASSES) {
+            return Ok(Self::Roberta);
+        }
+        if !class.is_empty() {
+            return Err(tokenizer_error(
+                &dir.join("tokenizer_config.json"),
+                format!(
+                    "tokenizer_class {class} with vocab.json + merges.txt: zoo builds GPT-2 and \
+                     RoBERTa style tokenizers from them; give the directory a tokenizer.json"
+                ),
+            ));
+        }
+        // No class: the model's family, as AutoTokenizer maps it.
+        let config_path = dir.join("config.json");
+        let model_type = if config_path.is_file() {
+            let value: serde_json::Value = crate::tensors::read_json(&config_path)?;
+            value["model_type"].as_str().unwrap_or_default().to_string()
+        } else {
+            String::new()
+        };
+        Ok(match model_type.as_str() {
+            "gpt2" | "gpt_neox" | "gptj" | "codegen" => Self::Gpt2,
+            _ => Self::Roberta,
+        })
+    }
 }
 
 /// A model directory's tokenizer.
@@ -267,7 +328,8 @@ fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-/// Byte-level BPE from `vocab.json` + `merges.txt`, with RoBERTa's `<s> $A </s>` template.
+/// Byte-level BPE from `vocab.json` + `merges.txt`, with the specials of its class
+/// ([`BpeTemplate`]): RoBERTa's `<s> $A </s>`, or GPT-2's none (or `add_bos_token`'s).
 fn byte_level_bpe_from_files(dir: &Path) -> Result<Tokenizer> {
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
@@ -303,13 +365,51 @@ fn byte_level_bpe_from_files(dir: &Path) -> Result<Tokenizer> {
             )
         })
     };
-    let processing = RobertaProcessing::new((sep.clone(), id(&sep)?), (cls.clone(), id(&cls)?))
-        .trim_offsets(true)
-        .add_prefix_space(add_prefix_space);
+    let post: Option<PostProcessorWrapper> = match BpeTemplate::of(dir, &config)? {
+        BpeTemplate::Roberta => Some(
+            RobertaProcessing::new((sep.clone(), id(&sep)?), (cls.clone(), id(&cls)?))
+                .trim_offsets(true)
+                .add_prefix_space(add_prefix_space)
+                .into(),
+        ),
+        BpeTemplate::Gpt2 => {
+            let around = |add: Option<bool>, token: &String| -> Result<Option<(String, u32)>> {
+                Ok(match add.unwrap_or(false) {
+                    true => Some((token.clone(), id(token)?)),
+                    false => None,
+                })
+            };
+            let bos = around(config.add_bos_token, &specials[0])?;
+            let eos = around(config.add_eos_token, &specials[1])?;
+            if bos.is_none() && eos.is_none() {
+                None
+            } else {
+                // transformers' GPT2Tokenizer: `bos A eos` and `bos A eos bos B eos`, each
+                // special present only when asked for.
+                let piece = |part: &str, type_id: u32| {
+                    let mut out: Vec<String> = Vec::new();
+                    out.extend(bos.iter().map(|(t, _)| format!("{t}:{type_id}")));
+                    out.push(format!("${part}:{type_id}"));
+                    out.extend(eos.iter().map(|(t, _)| format!("{t}:{type_id}")));
+                    out.join(" ")
+                };
+                let template = TemplateProcessing::builder()
+                    .try_single(piece("A", 0))
+                    .and_then(|b| b.try_pair(format!("{} {}", piece("A", 0), piece("B", 1))))
+                    .map_err(|e| tokenizer_error(&vocab_path, e))?
+                    .special_tokens(bos.iter().chain(eos.iter()).cloned().collect::<Vec<_>>())
+                    .build()
+                    .map_err(|e| tokenizer_error(&vocab_path, e))?;
+                Some(template.into())
+            }
+        }
+    };
     tokenizer
         .with_pre_tokenizer(Some(ByteLevel::new(add_prefix_space, true, true)))
-        .with_post_processor(Some(processing))
         .with_decoder(Some(ByteLevelDecoder::default()));
+    if let Some(post) = post {
+        tokenizer.with_post_processor(Some(post));
+    }
     add_specials(&mut tokenizer, &specials);
     Ok(tokenizer)
 }
