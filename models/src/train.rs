@@ -24,11 +24,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::bert::{
-    BertConfig, BertForSequenceClassification, BertLayer, BertPooler, cross_entropy,
+    BertConfig, BertForMaskedLM, BertForSequenceClassification, BertLayer, BertPooler, MlmHead,
+    cross_entropy,
 };
 use crate::gpt2::{Gpt2Block, Gpt2LmHeadModel, causal_lm_loss};
 use crate::layers::{AttentionMask, Embeddings, LayerNorm};
-use crate::roberta::{RobertaClassificationHead, RobertaForSequenceClassification, position_ids};
+use crate::roberta::{
+    RobertaClassificationHead, RobertaForMaskedLM, RobertaForSequenceClassification, position_ids,
+};
 
 // ---------------------------------------------------------------------------------------------
 // GPT-2
@@ -470,13 +473,66 @@ pub struct RobertaHead<B: Backend> {
     pub classifier: RobertaClassificationHead<B>,
 }
 
-/// `BertForSequenceClassification` / `RobertaForSequenceClassification` as ZeRO segments.
+/// The BERT / RoBERTa encoder as ZeRO segments, whatever head follows: the embeddings and the
+/// layers, run by the model's own modules.
 #[derive(Debug, Clone)]
-pub struct ClassifierSpec {
+pub struct EncoderCut {
     /// `bert` or `roberta`: the zoo name of the encoder.
     encoder: &'static str,
     /// RoBERTa counts positions from `padding_idx + 1`, skipping padding.
     roberta_padding_idx: Option<usize>,
+}
+
+impl EncoderCut {
+    fn bert() -> Self {
+        Self {
+            encoder: "bert",
+            roberta_padding_idx: None,
+        }
+    }
+
+    fn roberta(padding_idx: usize) -> Self {
+        Self {
+            encoder: "roberta",
+            roberta_padding_idx: Some(padding_idx),
+        }
+    }
+
+    fn embed<B: Backend>(
+        &self,
+        module: &Embeddings<B>,
+        input_ids: &Tensor<B, 2, Int>,
+        token_type_ids: &Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let positions = self
+            .roberta_padding_idx
+            .map(|pad| position_ids(input_ids.clone(), pad));
+        module.forward(input_ids.clone(), positions, token_type_ids.clone())
+    }
+
+    fn block<B: Backend>(
+        &self,
+        module: &BertLayer<B>,
+        hidden: Tensor<B, 3>,
+        attention_mask: &Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        module.forward(hidden, &AttentionMask::padding(attention_mask.clone()))
+    }
+
+    fn prefix(&self, segment: SegmentId) -> String {
+        match segment {
+            SegmentId::Embed => format!("{}.embeddings", self.encoder),
+            SegmentId::Block(i) => format!("{}.encoder.layers.{i}", self.encoder),
+            // Heads name their own fields (`bert.pooler`, `classifier`, `lm_head`).
+            SegmentId::Head => String::new(),
+        }
+    }
+}
+
+/// `BertForSequenceClassification` / `RobertaForSequenceClassification` as ZeRO segments.
+#[derive(Debug, Clone)]
+pub struct ClassifierSpec {
+    cut: EncoderCut,
 }
 
 impl ClassifierSpec {
@@ -494,8 +550,7 @@ impl ClassifierSpec {
             dropout: DropoutConfig::new(config.classifier_dropout()).init(),
         });
         let spec = Self {
-            encoder: "bert",
-            roberta_padding_idx: None,
+            cut: EncoderCut::bert(),
         };
         (spec, bert.embeddings, bert.encoder.layers, head)
     }
@@ -506,8 +561,7 @@ impl ClassifierSpec {
     ) -> (Self, Embeddings<B>, Vec<BertLayer<B>>, ClassifierHead<B>) {
         let roberta = model.roberta;
         let spec = Self {
-            encoder: "roberta",
-            roberta_padding_idx: Some(roberta.padding_idx),
+            cut: EncoderCut::roberta(roberta.padding_idx),
         };
         let head = ClassifierHead::Roberta(RobertaHead {
             classifier: model.classifier,
@@ -536,14 +590,8 @@ impl<B: Backend> ZeroSpec<B> for ClassifierSpec {
     type Batch = ClassifierBatch<B>;
 
     fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3> {
-        let positions = self
-            .roberta_padding_idx
-            .map(|pad| position_ids(batch.input_ids.clone(), pad));
-        module.forward(
-            batch.input_ids.clone(),
-            positions,
-            batch.token_type_ids.clone(),
-        )
+        self.cut
+            .embed(module, &batch.input_ids, &batch.token_type_ids)
     }
 
     fn block(
@@ -553,10 +601,7 @@ impl<B: Backend> ZeroSpec<B> for ClassifierSpec {
         hidden: Tensor<B, 3>,
         batch: &Self::Batch,
     ) -> Tensor<B, 3> {
-        module.forward(
-            hidden,
-            &AttentionMask::padding(batch.attention_mask.clone()),
-        )
+        self.cut.block(module, hidden, &batch.attention_mask)
     }
 
     fn loss(
@@ -570,12 +615,114 @@ impl<B: Backend> ZeroSpec<B> for ClassifierSpec {
     }
 
     fn prefix(&self, segment: SegmentId) -> String {
-        match segment {
-            SegmentId::Embed => format!("{}.embeddings", self.encoder),
-            SegmentId::Block(i) => format!("{}.encoder.layers.{i}", self.encoder),
-            // The head's own field names carry `bert.pooler` / `classifier`.
-            SegmentId::Head => String::new(),
-        }
+        self.cut.prefix(segment)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masked LM (BERT, RoBERTa)
+
+/// Masked sequences: the inputs with their masked positions replaced, and the labels of those
+/// positions (-100 elsewhere).
+#[derive(Debug, Clone)]
+pub struct MlmBatch<B: Backend> {
+    /// `[batch, seq]` token ids after masking.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]`: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor<B, 2, Int>,
+    /// `[batch, seq]` segment ids (BERT), if any.
+    pub token_type_ids: Option<Tensor<B, 2, Int>>,
+    /// `[batch, seq]` the original ids at masked positions, -100 elsewhere.
+    pub labels: Tensor<B, 2, Int>,
+}
+
+/// The MLM head segment, under its zoo name `lm_head`; its decoder is the word embedding table
+/// of the embedding segment (tied).
+#[derive(Module, Debug)]
+pub struct MlmHeadSegment<B: Backend> {
+    /// HF `cls.predictions` (BERT) / `lm_head` (RoBERTa).
+    pub lm_head: MlmHead<B>,
+}
+
+/// `BertForMaskedLM` / `RobertaForMaskedLM` as ZeRO segments.
+#[derive(Debug, Clone)]
+pub struct MlmSpec {
+    cut: EncoderCut,
+}
+
+impl MlmSpec {
+    /// Cuts a BERT masked LM into the spec and its segments.
+    pub fn split_bert<B: Backend>(
+        model: BertForMaskedLM<B>,
+    ) -> (Self, Embeddings<B>, Vec<BertLayer<B>>, MlmHeadSegment<B>) {
+        let spec = Self {
+            cut: EncoderCut::bert(),
+        };
+        let head = MlmHeadSegment {
+            lm_head: model.lm_head,
+        };
+        (spec, model.bert.embeddings, model.bert.encoder.layers, head)
+    }
+
+    /// Cuts a RoBERTa masked LM into the spec and its segments.
+    pub fn split_roberta<B: Backend>(
+        model: RobertaForMaskedLM<B>,
+    ) -> (Self, Embeddings<B>, Vec<BertLayer<B>>, MlmHeadSegment<B>) {
+        let roberta = model.roberta;
+        let spec = Self {
+            cut: EncoderCut::roberta(roberta.padding_idx),
+        };
+        let head = MlmHeadSegment {
+            lm_head: model.lm_head,
+        };
+        (spec, roberta.embeddings, roberta.encoder.layers, head)
+    }
+}
+
+impl<B: Backend> ZeroSpec<B> for MlmSpec {
+    type Embed = Embeddings<B>;
+    type Block = BertLayer<B>;
+    type Head = MlmHeadSegment<B>;
+    type Batch = MlmBatch<B>;
+
+    fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3> {
+        self.cut
+            .embed(module, &batch.input_ids, &batch.token_type_ids)
+    }
+
+    fn block(
+        &self,
+        _index: usize,
+        module: &Self::Block,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 3> {
+        self.cut.block(module, hidden, &batch.attention_mask)
+    }
+
+    fn loss(
+        &self,
+        module: &Self::Head,
+        embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 1> {
+        let embed = embed.expect("the MLM head reads the word embeddings");
+        let logits = module.lm_head.forward(hidden, &embed.word);
+        let [rows, seq, vocab] = logits.dims();
+        crate::gpt2::token_cross_entropy(
+            logits.reshape([rows * seq, vocab]),
+            batch.labels.clone().reshape([rows * seq]),
+            crate::gpt2::IGNORE_INDEX,
+        )
+    }
+
+    fn head_reads_embed(&self) -> bool {
+        true
+    }
+
+    fn prefix(&self, segment: SegmentId) -> String {
+        self.cut.prefix(segment)
     }
 }
 

