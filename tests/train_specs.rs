@@ -137,3 +137,148 @@ fn seeded_dropout_is_recomputed_exactly_under_checkpointing() {
     let other = trainer_gradients(initial, SingleRank, 0..ROWS, true, Some(8));
     assert_ne!(kept, other);
 }
+
+/// A tiny BERT or RoBERTa masked LM with materialised random weights.
+#[derive(Clone)]
+enum Mlm {
+    Bert(models::bert::BertForMaskedLM<B>),
+    Roberta(models::roberta::RobertaForMaskedLM<B>),
+}
+
+type MlmCut = (
+    models::train::MlmSpec,
+    models::layers::Embeddings<B>,
+    Vec<models::bert::BertLayer<B>>,
+    models::train::MlmHeadSegment<B>,
+);
+
+impl Mlm {
+    fn new(roberta: bool) -> Self {
+        let device = Default::default();
+        let mut config = models::bert::BertConfig::new(37);
+        (config.hidden_size, config.num_hidden_layers) = (16, 2);
+        (config.num_attention_heads, config.intermediate_size) = (2, 32);
+        (
+            config.hidden_dropout_prob,
+            config.attention_probs_dropout_prob,
+        ) = (0.0, 0.0);
+        (config.max_position_embeddings, config.pad_token_id) = (16, Some(1));
+        if roberta {
+            let model = models::roberta::RobertaForMaskedLM::<B>::new(&config, &device).unwrap();
+            let (layout, values) = flatten::<B, _>(&model);
+            Self::Roberta(load_flat(model, &layout, &values, &device, true))
+        } else {
+            let model = models::bert::BertForMaskedLM::<B>::new(&config, &device).unwrap();
+            let (layout, values) = flatten::<B, _>(&model);
+            Self::Bert(load_flat(model, &layout, &values, &device, true))
+        }
+    }
+
+    /// The whole model's logits (the forward the parity tests hold to transformers').
+    fn logits(&self, batch: &models::train::MlmBatch<B>) -> Tensor<B, 3> {
+        let input = models::bert::EncoderInput {
+            input_ids: batch.input_ids.clone(),
+            attention_mask: Some(batch.attention_mask.clone()),
+            token_type_ids: None,
+            decoder_input_ids: None,
+        };
+        match self {
+            Self::Bert(model) => model.forward(&input).1,
+            Self::Roberta(model) => model.forward(&input).1,
+        }
+    }
+
+    fn split(self) -> MlmCut {
+        match self {
+            Self::Bert(model) => models::train::MlmSpec::split_bert(model),
+            Self::Roberta(model) => models::train::MlmSpec::split_roberta(model),
+        }
+    }
+}
+
+/// Rows of a masked batch: every third position masked (id 3) and labelled, the last row padded.
+fn mlm_batch(rows: std::ops::Range<usize>) -> models::train::MlmBatch<B> {
+    let device = Default::default();
+    let n = rows.len();
+    let (mut ids, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        for t in 0..SEQ {
+            let id = ((r * 7 + t * 3 + t * t) % 30 + 5) as i64;
+            let padded = r == ROWS - 1 && t >= SEQ - 2;
+            let masked = (t + r) % 3 == 0 && !padded;
+            ids.push(if masked { 3 } else { id });
+            labels.push(if masked { id } else { -100 });
+            mask.push(if padded { 0 } else { 1 });
+        }
+    }
+    let tensor =
+        |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [n, SEQ]), &device);
+    models::train::MlmBatch {
+        input_ids: tensor(ids),
+        attention_mask: tensor(mask),
+        token_type_ids: None,
+        labels: tensor(labels),
+    }
+}
+
+#[test]
+fn bert_and_roberta_mlm_gradients_match_whole_model_autodiff_on_two_ranks() {
+    for roberta in [false, true] {
+        let model = Mlm::new(roberta);
+        // Reference: the whole model in one graph, the loss averaged as two ranks average it
+        // (each rank's mean over its own masked tokens).
+        let mut loss: Option<Tensor<B, 1>> = None;
+        for rows in [0..ROWS / 2, ROWS / 2..ROWS] {
+            let batch = mlm_batch(rows);
+            let [n, seq, vocab] = model.logits(&batch).dims();
+            let part = models::gpt2::token_cross_entropy(
+                model.logits(&batch).reshape([n * seq, vocab]),
+                batch.labels.reshape([n * seq]),
+                models::gpt2::IGNORE_INDEX,
+            ) / 2.0;
+            loss = Some(match loss {
+                Some(sum) => sum + part,
+                None => part,
+            });
+        }
+        let grads = loss.unwrap().backward();
+        let (_, embed, blocks, head) = model.clone().split();
+        let mut want = vec![flat_grads::<B, _>(
+            &embed,
+            &layout_of::<B, _>(&embed),
+            &grads,
+        )];
+        for block in &blocks {
+            want.push(flat_grads::<B, _>(block, &layout_of::<B, _>(block), &grads));
+        }
+        want.push(flat_grads::<B, _>(&head, &layout_of::<B, _>(&head), &grads));
+
+        let mut worst: f32 = 0.0;
+        for checkpoint in [true, false] {
+            let initial = model.clone();
+            let ranks = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
+                let rows = comm.rank() * ROWS / 2..(comm.rank() + 1) * ROWS / 2;
+                let (spec, embed, blocks, head) = initial.clone().split();
+                let mut options = ZeroOptions::checkpoint_all(blocks.len());
+                options.checkpoint = vec![checkpoint; blocks.len()];
+                let mut trainer =
+                    ZeroTrainer::new(spec, comm, Default::default(), embed, blocks, head, options);
+                trainer.forward_backward(&mlm_batch(rows)).unwrap();
+                std::iter::once(trainer.embed.grad.clone())
+                    .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
+                    .chain(std::iter::once(trainer.head.grad.clone()))
+                    .collect::<Vec<Vec<f32>>>()
+            });
+            let ranks: Vec<Vec<Vec<f32>>> = ranks.into_iter().map(|r| r.unwrap()).collect();
+            for (segment, reference) in want.iter().enumerate() {
+                let scale = reference.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+                let got = [ranks[0][segment].clone(), ranks[1][segment].clone()].concat();
+                worst = worst.max(max_abs_diff(&got[..reference.len()], reference) / scale);
+            }
+        }
+        println!(
+            "train specs: MLM (roberta {roberta}) on 2 ranks, worst relative gradient difference {worst:.2e}"
+        );
+        assert!(worst < 1e-5, "roberta {roberta}: {worst}");
+    }
+}

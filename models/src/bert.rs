@@ -56,22 +56,22 @@ pub struct BertConfig {
     #[serde(default = "defaults::layer_norm_eps")]
     pub layer_norm_eps: f64,
     /// Id of the padding token (RoBERTa derives position ids from it).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<usize>,
     /// Only `"absolute"` is supported.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_embedding_type: Option<String>,
     /// Dropout before the classifier; `hidden_dropout_prob` when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classifier_dropout: Option<f64>,
     /// Number of labels of a classification head, when the config says it directly.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_labels: Option<usize>,
     /// Label names by id; its length is the number of labels when `num_labels` is absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id2label: Option<serde_json::Map<String, serde_json::Value>>,
     /// `"regression"`, `"single_label_classification"` or `"multi_label_classification"`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem_type: Option<String>,
     /// Whether the MLM decoder shares the word embeddings (zoo supports only `true`).
     #[serde(default = "defaults::yes")]
@@ -508,11 +508,69 @@ pub fn mean_squared_error<B: Backend>(
     (predictions - targets).square().mean()
 }
 
+/// Masked-LM corruption as transformers' `DataCollatorForLanguageModeling` (`mlm_probability`
+/// 0.15): each token that is not special is chosen with probability `probability`; a chosen
+/// token becomes `mask_id` with probability 0.8, a uniformly random id below `vocab_size` with
+/// probability 0.1, and stays itself otherwise. Returns the corrupted ids and the labels (the
+/// original id where chosen, -100 elsewhere).
+pub fn mlm_mask(
+    ids: &[u32],
+    is_special: impl Fn(u32) -> bool,
+    mask_id: u32,
+    vocab_size: usize,
+    probability: f64,
+    rng: &mut impl rand::Rng,
+) -> (Vec<u32>, Vec<i64>) {
+    use rand::RngExt;
+    let mut inputs = ids.to_vec();
+    let mut labels = vec![crate::gpt2::IGNORE_INDEX; ids.len()];
+    for (i, &id) in ids.iter().enumerate() {
+        if is_special(id) || !rng.random_bool(probability) {
+            continue;
+        }
+        labels[i] = i64::from(id);
+        if rng.random_bool(0.8) {
+            inputs[i] = mask_id;
+        } else if rng.random_bool(0.5) {
+            inputs[i] = rng.random_range(0..vocab_size as u32);
+        }
+    }
+    (inputs, labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bmtrain_backend::Cpu;
     use burn::tensor::TensorData;
+
+    #[test]
+    fn mlm_masking_chooses_15_percent_and_splits_them_80_10_10() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let ids: Vec<u32> = (0..200_000).map(|i| 10 + (i % 90) as u32).collect();
+        // Id 10 is special: never chosen.
+        let (inputs, labels) = mlm_mask(&ids, |id| id == 10, 3, 100, 0.15, &mut rng);
+        let chosen: Vec<usize> = (0..ids.len()).filter(|&i| labels[i] >= 0).collect();
+        assert!(
+            chosen
+                .iter()
+                .all(|&i| ids[i] != 10 && labels[i] == i64::from(ids[i]))
+        );
+        let share = |n: usize, of: usize| n as f64 / of as f64;
+        let specials = ids.iter().filter(|&&id| id == 10).count();
+        assert!((share(chosen.len(), ids.len() - specials) - 0.15).abs() < 0.005);
+        let masked = chosen.iter().filter(|&&i| inputs[i] == 3).count();
+        let kept = chosen.iter().filter(|&&i| inputs[i] == ids[i]).count();
+        // Random replacements may draw the id itself (1 in 100) or the mask id (1 in 100).
+        assert!(
+            (share(masked, chosen.len()) - 0.801).abs() < 0.01,
+            "{masked}"
+        );
+        assert!((share(kept, chosen.len()) - 0.101).abs() < 0.01, "{kept}");
+        // Unchosen tokens are untouched.
+        assert!((0..ids.len()).all(|i| labels[i] >= 0 || inputs[i] == ids[i]));
+    }
 
     #[test]
     fn config_defaults_are_transformers_defaults() {

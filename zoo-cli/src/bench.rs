@@ -101,11 +101,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     // The models are fixed (124M parameters at most), but the machine may still be too small.
     if let Some(available) = crate::memory::available_memory() {
-        let (family, config) = match args.model {
-            BenchModel::BertBase => (models::Family::Bert, ModelConfig::Bert(bert_config())),
-            BenchModel::Gpt2 => (models::Family::Gpt2, ModelConfig::Gpt2(gpt2_config())),
+        let (architecture, config) = match args.model {
+            BenchModel::BertBase => (
+                models::Architecture::BertForSequenceClassification,
+                ModelConfig::Bert(bert_config()),
+            ),
+            BenchModel::Gpt2 => (
+                models::Architecture::Gpt2LmHeadModel,
+                ModelConfig::Gpt2(gpt2_config()),
+            ),
         };
-        let shape = crate::memory::shape_of_config(family, &config)?;
+        let shape = crate::memory::shape_of_config(architecture, &config)?;
         let setup = crate::memory::Setup {
             seq: args.seq,
             batch: args.batch,

@@ -243,7 +243,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     }
     // A model this machine cannot hold is refused now, before anything is read.
     args.memory.check_fits(
-        family,
+        architecture,
         &ModelConfig::Bert(config.clone()),
         args.max_seq,
         args.batch,
@@ -325,7 +325,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
         };
         let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
         let plan = args.memory.apply_auto(
-            family,
+            architecture,
             &ModelConfig::Bert(config.clone()),
             longest,
             args.batch,

@@ -31,12 +31,12 @@ use anyhow::{Context, bail, ensure};
 use bmtrain_backend::Cpu;
 use bmtrain_backend::zero::layout_of;
 use clap::Args;
-use models::bert::{BertForSequenceClassification, BertLayer};
+use models::bert::{BertForMaskedLM, BertForSequenceClassification, BertLayer};
 use models::gpt2::{Gpt2Block, Gpt2LmHeadModel};
-use models::roberta::RobertaForSequenceClassification;
+use models::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification};
 use models::t5::zero::T5Spec;
 use models::t5::{T5Block, T5ForConditionalGeneration};
-use models::train::{ClassifierSpec, Gpt2Spec};
+use models::train::{ClassifierSpec, Gpt2Spec, MlmSpec};
 use models::{Architecture, Family, ModelConfig};
 use serde_json::json;
 
@@ -381,12 +381,14 @@ pub fn shape_of(model: &str) -> anyhow::Result<Shape> {
             .with_context(|| format!("--model {model}: not a directory, config or preset"))?;
         (preset.architecture, preset.config)
     };
-    shape_of_config(architecture.family(), &config).with_context(|| format!("--model {model}"))
+    shape_of_config(architecture, &config).with_context(|| format!("--model {model}"))
 }
 
 /// The trained class and shapes of a config: the segments of the lazily built model (nothing
-/// is allocated), cut as the training jobs cut it.
-pub fn shape_of_config(family: Family, config: &ModelConfig) -> anyhow::Result<Shape> {
+/// is allocated), cut as the training jobs cut it. A BERT / RoBERTa trains as a masked LM when
+/// `architecture` is one, as a sequence classifier otherwise.
+pub fn shape_of_config(architecture: Architecture, config: &ModelConfig) -> anyhow::Result<Shape> {
+    let family = architecture.family();
     let device = Default::default();
     let sizes = |layouts: Vec<usize>| {
         (
@@ -417,6 +419,40 @@ pub fn shape_of_config(family: Family, config: &ModelConfig) -> anyhow::Result<S
                 hidden: c.n_embd,
                 ffn: c.n_inner.unwrap_or(4 * c.n_embd),
                 heads: c.n_head,
+                lm_vocab: c.vocab_size,
+            })
+        }
+        (ModelConfig::Bert(c), _)
+            if matches!(
+                architecture,
+                Architecture::BertForMaskedLM | Architecture::RobertaForMaskedLM
+            ) =>
+        {
+            let (_, embed, blocks, head) = if family == Family::Roberta {
+                MlmSpec::split_roberta(RobertaForMaskedLM::<Cpu>::new(c, &device)?)
+            } else {
+                MlmSpec::split_bert(BertForMaskedLM::<Cpu>::new(c, &device)?)
+            };
+            let block_sizes: Vec<usize> = blocks
+                .iter()
+                .map(|b| layout_of::<Cpu, BertLayer<Cpu>>(b).len)
+                .collect();
+            let (block_params, largest_block) = sizes(block_sizes);
+            let embedding = layout_of::<Cpu, _>(&embed).len;
+            let head = layout_of::<Cpu, _>(&head).len;
+            Ok(Shape {
+                architecture,
+                params: embedding + block_params + head,
+                embedding,
+                largest_block,
+                block_params,
+                head,
+                // The decoder is the word table: the head reads the embedding segment.
+                tied: true,
+                layers: c.num_hidden_layers,
+                hidden: c.hidden_size,
+                ffn: c.intermediate_size,
+                heads: c.num_attention_heads,
                 lm_vocab: c.vocab_size,
             })
         }
@@ -822,7 +858,7 @@ mod tests {
 
     fn gpt2_shape() -> Shape {
         let preset = models::preset("gpt2").unwrap();
-        shape_of_config(Family::Gpt2, &preset.config).unwrap()
+        shape_of_config(Architecture::Gpt2LmHeadModel, &preset.config).unwrap()
     }
 
     fn setup(batch: usize) -> Setup {

@@ -1,6 +1,7 @@
 //! `zoo pretrain`: train a model on a corpus with its family's objective: a GPT (GPT-2, GPT-3
-//! sizes, CPM-1) with the causal-LM loss, a T5 (v1.0 / v1.1, mT5, FLAN-T5, CPM-2) with span
-//! corruption (`models::t5::random_noise_spans`).
+//! sizes, CPM-1) with the causal-LM loss, a BERT / RoBERTa with masked LM
+//! (`models::bert::mlm_mask`), a T5 (v1.0 / v1.1, mT5, FLAN-T5, CPM-2) with span corruption
+//! (`models::t5::random_noise_spans`).
 //!
 //! Without `--model` and `--data` it trains a tiny GPT on the corpus shipped in the repository
 //! (chapters of *Around the World in Eighty Days*) with a byte-level tokenizer, about a minute on
@@ -27,13 +28,15 @@ use checkpoints_convert::{
     DirKind, LoadOptions, ModelSpec, TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer,
 };
 use clap::Args;
+use models::bert::{BertConfig, BertForMaskedLM, mlm_mask};
 use models::generation::{Decoding, GenerationConfig, TokenIds, generate};
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+use models::roberta::RobertaForMaskedLM;
 use models::t5::zero::{Seq2SeqBatch, T5Spec};
 use models::t5::{
     T5Config, T5ForConditionalGeneration, random_noise_spans, shift_right, span_corrupt,
 };
-use models::train::{Gpt2Spec, InitScheme, LmBatch, StartValues, TensorSource};
+use models::train::{Gpt2Spec, InitScheme, LmBatch, MlmBatch, MlmSpec, StartValues, TensorSource};
 use models::{AnyModel, Architecture, Family, ModelConfig};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
@@ -120,6 +123,9 @@ pub struct PretrainArgs {
     /// Seed of the initial weights, the windows and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Masked LM (BERT, RoBERTa): share of the tokens chosen (80% masked, 10% random, 10% kept).
+    #[arg(long, default_value_t = 0.15)]
+    mlm_probability: f64,
     /// Span corruption (T5): share of each window's tokens hidden behind sentinels.
     #[arg(long, default_value_t = 0.15)]
     noise_density: f64,
@@ -147,6 +153,8 @@ struct Job {
     model: Pretrained,
     /// The sentinels and special ids of span corruption (T5).
     span: Option<SpanIds>,
+    /// The special ids of masked LM (BERT, RoBERTa).
+    mlm: Option<MlmIds>,
     manifest: ZooManifest,
     tokenizer_json: Option<String>,
     /// Weights of a model directory (zoo names, read when the shards are built), or `None` for a
@@ -170,18 +178,19 @@ enum Pretrained {
     Causal(Gpt2Config),
     /// A T5: span corruption of each window, the seq2seq loss on the hidden spans.
     Span(T5Config),
+    /// A BERT (or, `roberta`, a RoBERTa): masked LM over each window.
+    Masked { config: BertConfig, roberta: bool },
 }
 
 impl Pretrained {
-    fn new(config: ModelConfig, what: &str) -> anyhow::Result<Self> {
+    fn new(config: ModelConfig, family: Family) -> Self {
         match config {
-            ModelConfig::Gpt2(c) => Ok(Self::Causal(c)),
-            ModelConfig::T5(c) => Ok(Self::Span(c)),
-            ModelConfig::Bert(_) => bail!(
-                "{what} is a BERT/RoBERTa: zoo pretrain trains GPTs (causal LM) and T5s (span \
-                 corruption); masked-LM pretraining is not there yet (zoo finetune trains BERT \
-                 classifiers)"
-            ),
+            ModelConfig::Gpt2(c) => Self::Causal(c),
+            ModelConfig::T5(c) => Self::Span(c),
+            ModelConfig::Bert(config) => Self::Masked {
+                config,
+                roberta: family == Family::Roberta,
+            },
         }
     }
 
@@ -189,13 +198,7 @@ impl Pretrained {
         match self {
             Self::Causal(c) => ModelConfig::Gpt2(c.clone()),
             Self::Span(c) => ModelConfig::T5(c.clone()),
-        }
-    }
-
-    fn family(&self) -> Family {
-        match self {
-            Self::Causal(_) => Family::Gpt2,
-            Self::Span(_) => Family::T5,
+            Self::Masked { config, .. } => ModelConfig::Bert(config.clone()),
         }
     }
 
@@ -203,14 +206,23 @@ impl Pretrained {
         match self {
             Self::Causal(_) => Architecture::Gpt2LmHeadModel,
             Self::Span(_) => Architecture::T5ForConditionalGeneration,
+            Self::Masked { roberta: false, .. } => Architecture::BertForMaskedLM,
+            Self::Masked { roberta: true, .. } => Architecture::RobertaForMaskedLM,
         }
     }
 
-    /// Positions a window may have (T5's relative positions have no limit).
+    /// Positions a window may have (T5's relative positions have no limit; RoBERTa's start
+    /// after the padding id).
     fn context(&self) -> Option<usize> {
         match self {
             Self::Causal(c) => Some(c.n_positions),
             Self::Span(_) => None,
+            Self::Masked { config, roberta } => Some(match roberta {
+                false => config.max_position_embeddings,
+                true => config
+                    .max_position_embeddings
+                    .saturating_sub(config.pad_token_id.unwrap_or(1) as usize + 1),
+            }),
         }
     }
 
@@ -218,19 +230,16 @@ impl Pretrained {
         match self {
             Self::Causal(c) => c.vocab_size,
             Self::Span(c) => c.vocab_size,
+            Self::Masked { config, .. } => config.vocab_size,
         }
     }
 
     fn eos(&self) -> Option<u32> {
+        let first = |ids: &Option<TokenIds>| ids.as_ref().and_then(|e| e.to_vec().first().copied());
         match self {
-            Self::Causal(c) => c
-                .eos_token_id
-                .as_ref()
-                .and_then(|e| e.to_vec().first().copied()),
-            Self::Span(c) => c
-                .eos_token_id
-                .as_ref()
-                .and_then(|e| e.to_vec().first().copied()),
+            Self::Causal(c) => first(&c.eos_token_id),
+            Self::Span(c) => first(&c.eos_token_id),
+            Self::Masked { .. } => None,
         }
     }
 
@@ -238,19 +247,24 @@ impl Pretrained {
         match self {
             Self::Causal(c) => (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p),
             Self::Span(c) => c.dropout_rate = p,
+            Self::Masked { config, .. } => *config = config.clone().with_dropout(p),
         }
     }
 
     /// The HF `config.json` of the trained model.
     fn hf_config(&self) -> anyhow::Result<Value> {
-        let (mut value, model_type, class) = match self {
-            Self::Causal(c) => (serde_json::to_value(c)?, "gpt2", "GPT2LMHeadModel"),
-            Self::Span(c) => (serde_json::to_value(c)?, "t5", "T5ForConditionalGeneration"),
+        let (mut value, model_type) = match self {
+            Self::Causal(c) => (serde_json::to_value(c)?, "gpt2"),
+            Self::Span(c) => (serde_json::to_value(c)?, "t5"),
+            Self::Masked { config, roberta } => (
+                serde_json::to_value(config)?,
+                if *roberta { "roberta" } else { "bert" },
+            ),
         };
         if value.get("model_type").is_none_or(Value::is_null) {
             value["model_type"] = json!(model_type);
         }
-        value["architectures"] = json!([class]);
+        value["architectures"] = json!([self.architecture().hf_name()]);
         Ok(value)
     }
 }
@@ -263,6 +277,15 @@ struct SpanIds {
     eos: Option<u32>,
     decoder_start: u32,
     pad: u32,
+}
+
+/// The ids masked LM writes: the mask, and the specials that frame each window (`[CLS]` /
+/// `<s>` and `[SEP]` / `</s>`, when the tokenizer has them), which are never chosen.
+#[derive(Debug, Clone)]
+struct MlmIds {
+    mask: u32,
+    first: Option<u32>,
+    last: Option<u32>,
 }
 
 /// A token range of a token file.
@@ -364,11 +387,11 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         args.batch
     );
     // The model.
-    let (config, directory, model_tokenizer) = match &args.model {
-        None => (ModelConfig::Gpt2(tiny_config()), None, None),
+    let (config, family, directory, model_tokenizer) = match &args.model {
+        None => (ModelConfig::Gpt2(tiny_config()), Family::Gpt2, None, None),
         Some(name) => resolve_model(name)?,
     };
-    let mut model = Pretrained::new(config, args.model.as_deref().unwrap_or_default())?;
+    let mut model = Pretrained::new(config, family);
     model.set_dropout(args.dropout);
     model.config().validate()?;
     let default_seq = if args.model.is_none() {
@@ -379,7 +402,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     let seq = args.seq.unwrap_or(default_seq);
     // A model this machine cannot hold is refused now, before the data or the model is touched.
     args.memory.check_fits(
-        model.family(),
+        model.architecture(),
         &model.config(),
         seq,
         args.batch,
@@ -405,7 +428,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             None => None,
         };
         let plan = args.memory.apply_auto(
-            model.family(),
+            model.architecture(),
             &model.config(),
             seq,
             args.batch,
@@ -434,6 +457,11 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         Pretrained::Causal(_) => tokenizer.token_to_id("<|endoftext|>"),
         Pretrained::Span(_) => tokenizer
             .token_to_id("</s>")
+            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
+        // Documents are separated as BERT's pairs are.
+        Pretrained::Masked { .. } => tokenizer
+            .token_to_id("[SEP]")
+            .or_else(|| tokenizer.token_to_id("</s>"))
             .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
     }
     .or_else(|| model.eos());
@@ -493,8 +521,14 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             "--seq {seq}: the model's context is {context} positions"
         );
     }
+    let mlm = match &model {
+        Pretrained::Masked { config, .. } => {
+            Some(mlm_ids(config, &tokenizer, seq, [&train, &valid])?)
+        }
+        _ => None,
+    };
     let span = match &model {
-        Pretrained::Causal(_) => None,
+        Pretrained::Causal(_) | Pretrained::Masked { .. } => None,
         Pretrained::Span(config) => Some(span_ids(
             config,
             &tokenizer,
@@ -528,6 +562,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         _lock: lock,
         model,
         span,
+        mlm,
         manifest,
         tokenizer_json,
         initial,
@@ -543,15 +578,21 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
 }
 
 /// `--model`: a preset, a config.json, or a model directory.
-/// Its config, and a directory's spec and tokenizer when there are any.
-type ResolvedModel = (ModelConfig, Option<ModelSpec>, Option<TextTokenizer>);
+/// Its config and family, and a directory's spec and tokenizer when there are any.
+type ResolvedModel = (
+    ModelConfig,
+    Family,
+    Option<ModelSpec>,
+    Option<TextTokenizer>,
+);
 
 fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
     let path = Path::new(name);
     if path.is_dir() {
         let spec = checkpoints_convert::read_spec(path)?;
         let tokenizer = load_tokenizer(path)?;
-        return Ok((spec.config.clone(), Some(spec), tokenizer));
+        let family = spec.architecture.family();
+        return Ok((spec.config.clone(), family, Some(spec), tokenizer));
     }
     if path.is_file() {
         let value: Value = serde_json::from_str(
@@ -560,14 +601,15 @@ fn resolve_model(name: &str) -> anyhow::Result<ResolvedModel> {
         )
         .with_context(|| format!("parsing {}", path.display()))?;
         let model_type = value["model_type"].as_str().unwrap_or("gpt2");
-        let config = Family::from_model_type(model_type)
-            .map_err(anyhow::Error::from)
-            .and_then(|family| family.parse_config(&value).map_err(anyhow::Error::from))
+        let family = Family::from_model_type(model_type)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        return Ok((config, None, None));
+        let config = family
+            .parse_config(&value)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        return Ok((config, family, None, None));
     }
     match models::preset(name) {
-        Some(preset) => Ok((preset.config, None, None)),
+        Some(preset) => Ok((preset.config, preset.architecture.family(), None, None)),
         None => {
             bail!("--model {name}: not a directory, a config file or a preset (see `zoo list`)")
         }
@@ -881,6 +923,96 @@ fn span_ids(
     })
 }
 
+/// The ids of masked LM: the tokenizer's `[MASK]` / `<mask>`, else the vocabulary's last id
+/// (which the corpus must not use); the window's frame from `[CLS]`/`[SEP]` or `<s>`/`</s>`.
+fn mlm_ids(
+    config: &BertConfig,
+    tokenizer: &TextTokenizer,
+    seq: usize,
+    splits: [&Split; 2],
+) -> anyhow::Result<MlmIds> {
+    let pair = |a: &str, b: &str| {
+        tokenizer
+            .token_to_id(a)
+            .or_else(|| tokenizer.token_to_id(b))
+    };
+    let (first, last) = (pair("[CLS]", "<s>"), pair("[SEP]", "</s>"));
+    let frame = usize::from(first.is_some()) + usize::from(last.is_some());
+    ensure!(
+        seq > frame,
+        "--seq {seq}: a masked-LM window needs room for its {frame} framing tokens and one more"
+    );
+    let mask = match pair("[MASK]", "<mask>") {
+        Some(id) => id,
+        None => {
+            let id = (config.vocab_size - 1) as u32;
+            for split in splits {
+                if let Some(used) = split.file.max_id(split.start, split.end)
+                    && used >= id
+                {
+                    bail!(
+                        "the tokenizer has no [MASK] or <mask>, so masked LM takes the last id \
+                         of the vocabulary ({id}), but the corpus {} uses id {used}: use a \
+                         tokenizer with a mask token or a larger vocab_size",
+                        split.file.path().display()
+                    );
+                }
+            }
+            id
+        }
+    };
+    Ok(MlmIds { mask, first, last })
+}
+
+/// Masked-LM batch of the windows at `starts`: each window framed by the tokenizer's specials,
+/// then corrupted as transformers' `DataCollatorForLanguageModeling` does, its randomness drawn
+/// from the seed, `salt` (the step) and the window's start.
+fn mlm_batch<B: Backend>(
+    job: &Job,
+    split: &Split,
+    starts: &[usize],
+    salt: u64,
+    device: &B::Device,
+) -> MlmBatch<B> {
+    let ids = job.mlm.as_ref().expect("a masked-LM job has mask ids");
+    let frame = usize::from(ids.first.is_some()) + usize::from(ids.last.is_some());
+    let (mut inputs, mut labels) = (Vec::new(), Vec::new());
+    for &start in starts {
+        let mut window: Vec<u32> = ids.first.into_iter().collect();
+        window.extend(split.file.window(start, job.seq - frame));
+        window.extend(ids.last);
+        let mut rng = window_rng(job.args.seed, salt, start);
+        let is_special = |id: u32| Some(id) == ids.first || Some(id) == ids.last;
+        let (input, label) = mlm_mask(
+            &window,
+            is_special,
+            ids.mask,
+            job.model.vocab_size(),
+            job.args.mlm_probability,
+            &mut rng,
+        );
+        inputs.extend(input.into_iter().map(i64::from));
+        labels.extend(label);
+    }
+    let shape = [starts.len(), job.seq];
+    MlmBatch {
+        input_ids: Tensor::from_data(TensorData::new(inputs, shape), device),
+        attention_mask: Tensor::ones(shape, device),
+        token_type_ids: None,
+        labels: Tensor::from_data(TensorData::new(labels, shape), device),
+    }
+}
+
+/// The generator of one window's objective noise: from the seed, the step (or evaluation
+/// batch) and the window's start, so it does not depend on how a batch is split.
+fn window_rng(seed: u64, salt: u64, start: usize) -> StdRng {
+    StdRng::seed_from_u64(
+        seed.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (start as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9),
+    )
+}
+
 /// Span corruption of the windows at `starts`: each window's noise is drawn from the seed,
 /// `salt` (the step) and the window's start, so a step corrupts the same way however its batch is
 /// split. Every row corrupts to the same lengths (no padding).
@@ -895,11 +1027,7 @@ fn span_batch<B: Backend>(
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     for &start in starts {
         let window = split.file.window(start, job.seq);
-        let mut rng = StdRng::seed_from_u64(
-            job.args.seed.wrapping_mul(0xD1B5_4A32_D192_ED03)
-                ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ (start as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9),
-        );
+        let mut rng = window_rng(job.args.seed, salt, start);
         let spans = random_noise_spans(
             window.len(),
             job.args.noise_density,
@@ -1066,6 +1194,40 @@ impl<AB: AutodiffBackend> Pretraining<AB> for T5Spec {
     }
 }
 
+impl<AB: AutodiffBackend> Pretraining<AB> for MlmSpec {
+    fn batch(
+        job: &Job,
+        split: &Split,
+        starts: &[usize],
+        salt: u64,
+        device: &AB::Device,
+    ) -> MlmBatch<AB> {
+        mlm_batch::<AB>(job, split, starts, salt, device)
+    }
+
+    fn validation_batch_loss(
+        job: &Job,
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        starts: &[usize],
+        salt: u64,
+        device: &AB::Device,
+    ) -> anyhow::Result<f32> {
+        let batch = mlm_batch::<AB::InnerBackend>(job, &job.valid, starts, salt, device);
+        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
+            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
+        })?;
+        Ok(loss.into_scalar().to_f32_lossy())
+    }
+
+    fn sample(
+        _: &Job,
+        _: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        _: &AB::Device,
+    ) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
+}
+
 /// Mean validation loss over fixed windows, run through the trainer's segments (one gathered at
 /// a time, on the inference backend: no dropout); each rank runs its share of every batch's rows
 /// and all get the mean.
@@ -1128,6 +1290,13 @@ fn train<AB: AutodiffBackend>(
                 d_ff: config.d_ff,
             };
             train_loop(comm, device, job, cut, init)
+        }
+        Pretrained::Masked { config, roberta } => {
+            let cut = match roberta {
+                false => MlmSpec::split_bert(BertForMaskedLM::<AB>::new(config, &device)?),
+                true => MlmSpec::split_roberta(RobertaForMaskedLM::<AB>::new(config, &device)?),
+            };
+            train_loop(comm, device, job, cut, InitScheme::Bert)
         }
     }
 }

@@ -233,7 +233,7 @@ impl MemoryArgs {
     /// `trainer_state.json`) keeps that run's settings, so that it continues as it would have.
     pub fn apply_auto(
         &mut self,
-        family: models::Family,
+        architecture: models::Architecture,
         config: &models::ModelConfig,
         seq: usize,
         global_batch: usize,
@@ -278,7 +278,7 @@ impl MemoryArgs {
         if self.dtype.is_none() && matches!(self.device, DeviceSpec::Cuda(_)) {
             self.dtype = Some(DtypeArg::Bf16);
         }
-        let shape = crate::memory::shape_of_config(family, config)?;
+        let shape = crate::memory::shape_of_config(architecture, config)?;
         let base = self.setup(seq, global_batch);
         ensure!(
             global_batch.is_multiple_of(base.ranks),
@@ -326,7 +326,7 @@ impl MemoryArgs {
     /// (see [`crate::memory::check_training_fits`]); `what` names it in the message.
     pub fn check_fits(
         &self,
-        family: models::Family,
+        architecture: models::Architecture,
         config: &models::ModelConfig,
         seq: usize,
         batch: usize,
@@ -335,7 +335,7 @@ impl MemoryArgs {
         let Some(available) = crate::memory::available_memory() else {
             return Ok(());
         };
-        let shape = crate::memory::shape_of_config(family, config)?;
+        let shape = crate::memory::shape_of_config(architecture, config)?;
         crate::memory::check_training_fits(&shape, &self.setup(seq, batch), available, what)
     }
 

@@ -617,3 +617,65 @@ fn t5_pretraining_on_two_ranks_and_after_a_kill_matches_one_uninterrupted_rank()
         assert!(a == b, "{name} differs after resuming from step 10");
     }
 }
+
+#[test]
+fn pretraining_a_tiny_bert_with_masked_lm_lowers_the_loss_and_saves_a_bert_mlm_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    // The byte tokenizer has no [MASK]: masked LM takes the last id, 259, which bytes never use.
+    let config = dir.path().join("bert.json");
+    fs::write(
+        &config,
+        r#"{"model_type": "bert", "vocab_size": 260, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64}"#,
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let output = pretrain(
+        &run,
+        &["--model", config.to_str().unwrap(), "--steps", "60"],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let losses = losses(&run);
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    println!("pretrain bert (MLM): mean loss of steps 1–10 {first:.3}, of 51–60 {last:.3}");
+    // ln 260 ≈ 5.56 nats for a uniform guess at the masked bytes.
+    assert!(last < 4.0 && first - last > 1.0, "{losses:?}");
+
+    let checkpoint = run.join("checkpoints/step-0000060");
+    let forward = zoo(&[
+        "forward",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--text",
+        "Phileas Fogg",
+        "--out",
+        dir.path().join("out.safetensors").to_str().unwrap(),
+    ]);
+    assert!(forward.status.success(), "{}", text(&forward));
+    assert!(
+        text(&forward).contains("BertForMaskedLM"),
+        "{}",
+        text(&forward)
+    );
+    let hf = dir.path().join("hf");
+    let converted = zoo(&[
+        "convert",
+        "--from",
+        checkpoint.to_str().unwrap(),
+        "--to-hf",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(converted.status.success(), "{}", text(&converted));
+    let names: Vec<String> = weights(&hf).into_iter().map(|(n, _)| n).collect();
+    for key in [
+        "cls.predictions.bias",
+        "cls.predictions.transform.dense.weight",
+        "bert.embeddings.word_embeddings.weight",
+    ] {
+        assert!(names.contains(&key.to_string()), "{key} not in {names:?}");
+    }
+    // transformers 5 refuses `num_labels: null`; the exported config leaves unset fields out.
+    let hf_config = fs::read_to_string(hf.join("config.json")).unwrap();
+    assert!(!hf_config.contains("null"), "{hf_config}");
+}
