@@ -81,6 +81,7 @@ fn trainer_gradients<C: Communicator>(
     trainer
         .forward_backward(&LmBatch {
             input_ids: ids(rows),
+            labels: None,
         })
         .unwrap();
     std::iter::once(trainer.embed.grad.clone())

@@ -36,11 +36,15 @@ use crate::roberta::{
 // ---------------------------------------------------------------------------------------------
 // GPT-2
 
-/// Token windows for causal-LM training: each row predicts its own next tokens.
+/// Token rows for causal-LM training: each row predicts its own next tokens.
 #[derive(Debug, Clone)]
 pub struct LmBatch<B: Backend> {
-    /// `[batch, seq]` token ids (also the labels, shifted inside the loss as transformers does).
+    /// `[batch, seq]` token ids (right-padded when rows differ in length: causal attention never
+    /// lets a real token see the padding after it).
     pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]` labels, shifted inside the loss as transformers does, -100 not scored
+    /// (prompt tokens, padding); `None`: the ids themselves (pretraining windows).
+    pub labels: Option<Tensor<B, 2, Int>>,
 }
 
 /// GPT-2's embedding segment: token and position tables (HF `transformer.wte`, `transformer.wpe`).
@@ -157,7 +161,8 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
             }
             (None, None) => unreachable!("a tied head is given the embedding segment"),
         };
-        causal_lm_loss(logits, batch.input_ids.clone())
+        let labels = batch.labels.as_ref().unwrap_or(&batch.input_ids);
+        causal_lm_loss(logits, labels.clone())
     }
 
     fn head_reads_embed(&self) -> bool {

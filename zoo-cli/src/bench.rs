@@ -376,6 +376,7 @@ fn train_times<AB: AutodiffBackend>(
             let split = Gpt2Spec::split(random_gpt2::<AB>(&device)?);
             let batch = LmBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
+                labels: None,
             };
             time_steps(split, comm, &batch, args, &device)
         }

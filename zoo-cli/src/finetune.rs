@@ -1,4 +1,5 @@
-//! `zoo finetune`: sequence classification with BERT or RoBERTa.
+//! `zoo finetune`: sequence classification with BERT or RoBERTa (`--task classify`, this file),
+//! or fine-tuning a model that writes text (`--task seq2seq | causal-lm`, [`crate::finetune_lm`]).
 //!
 //! Data: GLUE-style TSV with a header (`sentence\tlabel`, or `sentence1\tsentence2\tlabel` for
 //! pairs), CSV with a header (quoted fields), or JSONL objects; the label is an integer in
@@ -35,22 +36,72 @@ use crate::run::{
     any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint, shard_model,
 };
 
+/// What `zoo finetune` trains the model to do.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Sequence classification (BERT, RoBERTa) from labelled TSV / CSV / JSONL.
+    Classify,
+    /// Input → target text (T5, mT5, FLAN-T5, CPM-2) from JSONL or TSV.
+    Seq2seq,
+    /// Prompt → completion, or plain text (GPT-2, GPT-3 sizes, CPM-1) from JSONL.
+    CausalLm,
+}
+
+impl Task {
+    /// The name `--task` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classify => "classify",
+            Task::Seq2seq => "seq2seq",
+            Task::CausalLm => "causal-lm",
+        }
+    }
+}
+
+/// The learning-rate schedule after warmup.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Linear decay to 0 at the last step.
+    Linear,
+    /// Cosine decay to 0 at the last step.
+    Cosine,
+    /// Constant.
+    Constant,
+}
+
+impl Schedule {
+    /// The learning rate at step `step` of `total`, for peak `lr` after `warmup` steps.
+    pub fn lr(self, lr: f32, step: u64, warmup: u64, total: u64) -> f32 {
+        let schedule = match self {
+            Schedule::Linear => LrSchedule::Linear,
+            Schedule::Cosine => LrSchedule::Cosine,
+            Schedule::Constant => LrSchedule::Constant,
+        };
+        schedule.lr(lr, step, warmup, total)
+    }
+}
+
 /// `zoo finetune` arguments.
 #[derive(Args, Debug, Clone)]
 pub struct FinetuneArgs {
-    /// A BERT or RoBERTa directory (HF or zoo; any of their classes: the encoder is kept and a
-    /// classification head is added when it has none).
+    /// A model directory (HF or zoo): BERT or RoBERTa for `classify` (any of their classes: the
+    /// encoder is kept and a classification head is added when it has none), a
+    /// T5ForConditionalGeneration for `seq2seq`, a GPT2LMHeadModel for `causal-lm`.
     #[arg(long, value_name = "DIR")]
-    model: PathBuf,
-    /// Training examples: .tsv, .csv or .jsonl.
+    pub model: PathBuf,
+    /// What to train the model to do.
+    #[arg(long, value_enum, default_value_t = Task::Classify)]
+    pub task: Task,
+    /// Training examples: .tsv, .csv or .jsonl (`classify`); .jsonl or .tsv (`seq2seq`); .jsonl
+    /// (`causal-lm`).
     #[arg(long, value_name = "FILE")]
-    train: PathBuf,
+    pub train: PathBuf,
     /// Evaluation examples (same formats).
     #[arg(long, value_name = "FILE")]
-    valid: Option<PathBuf>,
-    /// Number of classes.
+    pub valid: Option<PathBuf>,
+    /// Number of classes (`classify`).
     #[arg(long)]
-    num_labels: usize,
+    num_labels: Option<usize>,
     /// Column of the text (default: sentence, sentence1, text or question, whichever exists).
     #[arg(long)]
     text_column: Option<String>,
@@ -60,40 +111,61 @@ pub struct FinetuneArgs {
     /// Column of the label.
     #[arg(long, default_value = "label")]
     label_column: String,
-    /// Longest input in tokens; longer examples are truncated (and counted in the log).
+    /// Longest input in tokens (`causal-lm`: prompt and completion together); longer examples
+    /// are truncated (and counted in the log).
     #[arg(long, default_value_t = 128)]
-    max_seq: usize,
+    pub max_seq: usize,
+    /// Longest target in tokens (`seq2seq`).
+    #[arg(long, default_value_t = 128)]
+    pub max_target_seq: usize,
     /// Passes over the training set.
     #[arg(long, default_value_t = 3)]
-    epochs: u64,
+    pub epochs: u64,
     /// Examples per micro-batch, over all ranks.
     #[arg(long, default_value_t = 16)]
-    batch: usize,
+    pub batch: usize,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Peak learning rate (linear warmup, then linear decay to 0).
+    pub grad_accum: usize,
+    /// Peak learning rate (after the warmup).
     #[arg(long, default_value_t = 2e-5)]
-    lr: f32,
-    /// Share of the steps spent warming up.
+    pub lr: f32,
+    /// The learning rate after the warmup.
+    #[arg(long, value_enum, default_value_t = Schedule::Linear)]
+    pub schedule: Schedule,
+    /// Share of the steps spent warming up (linearly).
     #[arg(long, default_value_t = 0.1)]
-    warmup_ratio: f64,
+    pub warmup_ratio: f64,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.01)]
-    weight_decay: f32,
+    pub weight_decay: f32,
+    /// AdamW β2 (β1 0.9 and ε 1e-8, as torch's defaults).
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f32,
     /// Clip gradients to this global norm (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f32,
+    pub max_grad_norm: f32,
     /// Dropout everywhere (default: the model's config).
     #[arg(long)]
-    dropout: Option<f64>,
+    pub dropout: Option<f64>,
     /// Seed of the new head's weights, the example order and dropout.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
+    /// `seq2seq`: tokens a greedy answer may have in the exact-match evaluation (0: no
+    /// generation, loss only).
+    #[arg(long, default_value_t = 32)]
+    pub eval_max_new_tokens: usize,
     #[command(flatten)]
-    run: RunArgs,
+    pub run: RunArgs,
     #[command(flatten)]
-    memory: MemoryArgs,
+    pub memory: MemoryArgs,
+}
+
+impl FinetuneArgs {
+    /// `--num-labels` (checked present for `classify` before anything reads it).
+    fn labels(&self) -> usize {
+        self.num_labels.unwrap_or(2)
+    }
 }
 
 /// A BERT or RoBERTa directory's weights as the classifier names them: a base model's
@@ -170,6 +242,9 @@ struct Evaluation {
 
 /// Runs `zoo finetune`.
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
+    if args.task != Task::Classify {
+        return crate::finetune_lm::run(args);
+    }
     let _ = crate::run::interrupted();
     let job = Arc::new(prepare(args)?);
     let summary = job
@@ -212,7 +287,10 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
 }
 
 fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
-    ensure!(args.num_labels >= 2, "--num-labels must be at least 2");
+    let labels = args
+        .num_labels
+        .context("--task classify needs --num-labels")?;
+    ensure!(labels >= 2, "--num-labels must be at least 2");
     ensure!(
         args.batch >= 1 && args.grad_accum >= 1,
         "--batch and --grad-accum must be at least 1"
@@ -237,7 +315,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     let ModelConfig::Bert(mut config) = spec.config.clone() else {
         unreachable!("BERT and RoBERTa share BertConfig")
     };
-    config.num_labels = Some(args.num_labels);
+    config.num_labels = Some(args.labels());
     if let Some(p) = args.dropout {
         config = config.with_dropout(p);
     }
@@ -293,14 +371,14 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
 
     let mut hf_config = spec.hf_config.clone();
     hf_config["architectures"] = json!([architecture.hf_name()]);
-    hf_config["num_labels"] = json!(args.num_labels);
+    hf_config["num_labels"] = json!(args.labels());
     hf_config["id2label"] = json!(
-        (0..args.num_labels)
+        (0..args.labels())
             .map(|i| (i.to_string(), format!("LABEL_{i}")))
             .collect::<BTreeMap<_, _>>()
     );
     hf_config["label2id"] = json!(
-        (0..args.num_labels)
+        (0..args.labels())
             .map(|i| (format!("LABEL_{i}"), i))
             .collect::<BTreeMap<_, _>>()
     );
@@ -458,15 +536,15 @@ fn read_examples(
             anyhow::anyhow!(
                 "{}: label '{label_text}' is not a class index 0..{}",
                 at(),
-                args.num_labels - 1
+                args.labels() - 1
             )
         })?;
         ensure!(
-            label < args.num_labels,
+            label < args.labels(),
             "{}: label {label} is outside --num-labels {} (0..{})",
             at(),
-            args.num_labels,
-            args.num_labels - 1
+            args.labels(),
+            args.labels() - 1
         );
         let first = row
             .get(&text_column)
@@ -561,7 +639,7 @@ fn batch_of<B: Backend>(
 }
 
 /// The example order of an epoch, from the seed.
-fn epoch_order(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
+pub(crate) fn epoch_order(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     order.shuffle(&mut StdRng::seed_from_u64(
         seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -583,7 +661,7 @@ fn evaluate<AB: AutodiffBackend>(
         return Ok(None);
     }
     let (rank, world) = (trainer.comm().rank(), trainer.comm().world_size());
-    let k = job.args.num_labels;
+    let k = job.args.labels();
     // k × k confusion counts (true label, predicted), then the summed loss.
     let mut totals = vec![0.0f32; k * k + 1];
     for chunk in job.valid.chunks(job.args.batch) {
@@ -669,7 +747,7 @@ fn train<AB: AutodiffBackend>(
     };
     let adamw = AdamWConfig {
         beta1: 0.9,
-        beta2: 0.999,
+        beta2: args.beta2,
         eps: 1e-8,
         weight_decay: args.weight_decay,
     };
@@ -742,7 +820,7 @@ fn train<AB: AutodiffBackend>(
     while step < total_steps {
         let epoch = step / steps_per_epoch;
         let order = epoch_order(args.seed, epoch, job.train.len());
-        let lr = LrSchedule::Linear.lr(args.lr, step, warmup, total_steps);
+        let lr = args.schedule.lr(args.lr, step, warmup, total_steps);
         let first = (step % steps_per_epoch) as usize * global;
         let step_examples: Vec<&Example> = order[first..first + global]
             .iter()

@@ -6,7 +6,8 @@
 //! - `zoo forward`: run a model directory on text or token ids, write the outputs as safetensors;
 //! - `zoo generate`: continue a prompt with a causal LM (greedy, sampling, beam search);
 //! - `zoo pretrain`: train a GPT on a corpus (default: a tiny GPT on the shipped corpus);
-//! - `zoo finetune`: sequence classification with BERT or RoBERTa;
+//! - `zoo finetune`: sequence classification with BERT or RoBERTa, seq2seq with T5, prompt →
+//!   completion with GPT-2 (`--task`);
 //! - `zoo memory`: peak memory per rank of a training setup, and the largest batch that fits;
 //! - `zoo launch`: a torchrun-style launcher for multi-process (multi-GPU, multi-node) jobs;
 //! - `zoo plot`: a run's loss, learning rate and accuracy curves as a PNG;
@@ -19,6 +20,7 @@ mod alloc;
 mod bench;
 mod env;
 mod finetune;
+mod finetune_lm;
 mod forward;
 mod generate;
 mod launch;

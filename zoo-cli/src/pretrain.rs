@@ -221,7 +221,7 @@ impl Pretrained {
                 false => config.max_position_embeddings,
                 true => config
                     .max_position_embeddings
-                    .saturating_sub(config.pad_token_id.unwrap_or(1) as usize + 1),
+                    .saturating_sub(config.pad_token_id.unwrap_or(1) + 1),
             }),
         }
     }
@@ -411,7 +411,16 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     // A directory's weights: checked now (every key and shape, from the headers), read segment
     // by segment when training starts.
     let initial = match directory {
-        Some(mut spec) => Some(spec.open_weights(LoadOptions::default().format)?),
+        Some(mut spec) => {
+            let reader = spec.open_weights(LoadOptions::default().format)?;
+            // Reading the headers settles a head the config leaves open (transformers 5 writes
+            // every T5 as tied and keeps v1.1's own lm_head): train the model the weights hold.
+            if spec.config.tie_word_embeddings() != model.config().tie_word_embeddings() {
+                model = Pretrained::new(spec.config.clone(), family);
+                model.set_dropout(args.dropout);
+            }
+            Some(reader)
+        }
         None => None,
     };
     let (run_dir, lock) = args.run.open_run_dir("pretrain")?;
@@ -1092,6 +1101,7 @@ impl<AB: AutodiffBackend> Pretraining<AB> for Gpt2Spec {
     ) -> LmBatch<AB> {
         LmBatch {
             input_ids: batch_of::<AB>(split, starts, job.seq, device),
+            labels: None,
         }
     }
 
@@ -1104,6 +1114,7 @@ impl<AB: AutodiffBackend> Pretraining<AB> for Gpt2Spec {
     ) -> anyhow::Result<f32> {
         let batch = LmBatch {
             input_ids: batch_of::<AB::InnerBackend>(&job.valid, starts, job.seq, device),
+            labels: None,
         };
         let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
             ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
