@@ -554,7 +554,7 @@ fn pretraining_a_tiny_t5_with_span_corruption_lowers_the_loss_and_saves_a_t5_dir
 }
 
 #[test]
-fn t5_pretraining_on_two_ranks_and_after_a_kill_matches_one_uninterrupted_rank() {
+fn t5_pretraining_on_two_ranks_and_after_a_sigkill_matches_one_uninterrupted_rank() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_t5(dir.path(), false);
     let common = [
@@ -590,32 +590,58 @@ fn t5_pretraining_on_two_ranks_and_after_a_kill_matches_one_uninterrupted_rank()
     }
     println!("pretrain t5: ranks 2 vs 1 after 20 steps, worst weight difference {worst:.2e}");
 
-    // With dropout, uninterrupted and resumed from step 10's checkpoint (what a SIGKILL after it
-    // leaves; the GPT test kills for real): the run continues to the same bits.
-    let common = [&common[..], &["--dropout", "0.1"]].concat();
+    // With dropout and 8 micro-batches a step (so that a step takes long enough to kill between
+    // checkpoints): killed with SIGKILL after its first checkpoint and resumed, the run ends
+    // with the bits of an uninterrupted one.
+    let common = [&common[..], &["--dropout", "0.1", "--grad-accum", "8"]].concat();
     let whole = dir.path().join("whole");
     let output = pretrain(&whole, &common);
     assert!(output.status.success(), "{}", text(&output));
     let want = weights(&whole.join("checkpoints/step-0000020"));
-    let resumed = dir.path().join("resumed");
-    fs::create_dir_all(resumed.join("checkpoints")).unwrap();
-    let step10 = whole.join("checkpoints/step-0000010");
-    let copy = resumed.join("checkpoints/step-0000010");
-    fs::create_dir_all(&copy).unwrap();
-    for file in fs::read_dir(&step10).unwrap() {
-        let file = file.unwrap();
-        fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+    let killed = dir.path().join("killed");
+    let mut args = QUICK.to_vec();
+    args.extend(["--out", killed.to_str().unwrap(), "--sample-tokens", "0"]);
+    args.extend(common.iter().copied());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !killed.join("checkpoints/latest").is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = fs::read_to_string(killed.join("checkpoints/latest")).unwrap();
+    assert_ne!(
+        at_kill.trim(),
+        "step-0000020",
+        "the kill came too late to test anything"
+    );
     let output = pretrain(
-        &resumed,
-        &[&common[..], &["--resume", resumed.to_str().unwrap()]].concat(),
+        &killed,
+        &[&common[..], &["--resume", killed.to_str().unwrap()]].concat(),
     );
     assert!(output.status.success(), "{}", text(&output));
-    let got = weights(&resumed.join("checkpoints/step-0000020"));
+    let got = weights(&killed.join("checkpoints/step-0000020"));
     assert_eq!(want.len(), got.len());
     for ((name, a), (_, b)) in want.iter().zip(&got) {
-        assert!(a == b, "{name} differs after resuming from step 10");
+        assert!(a == b, "{name} differs after resuming from {at_kill}");
     }
+    println!(
+        "pretrain t5: killed at {}, resumed to the same bits",
+        at_kill.trim()
+    );
 }
 
 #[test]
