@@ -8,10 +8,12 @@ use crate::layers::{Dropout, DropoutConfig};
 use crate::layers::{Linear, LinearConfig};
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Embedding;
-use burn::tensor::{Int, Tensor, activation::log_softmax, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+/// The inputs and losses every family shares, also reachable here (they began in this file).
+pub use crate::io::{EncoderInput, EncoderOutput, cross_entropy, mean_squared_error};
 use crate::layers::{
     Activation, AttentionMask, Embeddings, EmbeddingsConfig, FeedForward, FeedForwardConfig,
     LayerNorm, LayerNormConfig, MultiHeadAttention, MultiHeadAttentionConfig,
@@ -220,39 +222,6 @@ impl BertConfig {
 
 // ---------------------------------------------------------------------------------------------
 // Inputs and outputs
-
-/// A tokenised batch.
-#[derive(Debug, Clone)]
-pub struct EncoderInput<B: Backend> {
-    /// `[batch, seq]` token ids.
-    pub input_ids: Tensor<B, 2, Int>,
-    /// `[batch, seq]`, 1 for tokens, 0 for padding; no padding when `None`.
-    pub attention_mask: Option<Tensor<B, 2, Int>>,
-    /// `[batch, seq]` segment ids; zeros when `None`.
-    pub token_type_ids: Option<Tensor<B, 2, Int>>,
-    /// Encoder-decoder models only: `[batch, tgt]` decoder ids; when `None`, one decoder step from
-    /// the start token. Encoder-only and decoder-only models ignore it.
-    pub decoder_input_ids: Option<Tensor<B, 2, Int>>,
-}
-
-impl<B: Backend> EncoderInput<B> {
-    /// The padding mask as attention scores see it.
-    pub fn mask(&self) -> AttentionMask<B> {
-        match &self.attention_mask {
-            Some(mask) => AttentionMask::padding(mask.clone()),
-            None => AttentionMask::none(),
-        }
-    }
-}
-
-/// What an encoder model returns.
-#[derive(Debug, Clone)]
-pub struct EncoderOutput<B: Backend> {
-    /// `[batch, seq, hidden]`: the last layer's hidden states.
-    pub last_hidden_state: Tensor<B, 3>,
-    /// `[batch, hidden]`: the pooler's output, for models built with a pooler.
-    pub pooler_output: Option<Tensor<B, 2>>,
-}
 
 // ---------------------------------------------------------------------------------------------
 // Encoder
@@ -492,20 +461,62 @@ impl<B: Backend> BertForSequenceClassification<B> {
     }
 }
 
-/// Mean cross-entropy of `logits` `[batch, classes]` against `labels` `[batch]`, as
-/// `torch.nn.CrossEntropyLoss()`.
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-    let [batch, _] = logits.dims();
-    let picked = log_softmax(logits, 1).gather(1, labels.reshape([batch, 1]));
-    picked.mean().neg()
-}
-
-/// Mean squared error, as `torch.nn.MSELoss()` (a one-label "regression" head).
-pub fn mean_squared_error<B: Backend>(
-    predictions: Tensor<B, 2>,
-    targets: Tensor<B, 2>,
-) -> Tensor<B, 1> {
-    (predictions - targets).square().mean()
+/// Whole-word masking as transformers' `DataCollatorForWholeWordMask`: the words of `ids` (a
+/// token and the `##` pieces after it, `continues(id)` telling which ids continue a word) are
+/// taken in random order while their tokens fit in `max(1, round(len · probability))`, every
+/// token of a taken word is chosen, and chosen tokens are then replaced 80% / 10% / 10% as
+/// [`mlm_mask`] does. Special tokens are never chosen.
+pub fn whole_word_mask(
+    ids: &[u32],
+    is_special: impl Fn(u32) -> bool,
+    continues: impl Fn(u32) -> bool,
+    mask_id: u32,
+    vocab_size: usize,
+    probability: f64,
+    rng: &mut impl rand::Rng,
+) -> (Vec<u32>, Vec<i64>) {
+    use rand::RngExt;
+    use rand::seq::SliceRandom;
+    let mut words: Vec<Vec<usize>> = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        if is_special(id) {
+            continue;
+        }
+        match words.last_mut() {
+            Some(word) if continues(id) && word.last() == Some(&(i - 1)) => word.push(i),
+            _ => words.push(vec![i]),
+        }
+    }
+    words.shuffle(rng);
+    let budget = ((ids.len() as f64 * probability).round() as usize).max(1);
+    let mut chosen = vec![false; ids.len()];
+    let mut covered = 0;
+    for word in words {
+        if covered >= budget {
+            break;
+        }
+        if covered + word.len() > budget {
+            continue;
+        }
+        covered += word.len();
+        for i in word {
+            chosen[i] = true;
+        }
+    }
+    let mut inputs = ids.to_vec();
+    let mut labels = vec![crate::io::IGNORE_INDEX; ids.len()];
+    for (i, &id) in ids.iter().enumerate() {
+        if !chosen[i] {
+            continue;
+        }
+        labels[i] = i64::from(id);
+        if rng.random_bool(0.8) {
+            inputs[i] = mask_id;
+        } else if rng.random_bool(0.5) {
+            inputs[i] = rng.random_range(0..vocab_size as u32);
+        }
+    }
+    (inputs, labels)
 }
 
 /// Masked-LM corruption as transformers' `DataCollatorForLanguageModeling` (`mlm_probability`
@@ -523,7 +534,7 @@ pub fn mlm_mask(
 ) -> (Vec<u32>, Vec<i64>) {
     use rand::RngExt;
     let mut inputs = ids.to_vec();
-    let mut labels = vec![crate::gpt2::IGNORE_INDEX; ids.len()];
+    let mut labels = vec![crate::io::IGNORE_INDEX; ids.len()];
     for (i, &id) in ids.iter().enumerate() {
         if is_special(id) || !rng.random_bool(probability) {
             continue;
@@ -542,7 +553,7 @@ pub fn mlm_mask(
 mod tests {
     use super::*;
     use bmtrain_backend::Cpu;
-    use burn::tensor::TensorData;
+    use burn::tensor::{Int, TensorData};
 
     #[test]
     fn mlm_masking_chooses_15_percent_and_splits_them_80_10_10() {
@@ -570,6 +581,40 @@ mod tests {
         assert!((share(kept, chosen.len()) - 0.101).abs() < 0.01, "{kept}");
         // Unchosen tokens are untouched.
         assert!((0..ids.len()).all(|i| labels[i] >= 0 || inputs[i] == ids[i]));
+    }
+
+    #[test]
+    fn whole_word_masking_takes_every_piece_of_a_word_or_none() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // Ids ≥ 100 are `##` pieces; 1 is special. Words: [10 100 101] [11] [12 102] …
+        let ids: Vec<u32> = (0..4000)
+            .flat_map(|w| match w % 3 {
+                0 => vec![10, 100, 101],
+                1 => vec![11],
+                _ => vec![12, 102],
+            })
+            .chain([1])
+            .collect();
+        let (inputs, labels) =
+            whole_word_mask(&ids, |id| id == 1, |id| id >= 100, 3, 200, 0.15, &mut rng);
+        let chosen = |i: usize| labels[i] >= 0;
+        // A piece is chosen exactly when the token that starts its word is.
+        for (i, &id) in ids.iter().enumerate().skip(1) {
+            if id >= 100 {
+                assert_eq!(chosen(i), chosen(i - 1), "position {i}");
+            }
+        }
+        assert!(!chosen(ids.len() - 1), "special tokens are never chosen");
+        let count = (0..ids.len()).filter(|&i| chosen(i)).count();
+        assert_eq!(count, (ids.len() as f64 * 0.15).round() as usize);
+        let masked = (0..ids.len())
+            .filter(|&i| chosen(i) && inputs[i] == 3)
+            .count();
+        assert!(
+            (masked as f64 / count as f64 - 0.8).abs() < 0.03,
+            "{masked} of {count}"
+        );
     }
 
     #[test]

@@ -13,29 +13,9 @@
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
-use serde::{Deserialize, Serialize};
 
-use crate::gpt2::DecoderInput;
-
-/// One token id or several, as HF configs write `eos_token_id`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TokenIds {
-    /// A single id.
-    One(u32),
-    /// Several ids.
-    Many(Vec<u32>),
-}
-
-impl TokenIds {
-    /// The ids as a list.
-    pub fn to_vec(&self) -> Vec<u32> {
-        match self {
-            Self::One(id) => vec![*id],
-            Self::Many(ids) => ids.clone(),
-        }
-    }
-}
+use crate::io::DecoderInput;
+pub use crate::io::TokenIds;
 
 /// A model that generates: one step from new tokens and the previous state to next-token logits.
 pub trait Decoder<B: Backend> {

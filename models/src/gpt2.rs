@@ -7,13 +7,14 @@
 
 use crate::layers::{Dropout, DropoutConfig};
 use crate::layers::{Linear, LinearConfig};
-use bmtrain_backend::kernels;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig};
-use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+/// The inputs and losses every family shares, also reachable here (they began in this file).
+pub use crate::io::{DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy};
 use crate::layers::{
     Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, LayerNorm, LayerNormConfig,
     MultiHeadAttention, MultiHeadAttentionConfig,
@@ -70,7 +71,7 @@ pub struct Gpt2Config {
     pub bos_token_id: Option<u32>,
     /// End-of-text id(s): a number or a list.
     #[serde(default)]
-    pub eos_token_id: Option<crate::generation::TokenIds>,
+    pub eos_token_id: Option<crate::io::TokenIds>,
     /// Padding id, when the checkpoint has one.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
@@ -276,28 +277,6 @@ impl<B: Backend> Gpt2Block<B> {
 
 // ---------------------------------------------------------------------------------------------
 // Model
-
-/// What a decoder-only model reads.
-#[derive(Debug, Clone)]
-pub struct DecoderInput<B: Backend> {
-    /// `[batch, seq]` token ids.
-    pub input_ids: Tensor<B, 2, Int>,
-    /// `[batch, past + seq]`: 1 for real tokens, 0 for padding (left padding in generation).
-    pub attention_mask: Option<Tensor<B, 2, Int>>,
-    /// `[batch, seq]`; `past..past + seq` when absent, as transformers' forward.
-    pub position_ids: Option<Tensor<B, 2, Int>>,
-}
-
-impl<B: Backend> DecoderInput<B> {
-    /// Ids only: no padding, positions counted from the cache length.
-    pub fn new(input_ids: Tensor<B, 2, Int>) -> Self {
-        Self {
-            input_ids,
-            attention_mask: None,
-            position_ids: None,
-        }
-    }
-}
 
 /// Every block's keys and values: what a generation step needs from the steps before.
 #[derive(Debug, Clone)]
@@ -508,80 +487,11 @@ impl<B: Backend> crate::generation::Decoder<B> for Gpt2LmHeadModel<B> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Loss
-
-/// The label that [`causal_lm_loss`] skips, as PyTorch's `ignore_index`.
-pub const IGNORE_INDEX: i64 = -100;
-
-/// Causal-LM loss as transformers computes it: position `t` predicts label `t + 1`, labels equal to
-/// [`IGNORE_INDEX`] (padding, prompts) are skipped, and the loss is the mean over the rest.
-///
-/// - logits: `[batch, seq, vocab]`, labels: `[batch, seq]` (usually the input ids) → `[1]`
-pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let [batch, seq, vocab] = logits.dims();
-    // The fused kernel reads every row of the logits in place: each position's target is the next
-    // label, and each row's last position is ignored (no slicing copy of the logits).
-    let shifted = || {
-        host_labels(labels.clone())
-            .chunks(seq)
-            .flat_map(|row| row[1..].iter().copied().chain([IGNORE_INDEX]))
-            .collect()
-    };
-    let flat = logits.clone().reshape([batch * seq, vocab]);
-    if let Some(loss) = kernels::cross_entropy(&flat, shifted, IGNORE_INDEX) {
-        return loss;
-    }
-    let predicting = logits
-        .slice([0..batch, 0..seq - 1, 0..vocab])
-        .reshape([batch * (seq - 1), vocab]);
-    let targets = labels
-        .slice([0..batch, 1..seq])
-        .reshape([batch * (seq - 1)]);
-    token_cross_entropy(predicting, targets, IGNORE_INDEX)
-}
-
-/// Mean cross-entropy over the rows whose label is not `ignore`.
-///
-/// - logits: `[n, vocab]`, labels: `[n]` → `[1]` (0 when every label is ignored)
-pub fn token_cross_entropy<B: Backend>(
-    logits: Tensor<B, 2>,
-    labels: Tensor<B, 1, Int>,
-    ignore: i64,
-) -> Tensor<B, 1> {
-    if let Some(loss) = kernels::cross_entropy(&logits, || host_labels(labels.clone()), ignore) {
-        return loss;
-    }
-    let [n, _] = logits.dims();
-    let device = logits.device();
-    let ignored = labels.clone().equal_elem(ignore);
-    // Gather needs a valid index; ignored rows read class 0 and are zeroed below.
-    let safe = labels.mask_fill(ignored.clone(), 0).reshape([n, 1]);
-    let picked = log_softmax(logits, 1).gather(1, safe).reshape([n]);
-    let kept = ignored.bool_not().float();
-    let count = kept
-        .clone()
-        .sum()
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap_or_default()[0];
-    let total = (picked * kept).sum().neg();
-    total / Tensor::from_data(TensorData::from([count.max(1.0)]), &device)
-}
-
-/// Labels as host integers, for the fused loss.
-fn host_labels<B: Backend, const D: usize>(labels: Tensor<B, D, Int>) -> Vec<i64> {
-    labels
-        .into_data()
-        .convert::<i64>()
-        .to_vec()
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bmtrain_backend::Cpu;
+    use burn::tensor::TensorData;
 
     fn tiny(layers: usize) -> Gpt2Config {
         Gpt2Config {

@@ -19,6 +19,7 @@
 pub mod bert;
 pub mod generation;
 pub mod gpt2;
+pub mod io;
 pub mod layers;
 pub mod registry;
 pub mod roberta;

@@ -19,7 +19,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
-use crate::generation::TokenIds;
+use crate::io::TokenIds;
 pub mod zero;
 
 use crate::layers::{
@@ -833,7 +833,7 @@ impl<B: Backend> crate::generation::Decoder<B> for T5Decoder<'_, B> {
 
     fn step(
         &self,
-        input: &crate::gpt2::DecoderInput<B>,
+        input: &crate::io::DecoderInput<B>,
         state: Option<Self::State>,
     ) -> (Tensor<B, 2>, Self::State) {
         let (cache, encoded, encoder_mask) = match state {
@@ -934,7 +934,7 @@ pub fn shift_right<B: Backend>(
     let body = labels.slice([0..batch, 0..len - 1]);
     let body = body
         .clone()
-        .mask_fill(body.equal_elem(crate::gpt2::IGNORE_INDEX), pad as i64);
+        .mask_fill(body.equal_elem(crate::io::IGNORE_INDEX), pad as i64);
     Tensor::cat(vec![starts, body], 1)
 }
 
@@ -1030,10 +1030,10 @@ fn random_segmentation(items: usize, segments: usize, rng: &mut impl rand::Rng) 
 /// label (no shift: the decoder input is already shifted), labels -100 skipped.
 pub fn seq2seq_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
-    crate::gpt2::token_cross_entropy(
+    crate::io::token_cross_entropy(
         logits.reshape([batch * seq, vocab]),
         labels.reshape([batch * seq]),
-        crate::gpt2::IGNORE_INDEX,
+        crate::io::IGNORE_INDEX,
     )
 }
 

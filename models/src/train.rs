@@ -715,10 +715,10 @@ impl<B: Backend> ZeroSpec<B> for MlmSpec {
         let embed = embed.expect("the MLM head reads the word embeddings");
         let logits = module.lm_head.forward(hidden, &embed.word);
         let [rows, seq, vocab] = logits.dims();
-        crate::gpt2::token_cross_entropy(
+        crate::io::token_cross_entropy(
             logits.reshape([rows * seq, vocab]),
             batch.labels.clone().reshape([rows * seq]),
-            crate::gpt2::IGNORE_INDEX,
+            crate::io::IGNORE_INDEX,
         )
     }
 

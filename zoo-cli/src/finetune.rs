@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use bmtrain_backend::comm::Communicator;
-use bmtrain_backend::optim::{AdamWConfig, LrSchedule};
+use bmtrain_backend::optim::LrSchedule;
 use bmtrain_backend::trainer::ZeroTrainer;
 use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
@@ -25,15 +25,15 @@ use checkpoints_convert::{TextTokenizer, ZooManifest, ZooWeightsReader, load_tok
 use clap::Args;
 use models::bert::{BertConfig, BertForSequenceClassification};
 use models::roberta::RobertaForSequenceClassification;
-use models::train::{ClassifierBatch, ClassifierSpec, InitScheme, StartValues, TensorSource};
+use models::train::{ClassifierBatch, ClassifierSpec, InitScheme, TensorSource};
 use models::{Architecture, Family, ModelConfig};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
-    any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint, shard_model,
+    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit, TrainSetup,
+    any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
 };
 
 /// What `zoo finetune` trains the model to do.
@@ -736,7 +736,7 @@ fn train<AB: AutodiffBackend>(
 
     // The classifier, one segment at a time: every tensor the directory has, BERT's
     // initialisation from the seed for the rest (a new head). The model is never whole in memory.
-    let (spec, embed, blocks, head) = match job.architecture {
+    let cut = match job.architecture {
         Architecture::RobertaForSequenceClassification => ClassifierSpec::split_roberta(
             RobertaForSequenceClassification::<AB>::new(&job.config, &device)?,
         ),
@@ -745,39 +745,17 @@ fn train<AB: AutodiffBackend>(
             &job.config,
         ),
     };
-    let adamw = AdamWConfig {
-        beta1: 0.9,
+    let setup = TrainSetup {
         beta2: args.beta2,
-        eps: 1e-8,
         weight_decay: args.weight_decay,
-    };
-    let options = args.memory.zero_options(
-        blocks.len(),
-        adamw,
-        (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-    )?;
-    let mut start_values = StartValues {
+        max_grad_norm: args.max_grad_norm,
         tensors: Some(&job.initial),
         strict: false,
         init: InitScheme::Bert,
         seed: args.seed,
-        fresh: Vec::new(),
+        source: job.args.model.display().to_string(),
     };
-    let mut trainer = shard_model(
-        (spec, embed, blocks, head),
-        comm,
-        device.clone(),
-        options,
-        &mut start_values,
-        args.seed,
-    )?;
-    if lead && !start_values.fresh.is_empty() {
-        eprintln!(
-            "initialised fresh (not in {}): {}",
-            job.args.model.display(),
-            start_values.fresh.join(", ")
-        );
-    }
+    let mut trainer = setup.build(cut, comm, device.clone(), &args.memory)?;
 
     // A step reads `global` examples of the epoch's order, however they are split.
     let global = args.batch * args.grad_accum;

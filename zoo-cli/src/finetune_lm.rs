@@ -21,7 +21,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use bmtrain_backend::comm::Communicator;
-use bmtrain_backend::optim::AdamWConfig;
 use bmtrain_backend::trainer::{ZeroSpec, ZeroTrainer};
 use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
@@ -34,14 +33,15 @@ use models::generation::GenerationConfig;
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel, IGNORE_INDEX};
 use models::t5::zero::{Seq2SeqBatch, T5Spec};
 use models::t5::{T5Config, T5ForConditionalGeneration, generate_seq2seq, shift_right};
-use models::train::{Gpt2Spec, InitScheme, LmBatch, StartValues, TensorSource};
+use models::train::{Gpt2Spec, InitScheme, LmBatch, TensorSource};
 use models::{AnyModel, Architecture, ModelConfig};
 use serde_json::{Value, json};
 
 use crate::finetune::{FinetuneArgs, Task, epoch_order};
 use crate::run::{
-    CheckpointFiles, Progress, RunLock, RunOutputs, StepSplit, any_rank_interrupted,
-    mean_over_ranks, on_lead_model, resume_trainer, run_ranks, save_checkpoint, shard_model,
+    CheckpointFiles, Cut, Progress, RunLock, RunOutputs, StepSplit, TrainSetup,
+    any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
+    save_checkpoint,
 };
 
 /// One tokenised example: the source (seq2seq input, or the causal prompt) and the target
@@ -628,14 +628,6 @@ fn train<AB: AutodiffBackend>(
     }
 }
 
-/// The segments of a cut: the spec, the embedding, the blocks and the head.
-type Cut<AB, S> = (
-    S,
-    <S as ZeroSpec<AB>>::Embed,
-    Vec<<S as ZeroSpec<AB>>::Block>,
-    <S as ZeroSpec<AB>>::Head,
-);
-
 /// One rank's fine-tuning loop, top to bottom.
 fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
     comm: Box<dyn Communicator>,
@@ -650,39 +642,17 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
     crate::alloc::release_free_memory();
 
     // The model, one segment at a time from the directory (which has every tensor).
-    let adamw = AdamWConfig {
-        beta1: 0.9,
+    let setup = TrainSetup {
         beta2: args.beta2,
-        eps: 1e-8,
         weight_decay: args.weight_decay,
-    };
-    let options = args.memory.zero_options(
-        cut.2.len(),
-        adamw,
-        (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-    )?;
-    let mut start_values = StartValues {
+        max_grad_norm: args.max_grad_norm,
         tensors: Some(&job.initial as &dyn TensorSource),
         strict: false,
         init,
         seed: args.seed,
-        fresh: Vec::new(),
+        source: args.model.display().to_string(),
     };
-    let mut trainer = shard_model(
-        cut,
-        comm,
-        device.clone(),
-        options,
-        &mut start_values,
-        args.seed,
-    )?;
-    if lead && !start_values.fresh.is_empty() {
-        eprintln!(
-            "initialised fresh (not in {}): {}",
-            args.model.display(),
-            start_values.fresh.join(", ")
-        );
-    }
+    let mut trainer = setup.build(cut, comm, device.clone(), &args.memory)?;
 
     let global = args.batch * args.grad_accum;
     let steps_per_epoch = (job.train.len() / global) as u64;

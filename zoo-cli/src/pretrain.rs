@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use bmtrain_backend::comm::Communicator;
-use bmtrain_backend::optim::{AdamWConfig, LrSchedule};
+use bmtrain_backend::optim::LrSchedule;
 use bmtrain_backend::trainer::{ZeroSpec, ZeroTrainer};
 use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
@@ -27,8 +27,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::{
     DirKind, LoadOptions, ModelSpec, TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer,
 };
-use clap::Args;
-use models::bert::{BertConfig, BertForMaskedLM, mlm_mask};
+use clap::{Args, ValueEnum};
+use models::bert::{BertConfig, BertForMaskedLM, mlm_mask, whole_word_mask};
 use models::generation::{Decoding, GenerationConfig, TokenIds, generate};
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use models::roberta::RobertaForMaskedLM;
@@ -36,15 +36,15 @@ use models::t5::zero::{Seq2SeqBatch, T5Spec};
 use models::t5::{
     T5Config, T5ForConditionalGeneration, random_noise_spans, shift_right, span_corrupt,
 };
-use models::train::{Gpt2Spec, InitScheme, LmBatch, MlmBatch, MlmSpec, StartValues, TensorSource};
+use models::train::{Gpt2Spec, InitScheme, LmBatch, MlmBatch, MlmSpec, TensorSource};
 use models::{AnyModel, Architecture, Family, ModelConfig};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
-    any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
-    save_checkpoint, shard_model,
+    CheckpointFiles, Cut, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
+    TrainSetup, any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
+    save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
 
@@ -123,9 +123,17 @@ pub struct PretrainArgs {
     /// Seed of the initial weights, the windows and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The objective; the model's family decides it (GPT: causal, BERT/RoBERTa: mlm, T5: span),
+    /// and a different one is an error naming both.
+    #[arg(long, value_enum)]
+    objective: Option<Objective>,
     /// Masked LM (BERT, RoBERTa): share of the tokens chosen (80% masked, 10% random, 10% kept).
     #[arg(long, default_value_t = 0.15)]
     mlm_probability: f64,
+    /// Masked LM with a WordPiece tokenizer: choose whole words (a token and its `##` pieces),
+    /// as transformers' `DataCollatorForWholeWordMask`.
+    #[arg(long)]
+    whole_word_mask: bool,
     /// Span corruption (T5): share of each window's tokens hidden behind sentinels.
     #[arg(long, default_value_t = 0.15)]
     noise_density: f64,
@@ -286,6 +294,19 @@ struct MlmIds {
     mask: u32,
     first: Option<u32>,
     last: Option<u32>,
+    /// With `--whole-word-mask`: by id, whether the token continues a word (`##…`).
+    continues: Option<Vec<bool>>,
+}
+
+/// `--objective`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Objective {
+    /// Next-token prediction (GPT-2, the GPT-3 sizes, CPM-1).
+    Causal,
+    /// Masked LM (BERT, RoBERTa).
+    Mlm,
+    /// T5's span corruption (T5, mT5, FLAN-T5, CPM-2).
+    Span,
 }
 
 /// A token range of a token file.
@@ -392,6 +413,26 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         Some(name) => resolve_model(name)?,
     };
     let mut model = Pretrained::new(config, family);
+    let objective = match &model {
+        Pretrained::Causal(_) => Objective::Causal,
+        Pretrained::Masked { .. } => Objective::Mlm,
+        Pretrained::Span(_) => Objective::Span,
+    };
+    if let Some(asked) = args.objective
+        && asked != objective
+    {
+        bail!(
+            "--objective {}: a {} trains with --objective {} (zoo pretrain's objective is the \
+             family's)",
+            asked.to_possible_value().expect("named").get_name(),
+            model.architecture().hf_name(),
+            objective.to_possible_value().expect("named").get_name()
+        );
+    }
+    ensure!(
+        !args.whole_word_mask || objective == Objective::Mlm,
+        "--whole-word-mask is for masked LM (BERT, RoBERTa)"
+    );
     model.set_dropout(args.dropout);
     model.config().validate()?;
     let default_seq = if args.model.is_none() {
@@ -531,9 +572,13 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         );
     }
     let mlm = match &model {
-        Pretrained::Masked { config, .. } => {
-            Some(mlm_ids(config, &tokenizer, seq, [&train, &valid])?)
-        }
+        Pretrained::Masked { config, .. } => Some(mlm_ids(
+            config,
+            &tokenizer,
+            seq,
+            args.whole_word_mask,
+            [&train, &valid],
+        )?),
         _ => None,
     };
     let span = match &model {
@@ -938,6 +983,7 @@ fn mlm_ids(
     config: &BertConfig,
     tokenizer: &TextTokenizer,
     seq: usize,
+    whole_words: bool,
     splits: [&Split; 2],
 ) -> anyhow::Result<MlmIds> {
     let pair = |a: &str, b: &str| {
@@ -970,7 +1016,31 @@ fn mlm_ids(
             id
         }
     };
-    Ok(MlmIds { mask, first, last })
+    let continues = match whole_words {
+        false => None,
+        true => {
+            let hf = tokenizer
+                .as_hf()
+                .context("--whole-word-mask needs a WordPiece tokenizer (## pieces)")?;
+            let mut table = vec![false; config.vocab_size];
+            for (token, id) in hf.get_vocab(true) {
+                if token.starts_with("##") && (id as usize) < table.len() {
+                    table[id as usize] = true;
+                }
+            }
+            ensure!(
+                table.contains(&true),
+                "--whole-word-mask: the tokenizer has no ## pieces (it is not WordPiece)"
+            );
+            Some(table)
+        }
+    };
+    Ok(MlmIds {
+        mask,
+        first,
+        last,
+        continues,
+    })
 }
 
 /// Masked-LM batch of the windows at `starts`: each window framed by the tokenizer's specials,
@@ -992,14 +1062,14 @@ fn mlm_batch<B: Backend>(
         window.extend(ids.last);
         let mut rng = window_rng(job.args.seed, salt, start);
         let is_special = |id: u32| Some(id) == ids.first || Some(id) == ids.last;
-        let (input, label) = mlm_mask(
-            &window,
-            is_special,
-            ids.mask,
-            job.model.vocab_size(),
-            job.args.mlm_probability,
-            &mut rng,
-        );
+        let (vocab, p) = (job.model.vocab_size(), job.args.mlm_probability);
+        let (input, label) = match &ids.continues {
+            None => mlm_mask(&window, is_special, ids.mask, vocab, p, &mut rng),
+            Some(table) => {
+                let continues = |id: u32| table.get(id as usize).copied().unwrap_or(false);
+                whole_word_mask(&window, is_special, continues, ids.mask, vocab, p, &mut rng)
+            }
+        };
         inputs.extend(input.into_iter().map(i64::from));
         labels.extend(label);
     }
@@ -1312,20 +1382,12 @@ fn train<AB: AutodiffBackend>(
     }
 }
 
-/// The segments of a cut: the spec, the embedding, the blocks and the head.
-type Cut<AB, S> = (
-    S,
-    <S as ZeroSpec<AB>>::Embed,
-    Vec<<S as ZeroSpec<AB>>::Block>,
-    <S as ZeroSpec<AB>>::Head,
-);
-
 /// One rank's training loop, top to bottom.
 fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
     comm: Box<dyn Communicator>,
     device: AB::Device,
     job: &Job,
-    (spec, embed, blocks, head): Cut<AB, S>,
+    cut: Cut<AB, S>,
     init: InitScheme,
 ) -> anyhow::Result<Summary> {
     let args = &job.args;
@@ -1338,36 +1400,20 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
 
     // The model, one segment at a time: the directory's weights, or the family's initialisation
     // from the seed. The model is never whole in memory.
-    let adamw = AdamWConfig {
-        beta1: 0.9,
+    let setup = TrainSetup {
         beta2: args.beta2,
-        eps: 1e-8,
         weight_decay: args.weight_decay,
-    };
-    let options = args.memory.zero_options(
-        blocks.len(),
-        adamw,
-        (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-    )?;
-    let mut start_values = StartValues {
+        max_grad_norm: args.max_grad_norm,
         tensors: job.initial.as_ref().map(|r| r as &dyn TensorSource),
         strict: true,
         init,
         seed: args.seed,
-        fresh: Vec::new(),
+        source: args
+            .model
+            .clone()
+            .unwrap_or_else(|| "the default model".into()),
     };
-    let mut trainer = shard_model(
-        (spec, embed, blocks, head),
-        comm,
-        device.clone(),
-        options,
-        &mut start_values,
-        args.seed,
-    )
-    .with_context(|| match &args.model {
-        Some(model) => format!("starting from {model}"),
-        None => "initialising the model".into(),
-    })?;
+    let mut trainer = setup.build(cut, comm, device.clone(), &args.memory)?;
 
     let mut start = 0;
     if let Some(checkpoint) = &job.resume {

@@ -442,33 +442,88 @@ pub fn run_ranks<T: Send + 'static>(
     }
 }
 
-/// Builds a job's trainer from a model cut into segments, its shards taken one segment at a time
-/// from `start` (a checkpoint's tensors and the family's initialisation), then gives back what the
-/// setup freed, says the model is ready, and seeds dropout with `seed`.
-#[allow(clippy::too_many_arguments)]
-pub fn shard_model<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
-    (spec, embed, blocks, head): (S, S::Embed, Vec<S::Block>, S::Head),
-    comm: C,
-    device: B::Device,
-    options: ZeroOptions,
-    start: &mut models::train::StartValues<'_>,
-    seed: u64,
-) -> anyhow::Result<ZeroTrainer<B, S, C>> {
-    let mut trainer = ZeroTrainer::from_source(
-        spec,
-        comm,
-        device,
-        embed,
-        blocks,
-        head,
-        options,
-        |_, prefix, layout| start.segment(prefix, layout),
-    )?;
-    // What building the shards read and freed (segment buffers, tensors) goes back to the OS.
-    crate::alloc::release_free_memory();
-    report_ready(&trainer);
-    trainer.set_dropout_seed(seed);
-    Ok(trainer)
+/// The segments of a model cut for the trainer: the spec, the embedding, the blocks and the head.
+pub type Cut<B, S> = (
+    S,
+    <S as ZeroSpec<B>>::Embed,
+    Vec<<S as ZeroSpec<B>>::Block>,
+    <S as ZeroSpec<B>>::Head,
+);
+
+/// How every training job starts its trainer: AdamW (β1 0.9, ε 1e-8, as torch's defaults) and
+/// clipping, the memory options, and where the weights come from (a checkpoint's tensors, the
+/// family's initialisation for the rest).
+pub struct TrainSetup<'a> {
+    /// AdamW β2.
+    pub beta2: f32,
+    /// AdamW weight decay.
+    pub weight_decay: f32,
+    /// Global-norm clipping (0: none).
+    pub max_grad_norm: f32,
+    /// The checkpoint's tensors by zoo name, if training starts from one.
+    pub tensors: Option<&'a dyn models::train::TensorSource>,
+    /// Whether every parameter must come from `tensors` (continuing a model) or missing ones
+    /// start fresh (a new head), named in the log.
+    pub strict: bool,
+    /// The family's initialisation.
+    pub init: models::train::InitScheme,
+    /// Seed of the initialisation and of dropout.
+    pub seed: u64,
+    /// What `tensors` are, for messages (`--model`).
+    pub source: String,
+}
+
+impl TrainSetup<'_> {
+    /// Builds the trainer from `cut`, its shards taken one segment at a time (the model is never
+    /// whole in memory), then gives back what the setup freed, says the model is ready, names the
+    /// parameters that started fresh, and seeds dropout.
+    pub fn build<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+        self,
+        (spec, embed, blocks, head): Cut<B, S>,
+        comm: C,
+        device: B::Device,
+        memory: &MemoryArgs,
+    ) -> anyhow::Result<ZeroTrainer<B, S, C>> {
+        let adamw = AdamWConfig {
+            beta1: 0.9,
+            beta2: self.beta2,
+            eps: 1e-8,
+            weight_decay: self.weight_decay,
+        };
+        let clip = (self.max_grad_norm > 0.0).then_some(self.max_grad_norm);
+        let options = memory.zero_options(blocks.len(), adamw, clip)?;
+        let mut start = models::train::StartValues {
+            tensors: self.tensors,
+            strict: self.strict,
+            init: self.init,
+            seed: self.seed,
+            fresh: Vec::new(),
+        };
+        let lead = comm.rank() == 0;
+        let mut trainer = ZeroTrainer::from_source(
+            spec,
+            comm,
+            device,
+            embed,
+            blocks,
+            head,
+            options,
+            |_, prefix, layout| start.segment(prefix, layout),
+        )
+        .with_context(|| format!("starting from {}", self.source))?;
+        // What building the shards read and freed (segment buffers, tensors) goes back to the OS.
+        crate::alloc::release_free_memory();
+        report_ready(&trainer);
+        if lead && !start.fresh.is_empty() {
+            eprintln!(
+                "initialised fresh (not in {}): {}",
+                self.source,
+                start.fresh.join(", ")
+            );
+        }
+        trainer.set_dropout_seed(self.seed);
+        Ok(trainer)
+    }
 }
 
 /// When this process started (first asked for in `main`).

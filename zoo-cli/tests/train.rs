@@ -704,6 +704,39 @@ fn pretraining_a_tiny_bert_with_masked_lm_lowers_the_loss_and_saves_a_bert_mlm_d
     // transformers 5 refuses `num_labels: null`; the exported config leaves unset fields out.
     let hf_config = fs::read_to_string(hf.join("config.json")).unwrap();
     assert!(!hf_config.contains("null"), "{hf_config}");
+
+    // The family decides the objective; whole words need WordPiece's `##` pieces.
+    for (extra, needles) in [
+        (
+            &["--objective", "span"][..],
+            &["--objective span", "BertForMaskedLM", "mlm"][..],
+        ),
+        (&["--whole-word-mask"][..], &["##"][..]),
+    ] {
+        let other = dir.path().join("other");
+        let mut args = vec!["--model", config.to_str().unwrap(), "--steps", "2"];
+        args.extend_from_slice(extra);
+        let output = pretrain(&other, &args);
+        let message = text(&output);
+        assert!(!output.status.success(), "{message}");
+        for needle in needles {
+            assert!(message.contains(needle), "no '{needle}' in {message}");
+        }
+    }
+    // With a WordPiece vocabulary, whole-word masking trains.
+    let output = pretrain(
+        &dir.path().join("wwm"),
+        &[
+            "--model",
+            fixture("bert_mlm").to_str().unwrap(),
+            "--whole-word-mask",
+            "--steps",
+            "4",
+            "--lr",
+            "1e-3",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output));
 }
 
 /// `zoo finetune --task seq2seq|causal-lm` on a fixture's trajectory examples: 5 full-batch
@@ -711,7 +744,7 @@ fn pretraining_a_tiny_bert_with_masked_lm_lowers_the_loss_and_saves_a_bert_mlm_d
 /// transformers with `torch.optim.AdamW`.
 fn check_trajectory(fixture_name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let source = fixture(fixture_name).join("trajectory");
+    let source = fixture("trajectory").join(fixture_name);
     let reference: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(source.join("trajectory.json")).unwrap()).unwrap();
     let run = dir.path().join("run");
@@ -889,7 +922,7 @@ fn seq2seq_and_causal_lm_finetuning_keep_a_best_checkpoint_that_answers() {
         ("causal-lm", "gpt2", "The cat"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let examples = fixture(model).join("trajectory/examples.jsonl");
+        let examples = fixture("trajectory").join(model).join("examples.jsonl");
         let run = dir.path().join("run");
         let output = zoo(&[
             "finetune",

@@ -1,0 +1,173 @@
+//! What every family reads and how every family is scored: model inputs and outputs, token-id
+//! lists of configs, the ignore label and the losses. Families depend on [`crate::layers`] and
+//! this module, not on each other.
+
+use bmtrain_backend::kernels;
+use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::AttentionMask;
+
+// ---------------------------------------------------------------------------------------------
+// Inputs and outputs
+
+/// A tokenised batch.
+#[derive(Debug, Clone)]
+pub struct EncoderInput<B: Backend> {
+    /// `[batch, seq]` token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]`, 1 for tokens, 0 for padding; no padding when `None`.
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// `[batch, seq]` segment ids; zeros when `None`.
+    pub token_type_ids: Option<Tensor<B, 2, Int>>,
+    /// Encoder-decoder models only: `[batch, tgt]` decoder ids; when `None`, one decoder step from
+    /// the start token. Encoder-only and decoder-only models ignore it.
+    pub decoder_input_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> EncoderInput<B> {
+    /// The padding mask as attention scores see it.
+    pub fn mask(&self) -> AttentionMask<B> {
+        match &self.attention_mask {
+            Some(mask) => AttentionMask::padding(mask.clone()),
+            None => AttentionMask::none(),
+        }
+    }
+}
+
+/// What an encoder model returns.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput<B: Backend> {
+    /// `[batch, seq, hidden]`: the last layer's hidden states.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// `[batch, hidden]`: the pooler's output, for models built with a pooler.
+    pub pooler_output: Option<Tensor<B, 2>>,
+}
+
+/// What a decoder-only model reads.
+#[derive(Debug, Clone)]
+pub struct DecoderInput<B: Backend> {
+    /// `[batch, seq]` token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, past + seq]`: 1 for real tokens, 0 for padding (left padding in generation).
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// `[batch, seq]`; `past..past + seq` when absent, as transformers' forward.
+    pub position_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> DecoderInput<B> {
+    /// Ids only: no padding, positions counted from the cache length.
+    pub fn new(input_ids: Tensor<B, 2, Int>) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            position_ids: None,
+        }
+    }
+}
+
+/// One token id or several, as HF configs write `eos_token_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Losses
+
+/// The label that [`causal_lm_loss`] skips, as PyTorch's `ignore_index`.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Causal-LM loss as transformers computes it: position `t` predicts label `t + 1`, labels equal to
+/// [`IGNORE_INDEX`] (padding, prompts) are skipped, and the loss is the mean over the rest.
+///
+/// - logits: `[batch, seq, vocab]`, labels: `[batch, seq]` (usually the input ids) → `[1]`
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [batch, seq, vocab] = logits.dims();
+    // The fused kernel reads every row of the logits in place: each position's target is the next
+    // label, and each row's last position is ignored (no slicing copy of the logits).
+    let shifted = || {
+        host_labels(labels.clone())
+            .chunks(seq)
+            .flat_map(|row| row[1..].iter().copied().chain([IGNORE_INDEX]))
+            .collect()
+    };
+    let flat = logits.clone().reshape([batch * seq, vocab]);
+    if let Some(loss) = kernels::cross_entropy(&flat, shifted, IGNORE_INDEX) {
+        return loss;
+    }
+    let predicting = logits
+        .slice([0..batch, 0..seq - 1, 0..vocab])
+        .reshape([batch * (seq - 1), vocab]);
+    let targets = labels
+        .slice([0..batch, 1..seq])
+        .reshape([batch * (seq - 1)]);
+    token_cross_entropy(predicting, targets, IGNORE_INDEX)
+}
+
+/// Mean cross-entropy over the rows whose label is not `ignore`.
+///
+/// - logits: `[n, vocab]`, labels: `[n]` → `[1]` (0 when every label is ignored)
+pub fn token_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    ignore: i64,
+) -> Tensor<B, 1> {
+    if let Some(loss) = kernels::cross_entropy(&logits, || host_labels(labels.clone()), ignore) {
+        return loss;
+    }
+    let [n, _] = logits.dims();
+    let device = logits.device();
+    let ignored = labels.clone().equal_elem(ignore);
+    // Gather needs a valid index; ignored rows read class 0 and are zeroed below.
+    let safe = labels.mask_fill(ignored.clone(), 0).reshape([n, 1]);
+    let picked = log_softmax(logits, 1).gather(1, safe).reshape([n]);
+    let kept = ignored.bool_not().float();
+    let count = kept
+        .clone()
+        .sum()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap_or_default()[0];
+    let total = (picked * kept).sum().neg();
+    total / Tensor::from_data(TensorData::from([count.max(1.0)]), &device)
+}
+
+/// Labels as host integers, for the fused loss.
+fn host_labels<B: Backend, const D: usize>(labels: Tensor<B, D, Int>) -> Vec<i64> {
+    labels
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap_or_default()
+}
+
+/// Mean cross-entropy of `logits` `[batch, classes]` against `labels` `[batch]`, as
+/// `torch.nn.CrossEntropyLoss()`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let [batch, _] = logits.dims();
+    let picked = log_softmax(logits, 1).gather(1, labels.reshape([batch, 1]));
+    picked.mean().neg()
+}
+
+/// Mean squared error, as `torch.nn.MSELoss()` (a one-label "regression" head).
+pub fn mean_squared_error<B: Backend>(
+    predictions: Tensor<B, 2>,
+    targets: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    (predictions - targets).square().mean()
+}
