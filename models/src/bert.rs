@@ -11,6 +11,8 @@ use burn::nn::Embedding;
 use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
+pub mod zero;
+
 use crate::ModelError;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
 pub use crate::io::{EncoderInput, EncoderOutput, cross_entropy, mean_squared_error};

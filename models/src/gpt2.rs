@@ -12,6 +12,8 @@ use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
+pub mod zero;
+
 use crate::ModelError;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
 pub use crate::io::{DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy};
@@ -367,35 +369,113 @@ impl<B: Backend> Gpt2Model<B> {
         let past = cache.as_ref().map_or(0, DecoderCache::len);
         let position_ids = match &input.position_ids {
             Some(p) => p.clone(),
-            None => Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device)
-                .reshape([1, seq])
-                .expand([batch, seq]),
+            None => positions(batch, seq, past, &device),
         };
-        let hidden = self.wte.forward(input.input_ids.clone()) + self.wpe.forward(position_ids);
-        let mut hidden = self.dropout.forward(hidden);
-
+        let mut hidden = self.embed(input.input_ids.clone(), position_ids);
         let padding = match &input.attention_mask {
             Some(mask) => AttentionMask::padding(mask.clone()),
             None => AttentionMask::none(),
         };
-        let dense = padding.clone().with_causal(seq, past + seq, &device);
-        let local = self
-            .local_window
-            .map(|window| padding.with_local_causal(seq, past + seq, window, &device));
+        let masks = BlockMasks::new(padding, self.local_window, seq, past, &device);
 
         let mut caches = cache.map(|c| c.layers.into_iter());
         let mut grown = Vec::with_capacity(self.blocks.len());
         for (index, block) in self.blocks.iter().enumerate() {
-            let mask = match &local {
-                Some(local) if index % 2 == 1 => local,
-                _ => &dense,
-            };
+            let mask = masks.of_block(index);
             let past = caches.as_mut().and_then(Iterator::next);
             let (out, layer_cache) = block.forward(hidden, past, mask);
             hidden = out;
             grown.push(layer_cache);
         }
         (self.ln_f.forward(hidden), DecoderCache { layers: grown })
+    }
+
+    /// Token plus position embeddings, then dropout: `[batch, seq]` → `[batch, seq, n_embd]`.
+    pub fn embed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        embed(&self.wte, &self.wpe, &self.dropout, input_ids, position_ids)
+    }
+}
+
+/// Positions `past..past + seq` for every row, as transformers counts them without padding.
+pub fn positions<B: Backend>(
+    batch: usize,
+    seq: usize,
+    past: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, device)
+        .reshape([1, seq])
+        .expand([batch, seq])
+}
+
+/// `wte(ids) + wpe(positions)`, then dropout (the model's embedding step, and its ZeRO
+/// segment's).
+pub(crate) fn embed<B: Backend>(
+    wte: &Embedding<B>,
+    wpe: &Embedding<B>,
+    dropout: &Dropout,
+    input_ids: Tensor<B, 2, Int>,
+    position_ids: Tensor<B, 2, Int>,
+) -> Tensor<B, 3> {
+    dropout.forward(wte.forward(input_ids) + wpe.forward(position_ids))
+}
+
+/// The attention masks of the blocks: causal everywhere, and GPT-3's locally banded one on odd
+/// blocks when the config has `local_attention_window`.
+pub(crate) struct BlockMasks<B: Backend> {
+    dense: AttentionMask<B>,
+    local: Option<AttentionMask<B>>,
+}
+
+impl<B: Backend> BlockMasks<B> {
+    /// The masks of `seq` new positions after `past`, on top of `padding`.
+    pub(crate) fn new(
+        padding: AttentionMask<B>,
+        local_window: Option<usize>,
+        seq: usize,
+        past: usize,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            local: local_window.map(|window| {
+                padding
+                    .clone()
+                    .with_local_causal(seq, past + seq, window, device)
+            }),
+            dense: padding.with_causal(seq, past + seq, device),
+        }
+    }
+
+    /// Block `index`'s mask (GPT-3's alternating pattern: odd blocks see a band).
+    pub(crate) fn of_block(&self, index: usize) -> &AttentionMask<B> {
+        match &self.local {
+            Some(local) if index % 2 == 1 => local,
+            _ => &self.dense,
+        }
+    }
+}
+
+/// Hidden states → logits through `lm_head`, or through `wte` when tied.
+pub(crate) fn lm_logits<B: Backend>(
+    hidden: Tensor<B, 3>,
+    lm_head: Option<&Linear<B>>,
+    wte: &Embedding<B>,
+) -> Tensor<B, 3> {
+    match lm_head {
+        Some(head) => head.forward(hidden),
+        None => {
+            let [batch, seq, width] = hidden.dims();
+            let table = wte.weight.val(); // [vocab, n_embd]
+            let vocab = table.dims()[0];
+            hidden
+                .reshape([batch * seq, width])
+                .matmul(table.transpose())
+                .reshape([batch, seq, vocab])
+        }
     }
 }
 
@@ -426,18 +506,7 @@ impl<B: Backend> Gpt2LmHeadModel<B> {
 
     /// Hidden states → logits: `[batch, seq, n_embd]` → `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let [batch, seq, width] = hidden.dims();
-                let table = self.transformer.wte.weight.val(); // [vocab, n_embd]
-                let vocab = table.dims()[0];
-                hidden
-                    .reshape([batch * seq, width])
-                    .matmul(table.transpose())
-                    .reshape([batch, seq, vocab])
-            }
-        }
+        lm_logits(hidden, self.lm_head.as_ref(), &self.transformer.wte)
     }
 
     /// Full-sequence forward: hidden states and logits.
