@@ -16,6 +16,7 @@ pub mod zero;
 use crate::ModelError;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
 pub use crate::io::{EncoderInput, EncoderOutput, cross_entropy, mean_squared_error};
+use crate::io::{Logits, ModelClass, ModelOutput};
 use crate::layers::{
     Activation, AttentionMask, Embeddings, EmbeddingsConfig, FeedForward, FeedForwardConfig,
     LayerNorm, LayerNormConfig, MultiHeadAttention, MultiHeadAttentionConfig,
@@ -460,6 +461,59 @@ impl<B: Backend> BertForSequenceClassification<B> {
         let pooled = output.pooler_output.clone().expect("built with a pooler");
         let logits = self.classifier.forward(self.dropout.forward(pooled));
         (output, logits)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The classes as the registry runs them
+
+impl<B: Backend> ModelClass<B> for BertModel<B> {
+    type Config = BertConfig;
+    fn build(config: &BertConfig, device: &B::Device) -> Result<Self, ModelError> {
+        BertModel::new(config, true, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        ModelOutput::encoder(self.forward(input), None)
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.embeddings.max_positions().unwrap_or(usize::MAX)
+    }
+    fn vocab_size(&self) -> usize {
+        self.embeddings.vocab_size()
+    }
+}
+
+impl<B: Backend> ModelClass<B> for BertForMaskedLM<B> {
+    type Config = BertConfig;
+    fn build(config: &BertConfig, device: &B::Device) -> Result<Self, ModelError> {
+        BertForMaskedLM::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (output, logits) = self.forward(input);
+        ModelOutput::encoder(output, Some(Logits::PerToken(logits)))
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.bert.max_sequence_length()
+    }
+    fn vocab_size(&self) -> usize {
+        self.bert.vocab_size()
+    }
+}
+
+impl<B: Backend> ModelClass<B> for BertForSequenceClassification<B> {
+    type Config = BertConfig;
+    fn build(config: &BertConfig, device: &B::Device) -> Result<Self, ModelError> {
+        BertForSequenceClassification::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (output, logits) = self.forward(input);
+        ModelOutput::encoder(output, Some(Logits::PerSequence(logits)))
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.bert.max_sequence_length()
+    }
+    fn vocab_size(&self) -> usize {
+        self.bert.vocab_size()
     }
 }
 

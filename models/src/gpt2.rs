@@ -17,6 +17,7 @@ pub mod zero;
 use crate::ModelError;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
 pub use crate::io::{DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy};
+use crate::io::{EncoderInput, ModelClass, ModelOutput};
 use crate::layers::{
     Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, LayerNorm, LayerNormConfig,
     MultiHeadAttention, MultiHeadAttentionConfig,
@@ -553,6 +554,51 @@ impl<B: Backend> crate::generation::Decoder<B> for Gpt2LmHeadModel<B> {
 
     fn reorder(&self, state: &Self::State, indices: Tensor<B, 1, Int>) -> Self::State {
         state.select(indices)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The classes as the registry runs them
+
+/// The decoder input of a tokenised batch (right padding; `token_type_ids` ignored).
+fn decoder_input<B: Backend>(input: &EncoderInput<B>) -> DecoderInput<B> {
+    DecoderInput {
+        input_ids: input.input_ids.clone(),
+        attention_mask: input.attention_mask.clone(),
+        position_ids: None,
+    }
+}
+
+impl<B: Backend> ModelClass<B> for Gpt2Model<B> {
+    type Config = Gpt2Config;
+    fn build(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
+        Gpt2Model::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        ModelOutput::hidden(self.forward(&decoder_input(input)), None)
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.max_positions()
+    }
+    fn vocab_size(&self) -> usize {
+        Gpt2Model::vocab_size(self)
+    }
+}
+
+impl<B: Backend> ModelClass<B> for Gpt2LmHeadModel<B> {
+    type Config = Gpt2Config;
+    fn build(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
+        Gpt2LmHeadModel::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (hidden, logits) = self.forward(&decoder_input(input));
+        ModelOutput::hidden(hidden, Some(logits))
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.transformer.max_positions()
+    }
+    fn vocab_size(&self) -> usize {
+        self.transformer.vocab_size()
     }
 }
 

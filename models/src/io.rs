@@ -86,6 +86,67 @@ impl TokenIds {
     }
 }
 
+/// What every model class gives the registry's dispatch ([`crate::AnyModel`]), implemented beside
+/// the model: how it is built from its family's config and how a command runs it.
+pub trait ModelClass<B: Backend>: Sized {
+    /// The family's config.
+    type Config;
+    /// Builds the class from `config` with fresh (lazy) weights.
+    fn build(config: &Self::Config, device: &B::Device) -> Result<Self, crate::ModelError>;
+    /// Runs the model on a tokenised batch (decoder-only models read `input_ids` and
+    /// `attention_mask`, right padding; encoder-decoders also `decoder_input_ids`).
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B>;
+    /// The longest input the position table allows (`usize::MAX` without one).
+    fn max_sequence_length(&self) -> usize;
+    /// Number of token ids the model accepts.
+    fn vocab_size(&self) -> usize;
+}
+
+/// Logits of a head: per token (MLM) or per sequence (classification).
+#[derive(Debug, Clone)]
+pub enum Logits<B: Backend> {
+    /// `[batch, seq, vocab]`.
+    PerToken(Tensor<B, 3>),
+    /// `[batch, num_labels]`.
+    PerSequence(Tensor<B, 2>),
+}
+
+/// What [`AnyModel::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct ModelOutput<B: Backend> {
+    /// `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// `[batch, hidden]`, when the model has a pooler.
+    pub pooler_output: Option<Tensor<B, 2>>,
+    /// When the model has a head.
+    pub logits: Option<Logits<B>>,
+    /// Encoder-decoder models: the encoder's output `[batch, src, hidden]` (`last_hidden_state`
+    /// is then the decoder's).
+    pub encoder_last_hidden_state: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> ModelOutput<B> {
+    /// An encoder's output with its head's logits, if any.
+    pub fn encoder(output: EncoderOutput<B>, logits: Option<Logits<B>>) -> Self {
+        Self {
+            last_hidden_state: output.last_hidden_state,
+            pooler_output: output.pooler_output,
+            logits,
+            encoder_last_hidden_state: None,
+        }
+    }
+
+    /// Hidden states and, for models with an LM head, per-token logits.
+    pub fn hidden(last_hidden_state: Tensor<B, 3>, logits: Option<Tensor<B, 3>>) -> Self {
+        Self {
+            last_hidden_state,
+            pooler_output: None,
+            logits: logits.map(Logits::PerToken),
+            encoder_last_hidden_state: None,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Losses
 

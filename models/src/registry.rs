@@ -6,12 +6,12 @@ use burn::tensor::{Tensor, backend::Backend};
 use serde_json::Value;
 
 use crate::ModelError;
-use crate::bert::{
-    BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, EncoderInput,
-};
-use crate::gpt2::{DecoderInput, Gpt2Config, Gpt2LmHeadModel, Gpt2Model};
+use crate::bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel};
+use crate::gpt2::{Gpt2Config, Gpt2LmHeadModel, Gpt2Model};
+use crate::io::{EncoderInput, ModelClass};
+pub use crate::io::{Logits, ModelOutput};
 use crate::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel};
-use crate::t5::{Seq2SeqInput, T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Model};
+use crate::t5::{T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Model};
 
 /// A model family: one file in `models/src`, one key table in `checkpoints-convert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,93 +223,140 @@ impl ModelConfig {
     }
 }
 
-/// A model class, named as in transformers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Architecture {
+/// Counts the rows of [`classes!`].
+macro_rules! count {
+    () => { 0usize };
+    ($head:ident $($tail:ident)*) => { 1usize + count!($($tail)*) };
+}
+
+/// The model classes, one row each: `Variant(ModelType) = "transformers name", Family,
+/// config accessor, base, pooler;` — whether it is the bare body (keys without the `bert.` /
+/// `roberta.` / `transformer.` prefix) and whether it has BERT's tanh pooler. Generates
+/// [`Architecture`], [`AnyModel`] and their dispatch; what a class does is its
+/// [`ModelClass`] impl beside the model.
+macro_rules! classes {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident($model:ident) = $hf:literal, $family:ident, $config:ident,
+        base: $base:literal, pooler: $pooler:literal;
+    )*) => {
+        /// A model class, named as in transformers.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Architecture {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Architecture {
+            /// Every architecture.
+            pub const ALL: [Architecture; count!($($variant)*)] = [$(Self::$variant),*];
+
+            /// The transformers class name.
+            pub fn hf_name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $hf,)*
+                }
+            }
+
+            /// The family the class belongs to.
+            pub fn family(self) -> Family {
+                match self {
+                    $(Self::$variant => Family::$family,)*
+                }
+            }
+
+            /// Whether this is the bare body (keys without the `bert.` / `roberta.` /
+            /// `transformer.` prefix).
+            pub fn is_base(self) -> bool {
+                match self {
+                    $(Self::$variant => $base,)*
+                }
+            }
+
+            /// Whether the class has BERT's tanh pooler (the MLM and RoBERTa classification heads
+            /// do not).
+            pub fn has_pooler(self) -> bool {
+                match self {
+                    $(Self::$variant => $pooler,)*
+                }
+            }
+        }
+
+        /// Any zoo model, so that commands can run whatever a directory holds.
+        #[derive(Module, Debug)]
+        pub enum AnyModel<B: Backend> {
+            $($(#[$doc])* $variant($model<B>),)*
+        }
+
+        impl<B: Backend> AnyModel<B> {
+            /// Builds `architecture` from `config` with fresh (lazy) weights.
+            pub fn new(
+                architecture: Architecture,
+                config: &ModelConfig,
+                device: &B::Device,
+            ) -> Result<Self, ModelError> {
+                Ok(match architecture {
+                    $(Architecture::$variant => {
+                        Self::$variant($model::build(config.$config()?, device)?)
+                    })*
+                })
+            }
+
+            /// Runs the model (see [`ModelClass::run`]).
+            pub fn forward(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+                match self {
+                    $(Self::$variant(m) => m.run(input),)*
+                }
+            }
+
+            /// The longest input the position table allows.
+            pub fn max_sequence_length(&self) -> usize {
+                match self {
+                    $(Self::$variant(m) => m.max_sequence_length(),)*
+                }
+            }
+
+            /// Number of token ids the model accepts.
+            pub fn vocab_size(&self) -> usize {
+                match self {
+                    $(Self::$variant(m) => ModelClass::vocab_size(m),)*
+                }
+            }
+        }
+    };
+}
+
+classes! {
     /// `BertModel`: encoder and pooler.
-    BertModel,
+    BertModel(BertModel) = "BertModel", Bert, as_bert, base: true, pooler: true;
     /// `BertForMaskedLM`: encoder and MLM head.
-    BertForMaskedLM,
+    BertForMaskedLM(BertForMaskedLM) = "BertForMaskedLM", Bert, as_bert,
+        base: false, pooler: false;
     /// `BertForSequenceClassification`: encoder, pooler and linear classifier.
-    BertForSequenceClassification,
+    BertForSequenceClassification(BertForSequenceClassification) =
+        "BertForSequenceClassification", Bert, as_bert, base: false, pooler: true;
     /// `RobertaModel`: encoder and pooler.
-    RobertaModel,
+    RobertaModel(RobertaModel) = "RobertaModel", Roberta, as_bert, base: true, pooler: true;
     /// `RobertaForMaskedLM`: encoder and MLM head.
-    RobertaForMaskedLM,
+    RobertaForMaskedLM(RobertaForMaskedLM) = "RobertaForMaskedLM", Roberta, as_bert,
+        base: false, pooler: false;
     /// `RobertaForSequenceClassification`: encoder and classification head.
-    RobertaForSequenceClassification,
+    RobertaForSequenceClassification(RobertaForSequenceClassification) =
+        "RobertaForSequenceClassification", Roberta, as_bert, base: false, pooler: false;
     /// `GPT2Model`: the decoder stack.
-    Gpt2Model,
+    Gpt2Model(Gpt2Model) = "GPT2Model", Gpt2, as_gpt2, base: true, pooler: false;
     /// `GPT2LMHeadModel`: the decoder stack and the (tied) LM head.
-    Gpt2LmHeadModel,
+    Gpt2LmHeadModel(Gpt2LmHeadModel) = "GPT2LMHeadModel", Gpt2, as_gpt2,
+        base: false, pooler: false;
     /// `T5Model`: encoder and decoder.
-    T5Model,
+    T5Model(T5Model) = "T5Model", T5, as_t5, base: false, pooler: false;
     /// `T5ForConditionalGeneration`: encoder, decoder and LM head.
-    T5ForConditionalGeneration,
+    T5ForConditionalGeneration(T5ForConditionalGeneration) = "T5ForConditionalGeneration", T5,
+        as_t5, base: false, pooler: false;
     /// `T5EncoderModel`: the encoder alone.
-    T5EncoderModel,
+    T5EncoderModel(T5EncoderModel) = "T5EncoderModel", T5, as_t5, base: false, pooler: false;
 }
 
 impl Architecture {
-    /// Every architecture.
-    pub const ALL: [Architecture; 11] = [
-        Self::BertModel,
-        Self::BertForMaskedLM,
-        Self::BertForSequenceClassification,
-        Self::RobertaModel,
-        Self::RobertaForMaskedLM,
-        Self::RobertaForSequenceClassification,
-        Self::Gpt2Model,
-        Self::Gpt2LmHeadModel,
-        Self::T5Model,
-        Self::T5ForConditionalGeneration,
-        Self::T5EncoderModel,
-    ];
-
-    /// The transformers class name.
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            Self::BertModel => "BertModel",
-            Self::BertForMaskedLM => "BertForMaskedLM",
-            Self::BertForSequenceClassification => "BertForSequenceClassification",
-            Self::RobertaModel => "RobertaModel",
-            Self::RobertaForMaskedLM => "RobertaForMaskedLM",
-            Self::RobertaForSequenceClassification => "RobertaForSequenceClassification",
-            Self::Gpt2Model => "GPT2Model",
-            Self::Gpt2LmHeadModel => "GPT2LMHeadModel",
-            Self::T5Model => "T5Model",
-            Self::T5ForConditionalGeneration => "T5ForConditionalGeneration",
-            Self::T5EncoderModel => "T5EncoderModel",
-        }
-    }
-
-    /// The family the class belongs to.
-    pub fn family(self) -> Family {
-        match self {
-            Self::BertModel | Self::BertForMaskedLM | Self::BertForSequenceClassification => {
-                Family::Bert
-            }
-            Self::RobertaModel
-            | Self::RobertaForMaskedLM
-            | Self::RobertaForSequenceClassification => Family::Roberta,
-            Self::Gpt2Model | Self::Gpt2LmHeadModel => Family::Gpt2,
-            Self::T5Model | Self::T5ForConditionalGeneration | Self::T5EncoderModel => Family::T5,
-        }
-    }
-
-    /// Whether this is the bare body (keys without the `bert.` / `roberta.` / `transformer.` prefix).
-    pub fn is_base(self) -> bool {
-        matches!(self, Self::BertModel | Self::RobertaModel | Self::Gpt2Model)
-    }
-
-    /// Whether the class has BERT's tanh pooler (the MLM and RoBERTa classification heads do not).
-    pub fn has_pooler(self) -> bool {
-        matches!(
-            self,
-            Self::BertModel | Self::BertForSequenceClassification | Self::RobertaModel
-        )
-    }
-
     /// The bare encoder of a family.
     pub fn base(family: Family) -> Self {
         match family {
@@ -373,236 +420,6 @@ impl Architecture {
                     Self::ALL.map(|a| a.hf_name()).join(", ")
                 ))
             })
-    }
-}
-
-/// Any zoo model, so that commands can run whatever a directory holds.
-#[derive(Module, Debug)]
-pub enum AnyModel<B: Backend> {
-    /// `BertModel`.
-    BertModel(BertModel<B>),
-    /// `BertForMaskedLM`.
-    BertForMaskedLM(BertForMaskedLM<B>),
-    /// `BertForSequenceClassification`.
-    BertForSequenceClassification(BertForSequenceClassification<B>),
-    /// `RobertaModel`.
-    RobertaModel(RobertaModel<B>),
-    /// `RobertaForMaskedLM`.
-    RobertaForMaskedLM(RobertaForMaskedLM<B>),
-    /// `RobertaForSequenceClassification`.
-    RobertaForSequenceClassification(RobertaForSequenceClassification<B>),
-    /// `GPT2Model`.
-    Gpt2Model(Gpt2Model<B>),
-    /// `GPT2LMHeadModel`.
-    Gpt2LmHeadModel(Gpt2LmHeadModel<B>),
-    /// `T5Model`.
-    T5Model(T5Model<B>),
-    /// `T5ForConditionalGeneration`.
-    T5ForConditionalGeneration(T5ForConditionalGeneration<B>),
-    /// `T5EncoderModel`.
-    T5EncoderModel(T5EncoderModel<B>),
-}
-
-/// Logits of a head: per token (MLM) or per sequence (classification).
-#[derive(Debug, Clone)]
-pub enum Logits<B: Backend> {
-    /// `[batch, seq, vocab]`.
-    PerToken(Tensor<B, 3>),
-    /// `[batch, num_labels]`.
-    PerSequence(Tensor<B, 2>),
-}
-
-/// What [`AnyModel::forward`] returns.
-#[derive(Debug, Clone)]
-pub struct ModelOutput<B: Backend> {
-    /// `[batch, seq, hidden]`.
-    pub last_hidden_state: Tensor<B, 3>,
-    /// `[batch, hidden]`, when the model has a pooler.
-    pub pooler_output: Option<Tensor<B, 2>>,
-    /// When the model has a head.
-    pub logits: Option<Logits<B>>,
-    /// Encoder-decoder models: the encoder's output `[batch, src, hidden]` (`last_hidden_state`
-    /// is then the decoder's).
-    pub encoder_last_hidden_state: Option<Tensor<B, 3>>,
-}
-
-impl<B: Backend> AnyModel<B> {
-    /// Builds `architecture` from `config` with fresh (lazy) weights.
-    pub fn new(
-        architecture: Architecture,
-        config: &ModelConfig,
-        device: &B::Device,
-    ) -> Result<Self, ModelError> {
-        if architecture.family() == Family::T5 {
-            let config = config.as_t5()?;
-            return Ok(match architecture {
-                Architecture::T5Model => Self::T5Model(T5Model::new(config, device)?),
-                Architecture::T5EncoderModel => {
-                    Self::T5EncoderModel(T5EncoderModel::new(config, device)?)
-                }
-                _ => Self::T5ForConditionalGeneration(T5ForConditionalGeneration::new(
-                    config, device,
-                )?),
-            });
-        }
-        if let Architecture::Gpt2Model | Architecture::Gpt2LmHeadModel = architecture {
-            let config = config.as_gpt2()?;
-            return Ok(match architecture {
-                Architecture::Gpt2Model => Self::Gpt2Model(Gpt2Model::new(config, device)?),
-                _ => Self::Gpt2LmHeadModel(Gpt2LmHeadModel::new(config, device)?),
-            });
-        }
-        let config = config.as_bert()?;
-        Ok(match architecture {
-            Architecture::BertModel => Self::BertModel(BertModel::new(config, true, device)?),
-            Architecture::BertForMaskedLM => {
-                Self::BertForMaskedLM(BertForMaskedLM::new(config, device)?)
-            }
-            Architecture::BertForSequenceClassification => Self::BertForSequenceClassification(
-                BertForSequenceClassification::new(config, device)?,
-            ),
-            Architecture::RobertaModel => {
-                Self::RobertaModel(RobertaModel::new(config, true, device)?)
-            }
-            Architecture::RobertaForMaskedLM => {
-                Self::RobertaForMaskedLM(RobertaForMaskedLM::new(config, device)?)
-            }
-            Architecture::RobertaForSequenceClassification => {
-                Self::RobertaForSequenceClassification(RobertaForSequenceClassification::new(
-                    config, device,
-                )?)
-            }
-            Architecture::Gpt2Model
-            | Architecture::Gpt2LmHeadModel
-            | Architecture::T5Model
-            | Architecture::T5ForConditionalGeneration
-            | Architecture::T5EncoderModel => unreachable!("built above"),
-        })
-    }
-
-    /// Runs the model. Decoder-only models read `input_ids` and `attention_mask` (right padding)
-    /// and ignore `token_type_ids`.
-    pub fn forward(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
-        let decoder_input = || DecoderInput {
-            input_ids: input.input_ids.clone(),
-            attention_mask: input.attention_mask.clone(),
-            position_ids: None,
-        };
-        let (output, logits) = match self {
-            Self::Gpt2Model(m) => {
-                let hidden = m.forward(&decoder_input());
-                return ModelOutput::hidden(hidden, None);
-            }
-            Self::Gpt2LmHeadModel(m) => {
-                let (hidden, logits) = m.forward(&decoder_input());
-                return ModelOutput::hidden(hidden, Some(logits));
-            }
-            Self::T5EncoderModel(m) => {
-                let hidden = m.forward(input.input_ids.clone(), input.attention_mask.clone());
-                return ModelOutput::hidden(hidden, None);
-            }
-            Self::T5Model(m) => {
-                let (encoded, decoded) = m.forward(&seq2seq_input(input, None));
-                let mut output = ModelOutput::hidden(decoded, None);
-                output.encoder_last_hidden_state = Some(encoded);
-                return output;
-            }
-            Self::T5ForConditionalGeneration(m) => {
-                let start = m.decoder_start_token_id();
-                let (encoded, decoded, logits) = m.forward(&seq2seq_input(input, start));
-                let mut output = ModelOutput::hidden(decoded, Some(logits));
-                output.encoder_last_hidden_state = Some(encoded);
-                return output;
-            }
-            Self::BertModel(m) => (m.forward(input), None),
-            Self::RobertaModel(m) => (m.forward(input), None),
-            Self::BertForMaskedLM(m) => {
-                let (o, l) = m.forward(input);
-                (o, Some(Logits::PerToken(l)))
-            }
-            Self::RobertaForMaskedLM(m) => {
-                let (o, l) = m.forward(input);
-                (o, Some(Logits::PerToken(l)))
-            }
-            Self::BertForSequenceClassification(m) => {
-                let (o, l) = m.forward(input);
-                (o, Some(Logits::PerSequence(l)))
-            }
-            Self::RobertaForSequenceClassification(m) => {
-                let (o, l) = m.forward(input);
-                (o, Some(Logits::PerSequence(l)))
-            }
-        };
-        ModelOutput {
-            last_hidden_state: output.last_hidden_state,
-            pooler_output: output.pooler_output,
-            logits,
-            encoder_last_hidden_state: None,
-        }
-    }
-
-    /// The longest input the position table allows.
-    pub fn max_sequence_length(&self) -> usize {
-        let embeddings = match self {
-            Self::BertModel(m) => &m.embeddings,
-            Self::BertForMaskedLM(m) => &m.bert.embeddings,
-            Self::BertForSequenceClassification(m) => &m.bert.embeddings,
-            Self::RobertaModel(m) => return m.max_sequence_length(),
-            Self::RobertaForMaskedLM(m) => return m.roberta.max_sequence_length(),
-            Self::RobertaForSequenceClassification(m) => return m.roberta.max_sequence_length(),
-            Self::Gpt2Model(m) => return m.max_positions(),
-            Self::Gpt2LmHeadModel(m) => return m.transformer.max_positions(),
-            // Relative positions: no table limits the length.
-            Self::T5Model(_) | Self::T5ForConditionalGeneration(_) | Self::T5EncoderModel(_) => {
-                return usize::MAX;
-            }
-        };
-        embeddings.max_positions().unwrap_or(usize::MAX)
-    }
-
-    /// Number of token ids the model accepts.
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            Self::BertModel(m) => m.embeddings.vocab_size(),
-            Self::BertForMaskedLM(m) => m.bert.embeddings.vocab_size(),
-            Self::BertForSequenceClassification(m) => m.bert.embeddings.vocab_size(),
-            Self::RobertaModel(m) => m.embeddings.vocab_size(),
-            Self::RobertaForMaskedLM(m) => m.roberta.embeddings.vocab_size(),
-            Self::RobertaForSequenceClassification(m) => m.roberta.embeddings.vocab_size(),
-            Self::Gpt2Model(m) => m.vocab_size(),
-            Self::Gpt2LmHeadModel(m) => m.transformer.vocab_size(),
-            Self::T5Model(m) => m.shared.weight.shape().dims::<2>()[0],
-            Self::T5ForConditionalGeneration(m) => m.vocab_size(),
-            Self::T5EncoderModel(m) => m.shared.weight.shape().dims::<2>()[0],
-        }
-    }
-}
-
-impl<B: Backend> ModelOutput<B> {
-    fn hidden(last_hidden_state: Tensor<B, 3>, logits: Option<Tensor<B, 3>>) -> Self {
-        Self {
-            last_hidden_state,
-            pooler_output: None,
-            logits: logits.map(Logits::PerToken),
-            encoder_last_hidden_state: None,
-        }
-    }
-}
-
-/// An encoder-decoder input from [`EncoderInput`]: its decoder ids, or one start token per row.
-fn seq2seq_input<B: Backend>(input: &EncoderInput<B>, start: Option<u32>) -> Seq2SeqInput<B> {
-    let decoder_input_ids = input.decoder_input_ids.clone().unwrap_or_else(|| {
-        let batch = input.input_ids.dims()[0];
-        Tensor::full(
-            [batch, 1],
-            start.unwrap_or(0) as i64,
-            &input.input_ids.device(),
-        )
-    });
-    Seq2SeqInput {
-        input_ids: input.input_ids.clone(),
-        attention_mask: input.attention_mask.clone(),
-        decoder_input_ids,
     }
 }
 

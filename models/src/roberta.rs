@@ -15,6 +15,7 @@ use crate::bert::{
     BertConfig, BertEncoder, BertModel, BertPooler, EncoderInput, EncoderOutput, MlmHead,
     first_token,
 };
+use crate::io::{Logits, ModelClass, ModelOutput};
 use crate::layers::{Activation, Embeddings};
 
 /// RoBERTa's `config.json` has BERT's schema.
@@ -176,6 +177,59 @@ impl<B: Backend> RobertaForSequenceClassification<B> {
         let output = self.roberta.forward(input);
         let logits = self.classifier.forward(output.last_hidden_state.clone());
         (output, logits)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The classes as the registry runs them
+
+impl<B: Backend> ModelClass<B> for RobertaModel<B> {
+    type Config = RobertaConfig;
+    fn build(config: &RobertaConfig, device: &B::Device) -> Result<Self, ModelError> {
+        RobertaModel::new(config, true, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        ModelOutput::encoder(self.forward(input), None)
+    }
+    fn max_sequence_length(&self) -> usize {
+        RobertaModel::max_sequence_length(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.embeddings.vocab_size()
+    }
+}
+
+impl<B: Backend> ModelClass<B> for RobertaForMaskedLM<B> {
+    type Config = RobertaConfig;
+    fn build(config: &RobertaConfig, device: &B::Device) -> Result<Self, ModelError> {
+        RobertaForMaskedLM::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (output, logits) = self.forward(input);
+        ModelOutput::encoder(output, Some(Logits::PerToken(logits)))
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.roberta.max_sequence_length()
+    }
+    fn vocab_size(&self) -> usize {
+        self.roberta.embeddings.vocab_size()
+    }
+}
+
+impl<B: Backend> ModelClass<B> for RobertaForSequenceClassification<B> {
+    type Config = RobertaConfig;
+    fn build(config: &RobertaConfig, device: &B::Device) -> Result<Self, ModelError> {
+        RobertaForSequenceClassification::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (output, logits) = self.forward(input);
+        ModelOutput::encoder(output, Some(Logits::PerSequence(logits)))
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.roberta.max_sequence_length()
+    }
+    fn vocab_size(&self) -> usize {
+        self.roberta.embeddings.vocab_size()
     }
 }
 

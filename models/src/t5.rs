@@ -19,7 +19,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
-use crate::io::TokenIds;
+use crate::io::{EncoderInput, ModelClass, ModelOutput, TokenIds};
 pub mod zero;
 
 use crate::layers::{
@@ -1035,6 +1035,83 @@ pub fn seq2seq_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>)
         labels.reshape([batch * seq]),
         crate::io::IGNORE_INDEX,
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The classes as the registry runs them
+
+/// An encoder-decoder input from [`EncoderInput`]: its decoder ids, or one start token per row.
+fn seq2seq_input<B: Backend>(input: &EncoderInput<B>, start: Option<u32>) -> Seq2SeqInput<B> {
+    let decoder_input_ids = input.decoder_input_ids.clone().unwrap_or_else(|| {
+        let batch = input.input_ids.dims()[0];
+        Tensor::full(
+            [batch, 1],
+            start.unwrap_or(0) as i64,
+            &input.input_ids.device(),
+        )
+    });
+    Seq2SeqInput {
+        input_ids: input.input_ids.clone(),
+        attention_mask: input.attention_mask.clone(),
+        decoder_input_ids,
+    }
+}
+
+impl<B: Backend> ModelClass<B> for T5Model<B> {
+    type Config = T5Config;
+    fn build(config: &T5Config, device: &B::Device) -> Result<Self, ModelError> {
+        T5Model::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (encoded, decoded) = self.forward(&seq2seq_input(input, None));
+        let mut output = ModelOutput::hidden(decoded, None);
+        output.encoder_last_hidden_state = Some(encoded);
+        output
+    }
+    fn max_sequence_length(&self) -> usize {
+        // Relative positions: no table limits the length.
+        usize::MAX
+    }
+    fn vocab_size(&self) -> usize {
+        self.shared.weight.shape().dims::<2>()[0]
+    }
+}
+
+impl<B: Backend> ModelClass<B> for T5ForConditionalGeneration<B> {
+    type Config = T5Config;
+    fn build(config: &T5Config, device: &B::Device) -> Result<Self, ModelError> {
+        T5ForConditionalGeneration::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let start = self.decoder_start_token_id();
+        let (encoded, decoded, logits) = self.forward(&seq2seq_input(input, start));
+        let mut output = ModelOutput::hidden(decoded, Some(logits));
+        output.encoder_last_hidden_state = Some(encoded);
+        output
+    }
+    fn max_sequence_length(&self) -> usize {
+        usize::MAX
+    }
+    fn vocab_size(&self) -> usize {
+        T5ForConditionalGeneration::vocab_size(self)
+    }
+}
+
+impl<B: Backend> ModelClass<B> for T5EncoderModel<B> {
+    type Config = T5Config;
+    fn build(config: &T5Config, device: &B::Device) -> Result<Self, ModelError> {
+        T5EncoderModel::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let hidden = self.forward(input.input_ids.clone(), input.attention_mask.clone());
+        ModelOutput::hidden(hidden, None)
+    }
+    fn max_sequence_length(&self) -> usize {
+        usize::MAX
+    }
+    fn vocab_size(&self) -> usize {
+        self.shared.weight.shape().dims::<2>()[0]
+    }
 }
 
 #[cfg(test)]

@@ -279,11 +279,11 @@ impl StartValues<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bert::{BertConfig, BertForSequenceClassification};
     use crate::gpt2::Gpt2Config;
     use crate::param_infos;
-    use bmtrain_backend::CpuTrain;
-    use crate::bert::{BertConfig, BertForSequenceClassification};
     use crate::roberta::RobertaForSequenceClassification;
+    use bmtrain_backend::CpuTrain;
     use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
     use bmtrain_backend::zero::layout_of;
 
