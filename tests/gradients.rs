@@ -161,6 +161,11 @@ fn gpt2_causal_lm_gradients_match_transformers() {
 }
 
 #[test]
+fn gpt2_classification_gradients_match_transformers() {
+    check_training_step("gpt2_cls");
+}
+
+#[test]
 fn t5_gradients_match_transformers() {
     check_training_step("t5");
 }

@@ -14,7 +14,7 @@ use models::bert::EncoderInput;
 
 /// The HF model fixtures, each a directory with `model.safetensors`, `pytorch_model.bin` and
 /// `reference.safetensors`.
-pub const MODEL_FIXTURES: [&str; 9] = [
+pub const MODEL_FIXTURES: [&str; 10] = [
     "bert",
     "bert_mlm",
     "bert_cls",
@@ -22,6 +22,7 @@ pub const MODEL_FIXTURES: [&str; 9] = [
     "roberta_mlm",
     "roberta_cls",
     "gpt2",
+    "gpt2_cls",
     "t5",
     "t5_v1_1",
 ];

@@ -17,7 +17,7 @@ pub mod zero;
 use crate::ModelError;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
 pub use crate::io::{DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy};
-use crate::io::{EncoderInput, ModelClass, ModelOutput};
+use crate::io::{EncoderInput, Logits, ModelClass, ModelOutput};
 use crate::layers::{
     Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, LayerNorm, LayerNormConfig,
     MultiHeadAttention, MultiHeadAttentionConfig,
@@ -91,6 +91,12 @@ pub struct Gpt2Config {
     /// (1, 3, …) attends only to the last `local_attention_window` positions; even blocks are dense.
     #[serde(default)]
     pub local_attention_window: Option<usize>,
+    /// Number of labels of `GPT2ForSequenceClassification`, when the config says it directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<usize>,
+    /// Label names by id; its length is the number of labels when `num_labels` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 mod defaults {
@@ -124,6 +130,14 @@ mod defaults {
 }
 
 impl Gpt2Config {
+    /// Number of labels of a classification head: `num_labels`, else `id2label`'s length, else 2
+    /// (transformers' default).
+    pub fn labels(&self) -> usize {
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(|m| m.len()))
+            .unwrap_or(2)
+    }
+
     /// transformers' `GPT2Config()`: the 124M gpt2 shape.
     pub fn new() -> Self {
         serde_json::from_value(serde_json::json!({})).expect("an empty GPT-2 config is valid")
@@ -533,6 +547,71 @@ impl<B: Backend> Gpt2LmHeadModel<B> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sequence classification
+
+/// GPT-2 with a linear score (no bias) read at each row's last non-padding token. HF
+/// `GPT2ForSequenceClassification`.
+#[derive(Module, Debug)]
+pub struct Gpt2ForSequenceClassification<B: Backend> {
+    /// HF `transformer.*`.
+    pub transformer: Gpt2Model<B>,
+    /// HF `score`: `[n_embd, num_labels]`.
+    pub score: Linear<B>,
+    pad_token_id: Option<u32>,
+}
+
+impl<B: Backend> Gpt2ForSequenceClassification<B> {
+    /// Builds the model from a config (`num_labels` or `id2label`, default 2).
+    pub fn new(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
+        Ok(Self {
+            transformer: Gpt2Model::new(config, device)?,
+            score: LinearConfig::new(config.n_embd, config.labels())
+                .with_bias(false)
+                .init(device),
+            pad_token_id: config.pad_token_id,
+        })
+    }
+
+    /// Full-sequence forward: hidden states and the logits `[batch, num_labels]` of each row's
+    /// last token that is not `pad_token_id`.
+    pub fn forward(&self, input: &DecoderInput<B>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let hidden = self.transformer.forward(input);
+        let logits = pooled_score(
+            &self.score,
+            hidden.clone(),
+            &input.input_ids,
+            self.pad_token_id,
+        );
+        (hidden, logits)
+    }
+}
+
+/// The score of each row's last non-padding token, as transformers 5 picks it: the largest
+/// position whose id is not `pad` (position 0 when every id is `pad`), the last position when
+/// the config has no `pad_token_id`.
+pub(crate) fn pooled_score<B: Backend>(
+    score: &Linear<B>,
+    hidden: Tensor<B, 3>,
+    input_ids: &Tensor<B, 2, Int>,
+    pad: Option<u32>,
+) -> Tensor<B, 2> {
+    let [batch, seq, width] = hidden.dims();
+    let device = hidden.device();
+    let last = match pad {
+        Some(pad) => {
+            let real = input_ids.clone().not_equal_elem(pad as i64).int();
+            let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+                .reshape([1, seq])
+                .expand([batch, seq]);
+            (positions * real).argmax(1)
+        }
+        None => Tensor::<B, 2, Int>::full([batch, 1], seq as i64 - 1, &device),
+    };
+    let picked = hidden.gather(1, last.reshape([batch, 1, 1]).expand([batch, 1, width]));
+    score.forward(picked.reshape([batch, width]))
+}
+
 impl<B: Backend> crate::generation::Decoder<B> for Gpt2LmHeadModel<B> {
     type State = DecoderCache<B>;
 
@@ -582,6 +661,25 @@ impl<B: Backend> ModelClass<B> for Gpt2Model<B> {
     }
     fn vocab_size(&self) -> usize {
         Gpt2Model::vocab_size(self)
+    }
+}
+
+impl<B: Backend> ModelClass<B> for Gpt2ForSequenceClassification<B> {
+    type Config = Gpt2Config;
+    fn build(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
+        Gpt2ForSequenceClassification::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (hidden, logits) = self.forward(&decoder_input(input));
+        let mut output = ModelOutput::hidden(hidden, None);
+        output.logits = Some(Logits::PerSequence(logits));
+        output
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.transformer.max_positions()
+    }
+    fn vocab_size(&self) -> usize {
+        self.transformer.vocab_size()
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::ModelError;
 use crate::bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel};
-use crate::gpt2::{Gpt2Config, Gpt2LmHeadModel, Gpt2Model};
+use crate::gpt2::{Gpt2Config, Gpt2ForSequenceClassification, Gpt2LmHeadModel, Gpt2Model};
 use crate::io::{EncoderInput, ModelClass};
 pub use crate::io::{Logits, ModelOutput};
 use crate::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel};
@@ -347,6 +347,9 @@ classes! {
     /// `GPT2LMHeadModel`: the decoder stack and the (tied) LM head.
     Gpt2LmHeadModel(Gpt2LmHeadModel) = "GPT2LMHeadModel", Gpt2, as_gpt2,
         base: false, pooler: false;
+    /// `GPT2ForSequenceClassification`: the decoder stack and a score at the last real token.
+    Gpt2ForSequenceClassification(Gpt2ForSequenceClassification) =
+        "GPT2ForSequenceClassification", Gpt2, as_gpt2, base: false, pooler: false;
     /// `T5Model`: encoder and decoder.
     T5Model(T5Model) = "T5Model", T5, as_t5, base: false, pooler: false;
     /// `T5ForConditionalGeneration`: encoder, decoder and LM head.

@@ -77,12 +77,18 @@ const LM_HEAD: &[KeyRule] = &[rule_if(
     Transposed,
 )];
 
+/// `GPT2ForSequenceClassification`'s score: an `nn.Linear` without bias, `[num_labels, n_embd]`.
+const SCORE: &[KeyRule] = &[rule("score.weight", "score.weight", Transposed)];
+
 /// GPT-2's table.
 pub static TABLE: KeyTable = KeyTable {
     family: Family::Gpt2,
     body: BODY,
     pooler: &[],
-    heads: &[(Architecture::Gpt2LmHeadModel, LM_HEAD)],
+    heads: &[
+        (Architecture::Gpt2LmHeadModel, LM_HEAD),
+        (Architecture::Gpt2ForSequenceClassification, SCORE),
+    ],
     // transformers re-ties a GPT-2 head to wte whatever the file holds; zoo does the same.
     tied_output: None,
     ignored: &[
