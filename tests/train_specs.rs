@@ -283,3 +283,84 @@ fn bert_and_roberta_mlm_gradients_match_whole_model_autodiff_on_two_ranks() {
         assert!(worst < 1e-5, "roberta {roberta}: {worst}");
     }
 }
+
+#[test]
+fn gpt2_classifier_gradients_match_whole_model_autodiff_on_two_ranks() {
+    use models::gpt2::Gpt2ForSequenceClassification;
+    use models::train::{ClassifierBatch, Gpt2ClassifierSpec};
+    let device = Default::default();
+    let mut config = config(false, 0.0);
+    (config.num_labels, config.pad_token_id) = (Some(3), Some(0));
+    let model = Gpt2ForSequenceClassification::<B>::new(&config, &device).unwrap();
+    let (layout, values) = flatten::<B, _>(&model);
+    let model = load_flat(model, &layout, &values, &device, true);
+    // Rows padded with id 0 at different lengths: the score is read at each row's last real token.
+    let batch = move |rows: std::ops::Range<usize>| {
+        let device = Default::default();
+        let n = rows.len();
+        let mut ids = ids(rows.clone())
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap();
+        for (r, row) in rows.clone().enumerate() {
+            for t in SEQ - row % 3..SEQ {
+                ids[r * SEQ + t] = 0;
+            }
+        }
+        let labels: Vec<i64> = rows.map(|r| (r % 3) as i64).collect();
+        ClassifierBatch {
+            input_ids: Tensor::from_data(TensorData::new(ids, [n, SEQ]), &device),
+            attention_mask: Tensor::ones([n, SEQ], &device),
+            token_type_ids: None,
+            labels: Tensor::from_data(TensorData::new(labels, [n]), &device),
+        }
+    };
+    let mut loss: Option<Tensor<B, 1>> = None;
+    for rows in [0..ROWS / 2, ROWS / 2..ROWS] {
+        let batch = batch(rows);
+        let (_, logits) = model.forward(&DecoderInput::new(batch.input_ids.clone()));
+        let part = models::bert::cross_entropy(logits, batch.labels) / 2.0;
+        loss = Some(match loss {
+            Some(sum) => sum + part,
+            None => part,
+        });
+    }
+    let grads = loss.unwrap().backward();
+    let (_, embed, blocks, head) = Gpt2ClassifierSpec::split(model.clone());
+    let mut want = vec![flat_grads::<B, _>(
+        &embed,
+        &layout_of::<B, _>(&embed),
+        &grads,
+    )];
+    for block in &blocks {
+        want.push(flat_grads::<B, _>(block, &layout_of::<B, _>(block), &grads));
+    }
+    want.push(flat_grads::<B, _>(&head, &layout_of::<B, _>(&head), &grads));
+    let ranks = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
+        let rows = comm.rank() * ROWS / 2..(comm.rank() + 1) * ROWS / 2;
+        let (spec, embed, blocks, head) = Gpt2ClassifierSpec::split(model.clone());
+        let options = ZeroOptions::checkpoint_all(blocks.len());
+        let mut trainer =
+            ZeroTrainer::new(spec, comm, Default::default(), embed, blocks, head, options);
+        trainer.forward_backward(&batch(rows)).unwrap();
+        std::iter::once(trainer.embed.grad.clone())
+            .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
+            .chain(std::iter::once(trainer.head.grad.clone()))
+            .collect::<Vec<Vec<f32>>>()
+    });
+    let ranks: Vec<Vec<Vec<f32>>> = ranks.into_iter().map(|r| r.unwrap()).collect();
+    let mut worst: f32 = 0.0;
+    for (segment, reference) in want.iter().enumerate() {
+        let scale = reference.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        assert!(scale > 0.0, "segment {segment}: a zero reference gradient");
+        let got = [ranks[0][segment].clone(), ranks[1][segment].clone()].concat();
+        let diff = max_abs_diff(&got[..reference.len()], reference) / scale;
+        assert!(diff.is_finite(), "segment {segment}: {diff}");
+        worst = worst.max(diff);
+    }
+    println!(
+        "train specs: GPT-2 classifier on 2 ranks, worst relative gradient difference {worst:.2e}"
+    );
+    assert!(worst < 1e-5, "{worst}");
+}

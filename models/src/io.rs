@@ -86,6 +86,19 @@ impl TokenIds {
     }
 }
 
+/// Labelled sequences for classification.
+#[derive(Debug, Clone)]
+pub struct ClassifierBatch<B: Backend> {
+    /// `[batch, seq]` token ids (right-padded).
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]`: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor<B, 2, Int>,
+    /// `[batch, seq]` segment ids of sentence pairs (BERT).
+    pub token_type_ids: Option<Tensor<B, 2, Int>>,
+    /// `[batch]` class indices.
+    pub labels: Tensor<B, 1, Int>,
+}
+
 /// What every model class gives the registry's dispatch ([`crate::AnyModel`]), implemented beside
 /// the model: how it is built from its family's config and how a command runs it.
 pub trait ModelClass<B: Backend>: Sized {

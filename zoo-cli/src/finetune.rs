@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use bmtrain_backend::comm::Communicator;
 use bmtrain_backend::optim::LrSchedule;
+use bmtrain_backend::trainer::ZeroSpec;
 use bmtrain_backend::trainer::ZeroTrainer;
 use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
@@ -24,16 +25,19 @@ use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::{TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer};
 use clap::Args;
 use models::bert::{BertConfig, BertForSequenceClassification};
+use models::gpt2::{Gpt2Config, Gpt2ForSequenceClassification};
 use models::roberta::RobertaForSequenceClassification;
-use models::train::{ClassifierBatch, ClassifierSpec, InitScheme, TensorSource};
+use models::train::{
+    ClassifierBatch, ClassifierSpec, Gpt2ClassifierSpec, InitScheme, TensorSource,
+};
 use models::{Architecture, Family, ModelConfig};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
 use crate::run::{
-    CheckpointFiles, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit, TrainSetup,
-    any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
+    CheckpointFiles, Cut, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
+    TrainSetup, any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
 };
 
 /// What `zoo finetune` trains the model to do.
@@ -210,7 +214,7 @@ struct Job {
     /// The run directory's lock, held until the job ends.
     _lock: Option<RunLock>,
     architecture: Architecture,
-    config: BertConfig,
+    model: Classifier,
     manifest: ZooManifest,
     tokenizer_json: Option<String>,
     /// The directory's weights under the classifier's zoo names (missing ones start fresh),
@@ -238,6 +242,53 @@ struct Evaluation {
     loss: f32,
     accuracy: f32,
     f1: f32,
+}
+
+/// The classifier being fine-tuned.
+#[derive(Debug, Clone)]
+enum Classifier {
+    /// BERT or RoBERTa (`Job::architecture` says which).
+    Encoder(BertConfig),
+    /// GPT-2 (`GPT2ForSequenceClassification`).
+    Gpt2(Gpt2Config),
+}
+
+impl Classifier {
+    fn config(&self) -> ModelConfig {
+        match self {
+            Classifier::Encoder(c) => ModelConfig::Bert(c.clone()),
+            Classifier::Gpt2(c) => ModelConfig::Gpt2(c.clone()),
+        }
+    }
+}
+
+/// What the classification loop needs of a cut beyond [`ZeroSpec`]: the logits of a batch run
+/// through the trainer's segments on the inference backend.
+trait Classifies<AB: AutodiffBackend>: ZeroSpec<AB, Batch = ClassifierBatch<AB>> + Sized {
+    fn eval_logits(
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        batch: &ClassifierBatch<AB::InnerBackend>,
+    ) -> Result<Tensor<AB::InnerBackend, 2>, bmtrain_backend::comm::CommError>;
+}
+
+impl<AB: AutodiffBackend> Classifies<AB> for ClassifierSpec {
+    fn eval_logits(
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        batch: &ClassifierBatch<AB::InnerBackend>,
+    ) -> Result<Tensor<AB::InnerBackend, 2>, bmtrain_backend::comm::CommError> {
+        trainer.infer(batch, |_, head, _, hidden| head.logits(hidden))
+    }
+}
+
+impl<AB: AutodiffBackend> Classifies<AB> for Gpt2ClassifierSpec {
+    fn eval_logits(
+        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+        batch: &ClassifierBatch<AB::InnerBackend>,
+    ) -> Result<Tensor<AB::InnerBackend, 2>, bmtrain_backend::comm::CommError> {
+        trainer.infer(batch, |spec, head, _, hidden| {
+            spec.logits(head, hidden, batch)
+        })
+    }
 }
 
 /// Runs `zoo finetune`.
@@ -303,26 +354,59 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     );
     let mut spec = checkpoints_convert::read_spec(&args.model)?;
     let family = spec.architecture.family();
-    let architecture = match family {
-        Family::Bert => Architecture::BertForSequenceClassification,
-        Family::Roberta => Architecture::RobertaForSequenceClassification,
+    let (architecture, mut model) = match (family, spec.config.clone()) {
+        (Family::Bert, ModelConfig::Bert(c)) => (
+            Architecture::BertForSequenceClassification,
+            Classifier::Encoder(c),
+        ),
+        (Family::Roberta, ModelConfig::Bert(c)) => (
+            Architecture::RobertaForSequenceClassification,
+            Classifier::Encoder(c),
+        ),
+        (Family::Gpt2, ModelConfig::Gpt2(c)) => (
+            Architecture::Gpt2ForSequenceClassification,
+            Classifier::Gpt2(c),
+        ),
         _ => bail!(
-            "{}: a {} — zoo finetune classifies with BERT or RoBERTa",
+            "{}: a {} — zoo finetune --task classify classifies with BERT, RoBERTa or GPT-2",
             args.model.display(),
             spec.architecture.hf_name()
         ),
     };
-    let ModelConfig::Bert(mut config) = spec.config.clone() else {
-        unreachable!("BERT and RoBERTa share BertConfig")
+    let pad_id = match &mut model {
+        Classifier::Encoder(config) => {
+            config.num_labels = Some(args.labels());
+            if let Some(p) = args.dropout {
+                *config = config.clone().with_dropout(p);
+            }
+            config.pad_token_id.unwrap_or(0) as u32
+        }
+        Classifier::Gpt2(config) => {
+            config.num_labels = Some(args.labels());
+            if let Some(p) = args.dropout {
+                (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) = (p, p, p);
+            }
+            // GPT-2 configs have no padding id; transformers' fine-tuning recipes pad with
+            // end-of-text, and the score is read at the last token that is not it.
+            let eos = config
+                .eos_token_id
+                .as_ref()
+                .and_then(|e| e.to_vec().first().copied());
+            let pad = config.pad_token_id.or(eos).with_context(|| {
+                format!(
+                    "{}: GPT-2 classification needs pad_token_id or eos_token_id in config.json \
+                     (the score is read at each row's last non-padding token)",
+                    args.model.display()
+                )
+            })?;
+            config.pad_token_id = Some(pad);
+            pad
+        }
     };
-    config.num_labels = Some(args.labels());
-    if let Some(p) = args.dropout {
-        config = config.with_dropout(p);
-    }
     // A model this machine cannot hold is refused now, before anything is read.
     args.memory.check_fits(
         architecture,
-        &ModelConfig::Bert(config.clone()),
+        &model.config(),
         args.max_seq,
         args.batch,
         &args.model.display().to_string(),
@@ -330,26 +414,19 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     // Checked now (every key and shape, from the headers), read segment by segment in training.
     let reader = spec.open_weights(Default::default())?;
     // Base-model names gain the encoder's prefix; heads of other tasks are not read.
-    let base = matches!(
-        spec.architecture,
-        Architecture::BertModel | Architecture::RobertaModel
-    );
     let initial = ClassifierWeights {
         reader,
-        base_prefix: base.then_some(match family {
-            Family::Roberta => "roberta.",
-            _ => "bert.",
-        }),
+        base_prefix: spec.architecture.is_base().then_some(family.body_prefix()),
     };
 
     let tokenizer = load_tokenizer(&args.model)?
         .with_context(|| format!("{}: no tokenizer files", args.model.display()))?;
-    let pad_id = config.pad_token_id.unwrap_or(0) as u32;
-    let max_seq = args.max_seq.min(match family {
-        Family::Roberta => config
+    let max_seq = args.max_seq.min(match (&model, family) {
+        (Classifier::Encoder(config), Family::Roberta) => config
             .max_position_embeddings
             .saturating_sub(pad_id as usize + 1),
-        _ => config.max_position_embeddings,
+        (Classifier::Encoder(config), _) => config.max_position_embeddings,
+        (Classifier::Gpt2(config), _) => config.n_positions,
     });
     let read = |path: &Path| read_examples(path, &args, &tokenizer, max_seq);
     let train = read(&args.train)?;
@@ -372,6 +449,9 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     let mut hf_config = spec.hf_config.clone();
     hf_config["architectures"] = json!([architecture.hf_name()]);
     hf_config["num_labels"] = json!(args.labels());
+    if let Classifier::Gpt2(_) = model {
+        hf_config["pad_token_id"] = json!(pad_id);
+    }
     hf_config["id2label"] = json!(
         (0..args.labels())
             .map(|i| (i.to_string(), format!("LABEL_{i}")))
@@ -404,7 +484,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
         let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
         let plan = args.memory.apply_auto(
             architecture,
-            &ModelConfig::Bert(config.clone()),
+            &model.config(),
             longest,
             args.batch,
             state.as_ref(),
@@ -420,7 +500,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
         run_dir,
         _lock: lock,
         architecture,
-        config,
+        model,
         manifest,
         tokenizer_json,
         initial,
@@ -652,9 +732,9 @@ pub(crate) fn epoch_order(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
 /// is shared between the ranks; a rank whose share is empty runs one padding row it then
 /// ignores, since every rank joins every gather. The confusion counts and the loss are summed
 /// over the ranks, so all ranks return the same evaluation.
-fn evaluate<AB: AutodiffBackend>(
+fn evaluate<AB: AutodiffBackend, S: Classifies<AB>>(
     job: &Job,
-    trainer: &ZeroTrainer<AB, ClassifierSpec, Box<dyn Communicator>>,
+    trainer: &ZeroTrainer<AB, S, Box<dyn Communicator>>,
     device: &AB::Device,
 ) -> anyhow::Result<Option<Evaluation>> {
     if job.valid.is_empty() {
@@ -673,7 +753,7 @@ fn evaluate<AB: AutodiffBackend>(
         let real = chunk.len() * (rank + 1) / world - chunk.len() * rank / world;
         let batch = batch_of::<AB::InnerBackend>(job, &mine, device);
         let labels = batch.labels.clone();
-        let logits = trainer.infer(&batch, |_, head, _, hidden| head.logits(hidden))?;
+        let logits = S::eval_logits(trainer, &batch)?;
         if real == 0 {
             continue;
         }
@@ -721,10 +801,45 @@ fn evaluate<AB: AutodiffBackend>(
 
 use burn::tensor::ElementConversion;
 
+/// One rank's job: the classifier's cut, then the step loop.
 fn train<AB: AutodiffBackend>(
     comm: Box<dyn Communicator>,
     device: AB::Device,
     job: &Job,
+) -> anyhow::Result<Summary> {
+    match (&job.model, job.architecture) {
+        (Classifier::Encoder(config), Architecture::RobertaForSequenceClassification) => {
+            let cut = ClassifierSpec::split_roberta(RobertaForSequenceClassification::<AB>::new(
+                config, &device,
+            )?);
+            train_loop(comm, device, job, cut, InitScheme::Bert)
+        }
+        (Classifier::Encoder(config), _) => {
+            let cut = ClassifierSpec::split_bert(
+                BertForSequenceClassification::<AB>::new(config, &device)?,
+                config,
+            );
+            train_loop(comm, device, job, cut, InitScheme::Bert)
+        }
+        (Classifier::Gpt2(config), _) => {
+            let cut = Gpt2ClassifierSpec::split(Gpt2ForSequenceClassification::<AB>::new(
+                config, &device,
+            )?);
+            let init = InitScheme::Gpt2 {
+                n_layer: config.n_layer,
+            };
+            train_loop(comm, device, job, cut, init)
+        }
+    }
+}
+
+/// One rank's classification loop, top to bottom.
+fn train_loop<AB: AutodiffBackend, S: Classifies<AB>>(
+    comm: Box<dyn Communicator>,
+    device: AB::Device,
+    job: &Job,
+    cut: Cut<AB, S>,
+    init: InitScheme,
 ) -> anyhow::Result<Summary> {
     let args = &job.args;
     let rank = comm.rank();
@@ -734,24 +849,15 @@ fn train<AB: AutodiffBackend>(
     crate::alloc::release_free_memory();
     let baseline = crate::run::proc_status_bytes("VmRSS:");
 
-    // The classifier, one segment at a time: every tensor the directory has, BERT's
+    // The classifier, one segment at a time: every tensor the directory has, the family's
     // initialisation from the seed for the rest (a new head). The model is never whole in memory.
-    let cut = match job.architecture {
-        Architecture::RobertaForSequenceClassification => ClassifierSpec::split_roberta(
-            RobertaForSequenceClassification::<AB>::new(&job.config, &device)?,
-        ),
-        _ => ClassifierSpec::split_bert(
-            BertForSequenceClassification::<AB>::new(&job.config, &device)?,
-            &job.config,
-        ),
-    };
     let setup = TrainSetup {
         beta2: args.beta2,
         weight_decay: args.weight_decay,
         max_grad_norm: args.max_grad_norm,
         tensors: Some(&job.initial),
         strict: false,
-        init: InitScheme::Bert,
+        init,
         seed: args.seed,
         source: job.args.model.display().to_string(),
     };

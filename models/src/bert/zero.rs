@@ -11,6 +11,7 @@ use burn::tensor::{Int, Tensor};
 use super::{
     BertConfig, BertForMaskedLM, BertForSequenceClassification, BertLayer, BertPooler, MlmHead,
 };
+pub use crate::io::ClassifierBatch;
 use crate::io::cross_entropy;
 use crate::layers::{AttentionMask, Dropout, DropoutConfig, Embeddings, Linear};
 use crate::roberta::{
@@ -19,19 +20,6 @@ use crate::roberta::{
 
 // ---------------------------------------------------------------------------------------------
 // Sequence classification (BERT, RoBERTa)
-
-/// Labelled sequences for classification.
-#[derive(Debug, Clone)]
-pub struct ClassifierBatch<B: Backend> {
-    /// `[batch, seq]` token ids (right-padded).
-    pub input_ids: Tensor<B, 2, Int>,
-    /// `[batch, seq]`: 1 for tokens, 0 for padding.
-    pub attention_mask: Tensor<B, 2, Int>,
-    /// `[batch, seq]` segment ids of sentence pairs (BERT).
-    pub token_type_ids: Option<Tensor<B, 2, Int>>,
-    /// `[batch]` class indices.
-    pub labels: Tensor<B, 1, Int>,
-}
 
 /// BERT's pooler under its zoo name `bert.pooler`.
 #[derive(Module, Debug)]

@@ -10,8 +10,11 @@ use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::{BlockMasks, Gpt2Block, Gpt2LmHeadModel, embed, lm_logits, positions};
-use crate::io::causal_lm_loss;
+use super::{
+    BlockMasks, Gpt2Block, Gpt2ForSequenceClassification, Gpt2LmHeadModel, embed, lm_logits,
+    pooled_score, positions,
+};
+use crate::io::{ClassifierBatch, causal_lm_loss, cross_entropy};
 use crate::layers::{AttentionMask, Dropout, LayerNorm, Linear};
 
 /// Token rows for causal-LM training: each row predicts its own next tokens.
@@ -83,6 +86,40 @@ impl Gpt2Spec {
     }
 }
 
+/// The embedding segment on `[batch, seq]` ids (positions from 0; rows right-padded).
+fn embed_segment<B: Backend>(
+    module: &Gpt2Embedding<B>,
+    input_ids: &Tensor<B, 2, Int>,
+) -> Tensor<B, 3> {
+    let [rows, seq] = input_ids.dims();
+    let positions = positions(rows, seq, 0, &input_ids.device());
+    embed(
+        &module.wte,
+        &module.wpe,
+        &module.dropout,
+        input_ids.clone(),
+        positions,
+    )
+}
+
+/// Block `index` with the model's mask for it (causal; GPT-3's band on odd blocks).
+fn run_block<B: Backend>(
+    local_window: Option<usize>,
+    index: usize,
+    module: &Gpt2Block<B>,
+    hidden: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let seq = hidden.dims()[1];
+    let masks = BlockMasks::new(
+        AttentionMask::none(),
+        local_window,
+        seq,
+        0,
+        &hidden.device(),
+    );
+    module.forward(hidden, None, masks.of_block(index)).0
+}
+
 impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
     type Embed = Gpt2Embedding<B>;
     type Block = Gpt2Block<B>;
@@ -90,15 +127,7 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
     type Batch = LmBatch<B>;
 
     fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3> {
-        let [rows, seq] = batch.input_ids.dims();
-        let positions = positions(rows, seq, 0, &batch.input_ids.device());
-        embed(
-            &module.wte,
-            &module.wpe,
-            &module.dropout,
-            batch.input_ids.clone(),
-            positions,
-        )
+        embed_segment(module, &batch.input_ids)
     }
 
     fn block(
@@ -108,15 +137,7 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
         hidden: Tensor<B, 3>,
         _batch: &Self::Batch,
     ) -> Tensor<B, 3> {
-        let seq = hidden.dims()[1];
-        let masks = BlockMasks::new(
-            AttentionMask::none(),
-            self.local_window,
-            seq,
-            0,
-            &hidden.device(),
-        );
-        module.forward(hidden, None, masks.of_block(index)).0
+        run_block(self.local_window, index, module, hidden)
     }
 
     fn loss(
@@ -138,6 +159,101 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
 
     fn head_reads_embed(&self) -> bool {
         self.tied
+    }
+
+    fn prefix(&self, segment: SegmentId) -> String {
+        match segment {
+            SegmentId::Embed => "transformer".into(),
+            SegmentId::Block(i) => format!("transformer.blocks.{i}"),
+            SegmentId::Head => String::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequence classification
+
+/// `GPT2ForSequenceClassification`'s head segment: the final norm and the score.
+#[derive(Module, Debug)]
+pub struct Gpt2ScoreHead<B: Backend> {
+    /// `transformer.ln_f`.
+    pub transformer: Gpt2FinalNorm<B>,
+    /// HF `score`.
+    pub score: Linear<B>,
+}
+
+/// `GPT2ForSequenceClassification` as ZeRO segments: GPT-2's embedding and blocks, and a head
+/// that scores each row's last non-padding token, then the cross-entropy over labels.
+#[derive(Debug, Clone)]
+pub struct Gpt2ClassifierSpec {
+    local_window: Option<usize>,
+    pad_token_id: Option<u32>,
+}
+
+impl Gpt2ClassifierSpec {
+    /// Cuts a model into the spec and its segments.
+    pub fn split<B: Backend>(
+        model: Gpt2ForSequenceClassification<B>,
+    ) -> (Self, Gpt2Embedding<B>, Vec<Gpt2Block<B>>, Gpt2ScoreHead<B>) {
+        let transformer = model.transformer;
+        let spec = Self {
+            local_window: transformer.local_window,
+            pad_token_id: model.pad_token_id,
+        };
+        let embed = Gpt2Embedding {
+            wte: transformer.wte,
+            wpe: transformer.wpe,
+            dropout: transformer.dropout,
+        };
+        let head = Gpt2ScoreHead {
+            transformer: Gpt2FinalNorm {
+                ln_f: transformer.ln_f,
+            },
+            score: model.score,
+        };
+        (spec, embed, transformer.blocks, head)
+    }
+
+    /// The head's logits `[batch, num_labels]` for the last hidden states of `batch`.
+    pub fn logits<B: Backend>(
+        &self,
+        head: &Gpt2ScoreHead<B>,
+        hidden: Tensor<B, 3>,
+        batch: &ClassifierBatch<B>,
+    ) -> Tensor<B, 2> {
+        let hidden = head.transformer.ln_f.forward(hidden);
+        pooled_score(&head.score, hidden, &batch.input_ids, self.pad_token_id)
+    }
+}
+
+impl<B: Backend> ZeroSpec<B> for Gpt2ClassifierSpec {
+    type Embed = Gpt2Embedding<B>;
+    type Block = Gpt2Block<B>;
+    type Head = Gpt2ScoreHead<B>;
+    type Batch = ClassifierBatch<B>;
+
+    fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3> {
+        embed_segment(module, &batch.input_ids)
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        module: &Self::Block,
+        hidden: Tensor<B, 3>,
+        _batch: &Self::Batch,
+    ) -> Tensor<B, 3> {
+        run_block(self.local_window, index, module, hidden)
+    }
+
+    fn loss(
+        &self,
+        module: &Self::Head,
+        _embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 1> {
+        cross_entropy(self.logits(module, hidden, batch), batch.labels.clone())
     }
 
     fn prefix(&self, segment: SegmentId) -> String {
