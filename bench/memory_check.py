@@ -13,7 +13,7 @@ with `--fit`) and "report" (other shapes, sizes, rank counts and checkpointing c
 fitted on). The table of the report set goes in the README.
 
     python3 bench/memory_check.py [--zoo target/release/zoo] [--set report|fit|all] [--fit]
-                                  [--markdown]
+                                  [--markdown] [--only gpt,bert,t5,mlm]
 
 `--fit` runs the fit set and prints least-squares constants for the feature model below (which
 mirrors `estimate` in zoo-cli/src/memory.rs). Needs torch + transformers for the BERT cases.
@@ -59,6 +59,17 @@ CASES = [
     ("report", "bert", 768, 12, 4, 512, 2, True, 2, 30522),
     ("report", "gpt", 384, 6, 4, 128, 8, False, 1, 257, 2),
     ("report", "bert", 384, 6, 4, 256, 4, False, 2, 8000, 2),
+    # Objectives added later: T5 span corruption (blocks = encoder and decoder layers each; never
+    # fitted on) and BERT masked LM (its head's constant fitted on the two fit cases), both
+    # pretrained on the shipped corpus.
+    ("report", "t5", 256, 4, 4, 128, 8, False, 1, 320),
+    ("report", "t5", 256, 4, 4, 128, 8, True, 1, 320),
+    ("report", "t5", 512, 8, 6, 256, 4, True, 2, 32128),
+    ("fit", "mlm", 512, 8, 6, 256, 4, True, 1, 30522),
+    ("fit", "mlm", 384, 6, 4, 128, 8, False, 2, 8000),
+    ("report", "mlm", 256, 4, 4, 128, 8, False, 1, 320),
+    ("report", "mlm", 768, 12, 4, 128, 8, True, 1, 30522),
+    ("report", "mlm", 256, 4, 6, 256, 8, False, 2, 16000),
 ]
 
 
@@ -66,6 +77,23 @@ def gpt_case(tmp, i, h, a, l, t, v, ffn):
     cfg = os.path.join(tmp, f"gpt{i}.json")
     json.dump({"model_type": "gpt2", "vocab_size": v, "n_positions": max(t, 128), "n_embd": h,
                "n_layer": l, "n_head": a, "n_inner": ffn * h}, open(cfg, "w"))
+    return cfg
+
+
+def t5_case(tmp, i, h, a, l, t, v, ffn):
+    cfg = os.path.join(tmp, f"t5{i}.json")
+    json.dump({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": v,
+               "d_model": h, "d_kv": h // a, "d_ff": ffn * h, "num_layers": l, "num_decoder_layers": l,
+               "num_heads": a, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+               "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 256}, open(cfg, "w"))
+    return cfg
+
+
+def mlm_case(tmp, i, h, a, l, t, v, ffn):
+    cfg = os.path.join(tmp, f"mlm{i}.json")
+    json.dump({"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": v,
+               "hidden_size": h, "num_hidden_layers": l, "num_attention_heads": a,
+               "intermediate_size": ffn * h, "max_position_embeddings": max(t, 128)}, open(cfg, "w"))
     return cfg
 
 
@@ -97,8 +125,8 @@ def examples(tmp, rows, seq):
 def run_case(zoo, tmp, i, case):
     _, family, h, a, l, t, b, ck, ranks, v, ffn = (tuple(case) + (4,))[:11]
     common = ["--batch", str(b), "--ranks", str(ranks)] + (["--checkpointing"] if ck else [])
-    if family == "gpt":
-        model = gpt_case(tmp, i, h, a, l, t, v, ffn)
+    if family in ("gpt", "t5", "mlm"):
+        model = {"gpt": gpt_case, "t5": t5_case, "mlm": mlm_case}[family](tmp, i, h, a, l, t, v, ffn)
         cmd = [zoo, "pretrain", "--model", model, "--seq", str(t), "--steps", "2", "--sample-tokens", "0",
                "--eval-every", "0", "--eval-batches", "1", "--save-every", "0"]
     else:
@@ -155,8 +183,11 @@ def main():
     p.add_argument("--set", choices=["report", "fit", "all"], default="report")
     p.add_argument("--fit", action="store_true")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--only", help="comma-separated families to run (gpt, bert, t5, mlm)")
     args = p.parse_args()
     chosen = [c for c in CASES if args.set == "all" or c[0] == args.set or (args.fit and c[0] == "fit")]
+    if args.only:
+        chosen = [c for c in chosen if c[1] in args.only.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, case in enumerate(chosen):
@@ -183,7 +214,9 @@ def main():
         print("|---|---|---|---|---|---|---|---|---|---|")
         for case, measured, predicted, err, _ in results:
             s, family, h, a, l, t, b, ck, ranks, v, ffn = (tuple(case) + (4,))[:11]
-            print(f"| {s} | {'GPT (pretrain)' if family == 'gpt' else 'BERT classifier (finetune)'} | {h}, {ffn * h}, {a}, {l} | "
+            kind = {"gpt": "GPT (pretrain)", "t5": "T5 span corruption (pretrain)",
+                    "mlm": "BERT masked LM (pretrain)"}.get(family, "BERT classifier (finetune)")
+            print(f"| {s} | {kind} | {h}, {ffn * h}, {a}, {l} | "
                   f"{t} × {b} | {v} | {'yes' if ck else 'no'} | {ranks} | {measured / 1e6:.1f} MB | "
                   f"{predicted / 1e6:.1f} MB | {err:+.0%} |")
 
