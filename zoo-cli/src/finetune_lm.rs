@@ -76,6 +76,8 @@ struct Job {
     /// T5's first decoder input.
     decoder_start: u32,
     resume: Option<PathBuf>,
+    /// What `--auto` chose (`args.batch` and `args.grad_accum` hold its split).
+    auto: Option<crate::memory::AutoPlan>,
 }
 
 #[derive(Debug)]
@@ -139,14 +141,10 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
+fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     ensure!(
         args.batch >= 1 && args.grad_accum >= 1,
         "--batch and --grad-accum must be at least 1"
-    );
-    ensure!(
-        !args.memory.auto,
-        "--auto plans classification fine-tuning only so far; give --batch and --grad-accum"
     );
     let ranks = args.memory.ranks.max(crate::run::world_size_from_env());
     ensure!(
@@ -230,7 +228,11 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         Some(path) => read(path)?,
         None => Vec::new(),
     };
-    let global = args.batch * args.grad_accum;
+    let global = if args.memory.auto {
+        args.batch
+    } else {
+        args.batch * args.grad_accum
+    };
     ensure!(
         train.len() >= global,
         "{}: {} examples, fewer than one step's batch of {global} (--batch × --grad-accum)",
@@ -247,6 +249,30 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
     };
     let (run_dir, lock) = args.run.open_run_dir("finetune")?;
     let resume = args.run.resume_checkpoint()?;
+    // --auto: the memory settings for a step of --batch examples, planned for the longest row.
+    let auto = if args.memory.auto {
+        ensure!(
+            args.grad_accum == 1,
+            "--auto chooses the micro-batch and --grad-accum itself: give the global batch of a \
+             step with --batch"
+        );
+        let state = match &resume {
+            Some(checkpoint) => Some(crate::run::trainer_state(checkpoint)?),
+            None => None,
+        };
+        let longest = train
+            .iter()
+            .map(|p| p.source.len() + p.target.len())
+            .max()
+            .unwrap_or(1);
+        let plan =
+            args.memory
+                .apply_auto(architecture, &config, longest, args.batch, state.as_ref())?;
+        (args.batch, args.grad_accum) = (plan.micro_batch, plan.grad_accum);
+        Some(plan)
+    } else {
+        None
+    };
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     Ok(Job {
         args,
@@ -263,6 +289,7 @@ fn prepare(args: FinetuneArgs) -> anyhow::Result<Job> {
         eos,
         decoder_start,
         resume,
+        auto,
     })
 }
 
@@ -675,14 +702,19 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
         job.resume.as_ref().map(|_| start),
         files,
     )?;
-    let state = |step: u64, best: Option<f32>| {
-        json!({
+    let state = |step: u64, best: Option<f32>, auto: Option<Value>| {
+        let mut state = json!({
             "step": step, "seed": args.seed, "job": "finetune", "task": args.task.name(),
             "best_valid_loss": best,
-        })
+        });
+        if let Some(auto) = auto {
+            state["auto"] = auto;
+        }
+        state
     };
 
-    let split = StepSplit::new(args.batch, args.grad_accum, None, args.memory.dtype);
+    // The split of a step's batch: --batch × --grad-accum, or --auto's (which may halve it).
+    let mut split = StepSplit::new(args.batch, args.grad_accum, job.auto, args.memory.dtype);
     let progress = Progress::new(total_steps, start, lead, !args.run.no_progress);
     let mut last = None;
     let mut interrupted = false;
@@ -701,11 +733,27 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
             .iter()
             .map(|p| p.source.len() + p.target.len())
             .sum::<usize>();
-        let rows = split.micro_batch / world;
-        let mut loss = 0.0;
-        for micro in examples.chunks(split.micro_batch) {
-            let batch = S::batch(job, &micro[rank * rows..(rank + 1) * rows], &device);
-            loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
+        let mut loss;
+        let mut retried = false;
+        loop {
+            split.start_attempt();
+            let rows = split.micro_batch / world;
+            let mut over = false;
+            loss = 0.0;
+            for micro in examples.chunks(split.micro_batch) {
+                let batch = S::batch(job, &micro[rank * rows..(rank + 1) * rows], &device);
+                loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
+                if split.over_budget(trainer.comm().as_ref())? {
+                    over = true;
+                    break;
+                }
+            }
+            if !over {
+                break;
+            }
+            // Over --auto's budget: the same step again with a smaller micro-batch, once.
+            trainer.zero_grad();
+            split.shrink(step, world, &mut retried, |line| progress.println(line))?;
         }
         let report = trainer.step(lr)?;
         let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
@@ -757,12 +805,22 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
             {
                 best = Some(loss);
                 let dir = outputs.checkpoints.join("best");
-                save_checkpoint(&trainer, &dir, &outputs.files, &state(step, best))?;
+                save_checkpoint(
+                    &trainer,
+                    &dir,
+                    &outputs.files,
+                    &state(step, best, split.record()),
+                )?;
             }
         }
         if step % steps_per_epoch == 0 || stop {
             let dir = outputs.checkpoints.join("last");
-            save_checkpoint(&trainer, &dir, &outputs.files, &state(step, best))?;
+            save_checkpoint(
+                &trainer,
+                &dir,
+                &outputs.files,
+                &state(step, best, split.record()),
+            )?;
         }
         if stop {
             interrupted = true;

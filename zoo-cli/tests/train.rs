@@ -1026,3 +1026,45 @@ fn finetuning_gpt2_as_a_classifier_learns_a_synthetic_rule() {
     assert_eq!(manifest["architecture"], "GPT2ForSequenceClassification");
     assert!(manifest["hf_config"]["pad_token_id"].is_u64(), "{manifest}");
 }
+
+#[test]
+fn auto_plans_the_writing_tasks_and_records_its_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = fixture("trajectory").join("gpt2").join("examples.jsonl");
+    let run = dir.path().join("run");
+    let output = zoo(&[
+        "finetune",
+        "--task",
+        "causal-lm",
+        "--model",
+        fixture("gpt2").to_str().unwrap(),
+        "--train",
+        examples.to_str().unwrap(),
+        "--batch",
+        "6",
+        "--epochs",
+        "2",
+        "--auto",
+        "--mem",
+        "1GB",
+        "--out",
+        run.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("auto: micro-batch"),
+        "{}",
+        text(&output)
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(run.join("checkpoints/last/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let auto = &state["auto"];
+    assert_eq!(
+        auto["micro_batch"].as_u64().unwrap() * auto["grad_accum"].as_u64().unwrap(),
+        6,
+        "{state}"
+    );
+}
