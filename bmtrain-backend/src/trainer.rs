@@ -864,6 +864,35 @@ where
     }
 }
 
+impl<B, S, C> ZeroTrainer<B, S, C>
+where
+    B: AutodiffBackend,
+    C: Communicator,
+    S: ZeroSpec<B> + ZeroSpec<B::InnerBackend>,
+    <S as ZeroSpec<B>>::Embed:
+        AutodiffModule<B, InnerModule = <S as ZeroSpec<B::InnerBackend>>::Embed>,
+    <S as ZeroSpec<B>>::Block:
+        AutodiffModule<B, InnerModule = <S as ZeroSpec<B::InnerBackend>>::Block>,
+    <S as ZeroSpec<B>>::Head:
+        AutodiffModule<B, InnerModule = <S as ZeroSpec<B::InnerBackend>>::Head>,
+{
+    /// The spec's loss of `batch` on the inner backend ([`ZeroTrainer::infer`] ending in
+    /// [`ZeroSpec::loss`]): a validation loss, with the same collectives on every rank.
+    pub fn infer_loss(
+        &self,
+        batch: &<S as ZeroSpec<B::InnerBackend>>::Batch,
+    ) -> Result<f32, CommError> {
+        let loss = self.infer(batch, |spec, head, embed, hidden| {
+            ZeroSpec::<B::InnerBackend>::loss(spec, head, embed, hidden, batch)
+        })?;
+        Ok(loss
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("the loss is a float")[0])
+    }
+}
+
 /// One segment of `module`'s structure, its values read from the module itself or from `source`,
 /// sharded for `(rank, world)`.
 fn segment<B: Backend, M: Module<B>, E>(

@@ -25,7 +25,7 @@ use bmtrain_backend::trainer::{ZeroSpec, ZeroTrainer};
 use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::{
     DirKind, ModelSpec, TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer,
 };
@@ -523,10 +523,7 @@ impl<AB: AutodiffBackend> WritingTask<AB> for T5Spec {
         device: &AB::Device,
     ) -> anyhow::Result<f32> {
         let batch = seq2seq_batch::<AB::InnerBackend>(job, pairs, device);
-        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
-            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
-        })?;
-        Ok(loss.into_scalar().elem())
+        Ok(trainer.infer_loss(&batch)?)
     }
 }
 
@@ -542,10 +539,7 @@ impl<AB: AutodiffBackend> WritingTask<AB> for Gpt2Spec {
         device: &AB::Device,
     ) -> anyhow::Result<f32> {
         let batch = causal_batch::<AB::InnerBackend>(job, pairs, device);
-        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
-            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
-        })?;
-        Ok(loss.into_scalar().elem())
+        Ok(trainer.infer_loss(&batch)?)
     }
 }
 

@@ -1186,10 +1186,7 @@ impl<AB: AutodiffBackend> Pretraining<AB> for Gpt2Spec {
             input_ids: batch_of::<AB::InnerBackend>(&job.valid, starts, job.seq, device),
             labels: None,
         };
-        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
-            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
-        })?;
-        Ok(loss.into_scalar().to_f32_lossy())
+        Ok(trainer.infer_loss(&batch)?)
     }
 
     fn sample(
@@ -1260,10 +1257,7 @@ impl<AB: AutodiffBackend> Pretraining<AB> for T5Spec {
         device: &AB::Device,
     ) -> anyhow::Result<f32> {
         let batch = span_batch::<AB::InnerBackend>(job, &job.valid, starts, salt, device);
-        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
-            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
-        })?;
-        Ok(loss.into_scalar().to_f32_lossy())
+        Ok(trainer.infer_loss(&batch)?)
     }
 
     fn sample(
@@ -1294,10 +1288,7 @@ impl<AB: AutodiffBackend> Pretraining<AB> for MlmSpec {
         device: &AB::Device,
     ) -> anyhow::Result<f32> {
         let batch = mlm_batch::<AB::InnerBackend>(job, &job.valid, starts, salt, device);
-        let loss = trainer.infer(&batch, |spec, head, embed, hidden| {
-            ZeroSpec::<AB::InnerBackend>::loss(spec, head, embed, hidden, &batch)
-        })?;
-        Ok(loss.into_scalar().to_f32_lossy())
+        Ok(trainer.infer_loss(&batch)?)
     }
 
     fn sample(
@@ -1336,16 +1327,6 @@ fn validation_loss<AB: AutodiffBackend, S: Pretraining<AB>>(
         trainer.comm().as_ref(),
         total / job.args.eval_batches.max(1) as f32,
     )
-}
-
-trait ToF32 {
-    fn to_f32_lossy(self) -> f32;
-}
-
-impl<E: burn::tensor::Element> ToF32 for E {
-    fn to_f32_lossy(self) -> f32 {
-        burn::tensor::ElementConversion::elem(self)
-    }
 }
 
 /// One rank's job: the family's cut, then its training loop.
