@@ -911,29 +911,11 @@ fn train_loop<AB: AutodiffBackend, S: Classifies<AB>>(
             .map(|&i| &job.train[i])
             .collect();
         window.3 += step_examples.iter().map(|e| e.ids.len()).sum::<usize>();
-        let mut loss;
-        let mut retried = false;
-        loop {
-            split.start_attempt();
-            let (micro_batch, rows) = (split.micro_batch, split.micro_batch / world);
-            let mut over = false;
-            loss = 0.0;
-            for examples in step_examples.chunks(micro_batch) {
-                let mine = &examples[rank * rows..(rank + 1) * rows];
-                let batch = batch_of::<AB>(job, mine, &device);
-                loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
-                if split.over_budget(trainer.comm().as_ref())? {
-                    over = true;
-                    break;
-                }
-            }
-            if !over {
-                break;
-            }
-            // Over --auto's budget: the same step again with a smaller micro-batch, once.
-            trainer.zero_grad();
-            split.shrink(step, world, &mut retried, |line| progress.println(line))?;
-        }
+        let loss = split.accumulate(&mut trainer, step, &progress, |micro_batch, micro| {
+            let rows = micro_batch / world;
+            let examples = &step_examples[micro * micro_batch..(micro + 1) * micro_batch];
+            batch_of::<AB>(job, &examples[rank * rows..(rank + 1) * rows], &device)
+        })?;
         let report = trainer.step(lr)?;
         let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
         step += 1;

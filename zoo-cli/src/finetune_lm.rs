@@ -727,28 +727,11 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
             .iter()
             .map(|p| p.source.len() + p.target.len())
             .sum::<usize>();
-        let mut loss;
-        let mut retried = false;
-        loop {
-            split.start_attempt();
-            let rows = split.micro_batch / world;
-            let mut over = false;
-            loss = 0.0;
-            for micro in examples.chunks(split.micro_batch) {
-                let batch = S::batch(job, &micro[rank * rows..(rank + 1) * rows], &device);
-                loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
-                if split.over_budget(trainer.comm().as_ref())? {
-                    over = true;
-                    break;
-                }
-            }
-            if !over {
-                break;
-            }
-            // Over --auto's budget: the same step again with a smaller micro-batch, once.
-            trainer.zero_grad();
-            split.shrink(step, world, &mut retried, |line| progress.println(line))?;
-        }
+        let loss = split.accumulate(&mut trainer, step, &progress, |micro_batch, micro| {
+            let rows = micro_batch / world;
+            let micro = &examples[micro * micro_batch..(micro + 1) * micro_batch];
+            S::batch(job, &micro[rank * rows..(rank + 1) * rows], &device)
+        })?;
         let report = trainer.step(lr)?;
         let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
         step += 1;

@@ -1457,30 +1457,12 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
             &job.train,
             job.seq,
         );
-        let mut loss;
-        let mut retried = false;
-        loop {
-            split.start_attempt();
-            let (micro_batch, rows) = (split.micro_batch, split.micro_batch / world);
-            let mut over = false;
-            loss = 0.0;
-            for micro in 0..split.grad_accum {
-                let micro_starts = &starts[micro * micro_batch..(micro + 1) * micro_batch];
-                let mine = &micro_starts[rank * rows..(rank + 1) * rows];
-                let batch = S::batch(job, &job.train, mine, step, &device);
-                loss += trainer.forward_backward(&batch)? / split.grad_accum as f32;
-                if split.over_budget(trainer.comm().as_ref())? {
-                    over = true;
-                    break;
-                }
-            }
-            if !over {
-                break;
-            }
-            // Over --auto's budget: the same step again with a smaller micro-batch, once.
-            trainer.zero_grad();
-            split.shrink(step, world, &mut retried, |line| progress.println(line))?;
-        }
+        let loss = split.accumulate(&mut trainer, step, &progress, |micro_batch, micro| {
+            let rows = micro_batch / world;
+            let micro_starts = &starts[micro * micro_batch..(micro + 1) * micro_batch];
+            let mine = &micro_starts[rank * rows..(rank + 1) * rows];
+            S::batch(job, &job.train, mine, step, &device)
+        })?;
         let report = trainer.step(lr)?;
         let loss = mean_over_ranks(trainer.comm().as_ref(), loss)?;
         first_loss.get_or_insert(loss);

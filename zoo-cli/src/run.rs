@@ -666,6 +666,40 @@ impl StepSplit {
         Ok(())
     }
 
+    /// Forward and backward of one step's micro-batches, `batch(micro_batch, index)` giving this
+    /// rank's share of micro-batch `index` (of `micro_batch` rows over all ranks). A step that goes
+    /// over `--auto`'s budget is discarded and run again once with a smaller split. Returns this
+    /// rank's mean loss of the step.
+    pub fn accumulate<B: AutodiffBackend, S: ZeroSpec<B>>(
+        &mut self,
+        trainer: &mut ZeroTrainer<B, S, Box<dyn Communicator>>,
+        step: u64,
+        progress: &Progress,
+        mut batch: impl FnMut(usize, usize) -> S::Batch,
+    ) -> anyhow::Result<f32> {
+        let world = trainer.comm().world_size();
+        let mut retried = false;
+        loop {
+            self.start_attempt();
+            let mut loss = 0.0;
+            let mut over = false;
+            for micro in 0..self.grad_accum {
+                let rows = batch(self.micro_batch, micro);
+                loss += trainer.forward_backward(&rows)? / self.grad_accum as f32;
+                if self.over_budget(trainer.comm().as_ref())? {
+                    over = true;
+                    break;
+                }
+            }
+            if !over {
+                return Ok(loss);
+            }
+            // Over --auto's budget: the same step again with a smaller micro-batch, once.
+            trainer.zero_grad();
+            self.shrink(step, world, &mut retried, |line| progress.println(line))?;
+        }
+    }
+
     /// `--auto`'s record for `trainer_state.json`: the plan with the split as it is now.
     pub fn record(&self) -> Option<Value> {
         self.auto.map(|plan| {

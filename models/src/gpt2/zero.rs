@@ -66,24 +66,32 @@ impl Gpt2Spec {
     pub fn split<B: Backend>(
         model: Gpt2LmHeadModel<B>,
     ) -> (Self, Gpt2Embedding<B>, Vec<Gpt2Block<B>>, Gpt2Head<B>) {
-        let transformer = model.transformer;
         let spec = Self {
-            local_window: transformer.local_window,
+            local_window: model.transformer.local_window,
             tied: model.lm_head.is_none(),
         };
-        let embed = Gpt2Embedding {
-            wte: transformer.wte,
-            wpe: transformer.wpe,
-            dropout: transformer.dropout,
-        };
+        let (embed, blocks, transformer) = split_body(model.transformer);
         let head = Gpt2Head {
-            transformer: Gpt2FinalNorm {
-                ln_f: transformer.ln_f,
-            },
+            transformer,
             lm_head: model.lm_head,
         };
-        (spec, embed, transformer.blocks, head)
+        (spec, embed, blocks, head)
     }
+}
+
+/// The decoder stack's segments: embedding, blocks, and the final norm every head starts with.
+fn split_body<B: Backend>(
+    transformer: super::Gpt2Model<B>,
+) -> (Gpt2Embedding<B>, Vec<Gpt2Block<B>>, Gpt2FinalNorm<B>) {
+    let embed = Gpt2Embedding {
+        wte: transformer.wte,
+        wpe: transformer.wpe,
+        dropout: transformer.dropout,
+    };
+    let ln_f = Gpt2FinalNorm {
+        ln_f: transformer.ln_f,
+    };
+    (embed, transformer.blocks, ln_f)
 }
 
 /// The embedding segment on `[batch, seq]` ids (positions from 0; rows right-padded).
@@ -195,23 +203,16 @@ impl Gpt2ClassifierSpec {
     pub fn split<B: Backend>(
         model: Gpt2ForSequenceClassification<B>,
     ) -> (Self, Gpt2Embedding<B>, Vec<Gpt2Block<B>>, Gpt2ScoreHead<B>) {
-        let transformer = model.transformer;
         let spec = Self {
-            local_window: transformer.local_window,
+            local_window: model.transformer.local_window,
             pad_token_id: model.pad_token_id,
         };
-        let embed = Gpt2Embedding {
-            wte: transformer.wte,
-            wpe: transformer.wpe,
-            dropout: transformer.dropout,
-        };
+        let (embed, blocks, transformer) = split_body(model.transformer);
         let head = Gpt2ScoreHead {
-            transformer: Gpt2FinalNorm {
-                ln_f: transformer.ln_f,
-            },
+            transformer,
             score: model.score,
         };
-        (spec, embed, transformer.blocks, head)
+        (spec, embed, blocks, head)
     }
 
     /// The head's logits `[batch, num_labels]` for the last hidden states of `batch`.
