@@ -6,6 +6,7 @@ mod generation;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod gradients;
+mod llama_train;
 mod parity;
 mod t5;
 mod t5_train;

@@ -4,16 +4,28 @@
 use checkpoints_convert::{WeightsFormat, convert_hf_to_zoo, export_zoo_to_hf, read_weights_file};
 use zoo_tests::{MODEL_FIXTURES, fixture};
 
+/// A directory's weights: `model.safetensors`, or every shard of its index.
+fn weights_of(dir: &std::path::Path) -> checkpoints_convert::TensorMap {
+    let single = dir.join("model.safetensors");
+    let path = if single.is_file() {
+        single
+    } else {
+        dir.join("model.safetensors.index.json")
+    };
+    read_weights_file(&path).unwrap()
+}
+
+/// Every fixture, and the sharded Llama.
 #[test]
 fn hf_to_zoo_to_hf_round_trip_is_bit_identical() {
-    for name in MODEL_FIXTURES {
+    for name in MODEL_FIXTURES.into_iter().chain(["llama"]) {
         let work = tempfile::tempdir().unwrap();
         let zoo_dir = work.path().join("zoo");
         let hf_dir = work.path().join("hf");
         convert_hf_to_zoo(&fixture(name), &zoo_dir, WeightsFormat::Safetensors, false).unwrap();
         export_zoo_to_hf(&zoo_dir, &hf_dir, false).unwrap();
-        let original = read_weights_file(&fixture(name).join("model.safetensors")).unwrap();
-        let exported = read_weights_file(&hf_dir.join("model.safetensors")).unwrap();
+        let original = weights_of(&fixture(name));
+        let exported = weights_of(&hf_dir);
         let keys = |m: &checkpoints_convert::TensorMap| m.keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&original), keys(&exported), "{name}: key sets differ");
         for (key, tensor) in &original {

@@ -250,3 +250,35 @@ fn sampling_is_seeded_and_top_k_one_is_greedy() {
         (0..8).map(|seed| run(&sample(None, seed))).collect();
     assert!(draws.len() > 1, "different seeds give different samples");
 }
+
+/// The Llama family through `AnyModel::generate` (what `zoo generate` calls): greedy and beam
+/// search ids equal transformers' on single prompts and left-padded batches (GQA with one and
+/// two kv heads; Mistral's window of 5 shorter than the generated rows).
+#[test]
+fn llama_family_generates_transformers_ids() {
+    let device = Default::default();
+    for name in ["llama", "mistral", "qwen2"] {
+        let loaded = load_model::<Cpu>(&fixture(name), &device, &LoadOptions::default()).unwrap();
+        let text = std::fs::read_to_string(fixture(name).join("generation.json")).unwrap();
+        let reference: Value = serde_json::from_str(&text).unwrap();
+        let eos = reference["eos_token_id"].as_u64().unwrap() as u32;
+        let cases = reference["cases"].as_array().unwrap();
+        assert!(cases.len() >= 10, "{name}: the fixture has every setting");
+        for case in cases {
+            let prompts = unpadded_prompts(case);
+            let config = config_of(&case["settings"], eos);
+            let got = loaded
+                .model
+                .generate(&prompts, &config, &device, &mut |_| {})
+                .expect("a causal LM generates")
+                .unwrap();
+            assert_eq!(
+                got.sequences,
+                ids(&case["output_ids"]),
+                "{name} case {}, prompts {:?}",
+                case["prompts"],
+                case["name"]
+            );
+        }
+    }
+}

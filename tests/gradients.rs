@@ -174,3 +174,10 @@ fn t5_gradients_match_transformers() {
 fn t5_v1_1_gradients_match_transformers() {
     check_training_step("t5_v1_1");
 }
+
+#[test]
+fn llama_family_gradients_match_transformers() {
+    for name in ["llama", "mistral", "qwen2"] {
+        check_training_step(name);
+    }
+}

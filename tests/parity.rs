@@ -91,6 +91,15 @@ fn sharded_safetensors_load_like_the_single_file() {
     assert!(error < TOLERANCE, "max abs error {error}");
 }
 
+/// A Llama saved in shards (as every real Llama checkpoint is), with GQA and llama3 RoPE
+/// scaling.
+#[test]
+fn sharded_llama_matches_transformers() {
+    let error = max_error("llama", "llama", WeightsFormat::Auto);
+    eprintln!("parity llama (sharded, index.json): max abs error {error:.3e}");
+    assert!(error < TOLERANCE, "max abs error {error}");
+}
+
 /// Older checkpoints: a `bert.` prefix on a bare `BertModel`, TF-era `LayerNorm.gamma`/`beta`
 /// names, and a `position_ids` buffer. They load to the same outputs.
 #[test]

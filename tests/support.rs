@@ -14,7 +14,7 @@ use models::bert::EncoderInput;
 
 /// The HF model fixtures, each a directory with `model.safetensors`, `pytorch_model.bin` and
 /// `reference.safetensors`.
-pub const MODEL_FIXTURES: [&str; 10] = [
+pub const MODEL_FIXTURES: [&str; 12] = [
     "bert",
     "bert_mlm",
     "bert_cls",
@@ -25,6 +25,8 @@ pub const MODEL_FIXTURES: [&str; 10] = [
     "gpt2_cls",
     "t5",
     "t5_v1_1",
+    "mistral",
+    "qwen2",
 ];
 
 /// `tests/fixtures/<name>`.

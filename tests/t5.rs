@@ -246,7 +246,7 @@ fn tiny_cpm2_learns_span_corruption() {
 
     let config = models::t5::T5Config {
         decoder_start_token_id: Some(pad),
-        ..models::registry::cpm2_tiny_config(cpm2.vocab_size())
+        ..models::presets::cpm2_tiny_config(cpm2.vocab_size())
     };
     let mut model = T5ForConditionalGeneration::<CpuTrain>::new(&config, &device).unwrap();
     let mut optimizer = AdamWConfig::new().init();

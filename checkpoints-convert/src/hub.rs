@@ -242,4 +242,50 @@ mod tests {
         .to_vec();
         assert_eq!(files_to_fetch(&bins).len(), 4);
     }
+
+    /// meta-llama/Llama-3.1-8B's file list (as the hub API gives it): the four shards, their
+    /// index, the config, generation config and tokenizer files; not Meta's `original/`
+    /// consolidated checkpoint.
+    #[test]
+    fn a_llama_repository_gives_its_shards_not_the_original_checkpoint() {
+        let all: Vec<String> = [
+            ".gitattributes",
+            "LICENSE",
+            "README.md",
+            "USE_POLICY.md",
+            "config.json",
+            "generation_config.json",
+            "model-00001-of-00004.safetensors",
+            "model-00002-of-00004.safetensors",
+            "model-00003-of-00004.safetensors",
+            "model-00004-of-00004.safetensors",
+            "model.safetensors.index.json",
+            "original/consolidated.00.pth",
+            "original/params.json",
+            "original/tokenizer.model",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut got = files_to_fetch(&all);
+        got.sort();
+        let mut want = [
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00004.safetensors",
+            "model-00002-of-00004.safetensors",
+            "model-00003-of-00004.safetensors",
+            "model-00004-of-00004.safetensors",
+            "generation_config.json",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        want.sort();
+        assert_eq!(got, want);
+    }
 }

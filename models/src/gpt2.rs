@@ -15,8 +15,11 @@ use serde::{Deserialize, Serialize};
 pub mod zero;
 
 use crate::ModelError;
+use crate::io::vocab_logits;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
-pub use crate::io::{DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy};
+pub use crate::io::{
+    DecoderCache, DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy,
+};
 use crate::io::{EncoderInput, Logits, ModelClass, ModelOutput};
 use crate::layers::{
     Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, LayerNorm, LayerNormConfig,
@@ -295,36 +298,6 @@ impl<B: Backend> Gpt2Block<B> {
 // ---------------------------------------------------------------------------------------------
 // Model
 
-/// Every block's keys and values: what a generation step needs from the steps before.
-#[derive(Debug, Clone)]
-pub struct DecoderCache<B: Backend> {
-    /// One entry per block.
-    pub layers: Vec<KvCache<B>>,
-}
-
-impl<B: Backend> DecoderCache<B> {
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, KvCache::len)
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Keeps the batch rows `indices`, in that order.
-    pub fn select(&self, indices: Tensor<B, 1, Int>) -> Self {
-        Self {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| l.select(indices.clone()))
-                .collect(),
-        }
-    }
-}
-
 /// The GPT-2 decoder stack without a head. HF `GPT2Model` (under `transformer.` in the LM model).
 #[derive(Module, Debug)]
 pub struct Gpt2Model<B: Backend> {
@@ -474,26 +447,6 @@ impl<B: Backend> BlockMasks<B> {
     }
 }
 
-/// Hidden states → logits through `lm_head`, or through `wte` when tied.
-pub(crate) fn lm_logits<B: Backend>(
-    hidden: Tensor<B, 3>,
-    lm_head: Option<&Linear<B>>,
-    wte: &Embedding<B>,
-) -> Tensor<B, 3> {
-    match lm_head {
-        Some(head) => head.forward(hidden),
-        None => {
-            let [batch, seq, width] = hidden.dims();
-            let table = wte.weight.val(); // [vocab, n_embd]
-            let vocab = table.dims()[0];
-            hidden
-                .reshape([batch * seq, width])
-                .matmul(table.transpose())
-                .reshape([batch, seq, vocab])
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // LM head
 
@@ -521,7 +474,7 @@ impl<B: Backend> Gpt2LmHeadModel<B> {
 
     /// Hidden states → logits: `[batch, seq, n_embd]` → `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        lm_logits(hidden, self.lm_head.as_ref(), &self.transformer.wte)
+        vocab_logits(hidden, self.lm_head.as_ref(), &self.transformer.wte)
     }
 
     /// Full-sequence forward: hidden states and logits.
@@ -697,6 +650,17 @@ impl<B: Backend> ModelClass<B> for Gpt2LmHeadModel<B> {
     }
     fn vocab_size(&self) -> usize {
         self.transformer.vocab_size()
+    }
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &crate::generation::GenerationConfig,
+        device: &B::Device,
+        on_tokens: &mut dyn FnMut(&[Option<u32>]),
+    ) -> Option<Result<crate::generation::Generated, crate::generation::GenerationError>> {
+        Some(crate::generation::generate(
+            self, prompts, config, device, on_tokens,
+        ))
     }
 }
 

@@ -6,7 +6,8 @@ use bmtrain_backend::kernels;
 use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::AttentionMask;
+use crate::layers::{AttentionMask, KvCache, Linear};
+use burn::nn::Embedding;
 
 // ---------------------------------------------------------------------------------------------
 // Inputs and outputs
@@ -66,6 +67,57 @@ impl<B: Backend> DecoderInput<B> {
     }
 }
 
+/// Every block's keys and values: what a generation step needs from the steps before.
+#[derive(Debug, Clone)]
+pub struct DecoderCache<B: Backend> {
+    /// One entry per block.
+    pub layers: Vec<KvCache<B>>,
+}
+
+impl<B: Backend> DecoderCache<B> {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the batch rows `indices`, in that order.
+    pub fn select(&self, indices: Tensor<B, 1, Int>) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.select(indices.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Hidden states → logits through an untied `lm_head`, or through the token embeddings `wte`
+/// (`[vocab, width]`) when the head is tied (GPT-2, tied Llama-family models).
+pub fn vocab_logits<B: Backend>(
+    hidden: Tensor<B, 3>,
+    lm_head: Option<&Linear<B>>,
+    wte: &Embedding<B>,
+) -> Tensor<B, 3> {
+    match lm_head {
+        Some(head) => head.forward(hidden),
+        None => {
+            let [batch, seq, width] = hidden.dims();
+            let table = wte.weight.val(); // [vocab, n_embd]
+            let vocab = table.dims()[0];
+            hidden
+                .reshape([batch * seq, width])
+                .matmul(table.transpose())
+                .reshape([batch, seq, vocab])
+        }
+    }
+}
+
 /// One token id or several, as HF configs write `eos_token_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -84,6 +136,17 @@ impl TokenIds {
             Self::Many(ids) => ids.clone(),
         }
     }
+}
+
+/// Token rows for causal-LM training: each row predicts its own next tokens.
+#[derive(Debug, Clone)]
+pub struct LmBatch<B: Backend> {
+    /// `[batch, seq]` token ids (right-padded when rows differ in length: causal attention never
+    /// lets a real token see the padding after it).
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]` labels, shifted inside the loss as transformers does, -100 not scored
+    /// (prompt tokens, padding); `None`: the ids themselves (pretraining windows).
+    pub labels: Option<Tensor<B, 2, Int>>,
 }
 
 /// Labelled sequences for classification.
@@ -113,6 +176,18 @@ pub trait ModelClass<B: Backend>: Sized {
     fn max_sequence_length(&self) -> usize;
     /// Number of token ids the model accepts.
     fn vocab_size(&self) -> usize;
+    /// Generates continuations of `prompts` (a causal LM continues them; an encoder-decoder
+    /// reads them and writes new text), calling `on_tokens` as [`crate::generation::generate`]
+    /// does; `None` for a class without an LM head.
+    fn generate(
+        &self,
+        _prompts: &[Vec<u32>],
+        _config: &crate::generation::GenerationConfig,
+        _device: &B::Device,
+        _on_tokens: &mut dyn FnMut(&[Option<u32>]),
+    ) -> Option<Result<crate::generation::Generated, crate::generation::GenerationError>> {
+        None
+    }
 }
 
 /// Logits of a head: per token (MLM) or per sequence (classification).

@@ -7,9 +7,12 @@
 //! - [`roberta`]: `RobertaModel`, `RobertaForMaskedLM`, `RobertaForSequenceClassification`.
 //! - [`gpt2`]: `GPT2Model`, `GPT2LMHeadModel` (GPT-2, the GPT-3 sizes, CPM-1), causal-LM loss.
 //! - [`t5`]: `T5Model`, `T5ForConditionalGeneration`, `T5EncoderModel` (T5 v1.0/v1.1, mT5, FLAN-T5, CPM-2).
+//! - [`llama`]: `LlamaModel`, `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` (Llama 2 / 3.x,
+//!   Mistral, Qwen2 / 2.5).
 //! - [`train`]: each trainable family cut into ZeRO segments (GPT-2 causal LM, BERT/RoBERTa classifiers).
 //! - [`generation`]: KV-cache generation (greedy, sampling, beam search) for any [`generation::Decoder`].
-//! - [`registry`]: which class a config asks for, [`AnyModel`] to run any of them, presets.
+//! - [`registry`]: which class a config asks for, [`AnyModel`] to run any of them.
+//! - [`presets`]: named configurations of published checkpoints; [`params`]: parameter-tree utilities.
 //!
 //! Every model is generic over the burn backend: on `Autodiff<B>` it trains (dropout active), on
 //! `B` it runs inference.
@@ -21,15 +24,17 @@ pub mod generation;
 pub mod gpt2;
 pub mod io;
 pub mod layers;
+pub mod llama;
+pub mod params;
+pub mod presets;
 pub mod registry;
 pub mod roberta;
 pub mod t5;
 pub mod train;
 
-pub use registry::{
-    AnyModel, Architecture, ConfigError, Family, Logits, ModelConfig, ModelOutput, ParamInfo,
-    ParamPath, Preset, cast_float_params, count_params, param_infos, preset, presets,
-};
+pub use params::{ParamInfo, ParamPath, cast_float_params, count_params, param_infos};
+pub use presets::{Preset, preset, presets};
+pub use registry::{AnyModel, Architecture, ConfigError, Family, Logits, ModelConfig, ModelOutput};
 
 /// Errors from building a model.
 #[derive(Debug, thiserror::Error)]

@@ -1095,6 +1095,18 @@ impl<B: Backend> ModelClass<B> for T5ForConditionalGeneration<B> {
     fn vocab_size(&self) -> usize {
         T5ForConditionalGeneration::vocab_size(self)
     }
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &crate::generation::GenerationConfig,
+        device: &B::Device,
+        on_tokens: &mut dyn FnMut(&[Option<u32>]),
+    ) -> Option<Result<crate::generation::Generated, crate::generation::GenerationError>> {
+        let pad = config.pad_token_id;
+        Some(generate_seq2seq(
+            self, prompts, config, pad, device, on_tokens,
+        ))
+    }
 }
 
 impl<B: Backend> ModelClass<B> for T5EncoderModel<B> {

@@ -27,6 +27,7 @@ use crate::gpt2::Gpt2LmHeadModel;
 pub use crate::gpt2::zero::{
     Gpt2ClassifierSpec, Gpt2Embedding, Gpt2FinalNorm, Gpt2Head, Gpt2ScoreHead, Gpt2Spec, LmBatch,
 };
+pub use crate::llama::zero::{LlamaEmbedding, LlamaFinalNorm, LlamaHead, LlamaSpec};
 
 /// What a parameter is, from the module that holds it and its field name — not from where it
 /// sits in the model, so an RMSNorm scale called `weight` starts at one like a LayerNorm's
@@ -73,6 +74,12 @@ pub enum InitScheme {
     /// BERT and RoBERTa (`BertPreTrainedModel._init_weights`): weights and embeddings
     /// `N(0, 0.02)`.
     Bert,
+    /// Every matrix and embedding `N(0, std)`: the Llama family's `_init_weights` with the
+    /// config's `initializer_range`.
+    Normal {
+        /// The standard deviation.
+        std: f64,
+    },
     /// T5 and its descendants (`T5PreTrainedModel._init_weights`, factor 1): `shared` and
     /// `lm_head` `N(0, 1)`; attention queries `N(0, (d_model · d_kv)^-½)`, keys, values and the
     /// relative-position tables `N(0, d_model^-½)`, outputs `N(0, (heads · d_kv)^-½)`; FFN inputs
@@ -103,6 +110,7 @@ impl InitScheme {
                 0.02 / (2.0 * n_layer as f64).sqrt()
             }
             InitScheme::Gpt2 { .. } | InitScheme::Bert => 0.02,
+            InitScheme::Normal { std } => std,
             InitScheme::T5 {
                 d_model,
                 d_kv,

@@ -31,9 +31,10 @@ use checkpoints_convert::{
 };
 use models::generation::GenerationConfig;
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel, IGNORE_INDEX};
+use models::llama::{LlamaConfig, LlamaForCausalLM};
 use models::t5::zero::{Seq2SeqBatch, T5Spec};
 use models::t5::{T5Config, T5ForConditionalGeneration, generate_seq2seq, shift_right};
-use models::train::{Gpt2Spec, InitScheme, LmBatch, TensorSource};
+use models::train::{Gpt2Spec, InitScheme, LlamaSpec, LmBatch, TensorSource};
 use models::{AnyModel, Architecture, ModelConfig};
 use serde_json::{Value, json};
 
@@ -57,6 +58,18 @@ struct Pair {
 enum Writer {
     Seq2seq(T5Config),
     Causal(Gpt2Config),
+    /// A Llama, Mistral or Qwen2 causal LM.
+    Llama(LlamaConfig),
+}
+
+impl Writer {
+    fn config(&self) -> ModelConfig {
+        match self {
+            Self::Seq2seq(c) => ModelConfig::T5(c.clone()),
+            Self::Causal(c) => ModelConfig::Gpt2(c.clone()),
+            Self::Llama(c) => ModelConfig::Llama(c.clone()),
+        }
+    }
 }
 
 struct Job {
@@ -163,6 +176,9 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
         (Task::CausalLm, ModelConfig::Gpt2(c), Architecture::Gpt2LmHeadModel) => {
             (Writer::Causal(c.clone()), spec.architecture)
         }
+        (Task::CausalLm, ModelConfig::Llama(c), found) if found == Architecture::for_llama(c) => {
+            (Writer::Llama(c.clone()), spec.architecture)
+        }
         (task, _, found) => bail!(
             "{}: a {} — --task {} needs {}",
             args.model.display(),
@@ -170,7 +186,9 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
             task.name(),
             match task {
                 Task::Seq2seq => "a T5ForConditionalGeneration (T5, mT5, FLAN-T5, CPM-2)",
-                _ => "a GPT2LMHeadModel (GPT-2, the GPT-3 sizes, CPM-1)",
+                _ =>
+                    "a causal LM: GPT2LMHeadModel (GPT-2, the GPT-3 sizes, CPM-1), \
+                      LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM",
             }
         ),
     };
@@ -180,12 +198,10 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
             (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p);
             Writer::Causal(c)
         }
+        (Writer::Llama(c), Some(p)) => Writer::Llama(c.with_dropout(p)),
         (model, None) => model,
     };
-    let config = match &model {
-        Writer::Seq2seq(c) => ModelConfig::T5(c.clone()),
-        Writer::Causal(c) => ModelConfig::Gpt2(c.clone()),
-    };
+    let config = model.config();
     args.memory.check_fits(
         architecture,
         &config,
@@ -212,6 +228,16 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
                 .token_to_id("<|endoftext|>")
                 .or_else(|| first(&c.eos_token_id));
             (eos, eos.unwrap_or(0), 0)
+        }
+        // Llama 2 / Mistral end with </s>, Llama 3 base with <|end_of_text|>, Qwen2 with
+        // <|endoftext|>; else the config's first end-of-text id. Right padding is masked, so
+        // the pad id only has to be a real id.
+        Writer::Llama(c) => {
+            let eos = ["</s>", "<|end_of_text|>", "<|endoftext|>"]
+                .into_iter()
+                .find_map(|t| tokenizer.token_to_id(t))
+                .or_else(|| first(&c.eos_token_id));
+            (eos, c.pad_token_id.or(eos).unwrap_or(0), 0)
         }
     };
     if let Writer::Causal(c) = &model {
@@ -527,21 +553,29 @@ impl<AB: AutodiffBackend> WritingTask<AB> for T5Spec {
     }
 }
 
-impl<AB: AutodiffBackend> WritingTask<AB> for Gpt2Spec {
-    fn batch(job: &Job, pairs: &[&Pair], device: &AB::Device) -> LmBatch<AB> {
-        causal_batch::<AB>(job, pairs, device)
-    }
+/// A causal LM's examples (GPT-2's and the Llama family's cuts take the same batch).
+macro_rules! causal_writing {
+    ($spec:ty) => {
+        impl<AB: AutodiffBackend> WritingTask<AB> for $spec {
+            fn batch(job: &Job, pairs: &[&Pair], device: &AB::Device) -> LmBatch<AB> {
+                causal_batch::<AB>(job, pairs, device)
+            }
 
-    fn eval_loss(
-        job: &Job,
-        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
-        pairs: &[&Pair],
-        device: &AB::Device,
-    ) -> anyhow::Result<f32> {
-        let batch = causal_batch::<AB::InnerBackend>(job, pairs, device);
-        Ok(trainer.infer_loss(&batch)?)
-    }
+            fn eval_loss(
+                job: &Job,
+                trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+                pairs: &[&Pair],
+                device: &AB::Device,
+            ) -> anyhow::Result<f32> {
+                let batch = causal_batch::<AB::InnerBackend>(job, pairs, device);
+                Ok(trainer.infer_loss(&batch)?)
+            }
+        }
+    };
 }
+
+causal_writing!(Gpt2Spec);
+causal_writing!(LlamaSpec);
 
 /// The validation loss (each chunk of `--batch` examples shared by the ranks, the chunk means
 /// averaged), and for seq2seq the exact match of greedy answers (on rank 0, from the assembled
@@ -614,10 +648,7 @@ fn model_spec(job: &Job) -> ModelSpec {
         kind: DirKind::Zoo,
         dir: job.run_dir.clone(),
         architecture: job.architecture,
-        config: match &job.model {
-            Writer::Seq2seq(c) => ModelConfig::T5(c.clone()),
-            Writer::Causal(c) => ModelConfig::Gpt2(c.clone()),
-        },
+        config: job.model.config(),
         hf_config: job.manifest.hf_config.clone(),
     }
 }
@@ -643,6 +674,13 @@ fn train<AB: AutodiffBackend>(
             let cut = Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(config, &device)?);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
+            };
+            train_loop(comm, device, job, cut, init)
+        }
+        Writer::Llama(config) => {
+            let cut = LlamaSpec::split(LlamaForCausalLM::<AB>::new(config, &device)?);
+            let init = InitScheme::Normal {
+                std: config.initializer_range,
             };
             train_loop(comm, device, job, cut, init)
         }

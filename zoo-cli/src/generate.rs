@@ -9,9 +9,8 @@ use bmtrain_backend::{BackendTask, DeviceSpec};
 use burn::tensor::backend::Backend;
 use checkpoints_convert::{LoadOptions, TextTokenizer, load_model, load_tokenizer};
 use clap::{Args, ValueEnum};
-use models::generation::{Decoding, EarlyStopping, GenerationConfig, TokenIds, generate, validate};
-use models::t5::generate_seq2seq;
-use models::{AnyModel, Family};
+use models::Family;
+use models::generation::{Decoding, EarlyStopping, GenerationConfig, TokenIds};
 use serde_json::Value;
 
 use crate::FormatArg;
@@ -231,11 +230,7 @@ impl BackendTask for GenerateTask {
         let (eos, pad) = special_ids(&args.model, &loaded.spec.hf_config)?;
         let pad = pad.or(eos.first().copied()).unwrap_or(0);
         let config = args.config(eos.clone(), pad);
-        let seq2seq = matches!(loaded.model, AnyModel::T5ForConditionalGeneration(_));
-        if let AnyModel::Gpt2LmHeadModel(model) = &loaded.model {
-            validate(model, &prompts, &config)?;
-        }
-
+        let seq2seq = loaded.spec.architecture.family() == Family::T5;
         // Stream one prompt's text as it comes; batches and beams print when done. A decoder-only
         // model's output starts with its prompt; an encoder-decoder's is the decoder's text alone.
         let stream = !args.ids && prompts.len() == 1 && args.num_beams <= 1;
@@ -250,20 +245,20 @@ impl BackendTask for GenerateTask {
             }
         };
         let started = Instant::now();
-        let generated = match &loaded.model {
-            AnyModel::Gpt2LmHeadModel(model) => {
-                generate(model, &prompts, &config, &device, on_tokens)?
-            }
-            AnyModel::T5ForConditionalGeneration(model) => {
-                generate_seq2seq(model, &prompts, &config, pad, &device, on_tokens)?
-            }
-            _ => bail!(
-                "{} holds a {}; zoo generate needs a causal LM (GPT2LMHeadModel) or an \
-                 encoder-decoder LM (T5ForConditionalGeneration)",
+        let mut on_tokens = on_tokens;
+        let Some(generated) = loaded
+            .model
+            .generate(&prompts, &config, &device, &mut on_tokens)
+        else {
+            bail!(
+                "{} holds a {}, which has no LM head; zoo generate needs a causal LM (such as \
+                 GPT2LMHeadModel, LlamaForCausalLM) or an encoder-decoder LM \
+                 (T5ForConditionalGeneration)",
                 args.model.display(),
                 loaded.spec.architecture.hf_name()
-            ),
+            );
         };
+        let generated = generated?;
         let elapsed = started.elapsed().as_secs_f64();
 
         let new_tokens: Vec<Vec<u32>> = (0..prompts.len())

@@ -33,10 +33,11 @@ use bmtrain_backend::zero::layout_of;
 use clap::Args;
 use models::bert::{BertForMaskedLM, BertForSequenceClassification};
 use models::gpt2::Gpt2LmHeadModel;
+use models::llama::LlamaForCausalLM;
 use models::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification};
 use models::t5::T5ForConditionalGeneration;
 use models::t5::zero::T5Spec;
-use models::train::{ClassifierSpec, Gpt2Spec, MlmSpec};
+use models::train::{ClassifierSpec, Gpt2Spec, LlamaSpec, MlmSpec};
 use models::{Architecture, Family, ModelConfig};
 use serde_json::json;
 
@@ -450,6 +451,18 @@ pub fn shape_of_config(architecture: Architecture, config: &ModelConfig) -> anyh
             Architecture::T5ForConditionalGeneration,
             T5Spec::split(T5ForConditionalGeneration::<Cpu>::new(c, &device)?)?,
             [c.d_model, c.d_ff, c.num_heads, c.vocab_size],
+        ),
+        // The gated MLP keeps both inner projections (gate and up) and their product: counted
+        // as twice the inner width. The kv heads' smaller projections are in the block sizes.
+        (ModelConfig::Llama(c), _) => shape_of_cut(
+            Architecture::for_llama(c),
+            LlamaSpec::split(LlamaForCausalLM::<Cpu>::new(c, &device)?),
+            [
+                c.hidden_size,
+                2 * c.intermediate_size,
+                c.num_attention_heads,
+                c.vocab_size,
+            ],
         ),
     })
 }

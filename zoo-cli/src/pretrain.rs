@@ -29,14 +29,15 @@ use checkpoints_convert::{
 };
 use clap::{Args, ValueEnum};
 use models::bert::{BertConfig, BertForMaskedLM, mlm_mask, whole_word_mask};
-use models::generation::{Decoding, GenerationConfig, TokenIds, generate};
+use models::generation::{Decoding, GenerationConfig, TokenIds};
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+use models::llama::{LlamaConfig, LlamaForCausalLM};
 use models::roberta::RobertaForMaskedLM;
 use models::t5::zero::{Seq2SeqBatch, T5Spec};
 use models::t5::{
     T5Config, T5ForConditionalGeneration, random_noise_spans, shift_right, span_corrupt,
 };
-use models::train::{Gpt2Spec, InitScheme, LmBatch, MlmBatch, MlmSpec, TensorSource};
+use models::train::{Gpt2Spec, InitScheme, LlamaSpec, LmBatch, MlmBatch, MlmSpec, TensorSource};
 use models::{AnyModel, Architecture, Family, ModelConfig};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
@@ -188,6 +189,8 @@ enum Pretrained {
     Span(T5Config),
     /// A BERT (or, `roberta`, a RoBERTa): masked LM over each window.
     Masked { config: BertConfig, roberta: bool },
+    /// A Llama, Mistral or Qwen2: the causal-LM loss over each window.
+    Llama(LlamaConfig),
 }
 
 impl Pretrained {
@@ -199,6 +202,7 @@ impl Pretrained {
                 config,
                 roberta: family == Family::Roberta,
             },
+            ModelConfig::Llama(c) => Self::Llama(c),
         }
     }
 
@@ -207,6 +211,7 @@ impl Pretrained {
             Self::Causal(c) => ModelConfig::Gpt2(c.clone()),
             Self::Span(c) => ModelConfig::T5(c.clone()),
             Self::Masked { config, .. } => ModelConfig::Bert(config.clone()),
+            Self::Llama(c) => ModelConfig::Llama(c.clone()),
         }
     }
 
@@ -216,6 +221,7 @@ impl Pretrained {
             Self::Span(_) => Architecture::T5ForConditionalGeneration,
             Self::Masked { roberta: false, .. } => Architecture::BertForMaskedLM,
             Self::Masked { roberta: true, .. } => Architecture::RobertaForMaskedLM,
+            Self::Llama(c) => Architecture::for_llama(c),
         }
     }
 
@@ -224,7 +230,8 @@ impl Pretrained {
     fn context(&self) -> Option<usize> {
         match self {
             Self::Causal(c) => Some(c.n_positions),
-            Self::Span(_) => None,
+            // Rotary positions have no table.
+            Self::Span(_) | Self::Llama(_) => None,
             Self::Masked { config, roberta } => Some(match roberta {
                 false => config.max_position_embeddings,
                 true => config
@@ -239,6 +246,7 @@ impl Pretrained {
             Self::Causal(c) => c.vocab_size,
             Self::Span(c) => c.vocab_size,
             Self::Masked { config, .. } => config.vocab_size,
+            Self::Llama(c) => c.vocab_size,
         }
     }
 
@@ -247,6 +255,7 @@ impl Pretrained {
         match self {
             Self::Causal(c) => first(&c.eos_token_id),
             Self::Span(c) => first(&c.eos_token_id),
+            Self::Llama(c) => first(&c.eos_token_id),
             Self::Masked { .. } => None,
         }
     }
@@ -256,6 +265,7 @@ impl Pretrained {
             Self::Causal(c) => (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p),
             Self::Span(c) => c.dropout_rate = p,
             Self::Masked { config, .. } => *config = config.clone().with_dropout(p),
+            Self::Llama(c) => c.attention_dropout = p,
         }
     }
 
@@ -264,6 +274,7 @@ impl Pretrained {
         let (mut value, model_type) = match self {
             Self::Causal(c) => (serde_json::to_value(c)?, "gpt2"),
             Self::Span(c) => (serde_json::to_value(c)?, "t5"),
+            Self::Llama(c) => (serde_json::to_value(c)?, "llama"),
             Self::Masked { config, roberta } => (
                 serde_json::to_value(config)?,
                 if *roberta { "roberta" } else { "bert" },
@@ -414,7 +425,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     };
     let mut model = Pretrained::new(config, family);
     let objective = match &model {
-        Pretrained::Causal(_) => Objective::Causal,
+        Pretrained::Causal(_) | Pretrained::Llama(_) => Objective::Causal,
         Pretrained::Masked { .. } => Objective::Mlm,
         Pretrained::Span(_) => Objective::Span,
     };
@@ -505,6 +516,10 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     let eos = match &model {
         Pretrained::Causal(_) => tokenizer.token_to_id("<|endoftext|>"),
+        // Llama 2 / Mistral: </s>; Llama 3: <|end_of_text|>; Qwen2: <|endoftext|>.
+        Pretrained::Llama(_) => ["</s>", "<|end_of_text|>", "<|endoftext|>"]
+            .into_iter()
+            .find_map(|t| tokenizer.token_to_id(t)),
         Pretrained::Span(_) => tokenizer
             .token_to_id("</s>")
             .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
@@ -582,7 +597,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         _ => None,
     };
     let span = match &model {
-        Pretrained::Causal(_) | Pretrained::Masked { .. } => None,
+        Pretrained::Causal(_) | Pretrained::Masked { .. } | Pretrained::Llama(_) => None,
         Pretrained::Span(config) => Some(span_ids(
             config,
             &tokenizer,
@@ -1161,81 +1176,92 @@ trait Pretraining<AB: AutodiffBackend>: ZeroSpec<AB> + Sized {
     ) -> anyhow::Result<Option<String>>;
 }
 
-impl<AB: AutodiffBackend> Pretraining<AB> for Gpt2Spec {
-    fn batch(
-        job: &Job,
-        split: &Split,
-        starts: &[usize],
-        _: u64,
-        device: &AB::Device,
-    ) -> LmBatch<AB> {
-        LmBatch {
-            input_ids: batch_of::<AB>(split, starts, job.seq, device),
-            labels: None,
+/// Pretraining of a causal LM's cut (GPT-2's, the Llama family's): windows are their own
+/// labels; the sample continues the prompt with the trained model.
+macro_rules! causal_pretraining {
+    ($spec:ty) => {
+        impl<AB: AutodiffBackend> Pretraining<AB> for $spec {
+            fn batch(
+                job: &Job,
+                split: &Split,
+                starts: &[usize],
+                _: u64,
+                device: &AB::Device,
+            ) -> LmBatch<AB> {
+                LmBatch {
+                    input_ids: batch_of::<AB>(split, starts, job.seq, device),
+                    labels: None,
+                }
+            }
+
+            fn validation_batch_loss(
+                job: &Job,
+                trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+                starts: &[usize],
+                _: u64,
+                device: &AB::Device,
+            ) -> anyhow::Result<f32> {
+                let batch = LmBatch {
+                    input_ids: batch_of::<AB::InnerBackend>(&job.valid, starts, job.seq, device),
+                    labels: None,
+                };
+                Ok(trainer.infer_loss(&batch)?)
+            }
+
+            fn sample(
+                job: &Job,
+                trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+                device: &AB::Device,
+            ) -> anyhow::Result<Option<String>> {
+                on_lead_model(trainer, &model_spec(job), device, |model| {
+                    causal_sample(job, &model, device)
+                })
+            }
         }
-    }
+    };
+}
 
-    fn validation_batch_loss(
-        job: &Job,
-        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
-        starts: &[usize],
-        _: u64,
-        device: &AB::Device,
-    ) -> anyhow::Result<f32> {
-        let batch = LmBatch {
-            input_ids: batch_of::<AB::InnerBackend>(&job.valid, starts, job.seq, device),
-            labels: None,
-        };
-        Ok(trainer.infer_loss(&batch)?)
-    }
+causal_pretraining!(Gpt2Spec);
+causal_pretraining!(LlamaSpec);
 
-    fn sample(
-        job: &Job,
-        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
-        device: &AB::Device,
-    ) -> anyhow::Result<Option<String>> {
-        let Pretrained::Causal(config) = &job.model else {
-            unreachable!("GPT-2's cut trains a causal LM")
-        };
-        let args = &job.args;
-        on_lead_model(trainer, &model_spec(job), device, |model| {
-            let AnyModel::Gpt2LmHeadModel(model) = model else {
-                unreachable!("built as a GPT2LMHeadModel")
-            };
-            let eos: Vec<u32> = config
-                .eos_token_id
-                .as_ref()
-                .map(|e| e.to_vec())
-                .unwrap_or_default();
-            let generation = GenerationConfig {
-                max_new_tokens: args
-                    .sample_tokens
-                    .min(config.n_positions.saturating_sub(job.sample_prompt.len())),
-                decoding: Decoding::Sample {
-                    temperature: 0.8,
-                    top_k: Some(40),
-                    top_p: None,
-                    seed: args.seed,
-                },
-                repetition_penalty: 1.0,
-                eos_token_ids: eos.clone(),
-                pad_token_id: eos.first().copied().unwrap_or(0),
-            };
-            let generated = generate(
-                &model,
-                std::slice::from_ref(&job.sample_prompt),
-                &generation,
-                device,
-                |_| {},
-            )?;
-            let mut ids = job.sample_prompt.clone();
-            ids.extend(generated.new_tokens(0, &eos));
-            Ok(match &job.tokenizer {
-                Some(t) => t.decode(&ids, true)?,
-                None => format!("{ids:?}"),
-            })
-        })
-    }
+/// The end-of-run sample of a causal LM: the prompt continued by sampling (temperature 0.8,
+/// top-k 40) up to `--sample-tokens` or the model's context.
+fn causal_sample<B: Backend>(
+    job: &Job,
+    model: &AnyModel<B>,
+    device: &B::Device,
+) -> anyhow::Result<String> {
+    let args = &job.args;
+    let eos: Vec<u32> = job.model.eos().into_iter().collect();
+    let context = job.model.context().unwrap_or(usize::MAX);
+    let generation = GenerationConfig {
+        max_new_tokens: args
+            .sample_tokens
+            .min(context.saturating_sub(job.sample_prompt.len())),
+        decoding: Decoding::Sample {
+            temperature: 0.8,
+            top_k: Some(40),
+            top_p: None,
+            seed: args.seed,
+        },
+        repetition_penalty: 1.0,
+        eos_token_ids: eos.clone(),
+        pad_token_id: eos.first().copied().unwrap_or(0),
+    };
+    let generated = model
+        .generate(
+            std::slice::from_ref(&job.sample_prompt),
+            &generation,
+            device,
+            &mut |_| {},
+        )
+        .expect("a causal LM generates")?;
+    let mut ids = job.sample_prompt.clone();
+    ids.extend(generated.new_tokens(0, &eos));
+    Ok(match &job.tokenizer {
+        Some(t) => t.decode(&ids, true)?,
+        None => format!("{ids:?}"),
+    })
 }
 
 impl<AB: AutodiffBackend> Pretraining<AB> for T5Spec {
@@ -1350,6 +1376,13 @@ fn train<AB: AutodiffBackend>(
                 d_kv: config.d_kv,
                 heads: config.num_heads,
                 d_ff: config.d_ff,
+            };
+            train_loop(comm, device, job, cut, init)
+        }
+        Pretrained::Llama(config) => {
+            let cut = LlamaSpec::split(LlamaForCausalLM::<AB>::new(config, &device)?);
+            let init = InitScheme::Normal {
+                std: config.initializer_range,
             };
             train_loop(comm, device, job, cut, init)
         }

@@ -12,6 +12,7 @@
 
 pub mod bert;
 pub mod gpt2;
+pub mod llama;
 pub mod roberta;
 pub mod t5;
 
@@ -47,6 +48,12 @@ pub enum When {
     Gated,
     /// Only with plain feed-forward layers (T5 v1.0: `wi`).
     NotGated,
+    /// Only when q/k/v projections have biases (Qwen2; Llama's `attention_bias`).
+    QkvBias,
+    /// Only when the attention output projection has a bias (Llama's `attention_bias`).
+    OutputBias,
+    /// Only when the MLP projections have biases (Llama's `mlp_bias`).
+    MlpBias,
 }
 
 /// One row of a key table.
@@ -93,6 +100,9 @@ pub struct Variant {
     pub tied: bool,
     /// Whether feed-forward layers are gated.
     pub gated: bool,
+    /// Llama family: which optional biases exist (`[q/k/v, o, mlp]`; all true elsewhere, where
+    /// no row asks).
+    pub biases: [bool; 3],
 }
 
 impl Variant {
@@ -103,6 +113,10 @@ impl Variant {
             decoder_layers: config.num_decoder_layers(),
             tied: config.tie_word_embeddings(),
             gated: config.gated_ffn(),
+            biases: match config {
+                models::ModelConfig::Llama(c) => [c.qkv_bias(), c.o_bias(), c.mlp_has_bias()],
+                _ => [true; 3],
+            },
         }
     }
 
@@ -112,6 +126,9 @@ impl Variant {
             When::Untied => !self.tied,
             When::Gated => self.gated,
             When::NotGated => !self.gated,
+            When::QkvBias => self.biases[0],
+            When::OutputBias => self.biases[1],
+            When::MlpBias => self.biases[2],
         }
     }
 }
@@ -145,6 +162,7 @@ pub fn table(family: Family) -> &'static KeyTable {
         Family::Roberta => &roberta::TABLE,
         Family::Gpt2 => &gpt2::TABLE,
         Family::T5 => &t5::TABLE,
+        Family::Llama => &llama::TABLE,
     }
 }
 
@@ -310,6 +328,19 @@ mod tests {
                 tie_word_embeddings: tied,
                 ..Default::default()
             }),
+            // For the Llama family `gated` picks the biases: Qwen2's q/k/v, or every optional
+            // bias of a Llama (`attention_bias`, `mlp_bias`).
+            Family::Llama => {
+                let model_type = if tied { "qwen2" } else { "llama" };
+                let config = models::llama::LlamaConfig::from_hf(&serde_json::json!({
+                    "model_type": model_type, "vocab_size": 11, "hidden_size": 8,
+                    "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "tie_word_embeddings": tied,
+                    "attention_bias": gated, "mlp_bias": gated,
+                }))
+                .unwrap();
+                models::ModelConfig::Llama(config)
+            }
             Family::Gpt2 => models::ModelConfig::Gpt2(models::gpt2::Gpt2Config {
                 vocab_size: 11,
                 n_positions: 8,
@@ -340,6 +371,7 @@ mod tests {
             let variants: &[(bool, bool)] = match family {
                 Family::Gpt2 => &[(true, false), (false, false)],
                 Family::T5 => &[(true, false), (false, true), (true, true)],
+                Family::Llama => &[(true, false), (false, false), (false, true)],
                 _ => &[(true, false)],
             };
             for &(tied, gated) in variants {

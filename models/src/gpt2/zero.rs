@@ -2,7 +2,7 @@
 //! the GPT-3 sizes, CPM-1) as an embedding segment (`wte`, `wpe`), its blocks and a head (`ln_f`,
 //! the LM head) that ends in the causal-LM loss. A head tied to `wte` reads the embedding segment
 //! ([`ZeroSpec::head_reads_embed`]). The segments run the model's own steps (`embed`, the block
-//! masks, `lm_logits`), so there is no second copy of GPT-2's forward.
+//! masks, `io::vocab_logits`), so there is no second copy of GPT-2's forward.
 
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
 use burn::module::Module;
@@ -11,22 +11,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::{
-    BlockMasks, Gpt2Block, Gpt2ForSequenceClassification, Gpt2LmHeadModel, embed, lm_logits,
-    pooled_score, positions,
+    BlockMasks, Gpt2Block, Gpt2ForSequenceClassification, Gpt2LmHeadModel, embed, pooled_score,
+    positions,
 };
-use crate::io::{ClassifierBatch, causal_lm_loss, cross_entropy};
+pub use crate::io::LmBatch;
+use crate::io::{ClassifierBatch, causal_lm_loss, cross_entropy, vocab_logits};
 use crate::layers::{AttentionMask, Dropout, LayerNorm, Linear};
-
-/// Token rows for causal-LM training: each row predicts its own next tokens.
-#[derive(Debug, Clone)]
-pub struct LmBatch<B: Backend> {
-    /// `[batch, seq]` token ids (right-padded when rows differ in length: causal attention never
-    /// lets a real token see the padding after it).
-    pub input_ids: Tensor<B, 2, Int>,
-    /// `[batch, seq]` labels, shifted inside the loss as transformers does, -100 not scored
-    /// (prompt tokens, padding); `None`: the ids themselves (pretraining windows).
-    pub labels: Option<Tensor<B, 2, Int>>,
-}
 
 /// GPT-2's embedding segment: token and position tables (HF `transformer.wte`, `transformer.wpe`).
 #[derive(Module, Debug)]
@@ -158,7 +148,7 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
         let hidden = module.transformer.ln_f.forward(hidden);
         let logits = match (&module.lm_head, embed) {
             (Some(head), _) => head.forward(hidden),
-            (None, Some(embed)) => lm_logits(hidden, None, &embed.wte),
+            (None, Some(embed)) => vocab_logits(hidden, None, &embed.wte),
             (None, None) => unreachable!("a tied head is given the embedding segment"),
         };
         let labels = batch.labels.as_ref().unwrap_or(&batch.input_ids);

@@ -108,6 +108,12 @@ impl<B: Backend> AttentionMask<B> {
         }
     }
 
+    /// The additive bias, `[batch | 1, 1 | heads, q_len | 1, k_len]`; `None` when nothing is
+    /// masked.
+    pub fn additive(&self) -> Option<&Tensor<B, 4>> {
+        self.additive.as_ref()
+    }
+
     /// Adds a causal mask: query `i` sees keys `0..=i + (k_len - q_len)`. The offset lets queries
     /// that continue a cached prefix see the whole prefix.
     pub fn with_causal(self, q_len: usize, k_len: usize, device: &B::Device) -> Self {
@@ -157,9 +163,12 @@ impl<B: Backend> AttentionMask<B> {
         let additive = match self.additive {
             // Parts may come in different dtypes (an f16 model's position bias, f32 masks): the
             // sum keeps the first part's, and `attend` casts the whole to the scores' dtype.
+            // Two masked parts would sum to -inf; transformers combines masks before filling, so
+            // a query with every key masked (padding under a sliding window) gets the most
+            // negative value everywhere, hence uniform attention, not NaN: clamp to it.
             Some(current) => {
                 let dtype = current.dtype();
-                current + extra.cast(dtype)
+                (current + extra.cast(dtype)).clamp_min(most_negative(dtype))
             }
             None => extra,
         };

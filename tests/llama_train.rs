@@ -1,0 +1,149 @@
+//! The Llama family under the ZeRO trainer: `LlamaSpec`'s gradients (embedding, blocks with
+//! rotary tables and windows, a tied or untied head) equal plain burn autodiff over the whole
+//! model, on 1 and 2 ranks, with and without block checkpointing.
+
+use std::time::Duration;
+
+use bmtrain_backend::CpuTrain;
+use bmtrain_backend::comm::{Communicator, SingleRank, ThreadGroup};
+use bmtrain_backend::trainer::{ZeroOptions, ZeroTrainer};
+use bmtrain_backend::zero::{flat_grads, flatten, layout_of, load_flat};
+use burn::tensor::{Int, Tensor, TensorData};
+use models::io::{DecoderInput, causal_lm_loss};
+use models::llama::{LlamaConfig, LlamaForCausalLM};
+use models::train::{LlamaSpec, LmBatch};
+
+type B = CpuTrain;
+
+const ROWS: usize = 4;
+const SEQ: usize = 9;
+const VOCAB: usize = 37;
+
+/// Tiny configs of the three variants: Llama with GQA and llama3 scaling, Mistral with a window
+/// shorter than the sequence, Qwen2 with biases, one kv head and a tied head.
+fn configs() -> Vec<(&'static str, LlamaConfig)> {
+    let common = serde_json::json!({"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "max_position_embeddings": 32});
+    let with = |extra: serde_json::Value| {
+        let mut value = common.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        LlamaConfig::from_hf(&value).unwrap()
+    };
+    vec![
+        (
+            "llama",
+            with(
+                serde_json::json!({"num_key_value_heads": 2, "rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}}),
+            ),
+        ),
+        (
+            "mistral",
+            with(
+                serde_json::json!({"model_type": "mistral", "num_key_value_heads": 2,
+            "sliding_window": 4}),
+            ),
+        ),
+        (
+            "qwen2",
+            with(
+                serde_json::json!({"model_type": "qwen2", "num_key_value_heads": 1,
+            "tie_word_embeddings": true}),
+            ),
+        ),
+    ]
+}
+
+fn model(config: &LlamaConfig) -> LlamaForCausalLM<B> {
+    let device = Default::default();
+    let model = LlamaForCausalLM::<B>::new(config, &device).unwrap();
+    let (layout, values) = flatten::<B, _>(&model);
+    load_flat(model, &layout, &values, &device, true)
+}
+
+fn ids(rows: std::ops::Range<usize>) -> Tensor<B, 2, Int> {
+    let n = rows.len();
+    let values: Vec<i64> = rows
+        .flat_map(|r| (0..SEQ).map(move |t| ((r * 13 + t * 7 + t * t) % VOCAB) as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [n, SEQ]), &Default::default())
+}
+
+/// One autodiff graph over the whole model; gradients per segment in the trainer's order.
+fn reference_gradients(model: LlamaForCausalLM<B>) -> Vec<Vec<f32>> {
+    let input = ids(0..ROWS);
+    let (_, logits) = model.forward(&DecoderInput::new(input.clone()));
+    let grads = causal_lm_loss(logits, input).backward();
+    let (_, embed, blocks, head) = LlamaSpec::split(model);
+    let mut out = vec![flat_grads::<B, _>(
+        &embed,
+        &layout_of::<B, _>(&embed),
+        &grads,
+    )];
+    for block in &blocks {
+        out.push(flat_grads::<B, _>(block, &layout_of::<B, _>(block), &grads));
+    }
+    out.push(flat_grads::<B, _>(&head, &layout_of::<B, _>(&head), &grads));
+    out
+}
+
+fn trainer_gradients<C: Communicator>(
+    model: LlamaForCausalLM<B>,
+    comm: C,
+    rows: std::ops::Range<usize>,
+    checkpoint: bool,
+) -> Vec<Vec<f32>> {
+    let (spec, embed, blocks, head) = LlamaSpec::split(model);
+    let mut options = ZeroOptions::checkpoint_all(blocks.len());
+    options.checkpoint = vec![checkpoint; blocks.len()];
+    let mut trainer =
+        ZeroTrainer::new(spec, comm, Default::default(), embed, blocks, head, options);
+    trainer
+        .forward_backward(&LmBatch {
+            input_ids: ids(rows),
+            labels: None,
+        })
+        .unwrap();
+    std::iter::once(trainer.embed.grad.clone())
+        .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
+        .chain(std::iter::once(trainer.head.grad.clone()))
+        .collect()
+}
+
+#[test]
+fn llama_family_trainer_gradients_match_whole_model_autodiff_on_one_and_two_ranks() {
+    for (name, config) in configs() {
+        let initial = model(&config);
+        let want = reference_gradients(initial.clone());
+        let mut worst: f32 = 0.0;
+        for checkpoint in [false, true] {
+            let one = trainer_gradients(initial.clone(), SingleRank, 0..ROWS, checkpoint);
+            let shared = initial.clone();
+            let two = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
+                let rows = comm.rank() * ROWS / 2..(comm.rank() + 1) * ROWS / 2;
+                trainer_gradients(shared.clone(), comm, rows, checkpoint)
+            });
+            let two: Vec<Vec<Vec<f32>>> = two.into_iter().map(|r| r.unwrap()).collect();
+            for (segment, reference) in want.iter().enumerate() {
+                let scale = reference.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+                let got_two: Vec<f32> = [two[0][segment].clone(), two[1][segment].clone()].concat();
+                for got in [
+                    &one[segment][..reference.len()],
+                    &got_two[..reference.len()],
+                ] {
+                    let diff = got
+                        .iter()
+                        .zip(reference)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0, f32::max);
+                    worst = worst.max(diff / scale);
+                }
+            }
+        }
+        println!("llama train: {name} worst relative gradient difference {worst:.2e}");
+        assert!(worst < 1e-5, "{name}: {worst}");
+    }
+}
