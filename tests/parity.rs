@@ -100,6 +100,109 @@ fn sharded_llama_matches_transformers() {
     assert!(error < TOLERANCE, "max abs error {error}");
 }
 
+/// The Llama fixture's config rewritten in transformers 4's style (`rope_theta` beside
+/// `rope_scaling` with `type`, what the hub's Llama 3.1 files hold) gives the same outputs as
+/// transformers 5's `rope_parameters`.
+#[test]
+fn transformers_4_rope_config_style_gives_the_same_llama() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("llama_v4");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut scaling = config
+        .as_object_mut()
+        .unwrap()
+        .remove("rope_parameters")
+        .unwrap();
+    let scaling_fields = scaling.as_object_mut().unwrap();
+    config["rope_theta"] = scaling_fields.remove("rope_theta").unwrap();
+    let kind = scaling_fields.remove("rope_type").unwrap();
+    scaling_fields.insert("type".into(), kind);
+    config["rope_scaling"] = scaling;
+    std::fs::write(&path, config.to_string()).unwrap();
+
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&dir, &device, &LoadOptions::default()).unwrap();
+    let reference = reference("llama");
+    let output = loaded.model.forward(&reference_input(&reference, &device));
+    let Some(Logits::PerToken(logits)) = output.logits else {
+        panic!("no logits")
+    };
+    let error = max_abs_diff(&logits.into_data(), &reference["logits"].data);
+    eprintln!("parity llama (transformers-4 config style): max abs error {error:.3e}");
+    assert!(error < TOLERANCE, "{error}");
+}
+
+/// A bf16 checkpoint (as the hub's Llama and Qwen files are) loads widened to f32: the same
+/// outputs as the f32 checkpoint whose every weight is rounded to bf16 first, and a `zoo convert`
+/// round trip keeps its bf16 bytes.
+#[test]
+fn bf16_checkpoints_load_and_convert_bit_identically() {
+    let work = tempfile::tempdir().unwrap();
+    let (bf16_dir, rounded_dir) = (work.path().join("bf16"), work.path().join("rounded"));
+    let original =
+        checkpoints_convert::read_weights_file(&fixture("qwen2").join("model.safetensors"))
+            .unwrap();
+    for (dir, keep_bf16) in [(&bf16_dir, true), (&rounded_dir, false)] {
+        std::fs::create_dir(dir).unwrap();
+        for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture("qwen2").join(file), dir.join(file)).unwrap();
+        }
+        let tensors: std::collections::BTreeMap<String, TensorData> = original
+            .iter()
+            .map(|(k, t)| {
+                let bf16 = t.data.clone().convert::<half::bf16>();
+                (
+                    k.clone(),
+                    if keep_bf16 {
+                        bf16
+                    } else {
+                        bf16.convert::<f32>()
+                    },
+                )
+            })
+            .collect();
+        checkpoints_convert::write_safetensors(&dir.join("model.safetensors"), &tensors, None)
+            .unwrap();
+    }
+    let device = Default::default();
+    let reference = reference("qwen2");
+    let logits = |dir: &std::path::Path| {
+        let loaded = load_model::<Cpu>(dir, &device, &LoadOptions::default()).unwrap();
+        match loaded
+            .model
+            .forward(&reference_input(&reference, &device))
+            .logits
+        {
+            Some(Logits::PerToken(logits)) => logits.into_data(),
+            _ => panic!("no logits"),
+        }
+    };
+    assert_eq!(max_abs_diff(&logits(&bf16_dir), &logits(&rounded_dir)), 0.0);
+
+    let (zoo_dir, hf_dir) = (work.path().join("zoo"), work.path().join("hf"));
+    checkpoints_convert::convert_hf_to_zoo(&bf16_dir, &zoo_dir, WeightsFormat::Auto, false)
+        .unwrap();
+    checkpoints_convert::export_zoo_to_hf(&zoo_dir, &hf_dir, false).unwrap();
+    let before =
+        checkpoints_convert::read_weights_file(&bf16_dir.join("model.safetensors")).unwrap();
+    let after = checkpoints_convert::read_weights_file(&hf_dir.join("model.safetensors")).unwrap();
+    assert_eq!(before.len(), after.len());
+    for (key, tensor) in &before {
+        assert_eq!(tensor.data.dtype, burn::tensor::DType::BF16, "{key}");
+        assert!(
+            tensor.data.as_bytes() == after[key].data.as_bytes(),
+            "{key}"
+        );
+    }
+}
+
 /// Older checkpoints: a `bert.` prefix on a bare `BertModel`, TF-era `LayerNorm.gamma`/`beta`
 /// names, and a `position_ids` buffer. They load to the same outputs.
 #[test]
