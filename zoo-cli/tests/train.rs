@@ -56,43 +56,9 @@ fn a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run() {
     let output = pretrain(&whole, &common);
     assert!(output.status.success(), "{}", text(&output));
 
-    // The same run, killed hard once its first checkpoint is on disk.
+    // The same run, killed hard once its first checkpoint is on disk, then resumed.
     let killed = dir.path().join("killed");
-    let mut args = QUICK.to_vec();
-    args.extend(["--out", killed.to_str().unwrap(), "--sample-tokens", "0"]);
-    args.extend_from_slice(&common);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !killed.join("checkpoints/latest").is_file() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let at_kill = fs::read_to_string(killed.join("checkpoints/latest")).unwrap();
-    assert_ne!(
-        at_kill.trim(),
-        "step-0000040",
-        "the kill came too late to test anything"
-    );
-
-    let output = pretrain(
-        &killed,
-        &[&common[..], &["--resume", killed.to_str().unwrap()]].concat(),
-    );
-    assert!(output.status.success(), "{}", text(&output));
+    let at_kill = kill_and_resume(&killed, &common, "step-0000040");
     let want = weights(&whole.join("checkpoints/step-0000040"));
     let got = weights(&killed.join("checkpoints/step-0000040"));
     assert_eq!(want.len(), got.len());
@@ -599,49 +565,13 @@ fn t5_pretraining_on_two_ranks_and_after_a_sigkill_matches_one_uninterrupted_ran
     assert!(output.status.success(), "{}", text(&output));
     let want = weights(&whole.join("checkpoints/step-0000020"));
     let killed = dir.path().join("killed");
-    let mut args = QUICK.to_vec();
-    args.extend(["--out", killed.to_str().unwrap(), "--sample-tokens", "0"]);
-    args.extend(common.iter().copied());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !killed.join("checkpoints/latest").is_file() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let at_kill = fs::read_to_string(killed.join("checkpoints/latest")).unwrap();
-    assert_ne!(
-        at_kill.trim(),
-        "step-0000020",
-        "the kill came too late to test anything"
-    );
-    let output = pretrain(
-        &killed,
-        &[&common[..], &["--resume", killed.to_str().unwrap()]].concat(),
-    );
-    assert!(output.status.success(), "{}", text(&output));
+    let at_kill = kill_and_resume(&killed, &common, "step-0000020");
     let got = weights(&killed.join("checkpoints/step-0000020"));
     assert_eq!(want.len(), got.len());
     for ((name, a), (_, b)) in want.iter().zip(&got) {
         assert!(a == b, "{name} differs after resuming from {at_kill}");
     }
-    println!(
-        "pretrain t5: killed at {}, resumed to the same bits",
-        at_kill.trim()
-    );
+    println!("pretrain t5: killed at {at_kill}, resumed to the same bits");
 }
 
 #[test]
@@ -917,12 +847,14 @@ fn bad_seq2seq_and_causal_lm_input_fails_clearly_and_writes_nothing() {
 
 #[test]
 fn seq2seq_and_causal_lm_finetuning_keep_a_best_checkpoint_that_answers() {
-    for (task, model, prompt) in [
-        ("seq2seq", "t5_v1_1", "first words: The cat sat"),
-        ("causal-lm", "gpt2", "The cat"),
+    // (task, model, whose trajectory examples, prompt); Qwen2 learns GPT-2's examples.
+    for (task, model, examples, prompt) in [
+        ("seq2seq", "t5_v1_1", "t5_v1_1", "first words: The cat sat"),
+        ("causal-lm", "gpt2", "gpt2", "The cat"),
+        ("causal-lm", "qwen2", "gpt2", "The cat"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let examples = fixture("trajectory").join(model).join("examples.jsonl");
+        let examples = fixture("trajectory").join(examples).join("examples.jsonl");
         let run = dir.path().join("run");
         let output = zoo(&[
             "finetune",
@@ -956,7 +888,7 @@ fn seq2seq_and_causal_lm_finetuning_keep_a_best_checkpoint_that_answers() {
             evaluations.last().unwrap()["valid_loss"].as_f64().unwrap(),
         );
         println!(
-            "finetune {task}: validation loss {first:.3} → {last:.3}{}",
+            "finetune {task} ({model}): validation loss {first:.3} → {last:.3}{}",
             evaluations.last().unwrap()["exact_match"]
                 .as_f64()
                 .map(|m| format!(", exact match {m:.2}"))
@@ -1067,4 +999,94 @@ fn auto_plans_the_writing_tasks_and_records_its_choice() {
         6,
         "{state}"
     );
+}
+
+/// A tiny Llama-shaped config: GQA (4 heads, 2 kv heads), llama3 RoPE scaling, untied head.
+fn tiny_llama(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("llama.json");
+    fs::write(
+        &path,
+        r#"{"model_type": "llama", "vocab_size": 260, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "eos_token_id": 256,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}}"#,
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn pretraining_a_tiny_llama_lowers_the_loss_matches_on_two_ranks_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_llama(dir.path());
+    let run = dir.path().join("run");
+    let output = pretrain(
+        &run,
+        &["--model", config.to_str().unwrap(), "--steps", "60"],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let losses = losses(&run);
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    println!("pretrain llama: mean loss of steps 1–10 {first:.3}, of steps 51–60 {last:.3}");
+    assert!(first - last > 1.5 && last < 3.3, "{losses:?}");
+    let checkpoint = run.join("checkpoints/step-0000060");
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(checkpoint.join("zoo.json")).unwrap()).unwrap();
+    assert_eq!(state["architecture"], "LlamaForCausalLM");
+    let generated = zoo(&[
+        "generate",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--prompt",
+        "Phileas",
+        "--max-new-tokens",
+        "5",
+        "--ids",
+    ]);
+    assert!(generated.status.success(), "{}", text(&generated));
+
+    let common = [
+        "--model",
+        config.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--save-every",
+        "5",
+        "--keep",
+        "10",
+        "--seed",
+        "5",
+        "--grad-accum",
+        "4",
+    ];
+    let mut finals = Vec::new();
+    for ranks in ["1", "2"] {
+        let run = dir.path().join(format!("ranks{ranks}"));
+        let output = pretrain(&run, &[&common[..], &["--ranks", ranks]].concat());
+        assert!(output.status.success(), "{}", text(&output));
+        finals.push(weights(&run.join("checkpoints/step-0000020")));
+    }
+    let mut worst: f32 = 0.0;
+    for ((name, a), (_, b)) in finals[0].iter().zip(&finals[1]) {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        worst = worst.max(diff);
+        assert!(diff < 1e-5, "{name}: {diff}");
+    }
+    println!("pretrain llama: ranks 2 vs 1 after 20 steps, worst weight difference {worst:.2e}");
+
+    let killed = dir.path().join("killed");
+    let at_kill = kill_and_resume(&killed, &common, "step-0000020");
+    let want = &finals[0];
+    let got = weights(&killed.join("checkpoints/step-0000020"));
+    assert_eq!(want.len(), got.len());
+    for ((name, a), (_, b)) in want.iter().zip(&got) {
+        assert!(a == b, "{name} differs after resuming from {at_kill}");
+    }
+    println!("pretrain llama: killed at {at_kill}, resumed to the same bits");
 }

@@ -80,3 +80,43 @@ pub fn pretrain(out: &Path, extra: &[&str]) -> Output {
     args.extend_from_slice(extra);
     zoo(&args)
 }
+
+/// Starts `zoo pretrain` with `extra` into `out`, kills it with SIGKILL once its first checkpoint
+/// is on disk (before its last step, `last_step`), then resumes it to the end; returns the
+/// checkpoint the kill left as `latest`.
+pub fn kill_and_resume(out: &Path, extra: &[&str], last_step: &str) -> String {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut args = QUICK.to_vec();
+    args.extend(["--out", out.to_str().unwrap(), "--sample-tokens", "0"]);
+    args.extend_from_slice(extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !out.join("checkpoints/latest").is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert_ne!(
+        at_kill.trim(),
+        last_step,
+        "the kill came too late to test anything"
+    );
+    let output = pretrain(out, &[extra, &["--resume", out.to_str().unwrap()]].concat());
+    assert!(output.status.success(), "{}", text(&output));
+    at_kill.trim().to_string()
+}
