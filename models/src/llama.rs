@@ -465,8 +465,9 @@ impl Rope {
         }
     }
 
-    /// `(cos, sin)` of every position, `[batch, 1, seq, head_dim]` in `dtype` (the two halves
-    /// repeat the `head_dim / 2` angles, as transformers' `cat((freqs, freqs))`).
+    /// `(cos, sin)` of every position, `[batch, seq, 1, head_dim]` in `dtype`, to rotate
+    /// `[batch, seq, heads, head_dim]` (the two halves repeat the `head_dim / 2` angles, as
+    /// transformers' `cat((freqs, freqs))`).
     pub fn tables<B: Backend>(
         &self,
         position_ids: &Tensor<B, 2, Int>,
@@ -499,22 +500,22 @@ impl Rope {
             .reshape([batch, seq, 1]);
         let angles = positions * inv_freq;
         let angles =
-            Tensor::cat(vec![angles.clone(), angles], 2).reshape([batch, 1, seq, 2 * half]);
+            Tensor::cat(vec![angles.clone(), angles], 2).reshape([batch, seq, 1, 2 * half]);
         (angles.clone().cos().cast(dtype), angles.sin().cast(dtype))
     }
 }
 
-/// `x · cos + rotate_half(x) · sin` on `[batch, heads, seq, head_dim]`, where `rotate_half`
-/// maps the halves `(x₁, x₂)` to `(−x₂, x₁)`.
+/// `x · cos + rotate_half(x) · sin` on `[batch, seq, heads, head_dim]` (cos, sin:
+/// `[batch, seq, 1, head_dim]`), where `rotate_half` maps the halves `(x₁, x₂)` to `(−x₂, x₁)`.
 pub fn apply_rotary<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    let [batch, heads, seq, dim] = x.dims();
+    let [batch, seq, heads, dim] = x.dims();
     let half = dim / 2;
-    let first = x.clone().slice([0..batch, 0..heads, 0..seq, 0..half]);
-    let second = x.clone().slice([0..batch, 0..heads, 0..seq, half..dim]);
+    let first = x.clone().slice([0..batch, 0..seq, 0..heads, 0..half]);
+    let second = x.clone().slice([0..batch, 0..seq, 0..heads, half..dim]);
     let rotated = Tensor::cat(vec![second.neg(), first], 3);
     x * cos.clone() + rotated * sin.clone()
 }
@@ -565,9 +566,10 @@ impl<B: Backend> LlamaAttention<B> {
     }
 
     /// Attention over the cached positions and `hidden`'s; returns the grown cache, which holds
-    /// the kv heads only (rotated keys, as transformers caches them).
+    /// the kv heads only (rotated keys, as transformers caches them), `[batch, len,
+    /// kv_heads · head_dim]`.
     ///
-    /// - hidden: `[batch, seq, hidden]`; cos / sin: `[batch, 1, seq, head_dim]`
+    /// - hidden: `[batch, seq, hidden]`; cos / sin: `[batch, seq, 1, head_dim]`
     pub fn forward(
         &self,
         hidden: Tensor<B, 3>,
@@ -576,32 +578,62 @@ impl<B: Backend> LlamaAttention<B> {
         mask: &AttentionMask<B>,
     ) -> (Tensor<B, 3>, KvCache<B>) {
         let [batch, seq, _] = hidden.dims();
-        let split = |x: Tensor<B, 3>, heads: usize| {
-            x.reshape([batch, seq, heads, self.head_dim])
+        let (cos, sin) = rotary;
+        // Rotated in the projections' own layout ([batch, seq, heads, head_dim] is a view).
+        let rotate = |x: Tensor<B, 3>, heads: usize| {
+            let x = x.reshape([batch, seq, heads, self.head_dim]);
+            apply_rotary(x, cos, sin).reshape([batch, seq, heads * self.head_dim])
+        };
+        let q = rotate(self.q_proj.forward(hidden.clone()), self.heads);
+        let k = rotate(self.k_proj.forward(hidden.clone()), self.kv_heads);
+        let v = self.v_proj.forward(hidden);
+        let cache = KvCache::extended(cache, k, v);
+        let context = self.attend(q, &cache.key, &cache.value, mask);
+        (self.o_proj.forward(context), cache)
+    }
+
+    /// `softmax(q·kᵀ/√d + mask)·v` on `[batch, len, heads · head_dim]` projections (k and v with
+    /// the kv heads): the fused kernel where it applies (it reads each kv head for its whole
+    /// group), else the composition on kv heads repeated per group (softmax in f32, as
+    /// transformers' eager path).
+    fn attend(
+        &self,
+        q: Tensor<B, 3>,
+        k: &Tensor<B, 3>,
+        v: &Tensor<B, 3>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if let Some(context) = kernels::attention(
+            &q,
+            k,
+            v,
+            mask.additive(),
+            self.heads,
+            scale,
+            self.dropout.prob,
+        ) {
+            return context;
+        }
+        let [batch, q_len, _] = q.dims();
+        let k_len = k.dims()[1];
+        let split = |x: Tensor<B, 3>, len: usize, heads: usize| {
+            x.reshape([batch, len, heads, self.head_dim])
                 .swap_dims(1, 2)
         };
-        let (cos, sin) = rotary;
-        let q = apply_rotary(
-            split(self.q_proj.forward(hidden.clone()), self.heads),
-            cos,
-            sin,
-        );
-        let mut k = apply_rotary(
-            split(self.k_proj.forward(hidden.clone()), self.kv_heads),
-            cos,
-            sin,
-        );
-        let mut v = split(self.v_proj.forward(hidden), self.kv_heads);
-        if let Some(past) = cache {
-            k = Tensor::cat(vec![past.key, k], 2);
-            v = Tensor::cat(vec![past.value, v], 2);
+        let q = split(q, q_len, self.heads);
+        let k = self.repeat_kv(split(k.clone(), k_len, self.kv_heads));
+        let v = self.repeat_kv(split(v.clone(), k_len, self.kv_heads));
+        let dtype = q.dtype();
+        let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        if let Some(additive) = mask.additive() {
+            scores = scores + additive.clone().cast(dtype);
         }
-        let cache = KvCache {
-            key: k.clone(),
-            value: v.clone(),
-        };
-        let context = self.attend(q, self.repeat_kv(k), self.repeat_kv(v), mask);
-        (self.o_proj.forward(context), cache)
+        let probs = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
+        let context = self.dropout.forward(probs).matmul(v);
+        context
+            .swap_dims(1, 2)
+            .reshape([batch, q_len, self.heads * self.head_dim])
     }
 
     /// `[batch, kv_heads, len, d]` → `[batch, heads, len, d]`, each kv head serving
@@ -615,40 +647,6 @@ impl<B: Backend> LlamaAttention<B> {
         x.reshape([batch, kv_heads, 1, len, dim])
             .expand([batch, kv_heads, group, len, dim])
             .reshape([batch, kv_heads * group, len, dim])
-    }
-
-    /// `softmax(q·kᵀ/√d + mask)·v`, merged to `[batch, q_len, heads · head_dim]`; the fused kernel
-    /// where it applies, else the composition (softmax in f32, as transformers' eager path).
-    fn attend(
-        &self,
-        q: Tensor<B, 4>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        mask: &AttentionMask<B>,
-    ) -> Tensor<B, 3> {
-        let [batch, heads, q_len, dim] = q.dims();
-        let k_len = k.dims()[2];
-        let scale = 1.0 / (dim as f64).sqrt();
-        let merge =
-            |x: Tensor<B, 4>, len: usize| x.swap_dims(1, 2).reshape([batch, len, heads * dim]);
-        if let Some(context) = kernels::attention(
-            &merge(q.clone(), q_len),
-            &merge(k.clone(), k_len),
-            &merge(v.clone(), k_len),
-            mask.additive(),
-            heads,
-            scale,
-            self.dropout.prob,
-        ) {
-            return context;
-        }
-        let dtype = q.dtype();
-        let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        if let Some(additive) = mask.additive() {
-            scores = scores + additive.clone().cast(dtype);
-        }
-        let probs = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
-        merge(self.dropout.forward(probs).matmul(v), q_len)
     }
 }
 
@@ -1120,7 +1118,7 @@ mod tests {
             .unwrap();
         let (_, cache) =
             model.next_token_logits(&DecoderInput::new(ids.clone().slice([0..1, 0..4])), None);
-        assert_eq!(cache.layers[0].key.dims(), [1, 2, 4, 4]);
+        assert_eq!(cache.layers[0].key.dims(), [1, 4, 2 * 4]);
         let (_, cache) = model.next_token_logits(
             &DecoderInput::new(ids.clone().slice([0..1, 4..5])),
             Some(cache),

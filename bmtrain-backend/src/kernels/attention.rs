@@ -1,5 +1,7 @@
 //! Fused multi-head attention: `softmax(q·kᵀ·scale + bias)·v` with dropout on the probabilities,
-//! on the projections' own `[batch, len, heads·head_dim]` layout.
+//! on the projections' own `[batch, len, heads·head_dim]` layout, with grouped-query attention:
+//! k and v may have fewer heads than q (`kv_heads` dividing `heads`), each kv head serving
+//! `heads / kv_heads` query heads in a row, read in place (never repeated into copies).
 //!
 //! Each (batch row, head) pair is one rayon task that multiplies strided views of the inputs with
 //! `gemm` (the matrix kernels burn-flex uses too) and writes its head's columns of the output, so
@@ -33,8 +35,9 @@ use crate::{Cpu, CpuTrain};
 /// kernel does not apply (another backend, half precision, a bias that needs its gradient, or
 /// `ZOO_KERNELS`); the caller then runs its own composition.
 ///
-/// - q: `[batch, q_len, heads·head_dim]`, k: `[batch, k_len, heads·head_dim]`,
-///   v: `[batch, k_len, heads·value_dim]`
+/// - q: `[batch, q_len, heads·head_dim]`, k: `[batch, k_len, kv_heads·head_dim]`,
+///   v: `[batch, k_len, kv_heads·value_dim]` (`kv_heads` is k's width over `head_dim`; it must
+///   divide `heads`)
 /// - bias: additive, `[batch | 1, heads | 1, q_len | 1, k_len]` (masks, no gradient)
 /// - dropout: probability on the attention probabilities, applied when `B` tracks gradients
 /// - output: `[batch, q_len, heads·value_dim]`
@@ -53,10 +56,15 @@ pub fn attention<B: Backend>(
     let [batch, q_len, width] = q.dims();
     let [k_batch, k_len, k_width] = k.dims();
     let [v_batch, v_len, v_width] = v.dims();
+    let head_dim = if heads > 0 { width / heads } else { 0 };
+    let kv_heads = if head_dim > 0 { k_width / head_dim } else { 0 };
     let shapes_fit = heads > 0
+        && head_dim > 0
         && width % heads == 0
-        && v_width % heads == 0
-        && k_width == width
+        && kv_heads > 0
+        && k_width == kv_heads * head_dim
+        && heads % kv_heads == 0
+        && v_width % kv_heads == 0
         && k_batch == batch
         && v_batch == batch
         && v_len == k_len;
@@ -85,10 +93,11 @@ pub fn attention<B: Backend>(
     let geometry = Geometry {
         batch,
         heads,
+        kv_heads,
         q_len,
         k_len,
-        head_dim: width / heads,
-        value_dim: v_width / heads,
+        head_dim,
+        value_dim: v_width / kv_heads,
         scale: scale as f32,
         dropout: dropout as f32,
         seed: if dropout > 0.0 { draw_seed() } else { 0 },
@@ -109,7 +118,7 @@ pub fn attention<B: Backend>(
         (OnCpu::Infer(q), OnCpu::Infer(k), OnCpu::Infer(v)) => {
             let (q, k, v) = (flex(q), flex(k), flex(v));
             let (out, _) = forward(&geometry, values(&q), values(&k), values(&v), bias.as_ref());
-            let shape = vec![batch, q_len, v_width];
+            let shape = vec![batch, q_len, geometry.out_stride()];
             Some(from_cpu(tensor_from::<3>(flex_from(out, shape))))
         }
         (OnCpu::Train(q), OnCpu::Train(k), OnCpu::Train(v)) => {
@@ -124,6 +133,7 @@ pub fn attention<B: Backend>(
 struct Geometry {
     batch: usize,
     heads: usize,
+    kv_heads: usize,
     q_len: usize,
     k_len: usize,
     head_dim: usize,
@@ -134,14 +144,29 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Row stride of q and k.
-    fn qk_stride(&self) -> usize {
+    /// Row stride of q.
+    fn q_stride(&self) -> usize {
         self.heads * self.head_dim
     }
 
-    /// Row stride of v and the output.
+    /// Row stride of k.
+    fn k_stride(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Row stride of v.
     fn v_stride(&self) -> usize {
+        self.kv_heads * self.value_dim
+    }
+
+    /// Row stride of the output.
+    fn out_stride(&self) -> usize {
         self.heads * self.value_dim
+    }
+
+    /// Query heads per kv head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
     }
 
     /// The dropout mask of the probabilities.
@@ -181,8 +206,8 @@ fn forward(
     bias: Option<&Bias>,
 ) -> (Vec<f32>, Vec<f32>) {
     let (sq, sk, d, dv) = (g.q_len, g.k_len, g.head_dim, g.value_dim);
-    let (qs, vs) = (g.qk_stride(), g.v_stride());
-    let mut out = vec![0.0f32; g.batch * sq * vs];
+    let (qs, ks, vs, os) = (g.q_stride(), g.k_stride(), g.v_stride(), g.out_stride());
+    let mut out = vec![0.0f32; g.batch * sq * os];
     let mut probs = vec![0.0f32; g.batch * g.heads * sq * sk];
     let out_ptr = SharedMut(out.as_mut_ptr());
     let mask = g.mask();
@@ -190,11 +215,12 @@ fn forward(
         || vec![0.0f32; if g.dropout > 0.0 { sq * sk } else { 0 }],
         |dropped, (unit, p)| {
             let (b, h) = (unit / g.heads, unit % g.heads);
+            let kvh = h / g.group();
             let q_u = q[b * sq * qs + h * d..].as_ptr();
-            let k_u = k[b * sk * qs + h * d..].as_ptr();
-            let v_u = v[b * sk * vs + h * dv..].as_ptr();
-            // SAFETY: q_u/k_u address sq (sk) rows of d values at stride qs inside q (k); p
-            // holds sq×sk values.
+            let k_u = k[b * sk * ks + kvh * d..].as_ptr();
+            let v_u = v[b * sk * vs + kvh * dv..].as_ptr();
+            // SAFETY: q_u (k_u) addresses sq (sk) rows of d values at stride qs (ks) inside q
+            // (k); p holds sq×sk values.
             unsafe {
                 gemm(
                     sq,
@@ -202,7 +228,7 @@ fn forward(
                     d,
                     (p.as_mut_ptr(), sk as isize, 1),
                     (q_u, qs as isize, 1),
-                    (k_u, 1, qs as isize),
+                    (k_u, 1, ks as isize),
                     g.scale,
                     false,
                     false,
@@ -226,12 +252,12 @@ fn forward(
             // SAFETY: this task alone writes the output's rows of batch row b, columns of
             // head h.
             unsafe {
-                let o_u = out_ptr.get().add(b * sq * vs + h * dv);
+                let o_u = out_ptr.get().add(b * sq * os + h * dv);
                 gemm(
                     sq,
                     dv,
                     sk,
-                    (o_u, vs as isize, 1),
+                    (o_u, os as isize, 1),
                     (weights.as_ptr(), sk as isize, 1),
                     (v_u, vs as isize, 1),
                     1.0,
@@ -287,7 +313,7 @@ fn backward(
     d_out: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (sq, sk, d, dv) = (g.q_len, g.k_len, g.head_dim, g.value_dim);
-    let (qs, vs) = (g.qk_stride(), g.v_stride());
+    let (qs, ks, vs, os) = (g.q_stride(), g.k_stride(), g.v_stride(), g.out_stride());
     let mut dq = vec![0.0f32; q.len()];
     let mut dk = vec![0.0f32; k.len()];
     let mut dval = vec![0.0f32; v.len()];
@@ -297,81 +323,88 @@ fn backward(
         SharedMut(dval.as_mut_ptr()),
     );
     let mask = g.mask();
-    (0..g.batch * g.heads).into_par_iter().for_each_init(
+    // One task per (batch row, kv head): the query heads of its group run in turn and add
+    // their shares to the kv head's dK and dV, which no other task touches.
+    (0..g.batch * g.kv_heads).into_par_iter().for_each_init(
         || (vec![0.0f32; sq * sk], vec![0.0f32; sq * sk]),
-        |(dp, dropped), unit| {
-            let (b, h) = (unit / g.heads, unit % g.heads);
-            let p = &probs[unit * sq * sk..][..sq * sk];
-            let q_u = q[b * sq * qs + h * d..].as_ptr();
-            let k_u = k[b * sk * qs + h * d..].as_ptr();
-            let v_u = v[b * sk * vs + h * dv..].as_ptr();
-            let do_u = d_out[b * sq * vs + h * dv..].as_ptr();
-            let base = (unit * sq * sk) as u64;
-            let weights: &[f32] = if g.dropout > 0.0 {
-                dropped.copy_from_slice(p);
-                mask.apply_in_place(dropped, base);
-                dropped
-            } else {
-                p
-            };
-            // SAFETY: the views stay inside their buffers (see forward); this task alone writes
-            // the rows of batch row b, columns of head h, of dq, dk and dv.
-            unsafe {
-                // dV = P̃ᵀ·dO
-                gemm(
-                    sk,
-                    dv,
-                    sq,
-                    (dv_ptr.get().add(b * sk * vs + h * dv), vs as isize, 1),
-                    (weights.as_ptr(), 1, sk as isize),
-                    (do_u, vs as isize, 1),
-                    1.0,
-                    false,
-                    false,
-                );
-                // dP̃ = dO·Vᵀ
-                gemm(
-                    sq,
-                    sk,
-                    dv,
-                    (dp.as_mut_ptr(), sk as isize, 1),
-                    (do_u, vs as isize, 1),
-                    (v_u, 1, vs as isize),
-                    1.0,
-                    false,
-                    false,
-                );
-            }
-            if g.dropout > 0.0 {
-                mask.apply_in_place(dp, base);
-            }
-            softmax_backward_rows(dp, p, sk);
-            // SAFETY: as above.
-            unsafe {
-                // dQ = scale·dS·K
-                gemm(
-                    sq,
-                    d,
-                    sk,
-                    (dq_ptr.get().add(b * sq * qs + h * d), qs as isize, 1),
-                    (dp.as_ptr(), sk as isize, 1),
-                    (k_u, qs as isize, 1),
-                    g.scale,
-                    false,
-                    false,
-                );
-                // dK = scale·dSᵀ·Q
-                gemm(
-                    sk,
-                    d,
-                    sq,
-                    (dk_ptr.get().add(b * sk * qs + h * d), qs as isize, 1),
-                    (dp.as_ptr(), 1, sk as isize),
-                    (q_u, qs as isize, 1),
-                    g.scale,
-                    false,
-                    false,
-                );
+        |(dp, dropped), kv_unit| {
+            let (b, kvh) = (kv_unit / g.kv_heads, kv_unit % g.kv_heads);
+            let k_u = k[b * sk * ks + kvh * d..].as_ptr();
+            let v_u = v[b * sk * vs + kvh * dv..].as_ptr();
+            for (member, h) in (kvh * g.group()..(kvh + 1) * g.group()).enumerate() {
+                let unit = b * g.heads + h;
+                let accumulate = member > 0;
+                let p = &probs[unit * sq * sk..][..sq * sk];
+                let q_u = q[b * sq * qs + h * d..].as_ptr();
+                let do_u = d_out[b * sq * os + h * dv..].as_ptr();
+                let base = (unit * sq * sk) as u64;
+                let weights: &[f32] = if g.dropout > 0.0 {
+                    dropped.copy_from_slice(p);
+                    mask.apply_in_place(dropped, base);
+                    dropped
+                } else {
+                    p
+                };
+                // SAFETY: the views stay inside their buffers (see forward); this task alone
+                // writes the rows of batch row b: the columns of kv head kvh of dk and dv, and of
+                // its group's query heads of dq.
+                unsafe {
+                    // dV += P̃ᵀ·dO
+                    gemm(
+                        sk,
+                        dv,
+                        sq,
+                        (dv_ptr.get().add(b * sk * vs + kvh * dv), vs as isize, 1),
+                        (weights.as_ptr(), 1, sk as isize),
+                        (do_u, os as isize, 1),
+                        1.0,
+                        accumulate,
+                        false,
+                    );
+                    // dP̃ = dO·Vᵀ
+                    gemm(
+                        sq,
+                        sk,
+                        dv,
+                        (dp.as_mut_ptr(), sk as isize, 1),
+                        (do_u, os as isize, 1),
+                        (v_u, 1, vs as isize),
+                        1.0,
+                        false,
+                        false,
+                    );
+                }
+                if g.dropout > 0.0 {
+                    mask.apply_in_place(dp, base);
+                }
+                softmax_backward_rows(dp, p, sk);
+                // SAFETY: as above.
+                unsafe {
+                    // dQ = scale·dS·K
+                    gemm(
+                        sq,
+                        d,
+                        sk,
+                        (dq_ptr.get().add(b * sq * qs + h * d), qs as isize, 1),
+                        (dp.as_ptr(), sk as isize, 1),
+                        (k_u, ks as isize, 1),
+                        g.scale,
+                        false,
+                        false,
+                    );
+                    // dK += scale·dSᵀ·Q
+                    gemm(
+                        sk,
+                        d,
+                        sq,
+                        (dk_ptr.get().add(b * sk * ks + kvh * d), ks as isize, 1),
+                        (dp.as_ptr(), 1, sk as isize),
+                        (q_u, qs as isize, 1),
+                        g.scale,
+                        accumulate,
+                        false,
+                    );
+                }
             }
         },
     );
@@ -440,7 +473,7 @@ fn train(
         values(&vf),
         bias.as_ref(),
     );
-    let shape = vec![geometry.batch, geometry.q_len, geometry.v_stride()];
+    let shape = vec![geometry.batch, geometry.q_len, geometry.out_stride()];
     let out = flex_from(out, shape);
     let saved = Saved {
         geometry,
@@ -565,6 +598,7 @@ mod tests {
         let geometry = Geometry {
             batch,
             heads,
+            kv_heads: heads,
             q_len: len,
             k_len: len,
             head_dim,
@@ -600,5 +634,65 @@ mod tests {
         }
         let share = dropped as f64 / (batch * heads * len * len) as f64;
         assert!((share - 0.25).abs() < 0.05, "dropped {share}");
+    }
+
+    /// Grouped-query attention (6 query heads over 2 kv heads, a cached prefix: q shorter than
+    /// k) against burn's composition on k and v repeated per group, forward and every gradient;
+    /// the kernel reads the kv heads in place.
+    #[test]
+    fn grouped_query_attention_matches_the_composition_on_repeated_heads() {
+        let (batch, q_len, k_len, heads, kv_heads, head_dim) = (2, 4, 6, 6, 2, 3);
+        let (width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let scale = 0.6;
+        let bias: Vec<f32> = (0..q_len)
+            .flat_map(|i| (0..k_len).map(move |j| if j > i + 2 { f32::MIN } else { 0.0 }))
+            .collect();
+        let repeat = |x: Tensor<CpuTrain, 3>, len: usize| {
+            x.reshape([batch, len, kv_heads, 1, head_dim])
+                .expand([batch, len, kv_heads, heads / kv_heads, head_dim])
+                .reshape([batch, len, width])
+        };
+        let run = |fused: bool| {
+            let q = leaf(
+                random(batch * q_len * width, 11, 1.5),
+                [batch, q_len, width],
+            );
+            let k = leaf(
+                random(batch * k_len * kv_width, 12, 1.5),
+                [batch, k_len, kv_width],
+            );
+            let v = leaf(
+                random(batch * k_len * kv_width, 13, 1.5),
+                [batch, k_len, kv_width],
+            );
+            let bias_t = Tensor::<CpuTrain, 4>::from_data(
+                burn::tensor::TensorData::new(bias.clone(), [1, 1, q_len, k_len]),
+                &Default::default(),
+            );
+            let out = if fused {
+                attention(&q, &k, &v, Some(&bias_t), heads, scale, 0.0).expect("fused path")
+            } else {
+                composed(
+                    q.clone(),
+                    repeat(k.clone(), k_len),
+                    repeat(v.clone(), k_len),
+                    Some(bias_t),
+                    heads,
+                    scale,
+                )
+            };
+            let weights = leaf(
+                random(batch * q_len * width, 14, 1.0),
+                [batch, q_len, width],
+            );
+            let grads = (out.clone() * weights).sum().backward();
+            let grad = |t: &Tensor<CpuTrain, 3>| t.grad(&grads).unwrap();
+            (out.inner(), grad(&q), grad(&k), grad(&v))
+        };
+        let (fused, reference) = (run(true), run(false));
+        assert!(max_diff(fused.0, reference.0) < 1e-5);
+        assert!(max_diff(fused.1, reference.1) < 1e-5);
+        assert!(max_diff(fused.2, reference.2) < 1e-5);
+        assert!(max_diff(fused.3, reference.3) < 1e-5);
     }
 }

@@ -189,19 +189,20 @@ fn most_negative(dtype: DType) -> f32 {
 }
 
 /// The keys and values a decoder layer has seen so far, so that each generation step computes only
-/// the new position's. Both are `[batch, heads, len, head_dim]`.
+/// the new position's. Both are kept as the projections give them, `[batch, len, heads·head_dim]`
+/// (the layout the fused attention kernel reads, so a cached step never splits heads).
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    /// Keys, after the key projection.
-    pub key: Tensor<B, 4>,
+    /// Keys, after the key projection (and, in rotary models, the rotation).
+    pub key: Tensor<B, 3>,
     /// Values, after the value projection.
-    pub value: Tensor<B, 4>,
+    pub value: Tensor<B, 3>,
 }
 
 impl<B: Backend> KvCache<B> {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.key.dims()[2]
+        self.key.dims()[1]
     }
 
     /// Whether nothing is cached.
@@ -214,6 +215,17 @@ impl<B: Backend> KvCache<B> {
         Self {
             key: self.key.clone().select(0, indices.clone()),
             value: self.value.clone().select(0, indices),
+        }
+    }
+
+    /// The cache grown by the keys and values of new positions (`[batch, new, width]`).
+    pub fn extended(past: Option<Self>, key: Tensor<B, 3>, value: Tensor<B, 3>) -> Self {
+        match past {
+            Some(past) => Self {
+                key: Tensor::cat(vec![past.key, key], 1),
+                value: Tensor::cat(vec![past.value, value], 1),
+            },
+            None => Self { key, value },
         }
     }
 }
@@ -232,26 +244,9 @@ impl<B: Backend> MultiHeadAttention<B> {
         let q = self.query.forward(hidden.clone());
         let k = self.key.forward(hidden.clone());
         let v = self.value.forward(hidden);
-        if cache.is_none()
-            && let Some(context) = self.fused(&q, &k, &v, mask)
-        {
-            // The cache is views of k and v (no copy), for a prompt that generation continues.
-            let cache = KvCache {
-                key: self.split_heads(k),
-                value: self.split_heads(v),
-            };
-            return (self.output.forward(context), cache);
-        }
-        let q = self.split_heads(q);
-        let mut k = self.split_heads(k);
-        let mut v = self.split_heads(v);
-        if let Some(past) = cache {
-            k = Tensor::cat(vec![past.key, k], 2);
-            v = Tensor::cat(vec![past.value, v], 2);
-        }
-        let context = self.attend(q, k.clone(), v.clone(), mask);
-        let output = self.output.forward(self.merge_heads(context));
-        (output, KvCache { key: k, value: v })
+        let cache = KvCache::extended(cache, k, v);
+        let context = self.context(q, &cache.key, &cache.value, mask);
+        (self.output.forward(context), cache)
     }
 
     /// Projects `source` to keys and values once, for cross-attention that many steps reuse
@@ -260,8 +255,8 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// - source: `[batch, k_len, d_model]`
     pub fn keys_values(&self, source: Tensor<B, 3>) -> KvCache<B> {
         KvCache {
-            key: self.split_heads(self.key.forward(source.clone())),
-            value: self.split_heads(self.value.forward(source)),
+            key: self.key.forward(source.clone()),
+            value: self.value.forward(source),
         }
     }
 
@@ -274,9 +269,9 @@ impl<B: Backend> MultiHeadAttention<B> {
         keys_values: &KvCache<B>,
         mask: &AttentionMask<B>,
     ) -> Tensor<B, 3> {
-        let q = self.split_heads(self.query.forward(queries));
-        let context = self.attend(q, keys_values.key.clone(), keys_values.value.clone(), mask);
-        self.output.forward(self.merge_heads(context))
+        let q = self.query.forward(queries);
+        let context = self.context(q, &keys_values.key, &keys_values.value, mask);
+        self.output.forward(context)
     }
 
     /// Self-attention.
@@ -300,18 +295,29 @@ impl<B: Backend> MultiHeadAttention<B> {
         let q = self.query.forward(queries);
         let k = self.key.forward(keys_values.clone());
         let v = self.value.forward(keys_values);
-        let context = match self.fused(&q, &k, &v, mask) {
+        self.output.forward(self.context(q, &k, &v, mask))
+    }
+
+    /// The attention context `[batch, q_len, heads·head_dim]` of projections in their own
+    /// layout: the fused kernel where it applies, else burn's composition on split heads.
+    fn context(
+        &self,
+        q: Tensor<B, 3>,
+        k: &Tensor<B, 3>,
+        v: &Tensor<B, 3>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        match self.fused(&q, k, v, mask) {
             Some(context) => context,
             None => {
                 let (q, k, v) = (
                     self.split_heads(q),
-                    self.split_heads(k),
-                    self.split_heads(v),
+                    self.split_heads(k.clone()),
+                    self.split_heads(v.clone()),
                 );
                 self.merge_heads(self.attend(q, k, v, mask))
             }
-        };
-        self.output.forward(context)
+        }
     }
 
     /// [`kernels::attention`] on the projections `[batch, len, heads·head_dim]`, where it applies.
