@@ -25,6 +25,10 @@ CASES = {
     "gpt2-train": ("gpt2", "train", 4, 256, "cores"),
     "gpt2-train-1rank": ("gpt2", "train", 4, 256, 1),
     "gpt2-generate": ("gpt2", "generate", 1, 8, 1),
+    "llama-forward": ("llama", "forward", 4, 256, 1),
+    "llama-train": ("llama", "train", 4, 256, "cores"),
+    "llama-train-1rank": ("llama", "train", 4, 256, 1),
+    "llama-generate": ("llama", "generate", 1, 8, 1),
 }
 
 

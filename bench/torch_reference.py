@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """PyTorch's side of `zoo bench`: the same models, shapes and steps, with torch on CPU.
 
-    python3 bench/torch_reference.py --model bert-base|gpt2 --mode forward|train|generate \
+    python3 bench/torch_reference.py --model bert-base|gpt2|llama --mode forward|train|generate \
         --batch B --seq S [--iters N] [--warmup W] [--new-tokens T] [--threads 2] [--json]
 
 Models are transformers' BertForSequenceClassification(BertConfig(num_labels=2)) and
-GPT2LMHeadModel(GPT2Config()) with random weights, fp32, default attention (sdpa). A training step is
+GPT2LMHeadModel(GPT2Config()) and a Llama-shaped LlamaForCausalLM (width 768, 12 blocks, 12 heads over 4
+kv heads, SwiGLU 2048, vocabulary 32000, as `zoo bench --model llama`) with random weights, fp32, default
+attention (sdpa). A training step is
 forward, backward and torch.optim.AdamW, in train mode (dropout 0.1 as in zoo); forward runs in eval
 mode under no_grad; generate is greedy `generate` with the KV cache and no early stop. The timed
 figure is the median of --iters runs after --warmup runs; FLOPs are counted as `zoo bench` counts
@@ -14,15 +16,18 @@ them. Needs torch and transformers (tests/fixtures/generate.py's environment).
 import argparse, json, statistics, time
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
 
 
 def flops(model, mode, batch, seq, new_tokens):
     if model == "bert-base":
-        layers, width, ffn, head = 12, 768, 3072, 0
+        layers, width, attention, mlp, head = 12, 768, 4 * 768 * 768, 2 * 768 * 3072, 0
+    elif model == "gpt2":
+        layers, width, attention, mlp, head = 12, 768, 4 * 768 * 768, 2 * 768 * 3072, 50257
     else:
-        layers, width, ffn, head = 12, 768, 3072, 50257
-    linear = layers * (4 * width * width + 2 * width * ffn) + width * head
+        layers, width, attention, mlp, head = 12, 768, 2 * 768 * 768 + 2 * 768 * 256, 3 * 768 * 2048, 32000
+    linear = layers * (attention + mlp) + width * head
     per_token = lambda context: 2 * linear + 4 * layers * context * width
     if mode == "forward":
         return batch * seq * per_token(seq)
@@ -33,7 +38,7 @@ def flops(model, mode, batch, seq, new_tokens):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", choices=["bert-base", "gpt2"], required=True)
+    p.add_argument("--model", choices=["bert-base", "gpt2", "llama"], required=True)
     p.add_argument("--mode", choices=["forward", "train", "generate"], required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
@@ -48,9 +53,14 @@ def main():
     if a.model == "bert-base":
         model = BertForSequenceClassification(BertConfig(num_labels=2))
         vocab = 30522
-    else:
+    elif a.model == "gpt2":
         model = GPT2LMHeadModel(GPT2Config())
         vocab = 50257
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                                             num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                                             max_position_embeddings=2048))
+        vocab = 32000
     ids = torch.randint(0, vocab, (a.batch, a.seq))
 
     if a.mode == "train":

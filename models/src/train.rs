@@ -189,6 +189,16 @@ pub fn bert_init<B: Backend, M: Module<B>>(model: M, seed: u64, device: &B::Devi
     init_module(model, InitScheme::Bert, seed, device)
 }
 
+/// [`InitScheme::Normal`] of a whole model: every matrix and embedding `N(0, std)`, from `seed`.
+pub fn normal_init<B: Backend, M: Module<B>>(
+    model: M,
+    std: f64,
+    seed: u64,
+    device: &B::Device,
+) -> M {
+    init_module(model, InitScheme::Normal { std }, seed, device)
+}
+
 /// `model` with every parameter drawn by `scheme` (names are the module's own).
 fn init_module<B: Backend, M: Module<B>>(
     model: M,

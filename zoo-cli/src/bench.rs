@@ -19,10 +19,13 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use models::bert::{BertConfig, BertForSequenceClassification, EncoderInput};
-use models::generation::{Decoding, GenerationConfig, generate};
+use models::generation::{Decoding, GenerationConfig};
 use models::gpt2::{DecoderInput, Gpt2Config, Gpt2LmHeadModel};
-use models::train::{ClassifierBatch, ClassifierSpec, Gpt2Spec, LmBatch, bert_init, gpt2_init};
-use models::{ModelConfig, preset};
+use models::llama::{LlamaConfig, LlamaForCausalLM};
+use models::train::{
+    ClassifierBatch, ClassifierSpec, Gpt2Spec, LlamaSpec, LmBatch, bert_init, gpt2_init,
+};
+use models::{AnyModel, ModelConfig, preset};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::json;
 
@@ -74,6 +77,9 @@ pub enum BenchModel {
     BertBase,
     /// GPT-2 small (124M), LM head tied.
     Gpt2,
+    /// A Llama-shaped ~134M model (`llama_config`): width 768, 12 blocks, 12 query heads over
+    /// 4 kv heads, SwiGLU 2048, Llama 2's 32000-token vocabulary, untied head.
+    Llama,
 }
 
 /// `--mode`.
@@ -110,6 +116,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 models::Architecture::Gpt2LmHeadModel,
                 ModelConfig::Gpt2(gpt2_config()),
             ),
+            BenchModel::Llama => (
+                models::Architecture::LlamaForCausalLM,
+                ModelConfig::Llama(llama_config()),
+            ),
         };
         let shape = crate::memory::shape_of_config(architecture, &config)?;
         let setup = crate::memory::Setup {
@@ -130,7 +140,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     ensure!(
         !(args.model == BenchModel::BertBase && args.mode == BenchMode::Generate),
-        "--mode generate needs a causal LM (--model gpt2)"
+        "--mode generate needs a causal LM (--model gpt2 or llama)"
     );
     let times = args.device.run(BenchTask { args: args.clone() })??;
     let mut sorted = times.clone();
@@ -197,23 +207,36 @@ fn gpt2_config() -> Gpt2Config {
 
 /// Matrix-product FLOPs of one timed run.
 fn flops_per_run(args: &BenchArgs) -> f64 {
-    let (layers, width, ffn, head) = match args.model {
+    // (layers, width, q/k/v/o projection weights per block, MLP weights per block, head vocab)
+    let (layers, width, attention, mlp, head) = match args.model {
         BenchModel::BertBase => {
             let c = bert_config();
-            (c.num_hidden_layers, c.hidden_size, c.intermediate_size, 0)
+            let (h, f) = (c.hidden_size, c.intermediate_size);
+            (c.num_hidden_layers, h, 4 * h * h, 2 * h * f, 0)
         }
         BenchModel::Gpt2 => {
             let c = gpt2_config();
+            let (h, f) = (c.n_embd, c.n_inner.unwrap_or(4 * c.n_embd));
+            (c.n_layer, h, 4 * h * h, 2 * h * f, c.vocab_size)
+        }
+        BenchModel::Llama => {
+            let c = llama_config();
+            let (h, f, kv) = (
+                c.hidden_size,
+                c.intermediate_size,
+                c.kv_heads() * c.head_dim(),
+            );
             (
-                c.n_layer,
-                c.n_embd,
-                c.n_inner.unwrap_or(4 * c.n_embd),
+                c.num_hidden_layers,
+                h,
+                2 * h * h + 2 * h * kv,
+                3 * h * f,
                 c.vocab_size,
             )
         }
     };
-    let (l, h, f, v) = (layers as f64, width as f64, ffn as f64, head as f64);
-    let linear = l * (4.0 * h * h + 2.0 * h * f) + h * v;
+    let (l, h, v) = (layers as f64, width as f64, head as f64);
+    let linear = l * (attention + mlp) as f64 + h * v;
     let per_token = |context: f64| 2.0 * linear + 4.0 * l * context * h;
     let (b, t) = (args.batch as f64, args.seq as f64);
     match args.mode {
@@ -243,6 +266,7 @@ impl BackendTask for BenchTask {
         let vocab = match args.model {
             BenchModel::BertBase => bert_config().vocab_size,
             BenchModel::Gpt2 => gpt2_config().vocab_size,
+            BenchModel::Llama => llama_config().vocab_size,
         };
         let ids: Vec<i64> = (0..args.batch * args.seq)
             .map(|_| rng.random_range(0..vocab as i64))
@@ -289,8 +313,20 @@ impl BackendTask for BenchTask {
                     Ok(())
                 }))
             }
-            (BenchModel::Gpt2, BenchMode::Generate) => {
-                let model = random_gpt2::<B>(&device)?;
+            (BenchModel::Llama, BenchMode::Forward) => {
+                let model = random_llama::<B>(&device)?;
+                let input = DecoderInput::new(ids_tensor::<B>(&ids, args, &device));
+                time(Box::new(|| {
+                    let (_, logits) = model.forward(&input);
+                    let _ = logits.sum().into_data();
+                    Ok(())
+                }))
+            }
+            (BenchModel::Gpt2 | BenchModel::Llama, BenchMode::Generate) => {
+                let model = match args.model {
+                    BenchModel::Llama => AnyModel::LlamaForCausalLM(random_llama::<B>(&device)?),
+                    _ => AnyModel::Gpt2LmHeadModel(random_gpt2::<B>(&device)?),
+                };
                 let prompts: Vec<Vec<u32>> = ids
                     .chunks(args.seq)
                     .map(|row| row.iter().map(|&i| i as u32).collect())
@@ -303,7 +339,9 @@ impl BackendTask for BenchTask {
                     pad_token_id: 0,
                 };
                 time(Box::new(|| {
-                    generate(&model, &prompts, &config, &device, |_| {})?;
+                    model
+                        .generate(&prompts, &config, &device, &mut |_| {})
+                        .expect("a causal LM generates")?;
                     Ok(())
                 }))
             }
@@ -319,6 +357,19 @@ impl BackendTask for BenchTask {
             (BenchModel::BertBase, BenchMode::Generate) => unreachable!("refused above"),
         }
     }
+}
+
+/// The Llama-shaped bench model of `--model llama`.
+fn llama_config() -> LlamaConfig {
+    let mut config = LlamaConfig::sized(12, 768, 12, 4, 2048);
+    config.max_position_embeddings = 2048;
+    config
+}
+
+/// The Llama-shaped model with random weights (`N(0, 0.02)`, seed 0).
+fn random_llama<B: Backend>(device: &B::Device) -> anyhow::Result<LlamaForCausalLM<B>> {
+    let model = LlamaForCausalLM::<B>::new(&llama_config(), device)?;
+    Ok(models::train::normal_init(model, 0.02, 0, device))
 }
 
 /// GPT-2 small with random weights (GPT-2's initialisation, seed 0).
@@ -374,6 +425,14 @@ fn train_times<AB: AutodiffBackend>(
         }
         BenchModel::Gpt2 => {
             let split = Gpt2Spec::split(random_gpt2::<AB>(&device)?);
+            let batch = LmBatch {
+                input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
+                labels: None,
+            };
+            time_steps(split, comm, &batch, args, &device)
+        }
+        BenchModel::Llama => {
+            let split = LlamaSpec::split(random_llama::<AB>(&device)?);
             let batch = LmBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
                 labels: None,

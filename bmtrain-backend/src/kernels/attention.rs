@@ -56,15 +56,15 @@ pub fn attention<B: Backend>(
     let [batch, q_len, width] = q.dims();
     let [k_batch, k_len, k_width] = k.dims();
     let [v_batch, v_len, v_width] = v.dims();
-    let head_dim = if heads > 0 { width / heads } else { 0 };
-    let kv_heads = if head_dim > 0 { k_width / head_dim } else { 0 };
+    let head_dim = width.checked_div(heads).unwrap_or(0);
+    let kv_heads = k_width.checked_div(head_dim).unwrap_or(0);
     let shapes_fit = heads > 0
         && head_dim > 0
-        && width % heads == 0
+        && width.is_multiple_of(heads)
         && kv_heads > 0
         && k_width == kv_heads * head_dim
-        && heads % kv_heads == 0
-        && v_width % kv_heads == 0
+        && heads.is_multiple_of(kv_heads)
+        && v_width.is_multiple_of(kv_heads)
         && k_batch == batch
         && v_batch == batch
         && v_len == k_len;
