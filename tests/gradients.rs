@@ -177,7 +177,7 @@ fn t5_v1_1_gradients_match_transformers() {
 
 #[test]
 fn llama_family_gradients_match_transformers() {
-    for name in ["llama", "mistral", "qwen2"] {
+    for name in ["llama", "mistral", "qwen2", "llama_cls"] {
         check_training_step(name);
     }
 }

@@ -147,3 +147,81 @@ fn llama_family_trainer_gradients_match_whole_model_autodiff_on_one_and_two_rank
         assert!(worst < 1e-5, "{name}: {worst}");
     }
 }
+
+/// `LlamaForSequenceClassification`'s cut: the score at each row's last non-padding token (rows
+/// right-padded with the pad id), 2 ranks against whole-model autodiff.
+#[test]
+fn llama_classifier_gradients_match_whole_model_autodiff_on_two_ranks() {
+    use models::io::{ClassifierBatch, cross_entropy};
+    use models::llama::LlamaForSequenceClassification;
+    use models::train::LlamaClassifierSpec;
+    let (_, mut config) = configs().remove(0);
+    (config.num_labels, config.pad_token_id) = (Some(3), Some(0));
+    let device = Default::default();
+    let model = LlamaForSequenceClassification::<B>::new(&config, &device).unwrap();
+    let (layout, values) = flatten::<B, _>(&model);
+    let initial = load_flat(model, &layout, &values, &device, true);
+    // Row r keeps SEQ - r real tokens, then padding (id 0, which the ids never use).
+    let batch = move |rows: std::ops::Range<usize>| {
+        let n = rows.len();
+        let ids: Vec<i64> = rows
+            .clone()
+            .flat_map(|r| {
+                (0..SEQ).map(move |t| {
+                    if t < SEQ - r {
+                        1 + ((r * 5 + t * 3) % (VOCAB - 1)) as i64
+                    } else {
+                        0
+                    }
+                })
+            })
+            .collect();
+        let labels: Vec<i64> = rows.map(|r| (r % 3) as i64).collect();
+        ClassifierBatch {
+            input_ids: Tensor::from_data(TensorData::new(ids, [n, SEQ]), &Default::default()),
+            attention_mask: Tensor::ones([n, SEQ], &Default::default()),
+            token_type_ids: None,
+            labels: Tensor::from_data(TensorData::new(labels, [n]), &Default::default()),
+        }
+    };
+    let whole = batch(0..ROWS);
+    let (_, logits) = initial.forward(&DecoderInput::new(whole.input_ids.clone()));
+    let grads = cross_entropy(logits, whole.labels.clone()).backward();
+    let (_, embed, blocks, head) = LlamaClassifierSpec::split(initial.clone());
+    let mut want = vec![flat_grads::<B, _>(
+        &embed,
+        &layout_of::<B, _>(&embed),
+        &grads,
+    )];
+    for block in &blocks {
+        want.push(flat_grads::<B, _>(block, &layout_of::<B, _>(block), &grads));
+    }
+    want.push(flat_grads::<B, _>(&head, &layout_of::<B, _>(&head), &grads));
+
+    let two = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
+        let rows = comm.rank() * ROWS / 2..(comm.rank() + 1) * ROWS / 2;
+        let (spec, embed, blocks, head) = LlamaClassifierSpec::split(initial.clone());
+        let options = ZeroOptions::checkpoint_all(blocks.len());
+        let mut trainer =
+            ZeroTrainer::new(spec, comm, Default::default(), embed, blocks, head, options);
+        trainer.forward_backward(&batch(rows)).unwrap();
+        std::iter::once(trainer.embed.grad.clone())
+            .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
+            .chain(std::iter::once(trainer.head.grad.clone()))
+            .collect::<Vec<_>>()
+    });
+    let two: Vec<Vec<Vec<f32>>> = two.into_iter().map(|r| r.unwrap()).collect();
+    let mut worst: f32 = 0.0;
+    for (segment, reference) in want.iter().enumerate() {
+        let scale = reference.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let got: Vec<f32> = [two[0][segment].clone(), two[1][segment].clone()].concat();
+        let diff = got[..reference.len()]
+            .iter()
+            .zip(reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        worst = worst.max(diff / scale);
+    }
+    println!("llama train: classifier worst relative gradient difference {worst:.2e}");
+    assert!(worst < 1e-5, "{worst}");
+}

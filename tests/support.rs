@@ -14,7 +14,7 @@ use models::bert::EncoderInput;
 
 /// The HF model fixtures, each a directory with `model.safetensors`, `pytorch_model.bin` and
 /// `reference.safetensors`.
-pub const MODEL_FIXTURES: [&str; 12] = [
+pub const MODEL_FIXTURES: [&str; 13] = [
     "bert",
     "bert_mlm",
     "bert_cls",
@@ -27,6 +27,7 @@ pub const MODEL_FIXTURES: [&str; 12] = [
     "t5_v1_1",
     "mistral",
     "qwen2",
+    "llama_cls",
 ];
 
 /// `tests/fixtures/<name>`.

@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 pub mod zero;
 
 use crate::ModelError;
-use crate::io::vocab_logits;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
 pub use crate::io::{
     DecoderCache, DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy,
 };
 use crate::io::{EncoderInput, Logits, ModelClass, ModelOutput};
+use crate::io::{last_token_score, vocab_logits};
 use crate::layers::{
     Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, LayerNorm, LayerNormConfig,
     MultiHeadAttention, MultiHeadAttentionConfig,
@@ -530,7 +530,7 @@ impl<B: Backend> Gpt2ForSequenceClassification<B> {
     /// last token that is not `pad_token_id`.
     pub fn forward(&self, input: &DecoderInput<B>) -> (Tensor<B, 3>, Tensor<B, 2>) {
         let hidden = self.transformer.forward(input);
-        let logits = pooled_score(
+        let logits = last_token_score(
             &self.score,
             hidden.clone(),
             &input.input_ids,
@@ -538,31 +538,6 @@ impl<B: Backend> Gpt2ForSequenceClassification<B> {
         );
         (hidden, logits)
     }
-}
-
-/// The score of each row's last non-padding token, as transformers 5 picks it: the largest
-/// position whose id is not `pad` (position 0 when every id is `pad`), the last position when
-/// the config has no `pad_token_id`.
-pub(crate) fn pooled_score<B: Backend>(
-    score: &Linear<B>,
-    hidden: Tensor<B, 3>,
-    input_ids: &Tensor<B, 2, Int>,
-    pad: Option<u32>,
-) -> Tensor<B, 2> {
-    let [batch, seq, width] = hidden.dims();
-    let device = hidden.device();
-    let last = match pad {
-        Some(pad) => {
-            let real = input_ids.clone().not_equal_elem(pad as i64).int();
-            let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
-                .reshape([1, seq])
-                .expand([batch, seq]);
-            (positions * real).argmax(1)
-        }
-        None => Tensor::<B, 2, Int>::full([batch, 1], seq as i64 - 1, &device),
-    };
-    let picked = hidden.gather(1, last.reshape([batch, 1, 1]).expand([batch, 1, width]));
-    score.forward(picked.reshape([batch, width]))
 }
 
 impl<B: Backend> crate::generation::Decoder<B> for Gpt2LmHeadModel<B> {

@@ -118,6 +118,32 @@ pub fn vocab_logits<B: Backend>(
     }
 }
 
+/// The score (`score`, a linear layer) of each row's last non-padding token, as transformers 5
+/// picks it for GPT-2's and the Llama family's sequence classifiers: the largest
+/// position whose id is not `pad` (position 0 when every id is `pad`), the last position when
+/// the config has no `pad_token_id`.
+pub fn last_token_score<B: Backend>(
+    score: &Linear<B>,
+    hidden: Tensor<B, 3>,
+    input_ids: &Tensor<B, 2, Int>,
+    pad: Option<u32>,
+) -> Tensor<B, 2> {
+    let [batch, seq, width] = hidden.dims();
+    let device = hidden.device();
+    let last = match pad {
+        Some(pad) => {
+            let real = input_ids.clone().not_equal_elem(pad as i64).int();
+            let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+                .reshape([1, seq])
+                .expand([batch, seq]);
+            (positions * real).argmax(1)
+        }
+        None => Tensor::<B, 2, Int>::full([batch, 1], seq as i64 - 1, &device),
+    };
+    let picked = hidden.gather(1, last.reshape([batch, 1, 1]).expand([batch, 1, width]));
+    score.forward(picked.reshape([batch, width]))
+}
+
 /// One token id or several, as HF configs write `eos_token_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -20,7 +20,8 @@ pub mod zero;
 
 use crate::ModelError;
 use crate::io::{
-    DecoderCache, DecoderInput, EncoderInput, ModelClass, ModelOutput, TokenIds, vocab_logits,
+    DecoderCache, DecoderInput, EncoderInput, Logits, ModelClass, ModelOutput, TokenIds,
+    last_token_score, vocab_logits,
 };
 use crate::layers::{
     Activation, AttentionMask, Dropout, DropoutConfig, FeedForward, FeedForwardConfig, KvCache,
@@ -105,6 +106,12 @@ pub struct LlamaConfig {
     /// Padding id.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// Number of labels of `LlamaForSequenceClassification`, when the config says it directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<usize>,
+    /// Label names by id; its length is the number of labels when `num_labels` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<serde_json::Map<String, Value>>,
 }
 
 fn default_initializer_range() -> f64 {
@@ -202,6 +209,14 @@ impl LlamaConfig {
         config.num_key_value_heads = Some(kv_heads);
         config.intermediate_size = intermediate;
         config
+    }
+
+    /// Number of labels of a classification head: `num_labels`, else `id2label`'s length, else 2
+    /// (transformers' default).
+    pub fn labels(&self) -> usize {
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(|m| m.len()))
+            .unwrap_or(2)
     }
 
     /// Number of key/value heads.
@@ -895,6 +910,46 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sequence classification
+
+/// The stack with a linear score (no bias) read at each row's last non-padding token. HF
+/// `LlamaForSequenceClassification` (and Mistral's, Qwen2's).
+#[derive(Module, Debug)]
+pub struct LlamaForSequenceClassification<B: Backend> {
+    /// HF `model.*`.
+    pub model: LlamaModel<B>,
+    /// HF `score`: `[hidden, num_labels]`.
+    pub score: Linear<B>,
+    pub(crate) pad_token_id: Option<u32>,
+}
+
+impl<B: Backend> LlamaForSequenceClassification<B> {
+    /// Builds the model from a config (`num_labels` or `id2label`, default 2).
+    pub fn new(config: &LlamaConfig, device: &B::Device) -> Result<Self, ModelError> {
+        Ok(Self {
+            model: LlamaModel::new(config, device)?,
+            score: LinearConfig::new(config.hidden_size, config.labels())
+                .with_bias(false)
+                .init(device),
+            pad_token_id: config.pad_token_id,
+        })
+    }
+
+    /// Full-sequence forward: hidden states and the logits `[batch, num_labels]` of each row's
+    /// last token that is not `pad_token_id`.
+    pub fn forward(&self, input: &DecoderInput<B>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let hidden = self.model.forward(input);
+        let logits = last_token_score(
+            &self.score,
+            hidden.clone(),
+            &input.input_ids,
+            self.pad_token_id,
+        );
+        (hidden, logits)
+    }
+}
+
 impl<B: Backend> crate::generation::Decoder<B> for LlamaForCausalLM<B> {
     type State = DecoderCache<B>;
 
@@ -973,6 +1028,25 @@ impl<B: Backend> ModelClass<B> for LlamaForCausalLM<B> {
         Some(crate::generation::generate(
             self, prompts, config, device, on_tokens,
         ))
+    }
+}
+
+impl<B: Backend> ModelClass<B> for LlamaForSequenceClassification<B> {
+    type Config = LlamaConfig;
+    fn build(config: &LlamaConfig, device: &B::Device) -> Result<Self, ModelError> {
+        LlamaForSequenceClassification::new(config, device)
+    }
+    fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
+        let (hidden, logits) = self.forward(&decoder_input(input));
+        let mut output = ModelOutput::hidden(hidden, None);
+        output.logits = Some(Logits::PerSequence(logits));
+        output
+    }
+    fn max_sequence_length(&self) -> usize {
+        usize::MAX
+    }
+    fn vocab_size(&self) -> usize {
+        self.model.vocab_size()
     }
 }
 

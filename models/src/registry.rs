@@ -11,7 +11,7 @@ use crate::bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, Be
 use crate::gpt2::{Gpt2Config, Gpt2ForSequenceClassification, Gpt2LmHeadModel, Gpt2Model};
 use crate::io::{EncoderInput, ModelClass};
 pub use crate::io::{Logits, ModelOutput};
-use crate::llama::{LlamaConfig, LlamaForCausalLM, LlamaModel};
+use crate::llama::{LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel};
 use crate::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel};
 use crate::t5::{T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Model};
 
@@ -418,6 +418,15 @@ classes! {
     /// `Qwen2ForCausalLM`: a Llama with Qwen2's config (q/k/v biases).
     Qwen2ForCausalLM(LlamaForCausalLM) = "Qwen2ForCausalLM", Llama, as_llama,
         base: false, pooler: false;
+    /// `LlamaForSequenceClassification`: the stack and a score at the last real token.
+    LlamaForSequenceClassification(LlamaForSequenceClassification) =
+        "LlamaForSequenceClassification", Llama, as_llama, base: false, pooler: false;
+    /// `MistralForSequenceClassification`: the same with Mistral's config.
+    MistralForSequenceClassification(LlamaForSequenceClassification) =
+        "MistralForSequenceClassification", Llama, as_llama, base: false, pooler: false;
+    /// `Qwen2ForSequenceClassification`: the same with Qwen2's config.
+    Qwen2ForSequenceClassification(LlamaForSequenceClassification) =
+        "Qwen2ForSequenceClassification", Llama, as_llama, base: false, pooler: false;
 }
 
 impl Architecture {
@@ -427,6 +436,15 @@ impl Architecture {
             "mistral" => Self::MistralForCausalLM,
             "qwen2" => Self::Qwen2ForCausalLM,
             _ => Self::LlamaForCausalLM,
+        }
+    }
+
+    /// The sequence-classification class of a Llama-family config, by its `model_type`.
+    pub fn llama_classifier(config: &LlamaConfig) -> Self {
+        match config.model_type.as_str() {
+            "mistral" => Self::MistralForSequenceClassification,
+            "qwen2" => Self::Qwen2ForSequenceClassification,
+            _ => Self::LlamaForSequenceClassification,
         }
     }
 

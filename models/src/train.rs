@@ -27,7 +27,9 @@ use crate::gpt2::Gpt2LmHeadModel;
 pub use crate::gpt2::zero::{
     Gpt2ClassifierSpec, Gpt2Embedding, Gpt2FinalNorm, Gpt2Head, Gpt2ScoreHead, Gpt2Spec, LmBatch,
 };
-pub use crate::llama::zero::{LlamaEmbedding, LlamaFinalNorm, LlamaHead, LlamaSpec};
+pub use crate::llama::zero::{
+    LlamaClassifierSpec, LlamaEmbedding, LlamaFinalNorm, LlamaHead, LlamaScoreHead, LlamaSpec,
+};
 
 /// What a parameter is, from the module that holds it and its field name — not from where it
 /// sits in the model, so an RMSNorm scale called `weight` starts at one like a LayerNorm's

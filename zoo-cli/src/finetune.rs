@@ -26,9 +26,11 @@ use checkpoints_convert::{TextTokenizer, ZooManifest, ZooWeightsReader, load_tok
 use clap::Args;
 use models::bert::{BertConfig, BertForSequenceClassification};
 use models::gpt2::{Gpt2Config, Gpt2ForSequenceClassification};
+use models::llama::{LlamaConfig, LlamaForSequenceClassification};
 use models::roberta::RobertaForSequenceClassification;
 use models::train::{
-    ClassifierBatch, ClassifierSpec, Gpt2ClassifierSpec, InitScheme, TensorSource,
+    ClassifierBatch, ClassifierSpec, Gpt2ClassifierSpec, InitScheme, LlamaClassifierSpec,
+    TensorSource,
 };
 use models::{Architecture, Family, ModelConfig};
 use rand::seq::SliceRandom;
@@ -251,6 +253,8 @@ enum Classifier {
     Encoder(BertConfig),
     /// GPT-2 (`GPT2ForSequenceClassification`).
     Gpt2(Gpt2Config),
+    /// A Llama, Mistral or Qwen2 (`LlamaForSequenceClassification` and its namesakes).
+    Llama(LlamaConfig),
 }
 
 impl Classifier {
@@ -258,6 +262,7 @@ impl Classifier {
         match self {
             Classifier::Encoder(c) => ModelConfig::Bert(c.clone()),
             Classifier::Gpt2(c) => ModelConfig::Gpt2(c.clone()),
+            Classifier::Llama(c) => ModelConfig::Llama(c.clone()),
         }
     }
 }
@@ -280,16 +285,24 @@ impl<AB: AutodiffBackend> Classifies<AB> for ClassifierSpec {
     }
 }
 
-impl<AB: AutodiffBackend> Classifies<AB> for Gpt2ClassifierSpec {
-    fn eval_logits(
-        trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
-        batch: &ClassifierBatch<AB::InnerBackend>,
-    ) -> Result<Tensor<AB::InnerBackend, 2>, bmtrain_backend::comm::CommError> {
-        trainer.infer(batch, |spec, head, _, hidden| {
-            spec.logits(head, hidden, batch)
-        })
-    }
+/// The decoder classifiers (GPT-2's, the Llama family's) read the score at the last real token.
+macro_rules! last_token_classifies {
+    ($spec:ty) => {
+        impl<AB: AutodiffBackend> Classifies<AB> for $spec {
+            fn eval_logits(
+                trainer: &ZeroTrainer<AB, Self, Box<dyn Communicator>>,
+                batch: &ClassifierBatch<AB::InnerBackend>,
+            ) -> Result<Tensor<AB::InnerBackend, 2>, bmtrain_backend::comm::CommError> {
+                trainer.infer(batch, |spec, head, _, hidden| {
+                    spec.logits(head, hidden, batch)
+                })
+            }
+        }
+    };
 }
+
+last_token_classifies!(Gpt2ClassifierSpec);
+last_token_classifies!(LlamaClassifierSpec);
 
 /// Runs `zoo finetune`.
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
@@ -367,8 +380,12 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
             Architecture::Gpt2ForSequenceClassification,
             Classifier::Gpt2(c),
         ),
+        (Family::Llama, ModelConfig::Llama(c)) => {
+            (Architecture::llama_classifier(&c), Classifier::Llama(c))
+        }
         _ => bail!(
-            "{}: a {} — zoo finetune --task classify classifies with BERT, RoBERTa or GPT-2",
+            "{}: a {} — zoo finetune --task classify classifies with BERT, RoBERTa, GPT-2 or the \
+             Llama family",
             args.model.display(),
             spec.architecture.hf_name()
         ),
@@ -402,6 +419,26 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
             config.pad_token_id = Some(pad);
             pad
         }
+        Classifier::Llama(config) => {
+            config.num_labels = Some(args.labels());
+            if let Some(p) = args.dropout {
+                config.attention_dropout = p;
+            }
+            // As GPT-2: Llama configs rarely name a padding id; pad with end-of-text.
+            let eos = config
+                .eos_token_id
+                .as_ref()
+                .and_then(|e| e.to_vec().first().copied());
+            let pad = config.pad_token_id.or(eos).with_context(|| {
+                format!(
+                    "{}: classification needs pad_token_id or eos_token_id in config.json \
+                     (the score is read at each row's last non-padding token)",
+                    args.model.display()
+                )
+            })?;
+            config.pad_token_id = Some(pad);
+            pad
+        }
     };
     // A model this machine cannot hold is refused now, before anything is read.
     args.memory.check_fits(
@@ -427,6 +464,8 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
             .saturating_sub(pad_id as usize + 1),
         (Classifier::Encoder(config), _) => config.max_position_embeddings,
         (Classifier::Gpt2(config), _) => config.n_positions,
+        // Rotary positions have no table.
+        (Classifier::Llama(_), _) => usize::MAX,
     });
     let read = |path: &Path| read_examples(path, &args, &tokenizer, max_seq);
     let train = read(&args.train)?;
@@ -449,7 +488,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     let mut hf_config = spec.hf_config.clone();
     hf_config["architectures"] = json!([architecture.hf_name()]);
     hf_config["num_labels"] = json!(args.labels());
-    if let Classifier::Gpt2(_) = model {
+    if let Classifier::Gpt2(_) | Classifier::Llama(_) = model {
         hf_config["pad_token_id"] = json!(pad_id);
     }
     hf_config["id2label"] = json!(
@@ -827,6 +866,15 @@ fn train<AB: AutodiffBackend>(
             )?);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
+            };
+            train_loop(comm, device, job, cut, init)
+        }
+        (Classifier::Llama(config), _) => {
+            let cut = LlamaClassifierSpec::split(LlamaForSequenceClassification::<AB>::new(
+                config, &device,
+            )?);
+            let init = InitScheme::Normal {
+                std: config.initializer_range,
             };
             train_loop(comm, device, job, cut, init)
         }

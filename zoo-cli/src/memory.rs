@@ -33,11 +33,11 @@ use bmtrain_backend::zero::layout_of;
 use clap::Args;
 use models::bert::{BertForMaskedLM, BertForSequenceClassification};
 use models::gpt2::Gpt2LmHeadModel;
-use models::llama::LlamaForCausalLM;
+use models::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
 use models::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification};
 use models::t5::T5ForConditionalGeneration;
 use models::t5::zero::T5Spec;
-use models::train::{ClassifierSpec, Gpt2Spec, LlamaSpec, MlmSpec};
+use models::train::{ClassifierSpec, Gpt2Spec, LlamaClassifierSpec, LlamaSpec, MlmSpec};
 use models::{Architecture, Family, ModelConfig};
 use serde_json::json;
 
@@ -454,6 +454,18 @@ pub fn shape_of_config(architecture: Architecture, config: &ModelConfig) -> anyh
         ),
         // The gated MLP keeps both inner projections (gate and up) and their product: counted
         // as twice the inner width. The kv heads' smaller projections are in the block sizes.
+        (ModelConfig::Llama(c), _) if architecture == Architecture::llama_classifier(c) => {
+            let mut c = c.clone();
+            c.num_labels = Some(c.num_labels.unwrap_or(2));
+            let dims = [
+                c.hidden_size,
+                2 * c.intermediate_size,
+                c.num_attention_heads,
+                0,
+            ];
+            let model = LlamaForSequenceClassification::<Cpu>::new(&c, &device)?;
+            shape_of_cut(architecture, LlamaClassifierSpec::split(model), dims)
+        }
         (ModelConfig::Llama(c), _) => shape_of_cut(
             Architecture::for_llama(c),
             LlamaSpec::split(LlamaForCausalLM::<Cpu>::new(c, &device)?),

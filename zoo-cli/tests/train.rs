@@ -920,43 +920,51 @@ fn seq2seq_and_causal_lm_finetuning_keep_a_best_checkpoint_that_answers() {
 }
 
 #[test]
-fn finetuning_gpt2_as_a_classifier_learns_a_synthetic_rule() {
-    let dir = tempfile::tempdir().unwrap();
-    let (train, valid) = (dir.path().join("train.tsv"), dir.path().join("dev.tsv"));
-    synthetic(&train, 256, 1);
-    synthetic(&valid, 64, 2);
-    let run = dir.path().join("run");
-    let output = zoo(&[
-        "finetune",
-        "--model",
-        fixture("gpt2").to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--valid",
-        valid.to_str().unwrap(),
-        "--num-labels",
-        "2",
-        "--lr",
-        "2e-3",
-        "--epochs",
-        "6",
-        "--out",
-        run.to_str().unwrap(),
-        "--no-progress",
-    ]);
-    assert!(output.status.success(), "{}", text(&output));
-    let accuracy = metrics(&run)
-        .iter()
-        .filter_map(|m| m["accuracy"].as_f64())
-        .fold(0.0, f64::max);
-    println!("finetune gpt2 classify: best validation accuracy {accuracy:.3}");
-    assert!(accuracy >= 0.9, "{}", text(&output));
-    // The checkpoint is a GPT2ForSequenceClassification that pads (and pools) with end-of-text.
-    let manifest: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(run.join("checkpoints/best/zoo.json")).unwrap())
-            .unwrap();
-    assert_eq!(manifest["architecture"], "GPT2ForSequenceClassification");
-    assert!(manifest["hf_config"]["pad_token_id"].is_u64(), "{manifest}");
+fn finetuning_decoders_as_classifiers_learns_a_synthetic_rule() {
+    // GPT-2 and the Llama family (the qwen2 fixture, a causal LM: its head is replaced by a
+    // fresh score) read the score at the last real token.
+    for (model, class) in [
+        ("gpt2", "GPT2ForSequenceClassification"),
+        ("qwen2", "Qwen2ForSequenceClassification"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (train, valid) = (dir.path().join("train.tsv"), dir.path().join("dev.tsv"));
+        synthetic(&train, 256, 1);
+        synthetic(&valid, 64, 2);
+        let run = dir.path().join("run");
+        let output = zoo(&[
+            "finetune",
+            "--model",
+            fixture(model).to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--valid",
+            valid.to_str().unwrap(),
+            "--num-labels",
+            "2",
+            "--lr",
+            "2e-3",
+            "--epochs",
+            "6",
+            "--out",
+            run.to_str().unwrap(),
+            "--no-progress",
+        ]);
+        assert!(output.status.success(), "{}", text(&output));
+        let accuracy = metrics(&run)
+            .iter()
+            .filter_map(|m| m["accuracy"].as_f64())
+            .fold(0.0, f64::max);
+        println!("finetune {model} classify: best validation accuracy {accuracy:.3}");
+        assert!(accuracy >= 0.9, "{model}: {}", text(&output));
+        // The checkpoint is a classifier that pads (and pools) with end-of-text.
+        let manifest: serde_json::Value = serde_json::from_str(
+            &fs::read_to_string(run.join("checkpoints/best/zoo.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(manifest["architecture"], class);
+        assert!(manifest["hf_config"]["pad_token_id"].is_u64(), "{manifest}");
+    }
 }
 
 #[test]

@@ -109,6 +109,9 @@ const LM_HEAD: &[KeyRule] = &[rule_if(
     Transposed,
 )];
 
+/// The sequence classifiers' score: an `nn.Linear` without bias, `[num_labels, hidden]` in HF.
+const SCORE: &[KeyRule] = &[rule("score.weight", "score.weight", Transposed)];
+
 /// The Llama family's table.
 pub static TABLE: KeyTable = KeyTable {
     family: Family::Llama,
@@ -118,6 +121,9 @@ pub static TABLE: KeyTable = KeyTable {
         (Architecture::LlamaForCausalLM, LM_HEAD),
         (Architecture::MistralForCausalLM, LM_HEAD),
         (Architecture::Qwen2ForCausalLM, LM_HEAD),
+        (Architecture::LlamaForSequenceClassification, SCORE),
+        (Architecture::MistralForSequenceClassification, SCORE),
+        (Architecture::Qwen2ForSequenceClassification, SCORE),
     ],
     // transformers re-ties a tied head to embed_tokens whatever the file holds; zoo does too.
     tied_output: None,

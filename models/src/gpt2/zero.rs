@@ -11,11 +11,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::{
-    BlockMasks, Gpt2Block, Gpt2ForSequenceClassification, Gpt2LmHeadModel, embed, pooled_score,
-    positions,
+    BlockMasks, Gpt2Block, Gpt2ForSequenceClassification, Gpt2LmHeadModel, embed, positions,
 };
 pub use crate::io::LmBatch;
-use crate::io::{ClassifierBatch, causal_lm_loss, cross_entropy, vocab_logits};
+use crate::io::{ClassifierBatch, causal_lm_loss, cross_entropy, last_token_score, vocab_logits};
 use crate::layers::{AttentionMask, Dropout, LayerNorm, Linear};
 
 /// GPT-2's embedding segment: token and position tables (HF `transformer.wte`, `transformer.wpe`).
@@ -213,7 +212,7 @@ impl Gpt2ClassifierSpec {
         batch: &ClassifierBatch<B>,
     ) -> Tensor<B, 2> {
         let hidden = head.transformer.ln_f.forward(hidden);
-        pooled_score(&head.score, hidden, &batch.input_ids, self.pad_token_id)
+        last_token_score(&head.score, hidden, &batch.input_ids, self.pad_token_id)
     }
 }
 

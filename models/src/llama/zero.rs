@@ -2,7 +2,8 @@
 //! an embedding segment (`model.embed_tokens`), its blocks, and a head (`model.norm`, the LM head)
 //! that ends in the causal-LM loss. A tied head reads the embedding segment. Blocks compute their
 //! rotary tables and masks with the model's own functions ([`Rope::tables`], [`block_masks`]), so
-//! there is no second copy of the forward.
+//! there is no second copy of the forward. `LlamaForSequenceClassification` shares the embedding
+//! and blocks, with a head that scores the last non-padding token.
 
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
 use burn::module::Module;
@@ -10,8 +11,13 @@ use burn::nn::Embedding;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::{LlamaDecoderLayer, LlamaForCausalLM, Rope, block_masks, float_dtype, positions};
-use crate::io::{LmBatch, causal_lm_loss, vocab_logits};
+use super::{
+    LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification, Rope, block_masks,
+    float_dtype, positions,
+};
+use crate::io::{
+    ClassifierBatch, LmBatch, causal_lm_loss, cross_entropy, last_token_score, vocab_logits,
+};
 use crate::layers::{AttentionMask, Linear, RmsNorm};
 
 /// The embedding segment: the token table (HF `model.embed_tokens`; the LM head when tied).
@@ -72,6 +78,27 @@ impl LlamaSpec {
     }
 }
 
+/// Block `index` on positions from 0 (rows right-padded), with its causal or windowed mask.
+fn run_block<B: Backend>(
+    rope: &Rope,
+    windows: &[Option<usize>],
+    index: usize,
+    module: &LlamaDecoderLayer<B>,
+    hidden: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let [rows, seq, _] = hidden.dims();
+    let device = hidden.device();
+    let rotary = rope.tables(&positions::<B>(rows, seq, 0, &device), float_dtype(&hidden));
+    let mask = block_masks(
+        &windows[index..=index],
+        AttentionMask::none(),
+        seq,
+        0,
+        &device,
+    );
+    module.forward(hidden, &rotary, None, &mask[0]).0
+}
+
 impl<B: Backend> ZeroSpec<B> for LlamaSpec {
     type Embed = LlamaEmbedding<B>;
     type Block = LlamaDecoderLayer<B>;
@@ -89,14 +116,7 @@ impl<B: Backend> ZeroSpec<B> for LlamaSpec {
         hidden: Tensor<B, 3>,
         _batch: &Self::Batch,
     ) -> Tensor<B, 3> {
-        let [rows, seq, _] = hidden.dims();
-        let device = hidden.device();
-        let rotary = self
-            .rope
-            .tables(&positions::<B>(rows, seq, 0, &device), float_dtype(&hidden));
-        let window = &self.windows[index..=index];
-        let mask = block_masks(window, AttentionMask::none(), seq, 0, &device);
-        module.forward(hidden, &rotary, None, &mask[0]).0
+        run_block(&self.rope, &self.windows, index, module, hidden)
     }
 
     fn loss(
@@ -118,6 +138,104 @@ impl<B: Backend> ZeroSpec<B> for LlamaSpec {
 
     fn head_reads_embed(&self) -> bool {
         self.tied
+    }
+
+    fn prefix(&self, segment: SegmentId) -> String {
+        match segment {
+            SegmentId::Embed => "model".into(),
+            SegmentId::Block(i) => format!("model.layers.{i}"),
+            SegmentId::Head => String::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequence classification
+
+/// `LlamaForSequenceClassification`'s head segment: the final norm and the score.
+#[derive(Module, Debug)]
+pub struct LlamaScoreHead<B: Backend> {
+    /// `model.norm`.
+    pub model: LlamaFinalNorm<B>,
+    /// HF `score`.
+    pub score: Linear<B>,
+}
+
+/// `LlamaForSequenceClassification` as ZeRO segments: the embedding and blocks of the causal LM's
+/// cut, and a head that scores each row's last non-padding token, then the cross-entropy.
+#[derive(Debug, Clone)]
+pub struct LlamaClassifierSpec {
+    rope: Rope,
+    windows: Vec<Option<usize>>,
+    pad_token_id: Option<u32>,
+}
+
+impl LlamaClassifierSpec {
+    /// Cuts a model into the spec and its segments.
+    pub fn split<B: Backend>(
+        model: LlamaForSequenceClassification<B>,
+    ) -> (
+        Self,
+        LlamaEmbedding<B>,
+        Vec<LlamaDecoderLayer<B>>,
+        LlamaScoreHead<B>,
+    ) {
+        let body = model.model;
+        let spec = Self {
+            rope: body.rope,
+            windows: body.windows,
+            pad_token_id: model.pad_token_id,
+        };
+        let head = LlamaScoreHead {
+            model: LlamaFinalNorm { norm: body.norm },
+            score: model.score,
+        };
+        let embed = LlamaEmbedding {
+            embed_tokens: body.embed_tokens,
+        };
+        (spec, embed, body.layers, head)
+    }
+
+    /// The head's logits `[batch, num_labels]` for the last hidden states of `batch`.
+    pub fn logits<B: Backend>(
+        &self,
+        head: &LlamaScoreHead<B>,
+        hidden: Tensor<B, 3>,
+        batch: &ClassifierBatch<B>,
+    ) -> Tensor<B, 2> {
+        let hidden = head.model.norm.forward(hidden);
+        last_token_score(&head.score, hidden, &batch.input_ids, self.pad_token_id)
+    }
+}
+
+impl<B: Backend> ZeroSpec<B> for LlamaClassifierSpec {
+    type Embed = LlamaEmbedding<B>;
+    type Block = LlamaDecoderLayer<B>;
+    type Head = LlamaScoreHead<B>;
+    type Batch = ClassifierBatch<B>;
+
+    fn embed(&self, module: &Self::Embed, batch: &Self::Batch) -> Tensor<B, 3> {
+        module.embed_tokens.forward(batch.input_ids.clone())
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        module: &Self::Block,
+        hidden: Tensor<B, 3>,
+        _batch: &Self::Batch,
+    ) -> Tensor<B, 3> {
+        run_block(&self.rope, &self.windows, index, module, hidden)
+    }
+
+    fn loss(
+        &self,
+        module: &Self::Head,
+        _embed: Option<&Self::Embed>,
+        hidden: Tensor<B, 3>,
+        batch: &Self::Batch,
+    ) -> Tensor<B, 1> {
+        cross_entropy(self.logits(module, hidden, batch), batch.labels.clone())
     }
 
     fn prefix(&self, segment: SegmentId) -> String {
