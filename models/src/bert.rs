@@ -223,6 +223,30 @@ impl BertConfig {
     }
 }
 
+impl crate::io::FamilyConfig for BertConfig {
+    fn from_hf(value: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(value.clone())
+    }
+    fn validate(&self) -> Result<(), ModelError> {
+        BertConfig::validate(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+    fn untie_word_embeddings(&mut self) {
+        self.tie_word_embeddings = false;
+    }
+    fn with_dropout(self, p: f64) -> Self {
+        BertConfig::with_dropout(self, p)
+    }
+    fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token_id.map(|id| id as u32)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inputs and outputs
 

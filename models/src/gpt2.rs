@@ -235,6 +235,30 @@ impl Default for Gpt2Config {
     }
 }
 
+impl crate::io::FamilyConfig for Gpt2Config {
+    fn from_hf(value: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(value.clone())
+    }
+    fn validate(&self) -> Result<(), ModelError> {
+        Gpt2Config::validate(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.n_layer
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+    fn untie_word_embeddings(&mut self) {
+        self.tie_word_embeddings = false;
+    }
+    fn with_dropout(self, p: f64) -> Self {
+        Gpt2Config::with_dropout(self, p)
+    }
+    fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token_id
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Block
 

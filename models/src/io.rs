@@ -216,6 +216,43 @@ pub trait ModelClass<B: Backend>: Sized {
     }
 }
 
+/// What a family's config gives the registry's dispatch ([`crate::ModelConfig`]), implemented
+/// beside the config: how it is read from a `config.json` and what the key tables and training jobs
+/// ask of it.
+pub trait FamilyConfig: Sized {
+    /// Reads a `config.json` value (fields it leaves out take the family's defaults).
+    fn from_hf(value: &serde_json::Value) -> Result<Self, serde_json::Error>;
+    /// Checks the config, naming the offending field.
+    fn validate(&self) -> Result<(), crate::ModelError>;
+    /// Number of (encoder) layers.
+    fn num_layers(&self) -> usize;
+    /// Number of decoder layers of an encoder-decoder model.
+    fn num_decoder_layers(&self) -> usize {
+        0
+    }
+    /// Whether the LM head shares the token embeddings.
+    fn tie_word_embeddings(&self) -> bool;
+    /// Unties the output head from the token embeddings.
+    fn untie_word_embeddings(&mut self);
+    /// Whether the feed-forward layers are gated.
+    fn gated_ffn(&self) -> bool {
+        false
+    }
+    /// Which optional biases exist, `[q/k/v, attention output, MLP]`, for families where a config
+    /// decides (all present elsewhere).
+    fn optional_biases(&self) -> [bool; 3] {
+        [true; 3]
+    }
+    /// Whether a checkpoint's own output head unties it although the config says tied.
+    fn head_tie_follows_checkpoint(&self) -> bool {
+        false
+    }
+    /// The same config with every dropout probability set to `p`.
+    fn with_dropout(self, p: f64) -> Self;
+    /// The padding id, when the config names one.
+    fn pad_token_id(&self) -> Option<u32>;
+}
+
 /// Logits of a head: per token (MLM) or per sequence (classification).
 #[derive(Debug, Clone)]
 pub enum Logits<B: Backend> {

@@ -407,6 +407,36 @@ impl LlamaConfig {
     }
 }
 
+impl crate::io::FamilyConfig for LlamaConfig {
+    fn from_hf(value: &Value) -> Result<Self, serde_json::Error> {
+        LlamaConfig::from_hf(value)
+    }
+    fn validate(&self) -> Result<(), ModelError> {
+        LlamaConfig::validate(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+    fn untie_word_embeddings(&mut self) {
+        self.tie_word_embeddings = false;
+    }
+    fn gated_ffn(&self) -> bool {
+        true
+    }
+    fn optional_biases(&self) -> [bool; 3] {
+        [self.qkv_bias(), self.o_bias(), self.mlp_has_bias()]
+    }
+    fn with_dropout(self, p: f64) -> Self {
+        LlamaConfig::with_dropout(self, p)
+    }
+    fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token_id
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotary position embeddings
 

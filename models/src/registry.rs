@@ -9,100 +9,211 @@ use serde_json::Value;
 use crate::ModelError;
 use crate::bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel};
 use crate::gpt2::{Gpt2Config, Gpt2ForSequenceClassification, Gpt2LmHeadModel, Gpt2Model};
-use crate::io::{EncoderInput, ModelClass};
+use crate::io::{EncoderInput, FamilyConfig, ModelClass};
 pub use crate::io::{Logits, ModelOutput};
 use crate::llama::{LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel};
 use crate::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel};
 use crate::t5::{T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Model};
 
-/// A model family: one file in `models/src`, one key table in `checkpoints-convert`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// BERT (`model_type: "bert"`).
-    Bert,
-    /// RoBERTa (`model_type: "roberta"`).
-    Roberta,
-    /// GPT-2, and the GPT-3 sizes and CPM-1 built on it (`model_type: "gpt2"`).
-    Gpt2,
-    /// T5, T5 v1.1, mT5, FLAN-T5 and CPM-2 (`model_type: "t5"` or `"mt5"`).
-    T5,
-    /// Llama 2 / 3.x, Mistral and Qwen2 / 2.5 (`model_type: "llama"`, `"mistral"`, `"qwen2"`).
-    Llama,
+/// Counts the rows of [`families!`] and [`classes!`].
+macro_rules! count {
+    () => { 0usize };
+    ($head:ident $($tail:ident)*) => { 1usize + count!($($tail)*) };
 }
 
-impl Family {
-    /// Every family, in `zoo list` order.
-    pub const ALL: [Family; 5] = [
-        Family::Bert,
-        Family::Roberta,
-        Family::Gpt2,
-        Family::T5,
-        Family::Llama,
-    ];
-
-    /// HF's `model_type`.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Self::Bert => "bert",
-            Self::Roberta => "roberta",
-            Self::Gpt2 => "gpt2",
-            Self::T5 => "t5",
-            Self::Llama => "llama",
+/// The families and the configs they read, one row each. `configs`: `Variant(ConfigType), as_x;`
+/// (the [`ModelConfig`] variants and their accessors). `families`: `Variant = "model_type"
+/// ["other model_types"], body "prefix", config Variant, base Class;` — HF's `model_type`s, where
+/// the body's keys sit under a head (`bert.`, `transformer.`, `model.`), which config the family
+/// reads and its bare class. Generates [`Family`], [`ModelConfig`] and their dispatch; what a
+/// config answers is its [`FamilyConfig`] impl beside it.
+macro_rules! families {
+    (
+        configs {$(
+            $(#[$cdoc:meta])*
+            $cvariant:ident($config:ty), $accessor:ident;
+        )*}
+        families {$(
+            $(#[$fdoc:meta])*
+            $family:ident = $model_type:literal [$($alias:literal),*], body $body:literal,
+                config $fconfig:ident, base $base:ident;
+        )*}
+    ) => {
+        /// A model family: one file in `models/src`, one key table in `checkpoints-convert`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Family {
+            $($(#[$fdoc])* $family,)*
         }
-    }
 
-    /// Parses HF's `model_type`.
-    pub fn from_model_type(model_type: &str) -> Result<Self, ModelError> {
-        match model_type {
-            "mt5" => return Ok(Self::T5),
-            "mistral" | "qwen2" => return Ok(Self::Llama),
-            _ => {}
+        impl Family {
+            /// Every family, in `zoo list` order.
+            pub const ALL: [Family; count!($($family)*)] = [$(Family::$family),*];
+
+            /// HF's `model_type`.
+            pub fn model_type(self) -> &'static str {
+                match self {
+                    $(Self::$family => $model_type,)*
+                }
+            }
+
+            /// Parses HF's `model_type` (`mt5` is T5's, `mistral` and `qwen2` are Llama's).
+            pub fn from_model_type(model_type: &str) -> Result<Self, ModelError> {
+                match model_type {
+                    $($model_type $(| $alias)* => Ok(Self::$family),)*
+                    _ => Err(ModelError::config(
+                        "model_type",
+                        format!(
+                            "unknown model_type '{model_type}' (zoo knows: {})",
+                            [$($model_type $(, $alias)*),*].join(", ")
+                        ),
+                    )),
+                }
+            }
+
+            /// Where the body's keys sit under a head, in HF and in zoo: `bert.` / `roberta.` /
+            /// `transformer.` / `model.` (T5's classes share one layout: no prefix).
+            pub fn body_prefix(self) -> &'static str {
+                match self {
+                    $(Self::$family => $body,)*
+                }
+            }
+
+            /// Parses an HF `config.json` into this family's config and validates it.
+            pub fn parse_config(self, value: &Value) -> Result<ModelConfig, ConfigError> {
+                let config = match self {
+                    $(Self::$family => ModelConfig::$fconfig(
+                        FamilyConfig::from_hf(value).map_err(ConfigError::Json)?,
+                    ),)*
+                };
+                config.validate().map_err(ConfigError::Model)?;
+                Ok(config)
+            }
         }
-        Self::ALL
-            .into_iter()
-            .find(|f| f.model_type() == model_type)
-            .ok_or_else(|| {
-                ModelError::config(
-                    "model_type",
-                    format!(
-                        "unknown model_type '{model_type}' (zoo knows: {})",
-                        Self::ALL.map(Self::model_type).join(", ")
-                    ),
-                )
-            })
-    }
 
-    /// Where the body's keys sit under a head, in HF and in zoo: `bert.` / `roberta.` /
-    /// `transformer.`.
-    pub fn body_prefix(self) -> &'static str {
-        match self {
-            Self::Bert => "bert.",
-            Self::Roberta => "roberta.",
-            Self::Gpt2 => "transformer.",
-            // T5 classes share one key layout (shared, encoder, decoder, lm_head).
-            Self::T5 => "",
-            Self::Llama => "model.",
+        impl Architecture {
+            /// The bare class of a family.
+            pub fn base(family: Family) -> Self {
+                match family {
+                    $(Family::$family => Self::$base,)*
+                }
+            }
         }
-    }
 
-    /// Parses an HF `config.json` into this family's config and validates it.
-    pub fn parse_config(self, value: &Value) -> Result<ModelConfig, ConfigError> {
-        let config = match self {
-            Self::Bert | Self::Roberta => {
-                ModelConfig::Bert(serde_json::from_value(value.clone()).map_err(ConfigError::Json)?)
+        /// The config of any family.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum ModelConfig {
+            $($(#[$cdoc])* $cvariant($config),)*
+        }
+
+        impl ModelConfig {
+            /// The config as its family's [`FamilyConfig`].
+            fn family_config(&self) -> &dyn FamilyConfigObject {
+                match self {
+                    $(Self::$cvariant(c) => c,)*
+                }
             }
-            Self::Gpt2 => {
-                ModelConfig::Gpt2(serde_json::from_value(value.clone()).map_err(ConfigError::Json)?)
+
+            /// The same config with every dropout probability set to `p`.
+            pub fn with_dropout(self, p: f64) -> Self {
+                match self {
+                    $(Self::$cvariant(c) => Self::$cvariant(c.with_dropout(p)),)*
+                }
             }
-            Self::T5 => {
-                ModelConfig::T5(serde_json::from_value(value.clone()).map_err(ConfigError::Json)?)
+
+            /// Unties the output head from the token embeddings (a transformers-5 T5 config says
+            /// `tie_word_embeddings: true` even when the checkpoint has its own `lm_head`).
+            pub fn untie_word_embeddings(&mut self) {
+                match self {
+                    $(Self::$cvariant(c) => FamilyConfig::untie_word_embeddings(c),)*
+                }
             }
-            Self::Llama => {
-                ModelConfig::Llama(LlamaConfig::from_hf(value).map_err(ConfigError::Json)?)
+
+            $(
+                /// The family's config, or an error naming what was expected.
+                pub fn $accessor(&self) -> Result<&$config, ModelError> {
+                    match self {
+                        Self::$cvariant(c) => Ok(c),
+                        #[allow(unreachable_patterns)]
+                        _ => Err(ModelError::Unsupported(format!(
+                            "a {} config for a class that reads {}",
+                            self.kind(),
+                            stringify!($cvariant)
+                        ))),
+                    }
+                }
+            )*
+
+            /// The variant's name, for errors.
+            fn kind(&self) -> &'static str {
+                match self {
+                    $(Self::$cvariant(_) => stringify!($cvariant),)*
+                }
             }
-        };
-        config.validate().map_err(ConfigError::Model)?;
-        Ok(config)
+        }
+    };
+}
+
+/// [`FamilyConfig`]'s questions, object-safe, so that [`ModelConfig`] forwards them once.
+trait FamilyConfigObject {
+    fn validate(&self) -> Result<(), ModelError>;
+    fn num_layers(&self) -> usize;
+    fn num_decoder_layers(&self) -> usize;
+    fn tie_word_embeddings(&self) -> bool;
+    fn gated_ffn(&self) -> bool;
+    fn optional_biases(&self) -> [bool; 3];
+    fn head_tie_follows_checkpoint(&self) -> bool;
+    fn pad_token_id(&self) -> Option<u32>;
+}
+
+impl<C: FamilyConfig> FamilyConfigObject for C {
+    fn validate(&self) -> Result<(), ModelError> {
+        FamilyConfig::validate(self)
+    }
+    fn num_layers(&self) -> usize {
+        FamilyConfig::num_layers(self)
+    }
+    fn num_decoder_layers(&self) -> usize {
+        FamilyConfig::num_decoder_layers(self)
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        FamilyConfig::tie_word_embeddings(self)
+    }
+    fn gated_ffn(&self) -> bool {
+        FamilyConfig::gated_ffn(self)
+    }
+    fn optional_biases(&self) -> [bool; 3] {
+        FamilyConfig::optional_biases(self)
+    }
+    fn head_tie_follows_checkpoint(&self) -> bool {
+        FamilyConfig::head_tie_follows_checkpoint(self)
+    }
+    fn pad_token_id(&self) -> Option<u32> {
+        FamilyConfig::pad_token_id(self)
+    }
+}
+
+families! {
+    configs {
+        /// BERT and RoBERTa.
+        Bert(BertConfig), as_bert;
+        /// GPT-2, GPT-3 sizes, CPM-1.
+        Gpt2(Gpt2Config), as_gpt2;
+        /// T5, v1.1, mT5, FLAN-T5, CPM-2.
+        T5(T5Config), as_t5;
+        /// Llama, Mistral, Qwen2.
+        Llama(LlamaConfig), as_llama;
+    }
+    families {
+        /// BERT (`model_type: "bert"`).
+        Bert = "bert" [], body "bert.", config Bert, base BertModel;
+        /// RoBERTa (`model_type: "roberta"`).
+        Roberta = "roberta" [], body "roberta.", config Bert, base RobertaModel;
+        /// GPT-2, and the GPT-3 sizes and CPM-1 built on it (`model_type: "gpt2"`).
+        Gpt2 = "gpt2" [], body "transformer.", config Gpt2, base Gpt2Model;
+        /// T5, T5 v1.1, mT5, FLAN-T5 and CPM-2 (`model_type: "t5"` or `"mt5"`).
+        T5 = "t5" ["mt5"], body "", config T5, base T5Model;
+        /// Llama 2 / 3.x, Mistral and Qwen2 / 2.5 (`model_type: "llama"`, `"mistral"`, `"qwen2"`).
+        Llama = "llama" ["mistral", "qwen2"], body "model.", config Llama, base LlamaModel;
     }
 }
 
@@ -117,152 +228,48 @@ pub enum ConfigError {
     Model(ModelError),
 }
 
-/// The config of any family.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelConfig {
-    /// BERT and RoBERTa.
-    Bert(BertConfig),
-    /// GPT-2, GPT-3 sizes, CPM-1.
-    Gpt2(Gpt2Config),
-    /// T5, v1.1, mT5, FLAN-T5, CPM-2.
-    T5(T5Config),
-    /// Llama, Mistral, Qwen2.
-    Llama(LlamaConfig),
-}
-
 impl ModelConfig {
     /// Checks the config, naming the offending field.
     pub fn validate(&self) -> Result<(), ModelError> {
-        match self {
-            Self::Bert(c) => c.validate(),
-            Self::Gpt2(c) => c.validate(),
-            Self::T5(c) => c.validate(),
-            Self::Llama(c) => c.validate(),
-        }
+        self.family_config().validate()
     }
 
     /// Number of (encoder) layers.
     pub fn num_layers(&self) -> usize {
-        match self {
-            Self::Bert(c) => c.num_hidden_layers,
-            Self::Gpt2(c) => c.n_layer,
-            Self::T5(c) => c.num_layers,
-            Self::Llama(c) => c.num_hidden_layers,
-        }
+        self.family_config().num_layers()
     }
 
     /// Number of decoder layers of an encoder-decoder model (0 otherwise).
     pub fn num_decoder_layers(&self) -> usize {
-        match self {
-            Self::T5(c) => c.decoder_layers(),
-            _ => 0,
-        }
+        self.family_config().num_decoder_layers()
     }
 
     /// Whether the LM head shares the token embeddings.
     pub fn tie_word_embeddings(&self) -> bool {
-        match self {
-            Self::Bert(c) => c.tie_word_embeddings,
-            Self::Gpt2(c) => c.tie_word_embeddings,
-            Self::T5(c) => c.tie_word_embeddings,
-            Self::Llama(c) => c.tie_word_embeddings,
-        }
+        self.family_config().tie_word_embeddings()
     }
 
-    /// Whether the feed-forward layers are gated (T5 v1.1 and later).
+    /// Whether the feed-forward layers are gated (T5 v1.1 and later, the Llama family).
     pub fn gated_ffn(&self) -> bool {
-        match self {
-            Self::T5(c) => c.activation().is_ok_and(|(_, gated)| gated),
-            Self::Llama(_) => true,
-            _ => false,
-        }
+        self.family_config().gated_ffn()
+    }
+
+    /// Which optional biases exist, `[q/k/v, attention output, MLP]` (the Llama family's depend
+    /// on the config; every other family has all it has).
+    pub fn optional_biases(&self) -> [bool; 3] {
+        self.family_config().optional_biases()
     }
 
     /// Whether a checkpoint's own output head unties it although the config says tied: true for
     /// T5 configs written by transformers 5 (they carry `scale_decoder_outputs`).
     pub fn head_tie_follows_checkpoint(&self) -> bool {
-        matches!(self, Self::T5(c) if c.scale_decoder_outputs.is_some())
-    }
-
-    /// Unties the output head from the token embeddings (a transformers-5 T5 config says
-    /// `tie_word_embeddings: true` even when the checkpoint has its own `lm_head`).
-    pub fn untie_word_embeddings(&mut self) {
-        match self {
-            Self::Bert(c) => c.tie_word_embeddings = false,
-            Self::Gpt2(c) => c.tie_word_embeddings = false,
-            Self::Llama(c) => c.tie_word_embeddings = false,
-            Self::T5(c) => {
-                c.scale_decoder_outputs = Some(c.scales_decoder_output());
-                c.tie_word_embeddings = false;
-            }
-        }
-    }
-
-    /// The same config with every dropout probability set to `p`.
-    pub fn with_dropout(self, p: f64) -> Self {
-        match self {
-            Self::Bert(c) => Self::Bert(c.with_dropout(p)),
-            Self::Gpt2(c) => Self::Gpt2(c.with_dropout(p)),
-            Self::T5(c) => Self::T5(c.with_dropout(p)),
-            Self::Llama(c) => Self::Llama(c.with_dropout(p)),
-        }
+        self.family_config().head_tie_follows_checkpoint()
     }
 
     /// The padding id, when the config names one.
     pub fn pad_token_id(&self) -> Option<u32> {
-        match self {
-            Self::Bert(c) => c.pad_token_id.map(|id| id as u32),
-            Self::Gpt2(c) => c.pad_token_id,
-            Self::T5(c) => c.pad_token_id,
-            Self::Llama(c) => c.pad_token_id,
-        }
+        self.family_config().pad_token_id()
     }
-
-    /// The T5 config, or an error naming what was expected.
-    pub fn as_t5(&self) -> Result<&T5Config, ModelError> {
-        match self {
-            Self::T5(c) => Ok(c),
-            _ => Err(ModelError::Unsupported(
-                "a non-T5 config for a T5 class".into(),
-            )),
-        }
-    }
-
-    /// The BERT config, or an error naming what was expected.
-    pub fn as_bert(&self) -> Result<&BertConfig, ModelError> {
-        match self {
-            Self::Bert(c) => Ok(c),
-            _ => Err(ModelError::Unsupported(
-                "a non-BERT config for a BERT-family class".into(),
-            )),
-        }
-    }
-
-    /// The Llama-family config, or an error naming what was expected.
-    pub fn as_llama(&self) -> Result<&LlamaConfig, ModelError> {
-        match self {
-            Self::Llama(c) => Ok(c),
-            _ => Err(ModelError::Unsupported(
-                "a non-Llama config for a Llama-family class".into(),
-            )),
-        }
-    }
-
-    /// The GPT-2 config, or an error naming what was expected.
-    pub fn as_gpt2(&self) -> Result<&Gpt2Config, ModelError> {
-        match self {
-            Self::Gpt2(c) => Ok(c),
-            _ => Err(ModelError::Unsupported(
-                "a non-GPT-2 config for a GPT-2 class".into(),
-            )),
-        }
-    }
-}
-
-/// Counts the rows of [`classes!`].
-macro_rules! count {
-    () => { 0usize };
-    ($head:ident $($tail:ident)*) => { 1usize + count!($($tail)*) };
 }
 
 /// The model classes, one row each: `Variant(ModelType) = "transformers name", Family,
@@ -445,17 +452,6 @@ impl Architecture {
             "mistral" => Self::MistralForSequenceClassification,
             "qwen2" => Self::Qwen2ForSequenceClassification,
             _ => Self::LlamaForSequenceClassification,
-        }
-    }
-
-    /// The bare encoder of a family.
-    pub fn base(family: Family) -> Self {
-        match family {
-            Family::Bert => Self::BertModel,
-            Family::Roberta => Self::RobertaModel,
-            Family::Gpt2 => Self::Gpt2Model,
-            Family::T5 => Self::T5Model,
-            Family::Llama => Self::LlamaModel,
         }
     }
 

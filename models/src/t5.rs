@@ -225,6 +225,43 @@ impl Default for T5Config {
     }
 }
 
+impl crate::io::FamilyConfig for T5Config {
+    fn from_hf(value: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(value.clone())
+    }
+    fn validate(&self) -> Result<(), ModelError> {
+        T5Config::validate(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+    fn num_decoder_layers(&self) -> usize {
+        self.decoder_layers()
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+    /// A transformers-5 T5 config says `tie_word_embeddings: true` even when the checkpoint has
+    /// its own `lm_head`; untying records v1.0 / v1.1 in `scale_decoder_outputs`.
+    fn untie_word_embeddings(&mut self) {
+        self.scale_decoder_outputs = Some(self.scales_decoder_output());
+        self.tie_word_embeddings = false;
+    }
+    fn gated_ffn(&self) -> bool {
+        self.activation().is_ok_and(|(_, gated)| gated)
+    }
+    /// True for T5 configs written by transformers 5 (they carry `scale_decoder_outputs`).
+    fn head_tie_follows_checkpoint(&self) -> bool {
+        self.scale_decoder_outputs.is_some()
+    }
+    fn with_dropout(self, p: f64) -> Self {
+        T5Config::with_dropout(self, p)
+    }
+    fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token_id
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Relative position buckets
 

@@ -113,10 +113,7 @@ impl Variant {
             decoder_layers: config.num_decoder_layers(),
             tied: config.tie_word_embeddings(),
             gated: config.gated_ffn(),
-            biases: match config {
-                models::ModelConfig::Llama(c) => [c.qkv_bias(), c.o_bias(), c.mlp_has_bias()],
-                _ => [true; 3],
-            },
+            biases: config.optional_biases(),
         }
     }
 
