@@ -557,6 +557,9 @@ pub fn apply_rotary<B: Backend>(
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
+    if let Some(rotated) = kernels::rotary(&x, cos, sin) {
+        return rotated;
+    }
     let [batch, seq, heads, dim] = x.dims();
     let half = dim / 2;
     let first = x.clone().slice([0..batch, 0..seq, 0..heads, 0..half]);

@@ -1,5 +1,6 @@
-//! GELU in one pass forward and one backward, instead of burn's chain of element-wise passes (the
-//! tanh form alone is eight: cube, scale, add, scale, tanh, add, product, half).
+//! GELU and SiLU in one pass forward and one backward, instead of burn's chain of element-wise
+//! passes (the tanh GELU alone is eight: cube, scale, add, scale, tanh, add, product, half; SiLU's
+//! sigmoid runs libm's scalar `expf`).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -109,6 +110,75 @@ avx512_version! {
     }
 }
 
+/// `x·sigmoid(x)` (HF's `"silu"`, the Llama family's MLP gate), or `None` where the kernel does not
+/// apply (see [`super`]).
+pub fn silu<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    if !Kernel::Silu.enabled() {
+        return None;
+    }
+    let shape = x.dims().to_vec();
+    let map = |x: &[f32]| {
+        par_filled(x.len(), |start, out| {
+            silu_chunk(&x[start..start + out.len()], out)
+        })
+    };
+    match on_cpu(x)? {
+        OnCpu::Infer(x) => {
+            let x = flex(x);
+            Some(from_cpu(tensor_from::<D>(flex_from(
+                map(values(&x)),
+                shape,
+            ))))
+        }
+        OnCpu::Train(x) => {
+            let x = x.into_primitive().tensor();
+            let input = contiguous(x.primitive.clone());
+            let y = flex_from(map(values(&input)), shape);
+            Some(record(SiluBackward, [&x], input, y))
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SiluBackward;
+
+impl Backward<Cpu, 1> for SiluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (grad, [Some(parent)]) = output_grad(&ops, grads) else {
+            return;
+        };
+        let input = ops.state;
+        let (x, dy) = (values(&input), values(&grad));
+        let dx = par_filled(x.len(), |start, out| {
+            let range = start..start + out.len();
+            silu_backward_chunk(&x[range.clone()], &dy[range], out)
+        });
+        let shape = input.layout().shape().to_vec();
+        register_grads(grads, [Some(parent)], [(dx, shape)]);
+    }
+}
+
+avx512_version! {
+    /// `out = x · sigmoid(x)`.
+    fn silu_chunk(x: &[f32], out: &mut [MaybeUninit<f32>]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            o.write(v / (1.0 + simd::exp(-v)));
+        }
+    }
+}
+
+avx512_version! {
+    /// `dx = dy · (s + x·s·(1 − s))`, `s = sigmoid(x)`.
+    fn silu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
+        for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let s = 1.0 / (1.0 + simd::exp(-v));
+            o.write(g * (s + v * s * (1.0 - s)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +211,24 @@ mod tests {
             &Default::default(),
         );
         assert!(max_diff(gelu(&x, false).unwrap(), activation::gelu(x)) < 1e-5);
+    }
+
+    #[test]
+    fn silu_and_its_gradient_match_burn() {
+        let values = random(3 * 5000, 7, 12.0);
+        let run = |fused: bool| {
+            let x = leaf(values.clone(), [3, 5000]);
+            let y = if fused {
+                silu(&x).expect("fused path")
+            } else {
+                activation::silu(x.clone())
+            };
+            let weights = leaf(random(3 * 5000, 8, 1.0), [3, 5000]);
+            let grads = (y.clone() * weights).sum().backward();
+            (y.inner(), x.grad(&grads).unwrap())
+        };
+        let (fused, reference) = (run(true), run(false));
+        assert!(max_diff(fused.0, reference.0) < 1e-5);
+        assert!(max_diff(fused.1, reference.1) < 1e-5);
     }
 }

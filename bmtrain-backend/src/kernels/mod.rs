@@ -10,7 +10,8 @@
 //! - [`attention`]: `softmax(q·kᵀ·scale + bias)·v` with dropout, straight from and to the
 //!   `[batch, len, heads·head_dim]` layout of the projections (no head split/merge copies, no
 //!   score tensors besides the probabilities kept for backward);
-//! - [`gelu`]: the erf and tanh GELUs in one pass each way;
+//! - [`gelu`], [`silu`]: the erf and tanh GELUs and SiLU in one pass each way;
+//! - [`rotary`]: rotary position embeddings (`rotate_half`) in one pass each way;
 //! - [`layer_norm`]: mean, variance, scale and shift in one pass, backward in one more;
 //! - [`cross_entropy`]: log-softmax, pick and mean in one pass over the logits; the gradient
 //!   `softmax − one-hot` in one more;
@@ -38,14 +39,16 @@ mod dropout;
 mod linear;
 mod loss;
 mod norm;
+mod rotary;
 pub(crate) mod simd;
 
-pub use activation::gelu;
+pub use activation::{gelu, silu};
 pub use attention::attention;
 pub use dropout::dropout;
 pub use linear::linear;
 pub use loss::cross_entropy;
 pub use norm::layer_norm;
+pub use rotary::rotary;
 
 use std::any::Any;
 use std::mem::MaybeUninit;
@@ -77,16 +80,22 @@ pub enum Kernel {
     Dropout,
     /// [`linear`].
     Linear,
+    /// [`silu`].
+    Silu,
+    /// [`rotary`].
+    Rotary,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 6] = [
+    const ALL: [Kernel; 8] = [
         Kernel::Attention,
         Kernel::Gelu,
         Kernel::LayerNorm,
         Kernel::CrossEntropy,
         Kernel::Dropout,
         Kernel::Linear,
+        Kernel::Silu,
+        Kernel::Rotary,
     ];
 
     fn name(self) -> &'static str {
@@ -97,6 +106,8 @@ impl Kernel {
             Kernel::CrossEntropy => "cross_entropy",
             Kernel::Dropout => "dropout",
             Kernel::Linear => "linear",
+            Kernel::Silu => "silu",
+            Kernel::Rotary => "rotary",
         }
     }
 

@@ -57,7 +57,7 @@ impl Activation {
             Self::GeluNew => {
                 kernels::gelu(&x, true).unwrap_or_else(|| activation::gelu_approximate(x))
             }
-            Self::Silu => activation::silu(x),
+            Self::Silu => kernels::silu(&x).unwrap_or_else(|| activation::silu(x)),
             Self::Tanh => x.tanh(),
         }
     }
