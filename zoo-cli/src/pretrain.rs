@@ -1225,7 +1225,7 @@ causal_pretraining!(Gpt2Spec);
 causal_pretraining!(LlamaSpec);
 
 /// The end-of-run sample of a causal LM: the prompt continued by sampling (temperature 0.8,
-/// top-k 40) up to `--sample-tokens` or the model's context.
+/// top-k 40) up to `--sample-tokens` or the training window (`--seq`).
 fn causal_sample<B: Backend>(
     job: &Job,
     model: &AnyModel<B>,
@@ -1233,7 +1233,9 @@ fn causal_sample<B: Backend>(
 ) -> anyhow::Result<String> {
     let args = &job.args;
     let eos: Vec<u32> = job.model.eos().into_iter().collect();
-    let context = job.model.context().unwrap_or(usize::MAX);
+    // Positions past the training window were never trained (a learned position table's rows
+    // there are still random; rotary models extrapolate badly): the sample stays inside it.
+    let context = job.model.context().unwrap_or(usize::MAX).min(job.seq);
     let generation = GenerationConfig {
         max_new_tokens: args
             .sample_tokens
