@@ -12,7 +12,8 @@
 //!   score tensors besides the probabilities kept for backward);
 //! - [`gelu`], [`silu`]: the erf and tanh GELUs and SiLU in one pass each way;
 //! - [`rotary`]: rotary position embeddings (`rotate_half`) in one pass each way;
-//! - [`layer_norm`]: mean, variance, scale and shift in one pass, backward in one more;
+//! - [`layer_norm`], [`rms_norm`]: the statistics, scale (and shift) in one pass, backward in one
+//!   more;
 //! - [`cross_entropy`]: log-softmax, pick and mean in one pass over the logits; the gradient
 //!   `softmax − one-hot` in one more;
 //! - [`linear`]: `x·W + b` on `gemm` with the bias as the accumulator's start and the transposes
@@ -47,7 +48,7 @@ pub use attention::attention;
 pub use dropout::dropout;
 pub use linear::linear;
 pub use loss::cross_entropy;
-pub use norm::layer_norm;
+pub use norm::{layer_norm, rms_norm};
 pub use rotary::rotary;
 
 use std::any::Any;
@@ -84,10 +85,12 @@ pub enum Kernel {
     Silu,
     /// [`rotary`].
     Rotary,
+    /// [`rms_norm`].
+    RmsNorm,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 8] = [
+    const ALL: [Kernel; 9] = [
         Kernel::Attention,
         Kernel::Gelu,
         Kernel::LayerNorm,
@@ -96,6 +99,7 @@ impl Kernel {
         Kernel::Linear,
         Kernel::Silu,
         Kernel::Rotary,
+        Kernel::RmsNorm,
     ];
 
     fn name(self) -> &'static str {
@@ -108,6 +112,7 @@ impl Kernel {
             Kernel::Linear => "linear",
             Kernel::Silu => "silu",
             Kernel::Rotary => "rotary",
+            Kernel::RmsNorm => "rms_norm",
         }
     }
 

@@ -115,6 +115,9 @@ pub fn rms_norm<B: Backend, const D: usize>(
     weight: Tensor<B, 1>,
     epsilon: f64,
 ) -> Tensor<B, D> {
+    if let Some(y) = bmtrain_backend::kernels::rms_norm(&x, &weight, epsilon) {
+        return y;
+    }
     let dtype = x.dtype();
     let x32 = x.cast(FloatDType::F32);
     let mean_square = x32.clone().square().mean_dim(D - 1);
