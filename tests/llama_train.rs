@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use bmtrain_backend::CpuTrain;
 use bmtrain_backend::comm::{Communicator, SingleRank, ThreadGroup};
-use bmtrain_backend::trainer::{ZeroOptions, ZeroTrainer};
-use bmtrain_backend::zero::{flat_grads, flatten, layout_of, load_flat};
+use bmtrain_backend::zero::{flatten, load_flat};
 use burn::tensor::{Int, Tensor, TensorData};
 use models::io::{DecoderInput, causal_lm_loss};
 use models::llama::{LlamaConfig, LlamaForCausalLM};
 use models::train::{LlamaSpec, LmBatch};
+use zoo_tests::{segment_gradients, trainer_gradients};
 
 type B = CpuTrain;
 
@@ -77,40 +77,21 @@ fn reference_gradients(model: LlamaForCausalLM<B>) -> Vec<Vec<f32>> {
     let input = ids(0..ROWS);
     let (_, logits) = model.forward(&DecoderInput::new(input.clone()));
     let grads = causal_lm_loss(logits, input).backward();
-    let (_, embed, blocks, head) = LlamaSpec::split(model);
-    let mut out = vec![flat_grads::<B, _>(
-        &embed,
-        &layout_of::<B, _>(&embed),
-        &grads,
-    )];
-    for block in &blocks {
-        out.push(flat_grads::<B, _>(block, &layout_of::<B, _>(block), &grads));
-    }
-    out.push(flat_grads::<B, _>(&head, &layout_of::<B, _>(&head), &grads));
-    out
+    segment_gradients(&LlamaSpec::split(model), &grads)
 }
 
-fn trainer_gradients<C: Communicator>(
+/// The trainer's gradients of one micro-batch of `rows` on one rank.
+fn llama_trainer_gradients<C: Communicator + 'static>(
     model: LlamaForCausalLM<B>,
     comm: C,
     rows: std::ops::Range<usize>,
     checkpoint: bool,
 ) -> Vec<Vec<f32>> {
-    let (spec, embed, blocks, head) = LlamaSpec::split(model);
-    let mut options = ZeroOptions::checkpoint_all(blocks.len());
-    options.checkpoint = vec![checkpoint; blocks.len()];
-    let mut trainer =
-        ZeroTrainer::new(spec, comm, Default::default(), embed, blocks, head, options);
-    trainer
-        .forward_backward(&LmBatch {
-            input_ids: ids(rows),
-            labels: None,
-        })
-        .unwrap();
-    std::iter::once(trainer.embed.grad.clone())
-        .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
-        .chain(std::iter::once(trainer.head.grad.clone()))
-        .collect()
+    let batch = LmBatch {
+        input_ids: ids(rows),
+        labels: None,
+    };
+    trainer_gradients(LlamaSpec::split(model), comm, &batch, checkpoint)
 }
 
 #[test]
@@ -120,11 +101,11 @@ fn llama_family_trainer_gradients_match_whole_model_autodiff_on_one_and_two_rank
         let want = reference_gradients(initial.clone());
         let mut worst: f32 = 0.0;
         for checkpoint in [false, true] {
-            let one = trainer_gradients(initial.clone(), SingleRank, 0..ROWS, checkpoint);
+            let one = llama_trainer_gradients(initial.clone(), SingleRank, 0..ROWS, checkpoint);
             let shared = initial.clone();
             let two = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
                 let rows = comm.rank() * ROWS / 2..(comm.rank() + 1) * ROWS / 2;
-                trainer_gradients(shared.clone(), comm, rows, checkpoint)
+                llama_trainer_gradients(shared.clone(), comm, rows, checkpoint)
             });
             let two: Vec<Vec<Vec<f32>>> = two.into_iter().map(|r| r.unwrap()).collect();
             for (segment, reference) in want.iter().enumerate() {
@@ -187,28 +168,11 @@ fn llama_classifier_gradients_match_whole_model_autodiff_on_two_ranks() {
     let whole = batch(0..ROWS);
     let (_, logits) = initial.forward(&DecoderInput::new(whole.input_ids.clone()));
     let grads = cross_entropy(logits, whole.labels.clone()).backward();
-    let (_, embed, blocks, head) = LlamaClassifierSpec::split(initial.clone());
-    let mut want = vec![flat_grads::<B, _>(
-        &embed,
-        &layout_of::<B, _>(&embed),
-        &grads,
-    )];
-    for block in &blocks {
-        want.push(flat_grads::<B, _>(block, &layout_of::<B, _>(block), &grads));
-    }
-    want.push(flat_grads::<B, _>(&head, &layout_of::<B, _>(&head), &grads));
-
+    let want = segment_gradients(&LlamaClassifierSpec::split(initial.clone()), &grads);
     let two = ThreadGroup::run(2, Duration::from_secs(60), move |comm| {
         let rows = comm.rank() * ROWS / 2..(comm.rank() + 1) * ROWS / 2;
-        let (spec, embed, blocks, head) = LlamaClassifierSpec::split(initial.clone());
-        let options = ZeroOptions::checkpoint_all(blocks.len());
-        let mut trainer =
-            ZeroTrainer::new(spec, comm, Default::default(), embed, blocks, head, options);
-        trainer.forward_backward(&batch(rows)).unwrap();
-        std::iter::once(trainer.embed.grad.clone())
-            .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
-            .chain(std::iter::once(trainer.head.grad.clone()))
-            .collect::<Vec<_>>()
+        let cut = LlamaClassifierSpec::split(initial.clone());
+        trainer_gradients(cut, comm, &batch(rows), true)
     });
     let two: Vec<Vec<Vec<f32>>> = two.into_iter().map(|r| r.unwrap()).collect();
     let mut worst: f32 = 0.0;

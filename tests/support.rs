@@ -7,7 +7,11 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::Backend;
+use bmtrain_backend::CpuTrain;
+use bmtrain_backend::comm::Communicator;
+use bmtrain_backend::trainer::{ZeroOptions, ZeroSpec, ZeroTrainer};
+use bmtrain_backend::zero::{flat_grads, layout_of};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::TensorMap;
 use models::bert::EncoderInput;
@@ -97,4 +101,57 @@ pub fn int_tensor<B: Backend>(
 ) -> Tensor<B, 2, Int> {
     let data = &reference[name].data;
     Tensor::from_data(TensorData::new(ints(data), data.shape.clone()), device)
+}
+
+/// A model cut into ZeRO segments: the spec, the embedding, the blocks, the head.
+pub type Cut<S> = (
+    S,
+    <S as ZeroSpec<CpuTrain>>::Embed,
+    Vec<<S as ZeroSpec<CpuTrain>>::Block>,
+    <S as ZeroSpec<CpuTrain>>::Head,
+);
+
+/// The gradients of whole-model autodiff, per segment of `cut` in the trainer's order
+/// (embedding, blocks, head), as flat layouts.
+pub fn segment_gradients<S: ZeroSpec<CpuTrain>>(
+    (_, embed, blocks, head): &Cut<S>,
+    grads: &<CpuTrain as AutodiffBackend>::Gradients,
+) -> Vec<Vec<f32>> {
+    let mut out = vec![flat_grads::<CpuTrain, _>(
+        embed,
+        &layout_of::<CpuTrain, _>(embed),
+        grads,
+    )];
+    for block in blocks {
+        out.push(flat_grads::<CpuTrain, _>(
+            block,
+            &layout_of::<CpuTrain, _>(block),
+            grads,
+        ));
+    }
+    out.push(flat_grads::<CpuTrain, _>(
+        head,
+        &layout_of::<CpuTrain, _>(head),
+        grads,
+    ));
+    out
+}
+
+/// The trainer's accumulated gradient slices on one rank after one micro-batch, per segment;
+/// every block checkpointed when `checkpoint`.
+pub fn trainer_gradients<S: ZeroSpec<CpuTrain>, C: Communicator + 'static>(
+    (spec, embed, blocks, head): Cut<S>,
+    comm: C,
+    batch: &S::Batch,
+    checkpoint: bool,
+) -> Vec<Vec<f32>> {
+    let mut options = ZeroOptions::checkpoint_all(blocks.len());
+    options.checkpoint = vec![checkpoint; blocks.len()];
+    let mut trainer =
+        ZeroTrainer::new(spec, comm, Default::default(), embed, blocks, head, options);
+    trainer.forward_backward(batch).expect("a training step");
+    std::iter::once(trainer.embed.grad.clone())
+        .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
+        .chain(std::iter::once(trainer.head.grad.clone()))
+        .collect()
 }

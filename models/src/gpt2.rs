@@ -15,12 +15,13 @@ use serde::{Deserialize, Serialize};
 pub mod zero;
 
 use crate::ModelError;
+pub use crate::io::positions;
 /// The inputs and losses every family shares, also reachable here (they began in this file).
 pub use crate::io::{
     DecoderCache, DecoderInput, IGNORE_INDEX, causal_lm_loss, token_cross_entropy,
 };
 use crate::io::{EncoderInput, Logits, ModelClass, ModelOutput};
-use crate::io::{last_token_score, vocab_logits};
+use crate::io::{last_position_logits, last_token_score, vocab_logits};
 use crate::layers::{
     Activation, AttentionMask, FeedForward, FeedForwardConfig, KvCache, LayerNorm, LayerNormConfig,
     MultiHeadAttention, MultiHeadAttentionConfig,
@@ -412,18 +413,6 @@ impl<B: Backend> Gpt2Model<B> {
     }
 }
 
-/// Positions `past..past + seq` for every row, as transformers counts them without padding.
-pub fn positions<B: Backend>(
-    batch: usize,
-    seq: usize,
-    past: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, device)
-        .reshape([1, seq])
-        .expand([batch, seq])
-}
-
 /// `wte(ids) + wpe(positions)`, then dropout (the model's embedding step, and its ZeRO
 /// segment's).
 pub(crate) fn embed<B: Backend>(
@@ -516,11 +505,7 @@ impl<B: Backend> Gpt2LmHeadModel<B> {
         cache: Option<DecoderCache<B>>,
     ) -> (Tensor<B, 2>, DecoderCache<B>) {
         let (hidden, cache) = self.transformer.forward_cached(input, cache);
-        let [batch, seq, width] = hidden.dims();
-        let last = hidden.slice([0..batch, seq - 1..seq, 0..width]);
-        let logits = self.logits(last);
-        let vocab = logits.dims()[2];
-        (logits.reshape([batch, vocab]), cache)
+        (last_position_logits(hidden, |h| self.logits(h)), cache)
     }
 }
 
@@ -591,22 +576,13 @@ impl<B: Backend> crate::generation::Decoder<B> for Gpt2LmHeadModel<B> {
 // ---------------------------------------------------------------------------------------------
 // The classes as the registry runs them
 
-/// The decoder input of a tokenised batch (right padding; `token_type_ids` ignored).
-fn decoder_input<B: Backend>(input: &EncoderInput<B>) -> DecoderInput<B> {
-    DecoderInput {
-        input_ids: input.input_ids.clone(),
-        attention_mask: input.attention_mask.clone(),
-        position_ids: None,
-    }
-}
-
 impl<B: Backend> ModelClass<B> for Gpt2Model<B> {
     type Config = Gpt2Config;
     fn build(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
         Gpt2Model::new(config, device)
     }
     fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
-        ModelOutput::hidden(self.forward(&decoder_input(input)), None)
+        ModelOutput::hidden(self.forward(&input.decoder_input()), None)
     }
     fn max_sequence_length(&self) -> usize {
         self.max_positions()
@@ -622,7 +598,7 @@ impl<B: Backend> ModelClass<B> for Gpt2ForSequenceClassification<B> {
         Gpt2ForSequenceClassification::new(config, device)
     }
     fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
-        let (hidden, logits) = self.forward(&decoder_input(input));
+        let (hidden, logits) = self.forward(&input.decoder_input());
         let mut output = ModelOutput::hidden(hidden, None);
         output.logits = Some(Logits::PerSequence(logits));
         output
@@ -641,7 +617,7 @@ impl<B: Backend> ModelClass<B> for Gpt2LmHeadModel<B> {
         Gpt2LmHeadModel::new(config, device)
     }
     fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
-        let (hidden, logits) = self.forward(&decoder_input(input));
+        let (hidden, logits) = self.forward(&input.decoder_input());
         ModelOutput::hidden(hidden, Some(logits))
     }
     fn max_sequence_length(&self) -> usize {

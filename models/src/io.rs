@@ -27,6 +27,16 @@ pub struct EncoderInput<B: Backend> {
 }
 
 impl<B: Backend> EncoderInput<B> {
+    /// The batch as a decoder-only model reads it (right padding; `token_type_ids` ignored;
+    /// positions counted from 0).
+    pub fn decoder_input(&self) -> DecoderInput<B> {
+        DecoderInput {
+            input_ids: self.input_ids.clone(),
+            attention_mask: self.attention_mask.clone(),
+            position_ids: None,
+        }
+    }
+
     /// The padding mask as attention scores see it.
     pub fn mask(&self) -> AttentionMask<B> {
         match &self.attention_mask {
@@ -144,6 +154,44 @@ pub fn last_token_score<B: Backend>(
     score.forward(picked.reshape([batch, width]))
 }
 
+/// Positions `past..past + seq` for every row, as transformers counts them without padding.
+pub fn positions<B: Backend>(
+    batch: usize,
+    seq: usize,
+    past: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, device)
+        .reshape([1, seq])
+        .expand([batch, seq])
+}
+
+/// One generation step's logits: `logits` of each row's last hidden state only (`[batch,
+/// vocab]`), which saves `seq − 1` vocabulary-wide products.
+pub fn last_position_logits<B: Backend>(
+    hidden: Tensor<B, 3>,
+    logits: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let [batch, seq, width] = hidden.dims();
+    let logits = logits(hidden.slice([0..batch, seq - 1..seq, 0..width]));
+    let vocab = logits.dims()[2];
+    logits.reshape([batch, vocab])
+}
+
+/// A causal LM cut's logits: through its own `lm_head`, or through the token table the head is
+/// tied to (the embedding segment the trainer hands a head that reads it).
+pub fn head_logits<B: Backend>(
+    hidden: Tensor<B, 3>,
+    lm_head: Option<&Linear<B>>,
+    tied_to: Option<&Embedding<B>>,
+) -> Tensor<B, 3> {
+    match (lm_head, tied_to) {
+        (Some(head), _) => head.forward(hidden),
+        (None, Some(table)) => vocab_logits(hidden, None, table),
+        (None, None) => unreachable!("a tied head is given the embedding segment"),
+    }
+}
+
 /// One token id or several, as HF configs write `eos_token_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -173,6 +221,16 @@ pub struct LmBatch<B: Backend> {
     /// `[batch, seq]` labels, shifted inside the loss as transformers does, -100 not scored
     /// (prompt tokens, padding); `None`: the ids themselves (pretraining windows).
     pub labels: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> LmBatch<B> {
+    /// The causal-LM loss of `logits` against the labels (the ids themselves when there are none).
+    pub fn loss(&self, logits: Tensor<B, 3>) -> Tensor<B, 1> {
+        causal_lm_loss(
+            logits,
+            self.labels.as_ref().unwrap_or(&self.input_ids).clone(),
+        )
+    }
 }
 
 /// Labelled sequences for classification.

@@ -21,7 +21,7 @@ pub mod zero;
 use crate::ModelError;
 use crate::io::{
     DecoderCache, DecoderInput, EncoderInput, Logits, ModelClass, ModelOutput, TokenIds,
-    last_token_score, vocab_logits,
+    last_position_logits, last_token_score, positions, vocab_logits,
 };
 use crate::layers::{
     Activation, AttentionMask, Dropout, DropoutConfig, FeedForward, FeedForwardConfig, KvCache,
@@ -790,18 +790,6 @@ pub fn block_masks<B: Backend>(
         .collect()
 }
 
-/// Positions `past..past + seq` for every row (no padding).
-pub fn positions<B: Backend>(
-    batch: usize,
-    seq: usize,
-    past: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, device)
-        .reshape([1, seq])
-        .expand([batch, seq])
-}
-
 /// The decoder stack without a head. HF `LlamaModel` (`model.` under the LM head).
 #[derive(Module, Debug)]
 pub struct LlamaModel<B: Backend> {
@@ -861,7 +849,7 @@ impl<B: Backend> LlamaModel<B> {
             None => positions(batch, seq, past, &device),
         };
         let mut hidden = self.embed_tokens.forward(input.input_ids.clone());
-        let rotary = self.rope.tables(&position_ids, float_dtype(&hidden));
+        let rotary = self.rope.tables(&position_ids, hidden.dtype().into());
         let padding = match &input.attention_mask {
             Some(mask) => AttentionMask::padding(mask.clone()),
             None => AttentionMask::none(),
@@ -876,16 +864,6 @@ impl<B: Backend> LlamaModel<B> {
             grown.push(layer_cache);
         }
         (self.norm.forward(hidden), DecoderCache { layers: grown })
-    }
-}
-
-/// A float tensor's dtype as the cast API names it.
-pub(crate) fn float_dtype<B: Backend, const D: usize>(x: &Tensor<B, D>) -> FloatDType {
-    match x.dtype() {
-        burn::tensor::DType::F16 => FloatDType::F16,
-        burn::tensor::DType::BF16 => FloatDType::BF16,
-        burn::tensor::DType::F64 => FloatDType::F64,
-        _ => FloatDType::F32,
     }
 }
 
@@ -935,11 +913,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         cache: Option<DecoderCache<B>>,
     ) -> (Tensor<B, 2>, DecoderCache<B>) {
         let (hidden, cache) = self.model.forward_cached(input, cache);
-        let [batch, seq, width] = hidden.dims();
-        let last = hidden.slice([0..batch, seq - 1..seq, 0..width]);
-        let logits = self.logits(last);
-        let vocab = logits.dims()[2];
-        (logits.reshape([batch, vocab]), cache)
+        (last_position_logits(hidden, |h| self.logits(h)), cache)
     }
 }
 
@@ -1012,21 +986,13 @@ impl<B: Backend> crate::generation::Decoder<B> for LlamaForCausalLM<B> {
 // ---------------------------------------------------------------------------------------------
 // The classes as the registry runs them
 
-fn decoder_input<B: Backend>(input: &EncoderInput<B>) -> DecoderInput<B> {
-    DecoderInput {
-        input_ids: input.input_ids.clone(),
-        attention_mask: input.attention_mask.clone(),
-        position_ids: None,
-    }
-}
-
 impl<B: Backend> ModelClass<B> for LlamaModel<B> {
     type Config = LlamaConfig;
     fn build(config: &LlamaConfig, device: &B::Device) -> Result<Self, ModelError> {
         LlamaModel::new(config, device)
     }
     fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
-        ModelOutput::hidden(self.forward(&decoder_input(input)), None)
+        ModelOutput::hidden(self.forward(&input.decoder_input()), None)
     }
     fn max_sequence_length(&self) -> usize {
         usize::MAX
@@ -1042,7 +1008,7 @@ impl<B: Backend> ModelClass<B> for LlamaForCausalLM<B> {
         LlamaForCausalLM::new(config, device)
     }
     fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
-        let (hidden, logits) = self.forward(&decoder_input(input));
+        let (hidden, logits) = self.forward(&input.decoder_input());
         ModelOutput::hidden(hidden, Some(logits))
     }
     fn max_sequence_length(&self) -> usize {
@@ -1070,7 +1036,7 @@ impl<B: Backend> ModelClass<B> for LlamaForSequenceClassification<B> {
         LlamaForSequenceClassification::new(config, device)
     }
     fn run(&self, input: &EncoderInput<B>) -> ModelOutput<B> {
-        let (hidden, logits) = self.forward(&decoder_input(input));
+        let (hidden, logits) = self.forward(&input.decoder_input());
         let mut output = ModelOutput::hidden(hidden, None);
         output.logits = Some(Logits::PerSequence(logits));
         output

@@ -86,16 +86,7 @@ fn two_thread_ranks_train_like_one_rank() {
     // The two runs sum gradients in different orders, so they agree to round-off, not to the bit;
     // AdamW then turns round-off into steps of up to ±lr where a gradient is ~0 (attention key
     // biases, whose exact gradient is zero), hence an absolute bound well below one lr step.
-    let mut worst: f32 = 0.0;
-    for ((name, a), (_, b)) in finals[0].iter().zip(&finals[1]) {
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        worst = worst.max(diff);
-        assert!(diff < 1e-4, "{name}: {diff}");
-    }
+    let worst = assert_weights_close(&finals[0], &finals[1], 1e-4);
     let (one, two) = (
         losses(&dir.path().join("ranks1")),
         losses(&dir.path().join("ranks2")),
@@ -544,16 +535,7 @@ fn t5_pretraining_on_two_ranks_and_after_a_sigkill_matches_one_uninterrupted_ran
         assert!(output.status.success(), "{}", text(&output));
         finals.push(weights(&run.join("checkpoints/step-0000020")));
     }
-    let mut worst: f32 = 0.0;
-    for ((name, a), (_, b)) in finals[0].iter().zip(&finals[1]) {
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        worst = worst.max(diff);
-        assert!(diff < 1e-5, "{name}: {diff}");
-    }
+    let worst = assert_weights_close(&finals[0], &finals[1], 1e-5);
     println!("pretrain t5: ranks 2 vs 1 after 20 steps, worst weight difference {worst:.2e}");
 
     // With dropout and 8 micro-batches a step (so that a step takes long enough to kill between
@@ -1076,16 +1058,7 @@ fn pretraining_a_tiny_llama_lowers_the_loss_matches_on_two_ranks_and_resumes_exa
         assert!(output.status.success(), "{}", text(&output));
         finals.push(weights(&run.join("checkpoints/step-0000020")));
     }
-    let mut worst: f32 = 0.0;
-    for ((name, a), (_, b)) in finals[0].iter().zip(&finals[1]) {
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        worst = worst.max(diff);
-        assert!(diff < 1e-5, "{name}: {diff}");
-    }
+    let worst = assert_weights_close(&finals[0], &finals[1], 1e-5);
     println!("pretrain llama: ranks 2 vs 1 after 20 steps, worst weight difference {worst:.2e}");
 
     let killed = dir.path().join("killed");

@@ -2,7 +2,7 @@
 //! the GPT-3 sizes, CPM-1) as an embedding segment (`wte`, `wpe`), its blocks and a head (`ln_f`,
 //! the LM head) that ends in the causal-LM loss. A head tied to `wte` reads the embedding segment
 //! ([`ZeroSpec::head_reads_embed`]). The segments run the model's own steps (`embed`, the block
-//! masks, `io::vocab_logits`), so there is no second copy of GPT-2's forward.
+//! masks, `io::head_logits`), so there is no second copy of GPT-2's forward.
 
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
 use burn::module::Module;
@@ -14,7 +14,7 @@ use super::{
     BlockMasks, Gpt2Block, Gpt2ForSequenceClassification, Gpt2LmHeadModel, embed, positions,
 };
 pub use crate::io::LmBatch;
-use crate::io::{ClassifierBatch, causal_lm_loss, cross_entropy, last_token_score, vocab_logits};
+use crate::io::{ClassifierBatch, cross_entropy, head_logits, last_token_score};
 use crate::layers::{AttentionMask, Dropout, LayerNorm, Linear};
 
 /// GPT-2's embedding segment: token and position tables (HF `transformer.wte`, `transformer.wpe`).
@@ -145,13 +145,8 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
         batch: &Self::Batch,
     ) -> Tensor<B, 1> {
         let hidden = module.transformer.ln_f.forward(hidden);
-        let logits = match (&module.lm_head, embed) {
-            (Some(head), _) => head.forward(hidden),
-            (None, Some(embed)) => vocab_logits(hidden, None, &embed.wte),
-            (None, None) => unreachable!("a tied head is given the embedding segment"),
-        };
-        let labels = batch.labels.as_ref().unwrap_or(&batch.input_ids);
-        causal_lm_loss(logits, labels.clone())
+        let tied_to = embed.map(|e| &e.wte);
+        batch.loss(head_logits(hidden, module.lm_head.as_ref(), tied_to))
     }
 
     fn head_reads_embed(&self) -> bool {

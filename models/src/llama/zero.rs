@@ -13,10 +13,9 @@ use burn::tensor::backend::Backend;
 
 use super::{
     LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification, Rope, block_masks,
-    float_dtype, positions,
 };
 use crate::io::{
-    ClassifierBatch, LmBatch, causal_lm_loss, cross_entropy, last_token_score, vocab_logits,
+    ClassifierBatch, LmBatch, cross_entropy, head_logits, last_token_score, positions,
 };
 use crate::layers::{AttentionMask, Linear, RmsNorm};
 
@@ -88,7 +87,10 @@ fn run_block<B: Backend>(
 ) -> Tensor<B, 3> {
     let [rows, seq, _] = hidden.dims();
     let device = hidden.device();
-    let rotary = rope.tables(&positions::<B>(rows, seq, 0, &device), float_dtype(&hidden));
+    let rotary = rope.tables(
+        &positions::<B>(rows, seq, 0, &device),
+        hidden.dtype().into(),
+    );
     let mask = block_masks(
         &windows[index..=index],
         AttentionMask::none(),
@@ -127,13 +129,8 @@ impl<B: Backend> ZeroSpec<B> for LlamaSpec {
         batch: &Self::Batch,
     ) -> Tensor<B, 1> {
         let hidden = module.model.norm.forward(hidden);
-        let logits = match (&module.lm_head, embed) {
-            (Some(head), _) => head.forward(hidden),
-            (None, Some(embed)) => vocab_logits(hidden, None, &embed.embed_tokens),
-            (None, None) => unreachable!("a tied head is given the embedding segment"),
-        };
-        let labels = batch.labels.as_ref().unwrap_or(&batch.input_ids);
-        causal_lm_loss(logits, labels.clone())
+        let tied_to = embed.map(|e| &e.embed_tokens);
+        batch.loss(head_logits(hidden, module.lm_head.as_ref(), tied_to))
     }
 
     fn head_reads_embed(&self) -> bool {

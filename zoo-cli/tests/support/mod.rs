@@ -81,6 +81,22 @@ pub fn pretrain(out: &Path, extra: &[&str]) -> Output {
     zoo(&args)
 }
 
+/// Asserts that two checkpoints' weights (as [`weights`] lists them) differ by less than `bound`
+/// in every value, naming the first tensor that does not; returns the largest difference.
+pub fn assert_weights_close(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], bound: f32) -> f32 {
+    let mut worst: f32 = 0.0;
+    for ((name, a), (_, b)) in a.iter().zip(b) {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        worst = worst.max(diff);
+        assert!(diff < bound, "{name}: {diff}");
+    }
+    worst
+}
+
 /// Starts `zoo pretrain` with `extra` into `out`, kills it with SIGKILL once its first checkpoint
 /// is on disk (before its last step, `last_step`), then resumes it to the end; returns the
 /// checkpoint the kill left as `latest`.
