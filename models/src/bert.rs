@@ -245,6 +245,42 @@ impl crate::io::FamilyConfig for BertConfig {
     fn pad_token_id(&self) -> Option<u32> {
         self.pad_token_id.map(|id| id as u32)
     }
+    fn set_pad_token_id(&mut self, id: u32) {
+        self.pad_token_id = Some(id as usize);
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+    /// Documents are separated as BERT's sentence pairs are.
+    fn end_of_text_tokens(&self) -> &'static [&'static str] {
+        &["[SEP]", "</s>", "<|endoftext|>"]
+    }
+    /// RoBERTa's positions start after the padding id, so two fewer fit (transformers'
+    /// `create_position_ids_from_input_ids`).
+    fn max_positions(&self, family: crate::Family) -> Option<usize> {
+        Some(match family {
+            crate::Family::Roberta => self
+                .max_position_embeddings
+                .saturating_sub(self.pad_token_id.unwrap_or(1) + 1),
+            _ => self.max_position_embeddings,
+        })
+    }
+    fn set_num_labels(&mut self, labels: usize) {
+        self.num_labels = Some(labels);
+    }
+    fn activation_dims(&self) -> [usize; 3] {
+        [
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+        ]
+    }
+    fn to_hf(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a config serialises")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -258,6 +258,37 @@ impl crate::io::FamilyConfig for Gpt2Config {
     fn pad_token_id(&self) -> Option<u32> {
         self.pad_token_id
     }
+    fn set_pad_token_id(&mut self, id: u32) {
+        self.pad_token_id = Some(id);
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(crate::io::TokenIds::to_vec)
+            .unwrap_or_default()
+    }
+    fn end_of_text_tokens(&self) -> &'static [&'static str] {
+        &["<|endoftext|>"]
+    }
+    fn max_positions(&self, _: crate::Family) -> Option<usize> {
+        Some(self.n_positions)
+    }
+    fn set_num_labels(&mut self, labels: usize) {
+        self.num_labels = Some(labels);
+    }
+    fn activation_dims(&self) -> [usize; 3] {
+        [
+            self.n_embd,
+            self.n_inner.unwrap_or(4 * self.n_embd),
+            self.n_head,
+        ]
+    }
+    fn to_hf(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a config serialises")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

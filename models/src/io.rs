@@ -309,6 +309,31 @@ pub trait FamilyConfig: Sized {
     fn with_dropout(self, p: f64) -> Self;
     /// The padding id, when the config names one.
     fn pad_token_id(&self) -> Option<u32>;
+    /// Sets the padding id (GPT-2 and Llama classifiers pad with end-of-text, as transformers'
+    /// recipes do).
+    fn set_pad_token_id(&mut self, id: u32);
+    /// Number of token ids the embeddings hold.
+    fn vocab_size(&self) -> usize;
+    /// The end-of-text ids the config names (the first ends a document), none when it names none.
+    fn eos_token_ids(&self) -> Vec<u32>;
+    /// The tokenizer tokens that end a document, in the order tried (before the config's ids).
+    fn end_of_text_tokens(&self) -> &'static [&'static str];
+    /// The longest input the position table allows for `family` (RoBERTa's positions start after
+    /// the padding id); `None` where positions are relative or rotary.
+    fn max_positions(&self, family: crate::Family) -> Option<usize>;
+    /// Sets the number of labels of a sequence-classification head (BERT, RoBERTa, GPT-2, Llama).
+    fn set_num_labels(&mut self, labels: usize);
+    /// The `model_type` when the config itself carries one (the Llama family's `mistral` /
+    /// `qwen2`); others are their family's.
+    fn model_type(&self) -> Option<&str> {
+        None
+    }
+    /// `[hidden, ffn, heads]` for activation accounting; a gated feed-forward counts twice its
+    /// inner width (both inner projections and their product are kept).
+    fn activation_dims(&self) -> [usize; 3];
+    /// The config as HF `config.json` fields (without `model_type` / `architectures`, which the
+    /// class adds).
+    fn to_hf(&self) -> serde_json::Value;
 }
 
 /// Logits of a head: per token (MLM) or per sequence (classification).

@@ -34,7 +34,9 @@ pub mod train;
 
 pub use params::{ParamInfo, ParamPath, cast_float_params, count_params, param_infos};
 pub use presets::{Preset, preset, presets};
-pub use registry::{AnyModel, Architecture, ConfigError, Family, Logits, ModelConfig, ModelOutput};
+pub use registry::{
+    AnyModel, Architecture, ConfigError, Family, Head, Logits, ModelConfig, ModelOutput,
+};
 
 /// Errors from building a model.
 #[derive(Debug, thiserror::Error)]

@@ -435,6 +435,43 @@ impl crate::io::FamilyConfig for LlamaConfig {
     fn pad_token_id(&self) -> Option<u32> {
         self.pad_token_id
     }
+    fn set_pad_token_id(&mut self, id: u32) {
+        self.pad_token_id = Some(id);
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
+    }
+    /// Llama 2 / Mistral end with `</s>`, Llama 3 with `<|end_of_text|>`, Qwen2 with
+    /// `<|endoftext|>`.
+    fn end_of_text_tokens(&self) -> &'static [&'static str] {
+        &["</s>", "<|end_of_text|>", "<|endoftext|>"]
+    }
+    /// Rotary positions have no table.
+    fn max_positions(&self, _: crate::Family) -> Option<usize> {
+        None
+    }
+    fn set_num_labels(&mut self, labels: usize) {
+        self.num_labels = Some(labels);
+    }
+    fn model_type(&self) -> Option<&str> {
+        Some(&self.model_type)
+    }
+    fn activation_dims(&self) -> [usize; 3] {
+        [
+            self.hidden_size,
+            2 * self.intermediate_size,
+            self.num_attention_heads,
+        ]
+    }
+    fn to_hf(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a config serialises")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

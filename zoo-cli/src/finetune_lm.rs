@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use bmtrain_backend::comm::Communicator;
 use bmtrain_backend::trainer::{ZeroSpec, ZeroTrainer};
 use bmtrain_backend::{BackendTask, DeviceSpec};
@@ -30,12 +30,12 @@ use checkpoints_convert::{
     DirKind, ModelSpec, TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer,
 };
 use models::generation::GenerationConfig;
-use models::gpt2::{Gpt2Config, Gpt2LmHeadModel, IGNORE_INDEX};
-use models::llama::{LlamaConfig, LlamaForCausalLM};
+use models::gpt2::{Gpt2LmHeadModel, IGNORE_INDEX};
+use models::llama::LlamaForCausalLM;
 use models::t5::zero::{Seq2SeqBatch, T5Spec};
-use models::t5::{T5Config, T5ForConditionalGeneration, generate_seq2seq, shift_right};
+use models::t5::{T5ForConditionalGeneration, generate_seq2seq, shift_right};
 use models::train::{Gpt2Spec, InitScheme, LlamaSpec, LmBatch, TensorSource};
-use models::{AnyModel, Architecture, ModelConfig};
+use models::{AnyModel, Architecture, Head, ModelConfig};
 use serde_json::{Value, json};
 
 use crate::finetune::{FinetuneArgs, Task, epoch_order};
@@ -53,30 +53,13 @@ struct Pair {
     target: Vec<u32>,
 }
 
-/// The model being fine-tuned, which decides the task.
-#[derive(Debug, Clone)]
-enum Writer {
-    Seq2seq(T5Config),
-    Causal(Gpt2Config),
-    /// A Llama, Mistral or Qwen2 causal LM.
-    Llama(LlamaConfig),
-}
-
-impl Writer {
-    fn config(&self) -> ModelConfig {
-        match self {
-            Self::Seq2seq(c) => ModelConfig::T5(c.clone()),
-            Self::Causal(c) => ModelConfig::Gpt2(c.clone()),
-            Self::Llama(c) => ModelConfig::Llama(c.clone()),
-        }
-    }
-}
-
 struct Job {
     args: FinetuneArgs,
     run_dir: PathBuf,
     _lock: Option<RunLock>,
-    model: Writer,
+    /// The model's config (dropout applied).
+    config: ModelConfig,
+    /// The class trained: the family's seq2seq or causal LM.
     architecture: Architecture,
     manifest: ZooManifest,
     tokenizer_json: Option<String>,
@@ -169,39 +152,31 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     // Checked now (every key and shape, from the headers); this also settles a head the config
     // leaves open (transformers 5 writes every T5 as tied and keeps v1.1's own lm_head).
     let initial = spec.open_weights(Default::default())?;
-    let (model, architecture) = match (args.task, &spec.config, spec.architecture) {
-        (Task::Seq2seq, ModelConfig::T5(c), Architecture::T5ForConditionalGeneration) => {
-            (Writer::Seq2seq(c.clone()), spec.architecture)
-        }
-        (Task::CausalLm, ModelConfig::Gpt2(c), Architecture::Gpt2LmHeadModel) => {
-            (Writer::Causal(c.clone()), spec.architecture)
-        }
-        (Task::CausalLm, ModelConfig::Llama(c), found) if found == Architecture::for_llama(c) => {
-            (Writer::Llama(c.clone()), spec.architecture)
-        }
-        (task, _, found) => bail!(
-            "{}: a {} — --task {} needs {}",
-            args.model.display(),
-            found.hf_name(),
-            task.name(),
-            match task {
-                Task::Seq2seq => "a T5ForConditionalGeneration (T5, mT5, FLAN-T5, CPM-2)",
-                _ =>
-                    "a causal LM: GPT2LMHeadModel (GPT-2, the GPT-3 sizes, CPM-1), \
-                      LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM",
-            }
-        ),
+    let family = spec.architecture.family();
+    let head = match args.task {
+        Task::Seq2seq => Head::Seq2seq,
+        _ => Head::CausalLm,
     };
-    let model = match (model, args.dropout) {
-        (Writer::Seq2seq(c), Some(p)) => Writer::Seq2seq(c.with_dropout(p)),
-        (Writer::Causal(mut c), Some(p)) => {
-            (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p);
-            Writer::Causal(c)
-        }
-        (Writer::Llama(c), Some(p)) => Writer::Llama(c.with_dropout(p)),
-        (model, None) => model,
+    let architecture = Architecture::for_head(family, &spec.config, head)
+        .filter(|&a| a == spec.architecture)
+        .with_context(|| {
+            format!(
+                "{}: a {} — --task {} needs {}",
+                args.model.display(),
+                spec.architecture.hf_name(),
+                args.task.name(),
+                match head {
+                    Head::Seq2seq => "a T5ForConditionalGeneration (T5, mT5, FLAN-T5, CPM-2)",
+                    _ =>
+                        "a causal LM: GPT2LMHeadModel (GPT-2, the GPT-3 sizes, CPM-1), \
+                          LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM",
+                }
+            )
+        })?;
+    let config = match args.dropout {
+        Some(p) => spec.config.clone().with_dropout(p),
+        None => spec.config.clone(),
     };
-    let config = model.config();
     args.memory.check_fits(
         architecture,
         &config,
@@ -211,41 +186,21 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     )?;
     let tokenizer = load_tokenizer(&args.model)?
         .with_context(|| format!("{}: no tokenizer files", args.model.display()))?;
-    let first = |ids: &Option<models::generation::TokenIds>| {
-        ids.as_ref().and_then(|e| e.to_vec().first().copied())
-    };
-    let (eos, pad, decoder_start) = match &model {
-        Writer::Seq2seq(c) => {
+    // Seq2seq: T5's padding id also starts the decoder. Causal: right padding is masked, so the
+    // pad id only has to be a real id.
+    let eos = config.end_of_text(|token| tokenizer.token_to_id(token));
+    let (pad, decoder_start) = match &config {
+        ModelConfig::T5(c) => {
             let pad = c.pad_token_id.unwrap_or(0);
-            (
-                first(&c.eos_token_id),
-                pad,
-                c.decoder_start_token_id.unwrap_or(pad),
-            )
+            (pad, c.decoder_start_token_id.unwrap_or(pad))
         }
-        Writer::Causal(c) => {
-            let eos = tokenizer
-                .token_to_id("<|endoftext|>")
-                .or_else(|| first(&c.eos_token_id));
-            (eos, eos.unwrap_or(0), 0)
-        }
-        // Llama 2 / Mistral end with </s>, Llama 3 base with <|end_of_text|>, Qwen2 with
-        // <|endoftext|>; else the config's first end-of-text id. Right padding is masked, so
-        // the pad id only has to be a real id.
-        Writer::Llama(c) => {
-            let eos = ["</s>", "<|end_of_text|>", "<|endoftext|>"]
-                .into_iter()
-                .find_map(|t| tokenizer.token_to_id(t))
-                .or_else(|| first(&c.eos_token_id));
-            (eos, c.pad_token_id.or(eos).unwrap_or(0), 0)
-        }
+        _ => (config.pad_token_id().or(eos).unwrap_or(0), 0),
     };
-    if let Writer::Causal(c) = &model {
+    if let Some(context) = config.max_positions(family) {
         ensure!(
-            args.max_seq <= c.n_positions,
-            "--max-seq {}: the model's context is {} positions",
+            args.max_seq <= context,
+            "--max-seq {}: the model's context is {context} positions",
             args.max_seq,
-            c.n_positions
         );
     }
     let read = |path: &Path| read_pairs(path, args.task, &tokenizer, eos, &args);
@@ -304,7 +259,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
         args,
         run_dir,
         _lock: lock,
-        model,
+        config,
         architecture,
         manifest,
         tokenizer_json,
@@ -606,8 +561,8 @@ fn evaluate<AB: AutodiffBackend, S: WritingTask<AB>>(
         chunks += 1;
     }
     let loss = total / chunks.max(1) as f32;
-    let exact_match = match &job.model {
-        Writer::Seq2seq(_) if job.args.eval_max_new_tokens > 0 => {
+    let exact_match = match job.architecture.head() {
+        Head::Seq2seq if job.args.eval_max_new_tokens > 0 => {
             on_lead_model(trainer, &model_spec(job), device, |model| {
                 let AnyModel::T5ForConditionalGeneration(model) = model else {
                     unreachable!("built as a T5ForConditionalGeneration")
@@ -648,7 +603,7 @@ fn model_spec(job: &Job) -> ModelSpec {
         kind: DirKind::Zoo,
         dir: job.run_dir.clone(),
         architecture: job.architecture,
-        config: job.model.config(),
+        config: job.config.clone(),
         hf_config: job.manifest.hf_config.clone(),
     }
 }
@@ -659,8 +614,8 @@ fn train<AB: AutodiffBackend>(
     device: AB::Device,
     job: &Job,
 ) -> anyhow::Result<Summary> {
-    match &job.model {
-        Writer::Seq2seq(config) => {
+    match &job.config {
+        ModelConfig::T5(config) => {
             let cut = T5Spec::split(T5ForConditionalGeneration::<AB>::new(config, &device)?)?;
             let init = InitScheme::T5 {
                 d_model: config.d_model,
@@ -670,20 +625,21 @@ fn train<AB: AutodiffBackend>(
             };
             train_loop(comm, device, job, cut, init)
         }
-        Writer::Causal(config) => {
+        ModelConfig::Gpt2(config) => {
             let cut = Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(config, &device)?);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
             };
             train_loop(comm, device, job, cut, init)
         }
-        Writer::Llama(config) => {
+        ModelConfig::Llama(config) => {
             let cut = LlamaSpec::split(LlamaForCausalLM::<AB>::new(config, &device)?);
             let init = InitScheme::Normal {
                 std: config.initializer_range,
             };
             train_loop(comm, device, job, cut, init)
         }
+        ModelConfig::Bert(_) => unreachable!("prepare picks a seq2seq or causal LM"),
     }
 }
 

@@ -32,13 +32,15 @@ use bmtrain_backend::Cpu;
 use bmtrain_backend::zero::layout_of;
 use clap::Args;
 use models::bert::{BertForMaskedLM, BertForSequenceClassification};
-use models::gpt2::Gpt2LmHeadModel;
+use models::gpt2::{Gpt2ForSequenceClassification, Gpt2LmHeadModel};
 use models::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
 use models::roberta::{RobertaForMaskedLM, RobertaForSequenceClassification};
 use models::t5::T5ForConditionalGeneration;
 use models::t5::zero::T5Spec;
-use models::train::{ClassifierSpec, Gpt2Spec, LlamaClassifierSpec, LlamaSpec, MlmSpec};
-use models::{Architecture, Family, ModelConfig};
+use models::train::{
+    ClassifierSpec, Gpt2ClassifierSpec, Gpt2Spec, LlamaClassifierSpec, LlamaSpec, MlmSpec,
+};
+use models::{Architecture, Head, ModelConfig};
 use serde_json::json;
 
 use crate::run::DtypeArg;
@@ -396,86 +398,63 @@ pub fn shape_of(model: &str) -> anyhow::Result<Shape> {
 }
 
 /// The trained class and shapes of a config: the segments of the lazily built model (nothing
-/// is allocated), cut as the training jobs cut it. A BERT / RoBERTa trains as a masked LM when
-/// `architecture` is one, as a sequence classifier otherwise.
+/// is allocated), cut as the training jobs cut it. A class with a head trains as itself; a bare
+/// body as the family's causal or seq2seq LM, or (BERT, RoBERTa) as a sequence classifier.
 pub fn shape_of_config(architecture: Architecture, config: &ModelConfig) -> anyhow::Result<Shape> {
     let family = architecture.family();
+    let trained = match architecture.head() {
+        Head::Body => [Head::CausalLm, Head::Seq2seq, Head::Classify]
+            .into_iter()
+            .find_map(|head| Architecture::for_head(family, config, head))
+            .with_context(|| format!("zoo trains no {family:?} model"))?,
+        _ => architecture,
+    };
+    // A classifier's labels are its config's (`num_labels`, `id2label`, else 2, as the model
+    // builds them); its head holds no vocabulary.
+    let lm_vocab = match trained.head() {
+        Head::Classify => 0,
+        _ => config.vocab_size(),
+    };
+    let [hidden, ffn, heads] = config.activation_dims();
+    let dims = [hidden, ffn, heads, lm_vocab];
     let device = Default::default();
-    Ok(match (config, family) {
-        (ModelConfig::Gpt2(c), _) => shape_of_cut(
-            Architecture::Gpt2LmHeadModel,
-            Gpt2Spec::split(Gpt2LmHeadModel::<Cpu>::new(c, &device)?),
-            [
-                c.n_embd,
-                c.n_inner.unwrap_or(4 * c.n_embd),
-                c.n_head,
-                c.vocab_size,
-            ],
-        ),
-        (ModelConfig::Bert(c), _)
-            if matches!(
-                architecture,
-                Architecture::BertForMaskedLM | Architecture::RobertaForMaskedLM
-            ) =>
-        {
-            let cut = if family == Family::Roberta {
-                MlmSpec::split_roberta(RobertaForMaskedLM::<Cpu>::new(c, &device)?)
-            } else {
-                MlmSpec::split_bert(BertForMaskedLM::<Cpu>::new(c, &device)?)
-            };
-            let dims = [
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.vocab_size,
-            ];
-            shape_of_cut(architecture, cut, dims)
+    Ok(match (config, trained) {
+        (ModelConfig::Gpt2(c), Architecture::Gpt2ForSequenceClassification) => {
+            let model = Gpt2ForSequenceClassification::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, Gpt2ClassifierSpec::split(model), dims)
         }
-        (ModelConfig::Bert(c), family) => {
-            let mut c = c.clone();
-            c.num_labels = Some(c.num_labels.unwrap_or(2));
-            let dims = [c.hidden_size, c.intermediate_size, c.num_attention_heads, 0];
-            if family == Family::Roberta {
-                let model = RobertaForSequenceClassification::<Cpu>::new(&c, &device)?;
-                let cut = ClassifierSpec::split_roberta(model);
-                shape_of_cut(Architecture::RobertaForSequenceClassification, cut, dims)
-            } else {
-                let model = BertForSequenceClassification::<Cpu>::new(&c, &device)?;
-                let cut = ClassifierSpec::split_bert(model, &c);
-                shape_of_cut(Architecture::BertForSequenceClassification, cut, dims)
-            }
+        (ModelConfig::Gpt2(c), _) => {
+            let model = Gpt2LmHeadModel::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, Gpt2Spec::split(model), dims)
         }
-        // The stream through the blocks carries the encoder and the decoder states (see
-        // `models::t5::zero`); counted as blocks of `d_model` (within 15% of measured runs).
-        (ModelConfig::T5(c), _) => shape_of_cut(
-            Architecture::T5ForConditionalGeneration,
-            T5Spec::split(T5ForConditionalGeneration::<Cpu>::new(c, &device)?)?,
-            [c.d_model, c.d_ff, c.num_heads, c.vocab_size],
-        ),
-        // The gated MLP keeps both inner projections (gate and up) and their product: counted
-        // as twice the inner width. The kv heads' smaller projections are in the block sizes.
-        (ModelConfig::Llama(c), _) if architecture == Architecture::llama_classifier(c) => {
-            let mut c = c.clone();
-            c.num_labels = Some(c.num_labels.unwrap_or(2));
-            let dims = [
-                c.hidden_size,
-                2 * c.intermediate_size,
-                c.num_attention_heads,
-                0,
-            ];
-            let model = LlamaForSequenceClassification::<Cpu>::new(&c, &device)?;
-            shape_of_cut(architecture, LlamaClassifierSpec::split(model), dims)
+        (ModelConfig::Bert(c), Architecture::BertForMaskedLM) => {
+            let model = BertForMaskedLM::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, MlmSpec::split_bert(model), dims)
         }
-        (ModelConfig::Llama(c), _) => shape_of_cut(
-            Architecture::for_llama(c),
-            LlamaSpec::split(LlamaForCausalLM::<Cpu>::new(c, &device)?),
-            [
-                c.hidden_size,
-                2 * c.intermediate_size,
-                c.num_attention_heads,
-                c.vocab_size,
-            ],
-        ),
+        (ModelConfig::Bert(c), Architecture::RobertaForMaskedLM) => {
+            let model = RobertaForMaskedLM::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, MlmSpec::split_roberta(model), dims)
+        }
+        (ModelConfig::Bert(c), Architecture::RobertaForSequenceClassification) => {
+            let model = RobertaForSequenceClassification::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, ClassifierSpec::split_roberta(model), dims)
+        }
+        (ModelConfig::Bert(c), _) => {
+            let model = BertForSequenceClassification::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, ClassifierSpec::split_bert(model, c), dims)
+        }
+        (ModelConfig::T5(c), _) => {
+            let model = T5ForConditionalGeneration::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, T5Spec::split(model)?, dims)
+        }
+        (ModelConfig::Llama(c), _) if trained.head() == Head::Classify => {
+            let model = LlamaForSequenceClassification::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, LlamaClassifierSpec::split(model), dims)
+        }
+        (ModelConfig::Llama(c), _) => {
+            let model = LlamaForCausalLM::<Cpu>::new(c, &device)?;
+            shape_of_cut(trained, LlamaSpec::split(model), dims)
+        }
     })
 }
 

@@ -31,14 +31,14 @@ use clap::{Args, ValueEnum};
 use models::bert::{BertConfig, BertForMaskedLM, mlm_mask, whole_word_mask};
 use models::generation::{Decoding, GenerationConfig, TokenIds};
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
-use models::llama::{LlamaConfig, LlamaForCausalLM};
+use models::llama::LlamaForCausalLM;
 use models::roberta::RobertaForMaskedLM;
 use models::t5::zero::{Seq2SeqBatch, T5Spec};
 use models::t5::{
     T5Config, T5ForConditionalGeneration, random_noise_spans, shift_right, span_corrupt,
 };
 use models::train::{Gpt2Spec, InitScheme, LlamaSpec, LmBatch, MlmBatch, MlmSpec, TensorSource};
-use models::{AnyModel, Architecture, Family, ModelConfig};
+use models::{AnyModel, Architecture, Family, Head, ModelConfig};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
@@ -180,111 +180,39 @@ struct Job {
     tokenizer: Option<Arc<TextTokenizer>>,
 }
 
-/// The model being pretrained, which decides the objective.
+/// The model being pretrained: its config and the family's pretraining class, whose head
+/// decides the objective.
 #[derive(Debug, Clone)]
-enum Pretrained {
-    /// A GPT: the causal-LM loss over each window.
-    Causal(Gpt2Config),
-    /// A T5: span corruption of each window, the seq2seq loss on the hidden spans.
-    Span(T5Config),
-    /// A BERT (or, `roberta`, a RoBERTa): masked LM over each window.
-    Masked { config: BertConfig, roberta: bool },
-    /// A Llama, Mistral or Qwen2: the causal-LM loss over each window.
-    Llama(LlamaConfig),
+struct Pretrained {
+    config: ModelConfig,
+    architecture: Architecture,
 }
 
 impl Pretrained {
-    fn new(config: ModelConfig, family: Family) -> Self {
-        match config {
-            ModelConfig::Gpt2(c) => Self::Causal(c),
-            ModelConfig::T5(c) => Self::Span(c),
-            ModelConfig::Bert(config) => Self::Masked {
-                config,
-                roberta: family == Family::Roberta,
-            },
-            ModelConfig::Llama(c) => Self::Llama(c),
+    /// The family's pretraining class: its causal LM, else its masked LM, else its seq2seq LM.
+    fn new(config: ModelConfig, family: Family) -> anyhow::Result<Self> {
+        let architecture = [Head::CausalLm, Head::MaskedLm, Head::Seq2seq]
+            .into_iter()
+            .find_map(|head| Architecture::for_head(family, &config, head))
+            .with_context(|| format!("zoo pretrain has no objective for a {family:?} model"))?;
+        Ok(Self {
+            config,
+            architecture,
+        })
+    }
+
+    /// The objective of the class's head.
+    fn objective(&self) -> Objective {
+        match self.architecture.head() {
+            Head::MaskedLm => Objective::Mlm,
+            Head::Seq2seq => Objective::Span,
+            _ => Objective::Causal,
         }
     }
 
-    fn config(&self) -> ModelConfig {
-        match self {
-            Self::Causal(c) => ModelConfig::Gpt2(c.clone()),
-            Self::Span(c) => ModelConfig::T5(c.clone()),
-            Self::Masked { config, .. } => ModelConfig::Bert(config.clone()),
-            Self::Llama(c) => ModelConfig::Llama(c.clone()),
-        }
-    }
-
-    fn architecture(&self) -> Architecture {
-        match self {
-            Self::Causal(_) => Architecture::Gpt2LmHeadModel,
-            Self::Span(_) => Architecture::T5ForConditionalGeneration,
-            Self::Masked { roberta: false, .. } => Architecture::BertForMaskedLM,
-            Self::Masked { roberta: true, .. } => Architecture::RobertaForMaskedLM,
-            Self::Llama(c) => Architecture::for_llama(c),
-        }
-    }
-
-    /// Positions a window may have (T5's relative positions have no limit; RoBERTa's start
-    /// after the padding id).
+    /// Positions a window may have (`None`: relative or rotary positions, no table).
     fn context(&self) -> Option<usize> {
-        match self {
-            Self::Causal(c) => Some(c.n_positions),
-            // Rotary positions have no table.
-            Self::Span(_) | Self::Llama(_) => None,
-            Self::Masked { config, roberta } => Some(match roberta {
-                false => config.max_position_embeddings,
-                true => config
-                    .max_position_embeddings
-                    .saturating_sub(config.pad_token_id.unwrap_or(1) + 1),
-            }),
-        }
-    }
-
-    fn vocab_size(&self) -> usize {
-        match self {
-            Self::Causal(c) => c.vocab_size,
-            Self::Span(c) => c.vocab_size,
-            Self::Masked { config, .. } => config.vocab_size,
-            Self::Llama(c) => c.vocab_size,
-        }
-    }
-
-    fn eos(&self) -> Option<u32> {
-        let first = |ids: &Option<TokenIds>| ids.as_ref().and_then(|e| e.to_vec().first().copied());
-        match self {
-            Self::Causal(c) => first(&c.eos_token_id),
-            Self::Span(c) => first(&c.eos_token_id),
-            Self::Llama(c) => first(&c.eos_token_id),
-            Self::Masked { .. } => None,
-        }
-    }
-
-    fn set_dropout(&mut self, p: f64) {
-        match self {
-            Self::Causal(c) => (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p),
-            Self::Span(c) => c.dropout_rate = p,
-            Self::Masked { config, .. } => *config = config.clone().with_dropout(p),
-            Self::Llama(c) => c.attention_dropout = p,
-        }
-    }
-
-    /// The HF `config.json` of the trained model.
-    fn hf_config(&self) -> anyhow::Result<Value> {
-        let (mut value, model_type) = match self {
-            Self::Causal(c) => (serde_json::to_value(c)?, "gpt2"),
-            Self::Span(c) => (serde_json::to_value(c)?, "t5"),
-            Self::Llama(c) => (serde_json::to_value(c)?, "llama"),
-            Self::Masked { config, roberta } => (
-                serde_json::to_value(config)?,
-                if *roberta { "roberta" } else { "bert" },
-            ),
-        };
-        if value.get("model_type").is_none_or(Value::is_null) {
-            value["model_type"] = json!(model_type);
-        }
-        value["architectures"] = json!([self.architecture().hf_name()]);
-        Ok(value)
+        self.config.max_positions(self.architecture.family())
     }
 }
 
@@ -423,12 +351,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         None => (ModelConfig::Gpt2(tiny_config()), Family::Gpt2, None, None),
         Some(name) => resolve_model(name)?,
     };
-    let mut model = Pretrained::new(config, family);
-    let objective = match &model {
-        Pretrained::Causal(_) | Pretrained::Llama(_) => Objective::Causal,
-        Pretrained::Masked { .. } => Objective::Mlm,
-        Pretrained::Span(_) => Objective::Span,
-    };
+    let mut model = Pretrained::new(config, family)?;
+    let objective = model.objective();
     if let Some(asked) = args.objective
         && asked != objective
     {
@@ -436,7 +360,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             "--objective {}: a {} trains with --objective {} (zoo pretrain's objective is the \
              family's)",
             asked.to_possible_value().expect("named").get_name(),
-            model.architecture().hf_name(),
+            model.architecture.hf_name(),
             objective.to_possible_value().expect("named").get_name()
         );
     }
@@ -444,8 +368,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         !args.whole_word_mask || objective == Objective::Mlm,
         "--whole-word-mask is for masked LM (BERT, RoBERTa)"
     );
-    model.set_dropout(args.dropout);
-    model.config().validate()?;
+    model.config = model.config.with_dropout(args.dropout);
+    model.config.validate()?;
     let default_seq = if args.model.is_none() {
         64
     } else {
@@ -454,8 +378,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     let seq = args.seq.unwrap_or(default_seq);
     // A model this machine cannot hold is refused now, before the data or the model is touched.
     args.memory.check_fits(
-        model.architecture(),
-        &model.config(),
+        model.architecture,
+        &model.config,
         seq,
         args.batch,
         args.model.as_deref().unwrap_or("the default model"),
@@ -467,9 +391,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             let reader = spec.open_weights(LoadOptions::default().format)?;
             // Reading the headers settles a head the config leaves open (transformers 5 writes
             // every T5 as tied and keeps v1.1's own lm_head): train the model the weights hold.
-            if spec.config.tie_word_embeddings() != model.config().tie_word_embeddings() {
-                model = Pretrained::new(spec.config.clone(), family);
-                model.set_dropout(args.dropout);
+            if spec.config.tie_word_embeddings() != model.config.tie_word_embeddings() {
+                model.config = spec.config.clone().with_dropout(args.dropout);
             }
             Some(reader)
         }
@@ -489,8 +412,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             None => None,
         };
         let plan = args.memory.apply_auto(
-            model.architecture(),
-            &model.config(),
+            model.architecture,
+            &model.config,
             seq,
             args.batch,
             state.as_ref(),
@@ -514,22 +437,9 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     });
     let tokenizer = Arc::new(tokenizer);
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
-    let eos = match &model {
-        Pretrained::Causal(_) => tokenizer.token_to_id("<|endoftext|>"),
-        // Llama 2 / Mistral: </s>; Llama 3: <|end_of_text|>; Qwen2: <|endoftext|>.
-        Pretrained::Llama(_) => ["</s>", "<|end_of_text|>", "<|endoftext|>"]
-            .into_iter()
-            .find_map(|t| tokenizer.token_to_id(t)),
-        Pretrained::Span(_) => tokenizer
-            .token_to_id("</s>")
-            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
-        // Documents are separated as BERT's pairs are.
-        Pretrained::Masked { .. } => tokenizer
-            .token_to_id("[SEP]")
-            .or_else(|| tokenizer.token_to_id("</s>"))
-            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
-    }
-    .or_else(|| model.eos());
+    let eos = model
+        .config
+        .end_of_text(|token| tokenizer.token_to_id(token));
 
     // The data.
     let data_dir = run_dir.join("data");
@@ -548,7 +458,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             tokenizer_json.as_deref(),
             eos,
             &args,
-            model.vocab_size(),
+            model.config.vocab_size(),
         )
         .map(Arc::new)
     };
@@ -586,8 +496,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             "--seq {seq}: the model's context is {context} positions"
         );
     }
-    let mlm = match &model {
-        Pretrained::Masked { config, .. } => Some(mlm_ids(
+    let mlm = match &model.config {
+        ModelConfig::Bert(config) => Some(mlm_ids(
             config,
             &tokenizer,
             seq,
@@ -596,9 +506,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         )?),
         _ => None,
     };
-    let span = match &model {
-        Pretrained::Causal(_) | Pretrained::Masked { .. } | Pretrained::Llama(_) => None,
-        Pretrained::Span(config) => Some(span_ids(
+    let span = match &model.config {
+        ModelConfig::T5(config) => Some(span_ids(
             config,
             &tokenizer,
             eos,
@@ -606,6 +515,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
             &args,
             [&train, &valid],
         )?),
+        _ => None,
     };
     for (name, split) in [("training", &train), ("validation", &valid)] {
         ensure!(
@@ -623,8 +533,8 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     let manifest = ZooManifest {
         format: "zoo".into(),
         format_version: 1,
-        architecture: model.architecture().hf_name().into(),
-        hf_config: model.hf_config()?,
+        architecture: model.architecture.hf_name().into(),
+        hf_config: model.config.to_hf(model.architecture),
     };
     Ok(Job {
         run_dir,
@@ -921,8 +831,8 @@ fn model_spec(job: &Job) -> ModelSpec {
     ModelSpec {
         kind: DirKind::Zoo,
         dir: job.run_dir.clone(),
-        architecture: job.model.architecture(),
-        config: job.model.config(),
+        architecture: job.model.architecture,
+        config: job.model.config.clone(),
         hf_config: job.manifest.hf_config.clone(),
     }
 }
@@ -1077,7 +987,7 @@ fn mlm_batch<B: Backend>(
         window.extend(ids.last);
         let mut rng = window_rng(job.args.seed, salt, start);
         let is_special = |id: u32| Some(id) == ids.first || Some(id) == ids.last;
-        let (vocab, p) = (job.model.vocab_size(), job.args.mlm_probability);
+        let (vocab, p) = (job.model.config.vocab_size(), job.args.mlm_probability);
         let (input, label) = match &ids.continues {
             None => mlm_mask(&window, is_special, ids.mask, vocab, p, &mut rng),
             Some(table) => {
@@ -1232,7 +1142,7 @@ fn causal_sample<B: Backend>(
     device: &B::Device,
 ) -> anyhow::Result<String> {
     let args = &job.args;
-    let eos: Vec<u32> = job.model.eos().into_iter().collect();
+    let eos = job.model.config.eos_token_ids();
     // Positions past the training window were never trained (a learned position table's rows
     // there are still random; rotary models extrapolate badly): the sample stays inside it.
     let context = job.model.context().unwrap_or(usize::MAX).min(job.seq);
@@ -1363,15 +1273,15 @@ fn train<AB: AutodiffBackend>(
     device: AB::Device,
     job: &Job,
 ) -> anyhow::Result<Summary> {
-    match &job.model {
-        Pretrained::Causal(config) => {
+    match &job.model.config {
+        ModelConfig::Gpt2(config) => {
             let cut = Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(config, &device)?);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
             };
             train_loop(comm, device, job, cut, init)
         }
-        Pretrained::Span(config) => {
+        ModelConfig::T5(config) => {
             let cut = T5Spec::split(T5ForConditionalGeneration::<AB>::new(config, &device)?)?;
             let init = InitScheme::T5 {
                 d_model: config.d_model,
@@ -1381,15 +1291,15 @@ fn train<AB: AutodiffBackend>(
             };
             train_loop(comm, device, job, cut, init)
         }
-        Pretrained::Llama(config) => {
+        ModelConfig::Llama(config) => {
             let cut = LlamaSpec::split(LlamaForCausalLM::<AB>::new(config, &device)?);
             let init = InitScheme::Normal {
                 std: config.initializer_range,
             };
             train_loop(comm, device, job, cut, init)
         }
-        Pretrained::Masked { config, roberta } => {
-            let cut = match roberta {
+        ModelConfig::Bert(config) => {
+            let cut = match job.model.architecture == Architecture::RobertaForMaskedLM {
                 false => MlmSpec::split_bert(BertForMaskedLM::<AB>::new(config, &device)?),
                 true => MlmSpec::split_roberta(RobertaForMaskedLM::<AB>::new(config, &device)?),
             };
