@@ -7,8 +7,8 @@ use std::time::Duration;
 use bmtrain_backend::CpuTrain;
 use bmtrain_backend::comm::{Communicator, ThreadGroup};
 use bmtrain_backend::optim::AdamWConfig as ZeroAdamW;
-use bmtrain_backend::trainer::{ZeroOptions, ZeroSpec, ZeroTrainer};
-use bmtrain_backend::zero::{flatten, load_flat};
+use bmtrain_backend::trainer::{Frozen, ZeroOptions, ZeroSpec, ZeroTrainer};
+use bmtrain_backend::zero::{flatten, load_flat, load_flat_parts};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -203,6 +203,8 @@ struct Run {
     save_to: Option<std::path::PathBuf>,
     /// Micro-batches per step (gradient accumulation); 0 or 1: one.
     micro_batches: usize,
+    /// Parameters that do not train.
+    frozen: Option<Frozen>,
 }
 
 fn zero_training(initial: &Whole<B>, world: usize, zero_level: u8) -> (Vec<f32>, usize, usize) {
@@ -226,6 +228,7 @@ fn zero_run(
                 eps: EPSILON,
                 ..Default::default()
             },
+            frozen: run.frozen.clone(),
             ..ZeroOptions::checkpoint_all(LAYERS)
         };
         let whole = initial.clone();
@@ -249,11 +252,18 @@ fn zero_run(
             trainer.save(dir).unwrap();
         }
         let bytes = trainer.rank_bytes();
-        let params: Vec<f32> = trainer
-            .gather_all()
+        // In the whole model's order, by name (frozen parameters are stored apart).
+        let mut named: std::collections::HashMap<String, Vec<f32>> = trainer
+            .named_parameters()
             .unwrap()
             .into_iter()
-            .flat_map(|(_, _, values)| values)
+            .map(|(name, _, values)| (name, values))
+            .collect();
+        let params: Vec<f32> = flatten::<B, _>(&initial)
+            .0
+            .entries
+            .iter()
+            .flat_map(|e| named.remove(&e.name).expect("every parameter is named"))
             .collect();
         (params, bytes.params + bytes.grads + bytes.optimizer)
     });
@@ -368,6 +378,123 @@ fn checkpoints_saved_on_four_ranks_resume_on_two_and_one() {
         weights.keys()
     );
     assert_eq!(weights.len(), flatten::<B, _>(&initial).0.entries.len());
+}
+
+/// BitFit's rule for the tiny model: everything but the biases and the classifier is frozen.
+fn bitfit() -> Frozen {
+    Frozen::new(|name| !name.ends_with("bias") && !name.starts_with("head."))
+}
+
+/// Single-process burn training of the parameters `frozen` leaves trainable: the frozen ones
+/// are loaded as plain values (no gradient), so burn's AdamW leaves them alone.
+fn reference_training_with(initial: Whole<B>, frozen: &Frozen) -> Vec<f32> {
+    let device = Default::default();
+    let (layout, values) = flatten::<B, _>(&initial);
+    let split = layout.split(|name| frozen.freezes(name));
+    let (trainable, still) = split.split_values(&layout, &values);
+    let combined: Vec<f32> = trainable.into_iter().chain(still).collect();
+    let model = load_flat_parts(
+        initial,
+        &split.combined,
+        &combined,
+        &device,
+        split.trainable.len,
+        None,
+    );
+    reference_training(model)
+}
+
+/// Frozen parameters (BitFit: all but biases and the head) end bit-identical to where they
+/// started on 1 and 2 ranks, the others train as single-process burn training of them alone,
+/// the frozen ones hold no gradient or optimizer state, and a checkpoint saved on 2 ranks
+/// resumes on 1 to the uninterrupted run.
+#[test]
+fn frozen_parameters_stay_put_and_the_rest_train_as_burn_trains_them() {
+    let initial = initial_model();
+    let rule = bitfit();
+    let (layout, before) = flatten::<B, _>(&initial);
+    let frozen_ranges: Vec<_> = layout
+        .entries
+        .iter()
+        .filter(|e| rule.freezes(&e.name))
+        .map(|e| e.offset..e.offset + e.len())
+        .collect();
+    let frozen_count: usize = frozen_ranges.iter().map(|r| r.len()).sum();
+    assert!(frozen_count > layout.len / 2, "BitFit freezes most weights");
+    let want = reference_training_with(initial.clone(), &rule);
+    let run = Run {
+        frozen: Some(rule.clone()),
+        ..Default::default()
+    };
+    let (_, all_bytes, _) = zero_training(&initial, 1, 3);
+    for world in [1, 2] {
+        let (got, bytes, _) = zero_run(&initial, world, 3, STEPS, run.clone());
+        for range in &frozen_ranges {
+            assert_eq!(
+                got[range.clone()],
+                before[range.clone()],
+                "N={world}: a frozen one moved"
+            );
+        }
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let moved = got.iter().zip(&before).filter(|(a, b)| a != b).count();
+        eprintln!(
+            "zero: frozen (BitFit) N={world}: max |param - reference| {worst:.2e}, {moved} of {} \
+             parameters trained; bytes per rank {bytes} (all trainable: {all_bytes})",
+            layout.len
+        );
+        assert!(worst < 1e-5, "N={world}: {worst}");
+        assert!(moved > 0 && moved <= layout.len - frozen_count);
+        if world == 1 {
+            // Frozen parameters keep their f32 values only: 4 of the 16 bytes per parameter.
+            let trainable = layout.len - frozen_count;
+            assert_eq!(bytes, 16 * trainable + 4 * frozen_count);
+            assert!(bytes < all_bytes);
+        }
+    }
+    // Save on 2 ranks halfway, resume on 1.
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("checkpoint");
+    let half = STEPS / 2;
+    let save = Run {
+        save_to: Some(dir.clone()),
+        ..run.clone()
+    };
+    zero_run(&initial, 2, 3, half, save);
+    let weights = checkpoints_convert::read_weights_file(&dir.join("model.safetensors")).unwrap();
+    assert_eq!(
+        weights.len(),
+        layout.entries.len(),
+        "frozen weights are saved too"
+    );
+    let moments =
+        checkpoints_convert::read_weights_file(&dir.join("optimizer.safetensors")).unwrap();
+    let trained = layout
+        .entries
+        .iter()
+        .filter(|e| !rule.freezes(&e.name))
+        .count();
+    assert_eq!(
+        moments.len(),
+        2 * trained,
+        "frozen parameters have no moments"
+    );
+    let resume = Run {
+        load_from: Some(dir.clone()),
+        ..run.clone()
+    };
+    let (resumed, _, _) = zero_run(&initial, 1, 3, STEPS - half, resume);
+    let (uninterrupted, _, _) = zero_run(&initial, 1, 3, STEPS, run);
+    let worst = resumed
+        .iter()
+        .zip(&uninterrupted)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-6, "resumed: {worst}");
 }
 
 /// The loss scaler inside training: an inf injected on one rank makes the step a no-op on every

@@ -66,6 +66,9 @@ pub struct SegmentState<'a> {
     pub exp_avg: &'a [f32],
     /// This rank's second-moment slice.
     pub exp_avg_sq: &'a [f32],
+    /// Whether the parameters train: frozen ones (BitFit, adapters) have weights in the model
+    /// file and no moments in the optimizer file (their moment slices are empty).
+    pub trains: bool,
 }
 
 /// Training counters saved beside the tensors.
@@ -132,6 +135,7 @@ pub fn save(
         let weights = segments.iter().flat_map(|s| names(s, ""));
         let moments = segments
             .iter()
+            .filter(|s| s.trains)
             .flat_map(|s| names(s, "exp_avg.").chain(names(s, "exp_avg_sq.")));
         files = Some((
             StreamWriter::create(&dir.join(MODEL_FILE), weights, None)?,
@@ -147,6 +151,9 @@ pub fn save(
             outcome = model.write_f32(&weights);
         }
         drop(weights);
+        if !segment.trains || len == 0 {
+            continue;
+        }
         for moment in [segment.exp_avg, segment.exp_avg_sq] {
             let mut full = comm.all_gather(moment)?;
             full.truncate(len);
@@ -509,12 +516,13 @@ pub fn read_header(file: &File) -> Result<(Metadata, u64), String> {
     Ok((header, data_start))
 }
 
-/// Reads a checkpoint and slices it for `rank` of `world`, segment by segment (`(prefix, layout)`
-/// pairs, in the order of the model): each rank reads only its own slice of each tensor. Every
-/// key and shape is checked.
+/// Reads a checkpoint and slices it for `rank` of `world`, segment by segment (`(prefix, layout,
+/// trains)`, in the order of the model; frozen parts, `trains` false, have no moments and load
+/// empty ones): each rank reads only its own slice of each tensor. Every key and shape is
+/// checked.
 pub fn load(
     dir: &Path,
-    segments: &[(String, FlatLayout)],
+    segments: &[(String, FlatLayout, bool)],
     rank: usize,
     world: usize,
 ) -> Result<(Vec<LoadedSegment>, TrainCounters), CheckpointError> {
@@ -532,7 +540,7 @@ pub fn load(
     };
 
     let mut out = Vec::with_capacity(segments.len());
-    for (prefix, layout) in segments {
+    for (prefix, layout, trains) in segments {
         let shards = ShardLayout {
             len: layout.len,
             world,
@@ -556,10 +564,14 @@ pub fn load(
             values.resize(shards.shard_len(), 0.0);
             Ok(values)
         };
+        let moment = |key_prefix: &str| match trains {
+            true => slice(&optimizer, key_prefix),
+            false => Ok(Vec::new()),
+        };
         out.push(LoadedSegment {
             params: slice(&model, "")?,
-            exp_avg: slice(&optimizer, "exp_avg.")?,
-            exp_avg_sq: slice(&optimizer, "exp_avg_sq.")?,
+            exp_avg: moment("exp_avg.")?,
+            exp_avg_sq: moment("exp_avg_sq.")?,
         });
     }
     Ok((out, counters))
@@ -604,6 +616,7 @@ mod tests {
             params: &params,
             exp_avg: &m,
             exp_avg_sq: &v,
+            trains: true,
         }];
         let counters = TrainCounters {
             step: 7,
@@ -628,15 +641,16 @@ mod tests {
         // Only the two files are left: no temporaries.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
 
-        let (loaded, read) = load(dir.path(), &[("blocks.0".into(), layout())], 0, 1).unwrap();
+        let (loaded, read) =
+            load(dir.path(), &[("blocks.0".into(), layout(), true)], 0, 1).unwrap();
         assert_eq!(read, counters);
         assert_eq!(loaded[0].params, full);
         assert_eq!(loaded[0].exp_avg, m);
         assert_eq!(loaded[0].exp_avg_sq, v);
         // Three ranks each read their own slice, zero-padded.
-        let (third, _) = load(dir.path(), &[("blocks.0".into(), layout())], 2, 3).unwrap();
+        let (third, _) = load(dir.path(), &[("blocks.0".into(), layout(), true)], 2, 3).unwrap();
         assert_eq!(third[0].params, [3.0, 3.5, 4.0]);
-        let (second, _) = load(dir.path(), &[("blocks.0".into(), layout())], 1, 4).unwrap();
+        let (second, _) = load(dir.path(), &[("blocks.0".into(), layout(), true)], 1, 4).unwrap();
         assert_eq!(second[0].params, [1.5, 2.0, 2.5]);
     }
 
@@ -653,6 +667,7 @@ mod tests {
                 params: &params,
                 exp_avg: &m,
                 exp_avg_sq: &m,
+                trains: true,
             }];
             let counters = TrainCounters {
                 step: 1,
@@ -664,7 +679,7 @@ mod tests {
         let digests: Vec<_> = results.into_iter().map(Result::unwrap).collect();
         assert_eq!(digests[0].len(), 2, "rank 0 writes");
         assert!(digests[1].is_empty(), "rank 1 does not");
-        let (loaded, _) = load(dir.path(), &[(String::new(), layout())], 0, 1).unwrap();
+        let (loaded, _) = load(dir.path(), &[(String::new(), layout(), true)], 0, 1).unwrap();
         assert_eq!(
             loaded[0].params,
             (0..9).map(|i| i as f32).collect::<Vec<_>>()
@@ -681,6 +696,7 @@ mod tests {
             params: &params,
             exp_avg: &full,
             exp_avg_sq: &full,
+            trains: true,
         }];
         let counters = TrainCounters {
             step: 1,
@@ -705,7 +721,7 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
         let err = verify(dir.path(), &digests).unwrap_err().to_string();
         assert!(err.contains("truncated"), "{err}");
-        let err = load(dir.path(), &[("s".into(), layout())], 0, 1)
+        let err = load(dir.path(), &[("s".into(), layout(), true)], 0, 1)
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.safetensors"), "{err}");
@@ -719,7 +735,7 @@ mod tests {
 
         // Another model's layout: the missing key is named.
         std::fs::write(&path, &bytes).unwrap();
-        let err = load(dir.path(), &[("other".into(), layout())], 0, 1)
+        let err = load(dir.path(), &[("other".into(), layout(), true)], 0, 1)
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing tensor 'other.w'"), "{err}");

@@ -28,12 +28,14 @@ use burn::tensor::{DType, Tensor};
 
 use std::path::Path;
 
-use crate::checkpoint::{self, CheckpointError, FileDigest, SegmentState, TrainCounters};
+use crate::checkpoint::{
+    self, CheckpointError, FileDigest, LoadedSegment, SegmentState, TrainCounters,
+};
 use crate::comm::{CommError, Communicator};
 use crate::inspect::{ParamStats, moments};
 use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
 use crate::zero::{
-    FlatLayout, ShardedParams, flat_grads, flatten, hollow, layout_of, load_flat_as,
+    FlatLayout, ShardedParams, flat_grads_below, flatten, hollow, layout_of, load_flat_parts,
 };
 
 /// How a model's segments run. Implemented once per model family, for every backend: the
@@ -122,6 +124,31 @@ pub struct ZeroOptions {
     /// The dtype segments compute in (f16 / bf16 mixed precision). Master weights, gradients
     /// and optimizer state stay f32 slices whatever it is. `None`: f32.
     pub compute_dtype: Option<DType>,
+    /// Parameters that do not train (BitFit, adapters, `--freeze`): sharded like the others but
+    /// with no gradient, no optimizer state and no reduce-scatter. `None`: every one trains.
+    pub frozen: Option<Frozen>,
+}
+
+/// Which parameters are frozen, by checkpoint name (`prefix.name`, the model's zoo names).
+#[derive(Clone)]
+pub struct Frozen(std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl Frozen {
+    /// Freezes the parameters whose checkpoint name `rule` accepts.
+    pub fn new(rule: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(rule))
+    }
+
+    /// Whether the parameter named `name` is frozen.
+    pub fn freezes(&self, name: &str) -> bool {
+        (self.0)(name)
+    }
+}
+
+impl std::fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Frozen(..)")
+    }
 }
 
 impl ZeroOptions {
@@ -134,6 +161,7 @@ impl ZeroOptions {
             max_grad_norm: None,
             loss_scaler: None,
             compute_dtype: None,
+            frozen: None,
         }
     }
 }
@@ -143,8 +171,13 @@ impl ZeroOptions {
 #[derive(Debug, Clone)]
 pub struct Segment<M> {
     template: M,
-    /// The sharded parameters.
+    /// Every parameter in visit order: offsets address the trainable buffer followed by the
+    /// frozen one (the same as `params.layout` when nothing is frozen).
+    layout: FlatLayout,
+    /// The sharded trainable parameters.
     pub params: ShardedParams,
+    /// The sharded frozen parameters (empty when none): no gradient, no optimizer state.
+    pub frozen: ShardedParams,
     /// This rank's slice of the accumulated gradient.
     pub grad: Vec<f32>,
     /// This rank's slice of the AdamW state.
@@ -154,13 +187,15 @@ pub struct Segment<M> {
 
 impl<M> Segment<M> {
     /// A segment with `template`'s structure (its values, if any, are dropped) holding this
-    /// rank's slice of `full`, the segment's whole buffer laid out as `layout`.
+    /// rank's slices of `full`, the segment's whole buffer laid out as `layout`; the parameters
+    /// `frozen` names (by their name within the segment) are kept apart, without gradient or
+    /// optimizer state.
     fn from_full<B: Backend>(
         template: M,
         layout: FlatLayout,
         full: Vec<f32>,
-        rank: usize,
-        world: usize,
+        (rank, world): (usize, usize),
+        frozen: impl Fn(&str) -> bool,
     ) -> Self
     where
         M: Module<B>,
@@ -170,26 +205,69 @@ impl<M> Segment<M> {
             layout.len,
             "a segment's values cover its layout exactly"
         );
-        let params = if world == 1 {
-            // The whole buffer is the one rank's slice: kept, not copied.
-            ShardedParams::from_slice(layout, full, 1)
+        let shard = |layout: FlatLayout, full: Vec<f32>| {
+            if world == 1 {
+                // The whole buffer is the one rank's slice: kept, not copied.
+                ShardedParams::from_slice(layout, full, 1)
+            } else {
+                ShardedParams::from_full(layout, &full, rank, world)
+            }
+        };
+        let split = layout.split(frozen);
+        let (combined, params, frozen) = if split.frozen.entries.is_empty() {
+            (
+                layout.clone(),
+                shard(layout, full),
+                shard(FlatLayout::default(), Vec::new()),
+            )
         } else {
-            ShardedParams::from_full(layout, &full, rank, world)
+            let (trainable, still) = split.split_values(&layout, &full);
+            drop(full);
+            (
+                split.combined,
+                shard(split.trainable, trainable),
+                shard(split.frozen, still),
+            )
         };
         let shard = params.shards.shard_len();
         Self {
             template: hollow::<B, M>(template),
+            layout: combined,
             // Zeroed allocations: their pages are only touched (resident) once written.
             grad: vec![0.0; shard],
             state: AdamWState::new(shard),
             kept: None,
             params,
+            frozen,
         }
     }
 
-    /// The parameter layout.
+    /// Every parameter's place in the segment's combined buffer (trainable, then frozen).
     pub fn layout(&self) -> &FlatLayout {
-        &self.params.layout
+        &self.layout
+    }
+
+    /// The gradients of the trainable parameters of `module` (this segment's working copy), as
+    /// one buffer laid out as `params.layout`.
+    fn grads_of<B: AutodiffBackend>(&self, module: &M, grads: &B::Gradients) -> Vec<f32>
+    where
+        M: Module<B>,
+    {
+        flat_grads_below::<B, M>(module, &self.layout, self.params.layout.len, grads)
+    }
+
+    /// Whether some of the segment's parameters are frozen.
+    pub fn has_frozen(&self) -> bool {
+        !self.frozen.layout.entries.is_empty()
+    }
+
+    /// The combined buffer (trainable then frozen), all-gathered.
+    fn gather(&self, comm: &dyn Communicator) -> Result<Vec<f32>, CommError> {
+        let mut full = self.params.gather(comm)?;
+        if self.has_frozen() {
+            full.extend(self.frozen.gather(comm)?);
+        }
+        Ok(full)
     }
 }
 
@@ -298,6 +376,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             from_modules,
             &mut source,
             (rank, world),
+            options.frozen.as_ref(),
         )?;
         let mut sharded = Vec::with_capacity(blocks.len());
         for (i, block) in blocks.into_iter().enumerate() {
@@ -309,6 +388,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 from_modules,
                 &mut source,
                 (rank, world),
+                options.frozen.as_ref(),
             )?);
         }
         let head = segment::<B, _, E>(
@@ -318,6 +398,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             from_modules,
             &mut source,
             (rank, world),
+            options.frozen.as_ref(),
         )?;
         Ok(Self {
             embed,
@@ -370,6 +451,13 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
 
     /// Parameters of the whole model (every segment, unpadded).
     pub fn parameter_count(&self) -> usize {
+        self.embed.layout.len
+            + self.blocks.iter().map(|b| b.layout.len).sum::<usize>()
+            + self.head.layout.len
+    }
+
+    /// Parameters that train (all of them unless some are frozen).
+    pub fn trainable_count(&self) -> usize {
         self.embed.params.layout.len
             + self
                 .blocks
@@ -379,17 +467,27 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             + self.head.params.layout.len
     }
 
-    /// Bytes of parameter, gradient and optimizer slices on this rank.
+    /// Bytes of parameter, gradient and optimizer slices on this rank (frozen parameters have
+    /// only the first).
     pub fn rank_bytes(&self) -> RankBytes {
-        let shards: usize = std::iter::once(self.embed.params.shards.shard_len())
+        let shard_sum = |of: &dyn Fn(&ShardedParams) -> usize| -> usize {
+            std::iter::once(&self.embed.params)
+                .chain(std::iter::once(&self.embed.frozen))
+                .chain(self.blocks.iter().flat_map(|b| [&b.params, &b.frozen]))
+                .chain([&self.head.params, &self.head.frozen])
+                .map(of)
+                .sum()
+        };
+        let all = shard_sum(&|p| p.shards.shard_len());
+        let trainable: usize = std::iter::once(self.embed.params.shards.shard_len())
             .chain(self.blocks.iter().map(|b| b.params.shards.shard_len()))
             .chain(std::iter::once(self.head.params.shards.shard_len()))
             .sum();
         let f32_bytes = std::mem::size_of::<f32>();
         RankBytes {
-            params: shards * f32_bytes,
-            grads: shards * f32_bytes,
-            optimizer: 2 * shards * f32_bytes,
+            params: all * f32_bytes,
+            grads: trainable * f32_bytes,
+            optimizer: 2 * trainable * f32_bytes,
         }
     }
 
@@ -399,18 +497,24 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         full: &[f32],
         trainable: bool,
     ) -> M {
-        load_flat_as(
+        // Frozen parameters (placed after the trainable ones) never require gradients.
+        let trainable_len = if trainable {
+            segment.params.layout.len
+        } else {
+            0
+        };
+        load_flat_parts(
             segment.template.clone(),
-            &segment.params.layout,
+            &segment.layout,
             full,
             &self.device,
-            trainable,
+            trainable_len,
             self.options.compute_dtype,
         )
     }
 
     fn gather<M>(&self, segment: &Segment<M>) -> Result<Vec<f32>, CommError> {
-        segment.params.gather(&self.comm)
+        segment.gather(&self.comm)
     }
 
     /// The segment's module, built from its gathered weights: kept ones (`zero_level` 2) when
@@ -428,7 +532,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             let module = self.module(segment, &full, trainable);
             return Ok((module, keep.then_some(full)));
         }
-        if self.comm.world_size() == 1 {
+        if self.comm.world_size() == 1 && !segment.has_frozen() {
             let len = segment.params.layout.len;
             let module = self.module(segment, &segment.params.local[..len], trainable);
             return Ok((module, None));
@@ -501,11 +605,10 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             .to_vec::<f32>()
             .expect("the loss is a float")[0];
         let grads = (loss * (scale / world)).backward();
-        let head_grad = flat_grads::<B, _>(&head, &self.head.params.layout, &grads);
+        let head_grad = self.head.grads_of::<B>(&head, &grads);
         // The tied embedding's gradient from the head, reduce-scattered now (only this rank's
         // slice waits for the lookup's gradient in step 4, not the whole table).
-        let tied_grad =
-            tied_embed.map(|embed| flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads));
+        let tied_grad = tied_embed.map(|embed| self.embed.grads_of::<B>(&embed, &grads));
         let mut upstream = Tensor::<B, 3>::from_inner(
             input
                 .grad(&grads)
@@ -534,7 +637,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             };
             self.blocks[index].kept = None;
             let grads = (output * upstream).sum().backward();
-            let block_grad = flat_grads::<B, _>(&block, &self.blocks[index].params.layout, &grads);
+            let block_grad = self.blocks[index].grads_of::<B>(&block, &grads);
             upstream = Tensor::from_inner(input.grad(&grads).expect("a block uses its input"));
             drop((grads, block));
             accumulate(&mut self.blocks[index], &self.comm, block_grad)?;
@@ -546,7 +649,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         self.seed_segment(0);
         let output = self.spec.embed(&embed, batch);
         let grads = (output * upstream).sum().backward();
-        let embed_grad = flat_grads::<B, _>(&embed, &self.embed.params.layout, &grads);
+        let embed_grad = self.embed.grads_of::<B>(&embed, &grads);
         drop((grads, embed));
         let mut slice = self.embed.params.reduce_scatter(&self.comm, embed_grad)?;
         if let Some(tied_slice) = tied_slice {
@@ -648,36 +751,33 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         }
     }
 
+    /// Every segment's checkpoint parts in model order: its trainable parameters with their
+    /// moments, then (when some are frozen) its frozen parameters alone.
     fn checkpoint_segments(&self) -> Vec<SegmentState<'_>> {
-        fn state<'a>(
-            prefix: String,
-            params: &'a ShardedParams,
-            adam: &'a AdamWState,
-        ) -> SegmentState<'a> {
-            SegmentState {
-                prefix,
-                params,
-                exp_avg: &adam.exp_avg,
-                exp_avg_sq: &adam.exp_avg_sq,
+        fn parts<'a, M>(prefix: String, segment: &'a Segment<M>) -> Vec<SegmentState<'a>> {
+            let mut out = vec![SegmentState {
+                prefix: prefix.clone(),
+                params: &segment.params,
+                exp_avg: &segment.state.exp_avg,
+                exp_avg_sq: &segment.state.exp_avg_sq,
+                trains: true,
+            }];
+            if segment.has_frozen() {
+                out.push(SegmentState {
+                    prefix,
+                    params: &segment.frozen,
+                    exp_avg: &[],
+                    exp_avg_sq: &[],
+                    trains: false,
+                });
             }
+            out
         }
-        let mut out = vec![state(
-            self.spec.prefix(SegmentId::Embed),
-            &self.embed.params,
-            &self.embed.state,
-        )];
+        let mut out = parts(self.spec.prefix(SegmentId::Embed), &self.embed);
         for (i, b) in self.blocks.iter().enumerate() {
-            out.push(state(
-                self.spec.prefix(SegmentId::Block(i)),
-                &b.params,
-                &b.state,
-            ));
+            out.extend(parts(self.spec.prefix(SegmentId::Block(i)), b));
         }
-        out.push(state(
-            self.spec.prefix(SegmentId::Head),
-            &self.head.params,
-            &self.head.state,
-        ));
+        out.extend(parts(self.spec.prefix(SegmentId::Head), &self.head));
         out
     }
 
@@ -696,25 +796,29 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// Loads a checkpoint saved with any number of ranks: this rank keeps its slices of the
     /// weights and of the optimizer state, and the step and loss-scale counters.
     pub fn load(&mut self, dir: &Path) -> Result<(), CheckpointError> {
-        let segments: Vec<(String, FlatLayout)> = self
+        let segments: Vec<(String, FlatLayout, bool)> = self
             .checkpoint_segments()
             .into_iter()
-            .map(|s| (s.prefix, s.params.layout.clone()))
+            .map(|s| (s.prefix, s.params.layout.clone(), s.trains))
             .collect();
         let (loaded, counters) =
             checkpoint::load(dir, &segments, self.comm.rank(), self.comm.world_size())?;
         let mut loaded = loaded.into_iter();
-        let mut apply = |params: &mut ShardedParams, state: &mut AdamWState| {
-            let segment = loaded.next().expect("one loaded segment per segment");
-            params.local = segment.params;
-            state.exp_avg = segment.exp_avg;
-            state.exp_avg_sq = segment.exp_avg_sq;
-        };
-        apply(&mut self.embed.params, &mut self.embed.state);
-        for b in self.blocks.iter_mut() {
-            apply(&mut b.params, &mut b.state);
+        // The same parts in the same order as `checkpoint_segments`.
+        fn apply<M>(segment: &mut Segment<M>, loaded: &mut impl Iterator<Item = LoadedSegment>) {
+            let part = loaded.next().expect("one loaded part per part");
+            segment.params.local = part.params;
+            segment.state.exp_avg = part.exp_avg;
+            segment.state.exp_avg_sq = part.exp_avg_sq;
+            if segment.has_frozen() {
+                segment.frozen.local = loaded.next().expect("the frozen part").params;
+            }
         }
-        apply(&mut self.head.params, &mut self.head.state);
+        apply(&mut self.embed, &mut loaded);
+        for b in self.blocks.iter_mut() {
+            apply(b, &mut loaded);
+        }
+        apply(&mut self.head, &mut loaded);
         self.steps = counters.step;
         if let (Some(scaler), Some(scale)) =
             (self.options.loss_scaler.as_mut(), counters.loss_scale)
@@ -734,19 +838,42 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
         let mut out = Vec::new();
         let segments = self.checkpoint_segments();
-        let grads = std::iter::once(&self.embed.grad)
+        let mut grads = std::iter::once(&self.embed.grad)
             .chain(self.blocks.iter().map(|b| &b.grad))
             .chain(std::iter::once(&self.head.grad));
-        for (segment, grad) in segments.iter().zip(grads) {
+        for segment in &segments {
+            if segment.params.layout.len == 0 {
+                // An empty part (all of the segment frozen): no collective, nothing to report.
+                if segment.trains {
+                    grads.next();
+                }
+                continue;
+            }
             let values = segment.params.gather(&self.comm)?;
-            let mut grad = self.comm.all_gather(grad)?;
-            grad.truncate(values.len());
-            let has_grad = self.micro_batches > 0;
+            // Frozen parts have no gradient.
+            let grad = match segment.trains {
+                true => {
+                    let mut grad = self
+                        .comm
+                        .all_gather(grads.next().expect("one gradient per trained part"))?;
+                    grad.truncate(values.len());
+                    Some(grad)
+                }
+                false => None,
+            };
+            let has_grad = self.micro_batches > 0 && grad.is_some();
             for entry in &segment.params.layout.entries {
                 let range = entry.offset..entry.offset + entry.len();
                 let (mean, std, min, max) = moments(&values[range.clone()]);
-                let grad_values: Vec<f32> = grad[range].iter().map(|g| g / divisor).collect();
-                let (grad_mean, grad_std, _, _) = moments(&grad_values);
+                let (grad_mean, grad_std) = match &grad {
+                    Some(grad) => {
+                        let grad_values: Vec<f32> =
+                            grad[range].iter().map(|g| g / divisor).collect();
+                        let (m, s, _, _) = moments(&grad_values);
+                        (m, s)
+                    }
+                    None => (0.0, 0.0),
+                };
                 out.push(ParamStats {
                     name: checkpoint::tensor_name(&segment.prefix, &entry.name),
                     shape: entry.shape.clone(),
@@ -784,19 +911,19 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     pub fn gather_all(&self) -> Result<Vec<(String, FlatLayout, Vec<f32>)>, CommError> {
         let mut out = vec![(
             "embed".to_string(),
-            self.embed.params.layout.clone(),
+            self.embed.layout.clone(),
             self.gather(&self.embed)?,
         )];
         for (i, block) in self.blocks.iter().enumerate() {
             out.push((
                 format!("blocks.{i}"),
-                block.params.layout.clone(),
+                block.layout.clone(),
                 self.gather(block)?,
             ));
         }
         out.push((
             "head".to_string(),
-            self.head.params.layout.clone(),
+            self.head.layout.clone(),
             self.gather(&self.head)?,
         ));
         Ok(out)
@@ -901,7 +1028,8 @@ fn segment<B: Backend, M: Module<B>, E>(
     prefix: &str,
     from_module: bool,
     source: &mut impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
-    (rank, world): (usize, usize),
+    ranks: (usize, usize),
+    frozen: Option<&Frozen>,
 ) -> Result<Segment<M>, E> {
     let (layout, full) = if from_module {
         flatten::<B, M>(&module)
@@ -910,7 +1038,11 @@ fn segment<B: Backend, M: Module<B>, E>(
         let full = source(id, prefix, &layout)?;
         (layout, full)
     };
-    Ok(Segment::from_full::<B>(module, layout, full, rank, world))
+    let freezes =
+        |name: &str| frozen.is_some_and(|f| f.freezes(&checkpoint::tensor_name(prefix, name)));
+    Ok(Segment::from_full::<B>(
+        module, layout, full, ranks, freezes,
+    ))
 }
 
 /// Every segment's gradient slice, embedding first.

@@ -249,11 +249,26 @@ pub fn load_flat_as<B: Backend, M: Module<B>>(
     trainable: bool,
     dtype: Option<DType>,
 ) -> M {
+    let trainable_len = if trainable { usize::MAX } else { 0 };
+    load_flat_parts(module, layout, data, device, trainable_len, dtype)
+}
+
+/// [`load_flat_as`] for a layout whose trainable parameters sit below `trainable_len` (see
+/// [`FlatLayout::split`]): only those require gradients; the frozen ones above it are plain
+/// values, so autodiff computes no gradient for them.
+pub fn load_flat_parts<B: Backend, M: Module<B>>(
+    module: M,
+    layout: &FlatLayout,
+    data: &[f32],
+    device: &B::Device,
+    trainable_len: usize,
+    dtype: Option<DType>,
+) -> M {
     struct Load<'a, B: Backend> {
         entries: std::slice::Iter<'a, FlatEntry>,
         data: &'a [f32],
         device: &'a B::Device,
-        trainable: bool,
+        trainable_len: usize,
         dtype: Option<DType>,
     }
     impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
@@ -268,7 +283,7 @@ pub fn load_flat_as<B: Backend, M: Module<B>>(
                 data = data.convert_dtype(dtype);
             }
             let tensor = Tensor::<B, D>::from_data(data, self.device);
-            let tensor = if self.trainable {
+            let tensor = if entry.offset < self.trainable_len {
                 tensor.require_grad()
             } else {
                 tensor
@@ -280,7 +295,7 @@ pub fn load_flat_as<B: Backend, M: Module<B>>(
         entries: layout.entries.iter(),
         data,
         device,
-        trainable,
+        trainable_len,
         dtype,
     })
 }
@@ -291,41 +306,127 @@ pub fn flat_grads<B: AutodiffBackend, M: Module<B>>(
     layout: &FlatLayout,
     grads: &B::Gradients,
 ) -> Vec<f32> {
+    flat_grads_below(module, layout, layout.len, grads)
+}
+
+/// The gradients of the parameters of `layout` placed below `trainable_len` (the trainable part
+/// of a [`FlatLayout::split`] layout), as one buffer of that length; frozen parameters are not
+/// read.
+pub fn flat_grads_below<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    layout: &FlatLayout,
+    trainable_len: usize,
+    grads: &B::Gradients,
+) -> Vec<f32> {
     struct Grads<'a, B: AutodiffBackend> {
         grads: &'a B::Gradients,
+        entries: std::slice::Iter<'a, FlatEntry>,
         out: Vec<f32>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let tensor = param.val();
-            let len = tensor.dims().iter().product::<usize>();
-            match tensor.grad(self.grads) {
-                Some(grad) => {
-                    if crate::kernels::read_f32(&grad, |values| self.out.extend_from_slice(values))
-                    {
-                        return;
-                    }
-                    let data = grad.into_data();
-                    // f32 gradients are read in place: one copy, into the flat buffer.
-                    match data.as_slice::<f32>() {
-                        Ok(values) => self.out.extend_from_slice(values),
-                        Err(_) => self.out.extend(
-                            data.convert::<f32>()
-                                .to_vec::<f32>()
-                                .expect("gradients convert to f32"),
-                        ),
-                    }
-                }
-                None => self.out.extend(std::iter::repeat_n(0.0, len)),
+            let entry = self.entries.next().expect("layout covers every parameter");
+            if entry.offset >= self.out.len() {
+                return;
+            }
+            let out = &mut self.out[entry.offset..entry.offset + entry.len()];
+            let Some(grad) = param.val().grad(self.grads) else {
+                // No gradient: the buffer's zeros stand.
+                return;
+            };
+            if crate::kernels::read_f32(&grad, |values| out.copy_from_slice(values)) {
+                return;
+            }
+            let data = grad.into_data();
+            // f32 gradients are read in place: one copy, into the flat buffer.
+            match data.as_slice::<f32>() {
+                Ok(values) => out.copy_from_slice(values),
+                Err(_) => out.copy_from_slice(
+                    &data
+                        .convert::<f32>()
+                        .to_vec::<f32>()
+                        .expect("gradients convert to f32"),
+                ),
             }
         }
     }
     let mut collect = Grads {
         grads,
-        out: Vec::with_capacity(layout.len),
+        entries: layout.entries.iter(),
+        // Zeroed pages cost nothing until written.
+        out: vec![0.0; trainable_len.min(layout.len)],
     };
     module.visit(&mut collect);
     collect.out
+}
+
+/// A segment's layout split by a freezing rule (see [`FlatLayout::split`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitLayout {
+    /// Every parameter in visit order; trainable ones at `0..trainable.len`, frozen ones after.
+    pub combined: FlatLayout,
+    /// The trainable parameters, packed.
+    pub trainable: FlatLayout,
+    /// The frozen parameters, packed.
+    pub frozen: FlatLayout,
+}
+
+impl FlatLayout {
+    /// Splits the parameters into trainable and frozen ones (`frozen(name)`), each packed in
+    /// visit order, and the combined layout whose offsets address the trainable buffer followed
+    /// by the frozen one: what a module loads from.
+    pub fn split(&self, frozen: impl Fn(&str) -> bool) -> SplitLayout {
+        let (mut trainable, mut still) = (FlatLayout::default(), FlatLayout::default());
+        let mut placed = Vec::with_capacity(self.entries.len());
+        for entry in &self.entries {
+            let part = if frozen(&entry.name) {
+                &mut still
+            } else {
+                &mut trainable
+            };
+            let mut packed = entry.clone();
+            packed.offset = part.len;
+            part.len += entry.len();
+            placed.push(frozen(&entry.name));
+            part.entries.push(packed);
+        }
+        let (mut t, mut f) = (trainable.entries.iter(), still.entries.iter());
+        let entries = placed
+            .into_iter()
+            .map(|is_frozen| match is_frozen {
+                false => t.next().expect("one per trainable entry").clone(),
+                true => {
+                    let mut entry = f.next().expect("one per frozen entry").clone();
+                    entry.offset += trainable.len;
+                    entry
+                }
+            })
+            .collect();
+        SplitLayout {
+            combined: FlatLayout {
+                entries,
+                len: self.len,
+            },
+            trainable,
+            frozen: still,
+        }
+    }
+}
+
+impl SplitLayout {
+    /// Splits a buffer laid out as the original layout into the trainable and frozen buffers.
+    pub fn split_values(&self, original: &FlatLayout, full: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let mut trainable = Vec::with_capacity(self.trainable.len);
+        let mut frozen = Vec::with_capacity(self.frozen.len);
+        for (entry, placed) in original.entries.iter().zip(&self.combined.entries) {
+            let values = &full[entry.offset..entry.offset + entry.len()];
+            match placed.offset < self.trainable.len {
+                true => trainable.extend_from_slice(values),
+                false => frozen.extend_from_slice(values),
+            }
+        }
+        (trainable, frozen)
+    }
 }
 
 /// One segment's parameters, sharded: the layout and this rank's slice (the f32 master copy).
@@ -369,6 +470,11 @@ impl ShardedParams {
 
     /// All-gathers the full buffer (padding removed).
     pub fn gather(&self, comm: &dyn Communicator) -> Result<Vec<f32>, CommError> {
+        // An empty part (a segment whose parameters are all frozen, or none are): every rank
+        // knows, so none takes part in a collective.
+        if self.layout.len == 0 {
+            return Ok(Vec::new());
+        }
         let mut full = comm.all_gather(&self.local)?;
         full.truncate(self.layout.len);
         Ok(full)
@@ -381,6 +487,9 @@ impl ShardedParams {
         comm: &dyn Communicator,
         mut full_grad: Vec<f32>,
     ) -> Result<Vec<f32>, CommError> {
+        if self.layout.len == 0 {
+            return Ok(Vec::new());
+        }
         full_grad.resize(self.shards.padded_len(), 0.0);
         comm.reduce_scatter_owned(full_grad, ReduceOp::Sum)
     }

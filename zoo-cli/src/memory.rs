@@ -138,6 +138,9 @@ pub struct EstimateArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Which parameters train (frozen ones have no gradient or AdamW moments).
+    #[command(flatten)]
+    freezing: crate::run::FreezeArgs,
 }
 
 /// The shapes that decide memory.
@@ -147,6 +150,10 @@ pub struct Shape {
     pub architecture: Architecture,
     /// All parameters.
     pub params: usize,
+    /// Parameters that train (the others, frozen, have no gradient or AdamW moments).
+    pub trainable: usize,
+    /// Every parameter's checkpoint name and size, in model order.
+    pub sizes: Vec<(String, usize)>,
     /// The embedding segment (also read by a tied LM head).
     pub embedding: usize,
     /// The largest block.
@@ -167,6 +174,19 @@ pub struct Shape {
     pub heads: usize,
     /// Vocabulary of an LM head (0 for a classifier).
     pub lm_vocab: usize,
+}
+
+impl Shape {
+    /// Counts the parameters `frozen` freezes out of the trainable ones.
+    pub fn freeze(&mut self, frozen: &bmtrain_backend::trainer::Frozen) {
+        let still: usize = self
+            .sizes
+            .iter()
+            .filter(|(name, _)| frozen.freezes(name))
+            .map(|(_, len)| len)
+            .sum();
+        self.trainable = self.params - still;
+    }
 }
 
 /// One rank's training setup.
@@ -251,6 +271,8 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     let c = if setup.gpu { GPU } else { CPU };
     let n = setup.ranks.max(1) as f64;
     let p = shape.params as f64;
+    // Frozen parameters keep their f32 values; only trainable ones have gradients and moments.
+    let trained = shape.trainable as f64;
     let d = setup.dtype_bytes as f64;
     let rows = setup.batch as f64 / n;
     let tokens = rows * setup.seq as f64;
@@ -301,7 +323,7 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         0.0
     };
     let features = Features {
-        state: 16.0 * p / n,
+        state: (4.0 * p + 12.0 * trained) / n,
         kept,
         working,
         act_width,
@@ -313,8 +335,8 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     };
 
     let master = 4.0 * p / n;
-    let grad_shard = 4.0 * p / n;
-    let optimizer = 8.0 * p / n;
+    let grad_shard = 4.0 * trained / n;
+    let optimizer = 8.0 * trained / n;
     let activations = act_width + act_ffn + act_scores + saved_inputs + head_logits;
     let workspace = working + c.per_rank + runtime;
     let parameters = master + kept;
@@ -465,13 +487,30 @@ fn shape_of_cut<S: bmtrain_backend::trainer::ZeroSpec<Cpu>>(
     (spec, embed, blocks, head): (S, S::Embed, Vec<S::Block>, S::Head),
     [hidden, ffn, heads, lm_vocab]: [usize; 4],
 ) -> Shape {
-    let block_sizes: Vec<usize> = blocks.iter().map(|b| layout_of::<Cpu, _>(b).len).collect();
+    use bmtrain_backend::trainer::SegmentId;
+    let mut sizes = Vec::new();
+    let mut measure = |id: SegmentId, layout: bmtrain_backend::zero::FlatLayout| {
+        let prefix = spec.prefix(id);
+        sizes.extend(layout.entries.iter().map(|e| {
+            let name = bmtrain_backend::checkpoint::tensor_name(&prefix, &e.name);
+            (name, e.len())
+        }));
+        layout.len
+    };
+    let embedding = measure(SegmentId::Embed, layout_of::<Cpu, _>(&embed));
+    let block_sizes: Vec<usize> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| measure(SegmentId::Block(i), layout_of::<Cpu, _>(b)))
+        .collect();
+    let head = measure(SegmentId::Head, layout_of::<Cpu, _>(&head));
     let block_params = block_sizes.iter().sum::<usize>();
-    let embedding = layout_of::<Cpu, _>(&embed).len;
-    let head = layout_of::<Cpu, _>(&head).len;
+    let params = embedding + block_params + head;
     Shape {
         architecture,
-        params: embedding + block_params + head,
+        params,
+        trainable: params,
+        sizes,
         embedding,
         largest_block: block_sizes.iter().copied().max().unwrap_or(0),
         block_params,
@@ -649,13 +688,16 @@ pub fn check_training_fits(
 ) -> anyhow::Result<()> {
     let world = setup.ranks.max(1);
     let ranks_here = setup.ranks_in_process.max(1);
-    let state = 16.0 * shape.params as f64 * ranks_here as f64 / world as f64;
+    let state = (4.0 * shape.params as f64 + 12.0 * shape.trainable as f64) * ranks_here as f64
+        / world as f64;
     ensure!(
         state <= budget,
         "{what}: the weights alone, with their gradients and AdamW moments, need {:.2} GB \
-         ({:.1}M parameters × 16 bytes{}), more than the {:.2} GB of memory available",
+         ({:.1}M parameters × 4 bytes + {:.1}M trainable × 12 bytes{}), more than the {:.2} GB \
+         of memory available",
         state / 1e9,
         shape.params as f64 / 1e6,
+        shape.trainable as f64 / 1e6,
         if world > ranks_here {
             format!(", this process's share of {world} ranks")
         } else {
@@ -687,7 +729,10 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         matches!(args.zero_stage, 2 | 3),
         "--zero-stage must be 2 or 3"
     );
-    let shape = shape_of(&args.model)?;
+    let mut shape = shape_of(&args.model)?;
+    if let Some(rule) = args.freezing.frozen(Default::default())? {
+        shape.freeze(&rule);
+    }
     let setup = Setup {
         seq: args.seq,
         batch: args.batch,
@@ -721,6 +766,7 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
                 "model": args.model,
                 "architecture": shape.architecture.hf_name(),
                 "params": shape.params,
+                "trainable_params": shape.trainable,
                 "seq": args.seq,
                 "batch": args.batch,
                 "ranks": args.ranks,
@@ -752,8 +798,13 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let gb = |b: f64| format!("{:>9.3} GB", b / 1e9);
+    let trainable = match shape.trainable == shape.params {
+        true => String::new(),
+        false => format!(", {:.2}M trainable", shape.trainable as f64 / 1e6),
+    };
     println!(
-        "{} ({}, {:.1}M parameters), {} × {} tokens over {} rank(s), {:?}{}, ZeRO stage {}",
+        "{} ({}, {:.1}M parameters{trainable}), {} × {} tokens over {} rank(s), {:?}{}, ZeRO \
+         stage {}",
         args.model,
         shape.architecture.hf_name(),
         shape.params as f64 / 1e6,

@@ -9,11 +9,12 @@
 //!   `optimizer.safetensors` and `trainer_state.json`, written in a staging directory and renamed;
 //! - `checkpoints/latest`: the name of the newest checkpoint (written, then renamed).
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -22,7 +23,7 @@ use bmtrain_backend::checkpoint::{self, FileDigest};
 use bmtrain_backend::comm::{Communicator, ReduceOp, SingleRank, ThreadGroup};
 use bmtrain_backend::dist::DistEnv;
 use bmtrain_backend::optim::{AdamWConfig, LossScaler};
-use bmtrain_backend::trainer::{ZeroOptions, ZeroSpec, ZeroTrainer};
+use bmtrain_backend::trainer::{Frozen, ZeroOptions, ZeroSpec, ZeroTrainer};
 use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 use checkpoints_convert::ZooManifest;
@@ -67,6 +68,9 @@ pub struct MemoryArgs {
     /// and master weights are host slices), so this only documents the choice.
     #[arg(long)]
     pub offload_optimizer: bool,
+    /// Which parameters train.
+    #[command(flatten)]
+    pub freezing: FreezeArgs,
     /// Ranks as threads of this process (data parallel + ZeRO). Under `zoo launch` or torchrun
     /// the ranks are processes instead, and this stays 1.
     #[arg(long, default_value_t = 1)]
@@ -79,6 +83,48 @@ pub struct MemoryArgs {
     /// noticed at once; this bounds one that hangs.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_COMM_TIMEOUT_S)]
     pub comm_timeout: u64,
+}
+
+/// Which parameters train: shared by the training jobs and `zoo memory`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FreezeArgs {
+    /// Freeze the parameters whose zoo name (as in a checkpoint's `model.safetensors`, e.g.
+    /// `bert.embeddings.word_embeddings.weight`) matches this regular expression, searched
+    /// anywhere in the name; repeat for several. Frozen parameters are sharded like the others
+    /// but have no gradient, no optimizer state and no gradient reduce-scatter.
+    #[arg(long, value_name = "REGEX")]
+    pub freeze: Vec<String>,
+    /// BitFit (Ben Zaken et al. 2022): train only the biases (linear biases and layer norms'
+    /// shifts) and the parameters the checkpoint does not have (a new classification head);
+    /// freeze the rest.
+    #[arg(long)]
+    pub bitfit: bool,
+}
+
+impl FreezeArgs {
+    /// The freezing rule of `--freeze` and `--bitfit`, if any; `fresh` holds (once each segment
+    /// has been read) the names that started fresh, which BitFit trains. A pattern that is not a
+    /// regular expression is an error naming it.
+    pub fn frozen(&self, fresh: Arc<Mutex<HashSet<String>>>) -> anyhow::Result<Option<Frozen>> {
+        if self.freeze.is_empty() && !self.bitfit {
+            return Ok(None);
+        }
+        let patterns = self
+            .freeze
+            .iter()
+            .map(|p| regex::Regex::new(p).with_context(|| format!("--freeze '{p}'")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bitfit = self.bitfit;
+        Ok(Some(Frozen::new(move |name| {
+            let is_fresh = || fresh.lock().is_ok_and(|f| f.contains(name));
+            patterns.iter().any(|p| p.is_match(name)) || (bitfit && !is_bias(name) && !is_fresh())
+        })))
+    }
+}
+
+/// Whether a zoo parameter name is a bias: linear biases, and layer norms' shifts (`beta`).
+fn is_bias(name: &str) -> bool {
+    name.ends_with(".bias") || name.ends_with(".beta") || name == "bias"
 }
 
 /// Where a training job writes and how it reports: shared by `zoo pretrain` and `zoo finetune`.
@@ -278,7 +324,7 @@ impl MemoryArgs {
         if self.dtype.is_none() && matches!(self.device, DeviceSpec::Cuda(_)) {
             self.dtype = Some(DtypeArg::Bf16);
         }
-        let shape = crate::memory::shape_of_config(architecture, config)?;
+        let shape = self.shape(architecture, config)?;
         let base = self.setup(seq, global_batch);
         ensure!(
             global_batch.is_multiple_of(base.ranks),
@@ -335,8 +381,22 @@ impl MemoryArgs {
         let Some(available) = crate::memory::available_memory() else {
             return Ok(());
         };
-        let shape = crate::memory::shape_of_config(architecture, config)?;
+        let shape = self.shape(architecture, config)?;
         crate::memory::check_training_fits(&shape, &self.setup(seq, batch), available, what)
+    }
+
+    /// The shapes `zoo memory` estimates for `config`, with the parameters --freeze / --bitfit
+    /// freeze (BitFit's new head, unknown before the checkpoint is read, counts as frozen).
+    fn shape(
+        &self,
+        architecture: models::Architecture,
+        config: &models::ModelConfig,
+    ) -> anyhow::Result<crate::memory::Shape> {
+        let mut shape = crate::memory::shape_of_config(architecture, config)?;
+        if let Some(rule) = self.freezing.frozen(Default::default())? {
+            shape.freeze(&rule);
+        }
+        Ok(shape)
     }
 
     /// The trainer options for a model of `blocks` blocks.
@@ -364,6 +424,7 @@ impl MemoryArgs {
             max_grad_norm,
             loss_scaler,
             compute_dtype,
+            frozen: None,
         })
     }
 }
@@ -491,7 +552,10 @@ impl TrainSetup<'_> {
             weight_decay: self.weight_decay,
         };
         let clip = (self.max_grad_norm > 0.0).then_some(self.max_grad_norm);
-        let options = memory.zero_options(blocks.len(), adamw, clip)?;
+        let mut options = memory.zero_options(blocks.len(), adamw, clip)?;
+        // The names that start fresh, known segment by segment before each is sharded.
+        let fresh = Arc::new(Mutex::new(HashSet::new()));
+        options.frozen = memory.freezing.frozen(fresh.clone())?;
         let mut start = models::train::StartValues {
             tensors: self.tensors,
             strict: self.strict,
@@ -508,7 +572,14 @@ impl TrainSetup<'_> {
             blocks,
             head,
             options,
-            |_, prefix, layout| start.segment(prefix, layout),
+            |_, prefix, layout| {
+                let before = start.fresh.len();
+                let values = start.segment(prefix, layout);
+                if let Ok(mut names) = fresh.lock() {
+                    names.extend(start.fresh[before..].iter().cloned());
+                }
+                values
+            },
         )
         .with_context(|| format!("starting from {}", self.source))?;
         // What building the shards read and freed (segment buffers, tensors) goes back to the OS.
@@ -538,9 +609,18 @@ pub fn report_ready<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
     trainer: &ZeroTrainer<B, S, C>,
 ) {
     if trainer.comm().rank() == 0 {
+        let (all, trained) = (trainer.parameter_count(), trainer.trainable_count());
+        let trainable = match trained == all {
+            true => String::new(),
+            false => format!(
+                " ({:.3}M trainable, {:.2}%; the rest frozen)",
+                trained as f64 / 1e6,
+                100.0 * trained as f64 / all.max(1) as f64
+            ),
+        };
         eprintln!(
-            "model ready: {:.1}M parameters sharded over {} rank(s), {:.1} s after start",
-            trainer.parameter_count() as f64 / 1e6,
+            "model ready: {:.1}M parameters{trainable} sharded over {} rank(s), {:.1} s after start",
+            all as f64 / 1e6,
             trainer.comm().world_size(),
             process_start().elapsed().as_secs_f64()
         );

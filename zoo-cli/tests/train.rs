@@ -163,6 +163,128 @@ fn finetuning_a_tiny_bert_learns_a_synthetic_rule() {
     assert!(run.join("checkpoints/last/optimizer.safetensors").is_file());
 }
 
+/// BitFit on the tiny BERT: only the biases and the new classification head train (the model
+/// says how many), the frozen weights end bit-identical to the base model's, the loss falls,
+/// a run killed mid-way resumes to the bits of an uninterrupted one, and `zoo memory` counts
+/// the frozen parameters without gradients or moments.
+#[test]
+fn bitfit_trains_only_biases_and_the_new_head_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, valid) = (dir.path().join("train.tsv"), dir.path().join("dev.tsv"));
+    synthetic(&train, 128, 1);
+    synthetic(&valid, 32, 2);
+    let base = dir.path().join("base");
+    let converted = zoo(&[
+        "convert",
+        "--from",
+        fixture("bert").to_str().unwrap(),
+        "--out",
+        base.to_str().unwrap(),
+    ]);
+    assert!(converted.status.success(), "{}", text(&converted));
+    let finetune = |run: &Path, epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            base.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--valid",
+            valid.to_str().unwrap(),
+            "--num-labels",
+            "2",
+            "--lr",
+            "1e-2",
+            "--epochs",
+            epochs,
+            "--batch",
+            "16",
+            "--log-every",
+            "1",
+            "--bitfit",
+            "--schedule",
+            "constant",
+            "--warmup-ratio",
+            "0",
+            "--out",
+            run.to_str().unwrap(),
+            "--no-progress",
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let run = dir.path().join("run");
+    let output = finetune(&run, "4", &[]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("trainable"), "{}", text(&output));
+    let before: std::collections::HashMap<_, _> = weights(&base).into_iter().collect();
+    let after = weights(&run.join("checkpoints/last"));
+    let (mut frozen, mut trained) = (0, 0);
+    for (name, values) in &after {
+        // The base directory is a bare BertModel: its names lack the classifier's `bert.`.
+        let bias = name.ends_with(".bias") || name.ends_with(".beta");
+        match before.get(name.strip_prefix("bert.").unwrap_or(name)) {
+            Some(start) if !bias => {
+                assert_eq!(start, values, "{name}: a frozen weight moved");
+                frozen += 1;
+            }
+            Some(start) => trained += usize::from(start != values),
+            // The new head.
+            None => trained += 1,
+        }
+    }
+    let losses = losses(&run);
+    let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
+    println!(
+        "bitfit: {frozen} frozen tensors unchanged, {trained} trained; loss {first:.4} → {last:.4}"
+    );
+    assert!(frozen > 10 && trained > 10);
+    assert!(last < first, "{losses:?}");
+    // The optimizer state holds the trained parameters only.
+    let optimizer =
+        checkpoints_convert::read_weights_file(&run.join("checkpoints/last/optimizer.safetensors"))
+            .unwrap();
+    assert_eq!(optimizer.len(), 2 * (after.len() - frozen));
+
+    // Two epochs, then resumed for all four (a constant schedule without warmup does not depend
+    // on the total):
+    // the same weights as the uninterrupted run.
+    let halted = dir.path().join("halted");
+    let output = finetune(&halted, "2", &[]);
+    assert!(output.status.success(), "{}", text(&output));
+    let output = finetune(&halted, "4", &["--resume", halted.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output));
+    // Bit-identical: every difference is 0.
+    let worst = assert_weights_close(&weights(&halted.join("checkpoints/last")), &after, 1e-30);
+    println!("bitfit: resumed after two epochs, worst weight difference {worst:.2e}");
+
+    let memory = |extra: &[&str]| {
+        let mut args = vec![
+            "memory",
+            "--model",
+            "bert-large-uncased",
+            "--seq",
+            "512",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let output = zoo(&args);
+        assert!(output.status.success(), "{}", text(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let (all, bitfit) = (memory(&[]), memory(&["--bitfit"]));
+    let trainable = bitfit["trainable_params"].as_f64().unwrap();
+    assert!(trainable < 1e6, "{bitfit}");
+    assert_eq!(
+        bitfit["optimizer_bytes"].as_f64().unwrap(),
+        (8.0 * trainable).round()
+    );
+    assert!(all["optimizer_bytes"].as_f64().unwrap() > 2.6e9);
+    let bad = zoo(&["memory", "--model", "gpt2", "--seq", "8", "--freeze", "a("]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("--freeze 'a('"), "{}", text(&bad));
+}
+
 #[test]
 fn bad_training_input_fails_clearly_and_overwrites_nothing() {
     let dir = tempfile::tempdir().unwrap();
