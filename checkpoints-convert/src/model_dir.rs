@@ -201,15 +201,45 @@ impl models::train::TensorSource for ZooWeightsReader {
 }
 
 impl ModelSpec {
+    /// The LoRA adapters a trained directory records (`zoo_lora` in its config), if any.
+    pub fn lora(&self) -> Result<Option<models::adapters::LoraSpec>> {
+        let Some(value) = self.hf_config.get("zoo_lora").filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let path = self.dir.join(match self.kind {
+            DirKind::Hf => HF_CONFIG,
+            DirKind::Zoo => ZOO_MANIFEST,
+        });
+        let spec: models::adapters::LoraSpec =
+            serde_json::from_value(value.clone()).map_err(|e| ConvertError::Config {
+                path: path.clone(),
+                error: models::ModelError::config("zoo_lora", e.to_string()),
+            })?;
+        spec.validate()
+            .map_err(|error| ConvertError::Config { path, error })?;
+        Ok(Some(spec))
+    }
+
+    /// The model this directory describes, with fresh (lazy) weights and its LoRA adapters.
+    pub fn new_model<B: Backend>(&self, device: &B::Device) -> Result<AnyModel<B>> {
+        let config_error = |error| ConvertError::Config {
+            path: self.dir.join(HF_CONFIG),
+            error,
+        };
+        let mut model =
+            AnyModel::<B>::new(self.architecture, &self.config, device).map_err(config_error)?;
+        if let Some(lora) = self.lora()? {
+            lora.attach(model.adaptable(), device)
+                .map_err(config_error)?;
+        }
+        Ok(model)
+    }
+
     /// Parameters of the model the config describes, counted on the lazily built model (its
     /// shapes alone: nothing is allocated, whatever the config claims).
     pub fn parameter_count(&self) -> Result<u128> {
         let device = Default::default();
-        let model = AnyModel::<bmtrain_backend::Cpu>::new(self.architecture, &self.config, &device)
-            .map_err(|error| ConvertError::Config {
-                path: self.dir.join(HF_CONFIG),
-                error,
-            })?;
+        let model = self.new_model::<bmtrain_backend::Cpu>(&device)?;
         Ok(models::param_infos::<bmtrain_backend::Cpu, _>(&model)
             .iter()
             .map(|p| p.shape.iter().map(|&d| d as u128).product::<u128>())
@@ -243,11 +273,7 @@ impl ModelSpec {
     /// Zoo key → shape the config implies, from lazily built parameters (nothing is allocated).
     fn expected_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
         let device = Default::default();
-        let model = AnyModel::<bmtrain_backend::Cpu>::new(self.architecture, &self.config, &device)
-            .map_err(|error| ConvertError::Config {
-                path: self.dir.join(HF_CONFIG),
-                error,
-            })?;
+        let model = self.new_model::<bmtrain_backend::Cpu>(&device)?;
         Ok(models::param_infos::<bmtrain_backend::Cpu, _>(&model)
             .into_iter()
             .map(|p| (p.name, p.shape))
@@ -500,13 +526,7 @@ pub fn build_model<B: Backend>(
     tensors: BTreeMap<String, TensorData>,
     device: &B::Device,
 ) -> Result<AnyModel<B>> {
-    let mut model =
-        AnyModel::<B>::new(spec.architecture, &spec.config, device).map_err(|error| {
-            ConvertError::Config {
-                path: spec.dir.join(HF_CONFIG),
-                error,
-            }
-        })?;
+    let mut model = spec.new_model::<B>(device)?;
     let snapshots = tensors
         .into_iter()
         .map(|(key, data)| {

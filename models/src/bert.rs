@@ -323,6 +323,27 @@ pub struct BertEncoder<B: Backend> {
 }
 
 impl<B: Backend> BertEncoder<B> {
+    /// Every layer's linear layers: `query`, `key`, `value`, `attention_output` (HF
+    /// `attention.output.dense`), `intermediate` (`intermediate.dense`), `output`
+    /// (`output.dense`).
+    pub fn adaptable(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            out.extend(layer.attention.named_projections([
+                "query",
+                "key",
+                "value",
+                "attention_output",
+            ]));
+            out.extend(
+                layer
+                    .ffn
+                    .named_linears(["intermediate", "intermediate", "output"]),
+            );
+        }
+        out
+    }
+
     /// Builds `config.num_hidden_layers` layers.
     pub fn new(config: &BertConfig, device: &B::Device) -> Result<Self, ModelError> {
         let activation = config.activation()?;
@@ -541,6 +562,9 @@ impl<B: Backend> ModelClass<B> for BertModel<B> {
     fn vocab_size(&self) -> usize {
         self.embeddings.vocab_size()
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.encoder.adaptable()
+    }
 }
 
 impl<B: Backend> ModelClass<B> for BertForMaskedLM<B> {
@@ -558,6 +582,9 @@ impl<B: Backend> ModelClass<B> for BertForMaskedLM<B> {
     fn vocab_size(&self) -> usize {
         self.bert.vocab_size()
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.bert.encoder.adaptable()
+    }
 }
 
 impl<B: Backend> ModelClass<B> for BertForSequenceClassification<B> {
@@ -574,6 +601,9 @@ impl<B: Backend> ModelClass<B> for BertForSequenceClassification<B> {
     }
     fn vocab_size(&self) -> usize {
         self.bert.vocab_size()
+    }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.bert.encoder.adaptable()
     }
 }
 

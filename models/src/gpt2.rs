@@ -370,6 +370,21 @@ pub struct Gpt2Model<B: Backend> {
 }
 
 impl<B: Backend> Gpt2Model<B> {
+    /// Every block's linear layers: `query`, `key`, `value` (HF's fused `attn.c_attn`, split),
+    /// `attn_c_proj`, `c_fc`, `mlp_c_proj`.
+    pub fn adaptable(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for block in &mut self.blocks {
+            out.extend(
+                block
+                    .attention
+                    .named_projections(["query", "key", "value", "attn_c_proj"]),
+            );
+            out.extend(block.mlp.named_linears(["c_fc", "c_fc", "mlp_c_proj"]));
+        }
+        out
+    }
+
     /// Builds the stack from a config (weights lazily initialised).
     pub fn new(config: &Gpt2Config, device: &B::Device) -> Result<Self, ModelError> {
         config.validate()?;
@@ -621,6 +636,9 @@ impl<B: Backend> ModelClass<B> for Gpt2Model<B> {
     fn vocab_size(&self) -> usize {
         Gpt2Model::vocab_size(self)
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        Gpt2Model::adaptable(self)
+    }
 }
 
 impl<B: Backend> ModelClass<B> for Gpt2ForSequenceClassification<B> {
@@ -640,6 +658,9 @@ impl<B: Backend> ModelClass<B> for Gpt2ForSequenceClassification<B> {
     fn vocab_size(&self) -> usize {
         self.transformer.vocab_size()
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.transformer.adaptable()
+    }
 }
 
 impl<B: Backend> ModelClass<B> for Gpt2LmHeadModel<B> {
@@ -656,6 +677,9 @@ impl<B: Backend> ModelClass<B> for Gpt2LmHeadModel<B> {
     }
     fn vocab_size(&self) -> usize {
         self.transformer.vocab_size()
+    }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.transformer.adaptable()
     }
     fn generate(
         &self,

@@ -260,6 +260,11 @@ pub trait ModelClass<B: Backend>: Sized {
     fn max_sequence_length(&self) -> usize;
     /// Number of token ids the model accepts.
     fn vocab_size(&self) -> usize;
+    /// The linear layers a LoRA update may adapt, each under its target name (the family's:
+    /// `q_proj` … `down_proj`, `query` … `output`, `q` … `wo`); heads are not listed.
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        Vec::new()
+    }
     /// Generates continuations of `prompts` (a causal LM continues them; an encoder-decoder
     /// reads them and writes new text), calling `on_tokens` as [`crate::generation::generate`]
     /// does; `None` for a class without an LM head.

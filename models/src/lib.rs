@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+pub mod adapters;
 pub mod bert;
 pub mod generation;
 pub mod gpt2;

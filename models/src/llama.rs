@@ -843,6 +843,27 @@ pub struct LlamaModel<B: Backend> {
 }
 
 impl<B: Backend> LlamaModel<B> {
+    /// Every block's projections under PEFT's names: `q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    /// `gate_proj`, `up_proj`, `down_proj`.
+    pub fn adaptable(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            let attention = &mut layer.self_attn;
+            out.extend([
+                ("q_proj", &mut attention.q_proj),
+                ("k_proj", &mut attention.k_proj),
+                ("v_proj", &mut attention.v_proj),
+                ("o_proj", &mut attention.o_proj),
+            ]);
+            out.extend(
+                layer
+                    .mlp
+                    .named_linears(["up_proj", "gate_proj", "down_proj"]),
+            );
+        }
+        out
+    }
+
     /// Builds the stack from a config (weights lazily initialised).
     pub fn new(config: &LlamaConfig, device: &B::Device) -> Result<Self, ModelError> {
         config.validate()?;
@@ -1037,6 +1058,9 @@ impl<B: Backend> ModelClass<B> for LlamaModel<B> {
     fn vocab_size(&self) -> usize {
         LlamaModel::vocab_size(self)
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        LlamaModel::adaptable(self)
+    }
 }
 
 impl<B: Backend> ModelClass<B> for LlamaForCausalLM<B> {
@@ -1053,6 +1077,9 @@ impl<B: Backend> ModelClass<B> for LlamaForCausalLM<B> {
     }
     fn vocab_size(&self) -> usize {
         self.model.vocab_size()
+    }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.model.adaptable()
     }
     fn generate(
         &self,
@@ -1083,6 +1110,9 @@ impl<B: Backend> ModelClass<B> for LlamaForSequenceClassification<B> {
     }
     fn vocab_size(&self) -> usize {
         self.model.vocab_size()
+    }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.model.adaptable()
     }
 }
 

@@ -463,6 +463,13 @@ macro_rules! classes {
                 }
             }
 
+            /// The linear layers a LoRA update may adapt (see [`ModelClass::adaptable`]).
+            pub fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+                match self {
+                    $(Self::$variant(m) => m.adaptable(),)*
+                }
+            }
+
             /// Generates continuations (see [`ModelClass::generate`]); `None` when the class has
             /// no LM head.
             pub fn generate(

@@ -197,6 +197,9 @@ impl<B: Backend> ModelClass<B> for RobertaModel<B> {
     fn vocab_size(&self) -> usize {
         self.embeddings.vocab_size()
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.encoder.adaptable()
+    }
 }
 
 impl<B: Backend> ModelClass<B> for RobertaForMaskedLM<B> {
@@ -214,6 +217,9 @@ impl<B: Backend> ModelClass<B> for RobertaForMaskedLM<B> {
     fn vocab_size(&self) -> usize {
         self.roberta.embeddings.vocab_size()
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.roberta.encoder.adaptable()
+    }
 }
 
 impl<B: Backend> ModelClass<B> for RobertaForSequenceClassification<B> {
@@ -230,6 +236,9 @@ impl<B: Backend> ModelClass<B> for RobertaForSequenceClassification<B> {
     }
     fn vocab_size(&self) -> usize {
         self.roberta.embeddings.vocab_size()
+    }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.roberta.encoder.adaptable()
     }
 }
 

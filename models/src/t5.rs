@@ -475,6 +475,25 @@ pub struct T5Stack<B: Backend> {
 }
 
 impl<B: Backend> T5Stack<B> {
+    /// Every block's linear layers under HF's names: `q`, `k`, `v`, `o` (self- and
+    /// cross-attention), `wi` (v1.0) or `wi_0` / `wi_1` (gated), `wo`.
+    pub fn adaptable(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for block in &mut self.blocks {
+            out.extend(block.self_attention.named_projections(["q", "k", "v", "o"]));
+            if let Some(cross) = block.cross_attention.as_mut() {
+                out.extend(cross.named_projections(["q", "k", "v", "o"]));
+            }
+            let input = if block.ffn.gate.is_some() {
+                "wi_1"
+            } else {
+                "wi"
+            };
+            out.extend(block.ffn.named_linears([input, "wi_0", "wo"]));
+        }
+        out
+    }
+
     fn new(config: &T5Config, decoder: bool, device: &B::Device) -> Result<Self, ModelError> {
         let layers = if decoder {
             config.decoder_layers()
@@ -1141,6 +1160,11 @@ impl<B: Backend> ModelClass<B> for T5Model<B> {
     fn vocab_size(&self) -> usize {
         self.shared.weight.shape().dims::<2>()[0]
     }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        let mut out = self.encoder.adaptable();
+        out.extend(self.decoder.adaptable());
+        out
+    }
 }
 
 impl<B: Backend> ModelClass<B> for T5ForConditionalGeneration<B> {
@@ -1160,6 +1184,11 @@ impl<B: Backend> ModelClass<B> for T5ForConditionalGeneration<B> {
     }
     fn vocab_size(&self) -> usize {
         T5ForConditionalGeneration::vocab_size(self)
+    }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        let mut out = self.encoder.adaptable();
+        out.extend(self.decoder.adaptable());
+        out
     }
     fn generate(
         &self,
@@ -1189,6 +1218,9 @@ impl<B: Backend> ModelClass<B> for T5EncoderModel<B> {
     }
     fn vocab_size(&self) -> usize {
         self.shared.weight.shape().dims::<2>()[0]
+    }
+    fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
+        self.encoder.adaptable()
     }
 }
 

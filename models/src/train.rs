@@ -44,6 +44,10 @@ pub enum ParamKind {
     Embedding,
     /// A weight matrix (or anything else drawn from a normal).
     Matrix,
+    /// LoRA's `A` (`[d_input, r]`): PEFT's Kaiming-uniform, `U(−1/√d_input, 1/√d_input)`.
+    LoraDown,
+    /// LoRA's `B`: starts at 0, so a fresh adapter leaves the model's outputs as they were.
+    LoraUp,
 }
 
 impl ParamKind {
@@ -52,6 +56,8 @@ impl ParamKind {
         let field = entry.name.rsplit('.').next().unwrap_or_default();
         match (entry.owner.as_str(), field) {
             ("LayerNorm" | "RmsNorm", "gamma" | "weight") => Self::NormScale,
+            ("Lora", "a") => Self::LoraDown,
+            ("Lora", "b") => Self::LoraUp,
             (_, "beta" | "bias") => Self::Bias,
             ("Embedding", _) => Self::Embedding,
             _ => Self::Matrix,
@@ -147,16 +153,24 @@ impl InitScheme {
         use rand::{RngExt, SeedableRng, rngs::StdRng};
         use rayon::prelude::*;
         let len = entry.len();
-        match ParamKind::of(entry) {
-            ParamKind::NormScale => return vec![1.0; len],
-            ParamKind::Bias => return vec![0.0; len],
-            ParamKind::Embedding | ParamKind::Matrix => {}
-        }
-        let std = self.std(name);
         // FNV-1a of the name: parameters of one seed get unrelated streams.
         let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         });
+        match ParamKind::of(entry) {
+            ParamKind::NormScale => return vec![1.0; len],
+            ParamKind::Bias | ParamKind::LoraUp => return vec![0.0; len],
+            ParamKind::LoraDown => {
+                use rand::{RngExt, SeedableRng, rngs::StdRng};
+                let bound = 1.0 / (entry.shape[0].max(1) as f64).sqrt();
+                let mut rng = StdRng::seed_from_u64(seed ^ name_hash.rotate_left(17));
+                return (0..len)
+                    .map(|_| ((2.0 * rng.random::<f64>() - 1.0) * bound) as f32)
+                    .collect();
+            }
+            ParamKind::Embedding | ParamKind::Matrix => {}
+        }
+        let std = self.std(name);
         let mut out = vec![0.0f32; len];
         out.par_chunks_mut(INIT_CHUNK)
             .enumerate()

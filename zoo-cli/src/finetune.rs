@@ -24,6 +24,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::{TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer};
 use clap::Args;
+use models::adapters::LoraSpec;
 use models::bert::BertForSequenceClassification;
 use models::gpt2::Gpt2ForSequenceClassification;
 use models::llama::LlamaForSequenceClassification;
@@ -39,7 +40,8 @@ use serde_json::{Value, json};
 
 use crate::run::{
     CheckpointFiles, Cut, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
-    TrainSetup, any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks, save_checkpoint,
+    TrainSetup, adapted, any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks,
+    save_checkpoint,
 };
 
 /// What `zoo finetune` trains the model to do.
@@ -211,6 +213,8 @@ struct Example {
 }
 
 struct Job {
+    /// The LoRA adapters trained (`--lora-r`), recorded in the manifest as `zoo_lora`.
+    lora: Option<LoraSpec>,
     args: FinetuneArgs,
     run_dir: PathBuf,
     /// The run directory's lock, held until the job ends.
@@ -437,6 +441,10 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
             .map(|i| (format!("LABEL_{i}"), i))
             .collect::<BTreeMap<_, _>>()
     );
+    let lora = args.memory.freezing.lora(family)?;
+    if let Some(lora) = &lora {
+        hf_config["zoo_lora"] = serde_json::to_value(lora)?;
+    }
     let manifest = ZooManifest {
         format: "zoo".into(),
         format_version: 1,
@@ -467,6 +475,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     };
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     Ok(Job {
+        lora,
         args,
         run_dir,
         _lock: lock,
@@ -780,21 +789,29 @@ fn train<AB: AutodiffBackend>(
 ) -> anyhow::Result<Summary> {
     match (&job.config, job.architecture) {
         (ModelConfig::Bert(config), Architecture::RobertaForSequenceClassification) => {
-            let cut = ClassifierSpec::split_roberta(RobertaForSequenceClassification::<AB>::new(
-                config, &device,
+            let cut = ClassifierSpec::split_roberta(adapted(
+                RobertaForSequenceClassification::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
             )?);
             train_loop(comm, device, job, cut, InitScheme::Bert)
         }
         (ModelConfig::Bert(config), _) => {
             let cut = ClassifierSpec::split_bert(
-                BertForSequenceClassification::<AB>::new(config, &device)?,
+                adapted(
+                    BertForSequenceClassification::<AB>::new(config, &device)?,
+                    job.lora.as_ref(),
+                    &device,
+                )?,
                 config,
             );
             train_loop(comm, device, job, cut, InitScheme::Bert)
         }
         (ModelConfig::Gpt2(config), _) => {
-            let cut = Gpt2ClassifierSpec::split(Gpt2ForSequenceClassification::<AB>::new(
-                config, &device,
+            let cut = Gpt2ClassifierSpec::split(adapted(
+                Gpt2ForSequenceClassification::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
             )?);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
@@ -802,8 +819,10 @@ fn train<AB: AutodiffBackend>(
             train_loop(comm, device, job, cut, init)
         }
         (ModelConfig::Llama(config), _) => {
-            let cut = LlamaClassifierSpec::split(LlamaForSequenceClassification::<AB>::new(
-                config, &device,
+            let cut = LlamaClassifierSpec::split(adapted(
+                LlamaForSequenceClassification::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
             )?);
             let init = InitScheme::Normal {
                 std: config.initializer_range,

@@ -29,6 +29,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use checkpoints_convert::{
     DirKind, ModelSpec, TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer,
 };
+use models::adapters::LoraSpec;
 use models::generation::GenerationConfig;
 use models::gpt2::{Gpt2LmHeadModel, IGNORE_INDEX};
 use models::llama::LlamaForCausalLM;
@@ -40,7 +41,7 @@ use serde_json::{Value, json};
 
 use crate::finetune::{FinetuneArgs, Task, epoch_order};
 use crate::run::{
-    CheckpointFiles, Cut, Progress, RunLock, RunOutputs, StepSplit, TrainSetup,
+    CheckpointFiles, Cut, Progress, RunLock, RunOutputs, StepSplit, TrainSetup, adapted,
     any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
     save_checkpoint,
 };
@@ -54,6 +55,8 @@ struct Pair {
 }
 
 struct Job {
+    /// The LoRA adapters trained (`--lora-r`), recorded in the manifest as `zoo_lora`.
+    lora: Option<LoraSpec>,
     args: FinetuneArgs,
     run_dir: PathBuf,
     _lock: Option<RunLock>,
@@ -222,6 +225,10 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     );
     let mut hf_config = spec.hf_config.clone();
     hf_config["architectures"] = json!([architecture.hf_name()]);
+    let lora = args.memory.freezing.lora(family)?;
+    if let Some(lora) = &lora {
+        hf_config["zoo_lora"] = serde_json::to_value(lora)?;
+    }
     let manifest = ZooManifest {
         format: "zoo".into(),
         format_version: 1,
@@ -256,6 +263,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     };
     let tokenizer_json = tokenizer.as_hf().and_then(|t| t.to_string(false).ok());
     Ok(Job {
+        lora,
         args,
         run_dir,
         _lock: lock,
@@ -616,7 +624,11 @@ fn train<AB: AutodiffBackend>(
 ) -> anyhow::Result<Summary> {
     match &job.config {
         ModelConfig::T5(config) => {
-            let cut = T5Spec::split(T5ForConditionalGeneration::<AB>::new(config, &device)?)?;
+            let cut = T5Spec::split(adapted(
+                T5ForConditionalGeneration::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
+            )?)?;
             let init = InitScheme::T5 {
                 d_model: config.d_model,
                 d_kv: config.d_kv,
@@ -626,14 +638,22 @@ fn train<AB: AutodiffBackend>(
             train_loop(comm, device, job, cut, init)
         }
         ModelConfig::Gpt2(config) => {
-            let cut = Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(config, &device)?);
+            let cut = Gpt2Spec::split(adapted(
+                Gpt2LmHeadModel::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
+            )?);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
             };
             train_loop(comm, device, job, cut, init)
         }
         ModelConfig::Llama(config) => {
-            let cut = LlamaSpec::split(LlamaForCausalLM::<AB>::new(config, &device)?);
+            let cut = LlamaSpec::split(adapted(
+                LlamaForCausalLM::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
+            )?);
             let init = InitScheme::Normal {
                 std: config.initializer_range,
             };

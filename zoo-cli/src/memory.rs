@@ -393,7 +393,7 @@ pub fn max_batch(shape: &Shape, setup: &Setup, budget: f64) -> usize {
 }
 
 /// The trained class and shapes of `--model`, with its segments as the trainer cuts them.
-pub fn shape_of(model: &str) -> anyhow::Result<Shape> {
+pub fn shape_of(model: &str, freezing: &crate::run::FreezeArgs) -> anyhow::Result<Shape> {
     let path = Path::new(model);
     let (architecture, config) = if path.is_dir() {
         let spec = checkpoints_convert::read_spec(path)?;
@@ -416,13 +416,24 @@ pub fn shape_of(model: &str) -> anyhow::Result<Shape> {
             .with_context(|| format!("--model {model}: not a directory, config or preset"))?;
         (preset.architecture, preset.config)
     };
-    shape_of_config(architecture, &config).with_context(|| format!("--model {model}"))
+    let lora = freezing.lora(architecture.family())?;
+    shape_of_adapted(architecture, &config, lora.as_ref())
+        .with_context(|| format!("--model {model}"))
 }
 
 /// The trained class and shapes of a config: the segments of the lazily built model (nothing
 /// is allocated), cut as the training jobs cut it. A class with a head trains as itself; a bare
 /// body as the family's causal or seq2seq LM, or (BERT, RoBERTa) as a sequence classifier.
 pub fn shape_of_config(architecture: Architecture, config: &ModelConfig) -> anyhow::Result<Shape> {
+    shape_of_adapted(architecture, config, None)
+}
+
+/// [`shape_of_config`] with LoRA adapters attached (their parameters are in the segments).
+pub fn shape_of_adapted(
+    architecture: Architecture,
+    config: &ModelConfig,
+    lora: Option<&models::adapters::LoraSpec>,
+) -> anyhow::Result<Shape> {
     let family = architecture.family();
     let trained = match architecture.head() {
         Head::Body => [Head::CausalLm, Head::Seq2seq, Head::Classify]
@@ -442,39 +453,63 @@ pub fn shape_of_config(architecture: Architecture, config: &ModelConfig) -> anyh
     let device = Default::default();
     Ok(match (config, trained) {
         (ModelConfig::Gpt2(c), Architecture::Gpt2ForSequenceClassification) => {
-            let model = Gpt2ForSequenceClassification::<Cpu>::new(c, &device)?;
+            let model = crate::run::adapted(
+                Gpt2ForSequenceClassification::<Cpu>::new(c, &device)?,
+                lora,
+                &device,
+            )?;
             shape_of_cut(trained, Gpt2ClassifierSpec::split(model), dims)
         }
         (ModelConfig::Gpt2(c), _) => {
-            let model = Gpt2LmHeadModel::<Cpu>::new(c, &device)?;
+            let model =
+                crate::run::adapted(Gpt2LmHeadModel::<Cpu>::new(c, &device)?, lora, &device)?;
             shape_of_cut(trained, Gpt2Spec::split(model), dims)
         }
         (ModelConfig::Bert(c), Architecture::BertForMaskedLM) => {
-            let model = BertForMaskedLM::<Cpu>::new(c, &device)?;
+            let model =
+                crate::run::adapted(BertForMaskedLM::<Cpu>::new(c, &device)?, lora, &device)?;
             shape_of_cut(trained, MlmSpec::split_bert(model), dims)
         }
         (ModelConfig::Bert(c), Architecture::RobertaForMaskedLM) => {
-            let model = RobertaForMaskedLM::<Cpu>::new(c, &device)?;
+            let model =
+                crate::run::adapted(RobertaForMaskedLM::<Cpu>::new(c, &device)?, lora, &device)?;
             shape_of_cut(trained, MlmSpec::split_roberta(model), dims)
         }
         (ModelConfig::Bert(c), Architecture::RobertaForSequenceClassification) => {
-            let model = RobertaForSequenceClassification::<Cpu>::new(c, &device)?;
+            let model = crate::run::adapted(
+                RobertaForSequenceClassification::<Cpu>::new(c, &device)?,
+                lora,
+                &device,
+            )?;
             shape_of_cut(trained, ClassifierSpec::split_roberta(model), dims)
         }
         (ModelConfig::Bert(c), _) => {
-            let model = BertForSequenceClassification::<Cpu>::new(c, &device)?;
+            let model = crate::run::adapted(
+                BertForSequenceClassification::<Cpu>::new(c, &device)?,
+                lora,
+                &device,
+            )?;
             shape_of_cut(trained, ClassifierSpec::split_bert(model, c), dims)
         }
         (ModelConfig::T5(c), _) => {
-            let model = T5ForConditionalGeneration::<Cpu>::new(c, &device)?;
+            let model = crate::run::adapted(
+                T5ForConditionalGeneration::<Cpu>::new(c, &device)?,
+                lora,
+                &device,
+            )?;
             shape_of_cut(trained, T5Spec::split(model)?, dims)
         }
         (ModelConfig::Llama(c), _) if trained.head() == Head::Classify => {
-            let model = LlamaForSequenceClassification::<Cpu>::new(c, &device)?;
+            let model = crate::run::adapted(
+                LlamaForSequenceClassification::<Cpu>::new(c, &device)?,
+                lora,
+                &device,
+            )?;
             shape_of_cut(trained, LlamaClassifierSpec::split(model), dims)
         }
         (ModelConfig::Llama(c), _) => {
-            let model = LlamaForCausalLM::<Cpu>::new(c, &device)?;
+            let model =
+                crate::run::adapted(LlamaForCausalLM::<Cpu>::new(c, &device)?, lora, &device)?;
             shape_of_cut(trained, LlamaSpec::split(model), dims)
         }
     })
@@ -729,7 +764,7 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         matches!(args.zero_stage, 2 | 3),
         "--zero-stage must be 2 or 3"
     );
-    let mut shape = shape_of(&args.model)?;
+    let mut shape = shape_of(&args.model, &args.freezing)?;
     if let Some(rule) = args.freezing.frozen(Default::default())? {
         shape.freeze(&rule);
     }

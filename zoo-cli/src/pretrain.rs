@@ -28,6 +28,7 @@ use checkpoints_convert::{
     DirKind, LoadOptions, ModelSpec, TextTokenizer, ZooManifest, ZooWeightsReader, load_tokenizer,
 };
 use clap::{Args, ValueEnum};
+use models::adapters::LoraSpec;
 use models::bert::{BertConfig, BertForMaskedLM, mlm_mask, whole_word_mask};
 use models::generation::{Decoding, GenerationConfig, TokenIds};
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
@@ -44,8 +45,8 @@ use serde_json::{Value, json};
 
 use crate::run::{
     CheckpointFiles, Cut, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
-    TrainSetup, any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
-    save_checkpoint,
+    TrainSetup, adapted, any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer,
+    run_ranks, save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
 
@@ -155,6 +156,8 @@ pub struct PretrainArgs {
 
 /// Everything the ranks share, prepared once.
 struct Job {
+    /// The LoRA adapters trained (`--lora-r`), recorded in the manifest as `zoo_lora`.
+    lora: Option<LoraSpec>,
     args: PretrainArgs,
     run_dir: PathBuf,
     /// The run directory's lock, held until the job ends.
@@ -530,13 +533,19 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
         Some(text) => tokenizer.encode(text, false)?,
         None => valid.file.window(valid.start, 16.min(seq)),
     };
+    let lora = args.memory.freezing.lora(family)?;
+    let mut hf_config = model.config.to_hf(model.architecture);
+    if let Some(lora) = &lora {
+        hf_config["zoo_lora"] = serde_json::to_value(lora)?;
+    }
     let manifest = ZooManifest {
         format: "zoo".into(),
         format_version: 1,
         architecture: model.architecture.hf_name().into(),
-        hf_config: model.config.to_hf(model.architecture),
+        hf_config,
     };
     Ok(Job {
+        lora,
         run_dir,
         _lock: lock,
         model,
@@ -1275,14 +1284,22 @@ fn train<AB: AutodiffBackend>(
 ) -> anyhow::Result<Summary> {
     match &job.model.config {
         ModelConfig::Gpt2(config) => {
-            let cut = Gpt2Spec::split(Gpt2LmHeadModel::<AB>::new(config, &device)?);
+            let cut = Gpt2Spec::split(adapted(
+                Gpt2LmHeadModel::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
+            )?);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
             };
             train_loop(comm, device, job, cut, init)
         }
         ModelConfig::T5(config) => {
-            let cut = T5Spec::split(T5ForConditionalGeneration::<AB>::new(config, &device)?)?;
+            let cut = T5Spec::split(adapted(
+                T5ForConditionalGeneration::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
+            )?)?;
             let init = InitScheme::T5 {
                 d_model: config.d_model,
                 d_kv: config.d_kv,
@@ -1292,7 +1309,11 @@ fn train<AB: AutodiffBackend>(
             train_loop(comm, device, job, cut, init)
         }
         ModelConfig::Llama(config) => {
-            let cut = LlamaSpec::split(LlamaForCausalLM::<AB>::new(config, &device)?);
+            let cut = LlamaSpec::split(adapted(
+                LlamaForCausalLM::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &device,
+            )?);
             let init = InitScheme::Normal {
                 std: config.initializer_range,
             };
@@ -1300,8 +1321,16 @@ fn train<AB: AutodiffBackend>(
         }
         ModelConfig::Bert(config) => {
             let cut = match job.model.architecture == Architecture::RobertaForMaskedLM {
-                false => MlmSpec::split_bert(BertForMaskedLM::<AB>::new(config, &device)?),
-                true => MlmSpec::split_roberta(RobertaForMaskedLM::<AB>::new(config, &device)?),
+                false => MlmSpec::split_bert(adapted(
+                    BertForMaskedLM::<AB>::new(config, &device)?,
+                    job.lora.as_ref(),
+                    &device,
+                )?),
+                true => MlmSpec::split_roberta(adapted(
+                    RobertaForMaskedLM::<AB>::new(config, &device)?,
+                    job.lora.as_ref(),
+                    &device,
+                )?),
             };
             train_loop(comm, device, job, cut, InitScheme::Bert)
         }

@@ -29,6 +29,7 @@ use burn::tensor::backend::AutodiffBackend;
 use checkpoints_convert::ZooManifest;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use models::adapters::LoraSpec;
 use serde_json::{Value, json};
 
 /// How long a collective waits for its peers by default (`--comm-timeout`): every rank joins
@@ -99,14 +100,59 @@ pub struct FreezeArgs {
     /// freeze the rest.
     #[arg(long)]
     pub bitfit: bool,
+    /// LoRA (Hu et al. 2021, as PEFT): attach rank-R updates to the --lora-targets layers and
+    /// train only those (with any parameter the checkpoint lacks, such as a new classification
+    /// head); every other parameter is frozen. 0: no LoRA.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub lora_r: usize,
+    /// LoRA's `lora_alpha`: updates are scaled by alpha / r (PEFT's default 8).
+    #[arg(long, value_name = "ALPHA", default_value_t = 8.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA updates' inputs.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// The layers LoRA adapts, comma-separated: the Llama family q_proj, k_proj, v_proj, o_proj,
+    /// gate_proj, up_proj, down_proj; BERT / RoBERTa query, key, value, attention_output,
+    /// intermediate, output; GPT-2 query, key, value, attn_c_proj, c_fc, mlp_c_proj; T5 q, k, v,
+    /// o, wi (wi_0, wi_1 when gated), wo. Default: PEFT's per family (query and value; GPT-2's
+    /// c_attn: query, key and value).
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
 }
 
 impl FreezeArgs {
-    /// The freezing rule of `--freeze` and `--bitfit`, if any; `fresh` holds (once each segment
-    /// has been read) the names that started fresh, which BitFit trains. A pattern that is not a
-    /// regular expression is an error naming it.
+    /// The LoRA setup of --lora-r (`None` without), with the family's default targets.
+    pub fn lora(&self, family: models::Family) -> anyhow::Result<Option<LoraSpec>> {
+        if self.lora_r == 0 {
+            ensure!(
+                self.lora_targets.is_empty(),
+                "--lora-targets needs --lora-r (the rank)"
+            );
+            return Ok(None);
+        }
+        let targets = match self.lora_targets.is_empty() {
+            true => models::adapters::default_targets(family)
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            false => self.lora_targets.clone(),
+        };
+        let spec = LoraSpec {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets,
+        };
+        spec.validate().map_err(|e| anyhow::anyhow!("LoRA: {e}"))?;
+        Ok(Some(spec))
+    }
+
+    /// The freezing rule of `--freeze`, `--bitfit` and `--lora-r`, if any; `fresh` holds (once
+    /// each segment has been read) the names that started fresh, which BitFit and LoRA train. A
+    /// pattern that is not a regular expression is an error naming it.
     pub fn frozen(&self, fresh: Arc<Mutex<HashSet<String>>>) -> anyhow::Result<Option<Frozen>> {
-        if self.freeze.is_empty() && !self.bitfit {
+        let lora = self.lora_r > 0;
+        if self.freeze.is_empty() && !self.bitfit && !lora {
             return Ok(None);
         }
         let patterns = self
@@ -114,12 +160,31 @@ impl FreezeArgs {
             .iter()
             .map(|p| regex::Regex::new(p).with_context(|| format!("--freeze '{p}'")))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let bitfit = self.bitfit;
+        let (bitfit, restrict) = (self.bitfit, self.bitfit || lora);
         Ok(Some(Frozen::new(move |name| {
             let is_fresh = || fresh.lock().is_ok_and(|f| f.contains(name));
-            patterns.iter().any(|p| p.is_match(name)) || (bitfit && !is_bias(name) && !is_fresh())
+            let trains = (bitfit && is_bias(name)) || (lora && is_lora(name)) || is_fresh();
+            patterns.iter().any(|p| p.is_match(name)) || (restrict && !trains)
         })))
     }
+}
+
+/// Whether a zoo parameter name is a LoRA update's (`….lora.a`, `….lora.b`).
+fn is_lora(name: &str) -> bool {
+    name.contains(".lora.")
+}
+
+/// `model` with the LoRA adapters of `lora` attached (as it was without).
+pub fn adapted<B: burn::tensor::backend::Backend, M: models::io::ModelClass<B>>(
+    mut model: M,
+    lora: Option<&LoraSpec>,
+    device: &B::Device,
+) -> anyhow::Result<M> {
+    if let Some(lora) = lora {
+        lora.attach(model.adaptable(), device)
+            .map_err(|e| anyhow::anyhow!("LoRA: {e}"))?;
+    }
+    Ok(model)
 }
 
 /// Whether a zoo parameter name is a bias: linear biases, and layer norms' shifts (`beta`).
@@ -392,7 +457,8 @@ impl MemoryArgs {
         architecture: models::Architecture,
         config: &models::ModelConfig,
     ) -> anyhow::Result<crate::memory::Shape> {
-        let mut shape = crate::memory::shape_of_config(architecture, config)?;
+        let lora = self.freezing.lora(architecture.family())?;
+        let mut shape = crate::memory::shape_of_adapted(architecture, config, lora.as_ref())?;
         if let Some(rule) = self.freezing.frozen(Default::default())? {
             shape.freeze(&rule);
         }

@@ -231,6 +231,19 @@ impl<B: Backend> KvCache<B> {
 }
 
 impl<B: Backend> MultiHeadAttention<B> {
+    /// The four projections under the given names, `[query, key, value, output]`.
+    pub fn named_projections(
+        &mut self,
+        [q, k, v, o]: [&'static str; 4],
+    ) -> [(&'static str, &mut Linear<B>); 4] {
+        [
+            (q, &mut self.query),
+            (k, &mut self.key),
+            (v, &mut self.value),
+            (o, &mut self.output),
+        ]
+    }
+
     /// Self-attention over the cached positions and `hidden`'s, returning the grown cache.
     /// The mask covers all `cache.len() + seq` keys.
     ///

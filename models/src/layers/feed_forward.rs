@@ -61,6 +61,19 @@ impl FeedForwardConfig {
 }
 
 impl<B: Backend> FeedForward<B> {
+    /// The linear layers under the given names, `[input, gate, output]` (no gate when ungated).
+    pub fn named_linears(
+        &mut self,
+        [input, gate, output]: [&'static str; 3],
+    ) -> Vec<(&'static str, &mut Linear<B>)> {
+        let mut out = vec![(input, &mut self.input)];
+        if let Some(g) = self.gate.as_mut() {
+            out.push((gate, g));
+        }
+        out.push((output, &mut self.output));
+        out
+    }
+
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let inner = match &self.gate {

@@ -28,6 +28,8 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[d_output]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA update, when one is attached ([`Linear::attach_lora`]).
+    pub lora: Option<super::lora::Lora<B>>,
 }
 
 impl LinearConfig {
@@ -45,6 +47,7 @@ impl LinearConfig {
                 self.initializer
                     .init_with([self.d_output], fan_in, fan_out, device)
             }),
+            lora: None,
         }
     }
 }
@@ -54,9 +57,29 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let weight = self.weight.val();
         let bias = self.bias.as_ref().map(|b| b.val());
-        match kernels::linear(&input, &weight, bias.as_ref()) {
+        let update = self.lora.as_ref().map(|lora| lora.forward(input.clone()));
+        let output = match kernels::linear(&input, &weight, bias.as_ref()) {
             Some(output) => output,
             None => burn::tensor::module::linear(input, weight, bias),
+        };
+        match update {
+            Some(update) => output + update,
+            None => output,
         }
+    }
+
+    /// Attaches a fresh LoRA update of `config` (replacing any).
+    pub fn attach_lora(&mut self, config: &super::lora::LoraConfig, device: &B::Device) {
+        let [d_input, d_output] = self.weight.lazy_shape().dims();
+        self.lora = Some(config.init(d_input, d_output, device));
+    }
+
+    /// Folds an attached LoRA update into the weight (`W + (α/r)·A·B`) and drops it.
+    pub fn merge_lora(mut self) -> Self {
+        if let Some(lora) = self.lora.take() {
+            let merged = self.weight.val() + lora.delta();
+            self.weight = Param::from_tensor(merged);
+        }
+        self
     }
 }

@@ -10,6 +10,7 @@ pub mod dropout;
 pub mod embeddings;
 pub mod feed_forward;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 
 pub use activation::Activation;
@@ -18,4 +19,5 @@ pub use dropout::{Dropout, DropoutConfig};
 pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use feed_forward::{FeedForward, FeedForwardConfig};
 pub use linear::{Linear, LinearConfig};
+pub use lora::{Lora, LoraConfig};
 pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig, rms_norm};
