@@ -8,6 +8,7 @@ mod gpu;
 mod gradients;
 mod llama_train;
 mod parity;
+mod peft;
 mod t5;
 mod t5_train;
 mod tokenizers;

@@ -21,6 +21,15 @@ pub enum ConvertError {
         /// serde_json's message, with line and column.
         error: serde_json::Error,
     },
+    /// A PEFT adapter this model cannot take (another base, an unsupported option, a key that
+    /// names no layer).
+    #[error("{path}: {message}")]
+    Adapter {
+        /// The adapter file.
+        path: PathBuf,
+        /// What is wrong (the key, the option, the shapes).
+        message: String,
+    },
     /// A config has a value zoo cannot use.
     #[error("{path}: {error}")]
     Config {

@@ -18,6 +18,7 @@ pub mod error;
 pub mod families;
 pub mod hub;
 pub mod model_dir;
+pub mod peft;
 mod pickle_guard;
 pub mod sentencepiece;
 pub mod tensors;

@@ -480,6 +480,8 @@ pub struct LoadOptions {
     /// Bytes of memory the process may use: a model whose weights alone need more is refused
     /// ([`ConvertError::TooLarge`]) from its config, before any tensor is read. `None`: no check.
     pub memory_limit: Option<u64>,
+    /// A PEFT LoRA adapter directory to attach (see [`crate::peft`]).
+    pub adapter: Option<PathBuf>,
 }
 
 /// A model loaded from a directory.
@@ -505,9 +507,16 @@ pub fn load_model<B: Backend>(
         // Loaded as f32 (4 bytes) whatever the file stores, then cast.
         spec.check_fits(4, limit)?;
     }
-    let weights = spec.read_weights(options.format)?;
+    let mut weights = spec.read_weights(options.format)?;
     if let Some(p) = options.dropout {
         spec.config = spec.config.with_dropout(p);
+    }
+    if let Some(dir) = &options.adapter {
+        // The base's weights are read as the base; the adapter adds its layers and tensors.
+        let adapter = crate::peft::read_adapter(dir, &spec)?;
+        spec.hf_config["zoo_lora"] =
+            serde_json::to_value(&adapter.lora).expect("a LoRA setup serialises");
+        weights.tensors.extend(adapter.tensors);
     }
     let mut model = build_model(&spec, weights.tensors, device)?;
     if let Some(dtype) = options.dtype {
