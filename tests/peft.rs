@@ -9,13 +9,15 @@ use models::Logits;
 
 use zoo_tests::{fixture, floats, max_abs_diff, reference, reference_input};
 
-/// Each fixture's adapter on its base: the output peft computed, within 1e-4.
+/// Each fixture's adapter on its base: the output peft computed, within 1e-4 (GPT-2's on its
+/// fused `c_attn`, split onto zoo's query, key and value).
 #[test]
 fn peft_adapters_give_peft_outputs() {
     for (name, output) in [
         ("llama", "logits"),
         ("bert", "last_hidden_state"),
         ("t5_v1_1", "logits"),
+        ("gpt2", "logits"),
     ] {
         let device = Default::default();
         let options = LoadOptions {
@@ -150,4 +152,48 @@ fn adapters_zoo_cannot_take_are_refused_by_name() {
         let err = read_adapter(dir.path(), &bert).unwrap_err().to_string();
         assert!(err.contains(expect), "{field}: {err}");
     }
+}
+
+/// GPT-2's fused `c_attn` adapter, written by zoo as one rank-3r update with a block-diagonal B
+/// (`rank_pattern` / `alpha_pattern` 3r / 3α), reads back to the same zoo tensors and gives peft's
+/// outputs again.
+#[test]
+fn a_fused_gpt2_adapter_writes_as_a_block_diagonal_update_and_reads_back() {
+    let spec = read_spec(&fixture("gpt2")).unwrap();
+    let adapter = read_adapter(&fixture("peft").join("gpt2"), &spec).unwrap();
+    assert_eq!(
+        adapter.lora.targets,
+        ["c_fc", "key", "query", "value"],
+        "c_attn is zoo's query, key and value"
+    );
+    let out = tempfile::tempdir().unwrap();
+    write_adapter(out.path(), &spec, &adapter.lora, &adapter.tensors, "base").unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join(ADAPTER_CONFIG)).unwrap())
+            .unwrap();
+    assert_eq!(config["rank_pattern"]["c_attn"], 3 * adapter.lora.r);
+    assert_eq!(
+        config["alpha_pattern"]["c_attn"].as_f64(),
+        Some(3.0 * adapter.lora.alpha)
+    );
+    let again = read_adapter(out.path(), &spec).unwrap();
+    assert_eq!(again.lora, adapter.lora);
+    assert_eq!(again.tensors, adapter.tensors);
+    let device = Default::default();
+    let options = LoadOptions {
+        adapter: Some(out.path().to_path_buf()),
+        ..Default::default()
+    };
+    let loaded = load_model::<Cpu>(&fixture("gpt2"), &device, &options).unwrap();
+    let reference = reference("peft/gpt2");
+    let Some(Logits::PerToken(logits)) = loaded
+        .model
+        .forward(&reference_input(&reference, &device))
+        .logits
+    else {
+        panic!("an LM head")
+    };
+    let diff = max_abs_diff(&logits.into_data(), &reference["logits"].data);
+    println!("peft gpt2: zoo's block-diagonal c_attn adapter, max |zoo − peft| {diff:.2e}");
+    assert!(diff < 1e-4, "{diff}");
 }

@@ -906,6 +906,23 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         Ok(out)
     }
 
+    /// The trainable parameters alone under their checkpoint names, gathered (frozen ones are
+    /// not: an adapter's few tensors without the base). Every rank must call it.
+    pub fn named_trainable_parameters(&self) -> Result<Vec<NamedTensor>, CommError> {
+        let mut out = Vec::new();
+        for segment in self.checkpoint_segments().into_iter().filter(|s| s.trains) {
+            let values = segment.params.gather(&self.comm)?;
+            for entry in &segment.params.layout.entries {
+                out.push((
+                    checkpoint::tensor_name(&segment.prefix, &entry.name),
+                    entry.shape.clone(),
+                    values[entry.offset..entry.offset + entry.len()].to_vec(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// Gathers every segment's full parameters: `(segment name, layout, values)`, with segments
     /// named `embed`, `blocks.{i}`, `head`.
     pub fn gather_all(&self) -> Result<Vec<(String, FlatLayout, Vec<f32>)>, CommError> {

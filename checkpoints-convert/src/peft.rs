@@ -5,7 +5,9 @@
 //! family, so adapters need nothing per family): zoo's `P.lora.a` / `P.lora.b` (`[in, r]`,
 //! `[r, out]`, burn's row layout) are the transposes of PEFT's matrices of the module whose weight
 //! is `P.weight`'s HF key. GPT-2's fused `c_attn` is read into zoo's split query, key and value
-//! (the shared `A`, `B`'s rows sliced); writing it back is not supported yet.
+//! (PEFT's shared `A`, `B`'s rows sliced) and written as one update of rank `3r` whose `B` is
+//! block-diagonal (`rank_pattern` / `alpha_pattern` keep the scale), which zoo reads back into its
+//! three updates.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -121,17 +123,6 @@ pub fn read_adapter(dir: &Path, spec: &ModelSpec) -> Result<Adapter> {
             ));
         }
     }
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if field(key)
-            .and_then(Value::as_object)
-            .is_some_and(|m| !m.is_empty())
-        {
-            return Err(bad(
-                &config_path,
-                format!("{key}: per-layer ranks or scales are not supported"),
-            ));
-        }
-    }
     let r = field("r")
         .and_then(Value::as_u64)
         .ok_or_else(|| bad(&config_path, "no rank 'r'".into()))? as usize;
@@ -139,6 +130,38 @@ pub fn read_adapter(dir: &Path, spec: &ModelSpec) -> Result<Adapter> {
         .and_then(Value::as_f64)
         .ok_or_else(|| bad(&config_path, "no 'lora_alpha'".into()))?;
     let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    // Per-module ranks: only the form zoo writes for a fused module (`parts × r` with
+    // `parts × alpha`, so the scale is the same; its B block-diagonal, checked below).
+    let pattern = |key: &str| -> BTreeMap<String, f64> {
+        field(key)
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (ranks, alphas) = (pattern("rank_pattern"), pattern("alpha_pattern"));
+    for (module, &rank) in &ranks {
+        let scale = alphas.get(module).copied().unwrap_or(alpha) / rank;
+        let parts = rank / r as f64;
+        if parts.fract() != 0.0 || (scale - alpha / r as f64).abs() > 1e-12 * scale.abs() {
+            return Err(bad(
+                &config_path,
+                format!(
+                    "rank_pattern '{module}': {rank} — per-layer ranks or scales are not \
+                     supported (only a fused module's parts × r with parts × alpha)"
+                ),
+            ));
+        }
+    }
+    if let Some(module) = alphas.keys().find(|m| !ranks.contains_key(*m)) {
+        return Err(bad(
+            &config_path,
+            format!("alpha_pattern '{module}': per-layer scales are not supported"),
+        ));
+    }
 
     let targets_by_path = target_of_paths(spec)?;
     let hf_keys = hf_of_zoo(spec);
@@ -186,13 +209,18 @@ pub fn read_adapter(dir: &Path, spec: &ModelSpec) -> Result<Adapter> {
                 format!("key '{key}' has shape {shape:?}, not a matrix"),
             )
         })?;
-        if (is_a && rows != r) || (!is_a && cols != r) {
+        let leaf = module.rsplit('.').next().unwrap_or(module);
+        let rank = ranks.get(leaf).map_or(r, |&rank| rank as usize);
+        if (is_a && rows != rank) || (!is_a && cols != rank) {
             return Err(bad(
                 &weights_path,
-                format!("key '{key}' has shape [{rows}, {cols}]; the rank is {r}"),
+                format!("key '{key}' has shape [{rows}, {cols}]; the rank is {rank}"),
             ));
         }
         let values = data.to_vec::<f32>().expect("converted to f32");
+        // A fused module of rank parts × r holds one r-rank update per part: A's rows and B's
+        // columns in blocks of r, B block-diagonal.
+        let blocked = rank != r;
         for &(zoo, layout) in layers {
             let path = zoo.strip_suffix(".weight").unwrap_or(zoo);
             let target = targets_by_path.get(path).ok_or_else(|| {
@@ -204,21 +232,47 @@ pub fn read_adapter(dir: &Path, spec: &ModelSpec) -> Result<Adapter> {
             targets.insert(target.clone());
             // PEFT's matrices are nn.Linear-shaped whatever the base stores; zoo's are their
             // transposes. A fused module's B is sliced by rows (its output), A shared.
-            let (from, count) = match (is_a, layout) {
-                (false, Layout::Split { part, parts }) => {
-                    let rows_each = rows / parts;
-                    (part * rows_each, rows_each)
-                }
-                _ => (0, rows),
+            let part = match layout {
+                Layout::Split { part, parts } => Some((part, parts)),
+                _ => None,
             };
-            let mut transposed = vec![0.0f32; count * cols];
-            for i in 0..count {
-                for j in 0..cols {
-                    transposed[j * count + i] = values[(from + i) * cols + j];
+            // The rows of PEFT's matrix this zoo layer reads, and the columns.
+            let (row_range, col_range) = match (is_a, part, blocked) {
+                (true, Some((p, _)), true) => (p * r..(p + 1) * r, 0..cols),
+                (true, _, _) => (0..rows, 0..cols),
+                (false, Some((p, parts)), blocked) => {
+                    let each = rows / parts;
+                    let cols_of = if blocked { p * r..(p + 1) * r } else { 0..cols };
+                    if blocked {
+                        // Off the diagonal block, B must be zero (else it is not zoo's form).
+                        let off = (p * each..(p + 1) * each).any(|i| {
+                            (0..cols)
+                                .filter(|j| !cols_of.contains(j))
+                                .any(|j| values[i * cols + j] != 0.0)
+                        });
+                        if off {
+                            return Err(bad(
+                                &weights_path,
+                                format!(
+                                    "key '{key}': per-layer ranks are supported only \
+                                     block-diagonal (a fused module's parts)"
+                                ),
+                            ));
+                        }
+                    }
+                    (p * each..(p + 1) * each, cols_of)
+                }
+                (false, None, _) => (0..rows, 0..cols),
+            };
+            let (count, width) = (row_range.len(), col_range.len());
+            let mut transposed = vec![0.0f32; count * width];
+            for (i, row) in row_range.clone().enumerate() {
+                for (j, col) in col_range.clone().enumerate() {
+                    transposed[j * count + i] = values[row * cols + col];
                 }
             }
             let name = format!("{path}.lora.{}", if is_a { "a" } else { "b" });
-            tensors.insert(name, TensorData::new(transposed, [cols, count]));
+            tensors.insert(name, TensorData::new(transposed, [width, count]));
         }
     }
     let lora = LoraSpec {
@@ -258,6 +312,10 @@ pub fn write_adapter(
     let weights_path = dir.join(ADAPTER_WEIGHTS);
     let mut out = BTreeMap::new();
     let mut modules = BTreeSet::new();
+    // Parts of fused HF modules (GPT-2's c_attn), written together below: HF key → part →
+    // (A, B) in PEFT's orientation.
+    type Fused = BTreeMap<usize, (Option<Vec<f32>>, Option<Vec<f32>>, usize, usize)>;
+    let mut fused: BTreeMap<String, (usize, Fused)> = BTreeMap::new();
     for (name, data) in named {
         let Some((path, matrix)) = name
             .strip_suffix(".lora.a")
@@ -273,16 +331,6 @@ pub fn write_adapter(
                     path: weights_path.clone(),
                     message: format!("zoo layer '{path}' has no HF weight in the key table"),
                 })?;
-        if let Layout::Split { .. } = layout {
-            return Err(ConvertError::Adapter {
-                path: weights_path.clone(),
-                message: format!(
-                    "'{path}' is part of the fused HF tensor '{hf}' (GPT-2's c_attn): writing a \
-                     PEFT adapter for it is not supported yet (adapt attn_c_proj, c_fc or \
-                     mlp_c_proj, or merge with zoo convert)"
-                ),
-            });
-        }
         let module = hf.strip_suffix(".weight").unwrap_or(hf);
         modules.insert(module.rsplit('.').next().unwrap_or(module).to_string());
         let values = data.clone().convert::<f32>();
@@ -299,10 +347,66 @@ pub fn write_adapter(
                 transposed[j * rows + i] = values[i * cols + j];
             }
         }
+        if let Layout::Split { part, parts } = layout {
+            let entry = fused
+                .entry(module.to_string())
+                .or_insert((*parts, BTreeMap::new()));
+            let slot = entry.1.entry(*part).or_insert((None, None, 0, 0));
+            match matrix {
+                "lora_A" => (slot.0, slot.2) = (Some(transposed), rows),
+                _ => (slot.1, slot.3) = (Some(transposed), cols),
+            }
+            continue;
+        }
         out.insert(
             format!("{PEFT_PREFIX}{module}.{matrix}.weight"),
             TensorData::new(transposed, [cols, rows]),
         );
+    }
+    // A fused module gets one update of rank parts × r: A stacks the parts' A rows, B is
+    // block-diagonal (part p's rows and columns p·r…), so B·A is each part's B·A in its rows;
+    // PEFT's rank_pattern / alpha_pattern keep the scale alpha / r.
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    for (module, (parts, blocks)) in fused {
+        let (r, d_in) = (
+            lora.r,
+            blocks
+                .values()
+                .find_map(|b| b.0.as_ref().map(|_| b.2))
+                .unwrap_or(0),
+        );
+        let d_out = blocks
+            .values()
+            .find_map(|b| b.1.as_ref().map(|_| b.3))
+            .unwrap_or(0);
+        let rank = parts * r;
+        let mut a = vec![0.0f32; rank * d_in];
+        let mut b = vec![0.0f32; parts * d_out * rank];
+        for (part, (block_a, block_b, _, _)) in &blocks {
+            if let Some(block_a) = block_a {
+                a[part * r * d_in..(part + 1) * r * d_in].copy_from_slice(block_a);
+            }
+            if let Some(block_b) = block_b {
+                for i in 0..d_out {
+                    for j in 0..r {
+                        b[(part * d_out + i) * rank + part * r + j] = block_b[i * r + j];
+                    }
+                }
+            }
+        }
+        out.insert(
+            format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+            TensorData::new(a, [rank, d_in]),
+        );
+        out.insert(
+            format!("{PEFT_PREFIX}{module}.lora_B.weight"),
+            TensorData::new(b, [parts * d_out, rank]),
+        );
+        let leaf = module.rsplit('.').next().unwrap_or(&module).to_string();
+        modules.insert(leaf.clone());
+        rank_pattern.insert(leaf.clone(), json!(rank));
+        alpha_pattern.insert(leaf, json!(parts as f64 * lora.alpha));
     }
     std::fs::create_dir_all(dir).map_err(|e| ConvertError::io(dir, e))?;
     write_safetensors(&weights_path, &out, None)?;
@@ -320,8 +424,8 @@ pub fn write_adapter(
         "init_lora_weights": true,
         "use_rslora": false,
         "use_dora": false,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "modules_to_save": null,
     });
     let path: PathBuf = dir.join(ADAPTER_CONFIG);

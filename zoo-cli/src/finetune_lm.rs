@@ -703,6 +703,10 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
     let files = CheckpointFiles {
         manifest: job.manifest.clone(),
         tokenizer_json: job.tokenizer_json.clone(),
+        lora_base: job
+            .lora
+            .as_ref()
+            .map(|_| job.args.model.display().to_string()),
     };
     let outputs = RunOutputs::open(
         &job.run_dir,

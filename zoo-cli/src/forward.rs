@@ -19,6 +19,10 @@ pub struct ForwardArgs {
     /// A model directory: HF (config.json) or zoo (zoo.json).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// A LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors, as
+    /// PEFT or a `zoo finetune --lora-r` checkpoint writes it) to run on top of --model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Input text; repeat for a padded batch.
     #[arg(
         long,
@@ -107,6 +111,7 @@ impl BackendTask for ForwardTask {
         let options = LoadOptions {
             format: args.format.into(),
             memory_limit: crate::memory::available_memory().map(|b| b as u64),
+            adapter: args.adapter.clone(),
             ..Default::default()
         };
         let loaded = load_model::<B>(&args.model, &device, &options)

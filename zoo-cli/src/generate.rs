@@ -19,9 +19,13 @@ use crate::FormatArg;
 /// and the output is the decoder's text alone.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A causal-LM directory (GPT2LMHeadModel): HF (config.json) or zoo (zoo.json).
+    /// A model directory with an LM head (a causal LM or a T5): HF (config.json) or zoo (zoo.json).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// A LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors, as
+    /// PEFT or a `zoo finetune --lora-r` checkpoint writes it) to run on top of --model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Prompt text (for T5: the encoder input); repeat for a batch.
     #[arg(
         long,
@@ -223,6 +227,7 @@ impl BackendTask for GenerateTask {
         let options = LoadOptions {
             format: args.format.into(),
             memory_limit: crate::memory::available_memory().map(|b| b as u64),
+            adapter: args.adapter.clone(),
             ..Default::default()
         };
         let loaded = load_model::<B>(&args.model, &device, &options)

@@ -1385,6 +1385,10 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
     let files = CheckpointFiles {
         manifest: job.manifest.clone(),
         tokenizer_json: job.tokenizer_json.clone(),
+        lora_base: job
+            .lora
+            .as_ref()
+            .map(|_| job.args.model.clone().unwrap_or_default()),
     };
     let outputs = RunOutputs::open(
         &job.run_dir,

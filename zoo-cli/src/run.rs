@@ -652,10 +652,17 @@ impl TrainSetup<'_> {
         crate::alloc::release_free_memory();
         report_ready(&trainer);
         if lead && !start.fresh.is_empty() {
+            // LoRA's adapters are counted, not listed (there are two per adapted layer).
+            let (adapters, others): (Vec<&String>, Vec<&String>) =
+                start.fresh.iter().partition(|name| is_lora(name));
+            let mut parts: Vec<String> = others.into_iter().cloned().collect();
+            if !adapters.is_empty() {
+                parts.push(format!("{} LoRA tensors", adapters.len()));
+            }
             eprintln!(
                 "initialised fresh (not in {}): {}",
                 self.source,
-                start.fresh.join(", ")
+                parts.join(", ")
             );
         }
         trainer.set_dropout_seed(self.seed);
@@ -1070,6 +1077,9 @@ pub struct CheckpointFiles {
     pub manifest: ZooManifest,
     /// `tokenizer.json`, when the model has one.
     pub tokenizer_json: Option<String>,
+    /// With LoRA (`zoo_lora` in the manifest): the base model's path, which each checkpoint's
+    /// PEFT adapter files (`adapter_config.json`, `adapter_model.safetensors`) name.
+    pub lora_base: Option<String>,
 }
 
 /// Saves a checkpoint to `dir` (a staging directory beside it, then one rename), with
@@ -1097,6 +1107,22 @@ pub fn save_checkpoint<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
     let saved = trainer
         .save(&staging)
         .with_context(|| format!("saving the checkpoint {}", dir.display()));
+    // A LoRA run's checkpoint is also a PEFT adapter directory (the adapters are gathered on
+    // every rank: a collective, however the save went).
+    let saved = match (saved, &files.lora_base) {
+        (Ok(digests), Some(base)) => {
+            let named = trainer.named_trainable_parameters()?;
+            match rank {
+                0 => write_peft_adapter(&staging, files, base, named).map(|extra| {
+                    let mut digests = digests;
+                    digests.extend(extra);
+                    digests
+                }),
+                _ => Ok(digests),
+            }
+        }
+        (saved, _) => saved,
+    };
     let result = match saved {
         Ok(digests) if rank == 0 => publish_checkpoint(dir, &staging, name, files, state, digests),
         Ok(_) => Ok(()),
@@ -1110,6 +1136,54 @@ pub fn save_checkpoint<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
     // The file buffers and the gathered segments of the save are given back.
     crate::alloc::release_free_memory();
     Ok(())
+}
+
+/// Writes the LoRA tensors of `named` as a PEFT adapter into `dir` for the manifest's model and
+/// returns the two files' digests. An adapter PEFT's format cannot hold yet (GPT-2's fused
+/// `c_attn`) is skipped with a warning: the checkpoint stays a zoo directory with its adapters.
+fn write_peft_adapter(
+    dir: &Path,
+    files: &CheckpointFiles,
+    base: &str,
+    named: Vec<bmtrain_backend::trainer::NamedTensor>,
+) -> anyhow::Result<Vec<FileDigest>> {
+    let manifest = &files.manifest;
+    let architecture = models::Architecture::from_hf_name(&manifest.architecture)?;
+    let config = architecture
+        .family()
+        .parse_config(&manifest.hf_config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let spec = checkpoints_convert::ModelSpec {
+        kind: checkpoints_convert::DirKind::Zoo,
+        dir: dir.to_path_buf(),
+        architecture,
+        config,
+        hf_config: manifest.hf_config.clone(),
+    };
+    let lora = spec.lora()?.context("a LoRA run records zoo_lora")?;
+    let tensors = named
+        .into_iter()
+        .filter(|(name, _, _)| name.contains(".lora."))
+        .map(|(name, shape, values)| (name, burn::tensor::TensorData::new(values, shape)))
+        .collect();
+    match checkpoints_convert::peft::write_adapter(dir, &spec, &lora, &tensors, base) {
+        Ok(()) => {}
+        Err(checkpoints_convert::ConvertError::Adapter { message, .. }) => {
+            eprintln!(
+                "warning: no PEFT adapter files in {}: {message}",
+                dir.display()
+            );
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    [
+        checkpoints_convert::peft::ADAPTER_CONFIG,
+        checkpoints_convert::peft::ADAPTER_WEIGHTS,
+    ]
+    .into_iter()
+    .map(|file| Ok(checkpoint::digest(&dir.join(file))?))
+    .collect()
 }
 
 /// Rank 0's part of [`save_checkpoint`] once the tensors are written: the small files, the

@@ -285,6 +285,149 @@ fn bitfit_trains_only_biases_and_the_new_head_and_resumes_exactly() {
     assert!(text(&bad).contains("--freeze 'a('"), "{}", text(&bad));
 }
 
+/// `zoo finetune --task causal-lm --lora-r 8` on the GPT-2 fixture: the loss falls, the base
+/// weights stay bit-identical, the checkpoint is also a PEFT adapter directory (GPT-2's c_attn as
+/// one block-diagonal rank-24 update) that `--adapter` runs on the base with the checkpoint's own
+/// outputs, and a run halted after 2 epochs resumes to the bits of the uninterrupted one.
+#[test]
+fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let rows = [
+        ("The cat", " sat on the mat."),
+        ("A dog", " ran in the park."),
+        ("The sun", " rose over the hill."),
+        ("My friend", " likes green tea."),
+    ];
+    fs::write(
+        &data,
+        rows.iter()
+            .map(|(p, c)| format!("{{\"prompt\": \"{p}\", \"completion\": \"{c}\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let base = fixture("gpt2");
+    let finetune = |run: &Path, epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--task",
+            "causal-lm",
+            "--model",
+            base.to_str().unwrap(),
+            "--train",
+            data.to_str().unwrap(),
+            "--valid",
+            data.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--epochs",
+            epochs,
+            "--lr",
+            "1e-2",
+            "--schedule",
+            "constant",
+            "--warmup-ratio",
+            "0",
+            "--lora-r",
+            "8",
+            "--log-every",
+            "1",
+            "--out",
+            run.to_str().unwrap(),
+            "--no-progress",
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let run = dir.path().join("run");
+    let output = finetune(&run, "6", &[]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("trainable"), "{}", text(&output));
+    let losses = losses(&run);
+    let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
+    println!("lora: loss {first:.4} → {last:.4}");
+    assert!(last < first, "{losses:?}");
+    let last_dir = run.join("checkpoints/last");
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(last_dir.join(file).is_file(), "{file}");
+    }
+    // Every base weight as it was in the fixture (read through the key table: zoo names).
+    let mut spec = checkpoints_convert::read_spec(&base).unwrap();
+    let fixture_weights = spec.read_weights(Default::default()).unwrap().tensors;
+    let mut frozen = 0;
+    for (name, values) in weights(&last_dir) {
+        match fixture_weights.get(&name) {
+            Some(start) => {
+                assert_eq!(start.to_vec::<f32>().unwrap(), values, "{name} moved");
+                frozen += 1;
+            }
+            None => assert!(name.contains(".lora."), "{name}"),
+        }
+    }
+    assert_eq!(frozen, fixture_weights.len());
+    // The adapter on the base gives the checkpoint's logits.
+    let forward = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "forward",
+            "--text",
+            "The cat sat",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let output = zoo(&args);
+        assert!(output.status.success(), "{}", text(&output));
+        checkpoints_convert::read_weights_file(out).unwrap()["logits"]
+            .data
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let adapted = forward(
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            last_dir.to_str().unwrap(),
+        ],
+        &dir.path().join("a.safetensors"),
+    );
+    let own = forward(
+        &["--model", last_dir.to_str().unwrap()],
+        &dir.path().join("b.safetensors"),
+    );
+    let plain = forward(
+        &["--model", base.to_str().unwrap()],
+        &dir.path().join("c.safetensors"),
+    );
+    let worst = adapted
+        .iter()
+        .zip(&own)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 1e-5, "{worst}");
+    assert!(
+        adapted
+            .iter()
+            .zip(&plain)
+            .any(|(a, b)| (a - b).abs() > 1e-2)
+    );
+    // Halted after two epochs and resumed: the uninterrupted run's bits.
+    let halted = dir.path().join("halted");
+    let output = finetune(&halted, "2", &[]);
+    assert!(output.status.success(), "{}", text(&output));
+    let output = finetune(&halted, "6", &["--resume", halted.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output));
+    let worst = assert_weights_close(
+        &weights(&halted.join("checkpoints/last")),
+        &weights(&last_dir),
+        1e-30,
+    );
+    println!("lora: {frozen} frozen tensors unchanged; resumed worst difference {worst:.2e}");
+    let bad = finetune(&dir.path().join("bad"), "1", &["--lora-targets", "q_proj"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("'q_proj'"), "{}", text(&bad));
+}
+
 #[test]
 fn bad_training_input_fails_clearly_and_overwrites_nothing() {
     let dir = tempfile::tempdir().unwrap();
