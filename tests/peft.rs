@@ -197,3 +197,42 @@ fn a_fused_gpt2_adapter_writes_as_a_block_diagonal_update_and_reads_back() {
     println!("peft gpt2: zoo's block-diagonal c_attn adapter, max |zoo − peft| {diff:.2e}");
     assert!(diff < 1e-4, "{diff}");
 }
+
+/// `zoo convert --merge-adapter`: each fixture's base with peft's adapter folded in, written in
+/// HF's layout and as a zoo directory, runs (as a plain model) to peft's outputs within 1e-4.
+#[test]
+fn merged_adapters_give_peft_outputs_without_an_adapter() {
+    for (name, output) in [
+        ("llama", "logits"),
+        ("t5_v1_1", "logits"),
+        ("gpt2", "logits"),
+        ("bert", "last_hidden_state"),
+    ] {
+        for to_hf in [true, false] {
+            let out = tempfile::tempdir().unwrap();
+            let merged = out.path().join("merged");
+            checkpoints_convert::merge_adapter_within(
+                &fixture(name),
+                &fixture("peft").join(name),
+                &merged,
+                to_hf,
+                Default::default(),
+                false,
+                None,
+            )
+            .unwrap();
+            let device = Default::default();
+            let loaded = load_model::<Cpu>(&merged, &device, &LoadOptions::default()).unwrap();
+            assert!(loaded.spec.lora().unwrap().is_none());
+            let reference = reference(&format!("peft/{name}"));
+            let result = loaded.model.forward(&reference_input(&reference, &device));
+            let got = match result.logits {
+                Some(Logits::PerToken(logits)) if output == "logits" => logits.into_data(),
+                _ => result.last_hidden_state.into_data(),
+            };
+            let diff = max_abs_diff(&got, &reference[output].data);
+            println!("peft {name}: merged (to_hf {to_hf}), max |zoo − peft| {diff:.2e}");
+            assert!(diff < 1e-4, "{name}: {diff}");
+        }
+    }
+}

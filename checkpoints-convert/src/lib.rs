@@ -29,7 +29,7 @@ pub use error::{ConvertError, Result};
 pub use model_dir::{
     ConvertReport, DirKind, LoadOptions, LoadedModel, ModelSpec, ZooManifest, ZooWeights,
     ZooWeightsReader, build_model, convert_hf_to_zoo, convert_hf_to_zoo_within, export_zoo_to_hf,
-    export_zoo_to_hf_within, load_model, read_spec,
+    export_zoo_to_hf_within, load_model, merge_adapter_within, read_spec,
 };
 pub use tensors::{
     IndexedTensor, StoredTensor, TensorIndex, TensorMap, WeightsFormat, index_dir_weights,

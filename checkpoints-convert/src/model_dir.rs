@@ -660,6 +660,107 @@ pub fn export_zoo_to_hf_within(
         spec.check_fits(2, limit)?;
     }
     let mut zoo = spec.read_weights(WeightsFormat::Safetensors)?.tensors;
+    // A LoRA checkpoint exports merged: HF's layout has no place for the adapters (they are
+    // beside it, as PEFT's adapter files).
+    if let Some(lora) = spec.lora()? {
+        crate::peft::merge_into(&mut zoo, &lora)?;
+        if let Some(config) = spec.hf_config.as_object_mut() {
+            config.remove("zoo_lora");
+        }
+    }
+    let hf = hf_tensors(&spec, zoo);
+    let tensors = hf.len();
+    let metadata = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let tokenizer_files = publish_dir(out, overwrite, |staging| {
+        write_json_file(&staging.join(HF_CONFIG), &spec.hf_config)?;
+        write_safetensors(&staging.join("model.safetensors"), &hf, metadata)?;
+        copy_tokenizer_files(from, staging)
+    })?;
+    Ok(ConvertReport {
+        architecture: spec.architecture,
+        tensors,
+        unused: Vec::new(),
+        tokenizer_files,
+    })
+}
+
+/// `zoo convert --from BASE --merge-adapter ADAPTER --out OUT [--to-hf]`: the base (HF or zoo)
+/// with the PEFT adapter folded into its weights, written as a zoo directory or (`to_hf`) in
+/// HF's layout; a model larger than `memory_limit` is refused first.
+pub fn merge_adapter_within(
+    from: &Path,
+    adapter: &Path,
+    out: &Path,
+    to_hf: bool,
+    format: WeightsFormat,
+    overwrite: bool,
+    memory_limit: Option<u64>,
+) -> Result<ConvertReport> {
+    check_output(out, overwrite)?;
+    let mut spec = read_spec(from)?;
+    if let Some(limit) = memory_limit {
+        spec.check_fits(4, limit)?;
+    }
+    let weights = spec.read_weights(format)?;
+    let lora = crate::peft::read_adapter(adapter, &spec)?;
+    let mut zoo = weights.tensors;
+    zoo.extend(lora.tensors);
+    crate::peft::merge_into(&mut zoo, &lora.lora)?;
+    if let Some(config) = spec.hf_config.as_object_mut() {
+        config.remove("zoo_lora");
+    }
+    let tokenizer = tokenizer::load_tokenizer(from)?;
+    let (tensors, tokenizer_files) = if to_hf {
+        let hf = hf_tensors(&spec, zoo);
+        let metadata = Some(
+            [("format".to_string(), "pt".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        let files = publish_dir(out, overwrite, |staging| {
+            write_json_file(&staging.join(HF_CONFIG), &spec.hf_config)?;
+            write_safetensors(&staging.join("model.safetensors"), &hf, metadata)?;
+            copy_tokenizer_files(from, staging)
+        })?;
+        (hf.len(), files)
+    } else {
+        let manifest = ZooManifest {
+            format: "zoo".into(),
+            format_version: 1,
+            architecture: spec.architecture.hf_name().into(),
+            hf_config: spec.hf_config.clone(),
+        };
+        let files = publish_dir(out, overwrite, |staging| {
+            write_json_file(&staging.join(ZOO_MANIFEST), &manifest)?;
+            write_safetensors(&staging.join("model.safetensors"), &zoo, None)?;
+            let mut files = copy_tokenizer_files(from, staging)?;
+            if let Some(tokenizer) = tokenizer.as_ref().and_then(|t| t.as_hf())
+                && !files.iter().any(|f| f == "tokenizer.json")
+            {
+                tokenizer::save_tokenizer(tokenizer, &staging.join("tokenizer.json"))?;
+                files.push("tokenizer.json".into());
+            }
+            Ok(files)
+        })?;
+        (zoo.len(), files)
+    };
+    Ok(ConvertReport {
+        architecture: spec.architecture,
+        tensors,
+        unused: weights.unused,
+        tokenizer_files,
+    })
+}
+
+/// The zoo tensors of `spec`'s model under HF's keys and layouts (fused tensors joined).
+fn hf_tensors(
+    spec: &ModelSpec,
+    mut zoo: BTreeMap<String, TensorData>,
+) -> BTreeMap<String, TensorData> {
     let mut hf = BTreeMap::new();
     // Split parts of one HF tensor, gathered until all are there.
     let mut fused: BTreeMap<String, Vec<Option<TensorData>>> = BTreeMap::new();
@@ -691,23 +792,7 @@ pub fn export_zoo_to_hf_within(
             }
         }
     }
-    let tensors = hf.len();
-    let metadata = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
-    let tokenizer_files = publish_dir(out, overwrite, |staging| {
-        write_json_file(&staging.join(HF_CONFIG), &spec.hf_config)?;
-        write_safetensors(&staging.join("model.safetensors"), &hf, metadata)?;
-        copy_tokenizer_files(from, staging)
-    })?;
-    Ok(ConvertReport {
-        architecture: spec.architecture,
-        tensors,
-        unused: Vec::new(),
-        tokenizer_files,
-    })
+    hf
 }
 
 fn check_output(out: &Path, overwrite: bool) -> Result<()> {

@@ -432,3 +432,53 @@ pub fn write_adapter(
     let text = serde_json::to_string_pretty(&config).expect("JSON serialises");
     write_atomic(&path, text.as_bytes())
 }
+
+/// Folds every LoRA update of `tensors` (zoo names `P.lora.a` `[in, r]`, `P.lora.b` `[r, out]`)
+/// into its layer's weight, `P.weight += (alpha / r)·a·b` (in f32, stored back in the weight's
+/// dtype), and removes the adapter tensors: the merged model, with the base's keys only.
+pub fn merge_into(tensors: &mut BTreeMap<String, TensorData>, lora: &LoraSpec) -> Result<()> {
+    let scaling = (lora.alpha / lora.r as f64) as f32;
+    let paths: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora.a").map(str::to_string))
+        .collect();
+    let missing = |key: String| ConvertError::Apply(format!("merging LoRA: no tensor '{key}'"));
+    for path in paths {
+        let a = tensors
+            .remove(&format!("{path}.lora.a"))
+            .expect("listed above");
+        let b = tensors
+            .remove(&format!("{path}.lora.b"))
+            .ok_or_else(|| missing(format!("{path}.lora.b")))?;
+        let weight_key = format!("{path}.weight");
+        let weight = tensors
+            .get_mut(&weight_key)
+            .ok_or_else(|| missing(weight_key.clone()))?;
+        let dtype = weight.dtype;
+        let (d_in, r, d_out) = (a.shape[0], a.shape[1], b.shape[1]);
+        if weight.shape.as_slice() != [d_in, d_out] || b.shape[0] != r {
+            return Err(ConvertError::Apply(format!(
+                "merging LoRA into '{weight_key}' {:?}: the update is [{d_in}, {r}]·{:?}",
+                weight.shape, b.shape
+            )));
+        }
+        let a = a.convert::<f32>().to_vec::<f32>().expect("f32");
+        let b = b.convert::<f32>().to_vec::<f32>().expect("f32");
+        let mut w = weight
+            .clone()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32");
+        for i in 0..d_in {
+            for k in 0..r {
+                let scaled = scaling * a[i * r + k];
+                let row = &mut w[i * d_out..(i + 1) * d_out];
+                for (value, b) in row.iter_mut().zip(&b[k * d_out..(k + 1) * d_out]) {
+                    *value += scaled * b;
+                }
+            }
+        }
+        *weight = TensorData::new(w, [d_in, d_out]).convert_dtype(dtype);
+    }
+    Ok(())
+}

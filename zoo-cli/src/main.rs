@@ -97,15 +97,20 @@ struct DownloadArgs {
 
 #[derive(Args, Debug)]
 struct ConvertArgs {
-    /// The directory to read: HF (config.json) or, with --to-hf, zoo (zoo.json).
+    /// The directory to read: HF (config.json) or, with --to-hf, zoo (zoo.json); with
+    /// --merge-adapter, either.
     #[arg(long = "from", value_name = "DIR")]
     from: PathBuf,
     /// The directory to write. It must not exist, unless --overwrite.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Export a zoo directory back to the HF layout.
+    /// Export a zoo directory back to the HF layout (a LoRA checkpoint's adapters merged in).
     #[arg(long)]
     to_hf: bool,
+    /// Fold this PEFT LoRA adapter into --from's weights (HF or zoo directory) and write the
+    /// merged model: a zoo directory, or HF's layout with --to-hf.
+    #[arg(long, value_name = "DIR")]
+    merge_adapter: Option<PathBuf>,
     /// Which HF weights file to read.
     #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
@@ -210,7 +215,17 @@ fn download(args: DownloadArgs) -> anyhow::Result<()> {
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     // A conversion holds every tensor at once: a model larger than memory is refused first.
     let limit = memory::available_memory().map(|b| b as u64);
-    let report = if args.to_hf {
+    let report = if let Some(adapter) = &args.merge_adapter {
+        checkpoints_convert::merge_adapter_within(
+            &args.from,
+            adapter,
+            &args.out,
+            args.to_hf,
+            args.format.into(),
+            args.overwrite,
+            limit,
+        )
+    } else if args.to_hf {
         checkpoints_convert::export_zoo_to_hf_within(&args.from, &args.out, args.overwrite, limit)
     } else {
         checkpoints_convert::convert_hf_to_zoo_within(

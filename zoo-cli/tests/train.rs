@@ -411,6 +411,28 @@ fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
             .zip(&plain)
             .any(|(a, b)| (a - b).abs() > 1e-2)
     );
+    // Exported to HF's layout, the adapters are merged in: the same logits without them.
+    let hf = dir.path().join("hf");
+    let output = zoo(&[
+        "convert",
+        "--to-hf",
+        "--from",
+        last_dir.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let merged = forward(
+        &["--model", hf.to_str().unwrap()],
+        &dir.path().join("d.safetensors"),
+    );
+    let worst_merged = merged
+        .iter()
+        .zip(&own)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    println!("lora: --adapter vs the checkpoint {worst:.2e}, merged HF export {worst_merged:.2e}");
+    assert!(worst_merged < 1e-4, "{worst_merged}");
     // Halted after two epochs and resumed: the uninterrupted run's bits.
     let halted = dir.path().join("halted");
     let output = finetune(&halted, "2", &[]);
