@@ -291,7 +291,15 @@ impl StartValues<'_> {
                         Err(_) => values.extend(data.convert::<f32>().iter::<f32>()),
                     }
                 }
-                (shape, Some(_)) if self.strict => {
+                // A LoRA update is new by nature: it starts fresh even when every base tensor
+                // must come from the checkpoint.
+                (shape, Some(_))
+                    if self.strict
+                        && !matches!(
+                            ParamKind::of(entry),
+                            ParamKind::LoraDown | ParamKind::LoraUp
+                        ) =>
+                {
                     return Err(error(match shape {
                         Some(shape) => format!(
                             "the checkpoint's is {shape:?}, the model's {:?}",
