@@ -10,7 +10,7 @@ use models::Logits;
 use zoo_tests::{fixture, floats, max_abs_diff, reference, reference_input};
 
 /// Each fixture's adapter on its base: the output peft computed, within 1e-4 (GPT-2's on its
-/// fused `c_attn`, split onto zoo's query, key and value).
+/// fused `c_attn`, split onto zoo's query, key and value; llama_cls's with its saved head).
 #[test]
 fn peft_adapters_give_peft_outputs() {
     for (name, output) in [
@@ -18,6 +18,7 @@ fn peft_adapters_give_peft_outputs() {
         ("bert", "last_hidden_state"),
         ("t5_v1_1", "logits"),
         ("gpt2", "logits"),
+        ("llama_cls", "logits"),
     ] {
         let device = Default::default();
         let options = LoadOptions {
@@ -37,7 +38,8 @@ fn peft_adapters_give_peft_outputs() {
         let got = match output {
             "logits" => match result.logits {
                 Some(Logits::PerToken(logits)) => logits.into_data(),
-                other => panic!("{name}: {other:?}"),
+                Some(Logits::PerSequence(logits)) => logits.into_data(),
+                None => panic!("{name}: no logits"),
             },
             _ => result.last_hidden_state.into_data(),
         };
@@ -48,7 +50,8 @@ fn peft_adapters_give_peft_outputs() {
         let base = match plain.model.forward(&input) {
             r if output == "logits" => match r.logits {
                 Some(Logits::PerToken(logits)) => logits.into_data(),
-                other => panic!("{other:?}"),
+                Some(Logits::PerSequence(logits)) => logits.into_data(),
+                None => panic!("no logits"),
             },
             r => r.last_hidden_state.into_data(),
         };
@@ -70,7 +73,7 @@ fn peft_adapters_give_peft_outputs() {
 /// peft's rank, scale and target modules.
 #[test]
 fn adapters_write_back_to_peft_tensors() {
-    for name in ["llama", "bert", "t5_v1_1"] {
+    for name in ["llama", "bert", "t5_v1_1", "llama_cls"] {
         let spec = read_spec(&fixture(name)).unwrap();
         let source = fixture("peft").join(name);
         let adapter = read_adapter(&source, &spec).unwrap();
@@ -207,6 +210,7 @@ fn merged_adapters_give_peft_outputs_without_an_adapter() {
         ("t5_v1_1", "logits"),
         ("gpt2", "logits"),
         ("bert", "last_hidden_state"),
+        ("llama_cls", "logits"),
     ] {
         for to_hf in [true, false] {
             let out = tempfile::tempdir().unwrap();
@@ -228,6 +232,7 @@ fn merged_adapters_give_peft_outputs_without_an_adapter() {
             let result = loaded.model.forward(&reference_input(&reference, &device));
             let got = match result.logits {
                 Some(Logits::PerToken(logits)) if output == "logits" => logits.into_data(),
+                Some(Logits::PerSequence(logits)) if output == "logits" => logits.into_data(),
                 _ => result.last_hidden_state.into_data(),
             };
             let diff = max_abs_diff(&got, &reference[output].data);

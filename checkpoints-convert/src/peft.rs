@@ -174,6 +174,21 @@ pub fn read_adapter(dir: &Path, spec: &ModelSpec) -> Result<Adapter> {
     let mut tensors = BTreeMap::new();
     let mut targets = BTreeSet::new();
     for (key, stored) in file {
+        // A saved module (PEFT's `modules_to_save`: a classifier's head) replaces the base's.
+        if let Some(hf) = key.strip_prefix(PEFT_PREFIX)
+            && is_task_head(hf)
+            && let Some(layers) = zoo_of_hf.get(hf)
+        {
+            for &(zoo, layout) in layers {
+                let data = stored.data.clone().convert::<f32>();
+                let data = match layout {
+                    Layout::Transposed => crate::tensors::transpose_2d(&data),
+                    _ => data,
+                };
+                tensors.insert(zoo.to_string(), data);
+            }
+            continue;
+        }
         let module = key
             .strip_prefix(PEFT_PREFIX)
             .and_then(|k| {
@@ -288,6 +303,11 @@ pub fn read_adapter(dir: &Path, spec: &ModelSpec) -> Result<Adapter> {
     Ok(Adapter { lora, tensors })
 }
 
+/// Whether an HF key is a sequence classifier's head (PEFT's default `modules_to_save`).
+fn is_task_head(hf: &str) -> bool {
+    hf.starts_with("classifier.") || hf.starts_with("score.")
+}
+
 /// PEFT's `task_type` of a class.
 fn task_type(architecture: Architecture) -> Value {
     match architecture.head() {
@@ -298,8 +318,8 @@ fn task_type(architecture: Architecture) -> Value {
     }
 }
 
-/// Writes the LoRA tensors of `named` (zoo names `….lora.a` / `….lora.b`; others are ignored) as
-/// a PEFT adapter into `dir` for the base `spec` with setup `lora`; `base` is what
+/// Writes the LoRA tensors of `named` (zoo names `….lora.a` / `….lora.b`, and a classifier's head,
+/// which PEFT saves whole as `modules_to_save`; others are ignored) as a PEFT adapter into `dir` for the base `spec` with setup `lora`; `base` is what
 /// `base_model_name_or_path` records. Each file is written through a temporary and renamed.
 pub fn write_adapter(
     dir: &Path,
@@ -316,12 +336,27 @@ pub fn write_adapter(
     // (A, B) in PEFT's orientation.
     type Fused = BTreeMap<usize, (Option<Vec<f32>>, Option<Vec<f32>>, usize, usize)>;
     let mut fused: BTreeMap<String, (usize, Fused)> = BTreeMap::new();
+    let classifies = spec.architecture.head() == Head::Classify;
     for (name, data) in named {
         let Some((path, matrix)) = name
             .strip_suffix(".lora.a")
             .map(|p| (p, "lora_A"))
             .or_else(|| name.strip_suffix(".lora.b").map(|p| (p, "lora_B")))
         else {
+            // A classifier's head trains whole: PEFT's `modules_to_save` (`classifier`,
+            // `score`), saved under the base model's own keys.
+            if let Some((hf, layout)) = hf_keys.get(name)
+                && classifies
+                && is_task_head(hf)
+            {
+                let data = match layout {
+                    Layout::Transposed => {
+                        crate::tensors::transpose_2d(&data.clone().convert::<f32>())
+                    }
+                    _ => data.clone().convert::<f32>(),
+                };
+                out.insert(format!("{PEFT_PREFIX}{hf}"), data);
+            }
             continue;
         };
         let (hf, layout) =
@@ -408,6 +443,7 @@ pub fn write_adapter(
         rank_pattern.insert(leaf.clone(), json!(rank));
         alpha_pattern.insert(leaf, json!(parts as f64 * lora.alpha));
     }
+    let saved_head = out.keys().any(|k| !k.contains(".lora_"));
     std::fs::create_dir_all(dir).map_err(|e| ConvertError::io(dir, e))?;
     write_safetensors(&weights_path, &out, None)?;
     let config = json!({
@@ -426,7 +462,7 @@ pub fn write_adapter(
         "use_dora": false,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": null,
+        "modules_to_save": if saved_head { json!(["classifier", "score"]) } else { Value::Null },
     });
     let path: PathBuf = dir.join(ADAPTER_CONFIG);
     let text = serde_json::to_string_pretty(&config).expect("JSON serialises");

@@ -96,13 +96,13 @@ pub struct FreezeArgs {
     #[arg(long, value_name = "REGEX")]
     pub freeze: Vec<String>,
     /// BitFit (Ben Zaken et al. 2022): train only the biases (linear biases and layer norms'
-    /// shifts) and the parameters the checkpoint does not have (a new classification head);
-    /// freeze the rest.
+    /// shifts), a classifier's head and the parameters the checkpoint does not have; freeze the
+    /// rest.
     #[arg(long)]
     pub bitfit: bool,
     /// LoRA (Hu et al. 2021, as PEFT): attach rank-R updates to the --lora-targets layers and
-    /// train only those (with any parameter the checkpoint lacks, such as a new classification
-    /// head); every other parameter is frozen. 0: no LoRA.
+    /// train only those, a classifier's head (PEFT's modules_to_save) and any parameter the
+    /// checkpoint lacks; every other parameter is frozen. 0: no LoRA.
     #[arg(long, value_name = "R", default_value_t = 0)]
     pub lora_r: usize,
     /// LoRA's `lora_alpha`: updates are scaled by alpha / r (PEFT's default 8).
@@ -163,10 +163,19 @@ impl FreezeArgs {
         let (bitfit, restrict) = (self.bitfit, self.bitfit || lora);
         Ok(Some(Frozen::new(move |name| {
             let is_fresh = || fresh.lock().is_ok_and(|f| f.contains(name));
-            let trains = (bitfit && is_bias(name)) || (lora && is_lora(name)) || is_fresh();
+            let trains = (bitfit && is_bias(name))
+                || (lora && is_lora(name))
+                || is_classifier_head(name)
+                || is_fresh();
             patterns.iter().any(|p| p.is_match(name)) || (restrict && !trains)
         })))
     }
+}
+
+/// Whether a zoo parameter name is a sequence classifier's head (`classifier.…`, `score.…`):
+/// it trains under BitFit and LoRA, as PEFT's `modules_to_save` for `SEQ_CLS`.
+fn is_classifier_head(name: &str) -> bool {
+    name.starts_with("classifier.") || name.starts_with("score.")
 }
 
 /// Whether a zoo parameter name is a LoRA update's (`….lora.a`, `….lora.b`).
@@ -1161,9 +1170,9 @@ fn write_peft_adapter(
         hf_config: manifest.hf_config.clone(),
     };
     let lora = spec.lora()?.context("a LoRA run records zoo_lora")?;
+    // The adapters, and what else trains (a classifier's new head, which the adapter saves).
     let tensors = named
         .into_iter()
-        .filter(|(name, _, _)| name.contains(".lora."))
         .map(|(name, shape, values)| (name, burn::tensor::TensorData::new(values, shape)))
         .collect();
     match checkpoints_convert::peft::write_adapter(dir, &spec, &lora, &tensors, base) {
