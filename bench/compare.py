@@ -29,6 +29,9 @@ CASES = {
     "llama-train": ("llama", "train", 4, 256, "cores"),
     "llama-train-1rank": ("llama", "train", 4, 256, 1),
     "llama-generate": ("llama", "generate", 1, 8, 1),
+    # LoRA r 8 on the default targets (query/value), every other weight frozen (peft in PyTorch).
+    "bert-lora-train": ("bert-base", "train", 8, 128, "cores", ["--lora-r", "8"]),
+    "llama-lora-train": ("llama", "train", 4, 256, "cores", ["--lora-r", "8"]),
 }
 
 
@@ -53,10 +56,10 @@ def main():
     results = {c: {"zoo": [], "torch": []} for c in a.cases.split(",")}
     for r in range(a.rounds):
         for case in results:
-            model, mode, batch, seq, ranks = CASES[case]
+            model, mode, batch, seq, ranks, *extra = CASES[case]
             common = ["--model", model, "--mode", mode, "--batch", str(batch), "--seq", str(seq),
                       "--iters", str(a.iters), "--warmup", str(a.warmup),
-                      "--new-tokens", str(a.new_tokens), "--json"]
+                      "--new-tokens", str(a.new_tokens), "--json"] + (extra[0] if extra else [])
             zoo_ranks = cores if ranks == "cores" else ranks
             for engine in ("zoo", "torch"):
                 cmd = ([a.zoo, "bench", "--ranks", str(zoo_ranks)] + common if engine == "zoo"
@@ -70,7 +73,7 @@ def main():
     head = ("case", "shape", "zoo ranks", "zoo ms", "torch ms", "zoo tok/s", "torch tok/s", "ratio", "zoo GFLOP/s (% peak)", "torch GFLOP/s (% peak)")
     rows = []
     for case, r in results.items():
-        model, mode, batch, seq, ranks = CASES[case]
+        model, mode, batch, seq, ranks, *_ = CASES[case]
         med = lambda e, k: statistics.median(x[k] for x in r[e])
         zms, tms = med("zoo", "median_ms"), med("torch", "median_ms")
         shape = f"{batch}×{seq}" + (f" +{a.new_tokens}" if mode == "generate" else "")

@@ -46,6 +46,8 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train LoRA (peft, its default targets, alpha 2r) on a frozen model (train)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -64,8 +66,13 @@ def main():
     ids = torch.randint(0, vocab, (a.batch, a.seq))
 
     if a.mode == "train":
+        if a.lora_r:
+            import peft
+            task = "SEQ_CLS" if a.model == "bert-base" else "CAUSAL_LM"
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type=task, r=a.lora_r,
+                                                               lora_alpha=2 * a.lora_r))
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         labels = torch.randint(0, 2, (a.batch,)) if a.model == "bert-base" else ids
 
         def run():

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// and each runs on its share of the cores, as `zoo finetune --ranks N` does.
     #[arg(long, default_value_t = 1)]
     ranks: usize,
+    /// LoRA of this rank on the family's default targets (PEFT's: the query and value
+    /// projections), every other weight frozen (train); 0: full training.
+    #[arg(long, default_value_t = 0)]
+    lora_r: usize,
     /// Where to run: cpu or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceSpec,
@@ -383,8 +387,27 @@ fn options(args: &BenchArgs, blocks: usize) -> ZeroOptions {
     ZeroOptions {
         checkpoint: vec![args.checkpointing; blocks],
         adamw: AdamWConfig::default(),
+        // With LoRA only the adapters and a classifier's head train, as PEFT's SEQ_CLS does.
+        frozen: (args.lora_r > 0).then(|| {
+            bmtrain_backend::trainer::Frozen::new(|name| {
+                !(name.contains(".lora.") || name.starts_with("classifier."))
+            })
+        }),
         ..ZeroOptions::checkpoint_all(blocks)
     }
+}
+
+/// `--lora-r`'s setup for `family`: PEFT's default targets, alpha 2r.
+fn bench_lora(args: &BenchArgs, family: models::Family) -> Option<models::adapters::LoraSpec> {
+    (args.lora_r > 0).then(|| models::adapters::LoraSpec {
+        r: args.lora_r,
+        alpha: 2.0 * args.lora_r as f64,
+        dropout: 0.0,
+        targets: models::adapters::default_targets(family)
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
+    })
 }
 
 /// Times training steps on one rank: its share of the batch (rows `rank · B/N ..`), forward,
@@ -414,6 +437,8 @@ fn train_times<AB: AutodiffBackend>(
                 0,
                 &device,
             );
+            let lora = bench_lora(args, models::Family::Bert);
+            let model = crate::run::adapted(model, lora.as_ref(), &device)?;
             let split = ClassifierSpec::split_bert(model, &config);
             let batch = ClassifierBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
@@ -424,7 +449,9 @@ fn train_times<AB: AutodiffBackend>(
             time_steps(split, comm, &batch, args, &device)
         }
         BenchModel::Gpt2 => {
-            let split = Gpt2Spec::split(random_gpt2::<AB>(&device)?);
+            let lora = bench_lora(args, models::Family::Gpt2);
+            let model = crate::run::adapted(random_gpt2::<AB>(&device)?, lora.as_ref(), &device)?;
+            let split = Gpt2Spec::split(model);
             let batch = LmBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
                 labels: None,
@@ -432,7 +459,9 @@ fn train_times<AB: AutodiffBackend>(
             time_steps(split, comm, &batch, args, &device)
         }
         BenchModel::Llama => {
-            let split = LlamaSpec::split(random_llama::<AB>(&device)?);
+            let lora = bench_lora(args, models::Family::Llama);
+            let model = crate::run::adapted(random_llama::<AB>(&device)?, lora.as_ref(), &device)?;
+            let split = LlamaSpec::split(model);
             let batch = LmBatch {
                 input_ids: ids_tensor::<AB>(rank_ids, &rank_args, &device),
                 labels: None,

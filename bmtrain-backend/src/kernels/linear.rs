@@ -155,21 +155,35 @@ fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d_output: usize) -> Vec<f
     }
 }
 
-/// Backward: `(dx, dW, db)`.
-fn backward(x: &[f32], w: &[f32], dy: &[f32], d_output: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// Backward: `(dx, dW, db)`, each only when `need` says its input takes a gradient (a frozen
+/// weight's — LoRA's base, BitFit's matrices — is never computed: a third of the layer's work).
+fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    d_output: usize,
+    need: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
     let d_input = w.len() / d_output;
     let rows = x.len() / d_input;
     // SAFETY (all three): the buffers have the lengths the shapes say; the transposes are strides.
-    let dx = filled(rows * d_input, |dx| unsafe {
-        let dy_view = (dy.as_ptr(), d_output as isize, 1);
-        let w_t = (w.as_ptr(), 1, d_output as isize);
-        gemm_into(dx, rows, d_input, d_output, dy_view, w_t, false)
+    let dx = need[0].then(|| {
+        filled(rows * d_input, |dx| unsafe {
+            let dy_view = (dy.as_ptr(), d_output as isize, 1);
+            let w_t = (w.as_ptr(), 1, d_output as isize);
+            gemm_into(dx, rows, d_input, d_output, dy_view, w_t, false)
+        })
     });
-    let dw = filled(d_input * d_output, |dw| unsafe {
-        let x_t = (x.as_ptr(), 1, d_input as isize);
-        let dy_view = (dy.as_ptr(), d_output as isize, 1);
-        gemm_into(dw, d_input, d_output, rows, x_t, dy_view, false)
+    let dw = need[1].then(|| {
+        filled(d_input * d_output, |dw| unsafe {
+            let x_t = (x.as_ptr(), 1, d_input as isize);
+            let dy_view = (dy.as_ptr(), d_output as isize, 1);
+            gemm_into(dw, d_input, d_output, rows, x_t, dy_view, false)
+        })
     });
+    if !need[2] {
+        return [dx, dw, None];
+    }
     // Column sums by fixed blocks of rows, added in block order (bit-identical at any thread count).
     let partials: Vec<Vec<f32>> = dy
         .par_chunks(ROWS * d_output)
@@ -185,7 +199,7 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], d_output: usize) -> (Vec<f32>, Vec
     for partial in partials {
         db.iter_mut().zip(partial).for_each(|(s, v)| *s += v);
     }
-    (dx, dw, db)
+    [dx, dw, Some(db)]
 }
 
 #[derive(Debug, Clone)]
@@ -202,18 +216,26 @@ impl LinearBackward {
     fn run<const N: usize>(ops: Ops<Saved, N>, grads: &mut Gradients) {
         let (dy, parents) = output_grad(&ops, grads);
         let saved = ops.state;
-        let (dx, dw, db) = backward(
+        // Without a bias there are two parents; the bias gradient has none to go to.
+        let need = std::array::from_fn(|i| parents.get(i).is_some_and(Option::is_some));
+        let [dx, dw, db] = backward(
             values(&saved.input),
             values(&saved.weights),
             values(&dy),
             saved.d_output,
+            need,
         );
         let computed = [
             (dx, saved.input.layout().shape().to_vec()),
             (dw, saved.weights.layout().shape().to_vec()),
             (db, vec![saved.d_output]),
         ];
-        // Without a bias there are two parents; the bias gradient has none to go to.
+        // Gradients not computed go to parents that take none.
+        let (parents, computed): (Vec<_>, Vec<_>) = parents
+            .into_iter()
+            .zip(computed)
+            .filter_map(|(parent, (values, shape))| Some((parent, (values?, shape))))
+            .unzip();
         register_grads(grads, parents, computed);
     }
 }
@@ -273,6 +295,35 @@ mod tests {
                 _ => panic!("bias gradient present in one path only"),
             }
         }
+    }
+
+    /// A frozen weight and bias (no `require_grad`: LoRA's base) get no gradient, and the
+    /// input's is burn's.
+    #[test]
+    fn a_frozen_weight_gets_no_gradient_and_the_input_gets_burns() {
+        let (rows, d_in, d_out) = (70, 40, 56);
+        let frozen = |values: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<crate::CpuTrain, 2>::from_data(
+                burn::tensor::TensorData::new(values, shape),
+                &Default::default(),
+            )
+        };
+        let run = |fused: bool| {
+            let x = leaf(random(rows * d_in, 1, 1.0), [rows, d_in]);
+            let w = frozen(random(d_in * d_out, 2, 0.3), [d_in, d_out]);
+            let b = frozen(random(d_out, 3, 0.5), [1, d_out]).reshape([d_out]);
+            let y = if fused {
+                linear(&x, &w, Some(&b)).expect("fused path")
+            } else {
+                burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()))
+            };
+            let grads = (y * leaf(random(rows * d_out, 4, 1.0), [rows, d_out]))
+                .sum()
+                .backward();
+            assert!(w.grad(&grads).is_none() && b.grad(&grads).is_none());
+            x.grad(&grads).unwrap()
+        };
+        assert!(max_diff(run(true), run(false)) < 1e-5);
     }
 
     #[test]
