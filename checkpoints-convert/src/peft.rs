@@ -375,13 +375,9 @@ pub fn write_adapter(
                 message: format!("'{name}' has shape {shape:?}, not a matrix"),
             }
         })?;
-        let values = values.to_vec::<f32>().expect("converted to f32");
-        let mut transposed = vec![0.0f32; rows * cols];
-        for i in 0..rows {
-            for j in 0..cols {
-                transposed[j * rows + i] = values[i * cols + j];
-            }
-        }
+        let transposed = crate::tensors::transpose_2d(&values)
+            .to_vec::<f32>()
+            .expect("f32");
         if let Layout::Split { part, parts } = layout {
             let entry = fused
                 .entry(module.to_string())

@@ -286,9 +286,6 @@ impl crate::io::FamilyConfig for Gpt2Config {
             self.n_head,
         ]
     }
-    fn to_hf(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("a config serialises")
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -282,7 +282,7 @@ pub trait ModelClass<B: Backend>: Sized {
 /// What a family's config gives the registry's dispatch ([`crate::ModelConfig`]), implemented
 /// beside the config: how it is read from a `config.json` and what the key tables and training jobs
 /// ask of it.
-pub trait FamilyConfig: Sized {
+pub trait FamilyConfig: Sized + serde::Serialize {
     /// Reads a `config.json` value (fields it leaves out take the family's defaults).
     fn from_hf(value: &serde_json::Value) -> Result<Self, serde_json::Error>;
     /// Checks the config, naming the offending field.
@@ -337,8 +337,10 @@ pub trait FamilyConfig: Sized {
     /// inner width (both inner projections and their product are kept).
     fn activation_dims(&self) -> [usize; 3];
     /// The config as HF `config.json` fields (without `model_type` / `architectures`, which the
-    /// class adds).
-    fn to_hf(&self) -> serde_json::Value;
+    /// class adds): its serde form, whose field names are HF's.
+    fn to_hf(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a config serialises")
+    }
 }
 
 /// Logits of a head: per token (MLM) or per sequence (classification).

@@ -469,9 +469,6 @@ impl crate::io::FamilyConfig for LlamaConfig {
             self.num_attention_heads,
         ]
     }
-    fn to_hf(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("a config serialises")
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

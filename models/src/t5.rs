@@ -286,9 +286,6 @@ impl crate::io::FamilyConfig for T5Config {
     fn activation_dims(&self) -> [usize; 3] {
         [self.d_model, self.d_ff, self.num_heads]
     }
-    fn to_hf(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("a config serialises")
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
