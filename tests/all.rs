@@ -9,6 +9,7 @@ mod gradients;
 mod llama_train;
 mod parity;
 mod peft;
+mod quantize;
 mod t5;
 mod t5_train;
 mod tokenizers;

@@ -25,7 +25,8 @@
 //!   file digests for verification;
 //! - [`inspect`]: per-parameter statistics gathered across shards, like `bmt.inspect`;
 //! - [`kernels`]: fused CPU kernels with their own backward (attention, linear, GELU, layer norm,
-//!   cross-entropy, dropout) that the models call, falling back to burn's ops elsewhere.
+//!   cross-entropy, dropout) that the models call, falling back to burn's ops elsewhere;
+//! - [`quant`]: int8 and NF4 weights and the CPU products that read them in place.
 
 #![warn(missing_docs)]
 
@@ -37,6 +38,7 @@ pub mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod optim;
+pub mod quant;
 pub mod tcp;
 pub mod trainer;
 pub mod zero;

@@ -30,6 +30,15 @@ pub enum ConvertError {
         /// What is wrong (the key, the option, the shapes).
         message: String,
     },
+    /// A quantization zoo cannot do or read (`--bits 3`, an adapter directory, a code tensor of
+    /// the wrong shape).
+    #[error("{path}: {message}")]
+    Quantize {
+        /// The directory or weights file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A config has a value zoo cannot use.
     #[error("{path}: {error}")]
     Config {

@@ -20,6 +20,7 @@ pub mod hub;
 pub mod model_dir;
 pub mod peft;
 mod pickle_guard;
+pub mod quantize;
 pub mod sentencepiece;
 pub mod tensors;
 pub mod tokenizer;

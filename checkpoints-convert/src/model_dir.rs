@@ -9,6 +9,9 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bmtrain_backend::quant::QuantizedMatrix;
 
 use burn::module::ParamId;
 use burn::tensor::TensorData;
@@ -20,6 +23,7 @@ use serde_json::Value;
 
 use crate::error::{ConvertError, Result};
 use crate::families::{KeyPair, Layout, Variant, by_hf_key, table};
+use crate::quantize::{StoredCodes, take_stored_codes};
 use crate::tensors::{
     IndexedTensor, TensorIndex, WeightsFormat, concat_last_dim, index_dir_weights, read_json,
     split_last_dim, transpose_2d, write_atomic, write_safetensors,
@@ -140,6 +144,9 @@ pub struct ZooWeights {
     pub tensors: BTreeMap<String, TensorData>,
     /// Keys of the checkpoint that no parameter uses (reported, not fatal, as in transformers).
     pub unused: Vec<String>,
+    /// Quantized weights by zoo key (a `zoo quantize` directory's; their keys are not in
+    /// `tensors`).
+    pub quantized: BTreeMap<String, Arc<QuantizedMatrix>>,
 }
 
 /// A directory's weights under zoo names, checked against the spec (every key and shape, from
@@ -149,6 +156,8 @@ pub struct ZooWeights {
 pub struct ZooWeightsReader {
     /// Per zoo key: the stored tensor and how its layout becomes zoo's.
     recipes: BTreeMap<String, (IndexedTensor, Layout)>,
+    /// Quantized weights by zoo key (not in `recipes`).
+    quantized: BTreeMap<String, StoredCodes>,
     /// Keys of the checkpoint that no parameter uses.
     pub unused: Vec<String>,
 }
@@ -176,6 +185,12 @@ impl ZooWeightsReader {
         }))
     }
 
+    /// Whether the directory holds quantized weights (which [`ZooWeightsReader::read`] does not
+    /// give: [`ZooWeightsReader::read_all`] does).
+    pub fn is_quantized(&self) -> bool {
+        !self.quantized.is_empty()
+    }
+
     /// Reads every tensor.
     pub fn read_all(self) -> Result<ZooWeights> {
         let mut tensors = BTreeMap::new();
@@ -183,9 +198,14 @@ impl ZooWeightsReader {
             let data = self.read(key).expect("a key of the reader")?;
             tensors.insert(key.clone(), data);
         }
+        let mut quantized = BTreeMap::new();
+        for (key, stored) in &self.quantized {
+            quantized.insert(key.clone(), stored.read(key)?);
+        }
         Ok(ZooWeights {
             tensors,
             unused: self.unused,
+            quantized,
         })
     }
 }
@@ -328,12 +348,30 @@ impl ModelSpec {
             check_shape(stored, &pair.hf, &hf_shape(want, pair.layout))?;
             recipes.insert(pair.zoo.clone(), (stored.clone(), pair.layout));
         }
-        Ok(ZooWeightsReader { recipes, unused })
+        Ok(ZooWeightsReader {
+            recipes,
+            quantized: BTreeMap::new(),
+            unused,
+        })
     }
 
     /// Checks zoo-named tensors (a zoo directory's) the same way.
     pub fn check_zoo(&self, mut zoo: TensorIndex, source_name: &str) -> Result<ZooWeightsReader> {
-        let expected = self.expected_shapes()?;
+        let mut expected = self.expected_shapes()?;
+        let quantized = match self.quantization()? {
+            Some(spec) => take_stored_codes(&spec, &mut zoo, source_name)?,
+            None => BTreeMap::new(),
+        };
+        for key in quantized.keys() {
+            if expected.remove(key).is_none() {
+                return Err(ConvertError::Quantize {
+                    path: self.dir.join(ZOO_MANIFEST),
+                    message: format!(
+                        "{key} is recorded as quantized but is no weight of this model"
+                    ),
+                });
+            }
+        }
         let missing: Vec<String> = expected
             .keys()
             .filter(|k| !zoo.contains_key(*k))
@@ -354,6 +392,7 @@ impl ModelSpec {
         }
         Ok(ZooWeightsReader {
             recipes,
+            quantized,
             unused: zoo.into_keys().collect(),
         })
     }
@@ -518,7 +557,13 @@ pub fn load_model<B: Backend>(
             serde_json::to_value(&adapter.lora).expect("a LoRA setup serialises");
         weights.tensors.extend(adapter.tensors);
     }
-    let mut model = build_model(&spec, weights.tensors, device)?;
+    if options.dtype.is_some() && !weights.quantized.is_empty() {
+        return Err(ConvertError::Quantize {
+            path: spec.dir.clone(),
+            message: "is quantized: it runs in f32 around its codes, not in another dtype".into(),
+        });
+    }
+    let mut model = build_model(&spec, weights.tensors, weights.quantized, device)?;
     if let Some(dtype) = options.dtype {
         model = models::cast_float_params(model, dtype);
     }
@@ -529,13 +574,20 @@ pub fn load_model<B: Backend>(
     })
 }
 
-/// Builds the model of `spec` from checked zoo tensors.
+/// Builds the model of `spec` from checked zoo tensors and quantized weights.
 pub fn build_model<B: Backend>(
     spec: &ModelSpec,
     tensors: BTreeMap<String, TensorData>,
+    quantized: BTreeMap<String, Arc<QuantizedMatrix>>,
     device: &B::Device,
 ) -> Result<AnyModel<B>> {
     let mut model = spec.new_model::<B>(device)?;
+    let quantized_keys: Vec<String> = quantized.keys().cloned().collect();
+    // First: the quantized layers' weights become lazy, and the snapshots leave them so.
+    models::quantize::install(&mut model, quantized).map_err(|error| ConvertError::Config {
+        path: spec.dir.join(ZOO_MANIFEST),
+        error,
+    })?;
     let snapshots = tensors
         .into_iter()
         .map(|(key, data)| {
@@ -544,7 +596,10 @@ pub fn build_model<B: Backend>(
         })
         .collect();
     // Enum variants (AnyModel::BertModel, …) are not part of zoo names.
-    let result = model.apply(snapshots, None, None, true);
+    let mut result = model.apply(snapshots, None, None, true);
+    result
+        .missing
+        .retain(|(path, _)| !quantized_keys.contains(path));
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         return Err(ConvertError::Apply(format!(
             "errors {:?}, missing {:?}, unused {:?}",
@@ -656,6 +711,7 @@ pub fn export_zoo_to_hf_within(
             dir: from.join(ZOO_MANIFEST),
         });
     }
+    refuse_quantized(&spec)?;
     if let Some(limit) = memory_limit {
         spec.check_fits(2, limit)?;
     }
@@ -702,6 +758,7 @@ pub fn merge_adapter_within(
 ) -> Result<ConvertReport> {
     check_output(out, overwrite)?;
     let mut spec = read_spec(from)?;
+    refuse_quantized(&spec)?;
     if let Some(limit) = memory_limit {
         spec.check_fits(4, limit)?;
     }
@@ -795,7 +852,18 @@ fn hf_tensors(
     hf
 }
 
-fn check_output(out: &Path, overwrite: bool) -> Result<()> {
+/// A quantized directory holds codes, not the weights HF's layout or a merge needs.
+fn refuse_quantized(spec: &ModelSpec) -> Result<()> {
+    match spec.quantization()? {
+        Some(_) => Err(ConvertError::Quantize {
+            path: spec.dir.clone(),
+            message: "is quantized: convert or merge the directory it was quantized from".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn check_output(out: &Path, overwrite: bool) -> Result<()> {
     if out.exists() && !overwrite {
         return Err(ConvertError::OutputExists {
             path: out.to_path_buf(),
@@ -807,7 +875,11 @@ fn check_output(out: &Path, overwrite: bool) -> Result<()> {
 /// Fills a staging directory beside `out`, then renames it to `out`. On any error the staging
 /// directory is removed and `out` is untouched. With `overwrite`, the old `out` is replaced only
 /// after the new one is complete.
-fn publish_dir<T>(out: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+pub(crate) fn publish_dir<T>(
+    out: &Path,
+    overwrite: bool,
+    fill: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -861,13 +933,13 @@ pub fn publish_files(
     })
 }
 
-fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+pub(crate) fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).expect("JSON values serialise");
     text.push('\n');
     write_atomic(path, text.as_bytes())
 }
 
-fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
+pub(crate) fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
     let mut copied = Vec::new();
     for name in TOKENIZER_FILES {
         let source = from.join(name);

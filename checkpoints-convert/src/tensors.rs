@@ -69,6 +69,23 @@ impl IndexedTensor {
     }
 }
 
+impl IndexedTensor {
+    /// The tensor's bytes as stored, in a fresh vector (no `TensorData` in between: a quantized
+    /// layer keeps this buffer as its codes).
+    pub fn read_bytes(&self) -> Result<Vec<u8>> {
+        match &self.location {
+            Location::Loaded(data) => Ok(data.as_bytes().to_vec()),
+            Location::Region { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut bytes = vec![0u8; *len];
+                file.read_exact_at(&mut bytes, *offset)
+                    .map_err(|e| ConvertError::io(&self.file, e))?;
+                Ok(bytes)
+            }
+        }
+    }
+}
+
 /// Every tensor of a checkpoint by key, from the headers alone.
 pub type TensorIndex = BTreeMap<String, IndexedTensor>;
 

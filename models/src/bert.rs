@@ -4,10 +4,10 @@
 //! Reading order: config → embeddings (shared layer) → layer → encoder → pooler → models → heads.
 //! RoBERTa (`roberta.rs`) reuses the encoder, pooler and MLM head defined here.
 
+use crate::layers::Embedding;
 use crate::layers::{Dropout, DropoutConfig};
 use crate::layers::{Linear, LinearConfig};
 use burn::module::{Initializer, Module, Param};
-use burn::nn::Embedding;
 use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
@@ -472,16 +472,10 @@ impl<B: Backend> MlmHead<B> {
 
     /// - hidden: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`
     pub fn forward(&self, hidden: Tensor<B, 3>, word_embeddings: &Embedding<B>) -> Tensor<B, 3> {
-        let [batch, seq, width] = hidden.dims();
         let transformed = self
             .norm
             .forward(self.activation.forward(self.transform.forward(hidden)));
-        let table = word_embeddings.weight.val(); // [vocab, hidden]
-        let vocab = table.dims()[0];
-        let logits = transformed
-            .reshape([batch * seq, width])
-            .matmul(table.transpose());
-        (logits + self.bias.val().unsqueeze::<2>()).reshape([batch, seq, vocab])
+        word_embeddings.tied_logits(transformed) + self.bias.val().unsqueeze::<3>()
     }
 }
 
@@ -562,6 +556,12 @@ impl<B: Backend> ModelClass<B> for BertModel<B> {
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.encoder.adaptable()
     }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        crate::io::VocabTables {
+            embeddings: vec![&mut self.embeddings.word],
+            heads: Vec::new(),
+        }
+    }
 }
 
 impl<B: Backend> ModelClass<B> for BertForMaskedLM<B> {
@@ -582,6 +582,9 @@ impl<B: Backend> ModelClass<B> for BertForMaskedLM<B> {
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.bert.encoder.adaptable()
     }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        self.bert.vocab_tables()
+    }
 }
 
 impl<B: Backend> ModelClass<B> for BertForSequenceClassification<B> {
@@ -601,6 +604,9 @@ impl<B: Backend> ModelClass<B> for BertForSequenceClassification<B> {
     }
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.bert.encoder.adaptable()
+    }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        self.bert.vocab_tables()
     }
 }
 

@@ -6,9 +6,9 @@
 //! Reading order: config → block → model (with its KV cache) → LM head → loss.
 
 use crate::layers::{Dropout, DropoutConfig};
+use crate::layers::{Embedding, EmbeddingConfig};
 use crate::layers::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
@@ -401,12 +401,12 @@ impl<B: Backend> Gpt2Model<B> {
 
     /// The longest context: the size of the position table.
     pub fn max_positions(&self) -> usize {
-        self.wpe.weight.shape().dims::<2>()[0]
+        self.wpe.weight.lazy_shape().dims::<2>()[0]
     }
 
     /// Number of token ids.
     pub fn vocab_size(&self) -> usize {
-        self.wte.weight.shape().dims::<2>()[0]
+        self.wte.weight.lazy_shape().dims::<2>()[0]
     }
 
     /// Full-sequence forward (training, scoring): `[batch, seq]` → `[batch, seq, n_embd]`, after `ln_f`.
@@ -636,6 +636,12 @@ impl<B: Backend> ModelClass<B> for Gpt2Model<B> {
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         Gpt2Model::adaptable(self)
     }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        crate::io::VocabTables {
+            embeddings: vec![&mut self.wte, &mut self.wpe],
+            heads: Vec::new(),
+        }
+    }
 }
 
 impl<B: Backend> ModelClass<B> for Gpt2ForSequenceClassification<B> {
@@ -658,6 +664,9 @@ impl<B: Backend> ModelClass<B> for Gpt2ForSequenceClassification<B> {
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.transformer.adaptable()
     }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        self.transformer.vocab_tables()
+    }
 }
 
 impl<B: Backend> ModelClass<B> for Gpt2LmHeadModel<B> {
@@ -677,6 +686,9 @@ impl<B: Backend> ModelClass<B> for Gpt2LmHeadModel<B> {
     }
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.transformer.adaptable()
+    }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        self.transformer.vocab_tables()
     }
     fn generate(
         &self,

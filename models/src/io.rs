@@ -6,8 +6,8 @@ use bmtrain_backend::kernels;
 use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
 use serde::{Deserialize, Serialize};
 
+use crate::layers::Embedding;
 use crate::layers::{AttentionMask, KvCache, Linear};
-use burn::nn::Embedding;
 
 // ---------------------------------------------------------------------------------------------
 // Inputs and outputs
@@ -116,15 +116,7 @@ pub fn vocab_logits<B: Backend>(
 ) -> Tensor<B, 3> {
     match lm_head {
         Some(head) => head.forward(hidden),
-        None => {
-            let [batch, seq, width] = hidden.dims();
-            let table = wte.weight.val(); // [vocab, n_embd]
-            let vocab = table.dims()[0];
-            hidden
-                .reshape([batch * seq, width])
-                .matmul(table.transpose())
-                .reshape([batch, seq, vocab])
-        }
+        None => wte.tied_logits(hidden),
     }
 }
 
@@ -246,6 +238,24 @@ pub struct ClassifierBatch<B: Backend> {
     pub labels: Tensor<B, 1, Int>,
 }
 
+/// A class's token tables and untied output layers ([`ModelClass::vocab_tables`]).
+pub struct VocabTables<'a, B: Backend> {
+    /// Embedding tables: the token embeddings (a tied head reads them too) and learned
+    /// positions.
+    pub embeddings: Vec<&'a mut Embedding<B>>,
+    /// Untied LM heads.
+    pub heads: Vec<&'a mut Linear<B>>,
+}
+
+impl<B: Backend> Default for VocabTables<'_, B> {
+    fn default() -> Self {
+        Self {
+            embeddings: Vec::new(),
+            heads: Vec::new(),
+        }
+    }
+}
+
 /// What every model class gives the registry's dispatch ([`crate::AnyModel`]), implemented beside
 /// the model: how it is built from its family's config and how a command runs it.
 pub trait ModelClass<B: Backend>: Sized {
@@ -264,6 +274,11 @@ pub trait ModelClass<B: Backend>: Sized {
     /// `q_proj` … `down_proj`, `query` … `output`, `q` … `wo`); heads are not listed.
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         Vec::new()
+    }
+    /// The token tables and untied output layers (`zoo quantize --embeddings` quantizes them
+    /// besides the [`ModelClass::adaptable`] layers); empty for classes without that support.
+    fn vocab_tables(&mut self) -> VocabTables<'_, B> {
+        VocabTables::default()
     }
     /// Generates continuations of `prompts` (a causal LM continues them; an encoder-decoder
     /// reads them and writes new text), calling `on_tokens` as [`crate::generation::generate`]

@@ -28,12 +28,13 @@ pub mod layers;
 pub mod llama;
 pub mod params;
 pub mod presets;
+pub mod quantize;
 pub mod registry;
 pub mod roberta;
 pub mod t5;
 pub mod train;
 
-pub use params::{ParamInfo, ParamPath, cast_float_params, count_params, param_infos};
+pub use params::{ParamInfo, ParamPath, cast_float_params, count_params, param_infos, param_names};
 pub use presets::{Preset, preset, presets};
 pub use registry::{
     AnyModel, Architecture, ConfigError, Family, Head, Logits, ModelConfig, ModelOutput,

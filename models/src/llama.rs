@@ -8,8 +8,8 @@
 //! Reading order: config → rotary embeddings → attention → block → model (with its KV cache) →
 //! LM head.
 
+use crate::layers::{Embedding, EmbeddingConfig};
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{
     ElementConversion, FloatDType, Int, Tensor, TensorData, activation::softmax, backend::Backend,
 };
@@ -882,7 +882,7 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Number of token ids.
     pub fn vocab_size(&self) -> usize {
-        self.embed_tokens.weight.shape().dims::<2>()[0]
+        self.embed_tokens.weight.lazy_shape().dims::<2>()[0]
     }
 
     /// Full-sequence forward: `[batch, seq]` → `[batch, seq, hidden]`, after the final norm.
@@ -1058,6 +1058,12 @@ impl<B: Backend> ModelClass<B> for LlamaModel<B> {
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         LlamaModel::adaptable(self)
     }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        crate::io::VocabTables {
+            embeddings: vec![&mut self.embed_tokens],
+            heads: Vec::new(),
+        }
+    }
 }
 
 impl<B: Backend> ModelClass<B> for LlamaForCausalLM<B> {
@@ -1077,6 +1083,12 @@ impl<B: Backend> ModelClass<B> for LlamaForCausalLM<B> {
     }
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.model.adaptable()
+    }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        crate::io::VocabTables {
+            embeddings: vec![&mut self.model.embed_tokens],
+            heads: self.lm_head.iter_mut().collect(),
+        }
     }
     fn generate(
         &self,
@@ -1110,6 +1122,9 @@ impl<B: Backend> ModelClass<B> for LlamaForSequenceClassification<B> {
     }
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.model.adaptable()
+    }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        self.model.vocab_tables()
     }
 }
 

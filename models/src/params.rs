@@ -1,7 +1,9 @@
 //! Parameter-tree utilities every command uses: list a module's parameters by zoo name (from lazy
 //! shapes, so even a 175B preset costs nothing), count them, cast them.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::FloatDType;
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -87,4 +89,27 @@ pub fn count_params<B: Backend, M: Module<B>>(module: &M) -> usize {
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
         .sum()
+}
+
+/// Each float parameter's zoo name by its id (from the module tree; nothing is initialised).
+pub fn param_names<B: Backend, M: Module<B>>(module: &M) -> HashMap<ParamId, String> {
+    #[derive(Default)]
+    struct Namer {
+        path: ParamPath,
+        names: HashMap<ParamId, String>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Namer {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            self.path.exit(container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.names.insert(param.id, self.path.name());
+        }
+    }
+    let mut namer = Namer::default();
+    module.visit(&mut namer);
+    namer.names
 }

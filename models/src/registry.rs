@@ -470,6 +470,13 @@ macro_rules! classes {
                 }
             }
 
+            /// The token tables and untied heads (see [`ModelClass::vocab_tables`]).
+            pub fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+                match self {
+                    $(Self::$variant(m) => m.vocab_tables(),)*
+                }
+            }
+
             /// Generates continuations (see [`ModelClass::generate`]); `None` when the class has
             /// no LM head.
             pub fn generate(

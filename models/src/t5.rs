@@ -12,9 +12,9 @@
 //! Reading order: config → relative buckets → block → stack → models → loss helpers.
 
 use crate::layers::{Dropout, DropoutConfig};
+use crate::layers::{Embedding, EmbeddingConfig};
 use crate::layers::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 
@@ -830,7 +830,7 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
 
     /// Number of token ids.
     pub fn vocab_size(&self) -> usize {
-        self.shared.weight.shape().dims::<2>()[0]
+        self.shared.weight.lazy_shape().dims::<2>()[0]
     }
 
     /// Encoder: ids (+ mask) → `[batch, src, d_model]`.
@@ -1155,7 +1155,7 @@ impl<B: Backend> ModelClass<B> for T5Model<B> {
         usize::MAX
     }
     fn vocab_size(&self) -> usize {
-        self.shared.weight.shape().dims::<2>()[0]
+        self.shared.weight.lazy_shape().dims::<2>()[0]
     }
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         let mut out = self.encoder.adaptable();
@@ -1214,7 +1214,7 @@ impl<B: Backend> ModelClass<B> for T5EncoderModel<B> {
         usize::MAX
     }
     fn vocab_size(&self) -> usize {
-        self.shared.weight.shape().dims::<2>()[0]
+        self.shared.weight.lazy_shape().dims::<2>()[0]
     }
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.encoder.adaptable()

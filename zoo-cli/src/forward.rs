@@ -116,6 +116,9 @@ impl BackendTask for ForwardTask {
         };
         let loaded = load_model::<B>(&args.model, &device, &options)
             .with_context(|| format!("loading {}", args.model.display()))?;
+        // The checkpoint's bytes are freed: give them back (a quantized model's footprint is its
+        // codes, not the file it was read from).
+        crate::alloc::release_free_memory();
         for key in &loaded.unused {
             eprintln!("warning: unused checkpoint key '{key}'");
         }

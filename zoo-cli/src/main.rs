@@ -55,6 +55,9 @@ enum Command {
     Download(DownloadArgs),
     /// Convert an HF model directory to a zoo directory, or back with --to-hf.
     Convert(ConvertArgs),
+    /// Quantize a model directory's weights to int8 or 4-bit NF4 (a zoo directory that forward
+    /// and generate run directly).
+    Quantize(QuantizeArgs),
     /// Run a model directory (HF or zoo) and write its outputs to a safetensors file.
     Forward(forward::ForwardArgs),
     /// Continue a prompt with a causal LM (or answer it with T5) and stream the text (or --ids).
@@ -74,6 +77,26 @@ enum Command {
     /// Print zoo's version and backends, this rank's variables and device, and what it finds of
     /// CUDA (driver, NVRTC, headers) and NCCL: what a bug report needs.
     Env(env::EnvArgs),
+}
+
+#[derive(Args, Debug)]
+struct QuantizeArgs {
+    /// The directory to read (HF or zoo).
+    #[arg(long = "from", value_name = "DIR")]
+    from: PathBuf,
+    /// The directory to write. It must not exist, unless --overwrite.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// 8: int8, one absmax per output channel; 4: NF4, one absmax per block of 64 (QLoRA's).
+    #[arg(long, value_name = "BITS")]
+    bits: u32,
+    /// Also quantize the token embeddings and untied LM heads (by default they, like norms,
+    /// biases and classifiers, keep their dtype).
+    #[arg(long)]
+    embeddings: bool,
+    /// Replace --out if it exists (only once the new directory is complete).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -152,9 +175,13 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    alloc::keep_freed_memory();
     run::process_start();
     let cli = Cli::parse();
+    // Training steps churn the same buffers: keep them. Inference keeps mimalloc's prompt purge,
+    // so a (quantized) model's resident set stays what it holds.
+    if !matches!(cli.command, Command::Forward(_) | Command::Generate(_)) {
+        alloc::keep_freed_memory();
+    }
     if let Command::Launch(args) = cli.command {
         return launch::run(args).unwrap_or_else(|error| {
             eprintln!("error: {error:#}");
@@ -175,6 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List => list::run(),
         Command::Download(args) => download(args),
         Command::Convert(args) => convert(args),
+        Command::Quantize(args) => quantize(args),
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Pretrain(args) => pretrain::run(args),
@@ -208,6 +236,27 @@ fn download(args: DownloadArgs) -> anyhow::Result<()> {
         report.files.len(),
         report.bytes as f64 / 1e6,
         report.files.join(", ")
+    );
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    let report = checkpoints_convert::quantize::quantize_dir(
+        &args.from,
+        &args.out,
+        args.bits,
+        args.embeddings,
+        args.overwrite,
+    )
+    .with_context(|| format!("quantizing {}", args.from.display()))?;
+    println!(
+        "wrote {} ({}: {} weights quantized, {} tensors kept; {:.1} MB -> {:.1} MB of tensors)",
+        args.out.display(),
+        report.format,
+        report.quantized,
+        report.kept,
+        report.bytes.0 as f64 / 1e6,
+        report.bytes.1 as f64 / 1e6,
     );
     Ok(())
 }

@@ -1311,7 +1311,12 @@ pub fn on_lead_model<AB: AutodiffBackend, S: ZeroSpec<AB>, C: Communicator, T>(
             .into_iter()
             .map(|(name, shape, values)| (name, burn::tensor::TensorData::new(values, shape)))
             .collect();
-        let model = checkpoints_convert::build_model::<AB::InnerBackend>(spec, tensors, device)?;
+        let model = checkpoints_convert::build_model::<AB::InnerBackend>(
+            spec,
+            tensors,
+            Default::default(),
+            device,
+        )?;
         Some(use_model(model)?)
     } else {
         None

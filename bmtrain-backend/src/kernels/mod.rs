@@ -40,6 +40,7 @@ mod dropout;
 mod linear;
 mod loss;
 mod norm;
+mod quantized;
 mod rotary;
 pub(crate) mod simd;
 
@@ -49,6 +50,7 @@ pub use dropout::dropout;
 pub use linear::linear;
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, rms_norm};
+pub use quantized::{quantized_embedding, quantized_linear};
 pub use rotary::rotary;
 
 use std::any::Any;
@@ -413,6 +415,22 @@ unsafe fn gemm(
             parallelism,
         );
     }
+}
+
+/// `dst[m×n] = lhs·rhs` on this thread (the quantized products' strips, each one task's).
+///
+/// # Safety
+/// As [`gemm`]'s.
+pub(crate) unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    lhs: View,
+    rhs: View,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm(m, n, k, dst, lhs, rhs, 1.0, false, false) }
 }
 
 /// Elements per rayon task in the element-wise kernels.

@@ -4,9 +4,9 @@
 //! ([`ZeroSpec::head_reads_embed`]). The segments run the model's own steps (`embed`, the block
 //! masks, `io::head_logits`), so there is no second copy of GPT-2's forward.
 
+use crate::layers::Embedding;
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
 use burn::module::Module;
-use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 

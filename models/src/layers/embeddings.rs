@@ -1,9 +1,9 @@
 //! Token embeddings: word, and optionally learned positions, token types, a LayerNorm and dropout.
 
 use super::dropout::{Dropout, DropoutConfig};
+use crate::layers::{Embedding, EmbeddingConfig};
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig};
 
 use super::norm::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Int, Tensor, backend::Backend};

@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod attention;
 pub mod dropout;
+pub mod embedding;
 pub mod embeddings;
 pub mod feed_forward;
 pub mod linear;
@@ -16,6 +17,7 @@ pub mod norm;
 pub use activation::Activation;
 pub use attention::{AttentionMask, KvCache, MultiHeadAttention, MultiHeadAttentionConfig};
 pub use dropout::{Dropout, DropoutConfig};
+pub use embedding::{Embedding, EmbeddingConfig};
 pub use embeddings::{Embeddings, EmbeddingsConfig};
 pub use feed_forward::{FeedForward, FeedForwardConfig};
 pub use linear::{Linear, LinearConfig};

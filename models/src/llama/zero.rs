@@ -5,9 +5,9 @@
 //! there is no second copy of the forward. `LlamaForSequenceClassification` shares the embedding
 //! and blocks, with a head that scores the last non-padding token.
 
+use crate::layers::Embedding;
 use bmtrain_backend::trainer::{SegmentId, ZeroSpec};
 use burn::module::Module;
-use burn::nn::Embedding;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 

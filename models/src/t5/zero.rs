@@ -27,8 +27,8 @@
 //! Segment names are the model's own zoo names (prefix `""` for the embedding and head), so a
 //! trainer checkpoint is a T5 model directory.
 
+use crate::layers::Embedding;
 use burn::module::Module;
-use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -136,13 +136,13 @@ impl T5Spec {
                 ),
             });
         }
-        let table_shape = encoder.position_bias.weight.shape().dims::<2>();
+        let table_shape = encoder.position_bias.weight.lazy_shape().dims::<2>();
         let spec = Self {
             encoder_layers: encoder.blocks.len(),
             encoder_buckets: encoder.buckets(),
             decoder_buckets: decoder.buckets(),
             table_shape,
-            d_model: encoder.final_norm.weight.shape().dims::<1>()[0],
+            d_model: encoder.final_norm.weight.lazy_shape().dims::<1>()[0],
             epsilon: encoder.final_norm.epsilon(),
             output_scale: model.output_scale,
             tied: model.lm_head.is_none(),
