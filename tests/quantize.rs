@@ -149,10 +149,16 @@ fn bad_quantizations_are_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("quantized already"), "{err}");
-    // T5's shared table is not one zoo runs quantized (yet): asked for, it is an error.
-    let err = quantize_dir(&fixture("t5"), &dir.path().join("t5"), 8, true, false)
-        .unwrap_err()
-        .to_string();
+    // RoBERTa's tables are not ones zoo runs quantized (yet): asked for, it is an error.
+    let err = quantize_dir(
+        &fixture("roberta"),
+        &dir.path().join("roberta"),
+        8,
+        true,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("no token tables"), "{err}");
 
     // Codes cut short: the loader names the tensor and the shape it needs.
@@ -175,4 +181,37 @@ fn bad_quantizations_are_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains(key) && err.contains("[32, 32]"), "{err}");
+}
+
+/// T5 with its blocks and its shared table (encoder input, decoder input and tied head) in int8
+/// keeps transformers' greedy answer on the trained fixture.
+#[test]
+fn an_int8_t5_keeps_transformers_greedy_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t5");
+    let report = quantize_dir(&fixture("t5"), &out, 8, true, false).unwrap();
+    assert!(report.quantized > 0);
+    let text = std::fs::read_to_string(fixture("t5").join("generation.json")).unwrap();
+    let generation: Value = serde_json::from_str(&text).unwrap();
+    let (eos, pad) = (
+        generation["eos_token_id"].as_u64().unwrap() as u32,
+        generation["pad_token_id"].as_u64().unwrap() as u32,
+    );
+    let greedy = generation["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "greedy")
+        .unwrap();
+    let prompt: Vec<u32> = serde_json::from_value(greedy["input_ids"][0].clone()).unwrap();
+    let want: Vec<u32> = serde_json::from_value(greedy["output_ids"][0].clone()).unwrap();
+    let device = Default::default();
+    let loaded = load_model::<Cpu>(&out, &device, &LoadOptions::default()).unwrap();
+    let config = GenerationConfig::greedy(want.len() - 1, vec![eos], pad);
+    let got = loaded
+        .model
+        .generate(std::slice::from_ref(&prompt), &config, &device, &mut |_| {})
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.sequences[0], want);
 }

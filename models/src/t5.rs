@@ -682,15 +682,7 @@ fn lm_logits<B: Backend>(
     };
     match output {
         OutputLayer::Head(head) => head.forward(hidden),
-        OutputLayer::Tied(shared) => {
-            let [batch, seq, width] = hidden.dims();
-            let table = shared.weight.val();
-            let vocab = table.dims()[0];
-            hidden
-                .reshape([batch * seq, width])
-                .matmul(table.transpose())
-                .reshape([batch, seq, vocab])
-        }
+        OutputLayer::Tied(shared) => shared.tied_logits(hidden),
     }
 }
 
@@ -1162,6 +1154,12 @@ impl<B: Backend> ModelClass<B> for T5Model<B> {
         out.extend(self.decoder.adaptable());
         out
     }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        crate::io::VocabTables {
+            embeddings: vec![&mut self.shared],
+            heads: Vec::new(),
+        }
+    }
 }
 
 impl<B: Backend> ModelClass<B> for T5ForConditionalGeneration<B> {
@@ -1186,6 +1184,12 @@ impl<B: Backend> ModelClass<B> for T5ForConditionalGeneration<B> {
         let mut out = self.encoder.adaptable();
         out.extend(self.decoder.adaptable());
         out
+    }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        crate::io::VocabTables {
+            embeddings: vec![&mut self.shared],
+            heads: self.lm_head.iter_mut().collect(),
+        }
     }
     fn generate(
         &self,
@@ -1218,6 +1222,12 @@ impl<B: Backend> ModelClass<B> for T5EncoderModel<B> {
     }
     fn adaptable(&mut self) -> Vec<(&'static str, &mut crate::layers::Linear<B>)> {
         self.encoder.adaptable()
+    }
+    fn vocab_tables(&mut self) -> crate::io::VocabTables<'_, B> {
+        crate::io::VocabTables {
+            embeddings: vec![&mut self.shared],
+            heads: Vec::new(),
+        }
     }
 }
 

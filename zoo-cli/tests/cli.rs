@@ -856,3 +856,65 @@ fn env_reports_the_rank_and_resolves_its_gpu() {
         "{error}"
     );
 }
+
+/// `zoo quantize` writes a directory `zoo generate` runs with transformers' greedy ids (int8 on
+/// the trained fixture), reports the sizes, and refuses `--bits 3` with exit code 1, writing
+/// nothing.
+#[test]
+fn quantize_writes_a_directory_generate_runs_and_refuses_other_widths() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("q8");
+    let from = fixture("gpt2");
+    let result = zoo(&[
+        "quantize",
+        "--from",
+        from.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--bits",
+        "8",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let printed = String::from_utf8_lossy(&result.stdout);
+    assert!(printed.contains("int8: 12 weights quantized"), "{printed}");
+    let (prompt, output, text) = reference_greedy_case();
+    let max_new = (output.len() - prompt.len()).to_string();
+    let result = zoo_generate(
+        out.to_str().unwrap(),
+        &[
+            "--prompt",
+            &text,
+            "--greedy",
+            "--max-new-tokens",
+            &max_new,
+            "--ids",
+        ],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    let generated: Vec<Vec<u32>> = serde_json::from_value(json["generated"].clone()).unwrap();
+    let eos_at = output[prompt.len()..]
+        .iter()
+        .position(|&t| t == 0)
+        .map_or(output.len(), |p| prompt.len() + p + 1);
+    assert_eq!(generated[0], output[prompt.len()..eos_at]);
+    assert!(
+        stderr(&result).contains("MB resident"),
+        "{}",
+        stderr(&result)
+    );
+
+    let bad = work.path().join("q3");
+    let result = zoo(&[
+        "quantize",
+        "--from",
+        from.to_str().unwrap(),
+        "--out",
+        bad.to_str().unwrap(),
+        "--bits",
+        "3",
+    ]);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(stderr(&result).contains("--bits 3"), "{}", stderr(&result));
+    assert!(!bad.exists());
+}
