@@ -138,7 +138,6 @@ pub fn quantize_dir(
         write_safetensors(&staging.join("model.safetensors"), &tensors, None)?;
         copy_tokenizer_files(from, staging)
     })?;
-    spec.dir = out.to_path_buf();
     Ok(report)
 }
 
