@@ -67,6 +67,21 @@ fn codes_equal_bitsandbytes() {
     }
 }
 
+/// A fixture's `generation.json` and its greedy case's prompt and transformers' output ids.
+fn greedy_case(name: &str) -> (Value, Vec<u32>, Vec<u32>) {
+    let text = std::fs::read_to_string(fixture(name).join("generation.json")).unwrap();
+    let generation: Value = serde_json::from_str(&text).unwrap();
+    let greedy = generation["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "greedy")
+        .unwrap();
+    let prompt = serde_json::from_value(greedy["input_ids"][0].clone()).unwrap();
+    let want = serde_json::from_value(greedy["output_ids"][0].clone()).unwrap();
+    (generation, prompt, want)
+}
+
 /// The logits of `dir` on the GPT-2 fixture's reference input.
 fn gpt2_logits(dir: &std::path::Path) -> Vec<f32> {
     let device = Default::default();
@@ -86,17 +101,8 @@ fn quantized_gpt2_directories_run_and_keep_transformers_greedy_ids() {
     let dir = tempfile::tempdir().unwrap();
     let dense = gpt2_logits(&fixture("gpt2"));
     let range = dense.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let text = std::fs::read_to_string(fixture("gpt2").join("generation.json")).unwrap();
-    let generation: Value = serde_json::from_str(&text).unwrap();
+    let (generation, prompt, want) = greedy_case("gpt2");
     let eos = generation["eos_token_id"].as_u64().unwrap() as u32;
-    let greedy = generation["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "greedy")
-        .unwrap();
-    let prompt: Vec<u32> = serde_json::from_value(greedy["input_ids"][0].clone()).unwrap();
-    let want: Vec<u32> = serde_json::from_value(greedy["output_ids"][0].clone()).unwrap();
     let stored = |path: &std::path::Path| {
         std::fs::metadata(path.join("model.safetensors"))
             .unwrap()
@@ -191,20 +197,11 @@ fn an_int8_t5_keeps_transformers_greedy_answer() {
     let out = dir.path().join("t5");
     let report = quantize_dir(&fixture("t5"), &out, 8, true, false).unwrap();
     assert!(report.quantized > 0);
-    let text = std::fs::read_to_string(fixture("t5").join("generation.json")).unwrap();
-    let generation: Value = serde_json::from_str(&text).unwrap();
+    let (generation, prompt, want) = greedy_case("t5");
     let (eos, pad) = (
         generation["eos_token_id"].as_u64().unwrap() as u32,
         generation["pad_token_id"].as_u64().unwrap() as u32,
     );
-    let greedy = generation["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "greedy")
-        .unwrap();
-    let prompt: Vec<u32> = serde_json::from_value(greedy["input_ids"][0].clone()).unwrap();
-    let want: Vec<u32> = serde_json::from_value(greedy["output_ids"][0].clone()).unwrap();
     let device = Default::default();
     let loaded = load_model::<Cpu>(&out, &device, &LoadOptions::default()).unwrap();
     let config = GenerationConfig::greedy(want.len() - 1, vec![eos], pad);

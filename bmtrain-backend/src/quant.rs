@@ -21,7 +21,7 @@
 use rayon::prelude::*;
 use std::fmt;
 
-use crate::kernels::simd;
+use crate::kernels::{SharedMut, gemm, simd};
 
 /// The elements NF4 shares one absmax over (QLoRA's and bitsandbytes' default).
 pub const NF4_BLOCK: usize = 64;
@@ -304,7 +304,7 @@ impl QuantizedMatrix {
             }
             return out;
         }
-        let dst = Shared(out.as_mut_ptr());
+        let dst = SharedMut(out.as_mut_ptr());
         (0..rows.div_ceil(STRIP)).into_par_iter().for_each(|s| {
             let first = s * STRIP;
             let count = STRIP.min(rows - first);
@@ -313,13 +313,16 @@ impl QuantizedMatrix {
             // SAFETY: this task writes columns first..first + count of `out` only; `x` is
             // [m, cols], `strip` [count, cols] read as its transpose [cols, count].
             unsafe {
-                crate::kernels::gemm_raw(
+                gemm(
                     m,
                     count,
                     cols,
                     (dst.get().add(first), rows as isize, 1),
                     (x.as_ptr(), cols as isize, 1),
                     (strip.as_ptr(), 1, cols as isize),
+                    1.0,
+                    false,
+                    false,
                 );
             }
         });
@@ -334,7 +337,7 @@ impl QuantizedMatrix {
         if m == 0 || cols == 0 {
             return out;
         }
-        let dst = Shared(out.as_mut_ptr());
+        let dst = SharedMut(out.as_mut_ptr());
         (0..cols.div_ceil(STRIP)).into_par_iter().for_each(|s| {
             let first = s * STRIP;
             let width = STRIP.min(cols - first);
@@ -343,13 +346,16 @@ impl QuantizedMatrix {
             // SAFETY: this task writes columns first..first + width of `out` only; `dy` is
             // [m, rows], `strip` [rows, width].
             unsafe {
-                crate::kernels::gemm_raw(
+                gemm(
                     m,
                     width,
                     rows,
                     (dst.get().add(first), cols as isize, 1),
                     (dy.as_ptr(), rows as isize, 1),
                     (strip.as_ptr(), width as isize, 1),
+                    1.0,
+                    false,
+                    false,
                 );
             }
         });
@@ -382,20 +388,6 @@ impl QuantizedMatrix {
                 dot_f32(x, decoded)
             }
         }
-    }
-}
-
-/// A raw output pointer rayon tasks share, each writing its own columns.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-
-// SAFETY: the products' tasks write disjoint columns through it.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -223,21 +223,31 @@ impl models::train::TensorSource for ZooWeightsReader {
 impl ModelSpec {
     /// The LoRA adapters a trained directory records (`zoo_lora` in its config), if any.
     pub fn lora(&self) -> Result<Option<models::adapters::LoraSpec>> {
-        let Some(value) = self.hf_config.get("zoo_lora").filter(|v| !v.is_null()) else {
+        self.recorded("zoo_lora", models::adapters::LoraSpec::validate)
+    }
+
+    /// What zoo recorded under `key` in the directory's config (`zoo_lora`, `zoo_quantization`),
+    /// parsed and checked by `check`; errors name the config file.
+    pub(crate) fn recorded<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        check: impl FnOnce(&T) -> std::result::Result<(), models::ModelError>,
+    ) -> Result<Option<T>> {
+        let Some(value) = self.hf_config.get(key).filter(|v| !v.is_null()) else {
             return Ok(None);
         };
         let path = self.dir.join(match self.kind {
             DirKind::Hf => HF_CONFIG,
             DirKind::Zoo => ZOO_MANIFEST,
         });
-        let spec: models::adapters::LoraSpec =
-            serde_json::from_value(value.clone()).map_err(|e| ConvertError::Config {
-                path: path.clone(),
-                error: models::ModelError::config("zoo_lora", e.to_string()),
-            })?;
-        spec.validate()
-            .map_err(|error| ConvertError::Config { path, error })?;
-        Ok(Some(spec))
+        let config_error = |error| ConvertError::Config {
+            path: path.clone(),
+            error,
+        };
+        let entry: T = serde_json::from_value(value.clone())
+            .map_err(|e| config_error(models::ModelError::config(key, e.to_string())))?;
+        check(&entry).map_err(config_error)?;
+        Ok(Some(entry))
     }
 
     /// The model this directory describes, with fresh (lazy) weights and its LoRA adapters.

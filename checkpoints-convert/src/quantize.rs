@@ -21,8 +21,8 @@ use models::quantize::QuantSpec;
 
 use crate::error::{ConvertError, Result};
 use crate::model_dir::{
-    DirKind, HF_CONFIG, ModelSpec, ZOO_MANIFEST, ZooManifest, check_output, copy_tokenizer_files,
-    publish_dir, read_spec, write_json_file,
+    ModelSpec, ZOO_MANIFEST, ZooManifest, check_output, copy_tokenizer_files, publish_dir,
+    read_spec, write_json_file,
 };
 use crate::tensors::{IndexedTensor, TensorIndex, WeightsFormat, transpose_2d, write_safetensors};
 
@@ -104,10 +104,7 @@ pub fn quantize_dir(
             .map_err(|e| ConvertError::Apply(format!("{name}: {e:?}")))?;
         let [rows, cols] = target.shape;
         let codes = QuantizedMatrix::quantize(format, &values, rows, cols);
-        let (dtype, shape) = match format {
-            QuantFormat::Int8 => (DType::I8, vec![rows, cols]),
-            QuantFormat::Nf4 => (DType::U8, vec![codes.codes().len()]),
-        };
+        let (dtype, shape) = codes_layout(format, rows, cols);
         tensors.insert(
             format!("{name}.{format}"),
             TensorData::from_bytes_vec(codes.codes().to_vec(), shape, dtype),
@@ -139,6 +136,15 @@ pub fn quantize_dir(
         copy_tokenizer_files(from, staging)
     })?;
     Ok(report)
+}
+
+/// How a `rows × cols` matrix's codes are stored: int8 as I8 `[rows, cols]`, NF4 as U8 packed
+/// pairs, flat.
+fn codes_layout(format: QuantFormat, rows: usize, cols: usize) -> (DType, Vec<usize>) {
+    match format {
+        QuantFormat::Int8 => (DType::I8, vec![rows, cols]),
+        QuantFormat::Nf4 => (DType::U8, vec![format.code_bytes(rows, cols)]),
+    }
 }
 
 /// A stored quantized weight, known by its headers.
@@ -175,29 +181,9 @@ fn bad(tensor: &IndexedTensor, key: &str, message: String) -> ConvertError {
 impl ModelSpec {
     /// The quantization a directory records (`zoo_quantization`), if any.
     pub fn quantization(&self) -> Result<Option<QuantSpec>> {
-        let Some(value) = self
-            .hf_config
-            .get("zoo_quantization")
-            .filter(|v| !v.is_null())
-        else {
-            return Ok(None);
-        };
-        let path = self.dir.join(match self.kind {
-            DirKind::Hf => HF_CONFIG,
-            DirKind::Zoo => ZOO_MANIFEST,
-        });
-        let config_error = |error| ConvertError::Config {
-            path: path.clone(),
-            error,
-        };
-        let spec: QuantSpec = serde_json::from_value(value.clone()).map_err(|e| {
-            config_error(models::ModelError::config(
-                "zoo_quantization",
-                e.to_string(),
-            ))
-        })?;
-        spec.quant_format().map_err(config_error)?;
-        Ok(Some(spec))
+        self.recorded("zoo_quantization", |spec: &QuantSpec| {
+            spec.quant_format().map(|_| ())
+        })
     }
 }
 
@@ -222,10 +208,7 @@ pub(crate) fn take_stored_codes(
                 ),
             });
         };
-        let (dtype, shape) = match format {
-            QuantFormat::Int8 => (DType::I8, vec![rows, cols]),
-            QuantFormat::Nf4 => (DType::U8, vec![format.code_bytes(rows, cols)]),
-        };
+        let (dtype, shape) = codes_layout(format, rows, cols);
         if codes.dtype != dtype || codes.shape != shape {
             return Err(bad(
                 &codes,

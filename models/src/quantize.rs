@@ -7,13 +7,15 @@
 //! GPT-2's learned positions) and untied LM heads. Norms, biases, poolers and classifiers keep
 //! their dtype.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bmtrain_backend::quant::{NF4_BLOCK, QuantFormat, QuantizedMatrix};
+use burn::module::ParamId;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
+use crate::layers::{Embedding, Linear};
 use crate::{AnyModel, ModelError, params::param_names};
 
 /// What a quantized directory records (`zoo_quantization` in its config).
@@ -64,58 +66,89 @@ pub struct QuantTarget {
     pub transposed: bool,
 }
 
-/// The weights of `model` to quantize, in key order; with `embeddings`, also the token tables
-/// and untied heads (an error for a class that has none to offer).
+/// A layer that can run on codes.
+enum Slot<'a, B: Backend> {
+    /// A linear layer: its `[d_input, d_output]` weight is the codes' transpose.
+    Linear(&'a mut Linear<B>),
+    /// An embedding table: the codes' layout.
+    Table(&'a mut Embedding<B>),
+}
+
+impl<B: Backend> Slot<'_, B> {
+    fn id(&self) -> ParamId {
+        match self {
+            Slot::Linear(l) => l.weight.id,
+            Slot::Table(t) => t.weight.id,
+        }
+    }
+
+    /// The codes' `[rows, cols]` (rows are output channels).
+    fn shape(&self) -> [usize; 2] {
+        match self {
+            Slot::Linear(l) => {
+                let [d_input, d_output] = l.weight.lazy_shape().dims();
+                [d_output, d_input]
+            }
+            Slot::Table(t) => t.weight.lazy_shape().dims(),
+        }
+    }
+
+    fn set(self, codes: Arc<QuantizedMatrix>) {
+        match self {
+            Slot::Linear(l) => l.set_quantized(codes),
+            Slot::Table(t) => t.set_quantized(codes),
+        }
+    }
+}
+
+/// Calls `visit` on every layer that can run on codes: the blocks' linear layers and, with
+/// `tables`, the embedding tables and untied heads. Returns how many embedding tables the class
+/// offers.
+fn each_slot<B: Backend, E>(
+    model: &mut AnyModel<B>,
+    tables: bool,
+    mut visit: impl FnMut(Slot<'_, B>) -> Result<(), E>,
+) -> Result<usize, E> {
+    for (_, linear) in model.adaptable() {
+        visit(Slot::Linear(linear))?;
+    }
+    if !tables {
+        return Ok(0);
+    }
+    let vocab = model.vocab_tables();
+    let count = vocab.embeddings.len();
+    for table in vocab.embeddings {
+        visit(Slot::Table(table))?;
+    }
+    for head in vocab.heads {
+        visit(Slot::Linear(head))?;
+    }
+    Ok(count)
+}
+
+/// The weights of `model` to quantize, in key order; with `embeddings`, also the embedding
+/// tables and untied heads (an error for a class that has none to offer).
 pub fn targets<B: Backend>(
     model: &mut AnyModel<B>,
     embeddings: bool,
 ) -> Result<Vec<QuantTarget>, ModelError> {
     let names = param_names::<B, _>(model);
     let mut out = BTreeMap::new();
-    for (_, linear) in model.adaptable() {
-        let [d_input, d_output] = linear.weight.lazy_shape().dims();
-        let name = names[&linear.weight.id].clone();
-        out.insert(
-            name.clone(),
-            QuantTarget {
-                name,
-                shape: [d_output, d_input],
-                transposed: true,
-            },
-        );
-    }
-    if embeddings {
-        let tables = model.vocab_tables();
-        if tables.embeddings.is_empty() {
-            return Err(ModelError::config(
-                "embeddings",
-                "this model class has no token tables zoo quantizes".into(),
-            ));
-        }
-        for table in tables.embeddings {
-            let name = names[&table.weight.id].clone();
-            let shape = table.weight.lazy_shape().dims();
-            out.insert(
-                name.clone(),
-                QuantTarget {
-                    name,
-                    shape,
-                    transposed: false,
-                },
-            );
-        }
-        for head in tables.heads {
-            let [d_input, d_output] = head.weight.lazy_shape().dims();
-            let name = names[&head.weight.id].clone();
-            out.insert(
-                name.clone(),
-                QuantTarget {
-                    name,
-                    shape: [d_output, d_input],
-                    transposed: true,
-                },
-            );
-        }
+    let tables = each_slot(model, embeddings, |slot| {
+        let name = names[&slot.id()].clone();
+        let target = QuantTarget {
+            name: name.clone(),
+            shape: slot.shape(),
+            transposed: matches!(slot, Slot::Linear(_)),
+        };
+        out.insert(name, target);
+        Ok::<_, ModelError>(())
+    })?;
+    if embeddings && tables == 0 {
+        return Err(ModelError::config(
+            "embeddings",
+            "this model class has no token tables zoo quantizes".into(),
+        ));
     }
     Ok(out.into_values().collect())
 }
@@ -127,50 +160,25 @@ pub fn install<B: Backend>(
     mut codes: BTreeMap<String, Arc<QuantizedMatrix>>,
 ) -> Result<(), ModelError> {
     let names = param_names::<B, _>(model);
-    let check = |name: &str, codes: &QuantizedMatrix, shape: [usize; 2]| {
-        if [codes.rows(), codes.cols()] == shape {
-            Ok(())
-        } else {
-            Err(ModelError::config(
+    each_slot(model, true, |slot| {
+        let name = &names[&slot.id()];
+        let Some(layer_codes) = codes.remove(name) else {
+            return Ok(());
+        };
+        let [rows, cols] = slot.shape();
+        if [layer_codes.rows(), layer_codes.cols()] != [rows, cols] {
+            return Err(ModelError::config(
                 "zoo_quantization.weights",
                 format!(
-                    "{name}: codes of {}x{}, the layer needs {}x{}",
-                    codes.rows(),
-                    codes.cols(),
-                    shape[0],
-                    shape[1]
+                    "{name}: codes of {}x{}, the layer needs {rows}x{cols}",
+                    layer_codes.rows(),
+                    layer_codes.cols(),
                 ),
-            ))
+            ));
         }
-    };
-    let mut seen = BTreeSet::new();
-    for (_, linear) in model.adaptable() {
-        let name = &names[&linear.weight.id];
-        if let Some(c) = codes.remove(name) {
-            let [d_input, d_output] = linear.weight.lazy_shape().dims();
-            check(name, &c, [d_output, d_input])?;
-            linear.set_quantized(c);
-            seen.insert(name.clone());
-        }
-    }
-    let tables = model.vocab_tables();
-    for table in tables.embeddings {
-        if let Some(c) = codes.remove(&names[&table.weight.id]) {
-            check(
-                &names[&table.weight.id],
-                &c,
-                table.weight.lazy_shape().dims(),
-            )?;
-            table.set_quantized(c);
-        }
-    }
-    for head in tables.heads {
-        if let Some(c) = codes.remove(&names[&head.weight.id]) {
-            let [d_input, d_output] = head.weight.lazy_shape().dims();
-            check(&names[&head.weight.id], &c, [d_output, d_input])?;
-            head.set_quantized(c);
-        }
-    }
+        slot.set(layer_codes);
+        Ok(())
+    })?;
     match codes.keys().next() {
         None => Ok(()),
         Some(name) => Err(ModelError::config(

@@ -362,11 +362,11 @@ fn reference_greedy_case() -> (Vec<u32>, Vec<u32>, String) {
     (prompt, output, text)
 }
 
-#[test]
-fn generate_prints_transformers_greedy_ids_and_streams_text() {
+/// Runs `zoo generate --greedy --ids` on `model` with the GPT-2 fixture's greedy case and checks
+/// the prompt and the continuation against transformers'; returns the run.
+fn assert_generates_transformers_greedy_ids(model: &Path) -> Output {
     let (prompt, output, text) = reference_greedy_case();
     let max_new = (output.len() - prompt.len()).to_string();
-    let model = fixture("gpt2");
     let result = zoo_generate(
         model.to_str().unwrap(),
         &[
@@ -389,6 +389,15 @@ fn generate_prints_transformers_greedy_ids_and_streams_text() {
         .position(|&t| t == 0)
         .map_or(output.len(), |p| prompt.len() + p + 1);
     assert_eq!(generated[0], output[prompt.len()..eos_at]);
+    result
+}
+
+#[test]
+fn generate_prints_transformers_greedy_ids_and_streams_text() {
+    let (prompt, output, text) = reference_greedy_case();
+    let max_new = (output.len() - prompt.len()).to_string();
+    let model = fixture("gpt2");
+    assert_generates_transformers_greedy_ids(&model);
 
     let result = zoo_generate(
         model.to_str().unwrap(),
@@ -877,27 +886,7 @@ fn quantize_writes_a_directory_generate_runs_and_refuses_other_widths() {
     assert!(result.status.success(), "{}", stderr(&result));
     let printed = String::from_utf8_lossy(&result.stdout);
     assert!(printed.contains("int8: 12 weights quantized"), "{printed}");
-    let (prompt, output, text) = reference_greedy_case();
-    let max_new = (output.len() - prompt.len()).to_string();
-    let result = zoo_generate(
-        out.to_str().unwrap(),
-        &[
-            "--prompt",
-            &text,
-            "--greedy",
-            "--max-new-tokens",
-            &max_new,
-            "--ids",
-        ],
-    );
-    assert!(result.status.success(), "{}", stderr(&result));
-    let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
-    let generated: Vec<Vec<u32>> = serde_json::from_value(json["generated"].clone()).unwrap();
-    let eos_at = output[prompt.len()..]
-        .iter()
-        .position(|&t| t == 0)
-        .map_or(output.len(), |p| prompt.len() + p + 1);
-    assert_eq!(generated[0], output[prompt.len()..eos_at]);
+    let result = assert_generates_transformers_greedy_ids(&out);
     assert!(
         stderr(&result).contains("MB resident"),
         "{}",

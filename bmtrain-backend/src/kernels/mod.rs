@@ -375,7 +375,7 @@ type View = (*const f32, isize, isize);
 /// `dst` must address `m×n` writable elements (initialised when `accumulate`), the views `m×k`
 /// and `k×n` valid ones, and `dst` must not alias them.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -417,22 +417,6 @@ unsafe fn gemm(
     }
 }
 
-/// `dst[m×n] = lhs·rhs` on this thread (the quantized products' strips, each one task's).
-///
-/// # Safety
-/// As [`gemm`]'s.
-pub(crate) unsafe fn gemm_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (*mut f32, isize, isize),
-    lhs: View,
-    rhs: View,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe { gemm(m, n, k, dst, lhs, rhs, 1.0, false, false) }
-}
-
 /// Elements per rayon task in the element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
@@ -451,14 +435,14 @@ fn par_filled(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) 
 
 /// A raw pointer that rayon tasks may share: each task writes a disjoint part of the buffer.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 
 // SAFETY: the kernels only write through it to regions no other task touches.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

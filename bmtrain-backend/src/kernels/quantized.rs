@@ -38,15 +38,11 @@ pub fn quantized_linear<B: Backend, const D: usize>(
     );
     shape[D - 1] = d_output;
     let rows = shape[..D - 1].iter().product::<usize>();
-    match on_cpu(x) {
+    let product: Tensor<B, D> = match on_cpu(x) {
         Some(OnCpu::Infer(xs)) => {
             let xs = flex(xs);
             let y = weight.mul_transposed(values(&xs), rows);
-            let y: Tensor<B, D> = from_cpu(tensor_from::<D>(flex_from(y, shape)));
-            match bias {
-                Some(b) => y + b.clone().unsqueeze(),
-                None => y,
-            }
+            from_cpu(tensor_from::<D>(flex_from(y, shape)))
         }
         Some(OnCpu::Train(xs)) => {
             let xs = xs.into_primitive().tensor();
@@ -56,22 +52,21 @@ pub fn quantized_linear<B: Backend, const D: usize>(
                 weight: weight.clone(),
                 input_shape: input.layout().shape().to_vec(),
             };
-            let y: Tensor<B, D> = record(QuantizedBackward, [&xs], saved, flex_from(y, shape));
-            match bias {
-                Some(b) => y + b.clone().unsqueeze(),
-                None => y,
-            }
+            record(QuantizedBackward, [&xs], saved, flex_from(y, shape))
         }
         None => {
-            let device = x.device();
             let dense = Tensor::<B, 2>::from_data(
                 TensorData::new(weight.dequantize(), [d_output, d_input]),
-                &device,
+                &x.device(),
             )
             .cast(x.dtype())
             .transpose();
-            burn::tensor::module::linear(x.clone(), dense, bias.cloned())
+            return burn::tensor::module::linear(x.clone(), dense, bias.cloned());
         }
+    };
+    match bias {
+        Some(b) => product + b.clone().unsqueeze(),
+        None => product,
     }
 }
 
