@@ -400,6 +400,7 @@ fn reference_training_with(initial: Whole<B>, frozen: &Frozen) -> Vec<f32> {
         &device,
         split.trainable.len,
         None,
+        &[],
     );
     reference_training(model)
 }

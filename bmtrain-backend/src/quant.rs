@@ -20,6 +20,7 @@
 
 use rayon::prelude::*;
 use std::fmt;
+use std::sync::{Arc, RwLock, Weak};
 
 use crate::kernels::{SharedMut, gemm, simd};
 
@@ -524,6 +525,89 @@ simd::avx512_version! {
     }
 }
 
+/// The 32-bit words a matrix packs into to travel with the trainer's f32 collectives (an
+/// all-gather moves bits, never arithmetic, so codes survive it exactly): the codes' bytes, zero
+/// padded to a whole word, then the absmax values' bits.
+pub fn packed_words(format: QuantFormat, rows: usize, cols: usize) -> usize {
+    format.code_bytes(rows, cols).div_ceil(4) + format.scale_count(rows, cols)
+}
+
+impl QuantizedMatrix {
+    /// Appends the matrix's [`packed_words`] to `out` (as f32 bit patterns).
+    pub fn pack_into(&self, out: &mut Vec<f32>) {
+        for chunk in self.codes.chunks(4) {
+            let mut word = [0u8; 4];
+            word[..chunk.len()].copy_from_slice(chunk);
+            out.push(f32::from_bits(u32::from_le_bytes(word)));
+        }
+        out.extend_from_slice(&self.absmax);
+    }
+
+    /// The matrix [`QuantizedMatrix::pack_into`] wrote into `words` (exactly
+    /// [`packed_words`] long), checked as [`QuantizedMatrix::from_parts`] checks.
+    pub fn unpack(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        words: &[f32],
+    ) -> Result<Self, String> {
+        let code_bytes = format.code_bytes(rows, cols);
+        let code_words = code_bytes.div_ceil(4);
+        if words.len() != packed_words(format, rows, cols) {
+            return Err(format!(
+                "{} words, a packed {rows}x{cols} {format} matrix has {}",
+                words.len(),
+                packed_words(format, rows, cols)
+            ));
+        }
+        let mut codes: Vec<u8> = words[..code_words]
+            .iter()
+            .flat_map(|w| w.to_bits().to_le_bytes())
+            .collect();
+        codes.truncate(code_bytes);
+        Self::from_parts(format, rows, cols, codes, words[code_words..].to_vec())
+    }
+}
+
+/// Where a quantized layer reads its codes. A quantized directory run by `zoo forward` holds them
+/// for good ([`CodesSlot::resident`]). QLoRA's frozen base is the ZeRO trainer's: each rank keeps
+/// a slice of the packed codes and gathers a segment's matrices only while the segment runs, so
+/// the slot is lent a weak reference ([`CodesSlot::lend`]) that lives as long as the working copy
+/// that holds the matrix. Clones share the slot.
+#[derive(Debug, Clone)]
+pub struct CodesSlot(Arc<RwLock<Held>>);
+
+#[derive(Debug)]
+enum Held {
+    Resident(Arc<QuantizedMatrix>),
+    Lent(Weak<QuantizedMatrix>),
+}
+
+impl CodesSlot {
+    /// A slot holding `codes` for good.
+    pub fn resident(codes: Arc<QuantizedMatrix>) -> Self {
+        Self(Arc::new(RwLock::new(Held::Resident(codes))))
+    }
+
+    /// An empty slot, to be lent codes by the trainer.
+    pub fn lent() -> Self {
+        Self(Arc::new(RwLock::new(Held::Lent(Weak::new()))))
+    }
+
+    /// The codes, while the slot holds or is lent them.
+    pub fn codes(&self) -> Option<Arc<QuantizedMatrix>> {
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            Held::Resident(codes) => Some(codes.clone()),
+            Held::Lent(weak) => weak.upgrade(),
+        }
+    }
+
+    /// Lends `codes` to the slot for as long as someone else holds them.
+    pub fn lend(&self, codes: &Arc<QuantizedMatrix>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Held::Lent(Arc::downgrade(codes));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -634,5 +718,38 @@ mod tests {
         let nan = QuantizedMatrix::from_parts(QuantFormat::Int8, 1, 2, vec![0; 2], vec![f32::NAN]);
         assert!(nan.unwrap_err().contains("NaN"));
         assert_eq!(QuantFormat::from_bits(3), None);
+    }
+
+    /// Packed into words (odd byte counts padded), codes survive a copy of the words and come
+    /// back equal; a word count that does not fit is refused. A lent slot sees its codes while
+    /// someone holds them and none after.
+    #[test]
+    fn packed_codes_round_trip_and_lent_slots_follow_their_holders() {
+        // 3 x 5 NF4: 8 bytes of codes (two words), one absmax; int8: 15 bytes (4 words), 3 scales.
+        for (format, words) in [(QuantFormat::Nf4, 3), (QuantFormat::Int8, 7)] {
+            let q = QuantizedMatrix::quantize(format, &random(15, 3, 1.0), 3, 5);
+            let mut packed = Vec::new();
+            q.pack_into(&mut packed);
+            assert_eq!(packed.len(), words);
+            assert_eq!(packed_words(format, 3, 5), words);
+            let copied: Vec<f32> = packed.iter().map(|w| f32::from_bits(w.to_bits())).collect();
+            assert_eq!(QuantizedMatrix::unpack(format, 3, 5, &copied).unwrap(), q);
+            let err = QuantizedMatrix::unpack(format, 3, 5, &copied[1..]).unwrap_err();
+            assert!(err.contains("words"), "{err}");
+        }
+        let q = Arc::new(QuantizedMatrix::quantize(
+            QuantFormat::Int8,
+            &random(8, 4, 1.0),
+            2,
+            4,
+        ));
+        let slot = CodesSlot::lent();
+        let shared = slot.clone();
+        assert!(shared.codes().is_none());
+        let held = q.clone();
+        slot.lend(&held);
+        assert!(shared.codes().is_some_and(|c| *c == *q));
+        drop((held, q));
+        assert!(shared.codes().is_none());
     }
 }

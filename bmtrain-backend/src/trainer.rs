@@ -21,12 +21,27 @@
 //!
 //! [`ZeroTrainer::step`] then checks the loss scale (overflow all-reduced), unscales, clips by the
 //! global norm across all shards, and runs AdamW on each rank's slices (f32 master weights).
+//!
+//! Frozen parameters ([`ZeroOptions::frozen`]) are sharded apart, without gradient or moments.
+//! QLoRA's base ([`ZeroOptions::quantized`]) goes further: those frozen weights are quantized
+//! when their segment is sharded and kept as codes, packed into words and sharded like the rest;
+//! a working copy gathers its segment's codes and lends them to the layers' slots for as long
+//! as it lives (its parameters for them are lazy and never read), so no f32 copy of them exists.
+//!
+//! ```text
+//!   segment buffer   [ trainable │ frozen ]            f32 shards (values)
+//!   codes            [ w₀ codes+absmax │ w₁ … ]        packed words, sharded (one rank: matrices)
+//!   combined layout  entries in visit order; offsets past the values address the codes
+//! ```
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor};
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::checkpoint::{
     self, CheckpointError, FileDigest, LoadedSegment, SegmentState, TrainCounters,
@@ -34,8 +49,10 @@ use crate::checkpoint::{
 use crate::comm::{CommError, Communicator};
 use crate::inspect::{ParamStats, moments};
 use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
+use crate::quant::{CodesSlot, QuantFormat, QuantizedMatrix, packed_words};
 use crate::zero::{
-    FlatLayout, ShardedParams, flat_grads_below, flatten, hollow, layout_of, load_flat_parts,
+    FlatEntry, FlatLayout, HeldCodes, ShardedParams, flat_grads_below, flatten, hollow, layout_of,
+    load_flat_parts,
 };
 
 /// How a model's segments run. Implemented once per model family, for every backend: the
@@ -127,6 +144,31 @@ pub struct ZeroOptions {
     /// Parameters that do not train (BitFit, adapters, `--freeze`): sharded like the others but
     /// with no gradient, no optimizer state and no reduce-scatter. `None`: every one trains.
     pub frozen: Option<Frozen>,
+    /// QLoRA's base: frozen weights kept as int8 / NF4 codes instead of f32 values (sharded as
+    /// packed words, gathered with their segment). `None`: none.
+    pub quantized: Option<QuantizedBase>,
+}
+
+/// Frozen weights the trainer keeps as codes (QLoRA): each is quantized from its starting
+/// values when its segment is sharded, and its layer reads the codes through its slot, lent
+/// while a working copy of the segment exists. They have no gradient, no optimizer state, no
+/// f32 copy and no place in checkpoints (they are made again, identically, from the base).
+#[derive(Debug, Clone)]
+pub struct QuantizedBase {
+    /// int8 or NF4.
+    pub format: QuantFormat,
+    /// By checkpoint name (the model's zoo names).
+    pub weights: HashMap<String, QuantizedWeight>,
+}
+
+/// One weight of a [`QuantizedBase`].
+#[derive(Debug, Clone)]
+pub struct QuantizedWeight {
+    /// Where its layer reads the codes.
+    pub slot: CodesSlot,
+    /// Whether the zoo tensor is the codes' transpose (a linear layer's `[d_input, d_output]`;
+    /// the codes are `[d_output, d_input]`, a row per output channel).
+    pub transposed: bool,
 }
 
 /// Which parameters are frozen, by checkpoint name (`prefix.name`, the model's zoo names).
@@ -162,6 +204,7 @@ impl ZeroOptions {
             loss_scaler: None,
             compute_dtype: None,
             frozen: None,
+            quantized: None,
         }
     }
 }
@@ -178,6 +221,8 @@ pub struct Segment<M> {
     pub params: ShardedParams,
     /// The sharded frozen parameters (empty when none): no gradient, no optimizer state.
     pub frozen: ShardedParams,
+    /// The frozen weights held as codes (QLoRA's base; empty when none).
+    codes: SegmentCodes,
     /// This rank's slice of the accumulated gradient.
     pub grad: Vec<f32>,
     /// This rank's slice of the AdamW state.
@@ -185,17 +230,190 @@ pub struct Segment<M> {
     kept: Option<Vec<f32>>,
 }
 
+/// One weight of a segment held as codes.
+#[derive(Debug, Clone)]
+struct CodesEntry {
+    /// Its entry in the segment's layout (name within the segment, shape, owner).
+    entry: FlatEntry,
+    weight: QuantizedWeight,
+    rows: usize,
+    cols: usize,
+    /// Its words in the segment's packed buffer.
+    words: Range<usize>,
+}
+
+/// A segment's frozen weights held as codes: one rank keeps the matrices, more ranks each keep
+/// a slice of the packed words (see [`crate::quant::packed_words`]) and gather them whenever
+/// a working copy of the segment is made.
+#[derive(Debug, Clone)]
+struct SegmentCodes {
+    format: QuantFormat,
+    /// In the order of the combined layout's entries past its values.
+    entries: Vec<CodesEntry>,
+    /// One rank: the matrices.
+    resident: Vec<Arc<QuantizedMatrix>>,
+    /// Several ranks: this rank's slice of the packed words.
+    shard: ShardedParams,
+}
+
+impl SegmentCodes {
+    fn none() -> Self {
+        Self {
+            format: QuantFormat::Int8,
+            entries: Vec::new(),
+            resident: Vec::new(),
+            shard: ShardedParams::from_slice(FlatLayout::default(), Vec::new(), 1),
+        }
+    }
+
+    /// Quantizes the weights of `layout` that `base` names (`name_of` gives a layout name's
+    /// checkpoint name) out of `full`, and returns the layout and values of the rest, the
+    /// codes, and where each coded weight stood among `layout`'s entries.
+    fn take(
+        layout: FlatLayout,
+        full: Vec<f32>,
+        base: Option<&QuantizedBase>,
+        name_of: impl Fn(&str) -> String,
+        (rank, world): (usize, usize),
+    ) -> (FlatLayout, Vec<f32>, Self, Vec<usize>) {
+        let mut codes = Self::none();
+        let Some(base) = base else {
+            return (layout, full, codes, Vec::new());
+        };
+        codes.format = base.format;
+        let coded = |entry: &FlatEntry| {
+            base.weights
+                .get(&name_of(&entry.name))
+                .filter(|_| entry.shape.len() == 2)
+        };
+        if !layout.entries.iter().any(|e| coded(e).is_some()) {
+            return (layout, full, codes, Vec::new());
+        }
+        let (mut rest, mut values) = (FlatLayout::default(), Vec::with_capacity(full.len()));
+        let (mut positions, mut matrices, mut words) = (Vec::new(), Vec::new(), 0);
+        for (position, entry) in layout.entries.iter().enumerate() {
+            let slice = &full[entry.offset..entry.offset + entry.len()];
+            let Some(weight) = coded(entry) else {
+                let mut kept = entry.clone();
+                kept.offset = rest.len;
+                rest.len += entry.len();
+                rest.entries.push(kept);
+                values.extend_from_slice(slice);
+                continue;
+            };
+            let [a, b] = [entry.shape[0], entry.shape[1]];
+            let ((rows, cols), matrix) = match weight.transposed {
+                true => ((b, a), transpose(slice, a, b)),
+                false => ((a, b), slice.to_vec()),
+            };
+            let matrix = QuantizedMatrix::quantize(base.format, &matrix, rows, cols);
+            let len = packed_words(base.format, rows, cols);
+            codes.entries.push(CodesEntry {
+                entry: entry.clone(),
+                weight: weight.clone(),
+                rows,
+                cols,
+                words: words..words + len,
+            });
+            words += len;
+            positions.push(position);
+            matrices.push(Arc::new(matrix));
+        }
+        drop(full);
+        if world == 1 {
+            codes.resident = matrices;
+        } else {
+            let mut packed = Vec::with_capacity(words);
+            for matrix in &matrices {
+                matrix.pack_into(&mut packed);
+            }
+            let words = FlatLayout {
+                entries: Vec::new(),
+                len: packed.len(),
+            };
+            codes.shard = ShardedParams::from_full(words, &packed, rank, world);
+        }
+        (rest, values, codes, positions)
+    }
+
+    /// The segment's codes, whole (gathered from every rank's slice when sharded), each lent to
+    /// its layer's slot: they stay there while the returned matrices (or a module holding them)
+    /// live.
+    fn held(&self, comm: &dyn Communicator) -> Result<Vec<HeldCodes>, CommError> {
+        if self.entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let matrices = match self.resident.is_empty() {
+            false => self.resident.clone(),
+            true => {
+                let words = self.shard.gather(comm)?;
+                self.entries
+                    .iter()
+                    .map(|e| {
+                        QuantizedMatrix::unpack(
+                            self.format,
+                            e.rows,
+                            e.cols,
+                            &words[e.words.clone()],
+                        )
+                        .map(Arc::new)
+                        .expect("the packed words of codes this trainer made")
+                    })
+                    .collect()
+            }
+        };
+        Ok(self
+            .entries
+            .iter()
+            .zip(matrices)
+            .map(|(entry, matrix)| {
+                entry.weight.slot.lend(&matrix);
+                HeldCodes {
+                    matrix,
+                    transposed: entry.weight.transposed,
+                }
+            })
+            .collect())
+    }
+
+    /// Parameters held as codes.
+    fn count(&self) -> usize {
+        self.entries.iter().map(|e| e.rows * e.cols).sum()
+    }
+
+    /// Bytes this rank holds of them.
+    fn bytes(&self) -> usize {
+        match self.resident.is_empty() {
+            false => self.resident.iter().map(|m| m.bytes()).sum(),
+            true => 4 * self.shard.local.len(),
+        }
+    }
+}
+
+/// The transpose of a row-major `[rows, cols]` matrix.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
 impl<M> Segment<M> {
     /// A segment with `template`'s structure (its values, if any, are dropped) holding this
     /// rank's slices of `full`, the segment's whole buffer laid out as `layout`; the parameters
     /// `frozen` names (by their name within the segment) are kept apart, without gradient or
-    /// optimizer state.
+    /// optimizer state, and those `base` names (by checkpoint name, `name_of` a layout name's)
+    /// are quantized and kept as codes.
     fn from_full<B: Backend>(
         template: M,
         layout: FlatLayout,
         full: Vec<f32>,
         (rank, world): (usize, usize),
         frozen: impl Fn(&str) -> bool,
+        (base, name_of): (Option<&QuantizedBase>, impl Fn(&str) -> String),
     ) -> Self
     where
         M: Module<B>,
@@ -205,6 +423,9 @@ impl<M> Segment<M> {
             layout.len,
             "a segment's values cover its layout exactly"
         );
+        let entries = layout.entries.len();
+        let (layout, full, codes, coded_at) =
+            SegmentCodes::take(layout, full, base, name_of, (rank, world));
         let shard = |layout: FlatLayout, full: Vec<f32>| {
             if world == 1 {
                 // The whole buffer is the one rank's slice: kept, not copied.
@@ -229,10 +450,31 @@ impl<M> Segment<M> {
                 shard(split.frozen, still),
             )
         };
+        // The coded weights go back in visit order, addressed past the values.
+        let mut combined = combined;
+        if !coded_at.is_empty() {
+            let mut values = combined.entries.into_iter();
+            let mut coded = codes.entries.iter().enumerate();
+            let mut placed = Vec::with_capacity(entries);
+            for position in 0..entries {
+                match coded_at.binary_search(&position) {
+                    Ok(_) => {
+                        let (k, entry) = coded.next().expect("one entry per coded weight");
+                        placed.push(FlatEntry {
+                            offset: combined.len + k,
+                            ..entry.entry.clone()
+                        });
+                    }
+                    Err(_) => placed.push(values.next().expect("one entry per value")),
+                }
+            }
+            combined.entries = placed;
+        }
         let shard = params.shards.shard_len();
         Self {
             template: hollow::<B, M>(template),
             layout: combined,
+            codes,
             // Zeroed allocations: their pages are only touched (resident) once written.
             grad: vec![0.0; shard],
             state: AdamWState::new(shard),
@@ -271,7 +513,8 @@ impl<M> Segment<M> {
     }
 }
 
-/// Bytes this rank holds for parameters, gradients and optimizer state (all f32 slices).
+/// Bytes this rank holds for parameters, gradients and optimizer state (f32 slices), and for
+/// the weights held as codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RankBytes {
     /// Parameter slices.
@@ -280,6 +523,8 @@ pub struct RankBytes {
     pub grads: usize,
     /// AdamW moments.
     pub optimizer: usize,
+    /// Codes and scales of the weights held quantized (QLoRA's base).
+    pub quantized: usize,
 }
 
 /// What [`ZeroTrainer::step`] did.
@@ -376,7 +621,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             from_modules,
             &mut source,
             (rank, world),
-            options.frozen.as_ref(),
+            (options.frozen.as_ref(), options.quantized.as_ref()),
         )?;
         let mut sharded = Vec::with_capacity(blocks.len());
         for (i, block) in blocks.into_iter().enumerate() {
@@ -388,7 +633,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 from_modules,
                 &mut source,
                 (rank, world),
-                options.frozen.as_ref(),
+                (options.frozen.as_ref(), options.quantized.as_ref()),
             )?);
         }
         let head = segment::<B, _, E>(
@@ -398,7 +643,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             from_modules,
             &mut source,
             (rank, world),
-            options.frozen.as_ref(),
+            (options.frozen.as_ref(), options.quantized.as_ref()),
         )?;
         Ok(Self {
             embed,
@@ -449,11 +694,19 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         self.steps
     }
 
-    /// Parameters of the whole model (every segment, unpadded).
+    /// Parameters of the whole model (every segment, unpadded; those held as codes too).
     pub fn parameter_count(&self) -> usize {
         self.embed.layout.len
             + self.blocks.iter().map(|b| b.layout.len).sum::<usize>()
             + self.head.layout.len
+            + self.quantized_count()
+    }
+
+    /// Parameters held as codes (QLoRA's base: see [`ZeroOptions::quantized`]).
+    pub fn quantized_count(&self) -> usize {
+        self.embed.codes.count()
+            + self.blocks.iter().map(|b| b.codes.count()).sum::<usize>()
+            + self.head.codes.count()
     }
 
     /// Parameters that train (all of them unless some are frozen).
@@ -488,6 +741,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             params: all * f32_bytes,
             grads: trainable * f32_bytes,
             optimizer: 2 * trainable * f32_bytes,
+            quantized: self.embed.codes.bytes()
+                + self.blocks.iter().map(|b| b.codes.bytes()).sum::<usize>()
+                + self.head.codes.bytes(),
         }
     }
 
@@ -495,6 +751,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         &self,
         segment: &Segment<M>,
         full: &[f32],
+        codes: &[HeldCodes],
         trainable: bool,
     ) -> M {
         // Frozen parameters (placed after the trainable ones) never require gradients.
@@ -510,6 +767,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             &self.device,
             trainable_len,
             self.options.compute_dtype,
+            codes,
         )
     }
 
@@ -528,18 +786,87 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         trainable: bool,
         keep: bool,
     ) -> Result<(M, Option<Vec<f32>>), CommError> {
+        // The codes (gathered each time: they are small) live as long as the module.
+        let codes = segment.codes.held(&self.comm)?;
+        self.copy_with(segment, kept, trainable, keep, &codes)
+    }
+
+    /// [`Self::working_copy`] with the segment's codes at hand.
+    fn copy_with<M: Module<B> + Clone>(
+        &self,
+        segment: &Segment<M>,
+        kept: Option<Vec<f32>>,
+        trainable: bool,
+        keep: bool,
+        codes: &[HeldCodes],
+    ) -> Result<(M, Option<Vec<f32>>), CommError> {
         if let Some(full) = kept {
-            let module = self.module(segment, &full, trainable);
+            let module = self.module(segment, &full, codes, trainable);
             return Ok((module, keep.then_some(full)));
         }
         if self.comm.world_size() == 1 && !segment.has_frozen() {
             let len = segment.params.layout.len;
-            let module = self.module(segment, &segment.params.local[..len], trainable);
+            let module = self.module(segment, &segment.params.local[..len], codes, trainable);
             return Ok((module, None));
         }
         let full = self.gather(segment)?;
-        let module = self.module(segment, &full, trainable);
+        let module = self.module(segment, &full, codes, trainable);
         Ok((module, keep.then_some(full)))
+    }
+
+    /// [`Self::working_copy`] for inference on the inner backend, with the segment's codes,
+    /// which must outlive the module (converting it reads its parameters, which releases the
+    /// codes they held).
+    #[allow(clippy::type_complexity)]
+    fn inner_copy<M: AutodiffModule<B> + Clone>(
+        &self,
+        segment: &Segment<M>,
+    ) -> Result<(M::InnerModule, Vec<HeldCodes>), CommError> {
+        let codes = segment.codes.held(&self.comm)?;
+        let (module, _) = self.copy_with(segment, None, false, false, &codes)?;
+        Ok((module.valid(), codes))
+    }
+
+    /// The weights held as codes, whole, by checkpoint name (what [`ZeroTrainer::named_parameters`]
+    /// leaves out). Every rank must call it.
+    pub fn named_codes(&self) -> Result<Vec<(String, Arc<QuantizedMatrix>)>, CommError> {
+        fn named<M>(
+            prefix: String,
+            segment: &Segment<M>,
+            comm: &dyn Communicator,
+            out: &mut Vec<(String, Arc<QuantizedMatrix>)>,
+        ) -> Result<(), CommError> {
+            let held = segment.codes.held(comm)?;
+            for (entry, held) in segment.codes.entries.iter().zip(held) {
+                out.push((
+                    checkpoint::tensor_name(&prefix, &entry.entry.name),
+                    held.matrix,
+                ));
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        named(
+            self.spec.prefix(SegmentId::Embed),
+            &self.embed,
+            &self.comm,
+            &mut out,
+        )?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            named(
+                self.spec.prefix(SegmentId::Block(i)),
+                b,
+                &self.comm,
+                &mut out,
+            )?;
+        }
+        named(
+            self.spec.prefix(SegmentId::Head),
+            &self.head,
+            &self.comm,
+            &mut out,
+        )?;
+        Ok(out)
     }
 
     /// Forward and backward of one micro-batch; gradients accumulate into each rank's slices
@@ -590,7 +917,10 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         let (head, _) = self.working_copy(&self.head, None, true, false)?;
         let tied_embed = match (tied, &self.embed.kept) {
             (false, _) => None,
-            (true, Some(kept)) => Some(self.module(&self.embed, kept, true)),
+            (true, Some(kept)) => {
+                let codes = self.embed.codes.held(&self.comm)?;
+                Some(self.module(&self.embed, kept, &codes, true))
+            }
             (true, None) => Some(self.working_copy(&self.embed, None, true, false)?.0),
         };
         let input = hidden.require_grad();
@@ -980,29 +1310,25 @@ where
         ) -> T,
     ) -> Result<T, CommError> {
         let inner = <S as ZeroSpec<B::InnerBackend>>::embed;
-        let (embed, _) = self.working_copy(&self.embed, None, false, false)?;
-        let mut hidden = inner(&self.spec, &embed.valid(), batch);
+        let embed = self.inner_copy(&self.embed)?;
+        let mut hidden = inner(&self.spec, &embed.0, batch);
         drop(embed);
         for (index, block) in self.blocks.iter().enumerate() {
-            let module = self.working_copy(block, None, false, false)?.0.valid();
+            let (module, _codes) = self.inner_copy(block)?;
             hidden =
                 <S as ZeroSpec<B::InnerBackend>>::block(&self.spec, index, &module, hidden, batch);
         }
-        let (head_module, _) = self.working_copy(&self.head, None, false, false)?;
+        let (head_module, _head_codes) = self.inner_copy(&self.head)?;
         // A tied head reads the embedding again (gathered anew: holding it through the blocks
         // would keep the largest segment alive for the whole pass).
         let tied = match ZeroSpec::<B>::head_reads_embed(&self.spec) {
-            true => Some(
-                self.working_copy(&self.embed, None, false, false)?
-                    .0
-                    .valid(),
-            ),
+            true => Some(self.inner_copy(&self.embed)?),
             false => None,
         };
         Ok(head(
             &self.spec,
-            &head_module.valid(),
-            tied.as_ref(),
+            &head_module,
+            tied.as_ref().map(|(module, _)| module),
             hidden,
         ))
     }
@@ -1046,7 +1372,7 @@ fn segment<B: Backend, M: Module<B>, E>(
     from_module: bool,
     source: &mut impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
     ranks: (usize, usize),
-    frozen: Option<&Frozen>,
+    (frozen, base): (Option<&Frozen>, Option<&QuantizedBase>),
 ) -> Result<Segment<M>, E> {
     let (layout, full) = if from_module {
         flatten::<B, M>(&module)
@@ -1055,10 +1381,15 @@ fn segment<B: Backend, M: Module<B>, E>(
         let full = source(id, prefix, &layout)?;
         (layout, full)
     };
-    let freezes =
-        |name: &str| frozen.is_some_and(|f| f.freezes(&checkpoint::tensor_name(prefix, name)));
+    let name_of = |name: &str| checkpoint::tensor_name(prefix, name);
+    let freezes = |name: &str| frozen.is_some_and(|f| f.freezes(&name_of(name)));
     Ok(Segment::from_full::<B>(
-        module, layout, full, ranks, freezes,
+        module,
+        layout,
+        full,
+        ranks,
+        freezes,
+        (base, name_of),
     ))
 }
 

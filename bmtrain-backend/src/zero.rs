@@ -13,12 +13,14 @@
 //! the values do not depend on the world size.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::comm::{CommError, Communicator, ReduceOp};
+use crate::quant::QuantizedMatrix;
 
 /// How a flat buffer of `len` elements is split over `world` ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,12 +252,26 @@ pub fn load_flat_as<B: Backend, M: Module<B>>(
     dtype: Option<DType>,
 ) -> M {
     let trainable_len = if trainable { usize::MAX } else { 0 };
-    load_flat_parts(module, layout, data, device, trainable_len, dtype)
+    load_flat_parts(module, layout, data, device, trainable_len, dtype, &[])
+}
+
+/// A frozen weight a working copy holds as codes (QLoRA's base) rather than as values.
+#[derive(Debug, Clone)]
+pub struct HeldCodes {
+    /// The codes, `[d_output, d_input]` for a linear layer.
+    pub matrix: Arc<QuantizedMatrix>,
+    /// Whether the module's tensor is the codes' transpose (a linear layer's `[d_input,
+    /// d_output]`).
+    pub transposed: bool,
 }
 
 /// [`load_flat_as`] for a layout whose trainable parameters sit below `trainable_len` (see
 /// [`FlatLayout::split`]): only those require gradients; the frozen ones above it are plain
 /// values, so autodiff computes no gradient for them.
+///
+/// Entries whose offset lies past `layout.len` are held as codes: entry `layout.len + k` is
+/// `codes[k]`, and the parameter becomes a frozen lazy dequantization of it that nothing reads
+/// (the layer multiplies by the codes) and that keeps the codes alive as long as the module.
 pub fn load_flat_parts<B: Backend, M: Module<B>>(
     module: M,
     layout: &FlatLayout,
@@ -263,6 +279,7 @@ pub fn load_flat_parts<B: Backend, M: Module<B>>(
     device: &B::Device,
     trainable_len: usize,
     dtype: Option<DType>,
+    codes: &[HeldCodes],
 ) -> M {
     struct Load<'a, B: Backend> {
         entries: std::slice::Iter<'a, FlatEntry>,
@@ -270,6 +287,8 @@ pub fn load_flat_parts<B: Backend, M: Module<B>>(
         device: &'a B::Device,
         trainable_len: usize,
         dtype: Option<DType>,
+        values_len: usize,
+        codes: &'a [HeldCodes],
     }
     impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
         fn map_float<const D: usize>(
@@ -277,6 +296,10 @@ pub fn load_flat_parts<B: Backend, M: Module<B>>(
             _param: Param<Tensor<B, D>>,
         ) -> Param<Tensor<B, D>> {
             let entry = self.entries.next().expect("layout covers every parameter");
+            if entry.offset >= self.values_len {
+                let held = self.codes[entry.offset - self.values_len].clone();
+                return lazy_dequantized(held, entry.shape.clone(), self.device);
+            }
             let values = self.data[entry.offset..entry.offset + entry.len()].to_vec();
             let mut data = TensorData::new(values, entry.shape.clone());
             if let Some(dtype) = self.dtype {
@@ -297,7 +320,38 @@ pub fn load_flat_parts<B: Backend, M: Module<B>>(
         device,
         trainable_len,
         dtype,
+        values_len: layout.len,
+        codes,
     })
+}
+
+/// A frozen parameter that dequantizes `held` only if read (transposed back to the module's
+/// layout when the codes are its transpose).
+fn lazy_dequantized<B: Backend, const D: usize>(
+    held: HeldCodes,
+    shape: Vec<usize>,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    let init_shape = shape.clone();
+    Param::uninitialized(
+        ParamId::new(),
+        move |device, _| {
+            let (rows, cols) = (held.matrix.rows(), held.matrix.cols());
+            let dense = Tensor::<B, 2>::from_data(
+                TensorData::new(held.matrix.dequantize(), [rows, cols]),
+                device,
+            );
+            let dense = if held.transposed {
+                dense.transpose()
+            } else {
+                dense
+            };
+            dense.reshape(burn::tensor::Shape::from(init_shape.clone()))
+        },
+        device.clone(),
+        false,
+        burn::tensor::Shape::from(shape),
+    )
 }
 
 /// The gradients of a module's parameters as one flat buffer (zeros where a parameter got none).

@@ -28,9 +28,9 @@ pub mod tokenizer;
 pub use batch::Batch;
 pub use error::{ConvertError, Result};
 pub use model_dir::{
-    ConvertReport, DirKind, LoadOptions, LoadedModel, ModelSpec, ZooManifest, ZooWeights,
-    ZooWeightsReader, build_model, convert_hf_to_zoo, convert_hf_to_zoo_within, export_zoo_to_hf,
-    export_zoo_to_hf_within, load_model, merge_adapter_within, read_spec,
+    ConvertReport, DirKind, LoadOptions, LoadedModel, ModelSpec, QLORA_KEY, ZooManifest,
+    ZooWeights, ZooWeightsReader, build_model, convert_hf_to_zoo, convert_hf_to_zoo_within,
+    export_zoo_to_hf, export_zoo_to_hf_within, load_model, merge_adapter_within, read_spec,
 };
 pub use tensors::{
     IndexedTensor, StoredTensor, TensorIndex, TensorMap, WeightsFormat, index_dir_weights,

@@ -32,6 +32,10 @@ use crate::tokenizer;
 
 /// The file that marks a zoo model directory.
 pub const ZOO_MANIFEST: &str = "zoo.json";
+
+/// The key a QLoRA run's checkpoints record in their config (the base's format, `nf4` or
+/// `int8`): such a checkpoint holds no base linear layers (`zoo finetune --quantize-base`).
+pub const QLORA_KEY: &str = "zoo_quantized_base";
 /// The HF config file.
 pub const HF_CONFIG: &str = "config.json";
 /// Tokenizer files (and `generation_config.json`, which holds the end-of-text and padding ids
@@ -413,9 +417,42 @@ impl ModelSpec {
         self.open_weights(format)?.read_all()
     }
 
+    /// [`ModelSpec::open_weights`] for where a training job starts: a quantized directory is
+    /// refused (its linear layers have no dense values to start from).
+    pub fn open_for_training(&mut self, format: WeightsFormat) -> Result<ZooWeightsReader> {
+        if let Some(quantized) = self.quantization()? {
+            let bits = match quantized.format.as_str() {
+                "nf4" => 4,
+                _ => 8,
+            };
+            return Err(ConvertError::Quantize {
+                path: self.dir.clone(),
+                message: format!(
+                    "is quantized ({}): training starts from dense weights; give the directory \
+                     it was quantized from (with --quantize-base {bits} --lora-r R to train on \
+                     the same codes)",
+                    quantized.format
+                ),
+            });
+        }
+        self.open_weights(format)
+    }
+
     /// Checks the directory's weights from their headers and returns a reader of them under zoo
     /// names: what [`ModelSpec::read_weights`] reads at once, tensor by tensor.
     pub fn open_weights(&mut self, format: WeightsFormat) -> Result<ZooWeightsReader> {
+        if let Some(format) = self.hf_config.get(QLORA_KEY) {
+            return Err(ConvertError::Quantize {
+                path: self.dir.join(ZOO_MANIFEST),
+                message: format!(
+                    "is a checkpoint of QLoRA training ({QLORA_KEY}: {format}): it holds the \
+                     adapters and the parameters that were not quantized, not the base's linear \
+                     layers; run it as --model BASE --adapter {} (BASE the model it trained \
+                     on, or that model after zoo quantize), or continue it with --resume",
+                    self.dir.display()
+                ),
+            });
+        }
         let source_name = self.dir.display().to_string();
         let tensors = index_dir_weights(&self.dir, format)?;
         match self.kind {

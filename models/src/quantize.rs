@@ -11,10 +11,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bmtrain_backend::quant::{NF4_BLOCK, QuantFormat, QuantizedMatrix};
-use burn::module::ParamId;
+use bmtrain_backend::trainer::{QuantizedBase, QuantizedWeight};
+use burn::module::{Module, ParamId};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
+use crate::io::ModelClass;
 use crate::layers::{Embedding, Linear};
 use crate::{AnyModel, ModelError, params::param_names};
 
@@ -188,6 +190,31 @@ pub fn install<B: Backend>(
     }
 }
 
+/// QLoRA's frozen base: makes every [`ModelClass::adaptable`] linear layer of `model` run on
+/// codes the ZeRO trainer will lend it, and returns what the trainer needs to quantize, shard
+/// and lend them (by zoo name). The layers keep their weights' values until the trainer has
+/// quantized them.
+pub fn lend_base<B: Backend, M: ModelClass<B> + Module<B>>(
+    model: &mut M,
+    format: QuantFormat,
+) -> QuantizedBase {
+    let names = param_names::<B, _>(model);
+    let weights = model
+        .adaptable()
+        .into_iter()
+        .map(|(_, linear)| {
+            let name = names[&linear.weight.id].clone();
+            let slot = linear.lend_codes();
+            let weight = QuantizedWeight {
+                slot,
+                transposed: true,
+            };
+            (name, weight)
+        })
+        .collect();
+    QuantizedBase { format, weights }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,20 +258,14 @@ mod tests {
             }
             let names = param_names::<Cpu, _>(&dense);
             for (_, linear) in dense.adaptable() {
-                codes.insert(
-                    names[&linear.weight.id].clone(),
-                    linear.quantized.clone().unwrap(),
-                );
+                codes.insert(names[&linear.weight.id].clone(), linear.codes().unwrap());
                 // Back to dense: the dequantized values as an ordinary weight.
                 let values = linear.weight.val();
                 linear.quantized = None;
                 linear.weight = burn::module::Param::from_tensor(values);
             }
             for table in dense.vocab_tables().embeddings {
-                codes.insert(
-                    names[&table.weight.id].clone(),
-                    table.quantized.clone().unwrap(),
-                );
+                codes.insert(names[&table.weight.id].clone(), table.codes().unwrap());
                 let values = table.weight.val();
                 table.quantized = None;
                 table.weight = burn::module::Param::from_tensor(values);

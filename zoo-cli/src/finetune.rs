@@ -40,9 +40,10 @@ use serde_json::{Value, json};
 
 use crate::run::{
     CheckpointFiles, Cut, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
-    TrainSetup, adapted, any_rank_interrupted, mean_over_ranks, resume_trainer, run_ranks,
+    TrainSetup, any_rank_interrupted, mean_over_ranks, prepared, resume_trainer, run_ranks,
     save_checkpoint,
 };
+use bmtrain_backend::trainer::QuantizedBase;
 
 /// What `zoo finetune` trains the model to do.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,7 +396,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
         &args.model.display().to_string(),
     )?;
     // Checked now (every key and shape, from the headers), read segment by segment in training.
-    let reader = spec.open_weights(Default::default())?;
+    let reader = spec.open_for_training(Default::default())?;
     // Base-model names gain the encoder's prefix; heads of other tasks are not read.
     let initial = ClassifierWeights {
         reader,
@@ -444,6 +445,10 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     let lora = args.memory.freezing.lora(family)?;
     if let Some(lora) = &lora {
         hf_config["zoo_lora"] = serde_json::to_value(lora)?;
+    }
+    // A QLoRA checkpoint holds no base layers: its manifest says so (see --quantize-base).
+    if let Some(format) = args.memory.freezing.quantize_format()? {
+        hf_config[checkpoints_convert::QLORA_KEY] = format.name().into();
     }
     let manifest = ZooManifest {
         format: "zoo".into(),
@@ -789,45 +794,50 @@ fn train<AB: AutodiffBackend>(
 ) -> anyhow::Result<Summary> {
     match (&job.config, job.architecture) {
         (ModelConfig::Bert(config), Architecture::RobertaForSequenceClassification) => {
-            let cut = ClassifierSpec::split_roberta(adapted(
+            let (model, quantized) = prepared(
                 RobertaForSequenceClassification::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?);
-            train_loop(comm, device, job, cut, InitScheme::Bert)
+            )?;
+            let cut = ClassifierSpec::split_roberta(model);
+            train_loop(comm, device, job, cut, InitScheme::Bert, quantized)
         }
         (ModelConfig::Bert(config), _) => {
-            let cut = ClassifierSpec::split_bert(
-                adapted(
-                    BertForSequenceClassification::<AB>::new(config, &device)?,
-                    job.lora.as_ref(),
-                    &device,
-                )?,
-                config,
-            );
-            train_loop(comm, device, job, cut, InitScheme::Bert)
+            let (model, quantized) = prepared(
+                BertForSequenceClassification::<AB>::new(config, &device)?,
+                job.lora.as_ref(),
+                &job.args.memory.freezing,
+                &device,
+            )?;
+            let cut = ClassifierSpec::split_bert(model, config);
+            train_loop(comm, device, job, cut, InitScheme::Bert, quantized)
         }
         (ModelConfig::Gpt2(config), _) => {
-            let cut = Gpt2ClassifierSpec::split(adapted(
+            let (model, quantized) = prepared(
                 Gpt2ForSequenceClassification::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?);
+            )?;
+            let cut = Gpt2ClassifierSpec::split(model);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         (ModelConfig::Llama(config), _) => {
-            let cut = LlamaClassifierSpec::split(adapted(
+            let (model, quantized) = prepared(
                 LlamaForSequenceClassification::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?);
+            )?;
+            let cut = LlamaClassifierSpec::split(model);
             let init = InitScheme::Normal {
                 std: config.initializer_range,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         (ModelConfig::T5(_), _) => unreachable!("T5 has no classification class"),
     }
@@ -840,6 +850,7 @@ fn train_loop<AB: AutodiffBackend, S: Classifies<AB>>(
     job: &Job,
     cut: Cut<AB, S>,
     init: InitScheme,
+    quantized: Option<QuantizedBase>,
 ) -> anyhow::Result<Summary> {
     let args = &job.args;
     let rank = comm.rank();
@@ -860,6 +871,7 @@ fn train_loop<AB: AutodiffBackend, S: Classifies<AB>>(
         init,
         seed: args.seed,
         source: job.args.model.display().to_string(),
+        quantized,
     };
     let mut trainer = setup.build(cut, comm, device.clone(), &args.memory)?;
 

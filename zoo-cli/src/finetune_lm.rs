@@ -41,10 +41,11 @@ use serde_json::{Value, json};
 
 use crate::finetune::{FinetuneArgs, Task, epoch_order};
 use crate::run::{
-    CheckpointFiles, Cut, Progress, RunLock, RunOutputs, StepSplit, TrainSetup, adapted,
-    any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer, run_ranks,
+    CheckpointFiles, Cut, Progress, RunLock, RunOutputs, StepSplit, TrainSetup,
+    any_rank_interrupted, mean_over_ranks, on_lead_model, prepared, resume_trainer, run_ranks,
     save_checkpoint,
 };
+use bmtrain_backend::trainer::QuantizedBase;
 
 /// One tokenised example: the source (seq2seq input, or the causal prompt) and the target
 /// (seq2seq target, or the completion and its end-of-text).
@@ -154,7 +155,7 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     let mut spec = checkpoints_convert::read_spec(&args.model)?;
     // Checked now (every key and shape, from the headers); this also settles a head the config
     // leaves open (transformers 5 writes every T5 as tied and keeps v1.1's own lm_head).
-    let initial = spec.open_weights(Default::default())?;
+    let initial = spec.open_for_training(Default::default())?;
     let family = spec.architecture.family();
     let head = match args.task {
         Task::Seq2seq => Head::Seq2seq,
@@ -228,6 +229,10 @@ fn prepare(mut args: FinetuneArgs) -> anyhow::Result<Job> {
     let lora = args.memory.freezing.lora(family)?;
     if let Some(lora) = &lora {
         hf_config["zoo_lora"] = serde_json::to_value(lora)?;
+    }
+    // A QLoRA checkpoint holds no base layers: its manifest says so (see --quantize-base).
+    if let Some(format) = args.memory.freezing.quantize_format()? {
+        hf_config[checkpoints_convert::QLORA_KEY] = format.name().into();
     }
     let manifest = ZooManifest {
         format: "zoo".into(),
@@ -624,40 +629,46 @@ fn train<AB: AutodiffBackend>(
 ) -> anyhow::Result<Summary> {
     match &job.config {
         ModelConfig::T5(config) => {
-            let cut = T5Spec::split(adapted(
+            let (model, quantized) = prepared(
                 T5ForConditionalGeneration::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?)?;
+            )?;
+            let cut = T5Spec::split(model)?;
             let init = InitScheme::T5 {
                 d_model: config.d_model,
                 d_kv: config.d_kv,
                 heads: config.num_heads,
                 d_ff: config.d_ff,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         ModelConfig::Gpt2(config) => {
-            let cut = Gpt2Spec::split(adapted(
+            let (model, quantized) = prepared(
                 Gpt2LmHeadModel::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?);
+            )?;
+            let cut = Gpt2Spec::split(model);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         ModelConfig::Llama(config) => {
-            let cut = LlamaSpec::split(adapted(
+            let (model, quantized) = prepared(
                 LlamaForCausalLM::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?);
+            )?;
+            let cut = LlamaSpec::split(model);
             let init = InitScheme::Normal {
                 std: config.initializer_range,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         ModelConfig::Bert(_) => unreachable!("prepare picks a seq2seq or causal LM"),
     }
@@ -670,11 +681,13 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
     job: &Job,
     cut: Cut<AB, S>,
     init: InitScheme,
+    quantized: Option<QuantizedBase>,
 ) -> anyhow::Result<Summary> {
     let args = &job.args;
     let (rank, world) = (comm.rank(), comm.world_size());
     let lead = rank == 0;
     crate::alloc::release_free_memory();
+    let baseline = crate::run::proc_status_bytes("VmRSS:");
 
     // The model, one segment at a time from the directory (which has every tensor).
     let setup = TrainSetup {
@@ -686,6 +699,7 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
         init,
         seed: args.seed,
         source: args.model.display().to_string(),
+        quantized,
     };
     let mut trainer = setup.build(cut, comm, device.clone(), &args.memory)?;
 
@@ -730,6 +744,7 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
     let progress = Progress::new(total_steps, start, lead, !args.run.no_progress);
     let mut last = None;
     let mut interrupted = false;
+    let mut steps_peak = None;
     let mut window = (0.0f32, 0u64, Instant::now(), 0usize);
     let mut step = start;
     while step < total_steps {
@@ -776,6 +791,10 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
             window = (0.0, 0, Instant::now(), 0);
         }
         let stop = any_rank_interrupted(trainer.comm().as_ref())?;
+        if step == total_steps || stop {
+            // The steps' peak (with earlier epochs' evaluations and saves), before the last ones.
+            steps_peak = crate::run::proc_status_bytes("VmHWM:");
+        }
         if step % steps_per_epoch == 0 {
             last = evaluate(job, &trainer, &device)?;
             if let Some(e) = last {
@@ -824,6 +843,10 @@ fn train_loop<AB: AutodiffBackend, S: WritingTask<AB>>(
         }
     }
     progress.finish();
+    if args.run.report_memory && lead {
+        let final_peak = crate::run::proc_status_bytes("VmHWM:");
+        crate::run::report_memory(baseline, steps_peak.or(final_peak), final_peak);
+    }
     Ok(Summary {
         steps: trainer.steps(),
         best_loss: best,

@@ -44,6 +44,7 @@ use models::{Architecture, Head, ModelConfig};
 use serde_json::json;
 
 use crate::run::DtypeArg;
+use bmtrain_backend::quant::QuantFormat;
 
 /// The fitted constants of one backend path (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -174,9 +175,39 @@ pub struct Shape {
     pub heads: usize,
     /// Vocabulary of an LM head (0 for a classifier).
     pub lm_vocab: usize,
+    /// Parameters held as codes (`--quantize-base`: QLoRA's base), all frozen.
+    pub coded: usize,
+    /// Their codes' and scales' bytes.
+    pub coded_bytes: f64,
 }
 
 impl Shape {
+    /// Holds the base's linear layers as `format` codes (`--quantize-base`), as the trainer does:
+    /// every block's projections (the layers `zoo quantize` quantizes), from `config`'s model.
+    pub fn quantize_base(
+        &mut self,
+        config: &ModelConfig,
+        format: QuantFormat,
+    ) -> anyhow::Result<()> {
+        let mut model =
+            models::AnyModel::<Cpu>::new(self.architecture, config, &Default::default())?;
+        let targets = models::quantize::targets(&mut model, false)?;
+        self.coded = targets.iter().map(|t| t.shape[0] * t.shape[1]).sum();
+        self.coded_bytes = targets
+            .iter()
+            .map(|t| {
+                let [rows, cols] = t.shape;
+                (format.code_bytes(rows, cols) + 4 * format.scale_count(rows, cols)) as f64
+            })
+            .sum();
+        Ok(())
+    }
+
+    /// Bytes of all parameter values (f32, or codes for those held as codes).
+    pub fn value_bytes(&self) -> f64 {
+        4.0 * (self.params - self.coded) as f64 + self.coded_bytes
+    }
+
     /// Counts the parameters `frozen` freezes out of the trainable ones.
     pub fn freeze(&mut self, frozen: &bmtrain_backend::trainer::Frozen) {
         let still: usize = self
@@ -270,7 +301,6 @@ impl Estimate {
 pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     let c = if setup.gpu { GPU } else { CPU };
     let n = setup.ranks.max(1) as f64;
-    let p = shape.params as f64;
     // Frozen parameters keep their f32 values; only trainable ones have gradients and moments.
     let trained = shape.trainable as f64;
     let d = setup.dtype_bytes as f64;
@@ -299,21 +329,24 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     };
     let head_logits = tokens * shape.lm_vocab as f64 * logits_copies * 4.0;
     let stage2 = setup.zero_stage == 2 && setup.ranks > 1;
-    let blocks = shape.block_params as f64;
+    // Codes are block weights (every block alike): a block's working copy holds its codes
+    // instead of their dense values, counted here in compute-dtype parameters.
+    let coded = shape.coded as f64;
+    let blocks = shape.block_params as f64 - coded + shape.coded_bytes / d;
+    let block = shape.largest_block as f64 - (coded - shape.coded_bytes / d) / layers.max(1.0);
     let kept = if setup.checkpointing {
         0.0
     } else {
         c.kept * d * blocks
     } + if stage2 {
-        4.0 * (blocks + shape.embedding as f64)
+        4.0 * (shape.block_params as f64 - coded + shape.embedding as f64) + shape.coded_bytes
     } else {
         0.0
     };
     let tied = if shape.tied { shape.embedding } else { 0 };
-    let widest = shape
-        .largest_block
-        .max(shape.embedding)
-        .max(shape.head + tied) as f64;
+    let widest = block
+        .max(shape.embedding as f64)
+        .max((shape.head + tied) as f64);
     let working = c.working * d * widest;
     // On a GPU: the runtime, and burn's composed backward, whose transients are about one
     // block's activations again (the CPU kernels' are within the fitted terms).
@@ -323,7 +356,7 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         0.0
     };
     let features = Features {
-        state: (4.0 * p + 12.0 * trained) / n,
+        state: (shape.value_bytes() + 12.0 * trained) / n,
         kept,
         working,
         act_width,
@@ -334,7 +367,7 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         ranks: c.per_rank,
     };
 
-    let master = 4.0 * p / n;
+    let master = shape.value_bytes() / n;
     let grad_shard = 4.0 * trained / n;
     let optimizer = 8.0 * trained / n;
     let activations = act_width + act_ffn + act_scores + saved_inputs + head_logits;
@@ -394,6 +427,14 @@ pub fn max_batch(shape: &Shape, setup: &Setup, budget: f64) -> usize {
 
 /// The trained class and shapes of `--model`, with its segments as the trainer cuts them.
 pub fn shape_of(model: &str, freezing: &crate::run::FreezeArgs) -> anyhow::Result<Shape> {
+    let (architecture, config) = config_of(model)?;
+    let lora = freezing.lora(architecture.family())?;
+    shape_of_adapted(architecture, &config, lora.as_ref())
+        .with_context(|| format!("--model {model}"))
+}
+
+/// The class and config `--model` names: a directory's, a `config.json`'s or a preset's.
+pub fn config_of(model: &str) -> anyhow::Result<(Architecture, ModelConfig)> {
     let path = Path::new(model);
     let (architecture, config) = if path.is_dir() {
         let spec = checkpoints_convert::read_spec(path)?;
@@ -416,9 +457,7 @@ pub fn shape_of(model: &str, freezing: &crate::run::FreezeArgs) -> anyhow::Resul
             .with_context(|| format!("--model {model}: not a directory, config or preset"))?;
         (preset.architecture, preset.config)
     };
-    let lora = freezing.lora(architecture.family())?;
-    shape_of_adapted(architecture, &config, lora.as_ref())
-        .with_context(|| format!("--model {model}"))
+    Ok((architecture, config))
 }
 
 /// The trained class and shapes of a config: the segments of the lazily built model (nothing
@@ -556,6 +595,8 @@ fn shape_of_cut<S: bmtrain_backend::trainer::ZeroSpec<Cpu>>(
         ffn,
         heads,
         lm_vocab,
+        coded: 0,
+        coded_bytes: 0.0,
     }
 }
 
@@ -723,8 +764,8 @@ pub fn check_training_fits(
 ) -> anyhow::Result<()> {
     let world = setup.ranks.max(1);
     let ranks_here = setup.ranks_in_process.max(1);
-    let state = (4.0 * shape.params as f64 + 12.0 * shape.trainable as f64) * ranks_here as f64
-        / world as f64;
+    let state =
+        (shape.value_bytes() + 12.0 * shape.trainable as f64) * ranks_here as f64 / world as f64;
     ensure!(
         state <= budget,
         "{what}: the weights alone, with their gradients and AdamW moments, need {:.2} GB \
@@ -768,6 +809,10 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
     if let Some(rule) = args.freezing.frozen(Default::default())? {
         shape.freeze(&rule);
     }
+    if let Some(format) = args.freezing.quantize_format()? {
+        let (_, config) = config_of(&args.model)?;
+        shape.quantize_base(&config, format)?;
+    }
     let setup = Setup {
         seq: args.seq,
         batch: args.batch,
@@ -802,6 +847,8 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
                 "architecture": shape.architecture.hf_name(),
                 "params": shape.params,
                 "trainable_params": shape.trainable,
+                "quantized_params": shape.coded,
+                "quantized_bytes": shape.coded_bytes.round(),
                 "seq": args.seq,
                 "batch": args.batch,
                 "ranks": args.ranks,
@@ -833,10 +880,18 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let gb = |b: f64| format!("{:>9.3} GB", b / 1e9);
-    let trainable = match shape.trainable == shape.params {
+    let mut trainable = match shape.trainable == shape.params {
         true => String::new(),
         false => format!(", {:.2}M trainable", shape.trainable as f64 / 1e6),
     };
+    if shape.coded > 0 {
+        trainable += &format!(
+            ", {:.1}M held as codes in {:.2} GB (f32: {:.2} GB)",
+            shape.coded as f64 / 1e6,
+            shape.coded_bytes / 1e9,
+            4.0 * shape.coded as f64 / 1e9
+        );
+    }
     println!(
         "{} ({}, {:.1}M parameters{trainable}), {} × {} tokens over {} rank(s), {:?}{}, ZeRO \
          stage {}",

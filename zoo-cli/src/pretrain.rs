@@ -45,10 +45,11 @@ use serde_json::{Value, json};
 
 use crate::run::{
     CheckpointFiles, Cut, MemoryArgs, Progress, RunArgs, RunLock, RunOutputs, StepSplit,
-    TrainSetup, adapted, any_rank_interrupted, mean_over_ranks, on_lead_model, resume_trainer,
+    TrainSetup, any_rank_interrupted, mean_over_ranks, on_lead_model, prepared, resume_trainer,
     run_ranks, save_checkpoint,
 };
 use crate::tokens::{TokenFile, TokenWidth, write_token_file};
+use bmtrain_backend::trainer::QuantizedBase;
 
 /// The corpus shipped with zoo (public domain; see `zoo-cli/corpus/README.md`).
 const SHIPPED_CORPUS: &str = include_str!("../corpus/around-the-world-in-80-days.txt");
@@ -391,7 +392,7 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     // by segment when training starts.
     let initial = match directory {
         Some(mut spec) => {
-            let reader = spec.open_weights(LoadOptions::default().format)?;
+            let reader = spec.open_for_training(LoadOptions::default().format)?;
             // Reading the headers settles a head the config leaves open (transformers 5 writes
             // every T5 as tied and keeps v1.1's own lm_head): train the model the weights hold.
             if spec.config.tie_word_embeddings() != model.config.tie_word_embeddings() {
@@ -537,6 +538,10 @@ fn prepare(mut args: PretrainArgs) -> anyhow::Result<Job> {
     let mut hf_config = model.config.to_hf(model.architecture);
     if let Some(lora) = &lora {
         hf_config["zoo_lora"] = serde_json::to_value(lora)?;
+    }
+    // A QLoRA checkpoint holds no base layers: its manifest says so (see --quantize-base).
+    if let Some(format) = args.memory.freezing.quantize_format()? {
+        hf_config[checkpoints_convert::QLORA_KEY] = format.name().into();
     }
     let manifest = ZooManifest {
         format: "zoo".into(),
@@ -1284,55 +1289,70 @@ fn train<AB: AutodiffBackend>(
 ) -> anyhow::Result<Summary> {
     match &job.model.config {
         ModelConfig::Gpt2(config) => {
-            let cut = Gpt2Spec::split(adapted(
+            let (model, quantized) = prepared(
                 Gpt2LmHeadModel::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?);
+            )?;
+            let cut = Gpt2Spec::split(model);
             let init = InitScheme::Gpt2 {
                 n_layer: config.n_layer,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         ModelConfig::T5(config) => {
-            let cut = T5Spec::split(adapted(
+            let (model, quantized) = prepared(
                 T5ForConditionalGeneration::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?)?;
+            )?;
+            let cut = T5Spec::split(model)?;
             let init = InitScheme::T5 {
                 d_model: config.d_model,
                 d_kv: config.d_kv,
                 heads: config.num_heads,
                 d_ff: config.d_ff,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         ModelConfig::Llama(config) => {
-            let cut = LlamaSpec::split(adapted(
+            let (model, quantized) = prepared(
                 LlamaForCausalLM::<AB>::new(config, &device)?,
                 job.lora.as_ref(),
+                &job.args.memory.freezing,
                 &device,
-            )?);
+            )?;
+            let cut = LlamaSpec::split(model);
             let init = InitScheme::Normal {
                 std: config.initializer_range,
             };
-            train_loop(comm, device, job, cut, init)
+            train_loop(comm, device, job, cut, init, quantized)
         }
         ModelConfig::Bert(config) => {
-            let cut = match job.model.architecture == Architecture::RobertaForMaskedLM {
-                false => MlmSpec::split_bert(adapted(
-                    BertForMaskedLM::<AB>::new(config, &device)?,
-                    job.lora.as_ref(),
-                    &device,
-                )?),
-                true => MlmSpec::split_roberta(adapted(
-                    RobertaForMaskedLM::<AB>::new(config, &device)?,
-                    job.lora.as_ref(),
-                    &device,
-                )?),
+            let freezing = &job.args.memory.freezing;
+            let (cut, quantized) = match job.model.architecture {
+                Architecture::RobertaForMaskedLM => {
+                    let (model, quantized) = prepared(
+                        RobertaForMaskedLM::<AB>::new(config, &device)?,
+                        job.lora.as_ref(),
+                        freezing,
+                        &device,
+                    )?;
+                    (MlmSpec::split_roberta(model), quantized)
+                }
+                _ => {
+                    let (model, quantized) = prepared(
+                        BertForMaskedLM::<AB>::new(config, &device)?,
+                        job.lora.as_ref(),
+                        freezing,
+                        &device,
+                    )?;
+                    (MlmSpec::split_bert(model), quantized)
+                }
             };
-            train_loop(comm, device, job, cut, InitScheme::Bert)
+            train_loop(comm, device, job, cut, InitScheme::Bert, quantized)
         }
     }
 }
@@ -1344,6 +1364,7 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
     job: &Job,
     cut: Cut<AB, S>,
     init: InitScheme,
+    quantized: Option<QuantizedBase>,
 ) -> anyhow::Result<Summary> {
     let args = &job.args;
     let rank = comm.rank();
@@ -1367,6 +1388,7 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
             .model
             .clone()
             .unwrap_or_else(|| "the default model".into()),
+        quantized,
     };
     let mut trainer = setup.build(cut, comm, device.clone(), &args.memory)?;
 

@@ -23,7 +23,8 @@ use bmtrain_backend::checkpoint::{self, FileDigest};
 use bmtrain_backend::comm::{Communicator, ReduceOp, SingleRank, ThreadGroup};
 use bmtrain_backend::dist::DistEnv;
 use bmtrain_backend::optim::{AdamWConfig, LossScaler};
-use bmtrain_backend::trainer::{Frozen, ZeroOptions, ZeroSpec, ZeroTrainer};
+use bmtrain_backend::quant::QuantFormat;
+use bmtrain_backend::trainer::{Frozen, QuantizedBase, ZeroOptions, ZeroSpec, ZeroTrainer};
 use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 use checkpoints_convert::ZooManifest;
@@ -118,6 +119,15 @@ pub struct FreezeArgs {
     /// c_attn: query, key and value).
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     pub lora_targets: Vec<String>,
+    /// QLoRA (Dettmers et al. 2023): hold the frozen base's linear layers (the layers
+    /// --lora-targets names from; every block projection) as 4-bit NF4 (blocks of 64) or int8
+    /// (per output channel) codes, quantized as `zoo quantize` does when the model is sharded,
+    /// and train the adapters (--lora-r) or biases (--bitfit) on them. The codes are sharded
+    /// over the ranks like the other weights and dequantized one strip at a time in forward and
+    /// backward; no f32 copy of those layers is kept. Checkpoints hold the adapters and the
+    /// other parameters; the codes are made again from --model on resume.
+    #[arg(long, value_name = "BITS")]
+    pub quantize_base: Option<u32>,
 }
 
 impl FreezeArgs {
@@ -145,6 +155,22 @@ impl FreezeArgs {
         };
         spec.validate().map_err(|e| anyhow::anyhow!("LoRA: {e}"))?;
         Ok(Some(spec))
+    }
+
+    /// The format of `--quantize-base`, checked: 4 (NF4) or 8 (int8), and only with a frozen
+    /// base (`--lora-r` or `--bitfit`).
+    pub fn quantize_format(&self) -> anyhow::Result<Option<QuantFormat>> {
+        let Some(bits) = self.quantize_base else {
+            return Ok(None);
+        };
+        let format = QuantFormat::from_bits(bits).with_context(|| {
+            format!("--quantize-base {bits}: zoo quantizes a base to 4 bits (NF4) or 8 (int8)")
+        })?;
+        ensure!(
+            self.lora_r > 0 || self.bitfit,
+            "--quantize-base quantizes a frozen base: give --lora-r R (QLoRA) or --bitfit"
+        );
+        Ok(Some(format))
     }
 
     /// The freezing rule of `--freeze`, `--bitfit` and `--lora-r`, if any; `fresh` holds (once
@@ -194,6 +220,25 @@ pub fn adapted<B: burn::tensor::backend::Backend, M: models::io::ModelClass<B>>(
             .map_err(|e| anyhow::anyhow!("LoRA: {e}"))?;
     }
     Ok(model)
+}
+
+/// `model` with the LoRA adapters of `lora` attached and, with `--quantize-base`, its base
+/// linear layers made to run on codes the trainer lends them (QLoRA): the second value is what
+/// the trainer needs for that ([`TrainSetup::quantized`]). Each rank prepares its own model.
+pub fn prepared<B: burn::tensor::backend::Backend, M>(
+    model: M,
+    lora: Option<&LoraSpec>,
+    freezing: &FreezeArgs,
+    device: &B::Device,
+) -> anyhow::Result<(M, Option<QuantizedBase>)>
+where
+    M: models::io::ModelClass<B> + burn::module::Module<B>,
+{
+    let mut model = adapted(model, lora, device)?;
+    let quantized = freezing
+        .quantize_format()?
+        .map(|format| models::quantize::lend_base(&mut model, format));
+    Ok((model, quantized))
 }
 
 /// Whether a zoo parameter name is a bias: linear biases, and layer norms' shifts (`beta`).
@@ -471,6 +516,9 @@ impl MemoryArgs {
         if let Some(rule) = self.freezing.frozen(Default::default())? {
             shape.freeze(&rule);
         }
+        if let Some(format) = self.freezing.quantize_format()? {
+            shape.quantize_base(config, format)?;
+        }
         Ok(shape)
     }
 
@@ -499,7 +547,9 @@ impl MemoryArgs {
             max_grad_norm,
             loss_scaler,
             compute_dtype,
+            // Set from the model by the training setup.
             frozen: None,
+            quantized: None,
         })
     }
 }
@@ -607,6 +657,8 @@ pub struct TrainSetup<'a> {
     pub seed: u64,
     /// What `tensors` are, for messages (`--model`).
     pub source: String,
+    /// QLoRA's base ([`prepared`]): weights held as codes, quantized from `tensors`.
+    pub quantized: Option<QuantizedBase>,
 }
 
 impl TrainSetup<'_> {
@@ -631,6 +683,14 @@ impl TrainSetup<'_> {
         // The names that start fresh, known segment by segment before each is sharded.
         let fresh = Arc::new(Mutex::new(HashSet::new()));
         options.frozen = memory.freezing.frozen(fresh.clone())?;
+        // The quantized base comes from the checkpoint: a weight it lacks would start fresh (and
+        // train), which codes cannot.
+        let coded: HashSet<String> = self
+            .quantized
+            .as_ref()
+            .map(|base| base.weights.keys().cloned().collect())
+            .unwrap_or_default();
+        options.quantized = self.quantized;
         let mut start = models::train::StartValues {
             tensors: self.tensors,
             strict: self.strict,
@@ -649,11 +709,19 @@ impl TrainSetup<'_> {
             options,
             |_, prefix, layout| {
                 let before = start.fresh.len();
-                let values = start.segment(prefix, layout);
+                let values = start.segment(prefix, layout)?;
+                if let Some(name) = start.fresh[before..].iter().find(|n| coded.contains(*n)) {
+                    return Err(models::ModelError::Weights {
+                        name: name.clone(),
+                        message: "not in the checkpoint: --quantize-base quantizes a base it \
+                                  reads (a model directory with these weights)"
+                            .into(),
+                    });
+                }
                 if let Ok(mut names) = fresh.lock() {
                     names.extend(start.fresh[before..].iter().cloned());
                 }
-                values
+                Ok(values)
             },
         )
         .with_context(|| format!("starting from {}", self.source))?;
@@ -692,12 +760,21 @@ pub fn report_ready<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
 ) {
     if trainer.comm().rank() == 0 {
         let (all, trained) = (trainer.parameter_count(), trainer.trainable_count());
-        let trainable = match trained == all {
-            true => String::new(),
-            false => format!(
+        let coded = trainer.quantized_count();
+        let trainable = match (trained == all, coded) {
+            (true, _) => String::new(),
+            (false, 0) => format!(
                 " ({:.3}M trainable, {:.2}%; the rest frozen)",
                 trained as f64 / 1e6,
                 100.0 * trained as f64 / all.max(1) as f64
+            ),
+            (false, _) => format!(
+                " ({:.3}M trainable, {:.2}%; the rest frozen, {:.1}M of it held as codes in \
+                 {:.1} MB on this rank)",
+                trained as f64 / 1e6,
+                100.0 * trained as f64 / all.max(1) as f64,
+                coded as f64 / 1e6,
+                trainer.rank_bytes().quantized as f64 / 1e6
             ),
         };
         eprintln!(
@@ -1306,6 +1383,8 @@ pub fn on_lead_model<AB: AutodiffBackend, S: ZeroSpec<AB>, C: Communicator, T>(
     use_model: impl FnOnce(models::AnyModel<AB::InnerBackend>) -> anyhow::Result<T>,
 ) -> anyhow::Result<Option<T>> {
     let named = trainer.named_parameters()?;
+    // QLoRA's base: its codes, which the model runs on as the trainer does.
+    let codes = trainer.named_codes()?;
     let result = if trainer.comm().rank() == 0 {
         let tensors = named
             .into_iter()
@@ -1314,7 +1393,7 @@ pub fn on_lead_model<AB: AutodiffBackend, S: ZeroSpec<AB>, C: Communicator, T>(
         let model = checkpoints_convert::build_model::<AB::InnerBackend>(
             spec,
             tensors,
-            Default::default(),
+            codes.into_iter().collect(),
             device,
         )?;
         Some(use_model(model)?)

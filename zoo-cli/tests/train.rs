@@ -450,6 +450,299 @@ fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
     assert!(text(&bad).contains("'q_proj'"), "{}", text(&bad));
 }
 
+/// QLoRA: `zoo finetune --task causal-lm --lora-r 8 --quantize-base 4` on the GPT-2 fixture
+/// trains the adapters on an NF4 base (the loss falls); the checkpoint holds the adapters and
+/// the unquantized parameters (bit-identical) but none of the quantized layers, refuses to run
+/// alone with a message saying how, runs as `--adapter` on the `zoo quantize --bits 4` base (the
+/// codes the trainer made), and a halted run resumes to the uninterrupted run's bits (the
+/// codes are made again identically). Bad flags are refused.
+#[test]
+fn qlora_finetuning_trains_adapters_on_a_4bit_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let rows = [
+        ("The cat", " sat on the mat."),
+        ("A dog", " ran in the park."),
+        ("The sun", " rose over the hill."),
+        ("My friend", " likes green tea."),
+    ];
+    fs::write(
+        &data,
+        rows.iter()
+            .map(|(p, c)| format!("{{\"prompt\": \"{p}\", \"completion\": \"{c}\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let base = fixture("gpt2");
+    let finetune = |run: &Path, epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--task",
+            "causal-lm",
+            "--model",
+            base.to_str().unwrap(),
+            "--train",
+            data.to_str().unwrap(),
+            "--valid",
+            data.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--epochs",
+            epochs,
+            "--lr",
+            "1e-2",
+            "--schedule",
+            "constant",
+            "--warmup-ratio",
+            "0",
+            "--lora-r",
+            "8",
+            "--log-every",
+            "1",
+            "--out",
+            run.to_str().unwrap(),
+            "--no-progress",
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let run = dir.path().join("run");
+    let output = finetune(&run, "6", &["--quantize-base", "4"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("held as codes"), "{}", text(&output));
+    let losses = losses(&run);
+    let (first, last) = (losses[0].1, losses[losses.len() - 1].1);
+    println!("qlora: loss {first:.4} → {last:.4}");
+    assert!(last < first, "{losses:?}");
+    let last_dir = run.join("checkpoints/last");
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(last_dir.join(file).is_file(), "{file}");
+    }
+    // The base quantized as zoo quantize does: the layers the checkpoint leaves out.
+    let quantized = dir.path().join("nf4");
+    let output = zoo(&[
+        "quantize",
+        "--from",
+        base.to_str().unwrap(),
+        "--out",
+        quantized.to_str().unwrap(),
+        "--bits",
+        "4",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(quantized.join("zoo.json")).unwrap()).unwrap();
+    let coded = manifest["hf_config"]["zoo_quantization"]["weights"]
+        .as_object()
+        .unwrap()
+        .clone();
+    assert!(!coded.is_empty());
+    let mut spec = checkpoints_convert::read_spec(&base).unwrap();
+    let fixture_weights = spec.read_weights(Default::default()).unwrap().tensors;
+    let saved = weights(&last_dir);
+    let by_name: std::collections::BTreeMap<&str, &Vec<f32>> =
+        saved.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let mut kept = 0;
+    for (name, start) in &fixture_weights {
+        match (coded.contains_key(name), by_name.get(name.as_str())) {
+            (true, saved) => assert!(saved.is_none(), "{name}: a quantized layer was saved"),
+            (false, Some(values)) => {
+                assert_eq!(&start.to_vec::<f32>().unwrap(), *values, "{name} moved");
+                kept += 1;
+            }
+            (false, None) => panic!("{name} is missing from the checkpoint"),
+        }
+    }
+    assert_eq!(kept + coded.len(), fixture_weights.len());
+    // Alone, the checkpoint is refused with what to do instead.
+    let alone_out = dir.path().join("alone.safetensors");
+    let alone = zoo(&[
+        "forward",
+        "--model",
+        last_dir.to_str().unwrap(),
+        "--text",
+        "The cat",
+        "--out",
+        alone_out.to_str().unwrap(),
+    ]);
+    assert!(!alone_out.exists());
+    assert!(!alone.status.success());
+    assert!(
+        text(&alone).contains("QLoRA") && text(&alone).contains("--adapter"),
+        "{}",
+        text(&alone)
+    );
+    assert!(!text(&alone).contains("panicked"), "{}", text(&alone));
+    let forward = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "forward",
+            "--text",
+            "The cat sat",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let output = zoo(&args);
+        assert!(output.status.success(), "{}", text(&output));
+        checkpoints_convert::read_weights_file(out).unwrap()["logits"]
+            .data
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let on_codes = forward(
+        &[
+            "--model",
+            quantized.to_str().unwrap(),
+            "--adapter",
+            last_dir.to_str().unwrap(),
+        ],
+        &dir.path().join("a.safetensors"),
+    );
+    let codes_alone = forward(
+        &["--model", quantized.to_str().unwrap()],
+        &dir.path().join("b.safetensors"),
+    );
+    let on_f32 = forward(
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            last_dir.to_str().unwrap(),
+        ],
+        &dir.path().join("c.safetensors"),
+    );
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let range = on_codes.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let (adapter_effect, nf4_error) = (
+        max_diff(&on_codes, &codes_alone),
+        max_diff(&on_codes, &on_f32),
+    );
+    println!(
+        "qlora: the adapter moves the NF4 model's logits by {adapter_effect:.3}; the f32 base \
+         with it differs by {nf4_error:.3} (max |logit| {range:.3}); {kept} tensors kept, \
+         {} quantized",
+        coded.len()
+    );
+    assert!(adapter_effect > 1e-2);
+    assert!(nf4_error < 0.25 * range, "{nf4_error} vs {range}");
+    // Halted after two epochs and resumed: the uninterrupted run's bits.
+    let halted = dir.path().join("halted");
+    let output = finetune(&halted, "2", &["--quantize-base", "4"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let output = finetune(
+        &halted,
+        "6",
+        &["--quantize-base", "4", "--resume", halted.to_str().unwrap()],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert_weights_close(&weights(&halted.join("checkpoints/last")), &saved, 1e-30);
+    let bad = finetune(&dir.path().join("bad"), "1", &["--quantize-base", "3"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("--quantize-base 3"), "{}", text(&bad));
+    // Nothing frozen to quantize without LoRA or BitFit.
+    let bad_run = dir.path().join("bad");
+    let bad = zoo(&[
+        "finetune",
+        "--task",
+        "causal-lm",
+        "--model",
+        base.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--quantize-base",
+        "4",
+        "--out",
+        bad_run.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("--lora-r R"), "{}", text(&bad));
+    assert!(!bad_run.join("checkpoints").exists());
+    // A quantized directory has no dense weights to start from (its layers would start fresh).
+    let bad = zoo(&[
+        "finetune",
+        "--task",
+        "causal-lm",
+        "--model",
+        quantized.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--lora-r",
+        "8",
+        "--out",
+        bad_run.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad).contains("is quantized") && text(&bad).contains("--quantize-base 4"),
+        "{}",
+        text(&bad)
+    );
+}
+
+/// `zoo memory --quantize-base` counts the base's block projections as codes: for
+/// llama-3.2-1b (16 blocks of q, o 2048², k, v 2048×512, gate, up, down 2048×8192) 973M
+/// parameters, at 9/16 byte each in NF4 (half a byte and a 4-byte absmax per 64) and 1 byte
+/// plus a 4-byte scale per output row in int8; the state term drops by their f32 bytes less that.
+#[test]
+fn zoo_memory_models_a_quantized_base() {
+    let memory = |extra: &[&str]| {
+        let mut args = vec![
+            "memory",
+            "--model",
+            "llama-3.2-1b",
+            "--seq",
+            "512",
+            "--batch",
+            "4",
+            "--checkpointing",
+            "--dtype",
+            "bf16",
+            "--gpu-mem",
+            "11GB",
+            "--lora-r",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let output = zoo(&args);
+        assert!(output.status.success(), "{}", text(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let (hidden, kv, ffn) = (2048.0, 512.0, 8192.0);
+    let per_block = 2.0 * hidden * hidden + 2.0 * hidden * kv + 3.0 * hidden * ffn;
+    let coded = 16.0 * per_block;
+    let out_rows = 16.0 * (2.0 * hidden + 2.0 * kv + 2.0 * ffn + hidden);
+    let lora = memory(&[]);
+    assert_eq!(lora["quantized_params"].as_f64().unwrap(), 0.0);
+    for (bits, bytes) in [("4", coded * 9.0 / 16.0), ("8", coded + 4.0 * out_rows)] {
+        let qlora = memory(&["--quantize-base", bits]);
+        assert_eq!(
+            qlora["quantized_params"].as_f64().unwrap(),
+            coded,
+            "{qlora}"
+        );
+        assert_eq!(qlora["quantized_bytes"].as_f64().unwrap(), bytes, "{qlora}");
+        let saved = lora["features"]["state"].as_f64().unwrap()
+            - qlora["features"]["state"].as_f64().unwrap();
+        assert!((saved - (4.0 * coded - bytes)).abs() < 1.0, "{saved}");
+        let host_gb = |v: &serde_json::Value| v["host_bytes"].as_f64().unwrap() / 1e9;
+        println!(
+            "zoo memory llama-3.2-1b --lora-r 8 --quantize-base {bits}: host {:.2} → {:.2} GB",
+            host_gb(&lora),
+            host_gb(&qlora)
+        );
+    }
+}
+
 #[test]
 fn bad_training_input_fails_clearly_and_overwrites_nothing() {
     let dir = tempfile::tempdir().unwrap();

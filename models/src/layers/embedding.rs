@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bmtrain_backend::kernels;
-use bmtrain_backend::quant::{QuantFormat, QuantizedMatrix};
+use bmtrain_backend::quant::{CodesSlot, QuantFormat, QuantizedMatrix};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::{Int, Tensor, backend::Backend};
@@ -31,7 +31,7 @@ pub struct Embedding<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// The table's codes when it is quantized (each row one output channel of a tied head).
     #[module(skip)]
-    pub quantized: Option<Arc<QuantizedMatrix>>,
+    pub quantized: Option<CodesSlot>,
 }
 
 impl EmbeddingConfig {
@@ -49,8 +49,8 @@ impl EmbeddingConfig {
 impl<B: Backend> Embedding<B> {
     /// - ids: `[batch, seq]` → `[batch, seq, d_model]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        if let Some(table) = &self.quantized
-            && let Some(rows) = kernels::quantized_embedding(table, &ids)
+        if let Some(table) = self.codes()
+            && let Some(rows) = kernels::quantized_embedding(&table, &ids)
         {
             return rows;
         }
@@ -60,8 +60,8 @@ impl<B: Backend> Embedding<B> {
     /// The table as a tied output layer: `hidden · tableᵀ`, `[batch, seq, d_model]` →
     /// `[batch, seq, n_embedding]`.
     pub fn tied_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        if let Some(table) = &self.quantized {
-            return kernels::quantized_linear(&hidden, table, None);
+        if let Some(table) = self.codes() {
+            return kernels::quantized_linear(&hidden, &table, None);
         }
         let [batch, seq, width] = hidden.dims();
         let table = self.weight.val();
@@ -86,6 +86,11 @@ impl<B: Backend> Embedding<B> {
     pub fn set_quantized(&mut self, table: Arc<QuantizedMatrix>) {
         let device = self.weight.lazy_device();
         self.weight = lazy_dequantized(self.weight.id, table.clone(), false, &device);
-        self.quantized = Some(table);
+        self.quantized = Some(CodesSlot::resident(table));
+    }
+
+    /// The table's codes, when it is quantized.
+    pub fn codes(&self) -> Option<Arc<QuantizedMatrix>> {
+        self.quantized.as_ref().and_then(CodesSlot::codes)
     }
 }

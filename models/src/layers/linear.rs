@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bmtrain_backend::kernels;
-use bmtrain_backend::quant::{QuantFormat, QuantizedMatrix};
+use bmtrain_backend::quant::{CodesSlot, QuantFormat, QuantizedMatrix};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param, ParamId};
 use burn::tensor::{Shape, Tensor, TensorData, backend::Backend};
@@ -35,10 +35,11 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A LoRA update, when one is attached ([`Linear::attach_lora`]).
     pub lora: Option<super::lora::Lora<B>>,
-    /// The weight's codes when the layer is quantized: `[d_output, d_input]` (HF's layout, a row
-    /// per output channel). The frozen base of QLoRA; never trained.
+    /// Where the weight's codes are when the layer is quantized: `[d_output, d_input]` (HF's
+    /// layout, a row per output channel). Held for good by a quantized model; lent by the ZeRO
+    /// trainer while the layer's segment runs for QLoRA's frozen base. Never trained.
     #[module(skip)]
-    pub quantized: Option<Arc<QuantizedMatrix>>,
+    pub quantized: Option<CodesSlot>,
 }
 
 impl LinearConfig {
@@ -67,8 +68,11 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let bias = self.bias.as_ref().map(|b| b.val());
         let update = self.lora.as_ref().map(|lora| lora.forward(input.clone()));
-        let output = if let Some(codes) = &self.quantized {
-            kernels::quantized_linear(&input, codes, bias.as_ref())
+        let output = if let Some(slot) = &self.quantized {
+            let codes = slot
+                .codes()
+                .expect("a quantized layer runs while its codes are held or lent");
+            kernels::quantized_linear(&input, &codes, bias.as_ref())
         } else {
             let weight = self.weight.val();
             match kernels::linear(&input, &weight, bias.as_ref()) {
@@ -112,7 +116,21 @@ impl<B: Backend> Linear<B> {
     pub fn set_quantized(&mut self, codes: Arc<QuantizedMatrix>) {
         let device = self.weight.lazy_device();
         self.weight = lazy_dequantized(self.weight.id, codes.clone(), true, &device);
-        self.quantized = Some(codes);
+        self.quantized = Some(CodesSlot::resident(codes));
+    }
+
+    /// Makes the layer run on codes the ZeRO trainer lends it (QLoRA's frozen base) and returns
+    /// the slot. The weight keeps its values: the trainer quantizes them when it shards the
+    /// layer's segment, and keeps no dense copy.
+    pub fn lend_codes(&mut self) -> CodesSlot {
+        let slot = CodesSlot::lent();
+        self.quantized = Some(slot.clone());
+        slot
+    }
+
+    /// The codes the layer runs on, when it is quantized and they are held or lent.
+    pub fn codes(&self) -> Option<Arc<QuantizedMatrix>> {
+        self.quantized.as_ref().and_then(CodesSlot::codes)
     }
 }
 
