@@ -17,6 +17,7 @@
 //! - [`dist`]: ranks from torchrun / Slurm variables and the TCP rendezvous that shares NCCL's id;
 //! - `nccl` (feature `cuda`): the NCCL communicator, through cudarc with dynamic loading;
 //! - [`zero`]: ZeRO-3 sharding of a module's parameters into one flat f32 buffer per segment;
+//! - [`coded`]: QLoRA's frozen base held as sharded int8 / NF4 codes;
 //! - [`optim`]: AdamW over a rank's slice, global-norm clipping, the dynamic loss scaler, LR
 //!   schedules;
 //! - [`trainer`]: the block-by-block ZeRO-3 step with block checkpointing (how it avoids nested
@@ -31,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod coded;
 pub mod comm;
 pub mod dist;
 pub mod inspect;
