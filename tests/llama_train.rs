@@ -190,12 +190,9 @@ fn llama_classifier_gradients_match_whole_model_autodiff_on_two_ranks() {
     assert!(worst < 1e-5, "{worst}");
 }
 
-/// LoRA through the trainer: with every base weight frozen, the adapters' gradients (shards of
-/// the trainable part alone) equal whole-model autodiff's on 1 and 2 ranks, with and without
-/// checkpointing, and the frozen weights get none.
-#[test]
-fn lora_gradients_through_the_trainer_match_whole_model_autodiff() {
-    use bmtrain_backend::trainer::{Frozen, ZeroOptions, ZeroTrainer};
+/// The first config's Llama with LoRA (r 2, α 4) on q_proj, v_proj and down_proj, B drawn
+/// non-zero (so that A's gradient is not zero either), every value drawn and held as a leaf.
+fn adapted_llama() -> LlamaForCausalLM<B> {
     use models::adapters::LoraSpec;
     use models::io::ModelClass;
     let (_, config) = configs().remove(0);
@@ -220,34 +217,48 @@ fn lora_gradients_through_the_trainer_match_whole_model_autodiff() {
         }
     }
     let (layout, values) = flatten::<B, _>(&base);
-    let initial = load_flat(base, &layout, &values, &device, true);
-    let is_lora = |name: &str| name.contains(".lora.");
+    load_flat(base, &layout, &values, &device, true)
+}
+
+/// Per segment of `cut` (embedding, blocks, head), the LoRA parameters' part of whole-model
+/// autodiff's gradients, in visit order.
+fn lora_gradients(
+    cut: &zoo_tests::Cut<LlamaSpec>,
+    grads: &<B as burn::tensor::backend::AutodiffBackend>::Gradients,
+) -> Vec<Vec<f32>> {
+    use bmtrain_backend::zero::layout_of;
+    let (_, e, b, h) = cut;
+    let mut layouts = vec![layout_of::<B, _>(e)];
+    layouts.extend(b.iter().map(layout_of::<B, _>));
+    layouts.push(layout_of::<B, _>(h));
+    segment_gradients(cut, grads)
+        .into_iter()
+        .zip(layouts)
+        .map(|(full, layout)| {
+            layout
+                .entries
+                .iter()
+                .filter(|e| e.name.contains(".lora."))
+                .flat_map(|e| full[e.offset..e.offset + e.len()].to_vec())
+                .collect()
+        })
+        .collect()
+}
+
+/// LoRA through the trainer: with every base weight frozen, the adapters' gradients (shards of
+/// the trainable part alone) equal whole-model autodiff's on 1 and 2 ranks, with and without
+/// checkpointing, and the frozen weights get none.
+#[test]
+fn lora_gradients_through_the_trainer_match_whole_model_autodiff() {
+    use bmtrain_backend::trainer::{Frozen, ZeroOptions, ZeroTrainer};
+    let initial = adapted_llama();
     // The reference: each segment's LoRA gradients, in visit order.
     let want: Vec<Vec<f32>> = {
         let cut = LlamaSpec::split(initial.clone());
         let input = ids(0..ROWS);
         let (_, logits) = initial.forward(&DecoderInput::new(input.clone()));
         let grads = causal_lm_loss(logits, input).backward();
-        let layouts = {
-            use bmtrain_backend::zero::layout_of;
-            let (_, e, b, h) = &cut;
-            let mut l = vec![layout_of::<B, _>(e)];
-            l.extend(b.iter().map(layout_of::<B, _>));
-            l.push(layout_of::<B, _>(h));
-            l
-        };
-        segment_gradients(&cut, &grads)
-            .into_iter()
-            .zip(layouts)
-            .map(|(full, layout)| {
-                layout
-                    .entries
-                    .iter()
-                    .filter(|e| is_lora(&e.name))
-                    .flat_map(|e| full[e.offset..e.offset + e.len()].to_vec())
-                    .collect()
-            })
-            .collect()
+        lora_gradients(&cut, &grads)
     };
     let lora_total: usize = want.iter().map(Vec::len).sum();
     assert!(lora_total > 0 && want.iter().flatten().any(|g| *g != 0.0));
@@ -313,31 +324,8 @@ fn lora_gradients_through_the_trainer_match_whole_model_autodiff() {
 fn qlora_gradients_through_the_trainer_match_autodiff_of_the_dequantized_model() {
     use bmtrain_backend::quant::QuantFormat;
     use bmtrain_backend::trainer::{Frozen, ZeroOptions, ZeroTrainer};
-    use models::adapters::LoraSpec;
     use models::io::ModelClass;
-    let (_, config) = configs().remove(0);
-    let device = Default::default();
-    let mut base = LlamaForCausalLM::<B>::new(&config, &device).unwrap();
-    let lora = LoraSpec {
-        r: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-    };
-    lora.attach(base.adaptable(), &device).unwrap();
-    for (_, linear) in base.adaptable() {
-        if let Some(adapter) = linear.lora.as_mut() {
-            let shape = adapter.b.val().dims();
-            adapter.b = burn::module::Param::from_tensor(Tensor::random(
-                shape,
-                burn::tensor::Distribution::Normal(0.0, 0.3),
-                &device,
-            ));
-        }
-    }
-    let (layout, values) = flatten::<B, _>(&base);
-    let initial = load_flat(base, &layout, &values, &device, true);
-    let is_lora = |name: &str| name.contains(".lora.");
+    let initial = adapted_llama();
     let coded: usize = initial
         .clone()
         .adaptable()
@@ -359,25 +347,7 @@ fn qlora_gradients_through_the_trainer_match_autodiff_of_the_dequantized_model()
         let want_loss: f32 = loss.clone().into_scalar();
         let grads = loss.backward();
         let cut = LlamaSpec::split(dense);
-        let want: Vec<Vec<f32>> = {
-            use bmtrain_backend::zero::layout_of;
-            let (_, e, b, h) = &cut;
-            let mut layouts = vec![layout_of::<B, _>(e)];
-            layouts.extend(b.iter().map(layout_of::<B, _>));
-            layouts.push(layout_of::<B, _>(h));
-            segment_gradients(&cut, &grads)
-                .into_iter()
-                .zip(layouts)
-                .map(|(full, layout)| {
-                    layout
-                        .entries
-                        .iter()
-                        .filter(|e| is_lora(&e.name))
-                        .flat_map(|e| full[e.offset..e.offset + e.len()].to_vec())
-                        .collect()
-                })
-                .collect()
-        };
+        let want = lora_gradients(&cut, &grads);
         let lora_total: usize = want.iter().map(Vec::len).sum();
         assert!(want.iter().flatten().any(|g| *g != 0.0));
         let run =

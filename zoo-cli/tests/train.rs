@@ -285,14 +285,9 @@ fn bitfit_trains_only_biases_and_the_new_head_and_resumes_exactly() {
     assert!(text(&bad).contains("--freeze 'a('"), "{}", text(&bad));
 }
 
-/// `zoo finetune --task causal-lm --lora-r 8` on the GPT-2 fixture: the loss falls, the base
-/// weights stay bit-identical, the checkpoint is also a PEFT adapter directory (GPT-2's c_attn as
-/// one block-diagonal rank-24 update) that `--adapter` runs on the base with the checkpoint's own
-/// outputs, and a run halted after 2 epochs resumes to the bits of the uninterrupted one.
-#[test]
-fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs.jsonl");
+/// Four prompt/completion pairs as `pairs.jsonl` in `dir`.
+fn write_pairs(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("pairs.jsonl");
     let rows = [
         ("The cat", " sat on the mat."),
         ("A dog", " ran in the park."),
@@ -306,39 +301,73 @@ fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
             .collect::<String>(),
     )
     .unwrap();
+    data
+}
+
+/// `zoo finetune --task causal-lm --lora-r 8` of `base` on `data` (batch 4, lr 1e-2, constant),
+/// for `epochs`, into `run`, with `extra` flags.
+fn lora_finetune(base: &Path, data: &Path, run: &Path, epochs: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "finetune",
+        "--task",
+        "causal-lm",
+        "--model",
+        base.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--valid",
+        data.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--epochs",
+        epochs,
+        "--lr",
+        "1e-2",
+        "--schedule",
+        "constant",
+        "--warmup-ratio",
+        "0",
+        "--lora-r",
+        "8",
+        "--log-every",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    zoo(&args)
+}
+
+/// The logits `zoo forward` writes for "The cat sat" with `extra` flags, through `out`.
+fn forward_logits(extra: &[&str], out: &Path) -> Vec<f32> {
+    let mut args = vec![
+        "forward",
+        "--text",
+        "The cat sat",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let output = zoo(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    checkpoints_convert::read_weights_file(out).unwrap()["logits"]
+        .data
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+/// `zoo finetune --task causal-lm --lora-r 8` on the GPT-2 fixture: the loss falls, the base
+/// weights stay bit-identical, the checkpoint is also a PEFT adapter directory (GPT-2's c_attn as
+/// one block-diagonal rank-24 update) that `--adapter` runs on the base with the checkpoint's own
+/// outputs, and a run halted after 2 epochs resumes to the bits of the uninterrupted one.
+#[test]
+fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_pairs(dir.path());
     let base = fixture("gpt2");
-    let finetune = |run: &Path, epochs: &str, extra: &[&str]| {
-        let mut args = vec![
-            "finetune",
-            "--task",
-            "causal-lm",
-            "--model",
-            base.to_str().unwrap(),
-            "--train",
-            data.to_str().unwrap(),
-            "--valid",
-            data.to_str().unwrap(),
-            "--batch",
-            "4",
-            "--epochs",
-            epochs,
-            "--lr",
-            "1e-2",
-            "--schedule",
-            "constant",
-            "--warmup-ratio",
-            "0",
-            "--lora-r",
-            "8",
-            "--log-every",
-            "1",
-            "--out",
-            run.to_str().unwrap(),
-            "--no-progress",
-        ];
-        args.extend_from_slice(extra);
-        zoo(&args)
-    };
+    let finetune =
+        |run: &Path, epochs: &str, extra: &[&str]| lora_finetune(&base, &data, run, epochs, extra);
     let run = dir.path().join("run");
     let output = finetune(&run, "6", &[]);
     assert!(output.status.success(), "{}", text(&output));
@@ -366,22 +395,7 @@ fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
     }
     assert_eq!(frozen, fixture_weights.len());
     // The adapter on the base gives the checkpoint's logits.
-    let forward = |extra: &[&str], out: &Path| {
-        let mut args = vec![
-            "forward",
-            "--text",
-            "The cat sat",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let output = zoo(&args);
-        assert!(output.status.success(), "{}", text(&output));
-        checkpoints_convert::read_weights_file(out).unwrap()["logits"]
-            .data
-            .to_vec::<f32>()
-            .unwrap()
-    };
+    let forward = forward_logits;
     let adapted = forward(
         &[
             "--model",
@@ -459,53 +473,10 @@ fn lora_finetuning_trains_adapters_only_and_saves_a_peft_adapter() {
 #[test]
 fn qlora_finetuning_trains_adapters_on_a_4bit_base() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs.jsonl");
-    let rows = [
-        ("The cat", " sat on the mat."),
-        ("A dog", " ran in the park."),
-        ("The sun", " rose over the hill."),
-        ("My friend", " likes green tea."),
-    ];
-    fs::write(
-        &data,
-        rows.iter()
-            .map(|(p, c)| format!("{{\"prompt\": \"{p}\", \"completion\": \"{c}\"}}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let data = write_pairs(dir.path());
     let base = fixture("gpt2");
-    let finetune = |run: &Path, epochs: &str, extra: &[&str]| {
-        let mut args = vec![
-            "finetune",
-            "--task",
-            "causal-lm",
-            "--model",
-            base.to_str().unwrap(),
-            "--train",
-            data.to_str().unwrap(),
-            "--valid",
-            data.to_str().unwrap(),
-            "--batch",
-            "4",
-            "--epochs",
-            epochs,
-            "--lr",
-            "1e-2",
-            "--schedule",
-            "constant",
-            "--warmup-ratio",
-            "0",
-            "--lora-r",
-            "8",
-            "--log-every",
-            "1",
-            "--out",
-            run.to_str().unwrap(),
-            "--no-progress",
-        ];
-        args.extend_from_slice(extra);
-        zoo(&args)
-    };
+    let finetune =
+        |run: &Path, epochs: &str, extra: &[&str]| lora_finetune(&base, &data, run, epochs, extra);
     let run = dir.path().join("run");
     let output = finetune(&run, "6", &["--quantize-base", "4"]);
     assert!(output.status.success(), "{}", text(&output));
@@ -573,22 +544,7 @@ fn qlora_finetuning_trains_adapters_on_a_4bit_base() {
         text(&alone)
     );
     assert!(!text(&alone).contains("panicked"), "{}", text(&alone));
-    let forward = |extra: &[&str], out: &Path| {
-        let mut args = vec![
-            "forward",
-            "--text",
-            "The cat sat",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let output = zoo(&args);
-        assert!(output.status.success(), "{}", text(&output));
-        checkpoints_convert::read_weights_file(out).unwrap()["logits"]
-            .data
-            .to_vec::<f32>()
-            .unwrap()
-    };
+    let forward = forward_logits;
     let on_codes = forward(
         &[
             "--model",
