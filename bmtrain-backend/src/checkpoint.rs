@@ -17,6 +17,7 @@
 //! nothing is mapped, so nothing of the file counts as the process's memory), after checking
 //! every key, dtype and shape.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -60,12 +61,12 @@ pub enum CheckpointError {
 pub struct SegmentState<'a> {
     /// Prefix of its tensors' names.
     pub prefix: String,
-    /// Its parameters.
-    pub params: &'a ShardedParams,
+    /// Its parameters (borrowed from the trainer, or read back from the device).
+    pub params: Cow<'a, ShardedParams>,
     /// This rank's first-moment slice.
-    pub exp_avg: &'a [f32],
+    pub exp_avg: Cow<'a, [f32]>,
     /// This rank's second-moment slice.
-    pub exp_avg_sq: &'a [f32],
+    pub exp_avg_sq: Cow<'a, [f32]>,
     /// Whether the parameters train: frozen ones (BitFit, adapters) have weights in the model
     /// file and no moments in the optimizer file (their moment slices are empty).
     pub trains: bool,
@@ -154,7 +155,7 @@ pub fn save(
         if !segment.trains || len == 0 {
             continue;
         }
-        for moment in [segment.exp_avg, segment.exp_avg_sq] {
+        for moment in [&segment.exp_avg, &segment.exp_avg_sq] {
             let mut full = comm.all_gather(moment)?;
             full.truncate(len);
             if let (Some((_, optimizer)), Ok(())) = (files.as_mut(), &outcome) {
@@ -613,9 +614,9 @@ mod tests {
         let v: Vec<f32> = full.iter().map(|v| v + 200.0).collect();
         let segments = [SegmentState {
             prefix: "blocks.0".into(),
-            params: &params,
-            exp_avg: &m,
-            exp_avg_sq: &v,
+            params: Cow::Borrowed(&params),
+            exp_avg: Cow::Borrowed(&m),
+            exp_avg_sq: Cow::Borrowed(&v),
             trains: true,
         }];
         let counters = TrainCounters {
@@ -664,9 +665,9 @@ mod tests {
             let m = params.local.clone();
             let segments = [SegmentState {
                 prefix: String::new(),
-                params: &params,
-                exp_avg: &m,
-                exp_avg_sq: &m,
+                params: Cow::Borrowed(&params),
+                exp_avg: Cow::Borrowed(&m),
+                exp_avg_sq: Cow::Borrowed(&m),
                 trains: true,
             }];
             let counters = TrainCounters {
@@ -693,9 +694,9 @@ mod tests {
         let params = ShardedParams::from_full(layout(), &full, 0, 1);
         let segments = [SegmentState {
             prefix: "s".into(),
-            params: &params,
-            exp_avg: &full,
-            exp_avg_sq: &full,
+            params: Cow::Borrowed(&params),
+            exp_avg: Cow::Borrowed(&full),
+            exp_avg_sq: Cow::Borrowed(&full),
             trains: true,
         }];
         let counters = TrainCounters {

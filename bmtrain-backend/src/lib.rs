@@ -18,6 +18,7 @@
 //! - `nccl` (feature `cuda`): the NCCL communicator, through cudarc with dynamic loading;
 //! - [`zero`]: ZeRO-3 sharding of a module's parameters into one flat f32 buffer per segment;
 //! - [`coded`]: QLoRA's frozen base held as sharded int8 / NF4 codes;
+//! - [`resident`]: the ZeRO state as tensors on the training device (the default on a GPU);
 //! - [`optim`]: AdamW over a rank's slice, global-norm clipping, the dynamic loss scaler, LR
 //!   schedules;
 //! - [`trainer`]: the block-by-block ZeRO-3 step with block checkpointing (how it avoids nested
@@ -41,6 +42,7 @@ pub mod kernels;
 pub mod nccl;
 pub mod optim;
 pub mod quant;
+pub mod resident;
 pub mod tcp;
 pub mod trainer;
 pub mod zero;

@@ -106,13 +106,26 @@ avx512_version! {
 /// The global L2 norm of gradients sharded over ranks: each rank passes its slices (padding is
 /// zero and adds nothing); the squares are summed across ranks.
 pub fn global_grad_norm(comm: &dyn Communicator, slices: &[&[f32]]) -> Result<f32, CommError> {
-    let mut sum = [slices
+    let squares = slices
         .iter()
         .flat_map(|s| s.iter())
         .map(|g| (*g as f64) * (*g as f64))
-        .sum::<f64>() as f32];
+        .sum::<f64>() as f32;
+    global_norm_of(comm, squares)
+}
+
+/// The global L2 norm from this rank's sum of squared gradients (summed across ranks).
+pub fn global_norm_of(comm: &dyn Communicator, local_squares: f32) -> Result<f32, CommError> {
+    let mut sum = [local_squares];
     comm.all_reduce(&mut sum, ReduceOp::Sum)?;
     Ok(sum[0].sqrt())
+}
+
+/// The factor `clip_grad_norm_` scales gradients by at global norm `norm`, `None` when they
+/// stay as they are.
+pub fn clip_coefficient(norm: f32, max_norm: f32) -> Option<f32> {
+    let coefficient = max_norm / (norm + 1e-6);
+    (coefficient < 1.0).then_some(coefficient)
 }
 
 /// `clip_grad_norm_` across shards: scales every slice by `max_norm / (norm + 1e-6)` when the
@@ -124,8 +137,7 @@ pub fn clip_grad_norm(
 ) -> Result<f32, CommError> {
     let views: Vec<&[f32]> = slices.iter().map(|s| &**s).collect();
     let norm = global_grad_norm(comm, &views)?;
-    let coefficient = max_norm / (norm + 1e-6);
-    if coefficient < 1.0 {
+    if let Some(coefficient) = clip_coefficient(norm, max_norm) {
         for slice in slices.iter_mut() {
             for g in slice.iter_mut() {
                 *g *= coefficient;
@@ -176,6 +188,16 @@ impl LossScaler {
         slices: &[&[f32]],
     ) -> Result<bool, CommError> {
         let local_overflow = slices.iter().flat_map(|s| s.iter()).any(|g| !g.is_finite());
+        self.update_from(comm, local_overflow)
+    }
+
+    /// [`LossScaler::update`] from this rank's verdict (whether some local gradient is inf or
+    /// NaN), all-reduced so that every rank decides the same.
+    pub fn update_from(
+        &mut self,
+        comm: &dyn Communicator,
+        local_overflow: bool,
+    ) -> Result<bool, CommError> {
         let mut flag = [if local_overflow { 1.0 } else { 0.0 }];
         comm.all_reduce(&mut flag, ReduceOp::Max)?;
         if flag[0] > 0.0 {

@@ -38,6 +38,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor};
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -48,11 +49,15 @@ use crate::coded::SegmentCodes;
 pub use crate::coded::{QuantizedBase, QuantizedWeight};
 use crate::comm::{CommError, Communicator};
 use crate::inspect::{ParamStats, moments};
-use crate::optim::{AdamWConfig, AdamWState, LossScaler, clip_grad_norm};
+use crate::optim::{
+    AdamWConfig, AdamWState, LossScaler, clip_coefficient, clip_grad_norm, global_norm_of,
+};
 use crate::quant::QuantizedMatrix;
+pub use crate::resident::StatePlacement;
+use crate::resident::{self, Resident};
 use crate::zero::{
-    FlatLayout, HeldCodes, ShardedParams, flat_grads_below, flatten, hollow, layout_of,
-    load_flat_parts,
+    FlatLayout, HeldCodes, ShardedParams, flat_grad_tensor, flat_grads_below, flatten, hollow,
+    layout_of, load_flat_parts, load_flat_tensors,
 };
 
 /// How a model's segments run. Implemented once per model family, for every backend: the
@@ -147,6 +152,9 @@ pub struct ZeroOptions {
     /// QLoRA's base: frozen weights kept as int8 / NF4 codes instead of f32 values (sharded as
     /// packed words, gathered with their segment). `None`: none.
     pub quantized: Option<QuantizedBase>,
+    /// Where the master weights, gradients and AdamW moments live: host slices, or tensors on
+    /// the training device ([`crate::resident`]).
+    pub placement: StatePlacement,
 }
 
 /// Which parameters are frozen, by checkpoint name (`prefix.name`, the model's zoo names).
@@ -183,14 +191,16 @@ impl ZeroOptions {
             compute_dtype: None,
             frozen: None,
             quantized: None,
+            placement: StatePlacement::Host,
         }
     }
 }
 
 /// One segment: its module structure, this rank's parameter slice, gradient slice and AdamW
-/// moments, and (zero level 2) the weights kept between forward and backward.
+/// moments (host slices, or tensors on device `I`), and (zero level 2) the weights kept between
+/// forward and backward.
 #[derive(Debug, Clone)]
-pub struct Segment<M> {
+pub struct Segment<M, I: Backend> {
     template: M,
     /// Every parameter in visit order: offsets address the trainable buffer followed by the
     /// frozen one (the same as `params.layout` when nothing is frozen).
@@ -205,10 +215,44 @@ pub struct Segment<M> {
     pub grad: Vec<f32>,
     /// This rank's slice of the AdamW state.
     pub state: AdamWState,
-    kept: Option<Vec<f32>>,
+    /// The same state on the training device ([`StatePlacement::Device`]); the host slices
+    /// above (parameters, gradient, moments) are then empty.
+    resident: Option<Resident<I>>,
+    kept: Option<Gathered<I>>,
 }
 
-impl<M> Segment<M> {
+/// A segment's gathered parameters: one host buffer (trainable, then frozen), or its two
+/// parts on the device.
+#[derive(Debug, Clone)]
+enum Gathered<I: Backend> {
+    Host(Vec<f32>),
+    Device(Option<Tensor<I, 1>>, Option<Tensor<I, 1>>),
+}
+
+/// A segment's flat gradient, or this rank's slice of it: host values or a device tensor
+/// (`None`: the segment has nothing that trains).
+enum Flat<I: Backend> {
+    Host(Vec<f32>),
+    Device(Option<Tensor<I, 1>>),
+}
+
+impl<I: Backend> Flat<I> {
+    /// `self + other`, element by element (`*g += t`).
+    fn plus(self, other: Self) -> Self {
+        match (self, other) {
+            (Flat::Host(mut g), Flat::Host(t)) => {
+                for (g, t) in g.iter_mut().zip(t) {
+                    *g += t;
+                }
+                Flat::Host(g)
+            }
+            (Flat::Device(Some(g)), Flat::Device(Some(t))) => Flat::Device(Some(g.add(t))),
+            (g, _) => g,
+        }
+    }
+}
+
+impl<M, I: Backend> Segment<M, I> {
     /// A segment with `template`'s structure (its values, if any, are dropped) holding this
     /// rank's slices of `full`, the segment's whole buffer laid out as `layout`; the parameters
     /// `frozen` names (by their name within the segment) are kept apart, without gradient or
@@ -266,9 +310,83 @@ impl<M> Segment<M> {
             // Zeroed allocations: their pages are only touched (resident) once written.
             grad: vec![0.0; shard],
             state: AdamWState::new(shard),
+            resident: None,
             kept: None,
             params,
             frozen,
+        }
+    }
+
+    /// Moves the state to `device` ([`StatePlacement::Device`]): the host slices are uploaded
+    /// (the gradient starts at zero) and freed. Called again (after a checkpoint load), it
+    /// replaces the device state with the host slices just loaded.
+    fn place(&mut self, device: &I::Device) {
+        let shard = self.params.shards.shard_len();
+        let mut resident = Resident::upload(
+            &self.params.local,
+            &self.frozen.local,
+            &[],
+            (&self.state.exp_avg, &self.state.exp_avg_sq),
+            device,
+        );
+        resident.grad =
+            (shard > 0 && self.params.layout.len > 0).then(|| Tensor::zeros([shard], device));
+        self.resident = Some(resident);
+        self.params.local = Vec::new();
+        self.frozen.local = Vec::new();
+        self.grad = Vec::new();
+        self.state = AdamWState::new(0);
+    }
+
+    /// The trainable parameters, the frozen ones and the moments as host slices: borrowed, or
+    /// read back from the device (one read per part).
+    #[allow(clippy::type_complexity)]
+    fn host_state(
+        &self,
+    ) -> (
+        Cow<'_, ShardedParams>,
+        Cow<'_, ShardedParams>,
+        Cow<'_, [f32]>,
+        Cow<'_, [f32]>,
+    ) {
+        let Some(resident) = &self.resident else {
+            return (
+                Cow::Borrowed(&self.params),
+                Cow::Borrowed(&self.frozen),
+                Cow::Borrowed(&self.state.exp_avg),
+                Cow::Borrowed(&self.state.exp_avg_sq),
+            );
+        };
+        let read = |sharded: &ShardedParams, part: Option<&Tensor<I, 1>>| {
+            let mut local = resident::download(part);
+            local.resize(sharded.shards.shard_len(), 0.0);
+            Cow::Owned(ShardedParams {
+                local,
+                ..sharded.clone()
+            })
+        };
+        let moment = |part: Option<&Tensor<I, 1>>| {
+            let mut values = resident::download(part);
+            values.resize(self.params.shards.shard_len(), 0.0);
+            Cow::Owned(values)
+        };
+        (
+            read(&self.params, resident.params.as_ref()),
+            read(&self.frozen, resident.frozen.as_ref()),
+            moment(resident.exp_avg.as_ref()),
+            moment(resident.exp_avg_sq.as_ref()),
+        )
+    }
+
+    /// This rank's gradient slice on the host (read back from the device there).
+    fn host_grad(&self) -> Cow<'_, [f32]> {
+        match &self.resident {
+            None => Cow::Borrowed(&self.grad),
+            Some(resident) => {
+                let mut values = resident::download(resident.grad.as_ref());
+                values.resize(self.params.shards.shard_len(), 0.0);
+                Cow::Owned(values)
+            }
         }
     }
 
@@ -278,12 +396,64 @@ impl<M> Segment<M> {
     }
 
     /// The gradients of the trainable parameters of `module` (this segment's working copy), as
-    /// one buffer laid out as `params.layout`.
-    fn grads_of<B: AutodiffBackend>(&self, module: &M, grads: &B::Gradients) -> Vec<f32>
+    /// one buffer laid out as `params.layout`, where the state lives.
+    fn grads_of<B: AutodiffBackend<InnerBackend = I>>(
+        &self,
+        module: &M,
+        grads: &B::Gradients,
+        device: &B::Device,
+    ) -> Flat<I>
     where
         M: Module<B>,
     {
-        flat_grads_below::<B, M>(module, &self.layout, self.params.layout.len, grads)
+        let trainable = self.params.layout.len;
+        match self.resident {
+            None => Flat::Host(flat_grads_below::<B, M>(
+                module,
+                &self.layout,
+                trainable,
+                grads,
+            )),
+            Some(_) => Flat::Device(flat_grad_tensor::<B, M>(
+                module,
+                &self.layout,
+                trainable,
+                grads,
+                device,
+            )),
+        }
+    }
+
+    /// Sums a full gradient across ranks and returns this rank's slice of the sum.
+    fn reduce_scatter(
+        &self,
+        comm: &dyn Communicator,
+        device: &I::Device,
+        full: Flat<I>,
+    ) -> Result<Flat<I>, CommError> {
+        Ok(match full {
+            Flat::Host(full) => Flat::Host(self.params.reduce_scatter(comm, full)?),
+            Flat::Device(None) => Flat::Device(None),
+            Flat::Device(Some(full)) => Flat::Device(Some(resident::reduce_scatter(
+                full,
+                &self.params.shards,
+                comm,
+                device,
+            )?)),
+        })
+    }
+
+    /// Adds this rank's slice of a reduced gradient to the accumulated one.
+    fn add_grad(&mut self, slice: Flat<I>) {
+        match (slice, self.resident.as_mut()) {
+            (Flat::Host(slice), _) => {
+                for (acc, g) in self.grad.iter_mut().zip(slice) {
+                    *acc += g;
+                }
+            }
+            (Flat::Device(Some(slice)), Some(resident)) => resident.accumulate(slice),
+            (Flat::Device(_), _) => {}
+        }
     }
 
     /// Whether some of the segment's parameters are frozen.
@@ -291,13 +461,29 @@ impl<M> Segment<M> {
         !self.frozen.layout.entries.is_empty()
     }
 
-    /// The combined buffer (trainable then frozen), all-gathered.
-    fn gather(&self, comm: &dyn Communicator) -> Result<Vec<f32>, CommError> {
-        let mut full = self.params.gather(comm)?;
+    /// The combined buffer (trainable then frozen), all-gathered, on the host.
+    fn gather_host(&self, comm: &dyn Communicator) -> Result<Vec<f32>, CommError> {
+        let (params, frozen, _, _) = self.host_state();
+        let mut full = params.gather(comm)?;
         if self.has_frozen() {
-            full.extend(self.frozen.gather(comm)?);
+            full.extend(frozen.gather(comm)?);
         }
         Ok(full)
+    }
+
+    /// The segment's parameters all-gathered where its state lives.
+    fn gather(
+        &self,
+        comm: &dyn Communicator,
+        device: &I::Device,
+    ) -> Result<Gathered<I>, CommError> {
+        match &self.resident {
+            None => self.gather_host(comm).map(Gathered::Host),
+            Some(resident) => Ok(Gathered::Device(
+                resident::gather(resident.params.as_ref(), &self.params.shards, comm, device)?,
+                resident::gather(resident.frozen.as_ref(), &self.frozen.shards, comm, device)?,
+            )),
+        }
     }
 }
 
@@ -330,11 +516,11 @@ pub struct ZeroTrainer<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> {
     comm: C,
     device: B::Device,
     /// The embedding segment.
-    pub embed: Segment<S::Embed>,
+    pub embed: Segment<S::Embed, B::InnerBackend>,
     /// The blocks.
-    pub blocks: Vec<Segment<S::Block>>,
+    pub blocks: Vec<Segment<S::Block, B::InnerBackend>>,
     /// The head.
-    pub head: Segment<S::Head>,
+    pub head: Segment<S::Head, B::InnerBackend>,
     options: ZeroOptions,
     steps: u64,
     micro_batches: u32,
@@ -402,6 +588,8 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         mut source: impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
     ) -> Result<Self, E> {
         let (rank, world) = (comm.rank(), comm.world_size());
+        // Device placement moves each segment's state as soon as it is sharded.
+        let on_device = (options.placement == StatePlacement::Device).then_some(&device);
         let embed = segment::<B, _, E>(
             embed,
             SegmentId::Embed,
@@ -410,6 +598,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             &mut source,
             (rank, world),
             (options.frozen.as_ref(), options.quantized.as_ref()),
+            on_device,
         )?;
         let mut sharded = Vec::with_capacity(blocks.len());
         for (i, block) in blocks.into_iter().enumerate() {
@@ -422,6 +611,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 &mut source,
                 (rank, world),
                 (options.frozen.as_ref(), options.quantized.as_ref()),
+                on_device,
             )?);
         }
         let head = segment::<B, _, E>(
@@ -432,6 +622,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             &mut source,
             (rank, world),
             (options.frozen.as_ref(), options.quantized.as_ref()),
+            on_device,
         )?;
         Ok(Self {
             embed,
@@ -535,9 +726,33 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         }
     }
 
+    /// A working copy of `segment` from its gathered parameters.
     fn module<M: Module<B> + Clone>(
         &self,
-        segment: &Segment<M>,
+        segment: &Segment<M, B::InnerBackend>,
+        values: &Gathered<B::InnerBackend>,
+        codes: &[HeldCodes],
+        trainable: bool,
+    ) -> M {
+        match values {
+            Gathered::Host(full) => self.host_module(segment, full, codes, trainable),
+            Gathered::Device(params, frozen) => load_flat_tensors::<B, M>(
+                segment.template.clone(),
+                &segment.layout,
+                (params.as_ref(), frozen.as_ref()),
+                segment.params.layout.len,
+                trainable,
+                self.options.compute_dtype,
+                codes,
+                &self.device,
+            ),
+        }
+    }
+
+    /// A working copy of `segment` from its combined buffer on the host.
+    fn host_module<M: Module<B> + Clone>(
+        &self,
+        segment: &Segment<M, B::InnerBackend>,
         full: &[f32],
         codes: &[HeldCodes],
         trainable: bool,
@@ -559,47 +774,52 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         )
     }
 
-    fn gather<M>(&self, segment: &Segment<M>) -> Result<Vec<f32>, CommError> {
-        segment.gather(&self.comm)
+    fn gather<M>(&self, segment: &Segment<M, B::InnerBackend>) -> Result<Vec<f32>, CommError> {
+        segment.gather_host(&self.comm)
     }
 
     /// The segment's module, built from its gathered weights: kept ones (`zero_level` 2) when
     /// there are, else gathered now. One rank holds its whole segment already and builds the
     /// module from it without a gathered copy. The gathered buffer is dropped as soon as the
     /// module exists, unless `keep` (stage 2), when it is returned to be kept until backward.
+    #[allow(clippy::type_complexity)]
     fn working_copy<M: Module<B> + Clone>(
         &self,
-        segment: &Segment<M>,
-        kept: Option<Vec<f32>>,
+        segment: &Segment<M, B::InnerBackend>,
+        kept: Option<Gathered<B::InnerBackend>>,
         trainable: bool,
         keep: bool,
-    ) -> Result<(M, Option<Vec<f32>>), CommError> {
+    ) -> Result<(M, Option<Gathered<B::InnerBackend>>), CommError> {
         // The codes (gathered each time: they are small) live as long as the module.
         let codes = segment.codes.held(&self.comm)?;
         self.copy_with(segment, kept, trainable, keep, &codes)
     }
 
     /// [`Self::working_copy`] with the segment's codes at hand.
+    #[allow(clippy::type_complexity)]
     fn copy_with<M: Module<B> + Clone>(
         &self,
-        segment: &Segment<M>,
-        kept: Option<Vec<f32>>,
+        segment: &Segment<M, B::InnerBackend>,
+        kept: Option<Gathered<B::InnerBackend>>,
         trainable: bool,
         keep: bool,
         codes: &[HeldCodes],
-    ) -> Result<(M, Option<Vec<f32>>), CommError> {
-        if let Some(full) = kept {
-            let module = self.module(segment, &full, codes, trainable);
-            return Ok((module, keep.then_some(full)));
+    ) -> Result<(M, Option<Gathered<B::InnerBackend>>), CommError> {
+        if let Some(values) = kept {
+            let module = self.module(segment, &values, codes, trainable);
+            return Ok((module, keep.then_some(values)));
         }
-        if self.comm.world_size() == 1 && !segment.has_frozen() {
+        let on_host = segment.resident.is_none();
+        if on_host && self.comm.world_size() == 1 && !segment.has_frozen() {
             let len = segment.params.layout.len;
-            let module = self.module(segment, &segment.params.local[..len], codes, trainable);
+            let local = &segment.params.local[..len];
+            let module = self.host_module(segment, local, codes, trainable);
             return Ok((module, None));
         }
-        let full = self.gather(segment)?;
-        let module = self.module(segment, &full, codes, trainable);
-        Ok((module, keep.then_some(full)))
+        // On the device with one rank this is the state itself (views, no copy).
+        let values = segment.gather(&self.comm, &self.device)?;
+        let module = self.module(segment, &values, codes, trainable);
+        Ok((module, keep.then_some(values)))
     }
 
     /// [`Self::working_copy`] for inference on the inner backend, with the segment's codes,
@@ -608,7 +828,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     #[allow(clippy::type_complexity)]
     fn inner_copy<M: AutodiffModule<B> + Clone>(
         &self,
-        segment: &Segment<M>,
+        segment: &Segment<M, B::InnerBackend>,
     ) -> Result<(M::InnerModule, Vec<HeldCodes>), CommError> {
         let codes = segment.codes.held(&self.comm)?;
         let (module, _) = self.copy_with(segment, None, false, false, &codes)?;
@@ -618,9 +838,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// The weights held as codes, whole, by checkpoint name (what [`ZeroTrainer::named_parameters`]
     /// leaves out). Every rank must call it.
     pub fn named_codes(&self) -> Result<Vec<(String, Arc<QuantizedMatrix>)>, CommError> {
-        fn named<M>(
+        fn named<M, I: Backend>(
             prefix: String,
-            segment: &Segment<M>,
+            segment: &Segment<M, I>,
             comm: &dyn Communicator,
             out: &mut Vec<(String, Arc<QuantizedMatrix>)>,
         ) -> Result<(), CommError> {
@@ -723,19 +943,20 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             .to_vec::<f32>()
             .expect("the loss is a float")[0];
         let grads = (loss * (scale / world)).backward();
-        let head_grad = self.head.grads_of::<B>(&head, &grads);
+        let head_grad = self.head.grads_of::<B>(&head, &grads, &self.device);
         // The tied embedding's gradient from the head, reduce-scattered now (only this rank's
         // slice waits for the lookup's gradient in step 4, not the whole table).
-        let tied_grad = tied_embed.map(|embed| self.embed.grads_of::<B>(&embed, &grads));
+        let tied_grad =
+            tied_embed.map(|embed| self.embed.grads_of::<B>(&embed, &grads, &self.device));
         let mut upstream = Tensor::<B, 3>::from_inner(
             input
                 .grad(&grads)
                 .expect("the loss depends on the hidden states"),
         );
         drop((grads, head));
-        accumulate(&mut self.head, &self.comm, head_grad)?;
+        accumulate(&mut self.head, &self.comm, &self.device, head_grad)?;
         let tied_slice = match tied_grad {
-            Some(full) => Some(self.embed.params.reduce_scatter(&self.comm, full)?),
+            Some(full) => Some(self.embed.reduce_scatter(&self.comm, &self.device, full)?),
             None => None,
         };
 
@@ -755,10 +976,15 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             };
             self.blocks[index].kept = None;
             let grads = (output * upstream).sum().backward();
-            let block_grad = self.blocks[index].grads_of::<B>(&block, &grads);
+            let block_grad = self.blocks[index].grads_of::<B>(&block, &grads, &self.device);
             upstream = Tensor::from_inner(input.grad(&grads).expect("a block uses its input"));
             drop((grads, block));
-            accumulate(&mut self.blocks[index], &self.comm, block_grad)?;
+            accumulate(
+                &mut self.blocks[index],
+                &self.comm,
+                &self.device,
+                block_grad,
+            )?;
         }
 
         // 4. The embedding segment.
@@ -767,17 +993,15 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         self.seed_segment(0);
         let output = self.spec.embed(&embed, batch);
         let grads = (output * upstream).sum().backward();
-        let embed_grad = self.embed.grads_of::<B>(&embed, &grads);
+        let embed_grad = self.embed.grads_of::<B>(&embed, &grads, &self.device);
         drop((grads, embed));
-        let mut slice = self.embed.params.reduce_scatter(&self.comm, embed_grad)?;
+        let mut slice = self
+            .embed
+            .reduce_scatter(&self.comm, &self.device, embed_grad)?;
         if let Some(tied_slice) = tied_slice {
-            for (g, t) in slice.iter_mut().zip(tied_slice) {
-                *g += t;
-            }
+            slice = slice.plus(tied_slice);
         }
-        for (acc, g) in self.embed.grad.iter_mut().zip(slice) {
-            *acc += g;
-        }
+        self.embed.add_grad(slice);
         self.micro_batches += 1;
         Ok(loss_value)
     }
@@ -790,6 +1014,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// then zeroes them. Gradients of several micro-batches are averaged (gradient accumulation:
     /// k micro-batches of b rows step like one batch of k·b rows).
     pub fn step(&mut self, lr: f32) -> Result<StepReport, CommError> {
+        if self.options.placement == StatePlacement::Device {
+            return self.step_on_device(lr);
+        }
         let scale =
             self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
         if let Some(mut scaler) = self.options.loss_scaler {
@@ -833,6 +1060,95 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         })
     }
 
+    /// [`ZeroTrainer::step`] with the state on the device ([`StatePlacement::Device`]): the
+    /// same operations as the host path, as tensor operations, and one read of two numbers
+    /// (when the loss scaler or clipping needs them) instead of any read of the gradients.
+    fn step_on_device(&mut self, lr: f32) -> Result<StepReport, CommError> {
+        let divisor =
+            self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
+        // Unscaling first changes no overflow verdict: the divisor is finite and at least 1, so
+        // a gradient is inf or NaN after it exactly when it was before.
+        if divisor != 1.0 {
+            for resident in self.residents_mut() {
+                resident.unscale(divisor);
+            }
+        }
+        let wants_health =
+            self.options.loss_scaler.is_some() || self.options.max_grad_norm.is_some();
+        let (squares, overflow) = match wants_health {
+            true => self.grad_health(),
+            false => (0.0, false),
+        };
+        if let Some(mut scaler) = self.options.loss_scaler {
+            let applied = scaler.update_from(&self.comm, overflow)?;
+            self.options.loss_scaler = Some(scaler);
+            if !applied {
+                self.zero_grad();
+                return Ok(StepReport {
+                    applied: false,
+                    grad_norm: None,
+                });
+            }
+        }
+        let grad_norm = match self.options.max_grad_norm {
+            Some(max) => {
+                let norm = global_norm_of(&self.comm, squares)?;
+                if let Some(coefficient) = clip_coefficient(norm, max) {
+                    for resident in self.residents_mut() {
+                        resident.scale_grad(coefficient);
+                    }
+                }
+                Some(norm)
+            }
+            None => None,
+        };
+        self.steps += 1;
+        let (config, step) = (self.options.adamw, self.steps);
+        for resident in self.residents_mut() {
+            resident.adamw(&config, lr, step);
+        }
+        self.zero_grad();
+        Ok(StepReport {
+            applied: true,
+            grad_norm,
+        })
+    }
+
+    /// This rank's squared gradient norm (summed in f64 where the device can, as the host path
+    /// does) and whether some gradient is inf or NaN: one read of two numbers from the device.
+    fn grad_health(&self) -> (f32, bool) {
+        let wide = <B::InnerBackend as Backend>::supports_dtype(&self.device, DType::F64);
+        let total = self
+            .residents()
+            .filter_map(|resident| resident.grad_health(wide))
+            .reduce(|a, b| a.add(b));
+        let Some(total) = total else {
+            return (0.0, false);
+        };
+        let values = total
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .expect("two floats");
+        (values[0] as f32, !values[1].is_finite() || values[1] != 0.0)
+    }
+
+    /// Every segment's device state, embedding first.
+    fn residents(&self) -> impl Iterator<Item = &Resident<B::InnerBackend>> {
+        std::iter::once(&self.embed.resident)
+            .chain(self.blocks.iter().map(|b| &b.resident))
+            .chain(std::iter::once(&self.head.resident))
+            .flatten()
+    }
+
+    /// [`Self::residents`], mutably.
+    fn residents_mut(&mut self) -> impl Iterator<Item = &mut Resident<B::InnerBackend>> {
+        std::iter::once(&mut self.embed.resident)
+            .chain(self.blocks.iter_mut().map(|b| &mut b.resident))
+            .chain(std::iter::once(&mut self.head.resident))
+            .flatten()
+    }
+
     fn segments_mut(&mut self) -> Vec<(&mut AdamWState, &mut [f32], &[f32])> {
         let mut out = Vec::new();
         let Self {
@@ -867,25 +1183,33 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         for slice in self.grad_slices() {
             slice.fill(0.0);
         }
+        for resident in self.residents_mut() {
+            resident.zero_grad();
+        }
     }
 
     /// Every segment's checkpoint parts in model order: its trainable parameters with their
-    /// moments, then (when some are frozen) its frozen parameters alone.
+    /// moments, then (when some are frozen) its frozen parameters alone. With the state on the
+    /// device, this reads it back to the host (this rank's slices, every segment).
     fn checkpoint_segments(&self) -> Vec<SegmentState<'_>> {
-        fn parts<'a, M>(prefix: String, segment: &'a Segment<M>) -> Vec<SegmentState<'a>> {
+        fn parts<'a, M, I: Backend>(
+            prefix: String,
+            segment: &'a Segment<M, I>,
+        ) -> Vec<SegmentState<'a>> {
+            let (params, frozen, exp_avg, exp_avg_sq) = segment.host_state();
             let mut out = vec![SegmentState {
                 prefix: prefix.clone(),
-                params: &segment.params,
-                exp_avg: &segment.state.exp_avg,
-                exp_avg_sq: &segment.state.exp_avg_sq,
+                params,
+                exp_avg,
+                exp_avg_sq,
                 trains: true,
             }];
             if segment.has_frozen() {
                 out.push(SegmentState {
                     prefix,
-                    params: &segment.frozen,
-                    exp_avg: &[],
-                    exp_avg_sq: &[],
+                    params: frozen,
+                    exp_avg: Cow::Borrowed(&[]),
+                    exp_avg_sq: Cow::Borrowed(&[]),
                     trains: false,
                 });
             }
@@ -914,16 +1238,31 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// Loads a checkpoint saved with any number of ranks: this rank keeps its slices of the
     /// weights and of the optimizer state, and the step and loss-scale counters.
     pub fn load(&mut self, dir: &Path) -> Result<(), CheckpointError> {
-        let segments: Vec<(String, FlatLayout, bool)> = self
-            .checkpoint_segments()
-            .into_iter()
-            .map(|s| (s.prefix, s.params.layout.clone(), s.trains))
-            .collect();
+        // The parts of `checkpoint_segments`, from the layouts alone (nothing read back).
+        fn layouts<M, I: Backend>(
+            prefix: String,
+            segment: &Segment<M, I>,
+        ) -> Vec<(String, FlatLayout, bool)> {
+            let mut out = vec![(prefix.clone(), segment.params.layout.clone(), true)];
+            if segment.has_frozen() {
+                out.push((prefix, segment.frozen.layout.clone(), false));
+            }
+            out
+        }
+        let mut segments = layouts(self.spec.prefix(SegmentId::Embed), &self.embed);
+        for (i, b) in self.blocks.iter().enumerate() {
+            segments.extend(layouts(self.spec.prefix(SegmentId::Block(i)), b));
+        }
+        segments.extend(layouts(self.spec.prefix(SegmentId::Head), &self.head));
         let (loaded, counters) =
             checkpoint::load(dir, &segments, self.comm.rank(), self.comm.world_size())?;
         let mut loaded = loaded.into_iter();
         // The same parts in the same order as `checkpoint_segments`.
-        fn apply<M>(segment: &mut Segment<M>, loaded: &mut impl Iterator<Item = LoadedSegment>) {
+        fn apply<M, I: Backend>(
+            segment: &mut Segment<M, I>,
+            loaded: &mut impl Iterator<Item = LoadedSegment>,
+            device: &I::Device,
+        ) {
             let part = loaded.next().expect("one loaded part per part");
             segment.params.local = part.params;
             segment.state.exp_avg = part.exp_avg;
@@ -931,12 +1270,15 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             if segment.has_frozen() {
                 segment.frozen.local = loaded.next().expect("the frozen part").params;
             }
+            if segment.resident.is_some() {
+                segment.place(device);
+            }
         }
-        apply(&mut self.embed, &mut loaded);
+        apply(&mut self.embed, &mut loaded, &self.device);
         for b in self.blocks.iter_mut() {
-            apply(b, &mut loaded);
+            apply(b, &mut loaded, &self.device);
         }
-        apply(&mut self.head, &mut loaded);
+        apply(&mut self.head, &mut loaded, &self.device);
         self.steps = counters.step;
         if let (Some(scaler), Some(scale)) =
             (self.options.loss_scaler.as_mut(), counters.loss_scale)
@@ -956,9 +1298,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
         let mut out = Vec::new();
         let segments = self.checkpoint_segments();
-        let mut grads = std::iter::once(&self.embed.grad)
-            .chain(self.blocks.iter().map(|b| &b.grad))
-            .chain(std::iter::once(&self.head.grad));
+        let mut grads = std::iter::once(self.embed.host_grad())
+            .chain(self.blocks.iter().map(|b| b.host_grad()))
+            .chain(std::iter::once(self.head.host_grad()));
         for segment in &segments {
             if segment.params.layout.len == 0 {
                 // An empty part (all of the segment frozen): no collective, nothing to report.
@@ -973,7 +1315,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 true => {
                     let mut grad = self
                         .comm
-                        .all_gather(grads.next().expect("one gradient per trained part"))?;
+                        .all_gather(&grads.next().expect("one gradient per trained part"))?;
                     grad.truncate(values.len());
                     Some(grad)
                 }
@@ -1154,7 +1496,8 @@ where
 
 /// One segment of `module`'s structure, its values read from the module itself or from `source`,
 /// sharded for `(rank, world)`.
-fn segment<B: Backend, M: Module<B>, E>(
+#[allow(clippy::too_many_arguments)]
+fn segment<B: AutodiffBackend, M: Module<B>, E>(
     module: M,
     id: SegmentId,
     prefix: &str,
@@ -1162,7 +1505,8 @@ fn segment<B: Backend, M: Module<B>, E>(
     source: &mut impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
     ranks: (usize, usize),
     (frozen, base): (Option<&Frozen>, Option<&QuantizedBase>),
-) -> Result<Segment<M>, E> {
+    on_device: Option<&B::Device>,
+) -> Result<Segment<M, B::InnerBackend>, E> {
     let (layout, full) = if from_module {
         flatten::<B, M>(&module)
     } else {
@@ -1172,21 +1516,19 @@ fn segment<B: Backend, M: Module<B>, E>(
     };
     let name_of = |name: &str| checkpoint::tensor_name(prefix, name);
     let freezes = |name: &str| frozen.is_some_and(|f| f.freezes(&name_of(name)));
-    Ok(Segment::from_full::<B>(
-        module,
-        layout,
-        full,
-        ranks,
-        freezes,
-        (base, name_of),
-    ))
+    let mut segment =
+        Segment::from_full::<B>(module, layout, full, ranks, freezes, (base, name_of));
+    if let Some(device) = on_device {
+        segment.place(device);
+    }
+    Ok(segment)
 }
 
 /// Every segment's gradient slice, embedding first.
-fn grad_slices<'a, E, L, H>(
-    embed: &'a mut Segment<E>,
-    blocks: &'a mut [Segment<L>],
-    head: &'a mut Segment<H>,
+fn grad_slices<'a, E, L, H, I: Backend>(
+    embed: &'a mut Segment<E, I>,
+    blocks: &'a mut [Segment<L, I>],
+    head: &'a mut Segment<H, I>,
 ) -> Vec<&'a mut [f32]> {
     std::iter::once(embed.grad.as_mut_slice())
         .chain(blocks.iter_mut().map(|b| b.grad.as_mut_slice()))
@@ -1195,15 +1537,14 @@ fn grad_slices<'a, E, L, H>(
 }
 
 /// Reduce-scatters a segment's full gradient (sum over ranks) and adds this rank's slice.
-fn accumulate<M>(
-    segment: &mut Segment<M>,
+fn accumulate<M, I: Backend>(
+    segment: &mut Segment<M, I>,
     comm: &dyn Communicator,
-    full_grad: Vec<f32>,
+    device: &I::Device,
+    full_grad: Flat<I>,
 ) -> Result<(), CommError> {
-    let slice = segment.params.reduce_scatter(comm, full_grad)?;
-    for (acc, g) in segment.grad.iter_mut().zip(slice) {
-        *acc += g;
-    }
+    let slice = segment.reduce_scatter(comm, device, full_grad)?;
+    segment.add_grad(slice);
     Ok(())
 }
 

@@ -325,6 +325,130 @@ pub fn load_flat_parts<B: Backend, M: Module<B>>(
     })
 }
 
+/// A gathered segment on the device: its trainable part and its frozen part (`None` when empty).
+pub type DeviceParts<'a, B> = (Option<&'a Tensor<B, 1>>, Option<&'a Tensor<B, 1>>);
+
+/// [`load_flat_parts`] from device tensors ([`crate::resident`]): the entries below `split`
+/// are views of `trainable` (the gathered trainable part), those from `split` to `layout.len`
+/// views of `frozen`, those past it the codes. Nothing is copied to or from the host: each
+/// parameter is a slice of its part, cast to `dtype` when given, and requires gradients when
+/// `trains` and it is trainable.
+#[allow(clippy::too_many_arguments)]
+pub fn load_flat_tensors<B: AutodiffBackend, M: Module<B>>(
+    module: M,
+    layout: &FlatLayout,
+    (trainable, frozen): DeviceParts<'_, B::InnerBackend>,
+    split: usize,
+    trains: bool,
+    dtype: Option<DType>,
+    codes: &[HeldCodes],
+    device: &B::Device,
+) -> M {
+    struct Load<'a, B: AutodiffBackend> {
+        entries: std::slice::Iter<'a, FlatEntry>,
+        parts: [Option<&'a Tensor<B::InnerBackend, 1>>; 2],
+        split: usize,
+        trains: bool,
+        dtype: Option<DType>,
+        values_len: usize,
+        codes: &'a [HeldCodes],
+        device: &'a B::Device,
+    }
+    impl<B: AutodiffBackend> ModuleMapper<B> for Load<'_, B> {
+        fn map_float<const D: usize>(
+            &mut self,
+            _param: Param<Tensor<B, D>>,
+        ) -> Param<Tensor<B, D>> {
+            let entry = self.entries.next().expect("layout covers every parameter");
+            if entry.offset >= self.values_len {
+                let held = self.codes[entry.offset - self.values_len].clone();
+                return lazy_dequantized(held, entry.shape.clone(), self.device);
+            }
+            let (part, start) = match entry.offset < self.split {
+                true => (self.parts[0], entry.offset),
+                false => (self.parts[1], entry.offset - self.split),
+            };
+            let part = part.expect("a part holds every entry placed in it");
+            let dims: [usize; D] = entry
+                .shape
+                .clone()
+                .try_into()
+                .expect("a parameter's rank matches its shape");
+            let mut values = part.clone().slice(start..start + entry.len()).reshape(dims);
+            if let Some(dtype) = self.dtype {
+                values = values.cast(dtype);
+            }
+            let tensor = Tensor::<B, D>::from_inner(values);
+            let tensor = match self.trains && entry.offset < self.split {
+                true => tensor.require_grad(),
+                false => tensor,
+            };
+            Param::initialized(ParamId::new(), tensor)
+        }
+    }
+    module.map(&mut Load::<B> {
+        entries: layout.entries.iter(),
+        parts: [trainable, frozen],
+        split,
+        trains,
+        dtype,
+        values_len: layout.len,
+        codes,
+        device,
+    })
+}
+
+/// [`flat_grads_below`] as one f32 tensor on the device (`None` when `trainable_len` is 0):
+/// the parameters' gradients flattened and concatenated, zeros where one got none, never read
+/// back to the host.
+pub fn flat_grad_tensor<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    layout: &FlatLayout,
+    trainable_len: usize,
+    grads: &B::Gradients,
+    device: &B::Device,
+) -> Option<Tensor<B::InnerBackend, 1>> {
+    struct Grads<'a, B: AutodiffBackend> {
+        grads: &'a B::Gradients,
+        entries: std::slice::Iter<'a, FlatEntry>,
+        trainable_len: usize,
+        device: &'a B::Device,
+        out: Vec<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let entry = self.entries.next().expect("layout covers every parameter");
+            if entry.offset >= self.trainable_len {
+                return;
+            }
+            let flat = match param.val().grad(self.grads) {
+                Some(grad) => {
+                    let grad = grad.reshape([entry.len()]);
+                    match grad.dtype() {
+                        DType::F32 => grad,
+                        _ => grad.cast(DType::F32),
+                    }
+                }
+                None => Tensor::zeros([entry.len()], self.device),
+            };
+            self.out.push(flat);
+        }
+    }
+    let mut collect = Grads::<B> {
+        grads,
+        entries: layout.entries.iter(),
+        trainable_len: trainable_len.min(layout.len),
+        device,
+        out: Vec::new(),
+    };
+    module.visit(&mut collect);
+    match collect.out.len() {
+        0 => None,
+        1 => collect.out.pop(),
+        _ => Some(Tensor::cat(collect.out, 0)),
+    }
+}
+
 /// A frozen parameter that dequantizes `held` only if read (transposed back to the module's
 /// layout when the codes are its transpose).
 fn lazy_dequantized<B: Backend, const D: usize>(

@@ -24,7 +24,9 @@ use bmtrain_backend::comm::{Communicator, ReduceOp, SingleRank, ThreadGroup};
 use bmtrain_backend::dist::DistEnv;
 use bmtrain_backend::optim::{AdamWConfig, LossScaler};
 use bmtrain_backend::quant::QuantFormat;
-use bmtrain_backend::trainer::{Frozen, QuantizedBase, ZeroOptions, ZeroSpec, ZeroTrainer};
+use bmtrain_backend::trainer::{
+    Frozen, QuantizedBase, StatePlacement, ZeroOptions, ZeroSpec, ZeroTrainer,
+};
 use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 use checkpoints_convert::ZooManifest;
@@ -66,8 +68,10 @@ pub struct MemoryArgs {
     /// GPU memory budget of --auto on a GPU, e.g. 11GB (default: the GPU's free memory).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
-    /// Keep the optimizer state in host memory. zoo's ZeRO optimizer always does (its state
-    /// and master weights are host slices), so this only documents the choice.
+    /// On a GPU, keep the f32 master weights, gradients and AdamW moments in host memory (the
+    /// optimizer a host loop) instead of on the GPU, where they live by default (unscale, the
+    /// overflow check, clipping and AdamW then run there as tensor operations). On the CPU the
+    /// host is the device: nothing changes.
     #[arg(long)]
     pub offload_optimizer: bool,
     /// Which parameters train.
@@ -550,6 +554,10 @@ impl MemoryArgs {
             // Set from the model by the training setup.
             frozen: None,
             quantized: None,
+            placement: match (&self.device, self.offload_optimizer) {
+                (DeviceSpec::Cuda(_), false) => StatePlacement::Device,
+                _ => StatePlacement::Host,
+            },
         })
     }
 }

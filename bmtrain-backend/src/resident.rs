@@ -1,0 +1,209 @@
+//! Device-resident ZeRO state ([`StatePlacement::Device`]): a segment's f32 master shard, its
+//! accumulated gradient and its AdamW moments as tensors on the training device, so that a
+//! step moves no parameter, gradient or moment across PCIe.
+//!
+//! ```text
+//!   host placement     master, grad, moments: Vec<f32>    working copy: upload per parameter
+//!   device placement   master, grad, moments: Tensor<B>   working copy: views of the gathered
+//!                                                          segment (one buffer per part)
+//! ```
+//!
+//! Every operation is the same IEEE operation, element by element, as the host loops of
+//! [`crate::optim`], in the same order, so on the CPU backend the two placements give the same
+//! bits. What crosses to the host: with one rank, nothing inside a step but one two-number
+//! read (the squared gradient norm and an inf/NaN probe) when the loss scaler or clipping asks
+//! for it; with more ranks over a host communicator, each segment's shard once down and the
+//! gathered segment once up per gather, and its gradient once down and its slice once up per
+//! reduce-scatter (never a transfer per parameter).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::comm::{CommError, Communicator, ReduceOp};
+use crate::optim::AdamWConfig;
+use crate::zero::ShardLayout;
+
+/// Where a trainer keeps its master weights, gradient accumulators and AdamW moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StatePlacement {
+    /// f32 slices in host memory, the optimizer a host loop (the CPU backend's default; on a GPU,
+    /// what `--offload-optimizer` asks for).
+    #[default]
+    Host,
+    /// Tensors on the training device; unscale, the overflow check, clipping and AdamW are
+    /// tensor operations there (the default on a GPU).
+    Device,
+}
+
+/// One segment's state on the device; a part with no elements is `None` (no zero-sized
+/// buffers, which not every device backend accepts).
+#[derive(Debug, Clone)]
+pub struct Resident<B: Backend> {
+    /// This rank's slice of the trainable parameters (f32 master values).
+    pub params: Option<Tensor<B, 1>>,
+    /// This rank's slice of the frozen parameters.
+    pub frozen: Option<Tensor<B, 1>>,
+    /// This rank's slice of the accumulated gradient.
+    pub grad: Option<Tensor<B, 1>>,
+    /// AdamW's first moment.
+    pub exp_avg: Option<Tensor<B, 1>>,
+    /// AdamW's second moment.
+    pub exp_avg_sq: Option<Tensor<B, 1>>,
+}
+
+/// `values` as a device tensor (`None` when empty).
+pub fn upload<B: Backend>(values: &[f32], device: &B::Device) -> Option<Tensor<B, 1>> {
+    (!values.is_empty()).then(|| owned_upload(values.to_vec(), device))
+}
+
+/// `values` as a device tensor, the buffer given away (a host backend keeps it without a copy).
+fn owned_upload<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), device)
+}
+
+/// A device tensor's values on the host, as f32 (one blocking read); empty for `None`.
+pub fn download<B: Backend>(tensor: Option<&Tensor<B, 1>>) -> Vec<f32> {
+    match tensor {
+        None => Vec::new(),
+        Some(tensor) => {
+            let data = tensor.clone().into_data();
+            match data.dtype {
+                DType::F32 => data.into_vec::<f32>().expect("an f32 tensor's values"),
+                _ => data
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("converted to f32"),
+            }
+        }
+    }
+}
+
+impl<B: Backend> Resident<B> {
+    /// The state of one segment, uploaded from its host slices.
+    pub fn upload(
+        params: &[f32],
+        frozen: &[f32],
+        grad: &[f32],
+        (exp_avg, exp_avg_sq): (&[f32], &[f32]),
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            params: upload(params, device),
+            frozen: upload(frozen, device),
+            grad: upload(grad, device),
+            exp_avg: upload(exp_avg, device),
+            exp_avg_sq: upload(exp_avg_sq, device),
+        }
+    }
+
+    /// Zeroes the gradient slice.
+    pub fn zero_grad(&mut self) {
+        if let Some(grad) = self.grad.as_mut() {
+            *grad = grad.zeros_like();
+        }
+    }
+
+    /// Adds this rank's slice of a reduced gradient to the accumulator (`acc + g`, as the host
+    /// loop's `*acc += g`).
+    pub fn accumulate(&mut self, slice: Tensor<B, 1>) {
+        if let Some(grad) = self.grad.take() {
+            self.grad = Some(grad.add(slice));
+        }
+    }
+
+    /// Divides the gradient by `divisor` (`*g /= divisor`).
+    pub fn unscale(&mut self, divisor: f32) {
+        if let Some(grad) = self.grad.take() {
+            self.grad = Some(grad.div_scalar(divisor));
+        }
+    }
+
+    /// Multiplies the gradient by `coefficient` (clipping: `*g *= coefficient`).
+    pub fn scale_grad(&mut self, coefficient: f32) {
+        if let Some(grad) = self.grad.take() {
+            self.grad = Some(grad.mul_scalar(coefficient));
+        }
+    }
+
+    /// `[Σ g², Σ g·0]` of the gradient slice, on the device: the squared norm, and a probe that
+    /// is NaN exactly when some gradient is inf or NaN (0 otherwise). In f64 where the device
+    /// supports it (what the host's norm sums in), else f32. `None` for an empty slice.
+    pub fn grad_health(&self, wide: bool) -> Option<Tensor<B, 1>> {
+        let grad = self.grad.as_ref()?.clone();
+        let grad = if wide { grad.cast(DType::F64) } else { grad };
+        let squares = grad.clone().mul(grad.clone()).sum();
+        let probe = grad.mul_scalar(0.0).sum();
+        Some(Tensor::cat(vec![squares, probe], 0))
+    }
+
+    /// One AdamW step on the device, element for element the host loop of
+    /// [`crate::optim::AdamWState::step`]: decoupled decay, the moments, the bias-corrected
+    /// update, in the same order.
+    pub fn adamw(&mut self, config: &AdamWConfig, lr: f32, step: u64) {
+        let (Some(p), Some(g), Some(m), Some(v)) = (
+            self.params.take(),
+            self.grad.clone(),
+            self.exp_avg.take(),
+            self.exp_avg_sq.take(),
+        ) else {
+            return;
+        };
+        let bias1 = 1.0 - config.beta1.powi(step as i32);
+        let bias2 = 1.0 - config.beta2.powi(step as i32);
+        let (step_size, bias2_sqrt) = (lr / bias1, bias2.sqrt());
+        let p = p.mul_scalar(1.0 - lr * config.weight_decay);
+        let m = m
+            .mul_scalar(config.beta1)
+            .add(g.clone().mul_scalar(1.0 - config.beta1));
+        let v = v
+            .mul_scalar(config.beta2)
+            .add(g.clone().mul_scalar(1.0 - config.beta2).mul(g));
+        let denom = v
+            .clone()
+            .sqrt()
+            .div_scalar(bias2_sqrt)
+            .add_scalar(config.eps);
+        self.params = Some(p.sub(m.clone().mul_scalar(step_size).div(denom)));
+        self.exp_avg = Some(m);
+        self.exp_avg_sq = Some(v);
+    }
+}
+
+/// The whole of a sharded part (padding removed) on the device: this rank's slice itself with
+/// one rank; else the slice goes down once, is all-gathered, and the segment comes up once.
+pub fn gather<B: Backend>(
+    local: Option<&Tensor<B, 1>>,
+    shards: &ShardLayout,
+    comm: &dyn Communicator,
+    device: &B::Device,
+) -> Result<Option<Tensor<B, 1>>, CommError> {
+    let Some(local) = local else {
+        return Ok(None);
+    };
+    if shards.world == 1 {
+        return Ok(Some(local.clone()));
+    }
+    let mut full = comm.all_gather(&download(Some(local)))?;
+    full.truncate(shards.len);
+    Ok(Some(owned_upload(full, device)))
+}
+
+/// Sums a segment's full gradient (`shards.len` long) across ranks and returns this rank's
+/// slice of the sum, on the device: the gradient itself with one rank; else it goes down once,
+/// is padded and reduce-scattered, and the slice comes up once.
+pub fn reduce_scatter<B: Backend>(
+    full_grad: Tensor<B, 1>,
+    shards: &ShardLayout,
+    comm: &dyn Communicator,
+    device: &B::Device,
+) -> Result<Tensor<B, 1>, CommError> {
+    if shards.world == 1 {
+        return Ok(full_grad);
+    }
+    let mut full = download(Some(&full_grad));
+    drop(full_grad);
+    full.resize(shards.padded_len(), 0.0);
+    let slice = comm.reduce_scatter_owned(full, ReduceOp::Sum)?;
+    Ok(owned_upload(slice, device))
+}
