@@ -922,26 +922,31 @@ fn safetensors_contents(bytes: &[u8]) -> (serde_json::Value, Vec<u8>) {
 }
 
 /// Device-resident state ([`StatePlacement::Device`]: master weights, gradients and moments
-/// as tensors, AdamW, unscale, the overflow check and clipping as tensor operations) on the CPU
-/// backend gives the host path's bits: every parameter, loss, gradient norm and checkpoint byte,
+/// as tensors, AdamW, unscale, the overflow check and clipping as tensor operations) and
+/// offloaded state ([`StatePlacement::Offload`]: gradients and a weight copy on the device,
+/// master weights, moments and AdamW on the host) on the CPU backend give the host path's bits: every parameter, loss, gradient norm and checkpoint byte,
 /// on 1, 2 and 4 thread ranks, ZeRO-3 and ZeRO-2, through a skipped step, a save and a resume.
 #[test]
-fn device_resident_state_equals_the_host_path_bit_for_bit() {
+fn device_and_offloaded_state_equal_the_host_path_bit_for_bit() {
     for (world, level) in [(1, 3), (2, 3), (4, 3), (2, 2)] {
         let initial = initial_model();
         let host = placement_run(&initial, world, level, StatePlacement::Host);
-        let device = placement_run(&initial, world, level, StatePlacement::Device);
         // The run is not trivial: the overflow skipped a step, clipping bit, training moved.
         assert!(
             host.2.iter().any(Option::is_none),
             "N={world}: no skipped step"
         );
-        let initial: Vec<u32> = flatten::<B, _>(&initial)
+        let initial_bits: Vec<u32> = flatten::<B, _>(&initial)
             .1
             .iter()
             .map(|x| x.to_bits())
             .collect();
-        let moved = host.0.iter().zip(&initial).filter(|(a, b)| a != b).count();
+        let moved = host
+            .0
+            .iter()
+            .zip(&initial_bits)
+            .filter(|(a, b)| a != b)
+            .count();
         assert!(moved > host.0.len() / 2, "N={world}: {moved} moved");
         let clipped = host
             .2
@@ -949,35 +954,41 @@ fn device_resident_state_equals_the_host_path_bit_for_bit() {
             .flatten()
             .filter(|n| f32::from_bits(**n) > 0.05);
         assert!(clipped.count() > 0, "N={world}: clipping never bit");
-        let as_f32 = |bits: &[u32]| bits.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>();
-        assert_eq!(
-            as_f32(&host.1),
-            as_f32(&device.1),
-            "N={world} level {level}: losses differ"
-        );
-        let norms = |run: &PlacementRun| {
-            run.2
-                .iter()
-                .map(|n| n.map(f32::from_bits))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            norms(&host),
-            norms(&device),
-            "N={world} level {level}: norms differ"
-        );
-        let differing = host.0.iter().zip(&device.0).filter(|(a, b)| a != b).count();
-        assert_eq!(differing, 0, "N={world} level {level}: parameters differ");
-        assert!(
-            host.3 == device.3,
-            "N={world} level {level}: checkpoints differ"
-        );
-        eprintln!(
-            "device placement N={world} zero_level={level}: {} parameters, {} losses, {} steps \
-             bit-identical to the host path, checkpoints identical",
-            host.0.len(),
-            host.1.len(),
-            host.2.len()
-        );
+        for placement in [StatePlacement::Device, StatePlacement::Offload] {
+            let device = placement_run(&initial, world, level, placement);
+            let as_f32 = |bits: &[u32]| bits.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>();
+            assert_eq!(
+                as_f32(&host.1),
+                as_f32(&device.1),
+                "{placement:?} N={world} level {level}: losses differ"
+            );
+            let norms = |run: &PlacementRun| {
+                run.2
+                    .iter()
+                    .map(|n| n.map(f32::from_bits))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                norms(&host),
+                norms(&device),
+                "{placement:?} N={world} level {level}: norms differ"
+            );
+            let differing = host.0.iter().zip(&device.0).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differing, 0,
+                "{placement:?} N={world} level {level}: parameters differ"
+            );
+            assert!(
+                host.3 == device.3,
+                "{placement:?} N={world} level {level}: checkpoints differ"
+            );
+            eprintln!(
+                "{placement:?} placement N={world} zero_level={level}: {} parameters, {} losses, \
+                 {} steps bit-identical to the host path, checkpoints identical",
+                host.0.len(),
+                host.1.len(),
+                host.2.len()
+            );
+        }
     }
 }

@@ -67,6 +67,15 @@ pub type Cuda = burn::backend::Cuda;
 #[cfg(feature = "cuda")]
 pub type CudaTrain = burn::backend::Autodiff<Cuda>;
 
+/// burn's wgpu backend (feature `wgpu`): a Vulkan device, in tests Mesa's lavapipe, a software
+/// GPU on which device code runs away from the host backend.
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu;
+
+/// [`Wgpu`] with autodiff, for training.
+#[cfg(feature = "wgpu")]
+pub type WgpuTrain = burn::backend::Autodiff<Wgpu>;
+
 /// Errors from device selection.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {

@@ -57,23 +57,35 @@ impl AdamWState {
         lr: f32,
         step: u64,
     ) {
-        let bias1 = 1.0 - config.beta1.powi(step as i32);
-        let bias2 = 1.0 - config.beta2.powi(step as i32);
-        let update = Update {
-            decay: 1.0 - lr * config.weight_decay,
-            beta1: config.beta1,
-            beta2: config.beta2,
-            eps: config.eps,
-            step_size: lr / bias1,
-            bias2_sqrt: bias2.sqrt(),
-        };
         adamw(
             params,
             grads,
             &mut self.exp_avg,
             &mut self.exp_avg_sq,
-            update,
+            Update::new(config, lr, step),
         );
+    }
+
+    /// [`Self::step`] on the host's threads, a chunk of elements per task. Every element goes
+    /// through the same operations as in [`Self::step`], so the result is the same bits.
+    pub fn step_parallel(
+        &mut self,
+        config: &AdamWConfig,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f32,
+        step: u64,
+    ) {
+        use rayon::prelude::*;
+        // Large enough that a task amortises its scheduling, small enough to spread a block.
+        const CHUNK: usize = 1 << 16;
+        let update = Update::new(config, lr, step);
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(self.exp_avg.par_chunks_mut(CHUNK))
+            .zip(self.exp_avg_sq.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| adamw(p, g, m, v, update));
     }
 }
 
@@ -86,6 +98,22 @@ struct Update {
     eps: f32,
     step_size: f32,
     bias2_sqrt: f32,
+}
+
+impl Update {
+    /// The coefficients of step `step` (1-based) at learning rate `lr`.
+    fn new(config: &AdamWConfig, lr: f32, step: u64) -> Self {
+        let bias1 = 1.0 - config.beta1.powi(step as i32);
+        let bias2 = 1.0 - config.beta2.powi(step as i32);
+        Self {
+            decay: 1.0 - lr * config.weight_decay,
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            step_size: lr / bias1,
+            bias2_sqrt: bias2.sqrt(),
+        }
+    }
 }
 
 avx512_version! {

@@ -33,6 +33,11 @@ pub enum StatePlacement {
     /// Tensors on the training device; unscale, the overflow check, clipping and AdamW are
     /// tensor operations there (the default on a GPU).
     Device,
+    /// ZeRO-Offload (`--offload-optimizer`): the f32 master weights and the AdamW moments in
+    /// host memory, the gradient accumulator and a copy of the weights (in the compute dtype)
+    /// on the device. Gradients come down and weights go up once per optimizer step, one
+    /// transfer per segment, never per micro-batch; AdamW runs on the host's threads.
+    Offload,
 }
 
 /// One segment's state on the device; a part with no elements is `None` (no zero-sized
@@ -54,6 +59,24 @@ pub struct Resident<B: Backend> {
 /// `values` as a device tensor (`None` when empty).
 pub fn upload<B: Backend>(values: &[f32], device: &B::Device) -> Option<Tensor<B, 1>> {
     (!values.is_empty()).then(|| owned_upload(values.to_vec(), device))
+}
+
+/// `values` as a device tensor in `dtype` (converted on the host, so that only the compute
+/// dtype's bytes cross; f32 when `None`), `None` when empty.
+pub fn upload_as<B: Backend>(
+    values: &[f32],
+    dtype: Option<DType>,
+    device: &B::Device,
+) -> Option<Tensor<B, 1>> {
+    if values.is_empty() {
+        return None;
+    }
+    let data = TensorData::new(values.to_vec(), [values.len()]);
+    let data = match dtype {
+        Some(dtype) if dtype != DType::F32 => data.convert_dtype(dtype),
+        _ => data,
+    };
+    Some(Tensor::from_data(data, device))
 }
 
 /// `values` as a device tensor, the buffer given away (a host backend keeps it without a copy).
@@ -171,12 +194,14 @@ impl<B: Backend> Resident<B> {
 }
 
 /// The whole of a sharded part (padding removed) on the device: this rank's slice itself with
-/// one rank; else the slice goes down once, is all-gathered, and the segment comes up once.
+/// one rank; else the slice goes down once, is all-gathered, and the segment comes up once, in
+/// `dtype` (the compute dtype, converted on the host as the host path converts it) when given.
 pub fn gather<B: Backend>(
     local: Option<&Tensor<B, 1>>,
     shards: &ShardLayout,
     comm: &dyn Communicator,
     device: &B::Device,
+    dtype: Option<DType>,
 ) -> Result<Option<Tensor<B, 1>>, CommError> {
     let Some(local) = local else {
         return Ok(None);
@@ -186,7 +211,10 @@ pub fn gather<B: Backend>(
     }
     let mut full = comm.all_gather(&download(Some(local)))?;
     full.truncate(shards.len);
-    Ok(Some(owned_upload(full, device)))
+    Ok(match dtype {
+        Some(dtype) if dtype != DType::F32 => upload_as(&full, Some(dtype), device),
+        _ => Some(owned_upload(full, device)),
+    })
 }
 
 /// Sums a segment's full gradient (`shards.len` long) across ranks and returns this rank's

@@ -53,6 +53,8 @@ use crate::optim::{
     AdamWConfig, AdamWState, LossScaler, clip_coefficient, clip_grad_norm, global_norm_of,
 };
 use crate::quant::QuantizedMatrix;
+use rayon::prelude::*;
+
 pub use crate::resident::StatePlacement;
 use crate::resident::{self, Resident};
 use crate::zero::{
@@ -215,8 +217,11 @@ pub struct Segment<M, I: Backend> {
     pub grad: Vec<f32>,
     /// This rank's slice of the AdamW state.
     pub state: AdamWState,
-    /// The same state on the training device ([`StatePlacement::Device`]); the host slices
-    /// above (parameters, gradient, moments) are then empty.
+    /// Where the state lives. [`StatePlacement::Device`]: in `resident`, the host slices above
+    /// (parameters, gradient, moments) empty. [`StatePlacement::Offload`]: the master weights
+    /// and moments above, a working copy of the weights and the gradient in `resident`.
+    placement: StatePlacement,
+    /// The state (or, offloaded, the weights' copy and the gradient) on the training device.
     resident: Option<Resident<I>>,
     kept: Option<Gathered<I>>,
 }
@@ -310,6 +315,7 @@ impl<M, I: Backend> Segment<M, I> {
             // Zeroed allocations: their pages are only touched (resident) once written.
             grad: vec![0.0; shard],
             state: AdamWState::new(shard),
+            placement: StatePlacement::Host,
             resident: None,
             kept: None,
             params,
@@ -317,25 +323,76 @@ impl<M, I: Backend> Segment<M, I> {
         }
     }
 
-    /// Moves the state to `device` ([`StatePlacement::Device`]): the host slices are uploaded
-    /// (the gradient starts at zero) and freed. Called again (after a checkpoint load), it
-    /// replaces the device state with the host slices just loaded.
-    fn place(&mut self, device: &I::Device) {
+    /// Moves the state to `device` as `placement` says: [`StatePlacement::Device`] uploads the
+    /// host slices (the gradient starts at zero) and frees them; [`StatePlacement::Offload`]
+    /// uploads a copy of the weights (in `dtype`, the compute dtype, when given) and a zero
+    /// gradient, and keeps the master weights and moments on the host. Called again (after a
+    /// checkpoint load), it replaces the device state with the host slices just loaded.
+    fn place(&mut self, device: &I::Device, placement: StatePlacement, dtype: Option<DType>) {
+        self.placement = placement;
+        if placement == StatePlacement::Host {
+            return;
+        }
         let shard = self.params.shards.shard_len();
-        let mut resident = Resident::upload(
-            &self.params.local,
-            &self.frozen.local,
-            &[],
-            (&self.state.exp_avg, &self.state.exp_avg_sq),
-            device,
-        );
-        resident.grad =
+        let grad =
             (shard > 0 && self.params.layout.len > 0).then(|| Tensor::zeros([shard], device));
-        self.resident = Some(resident);
-        self.params.local = Vec::new();
-        self.frozen.local = Vec::new();
+        match placement {
+            StatePlacement::Host => unreachable!("returned above"),
+            StatePlacement::Device => {
+                let mut resident = Resident::upload(
+                    &self.params.local,
+                    &self.frozen.local,
+                    &[],
+                    (&self.state.exp_avg, &self.state.exp_avg_sq),
+                    device,
+                );
+                resident.grad = grad;
+                self.resident = Some(resident);
+                self.params.local = Vec::new();
+                self.frozen.local = Vec::new();
+                self.state = AdamWState::new(0);
+            }
+            StatePlacement::Offload => {
+                self.resident = Some(Resident {
+                    params: resident::upload_as(&self.params.local, dtype, device),
+                    frozen: resident::upload_as(&self.frozen.local, dtype, device),
+                    grad,
+                    exp_avg: None,
+                    exp_avg_sq: None,
+                });
+            }
+        }
         self.grad = Vec::new();
-        self.state = AdamWState::new(0);
+    }
+
+    /// Offloaded ([`StatePlacement::Offload`]): takes the gradient slice down to the host (one
+    /// read) and zeroes it on the device.
+    fn take_grad(&mut self) -> Vec<f32> {
+        let Some(resident) = self.resident.as_mut() else {
+            return std::mem::take(&mut self.grad);
+        };
+        let mut values = resident::download(resident.grad.as_ref());
+        values.resize(self.params.shards.shard_len(), 0.0);
+        resident.zero_grad();
+        values
+    }
+
+    /// Offloaded: one AdamW step of the host's master slice, on the host's threads, between one
+    /// read of the gradient and one upload of the weights (in the compute dtype when given).
+    fn offloaded_step(
+        &mut self,
+        config: &AdamWConfig,
+        lr: f32,
+        step: u64,
+        device: &I::Device,
+        dtype: Option<DType>,
+    ) {
+        let grad = self.take_grad();
+        let params = self.params.local.as_mut_slice();
+        self.state.step_parallel(config, params, &grad, lr, step);
+        if let Some(resident) = self.resident.as_mut() {
+            resident.params = resident::upload_as(&self.params.local, dtype, device);
+        }
     }
 
     /// The trainable parameters, the frozen ones and the moments as host slices: borrowed, or
@@ -349,13 +406,16 @@ impl<M, I: Backend> Segment<M, I> {
         Cow<'_, [f32]>,
         Cow<'_, [f32]>,
     ) {
-        let Some(resident) = &self.resident else {
-            return (
-                Cow::Borrowed(&self.params),
-                Cow::Borrowed(&self.frozen),
-                Cow::Borrowed(&self.state.exp_avg),
-                Cow::Borrowed(&self.state.exp_avg_sq),
-            );
+        let resident = match (&self.resident, self.placement) {
+            (Some(resident), StatePlacement::Device) => resident,
+            _ => {
+                return (
+                    Cow::Borrowed(&self.params),
+                    Cow::Borrowed(&self.frozen),
+                    Cow::Borrowed(&self.state.exp_avg),
+                    Cow::Borrowed(&self.state.exp_avg_sq),
+                );
+            }
         };
         let read = |sharded: &ShardedParams, part: Option<&Tensor<I, 1>>| {
             let mut local = resident::download(part);
@@ -471,18 +531,23 @@ impl<M, I: Backend> Segment<M, I> {
         Ok(full)
     }
 
-    /// The segment's parameters all-gathered where its state lives.
+    /// The segment's parameters all-gathered where its state lives; on a device, in `dtype`
+    /// (the compute dtype) when more than one rank makes them cross.
     fn gather(
         &self,
         comm: &dyn Communicator,
         device: &I::Device,
+        dtype: Option<DType>,
     ) -> Result<Gathered<I>, CommError> {
         match &self.resident {
             None => self.gather_host(comm).map(Gathered::Host),
-            Some(resident) => Ok(Gathered::Device(
-                resident::gather(resident.params.as_ref(), &self.params.shards, comm, device)?,
-                resident::gather(resident.frozen.as_ref(), &self.frozen.shards, comm, device)?,
-            )),
+            Some(resident) => {
+                let gather = |local, shards| resident::gather(local, shards, comm, device, dtype);
+                Ok(Gathered::Device(
+                    gather(resident.params.as_ref(), &self.params.shards)?,
+                    gather(resident.frozen.as_ref(), &self.frozen.shards)?,
+                ))
+            }
         }
     }
 }
@@ -588,8 +653,8 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         mut source: impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
     ) -> Result<Self, E> {
         let (rank, world) = (comm.rank(), comm.world_size());
-        // Device placement moves each segment's state as soon as it is sharded.
-        let on_device = (options.placement == StatePlacement::Device).then_some(&device);
+        // Device placements move each segment's state as soon as it is sharded.
+        let on_device = (&device, options.placement, options.compute_dtype);
         let embed = segment::<B, _, E>(
             embed,
             SegmentId::Embed,
@@ -817,7 +882,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             return Ok((module, None));
         }
         // On the device with one rank this is the state itself (views, no copy).
-        let values = segment.gather(&self.comm, &self.device)?;
+        let values = segment.gather(&self.comm, &self.device, self.options.compute_dtype)?;
         let module = self.module(segment, &values, codes, trainable);
         Ok((module, keep.then_some(values)))
     }
@@ -1014,7 +1079,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// then zeroes them. Gradients of several micro-batches are averaged (gradient accumulation:
     /// k micro-batches of b rows step like one batch of k·b rows).
     pub fn step(&mut self, lr: f32) -> Result<StepReport, CommError> {
-        if self.options.placement == StatePlacement::Device {
+        if self.options.placement != StatePlacement::Host {
             return self.step_on_device(lr);
         }
         let scale =
@@ -1050,9 +1115,11 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         };
         self.steps += 1;
         let (config, step) = (self.options.adamw, self.steps);
-        for segment in self.segments_mut() {
-            segment.0.step(&config, segment.1, segment.2, lr, step);
-        }
+        // Segments update in parallel on this rank's threads (each element's update is the
+        // same IEEE operations whichever thread runs it).
+        self.segments_mut()
+            .into_par_iter()
+            .for_each(|(state, params, grad)| state.step(&config, params, grad, lr, step));
         self.zero_grad();
         Ok(StepReport {
             applied: true,
@@ -1060,9 +1127,11 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         })
     }
 
-    /// [`ZeroTrainer::step`] with the state on the device ([`StatePlacement::Device`]): the
-    /// same operations as the host path, as tensor operations, and one read of two numbers
-    /// (when the loss scaler or clipping needs them) instead of any read of the gradients.
+    /// [`ZeroTrainer::step`] with the gradients on the device ([`StatePlacement::Device`] and
+    /// [`StatePlacement::Offload`]): the same operations as the host path, as tensor operations,
+    /// and one read of two numbers (when the loss scaler or clipping needs them) instead of any
+    /// read of the gradients; AdamW on the device, or, offloaded, on the host between one read
+    /// of each segment's gradient and one upload of its weights.
     fn step_on_device(&mut self, lr: f32) -> Result<StepReport, CommError> {
         let divisor =
             self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
@@ -1104,14 +1173,32 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         };
         self.steps += 1;
         let (config, step) = (self.options.adamw, self.steps);
-        for resident in self.residents_mut() {
-            resident.adamw(&config, lr, step);
+        match self.options.placement {
+            StatePlacement::Offload => self.offloaded_adamw(lr),
+            _ => {
+                for resident in self.residents_mut() {
+                    resident.adamw(&config, lr, step);
+                }
+            }
         }
         self.zero_grad();
         Ok(StepReport {
             applied: true,
             grad_norm,
         })
+    }
+
+    /// AdamW on the host for offloaded state, a segment at a time (so the host holds one
+    /// segment's gradient, not the model's): its gradient comes down in one read, the update
+    /// runs on the host's threads, and its weights go up in one upload.
+    fn offloaded_adamw(&mut self, lr: f32) {
+        let (config, step) = (self.options.adamw, self.steps);
+        let (device, dtype) = (&self.device, self.options.compute_dtype);
+        self.embed.offloaded_step(&config, lr, step, device, dtype);
+        for block in self.blocks.iter_mut() {
+            block.offloaded_step(&config, lr, step, device, dtype);
+        }
+        self.head.offloaded_step(&config, lr, step, device, dtype);
     }
 
     /// This rank's squared gradient norm (summed in f64 where the device can, as the host path
@@ -1262,6 +1349,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             segment: &mut Segment<M, I>,
             loaded: &mut impl Iterator<Item = LoadedSegment>,
             device: &I::Device,
+            dtype: Option<DType>,
         ) {
             let part = loaded.next().expect("one loaded part per part");
             segment.params.local = part.params;
@@ -1270,15 +1358,14 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             if segment.has_frozen() {
                 segment.frozen.local = loaded.next().expect("the frozen part").params;
             }
-            if segment.resident.is_some() {
-                segment.place(device);
-            }
+            segment.place(device, segment.placement, dtype);
         }
-        apply(&mut self.embed, &mut loaded, &self.device);
+        let dtype = self.options.compute_dtype;
+        apply(&mut self.embed, &mut loaded, &self.device, dtype);
         for b in self.blocks.iter_mut() {
-            apply(b, &mut loaded, &self.device);
+            apply(b, &mut loaded, &self.device, dtype);
         }
-        apply(&mut self.head, &mut loaded, &self.device);
+        apply(&mut self.head, &mut loaded, &self.device, dtype);
         self.steps = counters.step;
         if let (Some(scaler), Some(scale)) =
             (self.options.loss_scaler.as_mut(), counters.loss_scale)
@@ -1505,7 +1592,7 @@ fn segment<B: AutodiffBackend, M: Module<B>, E>(
     source: &mut impl FnMut(SegmentId, &str, &FlatLayout) -> Result<Vec<f32>, E>,
     ranks: (usize, usize),
     (frozen, base): (Option<&Frozen>, Option<&QuantizedBase>),
-    on_device: Option<&B::Device>,
+    (device, placement, dtype): (&B::Device, StatePlacement, Option<DType>),
 ) -> Result<Segment<M, B::InnerBackend>, E> {
     let (layout, full) = if from_module {
         flatten::<B, M>(&module)
@@ -1518,9 +1605,7 @@ fn segment<B: AutodiffBackend, M: Module<B>, E>(
     let freezes = |name: &str| frozen.is_some_and(|f| f.freezes(&name_of(name)));
     let mut segment =
         Segment::from_full::<B>(module, layout, full, ranks, freezes, (base, name_of));
-    if let Some(device) = on_device {
-        segment.place(device);
-    }
+    segment.place(device, placement, dtype);
     Ok(segment)
 }
 

@@ -135,6 +135,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ranks: args.ranks,
             ranks_in_process: args.ranks,
             gpu: false,
+            offload: false,
         };
         crate::memory::check_training_fits(&shape, &setup, available, "zoo bench")?;
     }

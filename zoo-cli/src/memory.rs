@@ -22,8 +22,9 @@
 //! intermediates than burn's composition) on measured CPU runs (`bench/memory_check.py --fit`,
 //! then checked on a separate report set: the README has the table); the GPU's still describe
 //! burn's composed ops, which the CUDA path runs, and have not been measured on a GPU. On a GPU the
-//! master weights, gradient shards and optimizer state live in host memory; the device holds
-//! the working copies, activations and workspace.
+//! state is on the device with the working copies, activations and workspace; with
+//! `--offload-optimizer` the f32 master weights and moments are host memory and the device holds
+//! the gradient shard and a compute-dtype copy of the weight shard instead.
 
 use std::path::Path;
 
@@ -126,7 +127,9 @@ pub struct EstimateArgs {
     /// Ranks sharing the parameters, gradients and optimizer state.
     #[arg(long, default_value_t = 1)]
     ranks: usize,
-    /// Accepted for symmetry with the training jobs (the optimizer is always on the host).
+    /// With --gpu-mem: the f32 master weights and AdamW moments in host memory, a copy of the
+    /// weights in the compute dtype on the GPU (as `--offload-optimizer` trains). Without, all
+    /// the state is on the GPU.
     #[arg(long)]
     offload_optimizer: bool,
     /// Memory per rank to fit in, e.g. 11GB, 24GiB, 512MB. With it the setup is a GPU's: the
@@ -240,6 +243,8 @@ pub struct Setup {
     pub ranks_in_process: usize,
     /// Whether the estimate is for a GPU (device vs host split).
     pub gpu: bool,
+    /// GPU only: the master weights and moments in host memory (`--offload-optimizer`).
+    pub offload: bool,
 }
 
 /// Bytes per category, and what must fit in the budget.
@@ -374,12 +379,27 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     let workspace = working + c.per_rank + runtime;
     let parameters = master + kept;
     let gradients = grad_shard;
-    // On a GPU the device holds the working copies, kept weights, activations and workspace;
-    // the f32 shards and moments are host memory. On a CPU all is one memory.
-    let (peak, host) = if setup.gpu {
+    // On a GPU the device holds the working copies, kept weights, activations and workspace,
+    // and, with more ranks, a gathered segment in the compute dtype that came up from the host
+    // communicator (its f32 host side is host memory). The state is on the device too, unless
+    // offloaded:
+    // then the device holds the gradient shard and a compute-dtype copy of the weight shard,
+    // the host the f32 master and the moments (and one segment's gradient while it steps).
+    // On a CPU all is one memory.
+    let (staging, host_staging) = match n > 1.0 {
+        true => (d * widest, 4.0 * widest),
+        false => (0.0, 0.0),
+    };
+    let (peak, host) = if setup.gpu && setup.offload {
+        let copy = (d * (shape.params - shape.coded) as f64 + shape.coded_bytes) / n;
         (
-            kept + activations + workspace,
-            master + grad_shard + optimizer + 4.0 * widest,
+            copy + grad_shard + kept + activations + workspace + staging,
+            master + optimizer + 4.0 * widest,
+        )
+    } else if setup.gpu {
+        (
+            master + grad_shard + optimizer + kept + activations + workspace + staging,
+            host_staging,
         )
     } else {
         (
@@ -825,6 +845,7 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
         ranks: args.ranks,
         ranks_in_process: args.ranks,
         gpu: args.gpu_mem.is_some(),
+        offload: args.offload_optimizer,
     };
     let budget = match (&args.gpu_mem, &args.mem) {
         (Some(size), _) | (None, Some(size)) => Some(parse_size(size)?),
@@ -853,6 +874,7 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
                 "batch": args.batch,
                 "ranks": args.ranks,
                 "device": if setup.gpu { "gpu" } else { "cpu" },
+                "offload_optimizer": setup.gpu && setup.offload,
                 "parameters_bytes": estimate.parameters.round(),
                 "gradients_bytes": estimate.gradients.round(),
                 "optimizer_bytes": estimate.optimizer.round(),
@@ -911,13 +933,22 @@ pub fn run(args: EstimateArgs) -> anyhow::Result<()> {
     );
     println!("per rank:");
     println!(
-        "  parameters   {}  (f32 master shard + weights kept for backward)",
-        gb(estimate.parameters)
+        "  parameters   {}  (f32 master shard{} + weights kept for backward)",
+        gb(estimate.parameters),
+        match setup.gpu && setup.offload {
+            true => " on the host, its copy in the compute dtype on the GPU,",
+            false => "",
+        }
     );
     println!("  gradients    {}  (f32 shard)", gb(estimate.gradients));
     println!(
-        "  optimizer    {}  (AdamW moments, host)",
-        gb(estimate.optimizer)
+        "  optimizer    {}  (AdamW moments, {})",
+        gb(estimate.optimizer),
+        match (setup.gpu, setup.offload) {
+            (true, false) => "on the GPU",
+            (true, true) => "offloaded to the host",
+            (false, _) => "host",
+        }
     );
     println!("  activations  {}", gb(estimate.activations));
     println!("  workspace    {}", gb(estimate.workspace));
@@ -967,6 +998,7 @@ mod tests {
             ranks: 1,
             ranks_in_process: 1,
             gpu: false,
+            offload: false,
         }
     }
 
@@ -979,6 +1011,35 @@ mod tests {
         assert!(shape.tied);
         assert_eq!(shape.layers, 12);
         assert_eq!(shape.block_params, 12 * shape.largest_block);
+    }
+
+    /// On a GPU the f32 master, gradient and moments are device memory; offloaded, the master
+    /// and moments (12 bytes a parameter) move to the host and a compute-dtype copy of the
+    /// weights (2 bytes in f16) takes their place on the device.
+    #[test]
+    fn gpu_state_lives_on_the_device_unless_offloaded() {
+        let preset = models::preset("bert-large-uncased").unwrap();
+        let shape =
+            shape_of_config(Architecture::BertForSequenceClassification, &preset.config).unwrap();
+        let gpu = |offload| Setup {
+            dtype_bytes: 2,
+            checkpointing: true,
+            gpu: true,
+            offload,
+            ..setup(8)
+        };
+        let (device, offloaded) = (estimate(&shape, &gpu(false)), estimate(&shape, &gpu(true)));
+        let p = shape.params as f64;
+        let moved = device.peak - offloaded.peak;
+        assert!((moved - 10.0 * p).abs() < 1.0, "{moved} vs {}", 10.0 * p);
+        assert_eq!(device.host, 0.0);
+        assert!(
+            offloaded.host > 12.0 * p && offloaded.host < 12.5 * p,
+            "{}",
+            offloaded.host
+        );
+        // The same activations and workspace either way.
+        assert_eq!(device.activations, offloaded.activations);
     }
 
     #[test]

@@ -68,10 +68,12 @@ pub struct MemoryArgs {
     /// GPU memory budget of --auto on a GPU, e.g. 11GB (default: the GPU's free memory).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
-    /// On a GPU, keep the f32 master weights, gradients and AdamW moments in host memory (the
-    /// optimizer a host loop) instead of on the GPU, where they live by default (unscale, the
-    /// overflow check, clipping and AdamW then run there as tensor operations). On the CPU the
-    /// host is the device: nothing changes.
+    /// On a GPU, keep the f32 master weights and AdamW moments in host memory (ZeRO-Offload:
+    /// 12 bytes a parameter off the GPU), the gradients and a copy of the weights in the compute
+    /// dtype on it; gradients come down and weights go up once per optimizer step, and AdamW
+    /// runs on the host's threads. Without it all the state lives on the GPU, where unscale,
+    /// the overflow check, clipping and AdamW run as tensor operations. On the CPU the host is
+    /// the device: nothing changes.
     #[arg(long)]
     pub offload_optimizer: bool,
     /// Which parameters train.
@@ -382,6 +384,7 @@ impl MemoryArgs {
             ranks: self.ranks.max(world_size_from_env()),
             ranks_in_process: self.ranks,
             gpu: matches!(self.device, DeviceSpec::Cuda(_)),
+            offload: self.offload_optimizer,
         }
     }
 
@@ -556,6 +559,7 @@ impl MemoryArgs {
             quantized: None,
             placement: match (&self.device, self.offload_optimizer) {
                 (DeviceSpec::Cuda(_), false) => StatePlacement::Device,
+                (DeviceSpec::Cuda(_), true) => StatePlacement::Offload,
                 _ => StatePlacement::Host,
             },
         })

@@ -666,6 +666,7 @@ fn zoo_memory_models_a_quantized_base() {
             "11GB",
             "--lora-r",
             "8",
+            "--offload-optimizer",
             "--json",
         ];
         args.extend_from_slice(extra);
