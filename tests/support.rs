@@ -67,6 +67,15 @@ pub fn max_abs_diff(got: &TensorData, want: &TensorData) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Largest absolute difference between two slices; panics when their lengths differ.
+pub fn max_slice_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// Largest absolute difference divided by the largest magnitude of `want`.
 pub fn max_relative_diff(got: &TensorData, want: &TensorData) -> f32 {
     let scale = floats(want)

@@ -58,20 +58,21 @@ pub struct Resident<B: Backend> {
 
 /// `values` as a device tensor (`None` when empty).
 pub fn upload<B: Backend>(values: &[f32], device: &B::Device) -> Option<Tensor<B, 1>> {
-    (!values.is_empty()).then(|| owned_upload(values.to_vec(), device))
+    upload_as(values.to_vec(), None, device)
 }
 
 /// `values` as a device tensor in `dtype` (converted on the host, so that only the compute
-/// dtype's bytes cross; f32 when `None`), `None` when empty.
+/// dtype's bytes cross; f32, the buffer given away, when `None`), `None` when empty.
 pub fn upload_as<B: Backend>(
-    values: &[f32],
+    values: Vec<f32>,
     dtype: Option<DType>,
     device: &B::Device,
 ) -> Option<Tensor<B, 1>> {
     if values.is_empty() {
         return None;
     }
-    let data = TensorData::new(values.to_vec(), [values.len()]);
+    let len = values.len();
+    let data = TensorData::new(values, [len]);
     let data = match dtype {
         Some(dtype) if dtype != DType::F32 => data.convert_dtype(dtype),
         _ => data,
@@ -211,10 +212,7 @@ pub fn gather<B: Backend>(
     }
     let mut full = comm.all_gather(&download(Some(local)))?;
     full.truncate(shards.len);
-    Ok(match dtype {
-        Some(dtype) if dtype != DType::F32 => upload_as(&full, Some(dtype), device),
-        _ => Some(owned_upload(full, device)),
-    })
+    Ok(upload_as(full, dtype, device))
 }
 
 /// Sums a segment's full gradient (`shards.len` long) across ranks and returns this rank's

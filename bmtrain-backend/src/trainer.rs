@@ -330,14 +330,11 @@ impl<M, I: Backend> Segment<M, I> {
     /// checkpoint load), it replaces the device state with the host slices just loaded.
     fn place(&mut self, device: &I::Device, placement: StatePlacement, dtype: Option<DType>) {
         self.placement = placement;
-        if placement == StatePlacement::Host {
-            return;
-        }
         let shard = self.params.shards.shard_len();
-        let grad =
-            (shard > 0 && self.params.layout.len > 0).then(|| Tensor::zeros([shard], device));
+        let trains = shard > 0 && self.params.layout.len > 0;
+        let grad = || trains.then(|| Tensor::zeros([shard], device));
         match placement {
-            StatePlacement::Host => unreachable!("returned above"),
+            StatePlacement::Host => return,
             StatePlacement::Device => {
                 let mut resident = Resident::upload(
                     &self.params.local,
@@ -346,7 +343,7 @@ impl<M, I: Backend> Segment<M, I> {
                     (&self.state.exp_avg, &self.state.exp_avg_sq),
                     device,
                 );
-                resident.grad = grad;
+                resident.grad = grad();
                 self.resident = Some(resident);
                 self.params.local = Vec::new();
                 self.frozen.local = Vec::new();
@@ -354,9 +351,9 @@ impl<M, I: Backend> Segment<M, I> {
             }
             StatePlacement::Offload => {
                 self.resident = Some(Resident {
-                    params: resident::upload_as(&self.params.local, dtype, device),
-                    frozen: resident::upload_as(&self.frozen.local, dtype, device),
-                    grad,
+                    params: resident::upload_as(self.params.local.to_vec(), dtype, device),
+                    frozen: resident::upload_as(self.frozen.local.to_vec(), dtype, device),
+                    grad: grad(),
                     exp_avg: None,
                     exp_avg_sq: None,
                 });
@@ -391,7 +388,7 @@ impl<M, I: Backend> Segment<M, I> {
         let params = self.params.local.as_mut_slice();
         self.state.step_parallel(config, params, &grad, lr, step);
         if let Some(resident) = self.resident.as_mut() {
-            resident.params = resident::upload_as(&self.params.local, dtype, device);
+            resident.params = resident::upload_as(self.params.local.to_vec(), dtype, device);
         }
     }
 
