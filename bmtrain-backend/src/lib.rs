@@ -35,6 +35,7 @@
 pub mod checkpoint;
 pub mod coded;
 pub mod comm;
+pub mod device_memory;
 pub mod dist;
 pub mod inspect;
 pub mod kernels;

@@ -48,6 +48,7 @@ use crate::checkpoint::{
 use crate::coded::SegmentCodes;
 pub use crate::coded::{QuantizedBase, QuantizedWeight};
 use crate::comm::{CommError, Communicator};
+use crate::device_memory::{DeviceMemory, MemoryPeak};
 use crate::inspect::{ParamStats, moments};
 use crate::optim::{
     AdamWConfig, AdamWState, LossScaler, clip_coefficient, clip_grad_norm, global_norm_of,
@@ -587,6 +588,8 @@ pub struct ZeroTrainer<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> {
     steps: u64,
     micro_batches: u32,
     dropout_seed: Option<u64>,
+    /// The device allocator's highest readings, sampled after every segment (GPU backends).
+    memory_peak: MemoryPeak,
 }
 
 impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
@@ -697,6 +700,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             steps: 0,
             micro_batches: 0,
             dropout_seed: None,
+            memory_peak: MemoryPeak::default(),
         })
     }
 
@@ -981,6 +985,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 hidden = output.clone().detach();
                 graphs.push(Some((input, output, block)));
             }
+            self.memory_peak.sample(&self.device);
         }
 
         // 2. Head and loss, differentiated first.
@@ -1017,6 +1022,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         );
         drop((grads, head));
         accumulate(&mut self.head, &self.comm, &self.device, head_grad)?;
+        self.memory_peak.sample(&self.device);
         let tied_slice = match tied_grad {
             Some(full) => Some(self.embed.reduce_scatter(&self.comm, &self.device, full)?),
             None => None,
@@ -1047,6 +1053,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 &self.device,
                 block_grad,
             )?;
+            self.memory_peak.sample(&self.device);
         }
 
         // 4. The embedding segment.
@@ -1064,8 +1071,30 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             slice = slice.plus(tied_slice);
         }
         self.embed.add_grad(slice);
+        self.memory_peak.sample(&self.device);
         self.micro_batches += 1;
         Ok(loss_value)
+    }
+
+    /// The highest readings of the training device's allocator (bytes in use, bytes reserved)
+    /// since [`Self::reset_device_memory_peak`], sampled after every segment of forward and
+    /// backward and after each optimizer step; `None` on the CPU backend (see
+    /// [`crate::device_memory`]).
+    pub fn device_memory_peak(&self) -> Option<DeviceMemory> {
+        self.memory_peak.get()
+    }
+
+    /// Starts [`Self::device_memory_peak`] again.
+    pub fn reset_device_memory_peak(&mut self) {
+        self.memory_peak.reset();
+    }
+
+    /// Hands the device allocator's free pages back to the device (cubecl keeps them otherwise,
+    /// so its reservation never shrinks) and starts [`Self::device_memory_peak`] again: after
+    /// a micro-batch that went over a memory budget was discarded.
+    pub fn release_device_memory(&mut self) {
+        B::memory_cleanup(&self.device);
+        self.memory_peak.reset();
     }
 
     fn grad_slices(&mut self) -> Vec<&mut [f32]> {
@@ -1077,7 +1106,10 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     /// k micro-batches of b rows step like one batch of k·b rows).
     pub fn step(&mut self, lr: f32) -> Result<StepReport, CommError> {
         if self.options.placement != StatePlacement::Host {
-            return self.step_on_device(lr);
+            let report = self.step_on_device(lr);
+            // AdamW's temporaries on the device are the step's own peak.
+            self.memory_peak.sample(&self.device);
+            return report;
         }
         let scale =
             self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;

@@ -911,7 +911,7 @@ fn train_loop<AB: AutodiffBackend, S: Classifies<AB>>(
     };
 
     // The split of a step's batch: --batch × --grad-accum, or --auto's (which may halve it).
-    let mut split = StepSplit::new(args.batch, args.grad_accum, job.auto, args.memory.dtype);
+    let mut split = StepSplit::new(args.batch, args.grad_accum, job.auto, &args.memory)?;
     let progress = Progress::new(total_steps, start, lead, !args.run.no_progress);
     let mut last_eval = None;
     let mut interrupted = false;
@@ -947,12 +947,16 @@ fn train_loop<AB: AutodiffBackend, S: Classifies<AB>>(
         );
         if step % args.run.log_every == 0 || step == total_steps {
             let mean = window.0 / window.1 as f32;
+            let gpu = split.memory_fields(&mut trainer);
             outputs.log(
                 step,
-                json!({
-                    "epoch": epoch + 1, "loss": mean, "lr": lr, "tokens_per_s": tokens_per_s,
-                    "grad_norm": report.grad_norm, "applied": report.applied,
-                }),
+                crate::run::merged(
+                    json!({
+                        "epoch": epoch + 1, "loss": mean, "lr": lr, "tokens_per_s": tokens_per_s,
+                        "grad_norm": report.grad_norm, "applied": report.applied,
+                    }),
+                    gpu,
+                ),
             )?;
             progress.println(&format!(
                 "step {step:>6}  epoch {}  loss {mean:.4}  lr {lr:.2e}  {tokens_per_s:.0} tokens/s",
@@ -1009,7 +1013,12 @@ fn train_loop<AB: AutodiffBackend, S: Classifies<AB>>(
     let steps_peak = crate::run::proc_status_bytes("VmHWM:");
     progress.finish();
     if args.run.report_memory && lead {
-        crate::run::report_memory(baseline, steps_peak, steps_peak);
+        crate::run::report_memory(
+            baseline,
+            steps_peak,
+            steps_peak,
+            split.gpu_run_peak(&mut trainer),
+        );
     }
     Ok(Summary {
         steps: trainer.steps(),

@@ -1436,7 +1436,7 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
     };
 
     // The split of a step's batch: --batch × --grad-accum, or --auto's (which may halve it).
-    let mut split = StepSplit::new(args.batch, args.grad_accum, job.auto, args.memory.dtype);
+    let mut split = StepSplit::new(args.batch, args.grad_accum, job.auto, &args.memory)?;
     let tokens_per_step = (args.batch * args.grad_accum * job.seq) as f64;
     let progress = Progress::new(args.steps, start, lead, !args.run.no_progress);
 
@@ -1478,15 +1478,19 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
         );
         if done % args.run.log_every == 0 || done == args.steps {
             let mean = window_loss / window_steps as f32;
+            let gpu = split.memory_fields(&mut trainer);
             outputs.log(
                 done,
-                json!({
-                    "loss": mean,
-                    "lr": lr,
-                    "tokens_per_s": tokens_per_s,
-                    "grad_norm": report.grad_norm,
-                    "applied": report.applied,
-                }),
+                crate::run::merged(
+                    json!({
+                        "loss": mean,
+                        "lr": lr,
+                        "tokens_per_s": tokens_per_s,
+                        "grad_norm": report.grad_norm,
+                        "applied": report.applied,
+                    }),
+                    gpu,
+                ),
             )?;
             progress.println(&format!(
                 "step {done:>6}  loss {mean:.4}  lr {lr:.2e}  {tokens_per_s:.0} tokens/s"
@@ -1532,7 +1536,12 @@ fn train_loop<AB: AutodiffBackend, S: Pretraining<AB>>(
     progress.finish();
     if args.run.report_memory && lead {
         let final_peak = crate::run::proc_status_bytes("VmHWM:");
-        crate::run::report_memory(baseline, steps_peak, final_peak);
+        crate::run::report_memory(
+            baseline,
+            steps_peak,
+            final_peak,
+            split.gpu_run_peak(&mut trainer),
+        );
     }
 
     // A sample from the trained model.

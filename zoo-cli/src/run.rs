@@ -21,6 +21,7 @@ use anyhow::{Context, bail, ensure};
 use bmtrain_backend::DeviceSpec;
 use bmtrain_backend::checkpoint::{self, FileDigest};
 use bmtrain_backend::comm::{Communicator, ReduceOp, SingleRank, ThreadGroup};
+use bmtrain_backend::device_memory::DeviceMemory;
 use bmtrain_backend::dist::DistEnv;
 use bmtrain_backend::optim::{AdamWConfig, LossScaler};
 use bmtrain_backend::quant::QuantFormat;
@@ -68,6 +69,13 @@ pub struct MemoryArgs {
     /// GPU memory budget of --auto on a GPU, e.g. 11GB (default: the GPU's free memory).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
+    /// Hold the GPU allocator to this many bytes, e.g. 11GB, to simulate a smaller card on a
+    /// larger one: the job stops with an error naming the limit and what was reserved when a
+    /// micro-batch takes more (with --auto: the micro-batch is halved and the step retried, as
+    /// for --auto's own budget, which this also sets). Checked after every micro-batch against
+    /// the allocator's highest reading, taken after every block.
+    #[arg(long, value_name = "SIZE")]
+    pub gpu_mem_limit: Option<String>,
     /// On a GPU, keep the f32 master weights and AdamW moments in host memory (ZeRO-Offload:
     /// 12 bytes a parameter off the GPU), the gradients and a copy of the weights in the compute
     /// dtype on it; gradients come down and weights go up once per optimizer step, and AdamW
@@ -368,6 +376,17 @@ pub enum DtypeArg {
     Bf16,
 }
 
+impl DtypeArg {
+    /// The trainer's compute dtype (`None`: f32) and loss scaler (f16 only: dynamic, from 2^16).
+    pub fn mixed_precision(self) -> (Option<DType>, Option<LossScaler>) {
+        match self {
+            DtypeArg::F32 => (None, None),
+            DtypeArg::F16 => (Some(DType::F16), Some(LossScaler::new(65536.0))),
+            DtypeArg::Bf16 => (Some(DType::BF16), None),
+        }
+    }
+}
+
 impl MemoryArgs {
     /// This job's setup as `zoo memory` models it, for micro-batches of `batch` rows of `seq`
     /// tokens over all ranks.
@@ -391,12 +410,21 @@ impl MemoryArgs {
     /// The memory budget of `--auto`: `--gpu-mem` / `--mem`, or what this machine has free.
     pub fn budget(&self) -> anyhow::Result<f64> {
         let gpu = matches!(self.device, DeviceSpec::Cuda(_));
-        match (gpu, &self.gpu_mem, &self.mem) {
+        let budget = match (gpu, &self.gpu_mem, &self.mem) {
             (true, Some(size), _) | (false, _, Some(size)) => crate::memory::parse_size(size),
             (false, _, None) => crate::memory::available_memory()
                 .context("--auto: the free memory is unknown here; give it with --mem"),
-            (true, None, _) => gpu_free_memory(&self.device),
-        }
+            (true, None, _) => match self.gpu_limit()? {
+                Some(limit) => return Ok(limit),
+                None => gpu_free_memory(&self.device),
+            },
+        }?;
+        Ok(self.gpu_limit()?.map_or(budget, |limit| budget.min(limit)))
+    }
+
+    /// `--gpu-mem-limit` in bytes; an error on a device with no GPU allocator.
+    pub fn gpu_limit(&self) -> anyhow::Result<Option<f64>> {
+        gpu_limit(self.gpu_mem_limit.as_deref(), &self.device)
     }
 
     /// Applies `--auto` for a step of `global_batch` rows of `seq` tokens: sets the checkpointing,
@@ -430,6 +458,9 @@ impl MemoryArgs {
             if let Some(dtype) = recorded["dtype"].as_str() {
                 self.dtype = DtypeArg::from_str(dtype, true).ok();
             }
+            if recorded["offload_optimizer"].as_bool() == Some(true) {
+                self.offload_optimizer = true;
+            }
             if lead {
                 eprintln!(
                     "auto: resuming with the run's settings: micro-batch {} × grad-accum {}{}, \
@@ -462,22 +493,29 @@ impl MemoryArgs {
         } else {
             proc_status_bytes("VmRSS:").unwrap_or(0) as f64
         };
-        let plan = crate::memory::choose(&shape, &base, global_batch, resident, budget)
-            .with_context(|| {
-                format!(
-                    "--auto: nothing fits in {:.2} GB, not even one row per rank with \
+        let mut plan = crate::memory::choose(&shape, &base, global_batch, resident, budget);
+        if plan.is_none() && base.gpu && !base.offload {
+            plan = self.offloaded_plan(&shape, &base, global_batch, budget);
+        }
+        let plan = plan.with_context(|| {
+            format!(
+                "--auto: nothing fits in {:.2} GB, not even one row per rank with \
                      checkpointing (the weights and optimizer state alone are {:.2} GB)",
-                    budget / 1e9,
-                    16.0 * shape.params as f64 / base.ranks as f64 * base.ranks_in_process as f64
-                        / 1e9
-                )
-            })?;
+                budget / 1e9,
+                16.0 * shape.params as f64 / base.ranks as f64 * base.ranks_in_process as f64 / 1e9
+            )
+        })?;
         self.checkpointing = plan.checkpointing;
         self.zero_stage = plan.zero_stage;
         if lead {
             eprintln!(
-                "auto: micro-batch {} × grad-accum {} (global batch {global_batch}){}, ZeRO stage \
+                "auto:{} micro-batch {} × grad-accum {} (global batch {global_batch}){}, ZeRO stage \
                  {}, {}: zoo memory estimates {:.2} GB of the {:.2} GB budget",
+                if self.offload_optimizer {
+                    " --offload-optimizer,"
+                } else {
+                    ""
+                },
                 plan.micro_batch,
                 plan.grad_accum,
                 if plan.checkpointing {
@@ -492,6 +530,46 @@ impl MemoryArgs {
             );
         }
         Ok(plan)
+    }
+
+    /// `--auto` on a GPU where nothing fits with the state on it: the plan with the master
+    /// weights and moments offloaded to the host (and `--offload-optimizer` set), when one fits
+    /// the GPU budget and the host has room for its share (within `--auto`'s margin of the free
+    /// memory, when known). The state on the GPU is preferred whenever it fits: offloading
+    /// costs a gradient read and a weight upload per step and a host AdamW, not yet measured.
+    fn offloaded_plan(
+        &mut self,
+        shape: &crate::memory::Shape,
+        base: &crate::memory::Setup,
+        global_batch: usize,
+        budget: f64,
+    ) -> Option<crate::memory::AutoPlan> {
+        let offloaded = crate::memory::Setup {
+            offload: true,
+            ..*base
+        };
+        let plan = crate::memory::choose(shape, &offloaded, global_batch, 0.0, budget)?;
+        let chosen = crate::memory::Setup {
+            batch: plan.micro_batch,
+            checkpointing: plan.checkpointing,
+            zero_stage: plan.zero_stage,
+            ..offloaded
+        };
+        let host = crate::memory::estimate(shape, &chosen).host;
+        let room = crate::memory::available_memory();
+        if room.is_some_and(|free| host > crate::memory::AUTO_MARGIN * free) {
+            return None;
+        }
+        self.offload_optimizer = true;
+        if is_lead_process() {
+            eprintln!(
+                "auto: with the state on the GPU nothing fits in {:.2} GB; offloading the master \
+                 weights and AdamW moments to the host ({:.2} GB there)",
+                budget / 1e9,
+                host / 1e9
+            );
+        }
+        Some(plan)
     }
 
     /// Refuses, from its config alone (nothing is allocated), a model this machine cannot hold
@@ -542,11 +620,9 @@ impl MemoryArgs {
              (stage 3), or keeps gathered weights between forward and backward (stage 2)",
             self.zero_stage
         );
-        let (compute_dtype, loss_scaler) = match self.dtype.unwrap_or(DtypeArg::F32) {
-            DtypeArg::F32 => (None, None),
-            DtypeArg::F16 => (Some(DType::F16), Some(LossScaler::new(65536.0))),
-            DtypeArg::Bf16 => (Some(DType::BF16), None),
-        };
+        // Checked here, before the model is built, so that a bad limit fails fast.
+        self.gpu_limit()?;
+        let (compute_dtype, loss_scaler) = self.dtype.unwrap_or(DtypeArg::F32).mixed_precision();
         Ok(ZeroOptions {
             zero_level: self.zero_stage,
             checkpoint: vec![self.checkpointing; blocks],
@@ -557,12 +633,36 @@ impl MemoryArgs {
             // Set from the model by the training setup.
             frozen: None,
             quantized: None,
-            placement: match (&self.device, self.offload_optimizer) {
-                (DeviceSpec::Cuda(_), false) => StatePlacement::Device,
-                (DeviceSpec::Cuda(_), true) => StatePlacement::Offload,
-                _ => StatePlacement::Host,
-            },
+            placement: placement(&self.device, self.offload_optimizer),
         })
+    }
+}
+
+/// `--gpu-mem-limit SIZE` in bytes (`None` when not given); an error when `device` has no GPU
+/// allocator to hold to it, or the size does not parse.
+pub fn gpu_limit(size: Option<&str>, device: &DeviceSpec) -> anyhow::Result<Option<f64>> {
+    let Some(size) = size else {
+        return Ok(None);
+    };
+    ensure!(
+        matches!(device, DeviceSpec::Cuda(_)),
+        "--gpu-mem-limit {size}: --device {device} has no GPU allocator to hold to it"
+    );
+    let limit = crate::memory::parse_size(size).context("--gpu-mem-limit")?;
+    ensure!(
+        limit >= 1.0,
+        "--gpu-mem-limit {size}: must be at least 1 byte"
+    );
+    Ok(Some(limit))
+}
+
+/// Where the ZeRO state lives on `device`: on a GPU, on it (`offload`: master weights and
+/// moments on the host); on the CPU, the host is the device.
+pub fn placement(device: &DeviceSpec, offload: bool) -> StatePlacement {
+    match (device, offload) {
+        (DeviceSpec::Cuda(_), false) => StatePlacement::Device,
+        (DeviceSpec::Cuda(_), true) => StatePlacement::Offload,
+        _ => StatePlacement::Host,
     }
 }
 
@@ -817,13 +917,19 @@ fn gpu_free_memory(device: &DeviceSpec) -> anyhow::Result<f64> {
 
 /// What `--auto` chose, as `trainer_state.json` records it (`retries`: micro-batches halved
 /// since, because a step went over the budget).
-fn auto_record(plan: &crate::memory::AutoPlan, dtype: Option<DtypeArg>, retries: u32) -> Value {
+fn auto_record(
+    plan: &crate::memory::AutoPlan,
+    dtype: Option<DtypeArg>,
+    offload: bool,
+    retries: u32,
+) -> Value {
     json!({
         "micro_batch": plan.micro_batch,
         "grad_accum": plan.grad_accum,
         "checkpointing": plan.checkpointing,
         "zero_stage": plan.zero_stage,
         "dtype": dtype_name(dtype.unwrap_or(DtypeArg::F32)),
+        "offload_optimizer": offload,
         "estimate_bytes": plan.estimate.round(),
         "budget_bytes": plan.budget.round(),
         "retries": retries,
@@ -832,7 +938,9 @@ fn auto_record(plan: &crate::memory::AutoPlan, dtype: Option<DtypeArg>, retries:
 
 /// How a step's batch is split into micro-batches: `--batch` × `--grad-accum`, or `--auto`'s
 /// plan, whose micro-batch shrinks when a step goes over its budget anyway (the step is then
-/// run again, once, with half the rows per rank and twice the micro-batches).
+/// run again, once, with half the rows per rank and twice the micro-batches). It also keeps the
+/// GPU allocator's readings (for `metrics.jsonl` and `--report-memory`) and holds them to
+/// `--gpu-mem-limit`.
 #[derive(Debug, Clone)]
 pub struct StepSplit {
     /// Rows per micro-batch over all ranks.
@@ -843,25 +951,48 @@ pub struct StepSplit {
     auto: Option<crate::memory::AutoPlan>,
     /// `--dtype` (for the record).
     dtype: Option<DtypeArg>,
+    /// `--offload-optimizer`, given or set by `--auto` (for the record).
+    offload: bool,
     /// Micro-batches halved so far.
     retries: u32,
+    /// `--gpu-mem-limit` in bytes.
+    gpu_limit: Option<f64>,
+    /// The GPU allocator's highest readings since the last logged step, and over the run.
+    gpu_window: Option<DeviceMemory>,
+    gpu_run: Option<DeviceMemory>,
+}
+
+/// Why a micro-batch went over its memory budget: what was measured against what.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Overrun {
+    /// The GPU allocator's reservation (GPU) or the heap's high-water mark (CPU), in bytes.
+    measured: f64,
+    /// The budget it went over, in bytes.
+    budget: f64,
+    /// Whether `measured` is the GPU allocator's.
+    on_gpu: bool,
 }
 
 impl StepSplit {
-    /// The split of `micro_batch × grad_accum`, guarded by `auto`'s budget when given.
+    /// The split of `micro_batch × grad_accum`, guarded by `auto`'s budget when given and by
+    /// `--gpu-mem-limit` ([`MemoryArgs::gpu_limit`]); `memory` after `--auto` applied.
     pub fn new(
         micro_batch: usize,
         grad_accum: usize,
         auto: Option<crate::memory::AutoPlan>,
-        dtype: Option<DtypeArg>,
-    ) -> Self {
-        Self {
+        memory: &MemoryArgs,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
             micro_batch,
             grad_accum,
             auto,
-            dtype,
+            dtype: memory.dtype,
+            offload: memory.offload_optimizer,
             retries: 0,
-        }
+            gpu_limit: memory.gpu_limit()?,
+            gpu_window: None,
+            gpu_run: None,
+        })
     }
 
     /// Call before each attempt at a step: the heap's high-water mark starts again.
@@ -869,37 +1000,115 @@ impl StepSplit {
         crate::alloc::reset_peak();
     }
 
-    /// After a micro-batch: whether the step went over `--auto`'s budget on any rank (a
-    /// collective: every rank calls it after every micro-batch when `--auto` is on).
-    pub fn over_budget(&self, comm: &dyn Communicator) -> anyhow::Result<bool> {
-        match &self.auto {
-            Some(plan) => over_budget(comm, plan.budget),
-            None => Ok(false),
+    /// Takes the trainer's GPU allocator peak since it was last taken into the window and run
+    /// maxima, and returns it (`None` on the CPU backend).
+    pub fn observe<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+        &mut self,
+        trainer: &mut ZeroTrainer<B, S, C>,
+    ) -> Option<DeviceMemory> {
+        let reading = trainer.device_memory_peak()?;
+        trainer.reset_device_memory_peak();
+        let fold = |peak: Option<DeviceMemory>| Some(peak.map_or(reading, |p| p.max(reading)));
+        self.gpu_window = fold(self.gpu_window);
+        self.gpu_run = fold(self.gpu_run);
+        Some(reading)
+    }
+
+    /// `metrics.jsonl`'s GPU memory fields for the steps since the last logged one (bytes:
+    /// the allocator's most in use, and its reservation), then starts a new window; an empty
+    /// object on the CPU backend.
+    pub fn memory_fields<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+        &mut self,
+        trainer: &mut ZeroTrainer<B, S, C>,
+    ) -> Value {
+        self.observe(trainer);
+        match self.gpu_window.take() {
+            Some(peak) => json!({
+                "gpu_mem_in_use_peak": peak.in_use,
+                "gpu_mem_reserved": peak.reserved,
+            }),
+            None => json!({}),
         }
+    }
+
+    /// The GPU allocator's highest readings over the whole run so far, for `--report-memory`.
+    pub fn gpu_run_peak<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator>(
+        &mut self,
+        trainer: &mut ZeroTrainer<B, S, C>,
+    ) -> Option<DeviceMemory> {
+        self.observe(trainer);
+        self.gpu_run
+    }
+
+    /// The budget a micro-batch is held to: `--auto`'s, or `--gpu-mem-limit` on a GPU (`on_gpu`:
+    /// the trainer reports a device allocator), the smaller when both apply.
+    fn budget(&self, on_gpu: bool) -> Option<f64> {
+        let limit = self.gpu_limit.filter(|_| on_gpu);
+        match (self.auto.map(|plan| plan.budget), limit) {
+            (Some(auto), Some(limit)) => Some(auto.min(limit)),
+            (auto, limit) => auto.or(limit),
+        }
+    }
+
+    /// After a micro-batch whose GPU allocator peak was `reading` (`None` on the CPU): whether
+    /// it went over the budget on any rank (a collective: every rank calls it after every
+    /// micro-batch when a budget applies), with the largest overrun of the ranks.
+    fn over_budget(
+        &self,
+        comm: &dyn Communicator,
+        reading: Option<DeviceMemory>,
+    ) -> anyhow::Result<Option<Overrun>> {
+        let Some(budget) = self.budget(reading.is_some()) else {
+            return Ok(None);
+        };
+        let measured = match reading {
+            Some(gpu) => gpu.reserved as f64,
+            None => crate::alloc::peak_bytes() as f64,
+        };
+        let over = over_budget(comm, measured, budget)?;
+        Ok(over.map(|(measured, budget)| Overrun {
+            measured,
+            budget,
+            on_gpu: reading.is_some(),
+        }))
     }
 
     /// After an attempt that went over the budget: the next smaller split (rows per rank at most
     /// halved, micro-batches multiplied to keep the global batch), logged through `log`; an error
-    /// when the step was already retried or one row per rank is already too much.
-    pub fn shrink(
+    /// when the step was already retried, one row per rank is already too much, or the budget
+    /// is `--gpu-mem-limit` alone (no `--auto` to choose a smaller split).
+    fn shrink(
         &mut self,
         step: u64,
         world: usize,
         retried: &mut bool,
+        over: Overrun,
         log: impl Fn(&str),
     ) -> anyhow::Result<()> {
         let rows = self.micro_batch / world;
-        let budget = self.auto.map_or(0.0, |p| p.budget);
-        let heap = crate::alloc::peak_bytes() as f64 / 1e9;
+        let what = if over.on_gpu {
+            "the GPU allocator reserved"
+        } else {
+            "the heap reached"
+        };
+        let (measured, budget) = (over.measured / 1e9, over.budget / 1e9);
+        if self.auto.is_none() {
+            bail!(
+                "step {}: out of memory: {what} {measured:.2} GB, over --gpu-mem-limit \
+                 {budget:.2} GB, with {rows} row(s) per rank and micro-batch; lower --batch, \
+                 raise --grad-accum, add --checkpointing or --offload-optimizer, or let --auto \
+                 choose",
+                step + 1,
+            );
+        }
         let smaller = (1..rows)
             .rev()
             .find(|r| rows.is_multiple_of(*r) && *r <= rows / 2);
         let (Some(smaller), false) = (smaller, *retried) else {
             bail!(
-                "step {}: out of memory: the heap reached {heap:.2} GB, over --auto's budget of \
-                 {:.2} GB, with {rows} row(s) per rank and micro-batch",
+                "step {}: out of memory: {what} {measured:.2} GB, over --auto's budget of \
+                 {budget:.2} GB, with {rows} row(s) per rank and micro-batch",
                 step + 1,
-                budget / 1e9
             );
         };
         self.grad_accum *= rows / smaller;
@@ -907,10 +1116,9 @@ impl StepSplit {
         self.retries += 1;
         *retried = true;
         log(&format!(
-            "step {}: over the memory budget (heap {heap:.2} GB of {:.2} GB): retrying with \
-             micro-batch {} × grad-accum {}",
+            "step {}: over the memory budget ({what} {measured:.2} GB of {budget:.2} GB): \
+             retrying with micro-batch {} × grad-accum {}",
             step + 1,
-            budget / 1e9,
             self.micro_batch,
             self.grad_accum
         ));
@@ -919,8 +1127,9 @@ impl StepSplit {
 
     /// Forward and backward of one step's micro-batches, `batch(micro_batch, index)` giving this
     /// rank's share of micro-batch `index` (of `micro_batch` rows over all ranks). A step that goes
-    /// over `--auto`'s budget is discarded and run again once with a smaller split. Returns this
-    /// rank's mean loss of the step.
+    /// over `--auto`'s budget is discarded and run again once with a smaller split; one that goes
+    /// over `--gpu-mem-limit` without `--auto` ends the job. Returns this rank's mean loss of the
+    /// step.
     pub fn accumulate<B: AutodiffBackend, S: ZeroSpec<B>>(
         &mut self,
         trainer: &mut ZeroTrainer<B, S, Box<dyn Communicator>>,
@@ -933,21 +1142,27 @@ impl StepSplit {
         loop {
             self.start_attempt();
             let mut loss = 0.0;
-            let mut over = false;
+            let mut over = None;
             for micro in 0..self.grad_accum {
                 let rows = batch(self.micro_batch, micro);
                 loss += trainer.forward_backward(&rows)? / self.grad_accum as f32;
-                if self.over_budget(trainer.comm().as_ref())? {
-                    over = true;
+                let reading = self.observe(trainer);
+                over = self.over_budget(trainer.comm().as_ref(), reading)?;
+                if over.is_some() {
                     break;
                 }
             }
-            if !over {
+            let Some(over) = over else {
                 return Ok(loss);
-            }
-            // Over --auto's budget: the same step again with a smaller micro-batch, once.
+            };
+            // Over the budget: the same step again with a smaller micro-batch, once, after the
+            // GPU allocator gave back what the failed attempt reserved.
             trainer.zero_grad();
-            self.shrink(step, world, &mut retried, |line| progress.println(line))?;
+            trainer.release_device_memory();
+            self.gpu_window = None;
+            self.shrink(step, world, &mut retried, over, |line| {
+                progress.println(line)
+            })?;
         }
     }
 
@@ -959,15 +1174,19 @@ impl StepSplit {
                 grad_accum: self.grad_accum,
                 ..plan
             };
-            auto_record(&now, self.dtype, self.retries)
+            auto_record(&now, self.dtype, self.offload, self.retries)
         })
     }
 }
 
-/// Whether this micro-batch went over `--auto`'s budget (the heap's high-water mark since the
-/// step began, on any rank: all ranks then agree to retry). `ZOO_TEST_AUTO_GUARD_BYTES` replaces
-/// the budget here (and only here), so that tests can make a step go over it.
-fn over_budget(comm: &dyn Communicator, budget: f64) -> anyhow::Result<bool> {
+/// Whether a micro-batch that took `measured` bytes (this rank's) went over `budget` on any rank
+/// (all ranks then agree to retry): the largest rank's bytes and the budget. `ZOO_TEST_AUTO_GUARD_BYTES` replaces the
+/// budget here (and only here), so that tests can make a step go over it.
+fn over_budget(
+    comm: &dyn Communicator,
+    measured: f64,
+    budget: f64,
+) -> anyhow::Result<Option<(f64, f64)>> {
     static TEST_GUARD: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
     let budget = TEST_GUARD
         .get_or_init(|| {
@@ -976,13 +1195,14 @@ fn over_budget(comm: &dyn Communicator, budget: f64) -> anyhow::Result<bool> {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(budget);
-    let mut over = [if crate::alloc::peak_bytes() as f64 > budget {
-        1.0
+    // f32 holds byte counts to 7 digits: enough to compare and to print in GB.
+    let mut over = [if measured > budget {
+        measured as f32
     } else {
         0.0
     }];
     comm.all_reduce(&mut over, ReduceOp::Max)?;
-    Ok(over[0] > 0.0)
+    Ok((over[0] > 0.0).then_some((over[0] as f64, budget)))
 }
 
 /// `--dtype`'s spelling of a dtype.
@@ -1616,8 +1836,24 @@ pub fn proc_status_bytes(field: &str) -> Option<u64> {
 
 /// `--report-memory`: the resident set before the model was built, the peak of the training
 /// steps (read before the final checkpoint and evaluation), and the peak of the whole job after
-/// them, from `/proc/self/status`; what `zoo memory` is checked against.
-pub fn report_memory(baseline: Option<u64>, steps_peak: Option<u64>, final_peak: Option<u64>) {
+/// them, from `/proc/self/status`; what `zoo memory` is checked against. On a GPU also the
+/// allocator's highest readings over the run (`gpu`: bytes in use, bytes reserved).
+pub fn report_memory(
+    baseline: Option<u64>,
+    steps_peak: Option<u64>,
+    final_peak: Option<u64>,
+    gpu: Option<DeviceMemory>,
+) {
+    if let Some(gpu) = gpu {
+        println!(
+            "gpu memory: allocator peak in use {:.1} MB, reserved {:.1} MB \
+             (MEASURED_GPU_IN_USE_PEAK_BYTES={} MEASURED_GPU_RESERVED_PEAK_BYTES={})",
+            gpu.in_use as f64 / 1e6,
+            gpu.reserved as f64 / 1e6,
+            gpu.in_use,
+            gpu.reserved
+        );
+    }
     match (baseline, steps_peak, final_peak) {
         (Some(base), Some(peak), Some(last)) => println!(
             "memory: resident {:.1} MB before the model, peak {:.1} MB, training peak {:.1} MB, \
@@ -1631,5 +1867,159 @@ pub fn report_memory(baseline: Option<u64>, steps_peak: Option<u64>, final_peak:
             last.saturating_sub(base)
         ),
         _ => eprintln!("--report-memory needs Linux's /proc/self/status"),
+    }
+}
+
+/// `fields` with `extra`'s fields added (both JSON objects; `extra` wins a clash).
+pub fn merged(mut fields: Value, extra: Value) -> Value {
+    if let (Some(out), Value::Object(extra)) = (fields.as_object_mut(), extra) {
+        out.extend(extra);
+    }
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        memory: MemoryArgs,
+    }
+
+    fn memory(args: &[&str]) -> MemoryArgs {
+        Flags::try_parse_from(std::iter::once("zoo").chain(args.iter().copied()))
+            .unwrap()
+            .memory
+    }
+
+    #[test]
+    fn the_gpu_memory_limit_needs_a_gpu_and_sets_autos_budget() {
+        let err = memory(&["--gpu-mem-limit", "11GB"])
+            .gpu_limit()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("--gpu-mem-limit 11GB") && err.to_string().contains("cpu"),
+            "{err}"
+        );
+        let err = memory(&["--device", "cuda:0", "--gpu-mem-limit", "11XB"])
+            .gpu_limit()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown unit 'xb'"), "{err:#}");
+        let limited = memory(&["--device", "cuda:0", "--gpu-mem-limit", "11GB"]);
+        assert_eq!(limited.gpu_limit().unwrap(), Some(11e9));
+        // --auto's budget on a GPU: the limit, or the smaller of it and --gpu-mem.
+        assert_eq!(limited.budget().unwrap(), 11e9);
+        let both = [
+            "--device",
+            "cuda:0",
+            "--gpu-mem-limit",
+            "11GB",
+            "--gpu-mem",
+            "8GB",
+        ];
+        assert_eq!(memory(&both).budget().unwrap(), 8e9);
+    }
+
+    #[test]
+    fn a_micro_batch_over_the_gpu_limit_ends_the_job_naming_the_limit_and_the_reservation() {
+        let limited = memory(&["--device", "cuda:0", "--gpu-mem-limit", "11GB"]);
+        let split = StepSplit::new(8, 1, None, &limited).unwrap();
+        let reading = |reserved| {
+            Some(DeviceMemory {
+                in_use: 9_000_000_000,
+                reserved,
+            })
+        };
+        // Under the limit, and on the CPU (no allocator reading), nothing is over.
+        assert_eq!(
+            split
+                .over_budget(&SingleRank, reading(10_000_000_000))
+                .unwrap(),
+            None
+        );
+        assert_eq!(split.over_budget(&SingleRank, None).unwrap(), None);
+        let over = split
+            .over_budget(&SingleRank, reading(12_000_000_000))
+            .unwrap()
+            .expect("12 GB reserved is over 11 GB");
+        assert_eq!(
+            (over.measured, over.budget, over.on_gpu),
+            (12e9, 11e9, true)
+        );
+        let mut split = split;
+        let err = split
+            .shrink(4, 1, &mut false, over, |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step 5")
+                && err.contains("reserved 12.00 GB")
+                && err.contains("--gpu-mem-limit 11.00 GB")
+                && err.contains("8 row(s)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn with_auto_the_gpu_limit_halves_the_micro_batch_once() {
+        let plan = crate::memory::AutoPlan {
+            micro_batch: 8,
+            grad_accum: 1,
+            checkpointing: true,
+            zero_stage: 3,
+            estimate: 9e9,
+            budget: 20e9,
+        };
+        let limited = memory(&["--device", "cuda:0", "--gpu-mem-limit", "11GB"]);
+        let mut split = StepSplit::new(8, 1, Some(plan), &limited).unwrap();
+        // The smaller of --auto's budget and the limit applies on a GPU; on the CPU only --auto's.
+        assert_eq!(split.budget(true), Some(11e9));
+        assert_eq!(split.budget(false), Some(20e9));
+        let over = Overrun {
+            measured: 12e9,
+            budget: 11e9,
+            on_gpu: true,
+        };
+        let mut retried = false;
+        split.shrink(0, 1, &mut retried, over, |_| {}).unwrap();
+        assert_eq!((split.micro_batch, split.grad_accum, retried), (4, 2, true));
+        let err = split.shrink(0, 1, &mut retried, over, |_| {}).unwrap_err();
+        assert!(
+            err.to_string().contains("over --auto's budget of 11.00 GB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn auto_offloads_the_state_only_when_nothing_fits_with_it_on_the_gpu() {
+        let config = models::preset("bert-large-uncased").unwrap().config;
+        let architecture = models::Architecture::BertForSequenceClassification;
+        let plan_on = |gpu_mem: &str| {
+            let mut args = memory(&["--auto", "--device", "cuda:0", "--gpu-mem", gpu_mem]);
+            let plan = args.apply_auto(architecture, &config, 512, 8, None);
+            (plan, args.offload_optimizer)
+        };
+        // 11 GB holds BERT-Large's 16 bytes a parameter (5.4 GB) and a split of the batch.
+        let (plan, offloaded) = plan_on("11GB");
+        assert!(plan.is_ok() && !offloaded, "{plan:?}");
+        // 6 GB does not (85% of it is 5.1 GB): the master weights and moments go to the host,
+        // and the GPU keeps the gradient and the bf16 copy (6 bytes a parameter).
+        let (plan, offloaded) = plan_on("6GB");
+        let plan = plan.unwrap();
+        assert!(offloaded, "{plan:?}");
+        assert!(
+            plan.estimate <= crate::memory::AUTO_MARGIN * 6e9,
+            "{plan:?}"
+        );
+        assert_eq!(
+            auto_record(&plan, Some(DtypeArg::Bf16), true, 0)["offload_optimizer"],
+            true
+        );
+        // 2 GB holds neither.
+        let (plan, _) = plan_on("2GB");
+        assert!(plan.is_err());
     }
 }
