@@ -1,4 +1,4 @@
-//! `zoo bench`: the speed of BERT-base and GPT-2 (124M, random weights) forward, training step
+//! `zoo bench`: the speed of BERT-base/-large and GPT-2 (124M, random weights) forward, training step
 //! (forward, backward and AdamW through zoo's ZeRO trainer: what `zoo finetune` and `zoo pretrain`
 //! run) and generation, as the median of repeated runs after a warm-up. `bench/torch_reference.py`
 //! measures the same shapes in PyTorch and `bench/compare.py` runs both and prints the table.
@@ -6,6 +6,10 @@
 //! Achieved FLOP/s count the matrix products only: per token, `2 ·` the weights of the linear
 //! layers (and the LM head), plus `4 · layers · seq · width` for the attention scores and their
 //! product with the values; a training step is three forwards' worth.
+//!
+//! On a GPU a training step keeps the ZeRO state as training does (on the device, or offloaded
+//! with `--offload-optimizer`), in `--dtype`, and the record gains the allocator's peak;
+//! `--gpu-mem-limit` holds it to a smaller card's memory (`scripts/gpu-bench.sh`).
 
 use std::time::Instant;
 
@@ -29,7 +33,8 @@ use models::{AnyModel, ModelConfig, preset};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::json;
 
-use crate::run::run_ranks;
+use crate::run::{DtypeArg, run_ranks};
+use bmtrain_backend::device_memory::DeviceMemory;
 
 /// `zoo bench` arguments.
 #[derive(Args, Debug, Clone)]
@@ -69,6 +74,18 @@ pub struct BenchArgs {
     /// Where to run: cpu or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceSpec,
+    /// Compute dtype of a training step (mixed precision: f32 master weights and AdamW state;
+    /// f16 with dynamic loss scaling), as `zoo finetune --dtype`.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// On a GPU, keep the master weights and AdamW moments on the host (train), as
+    /// `zoo finetune --offload-optimizer`.
+    #[arg(long)]
+    offload_optimizer: bool,
+    /// On a GPU, fail when the allocator reserves more than this (train), e.g. 11GB, as
+    /// `zoo finetune --gpu-mem-limit`: a smaller card simulated on a larger one.
+    #[arg(long, value_name = "SIZE")]
+    gpu_mem_limit: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -79,6 +96,8 @@ pub struct BenchArgs {
 pub enum BenchModel {
     /// bert-base-uncased's shapes, as a 2-label sequence classifier.
     BertBase,
+    /// bert-large-uncased's shapes (340M), as a 2-label sequence classifier.
+    BertLarge,
     /// GPT-2 small (124M), LM head tied.
     Gpt2,
     /// A Llama-shaped ~134M model (`llama_config`): width 768, 12 blocks, 12 query heads over
@@ -112,9 +131,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The models are fixed (124M parameters at most), but the machine may still be too small.
     if let Some(available) = crate::memory::available_memory() {
         let (architecture, config) = match args.model {
-            BenchModel::BertBase => (
+            BenchModel::BertBase | BenchModel::BertLarge => (
                 models::Architecture::BertForSequenceClassification,
-                ModelConfig::Bert(bert_config()),
+                ModelConfig::Bert(bert_config(args.model)),
             ),
             BenchModel::Gpt2 => (
                 models::Architecture::Gpt2LmHeadModel,
@@ -129,13 +148,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let setup = crate::memory::Setup {
             seq: args.seq,
             batch: args.batch,
-            dtype_bytes: 4,
+            dtype_bytes: if args.dtype == DtypeArg::F32 { 4 } else { 2 },
             checkpointing: args.checkpointing,
             zero_stage: 3,
             ranks: args.ranks,
             ranks_in_process: args.ranks,
-            gpu: false,
-            offload: false,
+            gpu: matches!(args.device, DeviceSpec::Cuda(_)),
+            offload: args.offload_optimizer,
         };
         crate::memory::check_training_fits(&shape, &setup, available, "zoo bench")?;
     }
@@ -144,10 +163,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--ranks applies to --mode train"
     );
     ensure!(
-        !(args.model == BenchModel::BertBase && args.mode == BenchMode::Generate),
+        !(matches!(args.model, BenchModel::BertBase | BenchModel::BertLarge)
+            && args.mode == BenchMode::Generate),
         "--mode generate needs a causal LM (--model gpt2 or llama)"
     );
-    let times = args.device.run(BenchTask { args: args.clone() })??;
+    gpu_limit(&args)?;
+    let Timed { times, gpu } = args.device.run(BenchTask { args: args.clone() })??;
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -174,6 +195,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "threads": threads,
         "ranks": args.ranks,
         "device": args.device.to_string(),
+        "dtype": crate::run::dtype_name(args.dtype),
+        "placement": format!("{:?}", crate::run::placement(&args.device, args.offload_optimizer))
+            .to_lowercase(),
+        "gpu_mem_in_use_peak": gpu.map(|g| g.in_use),
+        "gpu_mem_reserved_peak": gpu.map(|g| g.reserved),
     });
     if args.json {
         println!("{record}");
@@ -195,9 +221,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bert_config() -> BertConfig {
-    let Some(ModelConfig::Bert(mut config)) = preset("bert-base-uncased").map(|p| p.config) else {
-        unreachable!("bert-base-uncased is a BERT preset")
+/// BERT-base's or (`BertLarge`) BERT-large's shapes, with a 2-label head.
+fn bert_config(model: BenchModel) -> BertConfig {
+    let name = match model {
+        BenchModel::BertLarge => "bert-large-uncased",
+        _ => "bert-base-uncased",
+    };
+    let Some(ModelConfig::Bert(mut config)) = preset(name).map(|p| p.config) else {
+        unreachable!("{name} is a BERT preset")
     };
     config.num_labels = Some(2);
     config
@@ -214,8 +245,8 @@ fn gpt2_config() -> Gpt2Config {
 fn flops_per_run(args: &BenchArgs) -> f64 {
     // (layers, width, q/k/v/o projection weights per block, MLP weights per block, head vocab)
     let (layers, width, attention, mlp, head) = match args.model {
-        BenchModel::BertBase => {
-            let c = bert_config();
+        BenchModel::BertBase | BenchModel::BertLarge => {
+            let c = bert_config(args.model);
             let (h, f) = (c.hidden_size, c.intermediate_size);
             (c.num_hidden_layers, h, 4 * h * h, 2 * h * f, 0)
         }
@@ -263,13 +294,13 @@ struct BenchTask {
 }
 
 impl BackendTask for BenchTask {
-    type Output = anyhow::Result<Vec<f64>>;
+    type Output = anyhow::Result<Timed>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let args = &self.args;
         let mut rng = StdRng::seed_from_u64(0);
         let vocab = match args.model {
-            BenchModel::BertBase => bert_config().vocab_size,
+            BenchModel::BertBase | BenchModel::BertLarge => bert_config(args.model).vocab_size,
             BenchModel::Gpt2 => gpt2_config().vocab_size,
             BenchModel::Llama => llama_config().vocab_size,
         };
@@ -277,23 +308,24 @@ impl BackendTask for BenchTask {
             .map(|_| rng.random_range(0..vocab as i64))
             .collect();
         let time =
-            |mut body: Box<dyn FnMut() -> anyhow::Result<()> + '_>| -> anyhow::Result<Vec<f64>> {
+            |mut body: Box<dyn FnMut() -> anyhow::Result<()> + '_>| -> anyhow::Result<Timed> {
                 for _ in 0..args.warmup {
                     body()?;
                 }
-                (0..args.iters)
+                let times = (0..args.iters)
                     .map(|_| {
                         let started = Instant::now();
                         body()?;
                         B::sync(&device)?;
                         Ok(started.elapsed().as_secs_f64())
                     })
-                    .collect()
+                    .collect::<anyhow::Result<_>>()?;
+                Ok(Timed { times, gpu: None })
             };
         match (args.model, args.mode) {
-            (BenchModel::BertBase, BenchMode::Forward) => {
+            (BenchModel::BertBase | BenchModel::BertLarge, BenchMode::Forward) => {
                 let model = bert_init(
-                    BertForSequenceClassification::<B>::new(&bert_config(), &device)?,
+                    BertForSequenceClassification::<B>::new(&bert_config(args.model), &device)?,
                     0,
                     &device,
                 );
@@ -359,7 +391,9 @@ impl BackendTask for BenchTask {
                     move |comm| train_times::<Autodiff<B>>(comm, device.clone(), &args, &ids),
                 )
             }
-            (BenchModel::BertBase, BenchMode::Generate) => unreachable!("refused above"),
+            (BenchModel::BertBase | BenchModel::BertLarge, BenchMode::Generate) => {
+                unreachable!("refused above")
+            }
         }
     }
 }
@@ -385,8 +419,12 @@ fn random_gpt2<B: Backend>(device: &B::Device) -> anyhow::Result<Gpt2LmHeadModel
 }
 
 fn options(args: &BenchArgs, blocks: usize) -> ZeroOptions {
+    let (compute_dtype, loss_scaler) = args.dtype.mixed_precision();
     ZeroOptions {
         checkpoint: vec![args.checkpointing; blocks],
+        compute_dtype,
+        loss_scaler,
+        placement: crate::run::placement(&args.device, args.offload_optimizer),
         adamw: AdamWConfig::default(),
         // With LoRA only the adapters and a classifier's head train, as PEFT's SEQ_CLS does.
         frozen: (args.lora_r > 0).then(|| {
@@ -419,7 +457,7 @@ fn train_times<AB: AutodiffBackend>(
     device: AB::Device,
     args: &BenchArgs,
     ids: &[i64],
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<Timed> {
     let rows = args.batch / comm.world_size();
     let rank_args = BenchArgs {
         batch: rows,
@@ -431,8 +469,8 @@ fn train_times<AB: AutodiffBackend>(
     let labels: Vec<i64> = (0..args.batch).map(|_| rng.random_range(0..2)).collect();
     let rank_labels = labels[comm.rank() * rows..][..rows].to_vec();
     match args.model {
-        BenchModel::BertBase => {
-            let config = bert_config();
+        BenchModel::BertBase | BenchModel::BertLarge => {
+            let config = bert_config(args.model);
             let model = bert_init(
                 BertForSequenceClassification::<AB>::new(&config, &device)?,
                 0,
@@ -487,22 +525,57 @@ fn time_steps<AB: AutodiffBackend, S: ZeroSpec<AB>>(
     batch: &S::Batch,
     args: &BenchArgs,
     device: &AB::Device,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<Timed> {
     let options = options(args, blocks.len());
+    let limit = gpu_limit(args)?;
+    let rows = args.batch / comm.world_size();
     let mut trainer = ZeroTrainer::new(spec, comm, device.clone(), embed, blocks, head, options);
-    for _ in 0..args.warmup {
+    let step = |trainer: &mut ZeroTrainer<AB, S, Box<dyn Communicator>>,
+                index: usize|
+     -> anyhow::Result<()> {
         trainer.forward_backward(batch)?;
         trainer.step(1e-4)?;
+        if let (Some(limit), Some(peak)) = (limit, trainer.device_memory_peak()) {
+            ensure!(
+                peak.reserved as f64 <= limit,
+                "step {}: out of memory: the GPU allocator reserved {:.2} GB, over \
+                 --gpu-mem-limit {:.2} GB, with {} row(s) of {} tokens",
+                index + 1,
+                peak.reserved as f64 / 1e9,
+                limit / 1e9,
+                rows,
+                args.seq
+            );
+        }
+        Ok(())
+    };
+    for index in 0..args.warmup {
+        step(&mut trainer, index)?;
     }
-    (0..args.iters)
-        .map(|_| {
+    let times = (0..args.iters)
+        .map(|index| {
             let started = Instant::now();
-            trainer.forward_backward(batch)?;
-            trainer.step(1e-4)?;
+            step(&mut trainer, args.warmup + index)?;
             AB::sync(device)?;
             Ok(started.elapsed().as_secs_f64())
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Timed {
+        times,
+        gpu: trainer.device_memory_peak(),
+    })
+}
+
+/// What a benchmark measured: each timed run's seconds, and on a GPU the allocator's highest
+/// readings over the warm-up and timed runs.
+struct Timed {
+    times: Vec<f64>,
+    gpu: Option<DeviceMemory>,
+}
+
+/// `--gpu-mem-limit` in bytes: only on a GPU.
+fn gpu_limit(args: &BenchArgs) -> anyhow::Result<Option<f64>> {
+    crate::run::gpu_limit(args.gpu_mem_limit.as_deref(), &args.device)
 }
 
 fn ids_tensor<B: Backend>(ids: &[i64], args: &BenchArgs, device: &B::Device) -> Tensor<B, 2, Int> {

@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# One prepared GPU run (issue 14): zoo against PyTorch on the same card, in one go, from a `zoo`
+# built elsewhere with `--features cuda` (no Rust and no CUDA toolkit needed here).
+#
+#   scripts/gpu-bench.sh [ZOO] [OUT_DIR]        # on a GPU machine
+#   ZOO_BENCH_CPU=1 scripts/gpu-bench.sh [ZOO]  # the same pipeline on the CPU, tiny shapes: checks
+#                                               # the script's parts on a machine without a GPU
+#
+# 1. CUDA's run-time pieces: NVRTC (cubecl compiles its kernels with it at run time, against
+#    $CUDA_PATH/include), the runtime and CCCL headers, and NCCL. Whatever the system lacks comes
+#    from PyPI's nvidia-* wheels for the CUDA major version the driver supports, merged under one
+#    CUDA_PATH ($OUT/cuda); wheels already installed (torch brings most) are used as they are.
+# 2. `zoo env --device cuda --json`: what the rank resolves to and what was found.
+# 3. Benchmarks, after warm-up (NVRTC compilation and autotuning happen in the warm-up steps):
+#    - BERT-Large (340M), seq 512, f16, fine-tuning steps with block checkpointing under
+#      --gpu-mem-limit 11GB, at the largest batch `zoo memory` promises for an 11 GB card and at
+#      half of it;
+#    - GPT-2 124M, bf16, pretraining steps at 8 × 1024 tokens;
+#    - PyTorch on the same shapes and dtypes (transformers, torch.optim.AdamW, sdpa attention,
+#      autocast; bench/torch_reference.py), no memory limit, no checkpointing.
+#    Each run gets what is left of $ZOO_BENCH_SECONDS (480: the whole script stays within 8
+#    minutes) and a run that fails or runs out of time is recorded as such, not fatal.
+# 4. $OUT/gpu-bench.json and $OUT/gpu-bench.md: tokens/s, MFU (the run's matrix FLOPs — 6 · N ·
+#    tokens plus attention's — over the card's dense bf16/f16 peak, which the table names), the
+#    allocator's peak, and zoo ÷ PyTorch.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+zoo="$(realpath "${1:-target/release/zoo}")"
+out="${2:-/tmp/zoo-gpu-bench}"
+cpu_check="${ZOO_BENCH_CPU:-0}"
+budget_s="${ZOO_BENCH_SECONDS:-480}"
+start_s=$(date +%s)
+mkdir -p "$out/runs"
+[[ -x "$zoo" ]] || { echo "gpu-bench: no zoo binary at $zoo (build it with --features cuda)" >&2; exit 2; }
+
+left() { echo $((budget_s - ($(date +%s) - start_s))); }
+
+# --- 1. CUDA libraries and headers -------------------------------------------------------------
+cuda_setup() {
+    local major
+    major=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\..*/\1/p' | head -1)
+    major="${major:-12}"
+    # Wheel names: -cuNN suffixes up to CUDA 12; from 13 on NVIDIA names them without one.
+    local suffix="-cu$major" version=""
+    if ((major >= 13)); then suffix="" version="==$major.*"; fi
+    local missing=()
+    for module in cuda_nvrtc cuda_runtime cuda_cccl nccl; do
+        python3 -c "import nvidia.$module" 2>/dev/null && continue
+        case $module in
+            nccl) missing+=("nvidia-nccl-cu$major") ;;
+            *) missing+=("nvidia-${module//_/-}$suffix$version") ;;
+        esac
+    done
+    if ((${#missing[@]})); then
+        echo "== pip install ${missing[*]}"
+        python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}" ||
+            echo "gpu-bench: pip could not install ${missing[*]}; using what the system has" >&2
+    fi
+    # One CUDA_PATH: every wheel's include/ and lib/ linked side by side, system CUDA first.
+    export CUDA_PATH="$out/cuda"
+    mkdir -p "$CUDA_PATH/include" "$CUDA_PATH/lib64"
+    local roots=(/usr/local/cuda)
+    local site
+    site=$(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d) for p in nvidia.__path__ for d in sorted(os.listdir(p))))' 2>/dev/null)
+    roots+=($site)
+    for root in "${roots[@]}"; do
+        [[ -d "$root/include" ]] && cp -rsn "$root/include/." "$CUDA_PATH/include/" 2>/dev/null
+        for lib in "$root/lib" "$root/lib64"; do
+            [[ -d "$lib" ]] && cp -rsn "$lib/." "$CUDA_PATH/lib64/" 2>/dev/null
+        done
+    done
+    # cudarc opens the unversioned names; wheels ship only the versioned ones.
+    for versioned in "$CUDA_PATH"/lib64/lib{nvrtc,nccl,cudart}.so.*; do
+        [[ -e "$versioned" ]] || continue
+        local plain="${versioned%%.so.*}.so"
+        [[ -e "$plain" ]] || ln -s "$versioned" "$plain"
+    done
+    export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
+    export CUDA_HOME="$CUDA_PATH"
+}
+
+# --- 3. one benchmark run, bounded by the time left ---------------------------------------------
+# run NAME COMMAND...: the command's last JSON line goes to runs/NAME.json, its output to
+# runs/NAME.log; a failure or a timeout is recorded in the JSON instead.
+run() {
+    local name=$1
+    shift
+    local limit
+    limit=$(left)
+    if ((limit < 20)); then
+        echo "{\"name\":\"$name\",\"error\":\"not run: the time budget was spent\"}" >"$out/runs/$name.json"
+        echo "== $name: skipped (time budget spent)"
+        return
+    fi
+    echo "== $name ($limit s left): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$out/runs/$name.log" 2>&1
+    local rc=$?
+    local json
+    json=$(grep '^{' "$out/runs/$name.log" | tail -1)
+    if ((rc == 0)) && [[ -n "$json" ]]; then
+        python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r["name"] = sys.argv[2]; print(json.dumps(r))' \
+            "$json" "$name" >"$out/runs/$name.json"
+    else
+        local why
+        why=$( ((rc == 124 || rc == 137)) && echo "timed out" || tail -3 "$out/runs/$name.log" | tr '"\\\n' "'/ ")
+        echo "{\"name\":\"$name\",\"error\":\"exit $rc: ${why}\"}" >"$out/runs/$name.json"
+        echo "   failed (exit $rc): see $out/runs/$name.log"
+    fi
+}
+
+if [[ "$cpu_check" == 1 ]]; then
+    device=cpu
+    bert=(bert-base 32) gpt=(2 32) dtype_bert=f32 dtype_gpt=f32 limit=() iters=(--warmup 1 --iters 2)
+else
+    cuda_setup
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    device=cuda
+    bert=(bert-large 512) gpt=(8 1024) dtype_bert=f16 dtype_gpt=bf16 limit=(--gpu-mem-limit 11GB)
+    iters=(--warmup 2 --iters 5)
+fi
+
+# --- 2. zoo env -----------------------------------------------------------------------------------
+echo "== zoo env"
+"$zoo" env --device "$device" | tee "$out/env.txt"
+"$zoo" env --device "$device" --json >"$out/env.json"
+
+# The largest BERT-Large batch `zoo memory` promises on an 11 GB card (the classifier, f16,
+# checkpointing), and half of it.
+cat >"$out/bert-large.json" <<'JSON'
+{"architectures": ["BertForSequenceClassification"], "model_type": "bert", "vocab_size": 30522,
+ "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+ "intermediate_size": 4096, "max_position_embeddings": 512, "type_vocab_size": 2,
+ "num_labels": 2}
+JSON
+if [[ "$cpu_check" == 1 ]]; then
+    full=4
+else
+    full=$("$zoo" memory --model "$out/bert-large.json" --seq 512 --dtype f16 --checkpointing \
+        --gpu-mem 11GB --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["max_batch"] or 1)')
+fi
+half=$(((full + 1) / 2))
+echo "== zoo memory: BERT-Large seq 512 f16 on 11 GB: largest batch $full, half $half"
+
+torch=(python3 bench/torch_reference.py --device "$device" --json "${iters[@]}")
+python3 -c 'import torch, transformers' 2>/dev/null || torch=()
+[[ ${#torch[@]} -gt 0 ]] || echo "gpu-bench: torch/transformers not importable: PyTorch runs skipped" >&2
+
+for batch in "$full" "$half"; do
+    run "zoo-${bert[0]}-b$batch" "$zoo" bench --model "${bert[0]}" --mode train --batch "$batch" \
+        --seq "${bert[1]}" --dtype "$dtype_bert" --checkpointing --device "$device" "${limit[@]}" \
+        "${iters[@]}" --json
+    if [[ ${#torch[@]} -gt 0 ]]; then
+        run "torch-${bert[0]}-b$batch" "${torch[@]}" --model "${bert[0]}" --mode train \
+            --batch "$batch" --seq "${bert[1]}" --dtype "$dtype_bert"
+    fi
+done
+run "zoo-gpt2-${gpt[0]}x${gpt[1]}" "$zoo" bench --model gpt2 --mode train --batch "${gpt[0]}" \
+    --seq "${gpt[1]}" --dtype "$dtype_gpt" --device "$device" "${iters[@]}" --json
+if [[ ${#torch[@]} -gt 0 ]]; then
+    run "torch-gpt2-${gpt[0]}x${gpt[1]}" "${torch[@]}" --model gpt2 --mode train \
+        --batch "${gpt[0]}" --seq "${gpt[1]}" --dtype "$dtype_gpt"
+fi
+
+# --- 4. the table -----------------------------------------------------------------------------------
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+python3 scripts/gpu_bench_table.py --runs "$out/runs" --env "$out/env.json" \
+    --gpu "${gpu_name:-cpu}" --out "$out/gpu-bench"
+echo "== $(($(date +%s) - start_s)) s; wrote $out/gpu-bench.json and $out/gpu-bench.md"
+cat "$out/gpu-bench.md"
+# The CPU check (CI) fails when any run did.
+if [[ "$cpu_check" == 1 ]] && grep -l '"error"' "$out"/runs/*.json; then
+    echo "gpu-bench: the runs above failed" >&2
+    exit 1
+fi
