@@ -829,6 +829,7 @@ fn placement_run(
     world: usize,
     zero_level: u8,
     placement: StatePlacement,
+    compute_dtype: Option<burn::tensor::DType>,
 ) -> PlacementRun {
     let initial = initial.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -846,6 +847,7 @@ fn placement_run(
         loss_scaler: Some(LossScaler::new(1024.0)),
         frozen: Some(Frozen::new(|name| name.starts_with("embed.norm."))),
         placement,
+        compute_dtype,
         ..ZeroOptions::checkpoint_all(LAYERS)
     };
     // Each rank trains `steps` steps on its rows, two micro-batches a step, the last rank's
@@ -930,7 +932,7 @@ fn safetensors_contents(bytes: &[u8]) -> (serde_json::Value, Vec<u8>) {
 fn device_and_offloaded_state_equal_the_host_path_bit_for_bit() {
     for (world, level) in [(1, 3), (2, 3), (4, 3), (2, 2)] {
         let initial = initial_model();
-        let host = placement_run(&initial, world, level, StatePlacement::Host);
+        let host = placement_run(&initial, world, level, StatePlacement::Host, None);
         // The run is not trivial: the overflow skipped a step, clipping bit, training moved.
         assert!(
             host.2.iter().any(Option::is_none),
@@ -955,7 +957,7 @@ fn device_and_offloaded_state_equal_the_host_path_bit_for_bit() {
             .filter(|n| f32::from_bits(**n) > 0.05);
         assert!(clipped.count() > 0, "N={world}: clipping never bit");
         for placement in [StatePlacement::Device, StatePlacement::Offload] {
-            let device = placement_run(&initial, world, level, placement);
+            let device = placement_run(&initial, world, level, placement, None);
             let as_f32 = |bits: &[u32]| bits.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>();
             assert_eq!(
                 as_f32(&host.1),
@@ -990,5 +992,54 @@ fn device_and_offloaded_state_equal_the_host_path_bit_for_bit() {
                 host.2.len()
             );
         }
+    }
+}
+
+/// In a half compute dtype the device holds frozen weights in it, and their f32 values stay on
+/// the host: after training, a save and a resume, the frozen norm still has its initial bits
+/// (read back from an f16 copy it would be rounded), while the rest trained.
+#[test]
+fn in_f16_the_device_state_keeps_frozen_weights_unrounded() {
+    // A norm whose values f16 cannot hold (initialised ones and zeros it could).
+    let (layout, mut values) = flatten::<B, _>(&initial_model());
+    for entry in layout
+        .entries
+        .iter()
+        .filter(|e| e.name.starts_with("embed.norm."))
+    {
+        for (k, v) in values[entry.offset..][..entry.len()].iter_mut().enumerate() {
+            *v += 1e-3 * (k as f32 + 0.37);
+            assert_ne!(burn::tensor::f16::from_f32(*v).to_f32(), *v);
+        }
+    }
+    let initial = load_flat(initial_model(), &layout, &values, &Default::default(), true);
+    let initial_bits: Vec<u32> = values.iter().map(|x| x.to_bits()).collect();
+    let f16 = Some(burn::tensor::DType::F16);
+    for world in [1, 2] {
+        let run = placement_run(&initial, world, 3, StatePlacement::Device, f16);
+        let (mut frozen, mut moved) = (0, 0);
+        for entry in &layout.entries {
+            let range = entry.offset..entry.offset + entry.len();
+            if entry.name.starts_with("embed.norm.") {
+                assert_eq!(
+                    run.0[range.clone()],
+                    initial_bits[range],
+                    "N={world}: {}",
+                    entry.name
+                );
+                frozen += entry.len();
+            } else {
+                moved += run.0[range.clone()]
+                    .iter()
+                    .zip(&initial_bits[range])
+                    .filter(|(a, b)| a != b)
+                    .count();
+            }
+        }
+        assert!(
+            frozen > 0 && moved > run.0.len() / 2,
+            "N={world}: {frozen} frozen, {moved} moved"
+        );
+        eprintln!("Device f16 N={world}: {frozen} frozen values kept bit for bit, {moved} trained");
     }
 }

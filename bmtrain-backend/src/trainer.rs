@@ -337,17 +337,31 @@ impl<M, I: Backend> Segment<M, I> {
         match placement {
             StatePlacement::Host => return,
             StatePlacement::Device => {
+                // Frozen weights never change: in a half compute dtype the device holds them in
+                // it (what every working copy needs: 2 bytes a parameter, not 4) and their f32
+                // values stay on the host, untouched, for checkpoints (LoRA's base).
+                let frozen_on_host =
+                    dtype.is_some_and(|d| d != DType::F32) && !self.frozen.local.is_empty();
+                let frozen: &[f32] = match frozen_on_host {
+                    true => &[],
+                    false => &self.frozen.local,
+                };
                 let mut resident = Resident::upload(
                     &self.params.local,
-                    &self.frozen.local,
+                    frozen,
                     &[],
                     (&self.state.exp_avg, &self.state.exp_avg_sq),
                     device,
                 );
+                if frozen_on_host {
+                    resident.frozen =
+                        resident::upload_as(self.frozen.local.to_vec(), dtype, device);
+                } else {
+                    self.frozen.local = Vec::new();
+                }
                 resident.grad = grad();
                 self.resident = Some(resident);
                 self.params.local = Vec::new();
-                self.frozen.local = Vec::new();
                 self.state = AdamWState::new(0);
             }
             StatePlacement::Offload => {
@@ -428,9 +442,14 @@ impl<M, I: Backend> Segment<M, I> {
             values.resize(self.params.shards.shard_len(), 0.0);
             Cow::Owned(values)
         };
+        // Frozen values kept on the host (a half compute dtype) are the f32 originals.
+        let frozen = match self.frozen.local.is_empty() {
+            true => read(&self.frozen, resident.frozen.as_ref()),
+            false => Cow::Borrowed(&self.frozen),
+        };
         (
             read(&self.params, resident.params.as_ref()),
-            read(&self.frozen, resident.frozen.as_ref()),
+            frozen,
             moment(resident.exp_avg.as_ref()),
             moment(resident.exp_avg_sq.as_ref()),
         )

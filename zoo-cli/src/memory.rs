@@ -397,9 +397,16 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
             master + optimizer + 4.0 * widest,
         )
     } else if setup.gpu {
+        // In a half compute dtype the frozen weights (LoRA's base) are on the device in it,
+        // their f32 values on the host for checkpoints.
+        let frozen = (shape.params - shape.coded - shape.trainable) as f64 / n;
+        let (on_device, on_host) = match d < 4.0 {
+            true => (master - (4.0 - d) * frozen, 4.0 * frozen),
+            false => (master, 0.0),
+        };
         (
-            master + grad_shard + optimizer + kept + activations + workspace + staging,
-            host_staging,
+            on_device + grad_shard + optimizer + kept + activations + workspace + staging,
+            host_staging + on_host,
         )
     } else {
         (
@@ -1040,6 +1047,40 @@ mod tests {
         );
         // The same activations and workspace either way.
         assert_eq!(device.activations, offloaded.activations);
+    }
+
+    /// With the state on the GPU in a half dtype, a frozen weight (LoRA's base) costs the device
+    /// 2 bytes, not the trained weight's 16 (master, gradient, moments), and the host its 4.
+    #[test]
+    fn frozen_weights_sit_on_the_gpu_in_the_compute_dtype() {
+        let preset = models::preset("bert-large-uncased").unwrap();
+        let mut shape =
+            shape_of_config(Architecture::BertForSequenceClassification, &preset.config).unwrap();
+        let gpu = |dtype_bytes| Setup {
+            dtype_bytes,
+            checkpointing: true,
+            gpu: true,
+            ..setup(8)
+        };
+        let (trained_f16, trained_f32) = (estimate(&shape, &gpu(2)), estimate(&shape, &gpu(4)));
+        shape.trainable = 1000;
+        let (frozen_f16, frozen_f32) = (estimate(&shape, &gpu(2)), estimate(&shape, &gpu(4)));
+        let frozen = (shape.params - 1000) as f64;
+        let saved = trained_f16.peak - frozen_f16.peak;
+        assert!(
+            (saved - 14.0 * frozen).abs() < 1.0,
+            "{saved} vs {}",
+            14.0 * frozen
+        );
+        assert!((frozen_f16.host - trained_f16.host - 4.0 * frozen).abs() < 1.0);
+        // In f32 the frozen weights stay on the device: 12 bytes saved, nothing on the host.
+        let saved = trained_f32.peak - frozen_f32.peak;
+        assert!(
+            (saved - 12.0 * frozen).abs() < 1.0,
+            "{saved} vs {}",
+            12.0 * frozen
+        );
+        assert_eq!(frozen_f32.host, trained_f32.host);
     }
 
     #[test]
