@@ -40,31 +40,23 @@ pub fn usage<D: Any>(device: &D) -> Option<DeviceMemory> {
     let device = device as &dyn Any;
     #[cfg(feature = "cuda")]
     if let Some(gpu) = device.downcast_ref::<burn::backend::cuda::CudaDevice>() {
-        use burn::cubecl::Runtime;
-        return reading(
-            burn::cubecl::cuda::CudaRuntime::client(gpu)
-                .memory_usage()
-                .ok(),
-        );
+        return runtime_usage::<burn::cubecl::cuda::CudaRuntime>(gpu);
     }
     #[cfg(feature = "wgpu")]
     if let Some(gpu) = device.downcast_ref::<burn::backend::wgpu::WgpuDevice>() {
-        use burn::cubecl::Runtime;
-        return reading(
-            burn::backend::wgpu::WgpuRuntime::client(gpu)
-                .memory_usage()
-                .ok(),
-        );
+        return runtime_usage::<burn::backend::wgpu::WgpuRuntime>(gpu);
     }
     let _ = device;
     None
 }
 
+/// The usage cubecl runtime `R`'s client reports for `device`.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn reading(usage: Option<burn::cubecl::MemoryUsage>) -> Option<DeviceMemory> {
-    usage.map(|u| DeviceMemory {
-        in_use: u.bytes_in_use,
-        reserved: u.bytes_reserved,
+fn runtime_usage<R: burn::cubecl::Runtime>(device: &R::Device) -> Option<DeviceMemory> {
+    let usage = R::client(device).memory_usage().ok()?;
+    Some(DeviceMemory {
+        in_use: usage.bytes_in_use,
+        reserved: usage.bytes_reserved,
     })
 }
 

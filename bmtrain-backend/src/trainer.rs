@@ -340,25 +340,19 @@ impl<M, I: Backend> Segment<M, I> {
                 // Frozen weights never change: in a half compute dtype the device holds them in
                 // it (what every working copy needs: 2 bytes a parameter, not 4) and their f32
                 // values stay on the host, untouched, for checkpoints (LoRA's base).
-                let frozen_on_host =
-                    dtype.is_some_and(|d| d != DType::F32) && !self.frozen.local.is_empty();
-                let frozen: &[f32] = match frozen_on_host {
-                    true => &[],
-                    false => &self.frozen.local,
+                let half = dtype.is_some_and(|d| d != DType::F32);
+                let frozen = match half {
+                    true => self.frozen.local.clone(),
+                    false => std::mem::take(&mut self.frozen.local),
                 };
                 let mut resident = Resident::upload(
                     &self.params.local,
-                    frozen,
+                    &[],
                     &[],
                     (&self.state.exp_avg, &self.state.exp_avg_sq),
                     device,
                 );
-                if frozen_on_host {
-                    resident.frozen =
-                        resident::upload_as(self.frozen.local.to_vec(), dtype, device);
-                } else {
-                    self.frozen.local = Vec::new();
-                }
+                resident.frozen = resident::upload_as(frozen, dtype, device);
                 resident.grad = grad();
                 self.resident = Some(resident);
                 self.params.local = Vec::new();
