@@ -32,7 +32,7 @@ fn single_rank_env() -> DistEnv {
 #[test]
 #[ignore = "needs an NVIDIA GPU with NCCL: scripts/gpu-smoke.sh"]
 fn gpu_smoke_nccl_single_rank() {
-    let comm = NcclComm::init(&single_rank_env(), Duration::from_secs(30)).unwrap();
+    let comm = NcclComm::init(&single_rank_env(), 0, Duration::from_secs(30)).unwrap();
     let mut data = vec![1.0f32, 2.0, 3.0];
     comm.all_reduce(&mut data, ReduceOp::Sum).unwrap();
     assert_eq!(data, [1.0, 2.0, 3.0]);
@@ -149,7 +149,7 @@ fn gpu_smoke_zero3_training_on_cuda_through_nccl() {
         })
         .collect();
     let head = LinearConfig::new(width, 8).init::<B>(&device);
-    let comm = NcclComm::init(&single_rank_env(), Duration::from_secs(30)).unwrap();
+    let comm = NcclComm::init(&single_rank_env(), 0, Duration::from_secs(30)).unwrap();
     let mut trainer = ZeroTrainer::new(
         TinyStack,
         comm,

@@ -9,20 +9,23 @@
 //! composition in WGSL shaders.
 //!
 //! The allocator's readings ([`bmtrain_backend::device_memory`]) are checked against the bytes
-//! each placement must keep on the device.
+//! each placement must keep on the device, and the chunked head loss
+//! ([`bmtrain_backend::kernels::lm_head_loss`]) against burn's composition on the device.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bmtrain_backend::comm::{Communicator, SingleRank, ThreadComm, ThreadGroup};
-use bmtrain_backend::device_memory::DeviceMemory;
+use bmtrain_backend::device_memory::{self, DeviceMemory};
+use bmtrain_backend::kernels::{self, Head, HeadLayout};
 use bmtrain_backend::optim::LossScaler;
 use bmtrain_backend::resident::StatePlacement;
 use bmtrain_backend::trainer::{ZeroOptions, ZeroTrainer};
 use bmtrain_backend::zero::{flatten, layout_of, load_flat};
 use bmtrain_backend::{CpuTrain, WgpuTrain};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use models::train::{Gpt2Spec, LmBatch};
 use zoo_tests::max_slice_diff;
@@ -270,5 +273,193 @@ fn the_allocator_readings_hold_what_each_placement_keeps_on_the_device() {
     assert!(
         host.in_use < offload.in_use,
         "host {host:?} is not below offload {offload:?}"
+    );
+}
+
+/// Deterministic values in `[-scale, scale)` (an LCG).
+fn random(len: usize, seed: u32, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// burn's composition of a head's loss: the whole logits, log-softmax in f32, pick, mean over
+/// kept rows.
+fn composed_head_loss<B: Backend>(
+    hidden: Tensor<B, 2>,
+    head: &Head<B>,
+    targets: &[i64],
+) -> Tensor<B, 1> {
+    let device = hidden.device();
+    let rhs = match head.layout {
+        HeadLayout::HiddenByVocab => head.weight.clone(),
+        HeadLayout::VocabByHidden => head.weight.clone().transpose(),
+    };
+    let mut logits = hidden.matmul(rhs);
+    if let Some(bias) = &head.bias {
+        logits = logits.add(bias.clone().unsqueeze());
+    }
+    let n = targets.len();
+    let safe: Vec<i64> = targets.iter().map(|&t| t.max(0)).collect();
+    let keep: Vec<f32> = targets.iter().map(|&t| f32::from(t >= 0)).collect();
+    let count = keep.iter().sum::<f32>();
+    let index = Tensor::<B, 2, Int>::from_data(TensorData::new(safe, [n, 1]), &device);
+    let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [n, 1]), &device);
+    let picked = log_softmax(logits.cast(DType::F32), 1).gather(1, index);
+    picked.mul(keep).sum().neg().div_scalar(count)
+}
+
+/// The largest difference relative to the reference's largest magnitude.
+fn relative(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    max_slice_diff(got, want) / scale
+}
+
+fn host<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+/// The chunked head loss (`kernels::lm_head_loss`, which GPT-2's and Llama's causal-LM heads
+/// call on a GPU backend) against burn's composition on the wgpu device: the loss and the
+/// gradients of the hidden states, the weight and the bias with ignored rows and a loss-scaled
+/// upstream gradient; f32 in the tied and the linear layout (bound 1e-5), f16 in the linear one
+/// with a bias (bound 1e-2: f16's rounding of the inputs, the logits and their gradient); and
+/// the allocator's reservation for each, which the chunks exist to keep down.
+#[test]
+fn the_chunked_head_loss_on_wgpu_matches_burns_composition_and_reserves_less() {
+    let _turn = DEVICE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    type B = WgpuTrain;
+    let device = Default::default();
+    let (n, width, vocab) = (512, 64, 2048);
+    let targets: Vec<i64> = (0..n)
+        .map(|i| match i % 7 {
+            3 => -100,
+            _ => ((i * 2654435761) % vocab) as i64,
+        })
+        .collect();
+    let ids = || Tensor::<B, 1, Int>::from_data(TensorData::new(targets.clone(), [n]), &device);
+    // Each case compiles its own shaders on lavapipe (tens of seconds): f16 runs the linear
+    // layout, whose bias covers every gradient.
+    for (dtype, layouts, bound) in [
+        (
+            DType::F32,
+            &[HeadLayout::VocabByHidden, HeadLayout::HiddenByVocab][..],
+            1e-5f32,
+        ),
+        (DType::F16, &[HeadLayout::HiddenByVocab][..], 1e-2),
+    ] {
+        for &layout in layouts {
+            let shape = match layout {
+                HeadLayout::HiddenByVocab => [width, vocab],
+                HeadLayout::VocabByHidden => [vocab, width],
+            };
+            let leaf = |values, shape: [usize; 2]| {
+                Tensor::<B, 2>::from_data(TensorData::new(values, shape), &device)
+                    .cast(dtype)
+                    .require_grad()
+            };
+            let hidden = leaf(random(n * width, 1, 2.0), [n, width]);
+            let weight = leaf(random(width * vocab, 2, 0.5), shape);
+            let bias = (layout == HeadLayout::HiddenByVocab).then(|| {
+                Tensor::<B, 1>::from_data(TensorData::new(random(vocab, 3, 0.5), [vocab]), &device)
+                    .cast(dtype)
+                    .require_grad()
+            });
+            let head = Head {
+                weight: weight.clone(),
+                layout,
+                bias: bias.clone(),
+            };
+            let routed = kernels::lm_head_loss(hidden.clone(), head.clone(), ids(), -100)
+                .expect("the chunked loss runs on wgpu");
+            // Chunks of 96 rows: five full ones and a short one.
+            let ours =
+                kernels::chunked_head_loss_train(hidden.clone(), head.clone(), ids(), -100, 96);
+            let theirs = composed_head_loss(hidden.clone(), &head, &targets);
+            let (a, r, b) = (host(ours.clone()), host(routed), host(theirs.clone()));
+            let loss_error = relative(&a, &b).max(relative(&r, &b));
+            let ours = ours.mul_scalar(1024.0).backward();
+            let theirs = theirs.mul_scalar(1024.0).backward();
+            let grad_error = |got: Vec<f32>, want: Vec<f32>| relative(&got, &want);
+            let hidden_error = grad_error(
+                host(hidden.grad(&ours).unwrap()),
+                host(hidden.grad(&theirs).unwrap()),
+            );
+            let weight_error = grad_error(
+                host(weight.grad(&ours).unwrap()),
+                host(weight.grad(&theirs).unwrap()),
+            );
+            let bias_error = bias.as_ref().map_or(0.0, |bias| {
+                grad_error(
+                    host(bias.grad(&ours).unwrap()),
+                    host(bias.grad(&theirs).unwrap()),
+                )
+            });
+            eprintln!(
+                "chunked head loss {dtype:?} {layout:?}: loss {loss_error:.2e}, gradients: hidden \
+                 {hidden_error:.2e}, weight {weight_error:.2e}, bias {bias_error:.2e} (relative, \
+                 bound {bound:.0e})"
+            );
+            for (what, error) in [
+                ("loss", loss_error),
+                ("hidden", hidden_error),
+                ("weight", weight_error),
+                ("bias", bias_error),
+            ] {
+                assert!(error <= bound, "{dtype:?} {layout:?} {what}: {error}");
+            }
+        }
+    }
+
+    // The allocator's reservation for one forward and backward of each, from a clean pool.
+    let reserved = |chunked: bool| {
+        <B as Backend>::memory_cleanup(&device);
+        let hidden = Tensor::<B, 2>::from_data(
+            TensorData::new(random(n * width, 4, 2.0), [n, width]),
+            &device,
+        )
+        .require_grad();
+        let weight = Tensor::<B, 2>::from_data(
+            TensorData::new(random(width * vocab, 5, 0.5), [vocab, width]),
+            &device,
+        )
+        .require_grad();
+        let head = Head {
+            weight: weight.clone(),
+            layout: HeadLayout::VocabByHidden,
+            bias: None,
+        };
+        let loss = match chunked {
+            true => kernels::chunked_head_loss_train(hidden.clone(), head, ids(), -100, 64),
+            false => composed_head_loss(hidden.clone(), &head, &targets),
+        };
+        let grads = loss.backward();
+        let _ = (
+            host(hidden.grad(&grads).unwrap()),
+            host(weight.grad(&grads).unwrap()),
+        );
+        let usage = device_memory::usage(&device).expect("wgpu reports its allocator");
+        usage.reserved
+    };
+    let composed = reserved(false);
+    let chunked = reserved(true);
+    let logits = (n * vocab * 4) as u64;
+    eprintln!(
+        "{n} rows × {vocab} vocabulary ({:.1} MB of f32 logits): allocator reserved {:.1} MB \
+         for burn's composition, {:.1} MB in chunks of 64 rows",
+        logits as f64 / 1e6,
+        composed as f64 / 1e6,
+        chunked as f64 / 1e6
+    );
+    // The allocator reserves 8 MiB pages at least, so the chunks' figure is that floor.
+    assert!(
+        chunked * 4 < composed,
+        "chunked {chunked} bytes, composed {composed}, logits {logits}"
     );
 }

@@ -184,6 +184,28 @@ pub fn head_logits<B: Backend>(
     }
 }
 
+/// A language model's head as the chunked loss takes it ([`kernels::lm_head_loss`]): a dense
+/// linear head or the dense embedding table it is tied to; `None` for a quantized or
+/// LoRA-adapted head (whose forward is not one matrix product).
+fn dense_head<B: Backend>(
+    lm_head: Option<&Linear<B>>,
+    tied_to: Option<&Embedding<B>>,
+) -> Option<kernels::Head<B>> {
+    match (lm_head, tied_to) {
+        (Some(head), _) if head.quantized.is_none() && head.lora.is_none() => Some(kernels::Head {
+            weight: head.weight.val(),
+            layout: kernels::HeadLayout::HiddenByVocab,
+            bias: head.bias.as_ref().map(|b| b.val()),
+        }),
+        (None, Some(table)) if table.codes().is_none() => Some(kernels::Head {
+            weight: table.weight.val(),
+            layout: kernels::HeadLayout::VocabByHidden,
+            bias: None,
+        }),
+        _ => None,
+    }
+}
+
 /// One token id or several, as HF configs write `eos_token_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -222,6 +244,32 @@ impl<B: Backend> LmBatch<B> {
             logits,
             self.labels.as_ref().unwrap_or(&self.input_ids).clone(),
         )
+    }
+}
+
+impl<B: Backend> LmBatch<B> {
+    /// The causal-LM loss of the head over `hidden` (`[batch, seq, width]`): on a GPU backend
+    /// in chunks of tokens, never the whole `[tokens, vocab]` logits
+    /// ([`kernels::lm_head_loss`]); elsewhere the head's logits and [`LmBatch::loss`].
+    pub fn head_loss(
+        &self,
+        hidden: Tensor<B, 3>,
+        lm_head: Option<&Linear<B>>,
+        tied_to: Option<&Embedding<B>>,
+    ) -> Tensor<B, 1> {
+        let [batch, seq, width] = hidden.dims();
+        if let Some(head) = dense_head(lm_head, tied_to) {
+            // Position t predicts label t + 1; each row's last position predicts nothing.
+            let labels = self.labels.as_ref().unwrap_or(&self.input_ids).clone();
+            let last = Tensor::full([batch, 1], IGNORE_INDEX, &labels.device());
+            let targets = Tensor::cat(vec![labels.slice([0..batch, 1..seq]), last], 1);
+            let flat = hidden.clone().reshape([batch * seq, width]);
+            let targets = targets.reshape([batch * seq]);
+            if let Some(loss) = kernels::lm_head_loss(flat, head, targets, IGNORE_INDEX) {
+                return loss;
+            }
+        }
+        self.loss(head_logits(hidden, lm_head, tied_to))
     }
 }
 

@@ -14,7 +14,9 @@
 //! - activations: per block and token `c_H·H + c_F·F + c_S·a·T` values of d bytes (H the width,
 //!   F the FFN width, a the heads), kept for every block, or, with `--checkpointing`, each block's
 //!   input (`H` values) plus one block's full set while it is recomputed; an LM head's logits and
-//!   their gradient, `c_V · 4 · V` per token;
+//!   their gradient, `c_V · 4 · V` per token (on a GPU a causal LM's head runs in chunks of
+//!   rows, so only one chunk's, plus the f32 gradients of the hidden states, `4H` per token, and
+//!   of a trained head's weight, `4VH`);
 //! - per rank, a fixed `c_rank` (its thread's heap, its rayon pool, the runtime).
 //!
 //! Thread ranks share one process, which holds every rank's share ([`Estimate::process`]).
@@ -332,7 +334,22 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         Architecture::BertForMaskedLM | Architecture::RobertaForMaskedLM => c.mlm_logits,
         _ => c.logits,
     };
-    let head_logits = tokens * shape.lm_vocab as f64 * logits_copies * 4.0;
+    let vocab = shape.lm_vocab as f64;
+    let head_logits = if setup.gpu && shape.architecture.head() == models::registry::Head::CausalLm
+    {
+        // The chunked head loss (`kernels::lm_head_loss`): one chunk's logits and their copies,
+        // and the f32 gradients it holds from forward to backward: the hidden states', and the
+        // weight's when the head trains (a full run; LoRA and BitFit freeze it).
+        let chunk = tokens.min(bmtrain_backend::kernels::chunk_rows(shape.lm_vocab) as f64);
+        let weight_grad = if shape.trainable == shape.params {
+            4.0 * vocab * h
+        } else {
+            0.0
+        };
+        chunk * vocab * logits_copies * 4.0 + 4.0 * tokens * h + weight_grad
+    } else {
+        tokens * vocab * logits_copies * 4.0
+    };
     let stage2 = setup.zero_stage == 2 && setup.ranks > 1;
     // Codes are block weights (every block alike): a block's working copy holds its codes
     // instead of their dense values, counted here in compute-dtype parameters.

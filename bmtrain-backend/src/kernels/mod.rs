@@ -19,7 +19,9 @@
 //! - [`linear`]: `x·W + b` on `gemm` with the bias as the accumulator's start and the transposes
 //!   of backward as strides (no zeroed-then-copied outputs, no transposed copies);
 //! - [`dropout`]: a counter-based mask (SplitMix64 of the element's index) applied in one pass and
-//!   regenerated in backward instead of stored.
+//!   regenerated in backward instead of stored;
+//! - [`lm_head_loss`] (GPU backends): a language model's head and cross-entropy in chunks of
+//!   rows, never the whole `[tokens, vocab]` logits, its gradients computed in the forward.
 //!
 //! Their element-wise loops are compiled twice, for baseline x86-64 and for AVX-512, and the
 //! AVX-512 copy runs when the CPU has it (`simd.rs`); the transcendental functions in them are
@@ -37,6 +39,7 @@
 mod activation;
 mod attention;
 mod dropout;
+mod head_loss;
 mod linear;
 mod loss;
 mod norm;
@@ -47,6 +50,10 @@ pub(crate) mod simd;
 pub use activation::{gelu, silu};
 pub use attention::attention;
 pub use dropout::dropout;
+pub use head_loss::{
+    CHUNK_BYTES, Head, HeadLayout, chunk_rows, chunked_head_loss, chunked_head_loss_train,
+    lm_head_loss,
+};
 pub use linear::linear;
 pub use loss::cross_entropy;
 pub use norm::{layer_norm, rms_norm};
@@ -89,10 +96,12 @@ pub enum Kernel {
     Rotary,
     /// [`rms_norm`].
     RmsNorm,
+    /// [`lm_head_loss`] (the GPU backends' chunked head and loss).
+    LmHeadLoss,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 9] = [
+    const ALL: [Kernel; 10] = [
         Kernel::Attention,
         Kernel::Gelu,
         Kernel::LayerNorm,
@@ -102,6 +111,7 @@ impl Kernel {
         Kernel::Silu,
         Kernel::Rotary,
         Kernel::RmsNorm,
+        Kernel::LmHeadLoss,
     ];
 
     fn name(self) -> &'static str {
@@ -115,6 +125,7 @@ impl Kernel {
             Kernel::Silu => "silu",
             Kernel::Rotary => "rotary",
             Kernel::RmsNorm => "rms_norm",
+            Kernel::LmHeadLoss => "lm_head_loss",
         }
     }
 

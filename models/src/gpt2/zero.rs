@@ -14,7 +14,7 @@ use super::{
     BlockMasks, Gpt2Block, Gpt2ForSequenceClassification, Gpt2LmHeadModel, embed, positions,
 };
 pub use crate::io::LmBatch;
-use crate::io::{ClassifierBatch, cross_entropy, head_logits, last_token_score};
+use crate::io::{ClassifierBatch, cross_entropy, last_token_score};
 use crate::layers::{AttentionMask, Dropout, LayerNorm, Linear};
 
 /// GPT-2's embedding segment: token and position tables (HF `transformer.wte`, `transformer.wpe`).
@@ -146,7 +146,7 @@ impl<B: Backend> ZeroSpec<B> for Gpt2Spec {
     ) -> Tensor<B, 1> {
         let hidden = module.transformer.ln_f.forward(hidden);
         let tied_to = embed.map(|e| &e.wte);
-        batch.loss(head_logits(hidden, module.lm_head.as_ref(), tied_to))
+        batch.head_loss(hidden, module.lm_head.as_ref(), tied_to)
     }
 
     fn head_reads_embed(&self) -> bool {

@@ -14,9 +14,7 @@ use burn::tensor::backend::Backend;
 use super::{
     LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification, Rope, block_masks,
 };
-use crate::io::{
-    ClassifierBatch, LmBatch, cross_entropy, head_logits, last_token_score, positions,
-};
+use crate::io::{ClassifierBatch, LmBatch, cross_entropy, last_token_score, positions};
 use crate::layers::{AttentionMask, Linear, RmsNorm};
 
 /// The embedding segment: the token table (HF `model.embed_tokens`; the LM head when tied).
@@ -130,7 +128,7 @@ impl<B: Backend> ZeroSpec<B> for LlamaSpec {
     ) -> Tensor<B, 1> {
         let hidden = module.model.norm.forward(hidden);
         let tied_to = embed.map(|e| &e.embed_tokens);
-        batch.loss(head_logits(hidden, module.lm_head.as_ref(), tied_to))
+        batch.head_loss(hidden, module.lm_head.as_ref(), tied_to)
     }
 
     fn head_reads_embed(&self) -> bool {
