@@ -11,15 +11,19 @@
 #    from PyPI's nvidia-* wheels for the CUDA major version the driver supports, merged under one
 #    CUDA_PATH ($OUT/cuda); wheels already installed (torch brings most) are used as they are.
 # 2. `zoo env --device cuda --json`: what the rank resolves to and what was found.
-# 3. Benchmarks, after warm-up (NVRTC compilation and autotuning happen in the warm-up steps):
-#    - BERT-Large (340M), seq 512, f16, fine-tuning steps with block checkpointing under
-#      --gpu-mem-limit 11GB, at the largest batch `zoo memory` promises for an 11 GB card and at
-#      half of it;
+# 3. Benchmarks, after warm-up (NVRTC compilation and autotuning happen in the warm-up steps;
+#    `zoo bench` prints each step's seconds on stderr, into runs/NAME.log), in this order:
+#    - a probe: GPT-2, one row of 64 tokens, f32, with cubecl's compilation and autotune log;
 #    - GPT-2 124M, bf16, pretraining steps at 8 × 1024 tokens;
+#    - BERT-Large (340M), seq 512, f16, fine-tuning steps with block checkpointing under
+#      --gpu-mem-limit 11GB, at half the largest batch `zoo memory` promises for an 11 GB card,
+#      then at that batch;
 #    - PyTorch on the same shapes and dtypes (transformers, torch.optim.AdamW, sdpa attention,
 #      autocast; bench/torch_reference.py), no memory limit, no checkpointing.
-#    Each run gets what is left of $ZOO_BENCH_SECONDS (480: the whole script stays within 8
-#    minutes) and a run that fails or runs out of time is recorded as such, not fatal.
+#    Each zoo run but the last gets at most half of what is left of $ZOO_BENCH_SECONDS (480: the
+#    whole script stays within 8 minutes; the probe 150 s), and a run that fails or runs out of
+#    time is recorded as such, not fatal. cubecl's own settings pass through (for instance
+#    CUBECL_AUTOTUNE_LEVEL=minimal: fewer candidates tried on first use).
 # 4. $OUT/gpu-bench.json and $OUT/gpu-bench.md: tokens/s, MFU (the run's matrix FLOPs — 6 · N ·
 #    tokens plus attention's — over the card's dense bf16/f16 peak, which the table names), the
 #    allocator's peak, and zoo ÷ PyTorch.
@@ -43,26 +47,34 @@ cuda_setup() {
     # Wheel names: -cuNN suffixes up to CUDA 12; from 13 on NVIDIA names them without one.
     local suffix="-cu$major" version=""
     if ((major >= 13)); then suffix="" version="==$major.*"; fi
+    # Each piece is looked for in the system's CUDA and in the nvidia-* wheels (CUDA 13's wheels
+    # put theirs under nvidia/cu13/); pip is asked only for what neither has, and gives up at once
+    # on a machine with no network.
+    local site
+    site=$(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d) for p in nvidia.__path__ for d in sorted(os.listdir(p))))' 2>/dev/null)
+    local roots=(/usr/local/cuda $site)
+    found() { # found GLOB: some root holds GLOB
+        local root
+        for root in "${roots[@]}"; do compgen -G "$root/$1" >/dev/null && return 0; done
+        return 1
+    }
     local missing=()
-    for module in cuda_nvrtc cuda_runtime cuda_cccl nccl; do
-        python3 -c "import nvidia.$module" 2>/dev/null && continue
-        case $module in
-            nccl) missing+=("nvidia-nccl-cu$major") ;;
-            *) missing+=("nvidia-${module//_/-}$suffix$version") ;;
-        esac
-    done
+    found 'lib*/libnvrtc.so*' || missing+=("nvidia-cuda-nvrtc$suffix$version")
+    found 'include/cuda_runtime.h' || missing+=("nvidia-cuda-runtime$suffix$version")
+    found 'include/cuda/std/*' || found 'include/cccl/cuda/std/*' ||
+        missing+=("nvidia-cuda-cccl$suffix$version")
+    found 'lib*/libnccl.so*' || missing+=("nvidia-nccl-cu$major")
     if ((${#missing[@]})); then
         echo "== pip install ${missing[*]}"
-        python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}" ||
+        python3 -m pip install --quiet --disable-pip-version-check --retries 0 --timeout 15 \
+            "${missing[@]}" ||
             echo "gpu-bench: pip could not install ${missing[*]}; using what the system has" >&2
+        site=$(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d) for p in nvidia.__path__ for d in sorted(os.listdir(p))))' 2>/dev/null)
+        roots=(/usr/local/cuda $site)
     fi
     # One CUDA_PATH: every wheel's include/ and lib/ linked side by side, system CUDA first.
     export CUDA_PATH="$out/cuda"
     mkdir -p "$CUDA_PATH/include" "$CUDA_PATH/lib64"
-    local roots=(/usr/local/cuda)
-    local site
-    site=$(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d) for p in nvidia.__path__ for d in sorted(os.listdir(p))))' 2>/dev/null)
-    roots+=($site)
     for root in "${roots[@]}"; do
         [[ -d "$root/include" ]] && cp -rsn "$root/include/." "$CUDA_PATH/include/" 2>/dev/null
         for lib in "$root/lib" "$root/lib64"; do
@@ -87,6 +99,8 @@ run() {
     shift
     local limit
     limit=$(left)
+    # RUN_CAP=S bounds one run below what is left, so that one slow case leaves time to the rest.
+    if [[ -n "${RUN_CAP:-}" ]] && ((RUN_CAP < limit)); then limit=$RUN_CAP; fi
     if ((limit < 20)); then
         echo "{\"name\":\"$name\",\"error\":\"not run: the time budget was spent\"}" >"$out/runs/$name.json"
         echo "== $name: skipped (time budget spent)"
@@ -145,21 +159,36 @@ torch=(python3 bench/torch_reference.py --device "$device" --json "${iters[@]}")
 python3 -c 'import torch, transformers' 2>/dev/null || torch=()
 [[ ${#torch[@]} -gt 0 ]] || echo "gpu-bench: torch/transformers not importable: PyTorch runs skipped" >&2
 
-for batch in "$full" "$half"; do
-    run "zoo-${bert[0]}-b$batch" "$zoo" bench --model "${bert[0]}" --mode train --batch "$batch" \
-        --seq "${bert[1]}" --dtype "$dtype_bert" --checkpointing --device "$device" "${limit[@]}" \
+# First a small run (GPT-2, one row of 64 tokens, f32), on a GPU with cubecl's compilation and
+# autotune log (runs/cubecl-probe.log): it tells a CUDA path that is slow to warm up (kernels are
+# compiled by NVRTC and autotuned on first use) from one that does not run, and fills the autotune
+# cache the later runs read (target/ beside Cargo.toml). Then GPT-2, then BERT-Large at half the
+# batch and at the full one, each zoo run bounded by half of what is left.
+if [[ "$cpu_check" != 1 ]]; then
+    CUBECL_DEBUG_LOG="$out/runs/cubecl-probe.log" RUN_CAP=150 run zoo-probe-gpt2-1x64 "$zoo" bench \
+        --model gpt2 --mode train --batch 1 --seq 64 --dtype f32 --device cuda --warmup 1 --iters 2 \
+        --json
+fi
+RUN_CAP=$(($(left) / 2)) run "zoo-gpt2-${gpt[0]}x${gpt[1]}" "$zoo" bench --model gpt2 --mode train \
+    --batch "${gpt[0]}" --seq "${gpt[1]}" --dtype "$dtype_gpt" --device "$device" "${iters[@]}" --json
+if [[ ${#torch[@]} -gt 0 ]]; then
+    run "torch-gpt2-${gpt[0]}x${gpt[1]}" "${torch[@]}" --model gpt2 --mode train \
+        --batch "${gpt[0]}" --seq "${gpt[1]}" --dtype "$dtype_gpt"
+fi
+batches=("$half")
+((full != half)) && batches+=("$full")
+for batch in "${batches[@]}"; do
+    # The last zoo run may take all that is left.
+    cap=$(($(left) / 2))
+    [[ "$batch" == "${batches[-1]}" ]] && cap=
+    RUN_CAP=$cap run "zoo-${bert[0]}-b$batch" "$zoo" bench --model "${bert[0]}" --mode train \
+        --batch "$batch" --seq "${bert[1]}" --dtype "$dtype_bert" --checkpointing --device "$device" "${limit[@]}" \
         "${iters[@]}" --json
     if [[ ${#torch[@]} -gt 0 ]]; then
         run "torch-${bert[0]}-b$batch" "${torch[@]}" --model "${bert[0]}" --mode train \
             --batch "$batch" --seq "${bert[1]}" --dtype "$dtype_bert"
     fi
 done
-run "zoo-gpt2-${gpt[0]}x${gpt[1]}" "$zoo" bench --model gpt2 --mode train --batch "${gpt[0]}" \
-    --seq "${gpt[1]}" --dtype "$dtype_gpt" --device "$device" "${iters[@]}" --json
-if [[ ${#torch[@]} -gt 0 ]]; then
-    run "torch-gpt2-${gpt[0]}x${gpt[1]}" "${torch[@]}" --model gpt2 --mode train \
-        --batch "${gpt[0]}" --seq "${gpt[1]}" --dtype "$dtype_gpt"
-fi
 
 # --- 4. the table -----------------------------------------------------------------------------------
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)

@@ -8,7 +8,7 @@ use crate::layers::Embedding;
 use crate::layers::{Dropout, DropoutConfig};
 use crate::layers::{Linear, LinearConfig};
 use burn::module::{Initializer, Module, Param};
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 pub mod zero;
@@ -472,10 +472,40 @@ impl<B: Backend> MlmHead<B> {
 
     /// - hidden: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`
     pub fn forward(&self, hidden: Tensor<B, 3>, word_embeddings: &Embedding<B>) -> Tensor<B, 3> {
-        let transformed = self
-            .norm
-            .forward(self.activation.forward(self.transform.forward(hidden)));
-        word_embeddings.tied_logits(transformed) + self.bias.val().unsqueeze::<3>()
+        word_embeddings.tied_logits(self.features(hidden)) + self.bias.val().unsqueeze::<3>()
+    }
+
+    /// The transform before the vocabulary projection (dense, activation, layer norm), same
+    /// shape.
+    pub fn features(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.norm
+            .forward(self.activation.forward(self.transform.forward(hidden)))
+    }
+
+    /// The masked-LM loss against `labels` (`[batch, seq]`, -100 not scored): on a GPU backend
+    /// in chunks of tokens, never the whole `[tokens, vocab]` logits
+    /// ([`bmtrain_backend::kernels::lm_head_loss`]); elsewhere the logits' cross-entropy.
+    pub fn loss(
+        &self,
+        hidden: Tensor<B, 3>,
+        word_embeddings: &Embedding<B>,
+        labels: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 1> {
+        let features = self.features(hidden);
+        if let Some(mut head) = crate::io::dense_head(None, Some(word_embeddings)) {
+            head.bias = Some(self.bias.val());
+            let loss = crate::io::chunked_token_loss(features.clone(), head, labels.clone());
+            if let Some(loss) = loss {
+                return loss;
+            }
+        }
+        let logits = word_embeddings.tied_logits(features) + self.bias.val().unsqueeze::<3>();
+        let [rows, seq, vocab] = logits.dims();
+        crate::io::token_cross_entropy(
+            logits.reshape([rows * seq, vocab]),
+            labels.reshape([rows * seq]),
+            crate::io::IGNORE_INDEX,
+        )
     }
 }
 

@@ -187,7 +187,7 @@ pub fn head_logits<B: Backend>(
 /// A language model's head as the chunked loss takes it ([`kernels::lm_head_loss`]): a dense
 /// linear head or the dense embedding table it is tied to; `None` for a quantized or
 /// LoRA-adapted head (whose forward is not one matrix product).
-fn dense_head<B: Backend>(
+pub(crate) fn dense_head<B: Backend>(
     lm_head: Option<&Linear<B>>,
     tied_to: Option<&Embedding<B>>,
 ) -> Option<kernels::Head<B>> {
@@ -257,15 +257,13 @@ impl<B: Backend> LmBatch<B> {
         lm_head: Option<&Linear<B>>,
         tied_to: Option<&Embedding<B>>,
     ) -> Tensor<B, 1> {
-        let [batch, seq, width] = hidden.dims();
+        let [batch, seq, _] = hidden.dims();
         if let Some(head) = dense_head(lm_head, tied_to) {
             // Position t predicts label t + 1; each row's last position predicts nothing.
             let labels = self.labels.as_ref().unwrap_or(&self.input_ids).clone();
             let last = Tensor::full([batch, 1], IGNORE_INDEX, &labels.device());
             let targets = Tensor::cat(vec![labels.slice([0..batch, 1..seq]), last], 1);
-            let flat = hidden.clone().reshape([batch * seq, width]);
-            let targets = targets.reshape([batch * seq]);
-            if let Some(loss) = kernels::lm_head_loss(flat, head, targets, IGNORE_INDEX) {
+            if let Some(loss) = chunked_token_loss(hidden.clone(), head, targets) {
                 return loss;
             }
         }
@@ -510,6 +508,23 @@ pub fn token_cross_entropy<B: Backend>(
         .unwrap_or_default()[0];
     let total = (picked * kept).sum().neg();
     total / Tensor::from_data(TensorData::from([count.max(1.0)]), &device)
+}
+
+/// The mean cross-entropy of `head` over `hidden` (`[batch, seq, width]`) against `labels`
+/// (`[batch, seq]`, [`IGNORE_INDEX`] not scored) in chunks of tokens, on a GPU backend
+/// ([`kernels::lm_head_loss`]); `None` elsewhere (the caller computes the logits).
+pub(crate) fn chunked_token_loss<B: Backend>(
+    hidden: Tensor<B, 3>,
+    head: kernels::Head<B>,
+    labels: Tensor<B, 2, Int>,
+) -> Option<Tensor<B, 1>> {
+    let [batch, seq, width] = hidden.dims();
+    kernels::lm_head_loss(
+        hidden.reshape([batch * seq, width]),
+        head,
+        labels.reshape([batch * seq]),
+        IGNORE_INDEX,
+    )
 }
 
 /// Labels as host integers, for the fused loss.

@@ -458,6 +458,7 @@ fn train_times<AB: AutodiffBackend>(
     args: &BenchArgs,
     ids: &[i64],
 ) -> anyhow::Result<Timed> {
+    progress(format_args!("building the model on {device:?}"));
     let rows = args.batch / comm.world_size();
     let rank_args = BenchArgs {
         batch: rows,
@@ -510,6 +511,15 @@ fn train_times<AB: AutodiffBackend>(
     }
 }
 
+/// A progress line on stderr, with the seconds since the first one: on a GPU the first steps
+/// compile and autotune the kernels (minutes, on a cold cache), and a run cut off by a timeout
+/// still says how far it got. stdout keeps the record.
+fn progress(message: std::fmt::Arguments<'_>) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    eprintln!("bench [{:7.1} s]: {message}", start.elapsed().as_secs_f64());
+}
+
 /// A model cut into ZeRO segments: the spec, the embedding, the blocks, the head.
 type Split<AB, S> = (
     S,
@@ -529,7 +539,12 @@ fn time_steps<AB: AutodiffBackend, S: ZeroSpec<AB>>(
     let options = options(args, blocks.len());
     let limit = gpu_limit(args)?;
     let rows = args.batch / comm.world_size();
+    let started = Instant::now();
     let mut trainer = ZeroTrainer::new(spec, comm, device.clone(), embed, blocks, head, options);
+    progress(format_args!(
+        "trainer ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
     let step = |trainer: &mut ZeroTrainer<AB, S, Box<dyn Communicator>>,
                 index: usize|
      -> anyhow::Result<()> {
@@ -550,14 +565,28 @@ fn time_steps<AB: AutodiffBackend, S: ZeroSpec<AB>>(
         Ok(())
     };
     for index in 0..args.warmup {
+        let started = Instant::now();
         step(&mut trainer, index)?;
+        AB::sync(device)?;
+        let seconds = started.elapsed().as_secs_f64();
+        progress(format_args!(
+            "warm-up step {}/{}: {seconds:.2} s",
+            index + 1,
+            args.warmup
+        ));
     }
     let times = (0..args.iters)
         .map(|index| {
             let started = Instant::now();
             step(&mut trainer, args.warmup + index)?;
             AB::sync(device)?;
-            Ok(started.elapsed().as_secs_f64())
+            let seconds = started.elapsed().as_secs_f64();
+            progress(format_args!(
+                "step {}/{}: {seconds:.3} s",
+                index + 1,
+                args.iters
+            ));
+            Ok(seconds)
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(Timed {

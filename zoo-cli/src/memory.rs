@@ -14,8 +14,8 @@
 //! - activations: per block and token `c_H·H + c_F·F + c_S·a·T` values of d bytes (H the width,
 //!   F the FFN width, a the heads), kept for every block, or, with `--checkpointing`, each block's
 //!   input (`H` values) plus one block's full set while it is recomputed; an LM head's logits and
-//!   their gradient, `c_V · 4 · V` per token (on a GPU a causal LM's head runs in chunks of
-//!   rows, so only one chunk's, plus the f32 gradients of the hidden states, `4H` per token, and
+//!   their gradient, `c_V · 4 · V` per token (on a GPU an LM head runs in chunks of rows, so
+//!   only one chunk's, plus the f32 gradients of the hidden states, `4H` per token, and
 //!   of a trained head's weight, `4VH`);
 //! - per rank, a fixed `c_rank` (its thread's heap, its rayon pool, the runtime).
 //!
@@ -335,9 +335,9 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         _ => c.logits,
     };
     let vocab = shape.lm_vocab as f64;
-    let head_logits = if setup.gpu && shape.architecture.head() == models::registry::Head::CausalLm
-    {
-        // The chunked head loss (`kernels::lm_head_loss`): one chunk's logits and their copies,
+    let head_logits = if setup.gpu && shape.lm_vocab > 0 {
+        // The chunked head loss (`kernels::lm_head_loss`, every LM head on a GPU): one chunk's
+        // logits and their copies,
         // and the f32 gradients it holds from forward to backward: the hidden states', and the
         // weight's when the head trains (a full run; LoRA and BitFit freeze it).
         let chunk = tokens.min(bmtrain_backend::kernels::chunk_rows(shape.lm_vocab) as f64);

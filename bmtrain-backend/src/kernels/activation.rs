@@ -30,7 +30,16 @@ pub fn gelu<B: Backend, const D: usize>(
         return None;
     }
     let shape = x.dims().to_vec();
-    match on_cpu(x)? {
+    let Some(x) = on_cpu(x) else {
+        // A GPU backend: burn's exact forward with an exact backward (burn's own is the tanh
+        // approximation's derivative); the tanh GELU's composition is differentiated exactly.
+        return if approximate {
+            None
+        } else {
+            super::gelu_grad::exact_gelu(x)
+        };
+    };
+    match x {
         OnCpu::Infer(x) => {
             let x = flex(x);
             let y = map(values(&x), approximate);

@@ -111,7 +111,7 @@ pub fn lm_head_loss<B: Backend>(
                     let (hidden, head, targets) = *args;
                     let rows = chunk_rows(head.vocab());
                     let loss = chunked_head_loss_train(hidden, head, targets, ignore, rows);
-                    return Some(typed_back(loss));
+                    return Some(super::typed_back(loss));
                 }
                 Err(args) => args,
             };
@@ -120,7 +120,7 @@ pub fn lm_head_loss<B: Backend>(
                     let (hidden, head, targets) = *args;
                     let rows = chunk_rows(head.vocab());
                     let loss = chunked_head_loss(hidden, head, targets, ignore, rows);
-                    return Some(typed_back(loss));
+                    return Some(super::typed_back(loss));
                 }
                 Err(args) => args,
             };
@@ -137,14 +137,6 @@ pub fn lm_head_loss<B: Backend>(
 /// [`lm_head_loss`]'s arguments on one backend.
 #[allow(dead_code)] // unused when no GPU backend is compiled in
 type Args<B> = (Tensor<B, 2>, Head<B>, Tensor<B, 1, Int>);
-
-/// The loss typed back as the caller's backend (which it is: the route matched it).
-#[allow(dead_code)] // unused when no GPU backend is compiled in
-fn typed_back<B: Backend, C: Backend>(loss: Tensor<C, 1>) -> Tensor<B, 1> {
-    let any: Box<dyn Any> = Box::new(loss);
-    *any.downcast::<Tensor<B, 1>>()
-        .unwrap_or_else(|_| unreachable!("the route's backend is the caller's"))
-}
 
 /// [`lm_head_loss`] on any backend without gradients: the loss only, chunk by chunk.
 pub fn chunked_head_loss<B: Backend>(

@@ -20,6 +20,8 @@
 //!   of backward as strides (no zeroed-then-copied outputs, no transposed copies);
 //! - [`dropout`]: a counter-based mask (SplitMix64 of the element's index) applied in one pass and
 //!   regenerated in backward instead of stored;
+//! - [`gelu`] on the GPU backends: burn's exact GELU with the exact gradient (burn's default
+//!   backward, which they inherit, is the tanh approximation's derivative);
 //! - [`lm_head_loss`] (GPU backends): a language model's head and cross-entropy in chunks of
 //!   rows, never the whole `[tokens, vocab]` logits, its gradients computed in the forward.
 //!
@@ -39,6 +41,7 @@
 mod activation;
 mod attention;
 mod dropout;
+mod gelu_grad;
 mod head_loss;
 mod linear;
 mod loss;
@@ -50,6 +53,7 @@ pub(crate) mod simd;
 pub use activation::{gelu, silu};
 pub use attention::attention;
 pub use dropout::dropout;
+pub use gelu_grad::exact_gelu_train;
 pub use head_loss::{
     CHUNK_BYTES, Head, HeadLayout, chunk_rows, chunked_head_loss, chunked_head_loss_train,
     lm_head_loss,
@@ -74,6 +78,15 @@ use burn::tensor::{DType, Distribution, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::{Cpu, CpuTrain};
+
+/// A GPU route's result typed back as the caller's backend `B`, which it is: the route matched
+/// the caller's tensors as backend `C` by downcasting.
+#[allow(dead_code)] // unused when no GPU backend is compiled in
+fn typed_back<B: Backend, C: Backend, const D: usize>(tensor: Tensor<C, D>) -> Tensor<B, D> {
+    let any: Box<dyn Any> = Box::new(tensor);
+    *any.downcast::<Tensor<B, D>>()
+        .unwrap_or_else(|_| unreachable!("the route's backend is the caller's"))
+}
 
 /// The fused kernels, as `ZOO_KERNELS` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

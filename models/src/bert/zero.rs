@@ -290,13 +290,9 @@ impl<B: Backend> ZeroSpec<B> for MlmSpec {
         batch: &Self::Batch,
     ) -> Tensor<B, 1> {
         let embed = embed.expect("the MLM head reads the word embeddings");
-        let logits = module.lm_head.forward(hidden, &embed.word);
-        let [rows, seq, vocab] = logits.dims();
-        crate::io::token_cross_entropy(
-            logits.reshape([rows * seq, vocab]),
-            batch.labels.clone().reshape([rows * seq]),
-            crate::io::IGNORE_INDEX,
-        )
+        module
+            .lm_head
+            .loss(hidden, &embed.word, batch.labels.clone())
     }
 
     fn head_reads_embed(&self) -> bool {

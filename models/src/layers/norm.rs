@@ -21,7 +21,8 @@ pub struct LayerNormConfig {
 /// Layer normalisation over the last dimension: `(x − mean) / √(var + eps) · gamma + beta`.
 ///
 /// The parameters are burn's `LayerNorm`'s (`gamma`, `beta`), so records and key tables are the
-/// same; the forward runs the fused kernel ([`kernels::layer_norm`]) where it applies.
+/// same; the forward runs the fused kernel ([`kernels::layer_norm`]) where it applies, and
+/// elsewhere (GPU backends, half precision) computes in f32 and returns `x`'s dtype.
 #[derive(Module, Debug)]
 pub struct LayerNorm<B: Backend> {
     /// Per-channel scale, `[d_model]`, initialised to ones.
@@ -54,13 +55,18 @@ impl<B: Backend> LayerNorm<B> {
         {
             return y;
         }
+        // In f32 whatever `x`'s dtype, as torch's autocast runs layer norm: in f16 the squared
+        // deviations overflow (65504) once hidden states pass ~256, and the variance then is inf.
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let (var, mean) = x.clone().var_mean_bias(D - 1);
         let normed = (x - mean) / (var + self.epsilon).sqrt();
-        let scaled = normed * gamma.unsqueeze::<D>();
+        let scaled = normed * gamma.cast(FloatDType::F32).unsqueeze::<D>();
         match &self.beta {
-            Some(beta) => scaled + beta.val().unsqueeze::<D>(),
+            Some(beta) => scaled + beta.val().cast(FloatDType::F32).unsqueeze::<D>(),
             None => scaled,
         }
+        .cast(dtype)
     }
 }
 
@@ -140,6 +146,25 @@ mod tests {
         let rms = ((1.0 + 4.0 + 9.0 + 16.0) / 4.0f32).sqrt();
         for (g, w) in got.iter().zip([1.0, -2.0, 3.0, -4.0]) {
             assert!((g - w / rms).abs() < 1e-6);
+        }
+    }
+
+    /// Hidden states of ±1000 in f16: their squared deviations (1e6) overflow f16, so a variance
+    /// computed in f16 is inf and the output 0; in f32 it is ±1 (times gamma, plus beta).
+    #[test]
+    fn layer_norm_of_large_f16_values_is_computed_in_f32() {
+        let device = Default::default();
+        let norm = LayerNormConfig::new(4).init::<Cpu>(&device);
+        let x = Tensor::<Cpu, 2>::from_data(
+            TensorData::from([[1000.0f32, -1000.0, 1000.0, -1000.0]]),
+            &device,
+        )
+        .cast(FloatDType::F16);
+        let y = norm.forward(x);
+        assert_eq!(y.dtype(), burn::tensor::DType::F16);
+        let got: Vec<f32> = y.cast(FloatDType::F32).into_data().to_vec().unwrap();
+        for (g, w) in got.iter().zip([1.0, -1.0, 1.0, -1.0]) {
+            assert!((g - w).abs() < 1e-2, "{got:?}");
         }
     }
 

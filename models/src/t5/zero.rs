@@ -314,9 +314,21 @@ impl<B: Backend> ZeroSpec<B> for T5Spec {
         let hidden = self
             .dropout
             .forward(module.decoder.final_norm.forward(decoder));
-        let output = match (&module.lm_head, embed) {
+        let (head, tied) = (module.lm_head.as_ref(), embed.map(|embed| &embed.shared));
+        if let Some(dense) = crate::io::dense_head(head, tied) {
+            // As `lm_logits` scales (v1.0 when tied).
+            let scaled = if self.output_scale == 1.0 {
+                hidden.clone()
+            } else {
+                hidden.clone() * self.output_scale
+            };
+            if let Some(loss) = crate::io::chunked_token_loss(scaled, dense, batch.labels.clone()) {
+                return loss;
+            }
+        }
+        let output = match (head, tied) {
             (Some(head), _) => OutputLayer::Head(head),
-            (None, Some(embed)) => OutputLayer::Tied(&embed.shared),
+            (None, Some(shared)) => OutputLayer::Tied(shared),
             (None, None) => unreachable!("a tied head is given the embedding segment"),
         };
         let logits = lm_logits(hidden, output, self.output_scale);
