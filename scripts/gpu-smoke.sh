@@ -25,4 +25,8 @@ source scripts/gpu-env.sh
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 echo "test binary: $bin"
+# cubecl's compilation and autotune log: each kernel as NVRTC compiles it, so a run that stalls
+# says whether it is still compiling, and on what.
+export CUBECL_DEBUG_LOG="${CUBECL_DEBUG_LOG:-/tmp/zoo-gpu-smoke-cubecl.log}"
+echo "cubecl log: $CUBECL_DEBUG_LOG"
 "$bin" --ignored --nocapture --test-threads 1 gpu_smoke

@@ -54,7 +54,17 @@ fn gpu_smoke_gpt2_training_step_matches_transformers() {
         dropout: Some(0.0),
         ..Default::default()
     };
+    // Each stage's seconds on stderr: the first CUDA run (2026-12-04) printed nothing in 150 s, and
+    // this says whether loading, the forward or the backward is where the time goes.
+    let started = std::time::Instant::now();
+    let stage = |name: &str| {
+        eprintln!(
+            "gpu smoke [{:6.1} s]: {name}",
+            started.elapsed().as_secs_f64()
+        )
+    };
     let loaded = load_model::<CudaTrain>(&fixture("gpt2"), &device, &options).unwrap();
+    stage("loaded");
     let reference = reference("gpt2");
     let input = reference_input(&reference, &device);
     let Some(Logits::PerToken(logits)) = loaded.model.forward(&input).logits else {
@@ -62,15 +72,18 @@ fn gpu_smoke_gpt2_training_step_matches_transformers() {
     };
     let logits_error =
         zoo_tests::max_abs_diff(&logits.clone().into_data(), &reference["logits"].data);
+    stage("forward read back");
     let loss = causal_lm_loss(logits, int_tensor(&reference, "labels", &device));
     let got = floats(&loss.clone().into_data())[0];
     let want = floats(&reference["loss"].data)[0];
+    stage("loss read back");
     let grads = loss.backward();
     let wte = match &loaded.model {
         models::AnyModel::Gpt2LmHeadModel(m) => m.transformer.wte.weight.val(),
         _ => unreachable!(),
     };
     let grad = wte.grad(&grads).unwrap().into_data();
+    stage("backward read back");
     let grad_error =
         zoo_tests::max_relative_diff(&grad, &reference["grad.transformer.wte.weight"].data);
     println!(
