@@ -50,9 +50,11 @@ cuda_setup() {
     # Each piece is looked for in the system's CUDA and in the nvidia-* wheels (CUDA 13's wheels
     # put theirs under nvidia/cu13/); pip is asked only for what neither has, and gives up at once
     # on a machine with no network.
-    local site
-    site=$(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d) for p in nvidia.__path__ for d in sorted(os.listdir(p))))' 2>/dev/null)
-    local roots=(/usr/local/cuda $site)
+    roots_now() { # the system's CUDA, then every installed nvidia-* wheel's folder
+        roots=(/usr/local/cuda $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d) for p in nvidia.__path__ for d in sorted(os.listdir(p))))' 2>/dev/null))
+    }
+    local roots
+    roots_now
     found() { # found GLOB: some root holds GLOB
         local root
         for root in "${roots[@]}"; do compgen -G "$root/$1" >/dev/null && return 0; done
@@ -69,8 +71,7 @@ cuda_setup() {
         python3 -m pip install --quiet --disable-pip-version-check --retries 0 --timeout 15 \
             "${missing[@]}" ||
             echo "gpu-bench: pip could not install ${missing[*]}; using what the system has" >&2
-        site=$(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d) for p in nvidia.__path__ for d in sorted(os.listdir(p))))' 2>/dev/null)
-        roots=(/usr/local/cuda $site)
+        roots_now
     fi
     # One CUDA_PATH: every wheel's include/ and lib/ linked side by side, system CUDA first.
     export CUDA_PATH="$out/cuda"

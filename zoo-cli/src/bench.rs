@@ -564,30 +564,20 @@ fn time_steps<AB: AutodiffBackend, S: ZeroSpec<AB>>(
         }
         Ok(())
     };
-    for index in 0..args.warmup {
+    // One step, synchronised, its seconds reported as step `ordinal` of `count` of `kind`.
+    let mut timed = |index: usize, kind: &str, ordinal: usize, count: usize| {
         let started = Instant::now();
         step(&mut trainer, index)?;
         AB::sync(device)?;
         let seconds = started.elapsed().as_secs_f64();
-        progress(format_args!(
-            "warm-up step {}/{}: {seconds:.2} s",
-            index + 1,
-            args.warmup
-        ));
+        progress(format_args!("{kind} {ordinal}/{count}: {seconds:.3} s"));
+        anyhow::Ok(seconds)
+    };
+    for index in 0..args.warmup {
+        timed(index, "warm-up step", index + 1, args.warmup)?;
     }
     let times = (0..args.iters)
-        .map(|index| {
-            let started = Instant::now();
-            step(&mut trainer, args.warmup + index)?;
-            AB::sync(device)?;
-            let seconds = started.elapsed().as_secs_f64();
-            progress(format_args!(
-                "step {}/{}: {seconds:.3} s",
-                index + 1,
-                args.iters
-            ));
-            Ok(seconds)
-        })
+        .map(|index| timed(args.warmup + index, "step", index + 1, args.iters))
         .collect::<anyhow::Result<_>>()?;
     Ok(Timed {
         times,
