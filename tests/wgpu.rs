@@ -469,15 +469,36 @@ fn the_chunked_head_loss_on_wgpu_matches_burns_composition_and_reserves_less() {
 /// One micro-batch's gradients per segment (embedding, blocks, head), from the ZeRO trainer on
 /// one rank with the state on the host, every block checkpointed.
 fn trainer_grads<B: AutodiffBackend, S: ZeroSpec<B>>(
-    (spec, embed, blocks, head): (S, S::Embed, Vec<S::Block>, S::Head),
+    cut: (S, S::Embed, Vec<S::Block>, S::Head),
     batch: &S::Batch,
 ) -> Vec<Vec<f32>>
 where
     B::Device: Default,
 {
-    let options = ZeroOptions::checkpoint_all(blocks.len());
+    let checkpoint = vec![true; cut.2.len()];
+    trainer_grads_with(cut, batch, checkpoint, None)
+}
+
+/// [`trainer_grads`] with the blocks `checkpoint` names recomputed in backward, and dropout
+/// seeded from `dropout_seed` (per step, micro-batch, rank and segment, as training seeds it).
+fn trainer_grads_with<B: AutodiffBackend, S: ZeroSpec<B>>(
+    (spec, embed, blocks, head): (S, S::Embed, Vec<S::Block>, S::Head),
+    batch: &S::Batch,
+    checkpoint: Vec<bool>,
+    dropout_seed: Option<u64>,
+) -> Vec<Vec<f32>>
+where
+    B::Device: Default,
+{
+    let options = ZeroOptions {
+        checkpoint,
+        ..ZeroOptions::checkpoint_all(blocks.len())
+    };
     let device = Default::default();
     let mut trainer = ZeroTrainer::new(spec, SingleRank, device, embed, blocks, head, options);
+    if let Some(seed) = dropout_seed {
+        trainer.set_dropout_seed(seed);
+    }
     trainer.forward_backward(batch).unwrap();
     std::iter::once(trainer.embed.grad.clone())
         .chain(trainer.blocks.iter().map(|b| b.grad.clone()))
@@ -490,8 +511,16 @@ fn fixture_model<B: Backend>(name: &str) -> models::AnyModel<B>
 where
     B::Device: Default,
 {
+    fixture_model_with_dropout(name, 0.0)
+}
+
+/// A fixture's model on `B`, in f32 with every dropout at `dropout`.
+fn fixture_model_with_dropout<B: Backend>(name: &str, dropout: f64) -> models::AnyModel<B>
+where
+    B::Device: Default,
+{
     let options = LoadOptions {
-        dropout: Some(0.0),
+        dropout: Some(dropout),
         ..Default::default()
     };
     load_model::<B>(&fixture(name), &Default::default(), &options)
@@ -578,7 +607,16 @@ fn bert_mlm_cut<B: AutodiffBackend>() -> Cut<B, MlmSpec>
 where
     B::Device: Default,
 {
-    let models::AnyModel::BertForMaskedLM(model) = fixture_model::<B>("bert_mlm") else {
+    bert_mlm_cut_with_dropout(0.0)
+}
+
+fn bert_mlm_cut_with_dropout<B: AutodiffBackend>(dropout: f64) -> Cut<B, MlmSpec>
+where
+    B::Device: Default,
+{
+    let models::AnyModel::BertForMaskedLM(model) =
+        fixture_model_with_dropout::<B>("bert_mlm", dropout)
+    else {
         panic!("bert_mlm is a BertForMaskedLM");
     };
     MlmSpec::split_bert(model)
@@ -607,4 +645,32 @@ fn t5_and_masked_lm_heads_train_on_wgpu_as_on_burn_flex() {
     let error = worst_segment(&wgpu, &flex);
     eprintln!("bert_mlm on wgpu: gradients within {error:.2e} of burn-flex (relative)");
     assert!(error <= 1e-4, "bert_mlm: {error}");
+}
+
+/// Attention dropout in the flash kernels replays under block checkpointing: BERT's masked LM
+/// with every dropout at 0.3 (attention's in the flash kernels, the hidden states' burn's) gives
+/// the same gradients with every block recomputed in backward as without recomputation, the
+/// masks regenerated from the segment's seed; and dropout is on (they differ from dropout 0's).
+#[test]
+fn flash_attention_dropout_replays_when_blocks_are_recomputed() {
+    let _turn = DEVICE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let blocks = bert_mlm_cut_with_dropout::<WgpuTrain>(0.0).2.len();
+    let run = |dropout: f64, checkpoint: bool| {
+        trainer_grads_with(
+            bert_mlm_cut_with_dropout::<WgpuTrain>(dropout),
+            &mlm_batch(),
+            vec![checkpoint; blocks],
+            Some(0x5eed),
+        )
+    };
+    let recomputed = run(0.3, true);
+    let kept = run(0.3, false);
+    let error = worst_segment(&recomputed, &kept);
+    eprintln!("dropout 0.3, recomputed vs kept graphs: gradients within {error:.2e} (relative)");
+    assert!(error <= 1e-5, "recomputed blocks drew other masks: {error}");
+    let without = worst_segment(&run(0.0, true), &kept);
+    eprintln!("dropout 0.3 against dropout 0: {without:.2e}");
+    assert!(without > 1e-2, "dropout had no effect: {without}");
 }

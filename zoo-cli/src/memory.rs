@@ -324,7 +324,23 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     let graphs = if setup.checkpointing { 1.0 } else { layers };
     let act_width = graphs * tokens * c.width * h * d;
     let act_ffn = graphs * tokens * c.ffn * f * d;
-    let act_scores = graphs * tokens * c.scores * a * t * d;
+    // On a GPU, attention is the flash kernels (`kernels::flash`, heads up to
+    // FLASH_MAX_HEAD_DIM wide): no scores or probabilities kept, one f32 log-sum-exp per query row
+    // and head, and the f32 mask they read, built once per forward. T5's position bias is itself
+    // a `[batch, heads, q, k]` tensor, kept with its f32 copy, and its f32 gradient in backward.
+    let flash = setup.gpu
+        && shape.heads > 0
+        && shape.hidden / shape.heads <= bmtrain_backend::kernels::FLASH_MAX_HEAD_DIM;
+    let act_scores = if flash {
+        let position_bias = if shape.architecture.family() == models::Family::T5 {
+            (d + 8.0) * t
+        } else {
+            0.0
+        };
+        graphs * tokens * a * (4.0 + position_bias) + tokens * t * 4.0
+    } else {
+        graphs * tokens * c.scores * a * t * d
+    };
     let saved_inputs = if setup.checkpointing {
         c.saved * layers * tokens * h * d
     } else {

@@ -33,12 +33,13 @@ use crate::{Cpu, CpuTrain};
 
 /// Multi-head attention of `q` over `k`/`v`, fused (see the module docs), or `None` when the
 /// kernel does not apply (another backend, half precision, a bias that needs its gradient, or
-/// `ZOO_KERNELS`); the caller then runs its own composition.
+/// `ZOO_KERNELS`); the caller then runs its own composition. On the GPU backends (CUDA, wgpu)
+/// it is the flash attention kernels (`super::flash`: any float dtype, a learned bias too).
 ///
 /// - q: `[batch, q_len, heads·head_dim]`, k: `[batch, k_len, kv_heads·head_dim]`,
 ///   v: `[batch, k_len, kv_heads·value_dim]` (`kv_heads` is k's width over `head_dim`; it must
 ///   divide `heads`)
-/// - bias: additive, `[batch | 1, heads | 1, q_len | 1, k_len]` (masks, no gradient)
+/// - bias: additive, `[batch | 1, heads | 1, q_len | 1, k_len]` (masks; on the CPU no gradient)
 /// - dropout: probability on the attention probabilities, applied when `B` tracks gradients
 /// - output: `[batch, q_len, heads·value_dim]`
 pub fn attention<B: Backend>(
@@ -50,7 +51,7 @@ pub fn attention<B: Backend>(
     scale: f64,
     dropout: f64,
 ) -> Option<Tensor<B, 3>> {
-    if !Kernel::Attention.enabled() {
+    if !Kernel::Attention.enabled() && !Kernel::FlashAttention.enabled() {
         return None;
     }
     let [batch, q_len, width] = q.dims();
@@ -102,6 +103,28 @@ pub fn attention<B: Backend>(
         dropout: dropout as f32,
         seed: if dropout > 0.0 { draw_seed() } else { 0 },
     };
+    #[cfg(feature = "gpu-kernels")]
+    if Kernel::FlashAttention.enabled() {
+        let flash = super::flash::FlashGeometry {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            k_len,
+            head_dim,
+            value_dim: geometry.value_dim,
+            scale: geometry.scale,
+            causal: false,
+            dropout: geometry.dropout,
+            seed: geometry.seed,
+        };
+        if let Some(out) = super::flash::route(q, k, v, bias, &flash) {
+            return Some(out);
+        }
+    }
+    if !Kernel::Attention.enabled() {
+        return None;
+    }
     let bias = match (bias, bias_dims) {
         (Some(bias), Some(dims)) => Some(Bias {
             values: match on_cpu(bias)? {

@@ -24,6 +24,8 @@
 //!   backward, which they inherit, is the tanh approximation's derivative);
 //! - [`lm_head_loss`] (GPU backends): a language model's head and cross-entropy in chunks of
 //!   rows, never the whole `[tokens, vocab]` logits, its gradients computed in the forward.
+//! - [`attention`] on the GPU backends (`flash`): hand-written cubecl kernels, flash attention
+//!   forward and backward, that never hold the `[batch, heads, q_len, k_len]` scores.
 //!
 //! Their element-wise loops are compiled twice, for baseline x86-64 and for AVX-512, and the
 //! AVX-512 copy runs when the CPU has it (`simd.rs`); the transcendental functions in them are
@@ -41,6 +43,8 @@
 mod activation;
 mod attention;
 mod dropout;
+#[cfg(feature = "gpu-kernels")]
+pub mod flash;
 mod gelu_grad;
 mod head_loss;
 mod linear;
@@ -79,6 +83,10 @@ use rayon::prelude::*;
 
 use crate::{Cpu, CpuTrain};
 
+/// The widest attention head (queries/keys, and values) the GPU backends' flash attention
+/// kernels take; wider heads run burn's composition.
+pub const FLASH_MAX_HEAD_DIM: usize = 128;
+
 /// A GPU route's result typed back as the caller's backend `B`, which it is: the route matched
 /// the caller's tensors as backend `C` by downcasting.
 #[allow(dead_code)] // unused when no GPU backend is compiled in
@@ -111,10 +119,12 @@ pub enum Kernel {
     RmsNorm,
     /// [`lm_head_loss`] (the GPU backends' chunked head and loss).
     LmHeadLoss,
+    /// [`attention`] on the GPU backends: the flash attention kernels (`flash`).
+    FlashAttention,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 10] = [
+    const ALL: [Kernel; 11] = [
         Kernel::Attention,
         Kernel::Gelu,
         Kernel::LayerNorm,
@@ -125,6 +135,7 @@ impl Kernel {
         Kernel::Rotary,
         Kernel::RmsNorm,
         Kernel::LmHeadLoss,
+        Kernel::FlashAttention,
     ];
 
     fn name(self) -> &'static str {
@@ -139,6 +150,7 @@ impl Kernel {
             Kernel::Rotary => "rotary",
             Kernel::RmsNorm => "rms_norm",
             Kernel::LmHeadLoss => "lm_head_loss",
+            Kernel::FlashAttention => "flash_attention",
         }
     }
 
