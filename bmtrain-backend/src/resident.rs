@@ -163,7 +163,8 @@ impl<B: Backend> Resident<B> {
 
     /// One AdamW step on the device, element for element the host loop of
     /// [`crate::optim::AdamWState::step`]: decoupled decay, the moments, the bias-corrected
-    /// update, in the same order.
+    /// update, in the same order. On the GPU backends one fused kernel
+    /// ([`crate::kernels::fused_adamw`]), elsewhere tensor operations.
     pub fn adamw(&mut self, config: &AdamWConfig, lr: f32, step: u64) {
         let (Some(p), Some(g), Some(m), Some(v)) = (
             self.params.take(),
@@ -173,6 +174,11 @@ impl<B: Backend> Resident<B> {
         ) else {
             return;
         };
+        #[cfg(feature = "gpu-kernels")]
+        if let Some([p, m, v]) = crate::kernels::fused_adamw(&p, &g, (&m, &v), config, (lr, step)) {
+            (self.params, self.exp_avg, self.exp_avg_sq) = (Some(p), Some(m), Some(v));
+            return;
+        }
         let bias1 = 1.0 - config.beta1.powi(step as i32);
         let bias2 = 1.0 - config.beta2.powi(step as i32);
         let (step_size, bias2_sqrt) = (lr / bias1, bias2.sqrt());

@@ -25,7 +25,8 @@
 //! - [`lm_head_loss`] (GPU backends): a language model's head and cross-entropy in chunks of
 //!   rows, never the whole `[tokens, vocab]` logits, its gradients computed in the forward.
 //! - [`attention`] on the GPU backends (`flash`): hand-written cubecl kernels, flash attention
-//!   forward and backward, that never hold the `[batch, heads, q_len, k_len]` scores.
+//!   forward and backward, that never hold the `[batch, heads, q_len, k_len]` scores;
+//! - [`fused_adamw`] (GPU backends): the device-resident AdamW step as one cubecl kernel.
 //!
 //! Their element-wise loops are compiled twice, for baseline x86-64 and for AVX-512, and the
 //! AVX-512 copy runs when the CPU has it (`simd.rs`); the transcendental functions in them are
@@ -41,7 +42,11 @@
 //! inputs.
 
 mod activation;
+#[cfg(feature = "gpu-kernels")]
+mod adamw;
 mod attention;
+#[cfg(feature = "gpu-kernels")]
+mod custom_op;
 mod dropout;
 #[cfg(feature = "gpu-kernels")]
 pub mod flash;
@@ -55,6 +60,8 @@ mod rotary;
 pub(crate) mod simd;
 
 pub use activation::{gelu, silu};
+#[cfg(feature = "gpu-kernels")]
+pub use adamw::fused_adamw;
 pub use attention::attention;
 pub use dropout::dropout;
 pub use gelu_grad::exact_gelu_train;
@@ -121,10 +128,12 @@ pub enum Kernel {
     LmHeadLoss,
     /// [`attention`] on the GPU backends: the flash attention kernels (`flash`).
     FlashAttention,
+    /// The device-resident AdamW step as one kernel on the GPU backends (`adamw`).
+    FusedAdamW,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 11] = [
+    const ALL: [Kernel; 12] = [
         Kernel::Attention,
         Kernel::Gelu,
         Kernel::LayerNorm,
@@ -136,6 +145,7 @@ impl Kernel {
         Kernel::RmsNorm,
         Kernel::LmHeadLoss,
         Kernel::FlashAttention,
+        Kernel::FusedAdamW,
     ];
 
     fn name(self) -> &'static str {
@@ -151,6 +161,7 @@ impl Kernel {
             Kernel::RmsNorm => "rms_norm",
             Kernel::LmHeadLoss => "lm_head_loss",
             Kernel::FlashAttention => "flash_attention",
+            Kernel::FusedAdamW => "fused_adamw",
         }
     }
 

@@ -257,8 +257,7 @@ impl<B: FlashBackend, const N: usize> Backward<B, N> for FlashBackward<B> {
         let saved = ops.state;
         let bias_parent = ops.parents.get(3).and_then(|parent| parent.as_ref());
         let bias_dims = saved.bias.as_ref().map(|bias| {
-            let dims = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(bias.clone())).dims();
-            dims
+            Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(bias.clone())).dims()
         });
         let [d_q, d_k, d_v, d_bias] = B::flash_backward(
             saved.q,
@@ -290,7 +289,7 @@ impl<B: FlashBackend, const N: usize> Backward<B, N> for FlashBackward<B> {
 }
 
 /// `tensor` as a tensor of backend `C`, when `B` is `C`.
-fn as_backend<C: Backend, B: Backend, const D: usize>(
+pub(crate) fn as_backend<C: Backend, B: Backend, const D: usize>(
     tensor: &Tensor<B, D>,
 ) -> Option<Tensor<C, D>> {
     let any: Box<dyn Any> = Box::new(tensor.clone());
