@@ -163,8 +163,9 @@ python3 -c 'import torch, transformers' 2>/dev/null || torch=()
 # First a small run (GPT-2, one row of 64 tokens, f32), on a GPU with cubecl's compilation and
 # autotune log (runs/cubecl-probe.log): it tells a CUDA path that is slow to warm up (kernels are
 # compiled by NVRTC and autotuned on first use) from one that does not run, and fills the autotune
-# cache the later runs read (target/ beside Cargo.toml). Then GPT-2, then BERT-Large at half the
-# batch and at the full one, each zoo run bounded by half of what is left.
+# cache the later runs read (target/ beside Cargo.toml). Then GPT-2 (and again with burn's composed
+# attention), then BERT-Large at half the batch and at the full one, each zoo run bounded by half
+# of what is left (the composed-attention run by a third).
 if [[ "$cpu_check" != 1 ]]; then
     CUBECL_DEBUG_LOG="$out/runs/cubecl-probe.log" RUN_CAP=150 run zoo-probe-gpt2-1x64 "$zoo" bench \
         --model gpt2 --mode train --batch 1 --seq 64 --dtype f32 --device cuda --warmup 1 --iters 2 \
@@ -176,6 +177,12 @@ if [[ ${#torch[@]} -gt 0 ]]; then
     run "torch-gpt2-${gpt[0]}x${gpt[1]}" "${torch[@]}" --model gpt2 --mode train \
         --batch "${gpt[0]}" --seq "${gpt[1]}" --dtype "$dtype_gpt"
 fi
+# The same GPT-2 run with burn's composed attention in place of zoo's flash kernels (every zoo
+# kernel but flash_attention): what the flash kernels cost or save in time and memory.
+RUN_CAP=$(($(left) / 3)) run "zoo-gpt2-${gpt[0]}x${gpt[1]}-composed-attention" \
+    env ZOO_KERNELS=-flash_attention \
+    "$zoo" bench --model gpt2 --mode train \
+    --batch "${gpt[0]}" --seq "${gpt[1]}" --dtype "$dtype_gpt" --device "$device" "${iters[@]}" --json
 batches=("$half")
 ((full != half)) && batches+=("$full")
 for batch in "${batches[@]}"; do

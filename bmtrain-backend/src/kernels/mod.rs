@@ -36,7 +36,8 @@
 //! ([`Cpu`]) or its autodiff ([`CpuTrain`]) and the tensors are f32; otherwise (CUDA, half
 //! precision) it answers with burn's own composition of the same maths, so models call the kernel
 //! unconditionally. `ZOO_KERNELS=off` in the environment turns the fused path off (for
-//! before/after benchmarks); `ZOO_KERNELS=attention,gelu` keeps only the named ones.
+//! before/after benchmarks); `ZOO_KERNELS=attention,gelu` keeps only the named ones, and
+//! `ZOO_KERNELS=-flash_attention` all but the named ones.
 //!
 //! The tests compare each kernel's outputs and gradients with burn's composition on random
 //! inputs.
@@ -171,16 +172,27 @@ impl Kernel {
         ENABLED
             .get_or_init(|| match std::env::var("ZOO_KERNELS") {
                 Err(_) => Kernel::ALL.to_vec(),
-                Ok(list) => match list.trim() {
-                    "" | "all" | "on" => Kernel::ALL.to_vec(),
-                    "off" | "none" => Vec::new(),
-                    names => Kernel::ALL
-                        .into_iter()
-                        .filter(|k| names.split(',').any(|n| n.trim() == k.name()))
-                        .collect(),
-                },
+                Ok(list) => Kernel::parse(&list),
             })
             .contains(&self)
+    }
+
+    /// The kernels a `ZOO_KERNELS` value lets run: `all` (or empty), `off`, the names to keep
+    /// (`attention,gelu`), or the names to leave out of all (`-flash_attention,-fused_adamw`).
+    fn parse(list: &str) -> Vec<Kernel> {
+        let names: Vec<&str> = list.split(',').map(str::trim).collect();
+        match list.trim() {
+            "" | "all" | "on" => Kernel::ALL.to_vec(),
+            "off" | "none" => Vec::new(),
+            _ if names.iter().all(|n| n.starts_with('-')) => Kernel::ALL
+                .into_iter()
+                .filter(|k| !names.iter().any(|n| n[1..].trim() == k.name()))
+                .collect(),
+            _ => Kernel::ALL
+                .into_iter()
+                .filter(|k| names.contains(&k.name()))
+                .collect(),
+        }
     }
 }
 
@@ -491,6 +503,26 @@ unsafe impl Sync for SharedMut {}
 impl SharedMut {
     pub(crate) fn get(self) -> *mut f32 {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Kernel;
+
+    #[test]
+    fn zoo_kernels_keeps_or_leaves_out_the_named_kernels() {
+        assert_eq!(Kernel::parse(""), Kernel::ALL.to_vec());
+        assert_eq!(Kernel::parse("off"), Vec::new());
+        assert_eq!(
+            Kernel::parse("attention, gelu"),
+            vec![Kernel::Attention, Kernel::Gelu]
+        );
+        let without = Kernel::parse("-flash_attention, -fused_adamw");
+        assert_eq!(without.len(), Kernel::ALL.len() - 2);
+        assert!(!without.contains(&Kernel::FlashAttention));
+        assert!(!without.contains(&Kernel::FusedAdamW));
+        assert!(without.contains(&Kernel::Attention));
     }
 }
 

@@ -306,7 +306,8 @@ fn delta_kernel<F: Float>(
 /// (`[batch, heads, q_len, k_len]`, f32), the gradient of an additive bias before broadcasting.
 /// Cubes: (query tile, batch·heads), as the forward.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
+// `has_bias_grad` is a comptime flag: its branch is compiled out, not tested with the runtime one.
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 fn backward_query_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
