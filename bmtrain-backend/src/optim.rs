@@ -89,20 +89,20 @@ impl AdamWState {
     }
 }
 
-/// One step's coefficients.
+/// One step's coefficients (the device kernel, `kernels::fused_adamw`, takes them too).
 #[derive(Debug, Clone, Copy)]
-struct Update {
-    decay: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    step_size: f32,
-    bias2_sqrt: f32,
+pub(crate) struct Update {
+    pub(crate) decay: f32,
+    pub(crate) beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) eps: f32,
+    pub(crate) step_size: f32,
+    pub(crate) bias2_sqrt: f32,
 }
 
 impl Update {
     /// The coefficients of step `step` (1-based) at learning rate `lr`.
-    fn new(config: &AdamWConfig, lr: f32, step: u64) -> Self {
+    pub(crate) fn new(config: &AdamWConfig, lr: f32, step: u64) -> Self {
         let bias1 = 1.0 - config.beta1.powi(step as i32);
         let bias2 = 1.0 - config.beta2.powi(step as i32);
         Self {

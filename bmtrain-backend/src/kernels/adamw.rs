@@ -18,7 +18,7 @@ use burn_fusion::{Fusion, FusionBackend};
 use cubecl::prelude::*;
 
 use super::custom_op::register;
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, Update};
 
 /// One step's coefficients, as the kernel takes them.
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
@@ -31,18 +31,10 @@ pub struct UpdateArgs {
     bias2_sqrt: f32,
 }
 
-/// The coefficients of step `step` (1-based) at learning rate `lr`, computed as the host's.
+/// The coefficients of step `step` (1-based) at learning rate `lr`: the host loop's.
 fn coefficients(config: &AdamWConfig, lr: f32, step: u64) -> [f32; 6] {
-    let bias1 = 1.0 - config.beta1.powi(step as i32);
-    let bias2 = 1.0 - config.beta2.powi(step as i32);
-    [
-        1.0 - lr * config.weight_decay,
-        config.beta1,
-        config.beta2,
-        config.eps,
-        lr / bias1,
-        bias2.sqrt(),
-    ]
+    let u = Update::new(config, lr, step);
+    [u.decay, u.beta1, u.beta2, u.eps, u.step_size, u.bias2_sqrt]
 }
 
 /// `p, m, v ← AdamW(p, g, m, v)`, one unit per element.
