@@ -31,7 +31,8 @@ pub enum StatePlacement {
     #[default]
     Host,
     /// Tensors on the training device; unscale, the overflow check, clipping and AdamW are
-    /// tensor operations there (the default on a GPU).
+    /// tensor operations there, AdamW one fused kernel on the GPU backends (the default on a
+    /// GPU).
     Device,
     /// ZeRO-Offload (`--offload-optimizer`): the f32 master weights and the AdamW moments in
     /// host memory, the gradient accumulator and a copy of the weights (in the compute dtype)
