@@ -296,6 +296,15 @@ pub(crate) fn as_backend<C: Backend, B: Backend, const D: usize>(
     any.downcast::<Tensor<C, D>>().ok().map(|t| *t)
 }
 
+/// An optional bias as a tensor of backend `C` (`Some(None)` without one), when `B` is `C`.
+#[allow(dead_code)] // without a GPU backend compiled in
+fn bias_as<C: Backend, B: Backend>(bias: Option<&Tensor<B, 4>>) -> Option<Option<Tensor<C, 4>>> {
+    match bias {
+        Some(bias) => as_backend(bias).map(Some),
+        None => Some(None),
+    }
+}
+
 /// Flash attention for `kernels::attention` when `B` is a GPU backend of this build (or its
 /// autodiff) and the dtypes and shapes fit; `None` otherwise.
 pub(super) fn route<B: Backend>(
@@ -321,10 +330,7 @@ pub(super) fn route<B: Backend>(
                     q,
                     as_backend(k)?,
                     as_backend(v)?,
-                    match bias {
-                        Some(bias) => Some(as_backend(bias)?),
-                        None => None,
-                    },
+                    bias_as(bias)?,
                     geometry,
                 );
                 return Some(super::typed_back(out));
@@ -334,10 +340,7 @@ pub(super) fn route<B: Backend>(
                     q,
                     as_backend(k)?,
                     as_backend(v)?,
-                    match bias {
-                        Some(bias) => Some(as_backend(bias)?),
-                        None => None,
-                    },
+                    bias_as(bias)?,
                     geometry,
                 );
                 return Some(super::typed_back(out));
