@@ -194,7 +194,7 @@ mod tests {
 
     use super::*;
     use crate::Wgpu;
-    use crate::kernels::testing::random;
+    use crate::kernels::testing::{device_lock, random};
     use crate::optim::AdamWState;
 
     /// Three steps of the kernel on wgpu against the host loop ([`AdamWState::step`]) on the
@@ -206,6 +206,7 @@ mod tests {
             weight_decay: 0.01,
             ..AdamWConfig::default()
         };
+        let _device = device_lock();
         let mut host_params = random(len, 1, 1.0);
         let mut host = AdamWState::new(len);
         let device = Default::default();

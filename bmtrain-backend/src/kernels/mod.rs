@@ -26,6 +26,8 @@
 //!   rows, never the whole `[tokens, vocab]` logits, its gradients computed in the forward.
 //! - [`attention`] on the GPU backends (`flash`): hand-written cubecl kernels, flash attention
 //!   forward and backward, that never hold the `[batch, heads, q_len, k_len]` scores;
+//! - [`layer_norm`], [`rms_norm`] on the GPU backends (`gpu_norm`): cubecl kernels, statistics
+//!   in f32 for any input dtype, backward keeping only the input and two floats per row;
 //! - [`fused_adamw`] (GPU backends): the device-resident AdamW step as one cubecl kernel.
 //!
 //! Their element-wise loops are compiled twice, for baseline x86-64 and for AVX-512, and the
@@ -52,6 +54,8 @@ mod dropout;
 #[cfg(feature = "gpu-kernels")]
 pub mod flash;
 mod gelu_grad;
+#[cfg(feature = "gpu-kernels")]
+pub mod gpu_norm;
 mod head_loss;
 mod linear;
 mod loss;
@@ -547,6 +551,33 @@ pub(crate) mod testing {
     pub fn leaf<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<CpuTrain, D> {
         Tensor::<CpuTrain, D>::from_data(TensorData::new(values, shape), &Default::default())
             .require_grad()
+    }
+
+    /// Held by every test of a GPU kernel on wgpu: the allocator tests count every tensor on
+    /// the one shared device, so no other test may allocate meanwhile.
+    #[cfg(feature = "wgpu")]
+    pub fn device_lock() -> std::sync::MutexGuard<'static, ()> {
+        static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        DEVICE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The largest absolute difference over the reference's largest magnitude (any dtype, read
+    /// as f32).
+    #[cfg(feature = "wgpu")]
+    pub fn relative(got: Tensor<crate::Wgpu, 1>, want: Tensor<crate::Wgpu, 1>) -> f32 {
+        let got: Vec<f32> = got.into_data().convert::<f32>().to_vec().unwrap();
+        let want: Vec<f32> = want.into_data().convert::<f32>().to_vec().unwrap();
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-30);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        assert!(diff.is_finite(), "non-finite values");
+        diff / scale
     }
 
     /// The largest absolute difference between two tensors' values.

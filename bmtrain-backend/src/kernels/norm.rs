@@ -28,7 +28,8 @@ use crate::Cpu;
 const ROWS: usize = 16;
 
 /// Layer norm over the last dimension with scale `gamma` and shift `beta` (both `[width]`), or
-/// `None` where the kernel does not apply (see [`super`]).
+/// `None` where the kernel does not apply (see [`super`]). On the GPU backends it is the cubecl
+/// kernels of `gpu_norm` (f32, f16, bf16; statistics in f32).
 pub fn layer_norm<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     gamma: &Tensor<B, 1>,
@@ -42,6 +43,10 @@ pub fn layer_norm<B: Backend, const D: usize>(
     let width = shape[D - 1];
     if width == 0 || gamma.dims() != [width] || beta.dims() != [width] {
         return None;
+    }
+    #[cfg(feature = "gpu-kernels")]
+    if let Some(y) = super::gpu_norm::route(x, gamma, Some(beta), epsilon, false) {
+        return Some(y);
     }
     let eps = epsilon as f32;
     match (on_cpu(x)?, on_cpu(gamma)?, on_cpu(beta)?) {
@@ -195,6 +200,10 @@ pub fn rms_norm<B: Backend, const D: usize>(
     let width = shape[D - 1];
     if width == 0 || gamma.dims() != [width] {
         return None;
+    }
+    #[cfg(feature = "gpu-kernels")]
+    if let Some(y) = super::gpu_norm::route(x, gamma, None, epsilon, true) {
+        return Some(y);
     }
     let eps = epsilon as f32;
     match (on_cpu(x)?, on_cpu(gamma)?) {

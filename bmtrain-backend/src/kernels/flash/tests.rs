@@ -1,37 +1,11 @@
 //! The flash attention kernels on wgpu (Mesa's lavapipe in CI) against burn's composition of the
 //! same attention on the same device: values and the gradients of q, k, v and a learned bias.
 
-use std::sync::Mutex;
-
 use burn::tensor::{Distribution, Tensor, TensorData, activation};
 
 use super::*;
-use crate::kernels::testing::random;
+use crate::kernels::testing::{device_lock, random, relative};
 use crate::{Wgpu, WgpuTrain};
-
-/// Held by every test: the allocator test counts every tensor on the shared device.
-static DEVICE: Mutex<()> = Mutex::new(());
-
-fn device_lock() -> std::sync::MutexGuard<'static, ()> {
-    DEVICE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The largest absolute difference over the reference's largest magnitude.
-fn relative(got: Tensor<Wgpu, 1>, want: Tensor<Wgpu, 1>) -> f32 {
-    let got: Vec<f32> = got.into_data().convert::<f32>().to_vec().unwrap();
-    let want: Vec<f32> = want.into_data().convert::<f32>().to_vec().unwrap();
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-30);
-    let diff = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0f32, f32::max);
-    assert!(diff.is_finite(), "non-finite values");
-    diff / scale
-}
 
 fn flat<const D: usize>(t: Tensor<WgpuTrain, D>) -> Tensor<Wgpu, 1> {
     t.inner().flatten(0, D - 1)
