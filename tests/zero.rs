@@ -995,6 +995,30 @@ fn device_and_offloaded_state_equal_the_host_path_bit_for_bit() {
     }
 }
 
+/// In f16 the device state (its gathers convert each rank's slice on the device and move
+/// halves; AdamW unscales and clips as it reads the gradient) gives the host path's bits (which
+/// gathers f32, converts the segment on the host and unscales and clips in passes of their own)
+/// on 1, 2 and 4 thread ranks.
+#[test]
+fn in_f16_the_device_state_equals_the_host_path_bit_for_bit() {
+    let initial = initial_model();
+    let f16 = Some(burn::tensor::DType::F16);
+    for world in [1, 2, 4] {
+        let host = placement_run(&initial, world, 3, StatePlacement::Host, f16);
+        let device = placement_run(&initial, world, 3, StatePlacement::Device, f16);
+        assert_eq!(host.1, device.1, "N={world}: losses differ");
+        assert_eq!(host.2, device.2, "N={world}: norms differ");
+        let differing = host.0.iter().zip(&device.0).filter(|(a, b)| a != b).count();
+        assert_eq!(differing, 0, "N={world}: parameters differ");
+        eprintln!(
+            "f16 device state N={world}: {} parameters, {} losses, {} steps bit-identical to the host path",
+            host.0.len(),
+            host.1.len(),
+            host.2.len()
+        );
+    }
+}
+
 /// In a half compute dtype the device holds frozen weights in it, and their f32 values stay on
 /// the host: after training, a save and a resume, the frozen norm still has its initial bits
 /// (read back from an f16 copy it would be rounded), while the rest trained.

@@ -90,6 +90,30 @@ pub trait Communicator: Send {
     /// Concatenates every rank's `local` (equal lengths), in rank order.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
 
+    /// Concatenates every rank's `local` bytes (equal lengths), in rank order: an all-gather of
+    /// any dtype's values, such as the compute dtype's halves, unconverted.
+    ///
+    /// An all-gather only copies, so the bytes travel as the bit patterns of f32 words through
+    /// [`Communicator::all_gather`] (each rank's bytes padded to a whole word), whatever the
+    /// communicator.
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<u8>, CommError> {
+        let words: Vec<f32> = local
+            .chunks(4)
+            .map(|chunk| {
+                let mut word = [0u8; 4];
+                word[..chunk.len()].copy_from_slice(chunk);
+                f32::from_bits(u32::from_le_bytes(word))
+            })
+            .collect();
+        let gathered = self.all_gather(&words)?;
+        let mut out = Vec::with_capacity(local.len() * self.world_size());
+        for rank_words in gathered.chunks(words.len().max(1)) {
+            let bytes = rank_words.iter().flat_map(|w| w.to_bits().to_le_bytes());
+            out.extend(bytes.take(local.len()));
+        }
+        Ok(out)
+    }
+
     /// Combines `full` (length `world_size · n`) across ranks and returns this rank's `n`-long
     /// chunk of the result.
     fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError>;
@@ -540,6 +564,26 @@ mod tests {
                     .collect();
                 assert_eq!(scattered, chunk);
                 assert_eq!(broadcast, values(world - 1, 3));
+            }
+        }
+    }
+
+    /// Bytes of any length, NaN bit patterns included (an f16 NaN pair read as an f32 is a
+    /// signalling NaN), come out of the word-packed all-gather as they went in.
+    #[test]
+    fn an_all_gather_of_bytes_keeps_every_bit() {
+        let bytes = |rank: usize| -> Vec<u8> {
+            let mut b: Vec<u8> = (0..7).map(|i| (rank * 31 + i * 7) as u8).collect();
+            b.extend([0x01, 0x7c, 0x01, 0x7c]); // two f16 sNaNs: f32 bits 0x7c017c01
+            b
+        };
+        for world in [1, 2, 3] {
+            let results = ThreadGroup::run(world, TIMEOUT, move |comm| {
+                comm.all_gather_bytes(&bytes(comm.rank()))
+            });
+            let want: Vec<u8> = (0..world).flat_map(bytes).collect();
+            for result in results {
+                assert_eq!(result.unwrap().unwrap(), want);
             }
         }
     }

@@ -7,30 +7,57 @@
 //! its device resolves to ([`crate::DeviceSpec::for_this_rank`]), the one burn computes on. The collectives take host buffers (the [`Communicator`] trait's), stage them
 //! through device memory and wait for the stream.
 //!
-//! Timeouts: the rendezvous has a deadline, and every collective is waited for by polling an
-//! event recorded behind it on the stream, for at most the communicator's timeout: a peer that
-//! hangs or died ends this rank with [`CommError::Timeout`] instead of a wait forever (NCCL's
-//! kernels still spin on the GPU; they are torn down with the process, which then exits).
+//! Dead and hung peers: the rendezvous has a deadline, and every collective is waited for by
+//! polling an event recorded behind it on the stream, for at most the communicator's timeout
+//! (`--comm-timeout`, default 600 s). Each poll also asks NCCL for an asynchronous error
+//! (`ncclCommGetAsyncError`: a peer whose connection broke, a network or system failure),
+//! which ends the wait at once. Either way the communicator is aborted (`ncclCommAbort`), which
+//! stops this rank's NCCL kernels spinning on the GPU and frees its resources, and the rank
+//! returns [`CommError::Timeout`] or [`CommError::Transport`] instead of waiting forever; every
+//! later call fails at once. A peer that died therefore ends every other rank with an error:
+//! at once when NCCL notices the broken connection, at the latest after the timeout.
+//!
+//! The communicator handle is zoo's own (`cudarc::nccl::Comm` keeps its handle private, and the
+//! error check and the abort need it); the collectives call cudarc's thin `result` wrappers.
 
+use std::cell::Cell;
+use std::ffi::c_void;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::{CudaContext, CudaStream};
-use cudarc::nccl::{Comm, Id, ReduceOp as NcclOp};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::nccl::result as nccl;
+use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t};
 
 use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::dist::{DistEnv, rendezvous};
 
+/// An NCCL communicator handle, aborted when dropped (never blocks, whatever the peers do).
+#[derive(Debug)]
+struct Handle(ncclComm_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitRank and is aborted once, here, unless
+        // `NcclComm::abort` already did (then it is null).
+        if !self.0.is_null() {
+            let _ = unsafe { nccl::comm_abort(self.0) };
+        }
+    }
+}
+
 /// One rank of an NCCL job.
 #[derive(Debug)]
 pub struct NcclComm {
-    comm: Comm,
+    comm: std::cell::RefCell<Handle>,
     stream: Arc<CudaStream>,
     rank: usize,
     world_size: usize,
     timeout: Duration,
     /// Collectives issued, for error messages.
-    round: std::cell::Cell<u64>,
+    round: Cell<u64>,
+    /// Why the communicator was aborted, once it was: every later call fails with it.
+    aborted: std::cell::RefCell<Option<String>>,
 }
 
 // An NCCL communicator may be used from any thread, one call at a time; `NcclComm` is owned by
@@ -58,8 +85,9 @@ impl NcclComm {
             CudaContext::new(gpu).map_err(|e| fail(format!("opening GPU {gpu}: {e:?}")))?;
         let stream = context.default_stream();
         let own_id = if env.rank == 0 {
-            let id = Id::new().map_err(|e| fail(format!("ncclGetUniqueId: {e:?}")))?;
-            Some(id.internal().iter().map(|&c| c as u8).collect::<Vec<u8>>())
+            let id = nccl::get_uniqueid()
+                .map_err(|e| fail(format!("ncclGetUniqueId: {}", describe(e.0))))?;
+            Some(id.internal.iter().map(|&c| c as u8).collect::<Vec<u8>>())
         } else {
             None
         };
@@ -74,25 +102,73 @@ impl NcclComm {
         for (dst, src) in internal.iter_mut().zip(&blob) {
             *dst = *src as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(
-            stream.clone(),
-            env.rank,
-            env.world_size,
-            Id::uninit(internal),
-        )
-        .map_err(|e| fail(format!("ncclCommInitRank: {e:?}")))?;
+        let id = cudarc::nccl::sys::ncclUniqueId { internal };
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        let (ranks, rank) = (env.world_size as i32, env.rank as i32);
+        // NCCL initialises on the GPU whose context is current on this thread.
+        context
+            .bind_to_thread()
+            .map_err(|e| fail(format!("binding GPU {gpu}: {e:?}")))?;
+        // SAFETY: `comm` receives the new handle; the id is rank 0's, shared by the rendezvous.
+        unsafe { nccl::comm_init_rank(&mut comm, ranks, id, rank) }
+            .map_err(|e| fail(format!("ncclCommInitRank: {}", describe(e.0))))?;
         Ok(Self {
-            comm,
+            comm: std::cell::RefCell::new(Handle(comm)),
             stream,
             rank: env.rank,
             world_size: env.world_size,
             timeout,
-            round: std::cell::Cell::new(0),
+            round: Cell::new(0),
+            aborted: std::cell::RefCell::new(None),
         })
+    }
+
+    /// The live handle, or the error of the abort that ended it.
+    fn handle(&self) -> Result<ncclComm_t, CommError> {
+        if let Some(reason) = self.aborted.borrow().as_ref() {
+            return Err(CommError::Transport {
+                rank: self.rank,
+                message: format!("the NCCL communicator was aborted earlier: {reason}"),
+            });
+        }
+        Ok(self.comm.borrow().0)
+    }
+
+    /// Aborts the communicator (its kernels stop, its resources go) and remembers why.
+    fn abort(&self, reason: &str) {
+        let mut handle = self.comm.borrow_mut();
+        if !handle.0.is_null() {
+            // SAFETY: a live handle from ncclCommInitRank, aborted once (then nulled).
+            let _ = unsafe { nccl::comm_abort(handle.0) };
+            handle.0 = std::ptr::null_mut();
+        }
+        *self.aborted.borrow_mut() = Some(reason.to_string());
+    }
+
+    /// The asynchronous error NCCL reports for the communicator, if any (a broken connection to
+    /// a peer, a network or system failure).
+    fn async_error(&self) -> Option<String> {
+        let handle = self.comm.borrow().0;
+        if handle.is_null() {
+            return None;
+        }
+        let mut state = ncclResult_t::ncclSuccess;
+        // SAFETY: a live handle; `state` receives the communicator's error state.
+        let asked = unsafe { cudarc::nccl::sys::ncclCommGetAsyncError(handle, &mut state) };
+        match (asked, state) {
+            (
+                ncclResult_t::ncclSuccess,
+                ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress,
+            ) => None,
+            (ncclResult_t::ncclSuccess, state) => Some(describe(state)),
+            (asked, _) => Some(format!("ncclCommGetAsyncError failed: {}", describe(asked))),
+        }
     }
 
     /// Waits until the work queued on the stream (the collective just issued) is done, for at most
     /// the timeout; polling an event never blocks in the driver, so a hung peer cannot hang us.
+    /// NCCL's asynchronous error state is checked at every poll. A timeout or an error aborts
+    /// the communicator.
     fn wait(&self, op: &'static str) -> Result<(), CommError> {
         let round = self.round.get();
         self.round.set(round + 1);
@@ -104,19 +180,50 @@ impl NcclComm {
         loop {
             match event.try_is_complete() {
                 Ok(true) => return Ok(()),
-                Ok(false) if started.elapsed() > self.timeout => {
-                    return Err(CommError::Timeout {
-                        rank: self.rank,
-                        missing: (0..self.world_size).filter(|&r| r != self.rank).collect(),
-                        op,
-                        round,
-                        timeout: self.timeout,
-                    });
+                Ok(false) => {}
+                Err(e) => {
+                    let error = self.error(op, e);
+                    self.abort(&error.to_string());
+                    return Err(error);
                 }
-                Ok(false) => std::thread::sleep(Duration::from_micros(200)),
-                Err(e) => return Err(self.error(op, e)),
             }
+            if let Some(reason) = self.async_error() {
+                let message = format!(
+                    "{op} #{round}: NCCL reports {reason} (a peer died or the network failed)"
+                );
+                self.abort(&message);
+                return Err(CommError::Transport {
+                    rank: self.rank,
+                    message,
+                });
+            }
+            if started.elapsed() > self.timeout {
+                let error = CommError::Timeout {
+                    rank: self.rank,
+                    missing: (0..self.world_size).filter(|&r| r != self.rank).collect(),
+                    op,
+                    round,
+                    timeout: self.timeout,
+                };
+                self.abort(&error.to_string());
+                return Err(error);
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// Issues one NCCL call on the stream with the live handle and waits for it.
+    fn collective(
+        &self,
+        op: &'static str,
+        call: impl FnOnce(
+            ncclComm_t,
+            cudarc::nccl::sys::cudaStream_t,
+        ) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<(), CommError> {
+        let handle = self.handle()?;
+        call(handle, self.stream.cu_stream() as _).map_err(|e| self.error(op, describe(e.0)))?;
+        self.wait(op)
     }
 
     fn error(&self, what: &str, detail: impl std::fmt::Debug) -> CommError {
@@ -146,13 +253,39 @@ impl NcclComm {
     }
 }
 
-fn nccl_op(op: ReduceOp) -> NcclOp {
+fn nccl_op(op: ReduceOp) -> ncclRedOp_t {
     match op {
-        ReduceOp::Sum => NcclOp::Sum,
-        ReduceOp::Avg => NcclOp::Avg,
-        ReduceOp::Max => NcclOp::Max,
+        ReduceOp::Sum => ncclRedOp_t::ncclSum,
+        ReduceOp::Avg => ncclRedOp_t::ncclAvg,
+        ReduceOp::Max => ncclRedOp_t::ncclMax,
     }
 }
+
+/// NCCL's name for an error state.
+fn describe(state: ncclResult_t) -> String {
+    let name = match state {
+        ncclResult_t::ncclUnhandledCudaError => "a CUDA error (ncclUnhandledCudaError)",
+        ncclResult_t::ncclSystemError => "a system error (ncclSystemError)",
+        ncclResult_t::ncclInternalError => "an internal error (ncclInternalError)",
+        ncclResult_t::ncclInvalidArgument => "an invalid argument (ncclInvalidArgument)",
+        ncclResult_t::ncclInvalidUsage => "an invalid usage (ncclInvalidUsage)",
+        ncclResult_t::ncclRemoteError => "a remote error (ncclRemoteError)",
+        _ => return format!("{state:?}"),
+    };
+    name.to_string()
+}
+
+/// A device buffer's pointer for a collective on `stream`.
+fn ptr(buffer: &CudaSlice<f32>, stream: &CudaStream) -> *const c_void {
+    buffer.device_ptr(stream).0 as *const c_void
+}
+
+/// A device buffer's pointer for a collective writing it on `stream`.
+fn ptr_mut(buffer: &mut CudaSlice<f32>, stream: &CudaStream) -> *mut c_void {
+    buffer.device_ptr_mut(stream).0 as *mut c_void
+}
+
+const F32: ncclDataType_t = ncclDataType_t::ncclFloat32;
 
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
@@ -165,10 +298,12 @@ impl Communicator for NcclComm {
 
     fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let mut buffer = self.upload(data)?;
-        self.comm
-            .all_reduce_in_place(&mut buffer, &nccl_op(op))
-            .map_err(|e| self.error("ncclAllReduce", e))?;
-        self.wait("all_reduce")?;
+        let (len, stream) = (data.len(), &self.stream);
+        let target = ptr_mut(&mut buffer, stream);
+        self.collective("all_reduce", |comm, s| unsafe {
+            // SAFETY: `buffer` holds `len` f32 on this GPU, in place.
+            nccl::all_reduce(target, target, len, F32, nccl_op(op), comm, s)
+        })?;
         self.download(&buffer, data)
     }
 
@@ -178,10 +313,14 @@ impl Communicator for NcclComm {
             .stream
             .alloc_zeros::<f32>(local.len() * self.world_size)
             .map_err(|e| self.error("allocating", e))?;
-        self.comm
-            .all_gather(&send, &mut receive)
-            .map_err(|e| self.error("ncclAllGather", e))?;
-        self.wait("all_gather")?;
+        let (from, to) = (
+            ptr(&send, &self.stream),
+            ptr_mut(&mut receive, &self.stream),
+        );
+        self.collective("all_gather", |comm, s| unsafe {
+            // SAFETY: `send` holds `local.len()` f32, `receive` `world_size` times that.
+            nccl::all_gather(from, to, local.len(), F32, comm, s)
+        })?;
         let mut out = vec![0.0; local.len() * self.world_size];
         self.download(&receive, &mut out)?;
         Ok(out)
@@ -204,10 +343,14 @@ impl Communicator for NcclComm {
             .stream
             .alloc_zeros::<f32>(chunk)
             .map_err(|e| self.error("allocating", e))?;
-        self.comm
-            .reduce_scatter(&send, &mut receive, &nccl_op(op))
-            .map_err(|e| self.error("ncclReduceScatter", e))?;
-        self.wait("reduce_scatter")?;
+        let (from, to) = (
+            ptr(&send, &self.stream),
+            ptr_mut(&mut receive, &self.stream),
+        );
+        self.collective("reduce_scatter", |comm, s| unsafe {
+            // SAFETY: `send` holds `world_size · chunk` f32, `receive` `chunk`.
+            nccl::reduce_scatter(from, to, chunk, F32, nccl_op(op), comm, s)
+        })?;
         let mut out = vec![0.0; chunk];
         self.download(&receive, &mut out)?;
         Ok(out)
@@ -215,10 +358,12 @@ impl Communicator for NcclComm {
 
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError> {
         let mut buffer = self.upload(data)?;
-        self.comm
-            .broadcast_in_place(&mut buffer, root as i32)
-            .map_err(|e| self.error("ncclBroadcast", e))?;
-        self.wait("broadcast")?;
+        let (len, stream) = (data.len(), &self.stream);
+        let target = ptr_mut(&mut buffer, stream);
+        self.collective("broadcast", |comm, s| unsafe {
+            // SAFETY: `buffer` holds `len` f32 on this GPU, in place.
+            nccl::broadcast(target, target, len, F32, root as i32, comm, s)
+        })?;
         self.download(&buffer, data)
     }
 

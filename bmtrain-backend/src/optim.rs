@@ -89,6 +89,27 @@ impl AdamWState {
     }
 }
 
+/// What the device state's AdamW divides the gradient by and then multiplies it by as it reads
+/// it ([`crate::resident::Resident::adamw`]): the host path's unscale, `g /= divisor`, and
+/// clipping, `g *= coefficient`, without a pass of their own. `1.0` leaves the gradient exact:
+/// `x / 1` and `x · 1` are `x` in IEEE arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradFactors {
+    /// The loss scale times the micro-batches (1: none).
+    pub divisor: f32,
+    /// The clipping coefficient (1: none).
+    pub coefficient: f32,
+}
+
+impl Default for GradFactors {
+    fn default() -> Self {
+        Self {
+            divisor: 1.0,
+            coefficient: 1.0,
+        }
+    }
+}
+
 /// One step's coefficients (the device kernel, `kernels::fused_adamw`, takes them too).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Update {

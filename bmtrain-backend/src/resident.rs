@@ -20,7 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::comm::{CommError, Communicator, ReduceOp};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, GradFactors};
 use crate::zero::ShardLayout;
 
 /// Where a trainer keeps its master weights, gradient accumulators and AdamW moments.
@@ -74,11 +74,14 @@ pub fn upload_as<B: Backend>(
     }
     let len = values.len();
     let data = TensorData::new(values, [len]);
-    let data = match dtype {
-        Some(dtype) if dtype != DType::F32 => data.convert_dtype(dtype),
-        _ => data,
-    };
-    Some(Tensor::from_data(data, device))
+    Some(match dtype {
+        // Created in `dtype`: without it, `from_data` makes the device's default float dtype
+        // (f32) of the converted values, twice the bytes on the device.
+        Some(dtype) if dtype != DType::F32 => {
+            Tensor::from_data(data.convert_dtype(dtype), (device, dtype))
+        }
+        _ => Tensor::from_data(data, device),
+    })
 }
 
 /// `values` as a device tensor, the buffer given away (a host backend keeps it without a copy).
@@ -151,22 +154,27 @@ impl<B: Backend> Resident<B> {
         }
     }
 
-    /// `[Σ g², Σ g·0]` of the gradient slice, on the device: the squared norm, and a probe that
-    /// is NaN exactly when some gradient is inf or NaN (0 otherwise). In f64 where the device
-    /// supports it (what the host's norm sums in), else f32. `None` for an empty slice.
-    pub fn grad_health(&self, wide: bool) -> Option<Tensor<B, 1>> {
-        let grad = self.grad.as_ref()?.clone();
+    /// `[Σ g², Σ g·0]` of the gradient slice divided by `divisor` (its unscaled values, not
+    /// stored), on the device: the squared norm, and a probe that is NaN exactly when some
+    /// gradient is inf or NaN (0 otherwise). In f64 where the device supports it (what the host's
+    /// norm sums in), else f32. `None` for an empty slice.
+    pub fn grad_health(&self, wide: bool, divisor: f32) -> Option<Tensor<B, 1>> {
+        let mut grad = self.grad.as_ref()?.clone();
+        if divisor != 1.0 {
+            grad = grad.div_scalar(divisor);
+        }
         let grad = if wide { grad.cast(DType::F64) } else { grad };
         let squares = grad.clone().mul(grad.clone()).sum();
         let probe = grad.mul_scalar(0.0).sum();
         Some(Tensor::cat(vec![squares, probe], 0))
     }
 
-    /// One AdamW step on the device, element for element the host loop of
-    /// [`crate::optim::AdamWState::step`]: decoupled decay, the moments, the bias-corrected
-    /// update, in the same order. On the GPU backends one fused kernel
-    /// ([`crate::kernels::fused_adamw`]), elsewhere tensor operations.
-    pub fn adamw(&mut self, config: &AdamWConfig, lr: f32, step: u64) {
+    /// One AdamW step on the device of the gradient read as `g / divisor · coefficient`
+    /// (`factors`: the unscale and clipping the host path applies in passes of their own),
+    /// element for element the host loop of [`crate::optim::AdamWState::step`]: decoupled
+    /// decay, the moments, the bias-corrected update, in the same order. On the GPU backends one
+    /// fused kernel ([`crate::kernels::fused_adamw`]), elsewhere tensor operations.
+    pub fn adamw(&mut self, config: &AdamWConfig, lr: f32, step: u64, factors: GradFactors) {
         let (Some(p), Some(g), Some(m), Some(v)) = (
             self.params.take(),
             self.grad.clone(),
@@ -176,9 +184,18 @@ impl<B: Backend> Resident<B> {
             return;
         };
         #[cfg(feature = "gpu-kernels")]
-        if let Some([p, m, v]) = crate::kernels::fused_adamw(&p, &g, (&m, &v), config, (lr, step)) {
+        if let Some([p, m, v]) =
+            crate::kernels::fused_adamw(&p, &g, (&m, &v), config, (lr, step), factors)
+        {
             (self.params, self.exp_avg, self.exp_avg_sq) = (Some(p), Some(m), Some(v));
             return;
+        }
+        let mut g = g;
+        if factors.divisor != 1.0 {
+            g = g.div_scalar(factors.divisor);
+        }
+        if factors.coefficient != 1.0 {
+            g = g.mul_scalar(factors.coefficient);
         }
         let bias1 = 1.0 - config.beta1.powi(step as i32);
         let bias2 = 1.0 - config.beta2.powi(step as i32);
@@ -202,8 +219,10 @@ impl<B: Backend> Resident<B> {
 }
 
 /// The whole of a sharded part (padding removed) on the device: this rank's slice itself with
-/// one rank; else the slice goes down once, is all-gathered, and the segment comes up once, in
-/// `dtype` (the compute dtype, converted on the host as the host path converts it) when given.
+/// one rank; else the slice goes down once, is all-gathered, and the segment comes up once. In
+/// a half compute `dtype` the slice is converted on the device first, so the gather moves
+/// halves (half the bytes down, across ranks and up) and the segment comes up in that dtype;
+/// in f32 (`None`) it moves f32.
 pub fn gather<B: Backend>(
     local: Option<&Tensor<B, 1>>,
     shards: &ShardLayout,
@@ -216,6 +235,13 @@ pub fn gather<B: Backend>(
     };
     if shards.world == 1 {
         return Ok(Some(local.clone()));
+    }
+    if let Some(half @ (DType::F16 | DType::BF16)) = dtype {
+        let slice = local.clone().cast(half).into_data();
+        let mut full = comm.all_gather_bytes(slice.as_bytes())?;
+        full.truncate(shards.len * half.size());
+        let data = TensorData::from_bytes_vec(full, [shards.len], half);
+        return Ok(Some(Tensor::from_data(data, (device, half))));
     }
     let mut full = comm.all_gather(&download(Some(local)))?;
     full.truncate(shards.len);
@@ -239,4 +265,68 @@ pub fn reduce_scatter<B: Backend>(
     full.resize(shards.padded_len(), 0.0);
     let slice = comm.reduce_scatter_owned(full, ReduceOp::Sum)?;
     Ok(owned_upload(slice, device))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use burn::tensor::{bf16, f16};
+
+    use super::*;
+    use crate::Cpu;
+    use crate::comm::ThreadGroup;
+
+    /// Rank `rank`'s padded slice of a part: values that neither half dtype holds exactly.
+    fn slice(rank: usize, shards: &ShardLayout) -> Vec<f32> {
+        shards
+            .range(rank)
+            .map(|i| 1.0 + i as f32 * 1.37e-3 + (i % 7) as f32 * 1e4)
+            .collect()
+    }
+
+    /// An upload in a compute dtype makes a tensor of that dtype.
+    #[test]
+    fn an_upload_in_a_half_dtype_is_a_half_tensor() {
+        let device = Default::default();
+        for dtype in [DType::F16, DType::BF16] {
+            let t = upload_as::<Cpu>(vec![1.0, 2.5], Some(dtype), &device).unwrap();
+            assert_eq!(t.dtype(), dtype);
+        }
+    }
+
+    /// A gather in a half dtype moves halves and gives the segment rounded as the `half` crate
+    /// rounds the f32 segment (to nearest, ties to even): what the host path uploads.
+    #[test]
+    fn a_half_gather_gives_the_rounded_segment() {
+        for (world, len) in [(2, 11), (3, 10), (4, 4)] {
+            let shards = ShardLayout { len, world };
+            let whole: Vec<f32> = (0..world).flat_map(|r| slice(r, &shards)).collect();
+            for dtype in [DType::F16, DType::BF16] {
+                let results = ThreadGroup::run(world, Duration::from_secs(10), move |comm| {
+                    let device = Default::default();
+                    let local = upload::<Cpu>(&slice(comm.rank(), &shards), &device);
+                    let full = gather(local.as_ref(), &shards, &comm, &device, Some(dtype))
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(full.dtype(), dtype);
+                    full.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+                });
+                let want: Vec<f32> = whole[..len]
+                    .iter()
+                    .map(|&x| match dtype {
+                        DType::F16 => f16::from_f32(x).to_f32(),
+                        _ => bf16::from_f32(x).to_f32(),
+                    })
+                    .collect();
+                assert!(
+                    want.iter().zip(&whole).any(|(w, x)| w != x),
+                    "rounding shows"
+                );
+                for result in results {
+                    assert_eq!(result.unwrap(), want, "N={world} {dtype:?}");
+                }
+            }
+        }
+    }
 }

@@ -51,7 +51,8 @@ use crate::comm::{CommError, Communicator};
 use crate::device_memory::{DeviceMemory, MemoryPeak};
 use crate::inspect::{ParamStats, moments};
 use crate::optim::{
-    AdamWConfig, AdamWState, LossScaler, clip_coefficient, clip_grad_norm, global_norm_of,
+    AdamWConfig, AdamWState, GradFactors, LossScaler, clip_coefficient, clip_grad_norm,
+    global_norm_of,
 };
 use crate::quant::QuantizedMatrix;
 use rayon::prelude::*;
@@ -1177,17 +1178,26 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     fn step_on_device(&mut self, lr: f32) -> Result<StepReport, CommError> {
         let divisor =
             self.options.loss_scaler.map_or(1.0, |s| s.scale) * self.micro_batches.max(1) as f32;
+        // With the state on the device, AdamW applies the unscale and the clipping as it reads
+        // the gradient (one pass instead of three); offloaded, the gradient goes down unscaled
+        // and clipped.
+        let deferred = self.options.placement == StatePlacement::Device;
+        let mut factors = GradFactors::default();
         // Unscaling first changes no overflow verdict: the divisor is finite and at least 1, so
         // a gradient is inf or NaN after it exactly when it was before.
         if divisor != 1.0 {
-            for resident in self.residents_mut() {
-                resident.unscale(divisor);
+            if deferred {
+                factors.divisor = divisor;
+            } else {
+                for resident in self.residents_mut() {
+                    resident.unscale(divisor);
+                }
             }
         }
         let wants_health =
             self.options.loss_scaler.is_some() || self.options.max_grad_norm.is_some();
         let (squares, overflow) = match wants_health {
-            true => self.grad_health(),
+            true => self.grad_health(factors.divisor),
             false => (0.0, false),
         };
         if let Some(mut scaler) = self.options.loss_scaler {
@@ -1205,8 +1215,12 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             Some(max) => {
                 let norm = global_norm_of(&self.comm, squares)?;
                 if let Some(coefficient) = clip_coefficient(norm, max) {
-                    for resident in self.residents_mut() {
-                        resident.scale_grad(coefficient);
+                    if deferred {
+                        factors.coefficient = coefficient;
+                    } else {
+                        for resident in self.residents_mut() {
+                            resident.scale_grad(coefficient);
+                        }
                     }
                 }
                 Some(norm)
@@ -1219,7 +1233,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             StatePlacement::Offload => self.offloaded_adamw(lr),
             _ => {
                 for resident in self.residents_mut() {
-                    resident.adamw(&config, lr, step);
+                    resident.adamw(&config, lr, step, factors);
                 }
             }
         }
@@ -1243,13 +1257,14 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         self.head.offloaded_step(&config, lr, step, device, dtype);
     }
 
-    /// This rank's squared gradient norm (summed in f64 where the device can, as the host path
-    /// does) and whether some gradient is inf or NaN: one read of two numbers from the device.
-    fn grad_health(&self) -> (f32, bool) {
+    /// This rank's squared norm of the gradient divided by `divisor` (summed in f64 where the
+    /// device can, as the host path does) and whether some gradient is inf or NaN: one read of
+    /// two numbers from the device.
+    fn grad_health(&self, divisor: f32) -> (f32, bool) {
         let wide = <B::InnerBackend as Backend>::supports_dtype(&self.device, DType::F64);
         let total = self
             .residents()
-            .filter_map(|resident| resident.grad_health(wide))
+            .filter_map(|resident| resident.grad_health(wide, divisor))
             .reduce(|a, b| a.add(b));
         let Some(total) = total else {
             return (0.0, false);

@@ -301,11 +301,15 @@ pub fn load_flat_parts<B: Backend, M: Module<B>>(
                 return lazy_dequantized(held, entry.shape.clone(), self.device);
             }
             let values = self.data[entry.offset..entry.offset + entry.len()].to_vec();
-            let mut data = TensorData::new(values, entry.shape.clone());
-            if let Some(dtype) = self.dtype {
-                data = data.convert_dtype(dtype);
-            }
-            let tensor = Tensor::<B, D>::from_data(data, self.device);
+            let data = TensorData::new(values, entry.shape.clone());
+            let tensor = match self.dtype {
+                // Created in `dtype` (`from_data` alone makes the device's default float dtype,
+                // f32, of the converted values: compute would run in f32).
+                Some(dtype) => {
+                    Tensor::<B, D>::from_data(data.convert_dtype(dtype), (self.device, dtype))
+                }
+                None => Tensor::<B, D>::from_data(data, self.device),
+            };
             let tensor = if entry.offset < self.trainable_len {
                 tensor.require_grad()
             } else {
@@ -704,6 +708,20 @@ mod tests {
         let doubled: Vec<f32> = data.iter().map(|x| x * 2.0).collect();
         let loaded = load_flat(linear.clone(), &layout, &doubled, &device, false);
         assert_eq!(flatten(&loaded).1, doubled);
+    }
+
+    /// A compute dtype makes the parameters that dtype's tensors (not f32 tensors of rounded
+    /// values, which would compute in f32 and hold twice the bytes).
+    #[test]
+    fn parameters_load_in_the_compute_dtype() {
+        let device = Default::default();
+        let linear: Linear<Cpu> = LinearConfig::new(3, 2).init(&device);
+        let (layout, data) = flatten(&linear);
+        for dtype in [DType::F16, DType::BF16] {
+            let loaded = load_flat_as(linear.clone(), &layout, &data, &device, true, Some(dtype));
+            assert_eq!(loaded.weight.val().dtype(), dtype);
+            assert_eq!(loaded.bias.as_ref().unwrap().val().dtype(), dtype);
+        }
     }
 
     #[test]

@@ -691,6 +691,7 @@ impl<B: Backend> LlamaAttention<B> {
             k,
             v,
             mask.additive(),
+            mask.causal(),
             self.heads,
             scale,
             self.dropout.prob,
@@ -708,8 +709,8 @@ impl<B: Backend> LlamaAttention<B> {
         let v = self.repeat_kv(split(v.clone(), k_len, self.kv_heads));
         let dtype = q.dtype();
         let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        if let Some(additive) = mask.additive() {
-            scores = scores + additive.clone().cast(dtype);
+        if let Some(additive) = mask.dense(q_len, k_len, &scores.device()) {
+            scores = scores + additive.cast(dtype);
         }
         let probs = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
         let context = self.dropout.forward(probs).matmul(v);

@@ -3,7 +3,9 @@
 //! tensor operations is about ten element-wise passes (before burn's fusion merges what it can).
 //!
 //! The arithmetic is the host loop's ([`crate::optim`]), operation for operation and in the
-//! same order: decoupled decay, the moments, the bias-corrected step.
+//! same order: the gradient unscaled (`g / divisor`, the loss scale times the micro-batches)
+//! and clipped (`· coefficient`) as it is read, so neither is a pass of its own over the
+//! gradient; then decoupled decay, the moments, the bias-corrected step.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
@@ -18,7 +20,7 @@ use burn_fusion::{Fusion, FusionBackend};
 use cubecl::prelude::*;
 
 use super::custom_op::register;
-use crate::optim::{AdamWConfig, Update};
+use crate::optim::{AdamWConfig, GradFactors, Update};
 
 /// One step's coefficients, as the kernel takes them.
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
@@ -29,12 +31,24 @@ pub struct UpdateArgs {
     eps: f32,
     step_size: f32,
     bias2_sqrt: f32,
+    divisor: f32,
+    coefficient: f32,
 }
 
-/// The coefficients of step `step` (1-based) at learning rate `lr`: the host loop's.
-fn coefficients(config: &AdamWConfig, lr: f32, step: u64) -> [f32; 6] {
+/// The coefficients of step `step` (1-based) at learning rate `lr` (the host loop's), then the
+/// gradient's factors.
+fn coefficients(config: &AdamWConfig, lr: f32, step: u64, factors: GradFactors) -> [f32; 8] {
     let u = Update::new(config, lr, step);
-    [u.decay, u.beta1, u.beta2, u.eps, u.step_size, u.bias2_sqrt]
+    [
+        u.decay,
+        u.beta1,
+        u.beta2,
+        u.eps,
+        u.step_size,
+        u.bias2_sqrt,
+        factors.divisor,
+        factors.coefficient,
+    ]
 }
 
 /// `p, m, v ← AdamW(p, g, m, v)`, one unit per element.
@@ -53,7 +67,7 @@ fn adamw_kernel(
 ) {
     let i = ABSOLUTE_POS;
     if i < len as usize {
-        let g = grads[i];
+        let g = grads[i] / update.divisor * update.coefficient;
         let p = params[i] * update.decay;
         let m = update.beta1 * exp_avg[i] + (1.0f32 - update.beta1) * g;
         let v = update.beta2 * exp_avg_sq[i] + (1.0f32 - update.beta2) * g * g;
@@ -73,7 +87,7 @@ pub trait AdamWBackend: Backend {
         grads: FloatTensor<Self>,
         exp_avg: FloatTensor<Self>,
         exp_avg_sq: FloatTensor<Self>,
-        update: [f32; 6],
+        update: [f32; 8],
     ) -> [FloatTensor<Self>; 3];
 }
 
@@ -89,7 +103,7 @@ where
         grads: FloatTensor<Self>,
         exp_avg: FloatTensor<Self>,
         exp_avg_sq: FloatTensor<Self>,
-        update: [f32; 6],
+        update: [f32; 8],
     ) -> [FloatTensor<Self>; 3] {
         let contiguous = |t: CubeTensor<R>| into_contiguous(t);
         let (params, grads) = (contiguous(params), contiguous(grads));
@@ -106,7 +120,16 @@ where
         };
         let outputs = [empty(), empty(), empty()];
         let units = 256;
-        let [decay, beta1, beta2, eps, step_size, bias2_sqrt] = update;
+        let [
+            decay,
+            beta1,
+            beta2,
+            eps,
+            step_size,
+            bias2_sqrt,
+            divisor,
+            coefficient,
+        ] = update;
         adamw_kernel::launch::<R>(
             &client,
             CubeCount::Static(len.div_ceil(units) as u32, 1, 1),
@@ -118,7 +141,16 @@ where
             outputs[0].clone().into_tensor_arg(),
             outputs[1].clone().into_tensor_arg(),
             outputs[2].clone().into_tensor_arg(),
-            UpdateArgsLaunch::new(decay, beta1, beta2, eps, step_size, bias2_sqrt),
+            UpdateArgsLaunch::new(
+                decay,
+                beta1,
+                beta2,
+                eps,
+                step_size,
+                bias2_sqrt,
+                divisor,
+                coefficient,
+            ),
             len as u32,
         );
         outputs
@@ -131,7 +163,7 @@ impl<B: FusionBackend + AdamWBackend> AdamWBackend for Fusion<B> {
         grads: FloatTensor<Self>,
         exp_avg: FloatTensor<Self>,
         exp_avg_sq: FloatTensor<Self>,
-        update: [f32; 6],
+        update: [f32; 8],
     ) -> [FloatTensor<Self>; 3] {
         let output = (params.shape.clone(), DType::F32);
         let outputs = [output.clone(), output.clone(), output];
@@ -147,13 +179,15 @@ impl<B: FusionBackend + AdamWBackend> AdamWBackend for Fusion<B> {
 }
 
 /// One AdamW step as the fused kernel when `B` is a GPU backend of this build and every tensor
-/// is f32 (`[params, exp_avg, exp_avg_sq]`); `None` otherwise (the caller's tensor operations).
+/// is f32 (`[params, exp_avg, exp_avg_sq]`), the gradient read as `grads / divisor ·
+/// coefficient` ([`GradFactors`]); `None` otherwise (the caller's tensor operations).
 pub fn fused_adamw<B: Backend>(
     params: &BurnTensor<B, 1>,
     grads: &BurnTensor<B, 1>,
     (exp_avg, exp_avg_sq): (&BurnTensor<B, 1>, &BurnTensor<B, 1>),
     config: &AdamWConfig,
     (lr, step): (f32, u64),
+    factors: GradFactors,
 ) -> Option<[BurnTensor<B, 1>; 3]> {
     if !super::Kernel::FusedAdamW.enabled()
         || [params, grads, exp_avg, exp_avg_sq]
@@ -163,7 +197,7 @@ pub fn fused_adamw<B: Backend>(
     {
         return None;
     }
-    let update = coefficients(config, lr, step);
+    let update = coefficients(config, lr, step, factors);
     #[allow(unused_macros)] // without a GPU backend compiled in
     macro_rules! route {
         ($backend:ty) => {
@@ -198,7 +232,8 @@ mod tests {
     use crate::optim::AdamWState;
 
     /// Three steps of the kernel on wgpu against the host loop ([`AdamWState::step`]) on the
-    /// same values: within 1e-6 (relative to the largest weight), moments too.
+    /// same values, one of them with the gradient unscaled and clipped in the kernel:
+    /// bit-identical weights and moments.
     #[test]
     fn fused_adamw_on_wgpu_matches_the_host_loop() {
         let len = 10_007;
@@ -216,15 +251,33 @@ mod tests {
         let mut params = upload(&host_params);
         let mut exp_avg = upload(&vec![0.0; len]);
         let mut exp_avg_sq = upload(&vec![0.0; len]);
+        // Step 2 reads a loss-scaled gradient and clips it, as the trainer's device step asks.
+        let factors = |step: u64| match step {
+            2 => GradFactors {
+                divisor: 2048.0 * 3.0,
+                coefficient: 0.37,
+            },
+            _ => GradFactors::default(),
+        };
         for step in 1..=3u64 {
-            let grads = random(len, 10 + step as u32, 0.1);
-            host.step(&config, &mut host_params, &grads, 1e-3, step);
+            let f = factors(step);
+            let grads: Vec<f32> = random(len, 10 + step as u32, 0.1)
+                .iter()
+                .map(|g| g * f.divisor)
+                .collect();
+            // The host path: unscale, clip, then the step, each a pass of its own.
+            let host_grads: Vec<f32> = grads
+                .iter()
+                .map(|g| g / f.divisor * f.coefficient)
+                .collect();
+            host.step(&config, &mut host_params, &host_grads, 1e-3, step);
             let [p, m, v] = fused_adamw(
                 &params,
                 &upload(&grads),
                 (&exp_avg, &exp_avg_sq),
                 &config,
                 (1e-3, step),
+                f,
             )
             .expect("the wgpu route");
             (params, exp_avg, exp_avg_sq) = (p, m, v);
@@ -244,6 +297,7 @@ mod tests {
         println!(
             "fused AdamW vs host after 3 steps: params {params_error:e}, moments {avg_error:e} / {avg_sq_error:e}"
         );
-        assert!(params_error < 1e-6 && avg_error < 1e-6 && avg_sq_error < 1e-6);
+        // The same operations in the same order: the same bits.
+        assert_eq!((params_error, avg_error, avg_sq_error), (0.0, 0.0, 0.0));
     }
 }

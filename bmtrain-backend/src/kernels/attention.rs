@@ -31,6 +31,17 @@ use super::{
 };
 use crate::{Cpu, CpuTrain};
 
+/// Whether [`attention`] computes causal masks itself for backend `B` (the flash kernels on a
+/// GPU backend of this build, or its autodiff): a model then need not build the
+/// `[q_len, k_len]` mask tensor, and the kernels skip the key tiles no query of theirs sees.
+pub fn computes_causal_masks<B: Backend>() -> bool {
+    #[cfg(feature = "gpu-kernels")]
+    if Kernel::FlashAttention.enabled() {
+        return super::flash::runs_on::<B>();
+    }
+    false
+}
+
 /// Multi-head attention of `q` over `k`/`v`, fused (see the module docs), or `None` when the
 /// kernel does not apply (another backend, half precision, a bias that needs its gradient, or
 /// `ZOO_KERNELS`); the caller then runs its own composition. On the GPU backends (CUDA, wgpu)
@@ -40,13 +51,18 @@ use crate::{Cpu, CpuTrain};
 ///   v: `[batch, k_len, kv_heads·value_dim]` (`kv_heads` is k's width over `head_dim`; it must
 ///   divide `heads`)
 /// - bias: additive, `[batch | 1, heads | 1, q_len | 1, k_len]` (masks; on the CPU no gradient)
+/// - causal: query `i` sees keys `0..=i + k_len − q_len` only, on top of the bias; only the
+///   flash kernels compute it (see [`computes_causal_masks`]), so with `causal` every other
+///   backend answers `None` and the caller materialises the mask for its composition
 /// - dropout: probability on the attention probabilities, applied when `B` tracks gradients
 /// - output: `[batch, q_len, heads·value_dim]`
+#[allow(clippy::too_many_arguments)]
 pub fn attention<B: Backend>(
     q: &Tensor<B, 3>,
     k: &Tensor<B, 3>,
     v: &Tensor<B, 3>,
     bias: Option<&Tensor<B, 4>>,
+    causal: bool,
     heads: usize,
     scale: f64,
     dropout: f64,
@@ -114,7 +130,7 @@ pub fn attention<B: Backend>(
             head_dim,
             value_dim: geometry.value_dim,
             scale: geometry.scale,
-            causal: false,
+            causal,
             dropout: geometry.dropout,
             seed: geometry.seed,
         };
@@ -122,7 +138,7 @@ pub fn attention<B: Backend>(
             return Some(out);
         }
     }
-    if !Kernel::Attention.enabled() {
+    if !Kernel::Attention.enabled() || causal {
         return None;
     }
     let bias = match (bias, bias_dims) {
@@ -567,7 +583,7 @@ mod tests {
                 &Default::default(),
             );
             let out = if fused {
-                attention(&q, &k, &v, Some(&bias_t), heads, scale, 0.0).expect("fused path")
+                attention(&q, &k, &v, Some(&bias_t), false, heads, scale, 0.0).expect("fused path")
             } else {
                 composed(q.clone(), k.clone(), v.clone(), Some(bias_t), heads, scale)
             };
@@ -599,7 +615,7 @@ mod tests {
             )
         };
         let (q, k, v) = (t(q_len, 4), t(k_len, 5), t(k_len, 6));
-        let fused = attention(&q, &k, &v, None, heads, 0.5, 0.1).expect("fused path");
+        let fused = attention(&q, &k, &v, None, false, heads, 0.5, 0.1).expect("fused path");
         let reference = composed(q, k, v, None, heads, 0.5);
         assert!(max_diff(fused, reference) < 1e-5);
     }
@@ -609,9 +625,18 @@ mod tests {
         let x = leaf(random(8, 1, 1.0), [1, 2, 4]);
         // Not a leaf, but a gradient flows into it (T5's relative position bias).
         let learned = leaf(random(4, 2, 1.0), [1, 1, 2, 2]) * 2.0;
-        assert!(attention(&x, &x, &x, Some(&learned), 2, 1.0, 0.0).is_none());
+        assert!(attention(&x, &x, &x, Some(&learned), false, 2, 1.0, 0.0).is_none());
         let fixed = Tensor::<CpuTrain, 4>::zeros([1, 1, 2, 2], &Default::default());
-        assert!(attention(&x, &x, &x, Some(&fixed), 2, 1.0, 0.0).is_some());
+        assert!(attention(&x, &x, &x, Some(&fixed), false, 2, 1.0, 0.0).is_some());
+    }
+
+    /// Only the GPU backends' flash kernels compute a causal mask; the CPU kernel leaves it to
+    /// the caller's composition (which materialises it), and models build it as a tensor here.
+    #[test]
+    fn a_causal_flag_is_left_to_the_caller_on_the_cpu() {
+        let x = leaf(random(8, 1, 1.0), [1, 2, 4]);
+        assert!(attention(&x, &x, &x, None, true, 2, 1.0, 0.0).is_none());
+        assert!(!computes_causal_masks::<CpuTrain>());
     }
 
     #[test]
@@ -693,7 +718,7 @@ mod tests {
                 &Default::default(),
             );
             let out = if fused {
-                attention(&q, &k, &v, Some(&bias_t), heads, scale, 0.0).expect("fused path")
+                attention(&q, &k, &v, Some(&bias_t), false, heads, scale, 0.0).expect("fused path")
             } else {
                 composed(
                     q.clone(),

@@ -67,7 +67,7 @@ pub(crate) mod simd;
 pub use activation::{gelu, silu};
 #[cfg(feature = "gpu-kernels")]
 pub use adamw::fused_adamw;
-pub use attention::attention;
+pub use attention::{attention, computes_causal_masks};
 pub use dropout::dropout;
 pub use gelu_grad::exact_gelu_train;
 pub use head_loss::{

@@ -83,16 +83,25 @@ impl MultiHeadAttentionConfig {
 ///
 /// Masked positions get the dtype's most negative finite value, as transformers does, so that a row
 /// with every key masked gives a uniform distribution instead of NaN.
+///
+/// On the GPU backends the attention kernels compute a causal mask themselves
+/// ([`kernels::computes_causal_masks`]): there [`Self::with_causal`] only sets a flag, and the
+/// `[q_len, k_len]` tensor is built only if a composition needs it ([`Self::dense`]).
 #[derive(Debug, Clone)]
 pub struct AttentionMask<B: Backend> {
     /// `[batch | 1, 1 | heads, q_len | 1, k_len]`, 0 where attending is allowed.
     additive: Option<Tensor<B, 4>>,
+    /// A causal mask not in `additive`, left to the attention kernel.
+    causal: bool,
 }
 
 impl<B: Backend> AttentionMask<B> {
     /// No mask at all.
     pub fn none() -> Self {
-        Self { additive: None }
+        Self {
+            additive: None,
+            causal: false,
+        }
     }
 
     /// Masks padded keys. `attention_mask` is `[batch, k_len]`, 1 for real tokens, 0 for padding,
@@ -105,26 +114,46 @@ impl<B: Backend> AttentionMask<B> {
         let value = most_negative(zeros.dtype());
         Self {
             additive: Some(zeros.mask_fill(masked, value)),
+            causal: false,
         }
     }
 
-    /// The additive bias, `[batch | 1, 1 | heads, q_len | 1, k_len]`; `None` when nothing is
-    /// masked.
+    /// The materialised additive bias, `[batch | 1, 1 | heads, q_len | 1, k_len]`; `None` when
+    /// nothing is materialised. A causal mask left to the kernel ([`Self::causal`]) is not in
+    /// it: compositions take [`Self::dense`].
     pub fn additive(&self) -> Option<&Tensor<B, 4>> {
         self.additive.as_ref()
     }
 
+    /// Whether a causal mask is left to the attention kernel (not in [`Self::additive`]).
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// The whole mask as one additive bias for `q_len` queries over `k_len` keys: the
+    /// materialised part plus, when it was left to the kernel, the causal mask.
+    pub fn dense(&self, q_len: usize, k_len: usize, device: &B::Device) -> Option<Tensor<B, 4>> {
+        if !self.causal {
+            return self.additive.clone();
+        }
+        let materialised = Self {
+            additive: self.additive.clone(),
+            causal: false,
+        };
+        materialised.add(causal_mask(q_len, k_len, device)).additive
+    }
+
     /// Adds a causal mask: query `i` sees keys `0..=i + (k_len - q_len)`. The offset lets queries
-    /// that continue a cached prefix see the whole prefix.
+    /// that continue a cached prefix see the whole prefix. Where the attention kernel computes it
+    /// ([`kernels::computes_causal_masks`]), this only sets [`Self::causal`].
     pub fn with_causal(self, q_len: usize, k_len: usize, device: &B::Device) -> Self {
-        let offset = k_len - q_len;
-        let value = most_negative(DType::F32);
-        let causal: Vec<f32> = (0..q_len)
-            .flat_map(|i| (0..k_len).map(move |j| if j > i + offset { value } else { 0.0 }))
-            .collect();
-        let causal =
-            Tensor::<B, 4>::from_data(TensorData::new(causal, [1, 1, q_len, k_len]), device);
-        self.add(causal)
+        if kernels::computes_causal_masks::<B>() {
+            return Self {
+                causal: true,
+                ..self
+            };
+        }
+        self.add(causal_mask(q_len, k_len, device))
     }
 
     /// Adds a locally banded causal mask (the Sparse Transformer's "local" pattern, used by GPT-3 in
@@ -174,8 +203,19 @@ impl<B: Backend> AttentionMask<B> {
         };
         Self {
             additive: Some(additive),
+            causal: self.causal,
         }
     }
+}
+
+/// The causal mask `[1, 1, q_len, k_len]`: query `i` sees keys `0..=i + (k_len - q_len)`.
+fn causal_mask<B: Backend>(q_len: usize, k_len: usize, device: &B::Device) -> Tensor<B, 4> {
+    let offset = k_len - q_len;
+    let value = most_negative(DType::F32);
+    let causal: Vec<f32> = (0..q_len)
+        .flat_map(|i| (0..k_len).map(move |j| if j > i + offset { value } else { 0.0 }))
+        .collect();
+    Tensor::<B, 4>::from_data(TensorData::new(causal, [1, 1, q_len, k_len]), device)
 }
 
 /// The most negative finite value of a float dtype: the "-inf" of attention masks.
@@ -346,6 +386,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             k,
             v,
             mask.additive.as_ref(),
+            mask.causal,
             self.n_heads,
             self.scale,
             self.dropout.prob,
@@ -364,9 +405,10 @@ impl<B: Backend> MultiHeadAttention<B> {
         if self.scale != 1.0 {
             scores = scores * self.scale;
         }
-        if let Some(additive) = &mask.additive {
+        let [_, _, q_len, k_len] = scores.dims();
+        if let Some(additive) = mask.dense(q_len, k_len, &scores.device()) {
             // Masks are built in the default float dtype; follow the scores' dtype (f16, bf16).
-            scores = scores.clone() + additive.clone().cast(scores.dtype());
+            scores = scores.clone() + additive.cast(scores.dtype());
         }
         let probs = self.dropout.forward(softmax(scores, 3));
         probs.matmul(v)
@@ -470,6 +512,26 @@ mod tests {
         assert_eq!(
             allowed,
             [true, true, true, true, false, true, true, true, true, true]
+        );
+    }
+
+    /// A causal mask left to the kernel (as on the GPU backends) materialises, for a
+    /// composition, as the mask `with_causal` builds on the CPU, padding included.
+    #[test]
+    fn a_causal_mask_left_to_the_kernel_materialises_as_the_dense_one() {
+        let padding =
+            Tensor::<Cpu, 2, Int>::from_data(TensorData::from([[1i64, 1, 0, 1, 1]]), &device());
+        let padding = AttentionMask::padding(padding);
+        let dense = padding.clone().with_causal(3, 5, &device());
+        assert!(!dense.causal(), "the CPU backend materialises causal masks");
+        let flagged = AttentionMask {
+            causal: true,
+            ..padding
+        };
+        let read = |t: Tensor<Cpu, 4>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
+        assert_eq!(
+            read(flagged.dense(3, 5, &device()).unwrap()),
+            read(dense.additive().unwrap().clone())
         );
     }
 

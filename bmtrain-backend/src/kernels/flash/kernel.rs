@@ -51,6 +51,52 @@ fn visible(i: usize, j: usize, q_len: usize, k_len: usize, #[comptime] causal: b
     seen
 }
 
+/// The end of the keys the cube's queries (`first_query..first_query + block`) may see: all
+/// `k_len`, or with a causal mask up to the last query's own position, so the key tiles past it
+/// are never loaded (half the work of a causal square).
+#[cube]
+fn keys_seen(
+    first_query: usize,
+    q_len: usize,
+    k_len: usize,
+    #[comptime] block: usize,
+    #[comptime] causal: bool,
+) -> usize {
+    let mut end = k_len;
+    if causal {
+        let mut last_query = first_query + block;
+        if last_query > q_len {
+            last_query = q_len;
+        }
+        // Query i sees keys j ≤ i + k_len − q_len (k_len ≥ q_len: `FlashGeometry::supported`).
+        let limit = last_query + k_len - q_len;
+        if limit < end {
+            end = limit;
+        }
+    }
+    end
+}
+
+/// The first query tile that can see any of the cube's keys (`first_key..`): 0, or with a causal
+/// mask the tile of the first query at or after the first key's position.
+#[cube]
+fn first_query_tile(
+    first_key: usize,
+    q_len: usize,
+    k_len: usize,
+    #[comptime] block: usize,
+    #[comptime] causal: bool,
+) -> usize {
+    let mut tile = 0usize;
+    if causal {
+        // Query i sees key j when i ≥ j + q_len − k_len.
+        if first_key + q_len > k_len {
+            tile = (first_key + q_len - k_len) / block;
+        }
+    }
+    tile
+}
+
 /// Dropout's run-time settings, as the kernels take them.
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 pub struct DropoutArgs {
@@ -185,7 +231,8 @@ fn forward_kernel<F: Float>(
     let mut k_tile = SharedMemory::<f32>::new(block * head_dim);
     let mut v_tile = SharedMemory::<f32>::new(block * value_dim);
 
-    let tiles = k_len.div_ceil(block);
+    let first_query = CUBE_POS_X as usize * block;
+    let tiles = keys_seen(first_query, q_len, k_len, block, causal).div_ceil(block);
     for t in 0..tiles {
         let first = t * block;
         load_tile::<F>(
@@ -370,7 +417,8 @@ fn backward_query_kernel<F: Float>(
     let mut k_tile = SharedMemory::<f32>::new(block * head_dim);
     let mut v_tile = SharedMemory::<f32>::new(block * value_dim);
 
-    let tiles = k_len.div_ceil(block);
+    let first_query = CUBE_POS_X as usize * block;
+    let tiles = keys_seen(first_query, q_len, k_len, block, causal).div_ceil(block);
     for t in 0..tiles {
         let first = t * block;
         load_tile::<F>(
@@ -509,10 +557,11 @@ fn backward_key_value_kernel<F: Float>(
     let mut delta_tile = SharedMemory::<f32>::new(block);
 
     let tiles = q_len.div_ceil(block);
+    let first_tile = first_query_tile(CUBE_POS_X as usize * block, q_len, k_len, block, causal);
     for g in 0..group {
         let h = kv_head * group + g;
         let bh = b * heads as usize + h;
-        for t in 0..tiles {
+        for t in first_tile..tiles {
             let first = t * block;
             load_tile::<F>(
                 q,

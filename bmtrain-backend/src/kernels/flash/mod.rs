@@ -91,6 +91,8 @@ impl FlashGeometry {
             && self.q_len > 0
             && self.k_len > 0
             && (0.0..1.0).contains(&self.dropout)
+            // Causal queries are the last q_len positions of the keys'.
+            && (!self.causal || self.k_len >= self.q_len)
             // The kernels index rows and the mask's counter in 32 bits.
             && self.batch * self.heads * self.q_len.max(self.k_len) < u32::MAX as usize
     }
@@ -294,6 +296,25 @@ pub(crate) fn as_backend<C: Backend, B: Backend, const D: usize>(
 ) -> Option<Tensor<C, D>> {
     let any: Box<dyn Any> = Box::new(tensor.clone());
     any.downcast::<Tensor<C, D>>().ok().map(|t| *t)
+}
+
+/// Whether `B` is a GPU backend of this build, or its autodiff: the backends [`route`] runs the
+/// kernels on.
+pub(crate) fn runs_on<B: Backend>() -> bool {
+    let b = std::any::TypeId::of::<B>();
+    #[allow(unused_mut)] // without a GPU backend compiled in
+    let mut backends: Vec<std::any::TypeId> = Vec::new();
+    #[cfg(feature = "wgpu")]
+    backends.extend([
+        std::any::TypeId::of::<crate::Wgpu>(),
+        std::any::TypeId::of::<Autodiff<crate::Wgpu>>(),
+    ]);
+    #[cfg(feature = "cuda")]
+    backends.extend([
+        std::any::TypeId::of::<crate::Cuda>(),
+        std::any::TypeId::of::<Autodiff<crate::Cuda>>(),
+    ]);
+    backends.contains(&b)
 }
 
 /// An optional bias as a tensor of backend `C` (`Some(None)` without one), when `B` is `C`.
