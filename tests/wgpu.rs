@@ -11,6 +11,8 @@
 //! The allocator's readings ([`bmtrain_backend::device_memory`]) are checked against the bytes
 //! each placement must keep on the device, and the chunked head loss
 //! ([`bmtrain_backend::kernels::lm_head_loss`]) against burn's composition on the device.
+//! The cubecl kernels (flash attention, layer norm / RMS norm, AdamW) are tested one by one in
+//! [`gpu_kernels`].
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -41,6 +43,9 @@ const STEPS: usize = 10;
 /// scales with it: at 1e-3 one weight of `mlp.input` ended 1.4e-5 apart; at 1e-4 the weights
 /// still move 100× the tolerance.
 const LR: f32 = 1e-4;
+
+#[path = "wgpu/gpu_kernels.rs"]
+mod gpu_kernels;
 
 /// The tests share one wgpu device, whose allocator readings count every tensor on it: they take
 /// turns.

@@ -553,33 +553,6 @@ pub(crate) mod testing {
             .require_grad()
     }
 
-    /// Held by every test of a GPU kernel on wgpu: the allocator tests count every tensor on
-    /// the one shared device, so no other test may allocate meanwhile.
-    #[cfg(feature = "wgpu")]
-    pub fn device_lock() -> std::sync::MutexGuard<'static, ()> {
-        static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        DEVICE
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The largest absolute difference over the reference's largest magnitude (any dtype, read
-    /// as f32).
-    #[cfg(feature = "wgpu")]
-    pub fn relative(got: Tensor<crate::Wgpu, 1>, want: Tensor<crate::Wgpu, 1>) -> f32 {
-        let got: Vec<f32> = got.into_data().convert::<f32>().to_vec().unwrap();
-        let want: Vec<f32> = want.into_data().convert::<f32>().to_vec().unwrap();
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-30);
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).abs())
-            .fold(0f32, f32::max);
-        assert!(diff.is_finite(), "non-finite values");
-        diff / scale
-    }
-
     /// The largest absolute difference between two tensors' values.
     pub fn max_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
         let a: Vec<f32> = a.into_data().to_vec().unwrap();

@@ -22,13 +22,11 @@
 //! the forward's mask instead of storing it. Head sizes up to [`MAX_HEAD_DIM`].
 //!
 //! The kernels run on a `CubeBackend` (burn-cubecl's tensors) and, through a custom operation,
-//! under burn's `Fusion` (what `burn::backend::{Cuda, Wgpu}` are). The tests run them on wgpu
-//! (lavapipe in CI) against burn's composition, values and gradients.
+//! under burn's `Fusion` (what `burn::backend::{Cuda, Wgpu}` are). The tests (`tests/wgpu/flash.rs`)
+//! run them on wgpu (lavapipe in CI) against burn's composition, values and gradients.
 
 mod fusion;
 mod kernel;
-#[cfg(all(test, feature = "wgpu"))]
-mod tests;
 
 use std::any::Any;
 use std::marker::PhantomData;

@@ -20,13 +20,13 @@ use super::NormGeometry;
 
 /// Units per cube: WebGPU's guaranteed workgroup size, and enough to cover a row of 1024 in
 /// four strides.
-pub(super) const UNITS: usize = 256;
+pub const UNITS: usize = 256;
 /// Half of [`UNITS`]: the first stride of the shared-memory reduction.
 const HALF_UNITS: i64 = 128;
 /// The most cubes a row kernel launches; each loops over rows `CUBE_POS, CUBE_POS + CUBE_COUNT, …`.
 /// 1024 cubes of 256 units fill an H100 (132 SMs × 2048 resident units) and stay under every
 /// API's per-dimension limit of 65535.
-pub(super) const MAX_ROW_CUBES: usize = 1024;
+pub const MAX_ROW_CUBES: usize = 1024;
 /// Rows each cube of the scale-gradient kernel sums into one partial.
 pub(super) const CHUNK_ROWS: usize = 64;
 

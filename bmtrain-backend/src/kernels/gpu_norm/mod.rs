@@ -19,12 +19,12 @@
 //! weight's half dtype before scaling; this rounds `x̂·γ` instead, within one half-precision ulp.)
 //!
 //! The kernels run on a `CubeBackend` and, through a custom operation, under burn's `Fusion`
-//! (what `burn::backend::{Cuda, Wgpu}` are). The tests run them on wgpu (lavapipe in CI) against
-//! burn's composition, values and gradients.
+//! (what `burn::backend::{Cuda, Wgpu}` are). The tests (`tests/wgpu/norm.rs`) run them on
+//! wgpu (lavapipe in CI) against burn's composition, values and gradients.
 
 mod kernel;
-#[cfg(all(test, feature = "wgpu"))]
-mod tests;
+
+pub use kernel::{MAX_ROW_CUBES, UNITS};
 
 use std::marker::PhantomData;
 

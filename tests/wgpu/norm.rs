@@ -3,10 +3,12 @@
 
 use burn::tensor::{Tensor, TensorData};
 
-use super::kernel::{MAX_ROW_CUBES, UNITS};
-use super::*;
-use crate::kernels::testing::{device_lock, random, relative};
-use crate::{Wgpu, WgpuTrain};
+use bmtrain_backend::kernels::gpu_norm::{MAX_ROW_CUBES, NormGeometry, UNITS, norm, norm_train};
+use bmtrain_backend::{Wgpu, WgpuTrain};
+use burn::tensor::DType;
+use burn::tensor::backend::Backend as _;
+
+use super::{device_lock, random, relative};
 
 fn flat<const D: usize>(t: Tensor<WgpuTrain, D>) -> Tensor<Wgpu, 1> {
     t.inner().cast(DType::F32).flatten(0, D - 1)
@@ -181,7 +183,7 @@ fn layer_norm_keeps_two_floats_per_row_for_backward() {
     };
     let in_use = || {
         Wgpu::sync(&device).expect("the device runs");
-        crate::device_memory::usage(&device)
+        bmtrain_backend::device_memory::usage(&device)
             .expect("wgpu's allocator")
             .in_use as i64
     };

@@ -3,9 +3,12 @@
 
 use burn::tensor::{Distribution, Tensor, TensorData, activation};
 
-use super::*;
-use crate::kernels::testing::{device_lock, random, relative};
-use crate::{Wgpu, WgpuTrain};
+use bmtrain_backend::kernels::flash::{FlashGeometry, flash_attention_train};
+use bmtrain_backend::{Wgpu, WgpuTrain};
+use burn::tensor::DType;
+use burn::tensor::backend::Backend as _;
+
+use super::{device_lock, random, relative};
 
 fn flat<const D: usize>(t: Tensor<WgpuTrain, D>) -> Tensor<Wgpu, 1> {
     t.inner().flatten(0, D - 1)
@@ -35,13 +38,13 @@ fn composed(
             .swap_dims(1, 2)
     };
     let repeat = |x: Tensor<WgpuTrain, 4>| {
-        if g.group() == 1 {
+        if g.heads / g.kv_heads == 1 {
             return x;
         }
         let [b, kvh, len, dim] = x.dims();
         x.unsqueeze_dim::<5>(2)
-            .repeat_dim(2, g.group())
-            .reshape([b, kvh * g.group(), len, dim])
+            .repeat_dim(2, g.heads / g.kv_heads)
+            .reshape([b, kvh * (g.heads / g.kv_heads), len, dim])
     };
     let q = split(q, g.heads, g.head_dim);
     let k = repeat(split(k, g.kv_heads, g.head_dim));
@@ -214,8 +217,8 @@ fn flash_attention_matches_burns_composition_in_f32() {
 #[test]
 fn flash_attention_causal_masking_matches_the_additive_mask() {
     // The models leave causal masks to these kernels on wgpu (and CUDA), training or not.
-    assert!(crate::kernels::computes_causal_masks::<WgpuTrain>());
-    assert!(crate::kernels::computes_causal_masks::<Wgpu>());
+    assert!(bmtrain_backend::kernels::computes_causal_masks::<WgpuTrain>());
+    assert!(bmtrain_backend::kernels::computes_causal_masks::<Wgpu>());
     // Several tiles of queries and keys (a cube holds at most 64 rows): whole tiles past the
     // diagonal are skipped in forward and in both backward kernels.
     for (q_len, k_len) in [(40, 40), (9, 70), (150, 150), (70, 200)] {
@@ -336,7 +339,7 @@ fn flash_attention_keeps_no_scores_for_backward() {
     let device: burn::backend::wgpu::WgpuDevice = Default::default();
     let in_use = || {
         Wgpu::sync(&device).expect("the device runs");
-        crate::device_memory::usage(&device)
+        bmtrain_backend::device_memory::usage(&device)
             .expect("wgpu's allocator")
             .in_use as i64
     };
