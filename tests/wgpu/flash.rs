@@ -8,18 +8,7 @@ use bmtrain_backend::{Wgpu, WgpuTrain};
 use burn::tensor::DType;
 use burn::tensor::backend::Backend as _;
 
-use super::{device_lock, random, relative};
-
-fn flat<const D: usize>(t: Tensor<WgpuTrain, D>) -> Tensor<Wgpu, 1> {
-    t.inner().flatten(0, D - 1)
-}
-
-fn leaf<const D: usize>(values: Vec<f32>, shape: [usize; D], dtype: DType) -> Tensor<WgpuTrain, D> {
-    Tensor::<WgpuTrain, D>::from_data(TensorData::new(values, shape), &Default::default())
-        .cast(dtype)
-        .detach()
-        .require_grad()
-}
+use super::{device_lock, flat, leaf, random, relative};
 
 /// burn's composition: heads split to `[batch, heads, len, dim]`, kv heads repeated, the scores
 /// and probabilities materialised, in f32.

@@ -6,8 +6,8 @@ mod adamw;
 mod flash;
 mod norm;
 
-use bmtrain_backend::Wgpu;
-use burn::tensor::Tensor;
+use bmtrain_backend::{Wgpu, WgpuTrain};
+use burn::tensor::{DType, Tensor, TensorData};
 
 /// Held by every test: the allocator tests count every tensor on the shared device.
 fn device_lock() -> std::sync::MutexGuard<'static, ()> {
@@ -30,4 +30,17 @@ fn relative(got: Tensor<Wgpu, 1>, want: Tensor<Wgpu, 1>) -> f32 {
     let error = super::relative(&got, &want);
     assert!(error.is_finite(), "non-finite values");
     error
+}
+
+/// A training tensor's values, flattened, as an f32 tensor without autodiff.
+fn flat<const D: usize>(t: Tensor<WgpuTrain, D>) -> Tensor<Wgpu, 1> {
+    t.inner().cast(DType::F32).flatten(0, D - 1)
+}
+
+/// A leaf of the graph in `dtype` that requires its gradient.
+fn leaf<const D: usize>(values: Vec<f32>, shape: [usize; D], dtype: DType) -> Tensor<WgpuTrain, D> {
+    Tensor::<WgpuTrain, D>::from_data(TensorData::new(values, shape), &Default::default())
+        .cast(dtype)
+        .detach()
+        .require_grad()
 }

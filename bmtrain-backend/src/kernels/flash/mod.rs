@@ -33,13 +33,14 @@ use std::marker::PhantomData;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+use super::custom_op::record;
 
 /// The largest head size (of queries/keys, and of values) the kernels take: each unit holds a
 /// row of each in registers.
@@ -204,8 +205,13 @@ pub fn flash_attention_train<B: FlashBackend>(
         geometry: geometry.clone(),
     };
     let output = match bias {
-        Some(bias) => record([&q, &k, &v, &bias], saved, out),
-        None => record([&q, &k, &v], saved, out),
+        Some(bias) => record(
+            FlashBackward::<B>(PhantomData),
+            [&q, &k, &v, &bias],
+            saved,
+            out,
+        ),
+        None => record(FlashBackward::<B>(PhantomData), [&q, &k, &v], saved, out),
     };
     Tensor::from_primitive(TensorPrimitive::Float(output))
 }
@@ -220,29 +226,6 @@ struct Saved<B: Backend> {
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     geometry: FlashGeometry,
-}
-
-/// The autodiff primitive of a training tensor.
-type TrainPrimitive<B> = FloatTensor<Autodiff<B>>;
-
-/// `output` as the node of a flash attention over `parents` (q, k, v and maybe the bias).
-fn record<B: FlashBackend, const N: usize>(
-    parents: [&TrainPrimitive<B>; N],
-    saved: Saved<B>,
-    output: FloatTensor<B>,
-) -> TrainPrimitive<B>
-where
-    FlashBackward<B>: Backward<B, N, State = Saved<B>>,
-{
-    let nodes = parents.map(|parent| parent.node.clone());
-    match FlashBackward::<B>(PhantomData)
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(saved, output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    }
 }
 
 /// Flash attention's backward step.

@@ -30,16 +30,15 @@ use std::marker::PhantomData;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
-use super::custom_op::register;
+use super::custom_op::{record, register};
 use super::flash::as_backend;
 
 /// The shape and settings of one normalisation.
@@ -232,8 +231,13 @@ pub fn norm_train<B: NormBackend, const D: usize>(
         geometry: geometry.clone(),
     };
     let output = match beta {
-        Some(beta) => record([&x, &gamma, &beta], saved, y),
-        None => record([&x, &gamma], saved, y),
+        Some(beta) => record(
+            NormBackward::<B>(PhantomData),
+            [&x, &gamma, &beta],
+            saved,
+            y,
+        ),
+        None => record(NormBackward::<B>(PhantomData), [&x, &gamma], saved, y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(output))
 }
@@ -245,29 +249,6 @@ struct Saved<B: Backend> {
     gamma: FloatTensor<B>,
     stats: FloatTensor<B>,
     geometry: NormGeometry,
-}
-
-/// The autodiff primitive of a training tensor.
-type TrainPrimitive<B> = FloatTensor<Autodiff<B>>;
-
-/// `output` as the node of a normalisation over `parents` (x, γ and maybe β).
-fn record<B: NormBackend, const N: usize>(
-    parents: [&TrainPrimitive<B>; N],
-    saved: Saved<B>,
-    output: FloatTensor<B>,
-) -> TrainPrimitive<B>
-where
-    NormBackward<B>: Backward<B, N, State = Saved<B>>,
-{
-    let nodes = parents.map(|parent| parent.node.clone());
-    match NormBackward::<B>(PhantomData)
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(saved, output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    }
 }
 
 /// The normalisation's backward step.
