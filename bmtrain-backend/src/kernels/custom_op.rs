@@ -2,14 +2,9 @@
 //! becomes one operation in fusion's stream, which runs the inner backend's kernels on the
 //! tensors' handles when the stream executes (the pattern burn-vision's GPU operations use), so
 //! a hand-written kernel queues behind the fused operations before it instead of flushing them.
-//! And the one step every GPU kernel's autodiff operation shares: [`record`].
 
 use std::marker::PhantomData;
 
-use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::ops::{Backward, OpsKind};
-use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
@@ -74,27 +69,5 @@ where
         for (output, tensor) in self.desc.outputs.iter().zip((self.run)(inputs)) {
             handles.register_float_tensor::<B>(&output.id, tensor);
         }
-    }
-}
-
-/// The autodiff primitive of a training tensor.
-pub(crate) type TrainPrimitive<B> = FloatTensor<Autodiff<B>>;
-
-/// `output` as the autodiff node of `op` over `parents`: `state` is kept for `op`'s backward
-/// when a parent tracks gradients, and dropped otherwise.
-pub(crate) fn record<B: Backend, Op: Backward<B, N>, const N: usize>(
-    op: Op,
-    parents: [&TrainPrimitive<B>; N],
-    state: Op::State,
-    output: FloatTensor<B>,
-) -> TrainPrimitive<B> {
-    let nodes = parents.map(|parent| parent.node.clone());
-    match op
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(state, output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
     }
 }

@@ -10,12 +10,13 @@ use std::f32::consts::{FRAC_1_SQRT_2, PI};
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive, activation};
+
+use super::autodiff_node;
 
 /// The exact GELU of `x` with an exact backward, on a GPU backend under autodiff; `None`
 /// elsewhere (without autodiff burn's forward is already exact; the CPU has its fused kernel).
@@ -46,14 +47,7 @@ pub fn exact_gelu_train<I: Backend, const D: usize>(
     let x = x.into_primitive().tensor();
     let inner = Tensor::<I, D>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
     let y = activation::gelu(inner).into_primitive().tensor();
-    let output = match ExactGeluBackward
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(x.primitive, y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    };
+    let output = autodiff_node(ExactGeluBackward, [&x], x.primitive.clone(), y);
     Tensor::from_primitive(TensorPrimitive::Float(output))
 }
 

@@ -30,14 +30,13 @@ use std::any::Any;
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive};
 
-use super::Kernel;
+use super::{Kernel, autodiff_node};
 
 /// About how many bytes one chunk's f32 logits take (the rows per chunk follow from the
 /// vocabulary: GPT-2's 50257 → 640 rows, Llama 3's 128256 → 256).
@@ -207,31 +206,10 @@ pub fn chunked_head_loss_train<I: Backend>(
         kept: chunks.kept.into_primitive().tensor(),
     };
     let output = match &bias {
-        Some(bias) => finish([&hidden, &weight, bias], saved, loss),
-        None => finish([&hidden, &weight], saved, loss),
+        Some(bias) => autodiff_node(HeadLossBackward, [&hidden, &weight, bias], saved, loss),
+        None => autodiff_node(HeadLossBackward, [&hidden, &weight], saved, loss),
     };
     Tensor::from_primitive(TensorPrimitive::Float(output))
-}
-
-/// The loss as an autodiff tensor of `parents`, its backward registered when one of them takes
-/// a gradient.
-fn finish<I: Backend, const N: usize>(
-    parents: [&FloatTensor<Autodiff<I>>; N],
-    saved: Saved<I>,
-    loss: FloatTensor<I>,
-) -> FloatTensor<Autodiff<I>>
-where
-    HeadLossBackward: Backward<I, N, State = Saved<I>>,
-{
-    let nodes = parents.map(|parent| parent.node.clone());
-    match HeadLossBackward
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(saved, loss),
-        OpsKind::UnTracked(prep) => prep.finish(loss),
-    }
 }
 
 /// What the chunks add up to.

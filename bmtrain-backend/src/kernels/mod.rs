@@ -84,12 +84,14 @@ use std::any::Any;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Distribution, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
@@ -374,6 +376,26 @@ simd::avx512_version! {
 /// The autodiff primitive of a training tensor (its values and its graph node).
 type TrainPrimitive = burn::tensor::ops::FloatTensor<CpuTrain>;
 
+/// `output` as the autodiff node of `op` over `parents`, on any backend: `state` is kept for
+/// `op`'s backward when a parent tracks gradients, and dropped otherwise. Every kernel's
+/// autodiff operation ends here (the CPU kernels through [`record`]).
+pub(crate) fn autodiff_node<B: Backend, Op: Backward<B, N>, const N: usize>(
+    op: Op,
+    parents: [&FloatTensor<Autodiff<B>>; N],
+    state: Op::State,
+    output: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B>> {
+    let nodes = parents.map(|parent| parent.node.clone());
+    match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
 /// `output` as a training tensor computed by `op` from `parents`: when a parent tracks gradients,
 /// `op`'s backward is registered with `state` (what it needs later); otherwise `state` is dropped.
 fn record<Op, B, const N: usize, const D: usize>(
@@ -386,15 +408,7 @@ where
     Op: Backward<Cpu, N>,
     B: Backend,
 {
-    let nodes = parents.map(|parent| parent.node.clone());
-    let output = match op
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(state, output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    };
+    let output = autodiff_node(op, parents, state, output);
     from_cpu(Tensor::<CpuTrain, D>::from_primitive(
         TensorPrimitive::Float(output),
     ))

@@ -40,7 +40,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use super::custom_op::record;
+use super::autodiff_node as record;
 
 /// The largest head size (of queries/keys, and of values) the kernels take: each unit holds a
 /// row of each in registers.
@@ -283,19 +283,23 @@ pub(crate) fn as_backend<C: Backend, B: Backend, const D: usize>(
 /// kernels on.
 pub(crate) fn runs_on<B: Backend>() -> bool {
     let b = std::any::TypeId::of::<B>();
-    #[allow(unused_mut)] // without a GPU backend compiled in
-    let mut backends: Vec<std::any::TypeId> = Vec::new();
+    let is = |backends: [std::any::TypeId; 2]| backends.contains(&b);
     #[cfg(feature = "wgpu")]
-    backends.extend([
+    if is([
         std::any::TypeId::of::<crate::Wgpu>(),
         std::any::TypeId::of::<Autodiff<crate::Wgpu>>(),
-    ]);
+    ]) {
+        return true;
+    }
     #[cfg(feature = "cuda")]
-    backends.extend([
+    if is([
         std::any::TypeId::of::<crate::Cuda>(),
         std::any::TypeId::of::<Autodiff<crate::Cuda>>(),
-    ]);
-    backends.contains(&b)
+    ]) {
+        return true;
+    }
+    let _ = is;
+    false
 }
 
 /// An optional bias as a tensor of backend `C` (`Some(None)` without one), when `B` is `C`.

@@ -38,7 +38,8 @@ use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
-use super::custom_op::{record, register};
+use super::autodiff_node as record;
+use super::custom_op::register;
 use super::flash::as_backend;
 
 /// The shape and settings of one normalisation.
