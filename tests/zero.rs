@@ -2,13 +2,16 @@
 //! `BertLayer`s between BERT embeddings and a classifier): N = 1, 2 and 4 ranks train to the same
 //! parameters as plain single-process burn training (one autodiff graph, burn's AdamW).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bmtrain_backend::CpuTrain;
-use bmtrain_backend::comm::{Communicator, ThreadComm, ThreadGroup};
+use bmtrain_backend::comm::{CommError, Communicator, ReduceOp, ThreadComm, ThreadGroup};
 use bmtrain_backend::optim::AdamWConfig as ZeroAdamW;
 use bmtrain_backend::optim::LossScaler;
-use bmtrain_backend::trainer::{Frozen, StatePlacement, ZeroOptions, ZeroSpec, ZeroTrainer};
+use bmtrain_backend::trainer::{
+    Frozen, Overlap, StatePlacement, ZeroOptions, ZeroSpec, ZeroTrainer,
+};
 use bmtrain_backend::zero::{flatten, load_flat, load_flat_parts};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -812,13 +815,60 @@ fn inspect_reports_full_parameter_and_gradient_statistics() {
 }
 
 /// What one placement's run left: every parameter (in the whole model's order), each step's
-/// losses and reported norm as bits, and the checkpoint files (header and data).
+/// losses and reported norm as bits, the checkpoint files (header and data), and the
+/// collectives rank 0 called in the first run, in order.
 type PlacementRun = (
     Vec<u32>,
     Vec<u32>,
     Vec<Option<u32>>,
     Vec<(serde_json::Value, Vec<u8>)>,
+    Vec<(&'static str, usize)>,
 );
+
+/// A thread rank that writes down each collective it is asked for (name, elements).
+struct Logged {
+    inner: ThreadComm,
+    log: Arc<Mutex<Vec<(&'static str, usize)>>>,
+}
+
+impl Logged {
+    fn note(&self, op: &'static str, len: usize) {
+        self.log.lock().unwrap().push((op, len));
+    }
+}
+
+impl Communicator for Logged {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.note("all_reduce", data.len());
+        self.inner.all_reduce(data, op)
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        self.note("all_gather", local.len());
+        self.inner.all_gather(local)
+    }
+    fn reduce_scatter(&self, full: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        self.note("reduce_scatter", full.len());
+        self.inner.reduce_scatter(full, op)
+    }
+    fn reduce_scatter_owned(&self, full: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        self.note("reduce_scatter", full.len());
+        self.inner.reduce_scatter_owned(full, op)
+    }
+    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CommError> {
+        self.note("broadcast", data.len());
+        self.inner.broadcast(data, root)
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.note("barrier", 0);
+        self.inner.barrier()
+    }
+}
 
 /// Trains `steps` steps on `world` thread ranks with the state placed as `placement`, under the
 /// options a real job combines (loss scaling with an injected overflow, clipping that bites,
@@ -830,6 +880,23 @@ fn placement_run(
     zero_level: u8,
     placement: StatePlacement,
     compute_dtype: Option<burn::tensor::DType>,
+) -> PlacementRun {
+    placement_run_overlapping(
+        initial,
+        world,
+        zero_level,
+        (placement, compute_dtype),
+        Overlap::Off,
+    )
+}
+
+/// [`placement_run`] with communication overlapping computation as `overlap` says.
+fn placement_run_overlapping(
+    initial: &Whole<B>,
+    world: usize,
+    zero_level: u8,
+    (placement, compute_dtype): (StatePlacement, Option<burn::tensor::DType>),
+    overlap: Overlap,
 ) -> PlacementRun {
     let initial = initial.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -848,12 +915,13 @@ fn placement_run(
         frozen: Some(Frozen::new(|name| name.starts_with("embed.norm."))),
         placement,
         compute_dtype,
+        overlap,
         ..ZeroOptions::checkpoint_all(LAYERS)
     };
     // Each rank trains `steps` steps on its rows, two micro-batches a step, the last rank's
     // first micro-batch of step 2 poisoned (on the first run only).
     let train = move |rank: usize,
-                      trainer: &mut ZeroTrainer<B, TinyBert, ThreadComm>,
+                      trainer: &mut ZeroTrainer<B, TinyBert, Logged>,
                       steps: usize,
                       poison: bool| {
         let (per_rank, micro) = (ROWS / world, 2.min(ROWS / world));
@@ -875,15 +943,25 @@ fn placement_run(
     let (opts, train_first) = (options.clone(), train);
     let trained = ThreadGroup::run(world, Duration::from_secs(60), move |comm| {
         let rank = comm.rank();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let comm = Logged {
+            inner: comm,
+            log: log.clone(),
+        };
         let mut trainer = tiny_trainer(first.clone(), comm, opts.clone());
         let run = train_first(rank, &mut trainer, 5, true);
         trainer.save(&saved).unwrap();
-        run
+        let log = std::mem::take(&mut *log.lock().unwrap());
+        (run, log)
     });
-    let (mut losses, mut norms) = trained.into_iter().next().unwrap().unwrap();
+    let ((mut losses, mut norms), log) = trained.into_iter().next().unwrap().unwrap();
     let (second, saved) = (initial.clone(), path.clone());
     let resumed = ThreadGroup::run(world, Duration::from_secs(60), move |comm| {
         let rank = comm.rank();
+        let comm = Logged {
+            inner: comm,
+            log: Default::default(),
+        };
         let mut trainer = tiny_trainer(second.clone(), comm, options.clone());
         trainer.load(&saved).unwrap();
         let run = train(rank, &mut trainer, 2, false);
@@ -912,7 +990,7 @@ fn placement_run(
     let files = ["model.safetensors", "optimizer.safetensors"]
         .map(|file| safetensors_contents(&std::fs::read(path.join(file)).unwrap()))
         .to_vec();
-    (params, losses, norms, files)
+    (params, losses, norms, files, log)
 }
 
 /// A safetensors file's header (parsed: its metadata is a map, written in no fixed order) and
@@ -990,6 +1068,56 @@ fn device_and_offloaded_state_equal_the_host_path_bit_for_bit() {
                 host.0.len(),
                 host.1.len(),
                 host.2.len()
+            );
+        }
+    }
+}
+
+/// Communication overlapping computation ([`Overlap::On`]: gathers started one segment ahead,
+/// reduce-scattered slices added one block later; on a GPU, NCCL working while the GPU computes)
+/// changes the order of the collectives, not a bit of the training: on 2 and 4 thread ranks,
+/// ZeRO-3 and ZeRO-2, every placement, f32 and f16, parameters, losses, norms and checkpoints
+/// equal those of the run that communicates at each segment's turn, while (ZeRO-3) the
+/// collectives rank 0 called came in another order.
+#[test]
+fn overlapped_communication_changes_the_order_of_collectives_not_a_bit() {
+    let initial = initial_model();
+    let f16 = Some(burn::tensor::DType::F16);
+    for (world, level, dtype) in [(2, 3, None), (4, 3, None), (2, 2, None), (2, 3, f16)] {
+        for placement in [
+            StatePlacement::Host,
+            StatePlacement::Device,
+            StatePlacement::Offload,
+        ] {
+            let setup = (placement, dtype);
+            let at_turn = placement_run_overlapping(&initial, world, level, setup, Overlap::Off);
+            let ahead = placement_run_overlapping(&initial, world, level, setup, Overlap::On);
+            let case = format!("{placement:?} N={world} level {level} {dtype:?}");
+            assert_eq!(at_turn.1, ahead.1, "{case}: losses differ");
+            assert_eq!(at_turn.2, ahead.2, "{case}: norms differ");
+            assert!(at_turn.0 == ahead.0, "{case}: parameters differ");
+            assert!(at_turn.3 == ahead.3, "{case}: checkpoints differ");
+            // The same collectives, in another order.
+            let (mut sorted_turn, mut sorted_ahead) = (at_turn.4.clone(), ahead.4.clone());
+            sorted_turn.sort();
+            sorted_ahead.sort();
+            assert_eq!(sorted_turn, sorted_ahead, "{case}: other collectives");
+            // Under ZeRO-3 backward gathers again, and a gather started ahead comes before the
+            // reduce-scatter of the block behind it. (Under ZeRO-2 only forward gathers, with
+            // no other collective between its gathers, so their order cannot show.)
+            let moved = at_turn
+                .4
+                .iter()
+                .zip(&ahead.4)
+                .filter(|(a, b)| a != b)
+                .count();
+            assert!(level == 2 || moved > 0, "{case}: no gather started ahead");
+            eprintln!(
+                "overlap {case}: {} collectives, {moved} in another place; {} parameters and \
+                 {} losses bit-identical",
+                ahead.4.len(),
+                ahead.0.len(),
+                ahead.1.len()
             );
         }
     }

@@ -8,9 +8,9 @@
 //! marks it gone; a peer waiting on it gets [`CommError::PeerGone`] at once, and a peer that never
 //! arrives gives [`CommError::Timeout`] naming the missing ranks. No call hangs.
 //!
-//! Buffers are host `f32` slices. Sharded training keeps its flat parameter, gradient and
-//! optimizer buffers in f32 on the host side of the collectives; the NCCL communicator (feature
-//! `cuda`) moves them through the GPU.
+//! Buffers are host `f32` slices (the NCCL communicator, feature `cuda`, stages them through the
+//! GPU). A communicator whose transport works on GPU memory also offers
+//! [`DeviceCollectives`]: device-resident ZeRO state then gathers and reduce-scatters in place.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -130,6 +130,66 @@ pub trait Communicator: Send {
 
     /// Returns when every rank has called it.
     fn barrier(&self) -> Result<(), CommError>;
+
+    /// The same collectives on GPU memory, when this communicator's transport reads and writes
+    /// device buffers itself (NCCL): device-resident state then gathers and reduce-scatters
+    /// without crossing PCIe. `None` (the default) for host transports.
+    fn device_collectives(&self) -> Option<&dyn DeviceCollectives> {
+        None
+    }
+}
+
+/// Collectives on buffers in GPU memory, addressed by device pointer. The caller orders them
+/// after the kernels that wrote `send` (by waiting for its compute stream) and gives `recv` to no
+/// kernel before they have finished.
+///
+/// Each collective is queued and left running while the caller queues other work, and waited
+/// for later ([`DeviceCollectives::finish`]): how the trainer gathers segment i+1 while segment
+/// i computes, and reduce-scatters block i+1's gradient while block i runs backward.
+/// Collectives run one after another in the order they were issued.
+pub trait DeviceCollectives {
+    /// Queues the concatenation of every rank's `count` elements of `dtype` at `send` into
+    /// `recv` (`world_size · count` elements, in rank order) and returns without waiting for it.
+    ///
+    /// # Safety
+    /// `send` and `recv` point to that many elements on this communicator's GPU, and nothing
+    /// else touches them until [`DeviceCollectives::finish`] has returned for this collective.
+    unsafe fn start_all_gather_device(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: burn::tensor::DType,
+    ) -> Result<PendingCollective, CommError>;
+
+    /// Returns once `pending` has finished: an error when it failed or timed out (the
+    /// communicator is then aborted, and every later call fails).
+    fn finish(&self, pending: PendingCollective) -> Result<(), CommError>;
+
+    /// Queues the combination of every rank's `world_size · count` elements of `dtype` at
+    /// `send`, this rank's `count`-long chunk of the result written to `recv`, and returns
+    /// without waiting for it.
+    ///
+    /// # Safety
+    /// As [`DeviceCollectives::start_all_gather_device`].
+    unsafe fn start_reduce_scatter_device(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: burn::tensor::DType,
+        op: ReduceOp,
+    ) -> Result<PendingCollective, CommError>;
+}
+
+/// A collective queued on a GPU by [`DeviceCollectives`]: what its communicator needs to wait
+/// for it (its own type, opaque to the caller).
+pub struct PendingCollective(pub Box<dyn std::any::Any>);
+
+impl std::fmt::Debug for PendingCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingCollective")
+    }
 }
 
 impl Communicator for Box<dyn Communicator> {
@@ -156,6 +216,9 @@ impl Communicator for Box<dyn Communicator> {
     }
     fn barrier(&self) -> Result<(), CommError> {
         (**self).barrier()
+    }
+    fn device_collectives(&self) -> Option<&dyn DeviceCollectives> {
+        (**self).device_collectives()
     }
 }
 

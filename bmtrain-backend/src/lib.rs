@@ -41,6 +41,8 @@ pub mod inspect;
 pub mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+#[cfg(feature = "cuda")]
+mod nccl_in_place;
 pub mod optim;
 pub mod quant;
 pub mod resident;

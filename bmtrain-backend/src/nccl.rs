@@ -4,8 +4,17 @@
 //!
 //! Ranks come from the launcher ([`crate::dist::DistEnv`]); rank 0 creates the NCCL unique id and
 //! the TCP rendezvous ([`crate::dist::rendezvous`]) hands it to the others. Each rank drives the GPU
-//! its device resolves to ([`crate::DeviceSpec::for_this_rank`]), the one burn computes on. The collectives take host buffers (the [`Communicator`] trait's), stage them
-//! through device memory and wait for the stream.
+//! its device resolves to ([`crate::DeviceSpec::for_this_rank`]), the one burn computes on.
+//!
+//! Two kinds of buffers:
+//! - device buffers ([`DeviceCollectives`]): what device-resident ZeRO state gathers and
+//!   reduce-scatters ([`crate::resident`]), NCCL reading and writing burn's tensors in place, in
+//!   their dtype (the compute dtype's halves for gathers), nothing crossing PCIe;
+//! - host buffers (the [`Communicator`] trait's f32 slices: loss and norm reductions,
+//!   checkpoints, the host placement), staged through device memory.
+//!
+//! `ZOO_NCCL_THROUGH_HOST=1` turns the first off (every collective staged through the host, as
+//! before device buffers), a way around a driver or NCCL problem without rebuilding.
 //!
 //! Dead and hung peers: the rendezvous has a deadline, and every collective is waited for by
 //! polling an event recorded behind it on the stream, for at most the communicator's timeout
@@ -29,7 +38,9 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t};
 
-use crate::comm::{CommError, Communicator, ReduceOp};
+use burn::tensor::DType;
+
+use crate::comm::{CommError, Communicator, DeviceCollectives, PendingCollective, ReduceOp};
 use crate::dist::{DistEnv, rendezvous};
 
 /// An NCCL communicator handle, aborted when dropped (never blocks, whatever the peers do).
@@ -46,6 +57,14 @@ impl Drop for Handle {
     }
 }
 
+/// A collective on the stream and the event recorded behind it.
+struct Issued {
+    event: cudarc::driver::CudaEvent,
+    op: &'static str,
+    /// Its sequence number, for error messages.
+    round: u64,
+}
+
 /// One rank of an NCCL job.
 #[derive(Debug)]
 pub struct NcclComm {
@@ -58,6 +77,8 @@ pub struct NcclComm {
     round: Cell<u64>,
     /// Why the communicator was aborted, once it was: every later call fails with it.
     aborted: std::cell::RefCell<Option<String>>,
+    /// Whether device buffers go to NCCL in place (not `ZOO_NCCL_THROUGH_HOST=1`).
+    in_place: bool,
 }
 
 // An NCCL communicator may be used from any thread, one call at a time; `NcclComm` is owned by
@@ -120,6 +141,7 @@ impl NcclComm {
             timeout,
             round: Cell::new(0),
             aborted: std::cell::RefCell::new(None),
+            in_place: std::env::var("ZOO_NCCL_THROUGH_HOST").map_or(true, |v| v != "1"),
         })
     }
 
@@ -165,17 +187,31 @@ impl NcclComm {
         }
     }
 
-    /// Waits until the work queued on the stream (the collective just issued) is done, for at most
-    /// the timeout; polling an event never blocks in the driver, so a hung peer cannot hang us.
-    /// NCCL's asynchronous error state is checked at every poll. A timeout or an error aborts
-    /// the communicator.
-    fn wait(&self, op: &'static str) -> Result<(), CommError> {
+    /// Issues one NCCL call on the stream with the live handle, and an event behind it.
+    fn issue(
+        &self,
+        op: &'static str,
+        call: impl FnOnce(
+            ncclComm_t,
+            cudarc::nccl::sys::cudaStream_t,
+        ) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<Issued, CommError> {
+        let handle = self.handle()?;
         let round = self.round.get();
         self.round.set(round + 1);
+        call(handle, self.stream.cu_stream() as _).map_err(|e| self.error(op, describe(e.0)))?;
         let event = self
             .stream
             .record_event(None)
             .map_err(|e| self.error("recording an event", e))?;
+        Ok(Issued { event, op, round })
+    }
+
+    /// Waits until an issued collective is done, for at most the timeout; polling an event
+    /// never blocks in the driver, so a hung peer cannot hang us. NCCL's asynchronous error
+    /// state is checked at every poll. A timeout or an error aborts the communicator.
+    fn wait(&self, issued: Issued) -> Result<(), CommError> {
+        let Issued { event, op, round } = issued;
         let started = std::time::Instant::now();
         loop {
             match event.try_is_complete() {
@@ -221,9 +257,8 @@ impl NcclComm {
             cudarc::nccl::sys::cudaStream_t,
         ) -> Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<(), CommError> {
-        let handle = self.handle()?;
-        call(handle, self.stream.cu_stream() as _).map_err(|e| self.error(op, describe(e.0)))?;
-        self.wait(op)
+        let issued = self.issue(op, call)?;
+        self.wait(issued)
     }
 
     fn error(&self, what: &str, detail: impl std::fmt::Debug) -> CommError {
@@ -286,6 +321,81 @@ fn ptr_mut(buffer: &mut CudaSlice<f32>, stream: &CudaStream) -> *mut c_void {
 }
 
 const F32: ncclDataType_t = ncclDataType_t::ncclFloat32;
+
+/// NCCL's name for a float dtype.
+fn nccl_dtype(dtype: DType, rank: usize) -> Result<ncclDataType_t, CommError> {
+    match dtype {
+        DType::F32 => Ok(F32),
+        DType::F16 => Ok(ncclDataType_t::ncclFloat16),
+        DType::BF16 => Ok(ncclDataType_t::ncclBfloat16),
+        other => Err(CommError::Mismatch {
+            rank,
+            message: format!(
+                "NCCL collectives on device buffers take f32, f16 or bf16, not {other:?}"
+            ),
+        }),
+    }
+}
+
+impl DeviceCollectives for NcclComm {
+    unsafe fn start_all_gather_device(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+    ) -> Result<PendingCollective, CommError> {
+        let dtype = nccl_dtype(dtype, self.rank)?;
+        let issued = self.issue("all_gather", |comm, s| unsafe {
+            // SAFETY: the caller's: `send` holds `count` elements, `recv` `world_size` times
+            // that, on this GPU, untouched by other work until `finish` returns.
+            nccl::all_gather(
+                send as *const c_void,
+                recv as *mut c_void,
+                count,
+                dtype,
+                comm,
+                s,
+            )
+        })?;
+        Ok(PendingCollective(Box::new(issued)))
+    }
+
+    fn finish(&self, pending: PendingCollective) -> Result<(), CommError> {
+        match pending.0.downcast::<Issued>() {
+            Ok(issued) => self.wait(*issued),
+            Err(_) => Err(CommError::Mismatch {
+                rank: self.rank,
+                message: "a pending collective of another communicator".into(),
+            }),
+        }
+    }
+
+    unsafe fn start_reduce_scatter_device(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<PendingCollective, CommError> {
+        let dtype = nccl_dtype(dtype, self.rank)?;
+        let issued = self.issue("reduce_scatter", |comm, s| unsafe {
+            // SAFETY: the caller's: `send` holds `world_size · count` elements, `recv` `count`,
+            // on this GPU, untouched by other work until `finish` returns.
+            nccl::reduce_scatter(
+                send as *const c_void,
+                recv as *mut c_void,
+                count,
+                dtype,
+                nccl_op(op),
+                comm,
+                s,
+            )
+        })?;
+        Ok(PendingCollective(Box::new(issued)))
+    }
+}
 
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
@@ -370,5 +480,9 @@ impl Communicator for NcclComm {
     fn barrier(&self) -> Result<(), CommError> {
         let mut one = [0.0f32];
         self.all_reduce(&mut one, ReduceOp::Sum)
+    }
+
+    fn device_collectives(&self) -> Option<&dyn DeviceCollectives> {
+        self.in_place.then_some(self as &dyn DeviceCollectives)
     }
 }

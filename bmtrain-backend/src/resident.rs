@@ -218,11 +218,8 @@ impl<B: Backend> Resident<B> {
     }
 }
 
-/// The whole of a sharded part (padding removed) on the device: this rank's slice itself with
-/// one rank; else the slice goes down once, is all-gathered, and the segment comes up once. In
-/// a half compute `dtype` the slice is converted on the device first, so the gather moves
-/// halves (half the bytes down, across ranks and up) and the segment comes up in that dtype;
-/// in f32 (`None`) it moves f32.
+/// The whole of a sharded part (padding removed) on the device: [`start_gather`], then
+/// [`InFlight::finish`].
 pub fn gather<B: Backend>(
     local: Option<&Tensor<B, 1>>,
     shards: &ShardLayout,
@@ -230,41 +227,114 @@ pub fn gather<B: Backend>(
     device: &B::Device,
     dtype: Option<DType>,
 ) -> Result<Option<Tensor<B, 1>>, CommError> {
+    start_gather(local, shards, comm, device, dtype)?.finish(comm)
+}
+
+/// A collective's result on the device ([`start_gather`], [`start_reduce_scatter`]): there, or
+/// still being written on the GPU until [`InFlight::finish`] (NCCL in place), so that the caller
+/// can queue other work meanwhile.
+pub struct InFlight<B: Backend>(Progress<B>);
+
+enum Progress<B: Backend> {
+    /// The result (`None`: an empty part).
+    Ready(Option<Tensor<B, 1>>),
+    /// An NCCL collective on the GPU, not yet waited for.
+    #[cfg(feature = "cuda")]
+    Queued(Box<crate::nccl_in_place::Queued<B>>),
+}
+
+impl<B: Backend> InFlight<B> {
+    fn ready(result: Option<Tensor<B, 1>>) -> Self {
+        Self(Progress::Ready(result))
+    }
+
+    /// The result, once the collective has finished.
+    pub fn finish(self, comm: &dyn Communicator) -> Result<Option<Tensor<B, 1>>, CommError> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = comm; // only a queued collective waits on it
+        match self.0 {
+            Progress::Ready(result) => Ok(result),
+            #[cfg(feature = "cuda")]
+            Progress::Queued(queued) => queued.finish(comm).map(Some),
+        }
+    }
+}
+
+/// Starts gathering the whole of a sharded part (padding removed) on the device: this rank's
+/// slice itself with one rank; with NCCL on a CUDA device, an all-gather queued on the GPU in
+/// place ([`crate::nccl`]'s device buffers), left running until [`InFlight::finish`]; else
+/// (host communicators) done at once: the slice goes down once, is all-gathered, and the
+/// segment comes up once. In a half compute `dtype` the slice is converted on the device
+/// first, so the gather moves halves (half the bytes down, across ranks and up) and the segment
+/// comes up in that dtype; in f32 (`None`) it moves f32.
+pub fn start_gather<B: Backend>(
+    local: Option<&Tensor<B, 1>>,
+    shards: &ShardLayout,
+    comm: &dyn Communicator,
+    device: &B::Device,
+    dtype: Option<DType>,
+) -> Result<InFlight<B>, CommError> {
     let Some(local) = local else {
-        return Ok(None);
+        return Ok(InFlight::ready(None));
     };
     if shards.world == 1 {
-        return Ok(Some(local.clone()));
+        return Ok(InFlight::ready(Some(local.clone())));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(queued) = crate::nccl_in_place::start_gather(local, shards, comm, dtype) {
+        return queued.map(|queued| InFlight(Progress::Queued(Box::new(queued))));
     }
     if let Some(half @ (DType::F16 | DType::BF16)) = dtype {
         let slice = local.clone().cast(half).into_data();
         let mut full = comm.all_gather_bytes(slice.as_bytes())?;
         full.truncate(shards.len * half.size());
         let data = TensorData::from_bytes_vec(full, [shards.len], half);
-        return Ok(Some(Tensor::from_data(data, (device, half))));
+        return Ok(InFlight::ready(Some(Tensor::from_data(
+            data,
+            (device, half),
+        ))));
     }
     let mut full = comm.all_gather(&download(Some(local)))?;
     full.truncate(shards.len);
-    Ok(upload_as(full, dtype, device))
+    Ok(InFlight::ready(upload_as(full, dtype, device)))
 }
 
 /// Sums a segment's full gradient (`shards.len` long) across ranks and returns this rank's
-/// slice of the sum, on the device: the gradient itself with one rank; else it goes down once,
-/// is padded and reduce-scattered, and the slice comes up once.
+/// slice of the sum, on the device: [`start_reduce_scatter`], then [`InFlight::finish`].
 pub fn reduce_scatter<B: Backend>(
     full_grad: Tensor<B, 1>,
     shards: &ShardLayout,
     comm: &dyn Communicator,
     device: &B::Device,
 ) -> Result<Tensor<B, 1>, CommError> {
+    let slice = start_reduce_scatter(full_grad, shards, comm, device)?.finish(comm)?;
+    Ok(slice.expect("a reduce-scatter has a result"))
+}
+
+/// Starts summing a segment's full gradient (`shards.len` long) across ranks, for this rank's
+/// slice of the sum on the device: the gradient itself with one rank; with NCCL on a CUDA
+/// device, padded and reduce-scattered in place on the GPU, left running until
+/// [`InFlight::finish`]; else (host communicators) done at once: it goes down once, is padded
+/// and reduce-scattered, and the slice comes up once.
+pub fn start_reduce_scatter<B: Backend>(
+    full_grad: Tensor<B, 1>,
+    shards: &ShardLayout,
+    comm: &dyn Communicator,
+    device: &B::Device,
+) -> Result<InFlight<B>, CommError> {
     if shards.world == 1 {
-        return Ok(full_grad);
+        return Ok(InFlight::ready(Some(full_grad)));
     }
+    #[cfg(feature = "cuda")]
+    let full_grad = match crate::nccl_in_place::start_reduce_scatter(full_grad, shards, comm) {
+        Ok(queued) => return queued.map(|queued| InFlight(Progress::Queued(Box::new(queued)))),
+        Err(full_grad) => full_grad,
+    };
     let mut full = download(Some(&full_grad));
     drop(full_grad);
     full.resize(shards.padded_len(), 0.0);
     let slice = comm.reduce_scatter_owned(full, ReduceOp::Sum)?;
-    Ok(owned_upload(slice, device))
+    Ok(InFlight::ready(Some(owned_upload(slice, device))))
 }
 
 #[cfg(test)]

@@ -159,6 +159,25 @@ pub struct ZeroOptions {
     /// Where the master weights, gradients and AdamW moments live: host slices, or tensors on
     /// the training device ([`crate::resident`]).
     pub placement: StatePlacement,
+    /// Whether communication overlaps computation (BMTrain's overlap).
+    pub overlap: Overlap,
+}
+
+/// Whether the trainer overlaps communication with computation, as BMTrain does: each segment's
+/// gather starts before the segment ahead of it computes, and each gradient's reduce-scatter
+/// lands after the block behind it has run backward. It holds one more gathered segment and one
+/// more full gradient for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// On where the communicator works on the GPU (NCCL in place, whose collectives run while
+    /// the GPU computes); off elsewhere: a host communicator finishes each collective at once,
+    /// so overlapping would only hold more memory.
+    #[default]
+    Auto,
+    /// Always (tests: the order of the collectives changes, not their values).
+    On,
+    /// Never.
+    Off,
 }
 
 /// Which parameters are frozen, by checkpoint name (`prefix.name`, the model's zoo names).
@@ -196,6 +215,7 @@ impl ZeroOptions {
             frozen: None,
             quantized: None,
             placement: StatePlacement::Host,
+            overlap: Overlap::Auto,
         }
     }
 }
@@ -234,6 +254,47 @@ pub struct Segment<M, I: Backend> {
 enum Gathered<I: Backend> {
     Host(Vec<f32>),
     Device(Option<Tensor<I, 1>>, Option<Tensor<I, 1>>),
+}
+
+/// A segment's gather on its way ([`Segment::start_gather`]): on the host it is done; on the
+/// device its parts may still be queued on the GPU.
+enum GatherInFlight<I: Backend> {
+    Host(Vec<f32>),
+    Device(resident::InFlight<I>, resident::InFlight<I>),
+}
+
+impl<I: Backend> GatherInFlight<I> {
+    /// The gathered parameters, once the collectives have finished.
+    fn finish(self, comm: &dyn Communicator) -> Result<Gathered<I>, CommError> {
+        Ok(match self {
+            Self::Host(values) => Gathered::Host(values),
+            Self::Device(params, frozen) => {
+                Gathered::Device(params.finish(comm)?, frozen.finish(comm)?)
+            }
+        })
+    }
+}
+
+/// The reduce-scatter left in flight behind backward ([`Overlap`]): whose gradient it is and
+/// its slice on its way.
+type Behind<I> = Option<(SegmentId, SliceInFlight<I>)>;
+
+/// This rank's slice of a segment's reduced gradient, on its way
+/// ([`Segment::start_reduce_scatter`]): on the host it is done; on the device it may still be
+/// queued on the GPU.
+enum SliceInFlight<I: Backend> {
+    Ready(Flat<I>),
+    Device(resident::InFlight<I>),
+}
+
+impl<I: Backend> SliceInFlight<I> {
+    /// The slice, once the collective has finished.
+    fn finish(self, comm: &dyn Communicator) -> Result<Flat<I>, CommError> {
+        Ok(match self {
+            Self::Ready(slice) => slice,
+            Self::Device(in_flight) => Flat::Device(in_flight.finish(comm)?),
+        })
+    }
 }
 
 /// A segment's flat gradient, or this rank's slice of it: host values or a device tensor
@@ -503,15 +564,28 @@ impl<M, I: Backend> Segment<M, I> {
         device: &I::Device,
         full: Flat<I>,
     ) -> Result<Flat<I>, CommError> {
+        self.start_reduce_scatter(comm, device, full)?.finish(comm)
+    }
+
+    /// [`Segment::reduce_scatter`], left running where the communicator can (NCCL on the GPU's
+    /// buffers), so that other work is queued meanwhile.
+    fn start_reduce_scatter(
+        &self,
+        comm: &dyn Communicator,
+        device: &I::Device,
+        full: Flat<I>,
+    ) -> Result<SliceInFlight<I>, CommError> {
         Ok(match full {
-            Flat::Host(full) => Flat::Host(self.params.reduce_scatter(comm, full)?),
-            Flat::Device(None) => Flat::Device(None),
-            Flat::Device(Some(full)) => Flat::Device(Some(resident::reduce_scatter(
+            Flat::Host(full) => {
+                SliceInFlight::Ready(Flat::Host(self.params.reduce_scatter(comm, full)?))
+            }
+            Flat::Device(None) => SliceInFlight::Ready(Flat::Device(None)),
+            Flat::Device(Some(full)) => SliceInFlight::Device(resident::start_reduce_scatter(
                 full,
                 &self.params.shards,
                 comm,
                 device,
-            )?)),
+            )?),
         })
     }
 
@@ -551,13 +625,25 @@ impl<M, I: Backend> Segment<M, I> {
         device: &I::Device,
         dtype: Option<DType>,
     ) -> Result<Gathered<I>, CommError> {
+        self.start_gather(comm, device, dtype)?.finish(comm)
+    }
+
+    /// [`Segment::gather`], left running where the communicator can (NCCL on the GPU's
+    /// buffers), so that other work is queued meanwhile.
+    fn start_gather(
+        &self,
+        comm: &dyn Communicator,
+        device: &I::Device,
+        dtype: Option<DType>,
+    ) -> Result<GatherInFlight<I>, CommError> {
         match &self.resident {
-            None => self.gather_host(comm).map(Gathered::Host),
+            None => self.gather_host(comm).map(GatherInFlight::Host),
             Some(resident) => {
-                let gather = |local, shards| resident::gather(local, shards, comm, device, dtype);
-                Ok(Gathered::Device(
-                    gather(resident.params.as_ref(), &self.params.shards)?,
-                    gather(resident.frozen.as_ref(), &self.frozen.shards)?,
+                let start =
+                    |local, shards| resident::start_gather(local, shards, comm, device, dtype);
+                Ok(GatherInFlight::Device(
+                    start(resident.params.as_ref(), &self.params.shards)?,
+                    start(resident.frozen.as_ref(), &self.frozen.shards)?,
                 ))
             }
         }
@@ -902,6 +988,100 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         Ok((module, keep.then_some(values)))
     }
 
+    /// Whether this trainer overlaps communication with computation ([`Overlap`]).
+    fn overlaps(&self) -> bool {
+        match self.options.overlap {
+            Overlap::On => true,
+            Overlap::Off => false,
+            Overlap::Auto => {
+                self.options.placement != StatePlacement::Host
+                    && self.comm.device_collectives().is_some()
+            }
+        }
+    }
+
+    /// Starts gathering `segment` ahead of its turn when `ahead`; its values, once landed
+    /// ([`Self::landed`]), go to [`Self::working_copy`] as kept ones.
+    fn gather_ahead<M>(
+        &self,
+        ahead: bool,
+        segment: &Segment<M, B::InnerBackend>,
+    ) -> Result<Option<GatherInFlight<B::InnerBackend>>, CommError> {
+        if !ahead {
+            return Ok(None);
+        }
+        let dtype = self.options.compute_dtype;
+        segment
+            .start_gather(&self.comm, &self.device, dtype)
+            .map(Some)
+    }
+
+    /// In backward, starts gathering the segment before block `index` (block `index − 1`, or
+    /// the embedding before block 0) when prefetching and it needs a gather: it is recomputed
+    /// (no graph kept from forward in `graphs`) and no weights were kept for it (ZeRO-2).
+    fn backward_gather_ahead(
+        &self,
+        prefetch: bool,
+        index: usize,
+        graphs: &[Option<KeptGraph<B, S::Block>>],
+    ) -> Result<Option<GatherInFlight<B::InnerBackend>>, CommError> {
+        match index.checked_sub(1) {
+            Some(before) => {
+                let recomputed = graphs.get(before).is_some_and(|graph| graph.is_none());
+                let block = &self.blocks[before];
+                self.gather_ahead(prefetch && recomputed && block.kept.is_none(), block)
+            }
+            None => self.gather_ahead(prefetch && self.embed.kept.is_none(), &self.embed),
+        }
+    }
+
+    /// Starts reduce-scattering segment `id`'s full gradient, and lands the reduce-scatter
+    /// started before it (`behind`). Overlapping, the new one stays in flight (returned) until
+    /// the next call; otherwise it lands at once too.
+    fn reduce_behind(
+        &mut self,
+        overlap: bool,
+        behind: Behind<B::InnerBackend>,
+        id: SegmentId,
+        full: Flat<B::InnerBackend>,
+    ) -> Result<Behind<B::InnerBackend>, CommError> {
+        let (comm, device) = (&self.comm, &self.device);
+        let started = match id {
+            SegmentId::Embed => self.embed.start_reduce_scatter(comm, device, full)?,
+            SegmentId::Block(i) => self.blocks[i].start_reduce_scatter(comm, device, full)?,
+            SegmentId::Head => self.head.start_reduce_scatter(comm, device, full)?,
+        };
+        self.land(behind)?;
+        if overlap {
+            return Ok(Some((id, started)));
+        }
+        self.land(Some((id, started)))?;
+        Ok(None)
+    }
+
+    /// Waits for a reduce-scatter started by [`Self::reduce_behind`] and adds this rank's slice
+    /// to its segment's gradient.
+    fn land(&mut self, in_flight: Behind<B::InnerBackend>) -> Result<(), CommError> {
+        let Some((id, in_flight)) = in_flight else {
+            return Ok(());
+        };
+        let slice = in_flight.finish(&self.comm)?;
+        match id {
+            SegmentId::Embed => self.embed.add_grad(slice),
+            SegmentId::Block(i) => self.blocks[i].add_grad(slice),
+            SegmentId::Head => self.head.add_grad(slice),
+        }
+        Ok(())
+    }
+
+    /// The values of a gather started ahead, once it has finished.
+    fn landed(
+        &self,
+        in_flight: Option<GatherInFlight<B::InnerBackend>>,
+    ) -> Result<Option<Gathered<B::InnerBackend>>, CommError> {
+        in_flight.map(|g| g.finish(&self.comm)).transpose()
+    }
+
     /// [`Self::working_copy`] for inference on the inner backend, with the segment's codes,
     /// which must outlive the module (converting it reads its parameters, which releases the
     /// codes they held).
@@ -972,19 +1152,34 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         let scale = self.options.loss_scaler.map_or(1.0, |s| s.scale);
         let head_segment = self.blocks.len() + 1;
 
+        // Overlapping, each segment's gather starts before the segment ahead of it computes
+        // (`ahead` is the one in flight), and each gradient's reduce-scatter lands after the
+        // block behind it has run backward (`behind`), so that NCCL works while the GPU computes.
+        let overlap = self.overlaps();
+        let blocks = self.blocks.len();
+
         // 1. Forward without graphs (checkpointed blocks) or with (the others).
         let (embed, kept) = self.working_copy(&self.embed, None, false, keep)?;
         self.embed.kept = kept;
+        let mut ahead = match self.blocks.first() {
+            Some(first) => self.gather_ahead(overlap, first)?,
+            None => self.gather_ahead(overlap, &self.head)?,
+        };
         self.seed_segment(0);
         let mut hidden = self.spec.embed(&embed, batch).detach();
         drop(embed);
 
-        let mut saved_inputs = Vec::with_capacity(self.blocks.len());
+        let mut saved_inputs = Vec::with_capacity(blocks);
         let mut graphs: Vec<Option<KeptGraph<B, S::Block>>> = Vec::new();
-        for index in 0..self.blocks.len() {
+        for index in 0..blocks {
             let checkpointed = self.options.checkpoint.get(index).copied().unwrap_or(false);
+            let gathered = self.landed(ahead.take())?;
+            ahead = match self.blocks.get(index + 1) {
+                Some(next) => self.gather_ahead(overlap, next)?,
+                None => self.gather_ahead(overlap, &self.head)?,
+            };
             let (block, kept) =
-                self.working_copy(&self.blocks[index], None, !checkpointed, keep)?;
+                self.working_copy(&self.blocks[index], gathered, !checkpointed, keep)?;
             self.blocks[index].kept = kept;
             self.seed_segment(1 + index);
             if checkpointed {
@@ -1003,7 +1198,8 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         }
 
         // 2. Head and loss, differentiated first.
-        let (head, _) = self.working_copy(&self.head, None, true, false)?;
+        let gathered = self.landed(ahead.take())?;
+        let (head, _) = self.working_copy(&self.head, gathered, true, false)?;
         let tied_embed = match (tied, &self.embed.kept) {
             (false, _) => None,
             (true, Some(kept)) => {
@@ -1012,6 +1208,8 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             }
             (true, None) => Some(self.working_copy(&self.embed, None, true, false)?.0),
         };
+        // Backward's first gather (the last block, when it is recomputed from gathered weights).
+        ahead = self.backward_gather_ahead(overlap, blocks, &graphs)?;
         let input = hidden.require_grad();
         self.seed_segment(head_segment);
         let loss = self
@@ -1035,7 +1233,7 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
                 .expect("the loss depends on the hidden states"),
         );
         drop((grads, head));
-        accumulate(&mut self.head, &self.comm, &self.device, head_grad)?;
+        let mut behind = self.reduce_behind(overlap, None, SegmentId::Head, head_grad)?;
         self.memory_peak.sample(&self.device);
         let tied_slice = match tied_grad {
             Some(full) => Some(self.embed.reduce_scatter(&self.comm, &self.device, full)?),
@@ -1043,11 +1241,14 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
         };
 
         // 3. Blocks in reverse: recompute (checkpointed) or reuse the graph, then backward.
-        for index in (0..self.blocks.len()).rev() {
-            let (input, output, block) = match graphs.pop().flatten() {
+        for index in (0..blocks).rev() {
+            let graph = graphs.pop().flatten();
+            let gathered = self.landed(ahead.take())?;
+            ahead = self.backward_gather_ahead(overlap, index, &graphs)?;
+            let (input, output, block) = match graph {
                 Some(graph) => graph,
                 None => {
-                    let kept = self.blocks[index].kept.take();
+                    let kept = self.blocks[index].kept.take().or(gathered);
                     let (block, _) = self.working_copy(&self.blocks[index], kept, true, false)?;
                     let input = saved_inputs[index].clone().require_grad();
                     // The same seed as in forward: the same dropout masks.
@@ -1061,23 +1262,19 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             let block_grad = self.blocks[index].grads_of::<B>(&block, &grads, &self.device);
             upstream = Tensor::from_inner(input.grad(&grads).expect("a block uses its input"));
             drop((grads, block));
-            accumulate(
-                &mut self.blocks[index],
-                &self.comm,
-                &self.device,
-                block_grad,
-            )?;
+            behind = self.reduce_behind(overlap, behind, SegmentId::Block(index), block_grad)?;
             self.memory_peak.sample(&self.device);
         }
 
         // 4. The embedding segment.
-        let kept = self.embed.kept.take();
+        let kept = self.embed.kept.take().or(self.landed(ahead.take())?);
         let (embed, _) = self.working_copy(&self.embed, kept, true, false)?;
         self.seed_segment(0);
         let output = self.spec.embed(&embed, batch);
         let grads = (output * upstream).sum().backward();
         let embed_grad = self.embed.grads_of::<B>(&embed, &grads, &self.device);
         drop((grads, embed));
+        self.land(behind)?;
         let mut slice = self
             .embed
             .reduce_scatter(&self.comm, &self.device, embed_grad)?;
@@ -1676,18 +1873,6 @@ fn grad_slices<'a, E, L, H, I: Backend>(
         .chain(blocks.iter_mut().map(|b| b.grad.as_mut_slice()))
         .chain(std::iter::once(head.grad.as_mut_slice()))
         .collect()
-}
-
-/// Reduce-scatters a segment's full gradient (sum over ranks) and adds this rank's slice.
-fn accumulate<M, I: Backend>(
-    segment: &mut Segment<M, I>,
-    comm: &dyn Communicator,
-    device: &I::Device,
-    full_grad: Flat<I>,
-) -> Result<(), CommError> {
-    let slice = segment.reduce_scatter(comm, device, full_grad)?;
-    segment.add_grad(slice);
-    Ok(())
 }
 
 /// Mixes numbers into one 64-bit seed (SplitMix64 steps), so nearby inputs give unrelated seeds.

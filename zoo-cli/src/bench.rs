@@ -425,6 +425,7 @@ fn options(args: &BenchArgs, blocks: usize) -> ZeroOptions {
         compute_dtype,
         loss_scaler,
         placement: crate::run::placement(&args.device, args.offload_optimizer),
+        overlap: bmtrain_backend::trainer::Overlap::Auto,
         adamw: AdamWConfig::default(),
         // With LoRA only the adapters and a classifier's head train, as PEFT's SEQ_CLS does.
         frozen: (args.lora_r > 0).then(|| {

@@ -413,15 +413,15 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
     let parameters = master + kept;
     let gradients = grad_shard;
     // On a GPU the device holds the working copies, kept weights, activations and workspace,
-    // and, with more ranks, a gathered segment in the compute dtype that came up from the host
-    // communicator (its f32 host side is host memory). The state is on the device too, unless
-    // offloaded:
+    // and, with more ranks (NCCL on the device's buffers, overlapping computation), the next
+    // segment gathered ahead in the compute dtype and a block's f32 gradient whose
+    // reduce-scatter is still in flight. The state is on the device too, unless offloaded:
     // then the device holds the gradient shard and a compute-dtype copy of the weight shard,
     // the host the f32 master and the moments (and one segment's gradient while it steps).
     // On a CPU all is one memory.
-    let (staging, host_staging) = match n > 1.0 {
-        true => (d * widest, 4.0 * widest),
-        false => (0.0, 0.0),
+    let staging = match n > 1.0 {
+        true => (d + 4.0) * widest,
+        false => 0.0,
     };
     let (peak, host) = if setup.gpu && setup.offload {
         let copy = (d * (shape.params - shape.coded) as f64 + shape.coded_bytes) / n;
@@ -439,7 +439,7 @@ pub fn estimate(shape: &Shape, setup: &Setup) -> Estimate {
         };
         (
             on_device + grad_shard + optimizer + kept + activations + workspace + staging,
-            host_staging + on_host,
+            on_host,
         )
     } else {
         (

@@ -26,7 +26,7 @@ use bmtrain_backend::dist::DistEnv;
 use bmtrain_backend::optim::{AdamWConfig, LossScaler};
 use bmtrain_backend::quant::QuantFormat;
 use bmtrain_backend::trainer::{
-    Frozen, QuantizedBase, StatePlacement, ZeroOptions, ZeroSpec, ZeroTrainer,
+    Frozen, Overlap, QuantizedBase, StatePlacement, ZeroOptions, ZeroSpec, ZeroTrainer,
 };
 use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
@@ -634,6 +634,8 @@ impl MemoryArgs {
             frozen: None,
             quantized: None,
             placement: placement(&self.device, self.offload_optimizer),
+            // On where NCCL works on the GPU's buffers (overlapping computation), off elsewhere.
+            overlap: Overlap::Auto,
         })
     }
 }

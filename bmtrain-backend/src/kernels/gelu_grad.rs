@@ -40,7 +40,7 @@ pub(super) fn exact_gelu<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option
     None
 }
 
-/// [`exact_gelu`] on any autodiff backend: burn's exact forward, the input saved for backward.
+/// `exact_gelu` on any autodiff backend: burn's exact forward, the input saved for backward.
 pub fn exact_gelu_train<I: Backend, const D: usize>(
     x: Tensor<Autodiff<I>, D>,
 ) -> Tensor<Autodiff<I>, D> {
