@@ -6,7 +6,7 @@ for dir in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 \
     [[ -d "$dir" ]] && export LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
 done
 # cudarc opens libnccl.so; pip ships libnccl.so.2 only.
-for dir in ${LD_LIBRARY_PATH//:/ }; do
+for dir in ${LD_LIBRARY_PATH:+${LD_LIBRARY_PATH//:/ }}; do
     if [[ -e "$dir/libnccl.so.2" && ! -e "$dir/libnccl.so" ]]; then
         mkdir -p /tmp/zoo-libs && ln -sf "$dir/libnccl.so.2" /tmp/zoo-libs/libnccl.so
         export LD_LIBRARY_PATH="/tmp/zoo-libs:$LD_LIBRARY_PATH"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device run on a GPU machine (issue 14), from binaries that scripts/gpu-pack.sh made
 # elsewhere: the CUDA environment, the GPU smoke tests (transformers parity of a CUDA training
-# step, NCCL; bounded), then scripts/gpu-bench.sh. Everything lands in OUT (default $OUT, else
+# step, NCCL; bounded), then scripts/gpu-bench.sh, then scripts/gpu-nccl.sh (two GPUs or more). Everything lands in OUT (default $OUT, else
 # /tmp/zoo-gpu-run), the bench folder as bench.tgz.
 #
 #   scripts/gpu-run.sh [DIR] [OUT]    # DIR: gpu-pack.sh's folder (default .gpu-pack)
@@ -38,4 +38,7 @@ ls -la "$out/cubecl-smoke.log" 2>/dev/null && xz -f -T2 "$out/cubecl-smoke.log"
 echo "== bench ($(since))"
 ZOO_BENCH_SECONDS="${BENCH_S:-380}" bash scripts/gpu-bench.sh /tmp/zoo-bin/zoo "$out/bench"
 tar -czf "$out/bench.tgz" -C "$out" bench && rm -rf "$out/bench"
+
+echo "== nccl ($(since))"
+bash scripts/gpu-nccl.sh /tmp/zoo-bin/zoo "$out/nccl" 2>&1 | tail -20
 echo "== done ($(since))"

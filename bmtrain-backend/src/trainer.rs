@@ -15,6 +15,11 @@
 //!    into this rank's slice and accumulated;
 //! 4. the embedding segment last.
 //!
+//! With [`ZeroOptions::overlap`] (on by default where NCCL works on the GPU's buffers) the
+//! collectives move one segment off their turn, so that NCCL runs while the GPU computes: the
+//! gather of the segment ahead starts before a segment runs, and a block's reduce-scattered
+//! slice is added after the block below it has run backward. The arithmetic is the same.
+//!
 //! Every `.backward()` is top-level, so nothing nests: burn 0.21 deadlocks when a custom backward
 //! step calls `.backward()` (`../shared/reference/burn.md` §7). A block that opts out of
 //! checkpointing keeps its forward graph instead and back-propagates through it in step 3.
@@ -1017,11 +1022,11 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
     }
 
     /// In backward, starts gathering the segment before block `index` (block `index − 1`, or
-    /// the embedding before block 0) when prefetching and it needs a gather: it is recomputed
+    /// the embedding before block 0) when overlapping and it needs a gather: it is recomputed
     /// (no graph kept from forward in `graphs`) and no weights were kept for it (ZeRO-2).
     fn backward_gather_ahead(
         &self,
-        prefetch: bool,
+        overlap: bool,
         index: usize,
         graphs: &[Option<KeptGraph<B, S::Block>>],
     ) -> Result<Option<GatherInFlight<B::InnerBackend>>, CommError> {
@@ -1029,9 +1034,9 @@ impl<B: AutodiffBackend, S: ZeroSpec<B>, C: Communicator> ZeroTrainer<B, S, C> {
             Some(before) => {
                 let recomputed = graphs.get(before).is_some_and(|graph| graph.is_none());
                 let block = &self.blocks[before];
-                self.gather_ahead(prefetch && recomputed && block.kept.is_none(), block)
+                self.gather_ahead(overlap && recomputed && block.kept.is_none(), block)
             }
-            None => self.gather_ahead(prefetch && self.embed.kept.is_none(), &self.embed),
+            None => self.gather_ahead(overlap && self.embed.kept.is_none(), &self.embed),
         }
     }
 
