@@ -23,8 +23,8 @@ pub struct EnvArgs {
     json: bool,
 }
 
-/// The launcher and GPU variables `zoo` reads.
-const VARIABLES: [&str; 11] = [
+/// The launcher, GPU and NCCL variables `zoo` reads.
+const VARIABLES: [&str; 12] = [
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
@@ -36,6 +36,8 @@ const VARIABLES: [&str; 11] = [
     "SLURM_LOCALID",
     "CUDA_VISIBLE_DEVICES",
     "CUDA_PATH",
+    // NCCL staged through the host instead of on the GPU's buffers (a workaround switch).
+    "ZOO_NCCL_THROUGH_HOST",
 ];
 
 /// A shared library found by `dlopen`: its path and, through `version`, its version.
