@@ -337,6 +337,24 @@ fn nccl_dtype(dtype: DType, rank: usize) -> Result<ncclDataType_t, CommError> {
     }
 }
 
+impl NcclComm {
+    /// Issues a collective on device buffers of `dtype` and hands back what `finish` waits for.
+    fn start(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        call: impl FnOnce(
+            ncclDataType_t,
+            ncclComm_t,
+            cudarc::nccl::sys::cudaStream_t,
+        ) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<PendingCollective, CommError> {
+        let dtype = nccl_dtype(dtype, self.rank)?;
+        let issued = self.issue(op, |comm, s| call(dtype, comm, s))?;
+        Ok(PendingCollective(Box::new(issued)))
+    }
+}
+
 impl DeviceCollectives for NcclComm {
     unsafe fn start_all_gather_device(
         &self,
@@ -345,8 +363,7 @@ impl DeviceCollectives for NcclComm {
         count: usize,
         dtype: DType,
     ) -> Result<PendingCollective, CommError> {
-        let dtype = nccl_dtype(dtype, self.rank)?;
-        let issued = self.issue("all_gather", |comm, s| unsafe {
+        self.start("all_gather", dtype, |dtype, comm, s| unsafe {
             // SAFETY: the caller's: `send` holds `count` elements, `recv` `world_size` times
             // that, on this GPU, untouched by other work until `finish` returns.
             nccl::all_gather(
@@ -357,18 +374,7 @@ impl DeviceCollectives for NcclComm {
                 comm,
                 s,
             )
-        })?;
-        Ok(PendingCollective(Box::new(issued)))
-    }
-
-    fn finish(&self, pending: PendingCollective) -> Result<(), CommError> {
-        match pending.0.downcast::<Issued>() {
-            Ok(issued) => self.wait(*issued),
-            Err(_) => Err(CommError::Mismatch {
-                rank: self.rank,
-                message: "a pending collective of another communicator".into(),
-            }),
-        }
+        })
     }
 
     unsafe fn start_reduce_scatter_device(
@@ -379,21 +385,22 @@ impl DeviceCollectives for NcclComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<PendingCollective, CommError> {
-        let dtype = nccl_dtype(dtype, self.rank)?;
-        let issued = self.issue("reduce_scatter", |comm, s| unsafe {
+        self.start("reduce_scatter", dtype, |dtype, comm, s| unsafe {
             // SAFETY: the caller's: `send` holds `world_size · count` elements, `recv` `count`,
             // on this GPU, untouched by other work until `finish` returns.
-            nccl::reduce_scatter(
-                send as *const c_void,
-                recv as *mut c_void,
-                count,
-                dtype,
-                nccl_op(op),
-                comm,
-                s,
-            )
-        })?;
-        Ok(PendingCollective(Box::new(issued)))
+            let (send, recv) = (send as *const c_void, recv as *mut c_void);
+            nccl::reduce_scatter(send, recv, count, dtype, nccl_op(op), comm, s)
+        })
+    }
+
+    fn finish(&self, pending: PendingCollective) -> Result<(), CommError> {
+        match pending.0.downcast::<Issued>() {
+            Ok(issued) => self.wait(*issued),
+            Err(_) => Err(CommError::Mismatch {
+                rank: self.rank,
+                message: "a pending collective of another communicator".into(),
+            }),
+        }
     }
 }
 

@@ -248,6 +248,11 @@ impl<B: Backend> InFlight<B> {
         Self(Progress::Ready(result))
     }
 
+    #[cfg(feature = "cuda")]
+    fn queued(queued: crate::nccl_in_place::Queued<B>) -> Self {
+        Self(Progress::Queued(Box::new(queued)))
+    }
+
     /// The result, once the collective has finished.
     pub fn finish(self, comm: &dyn Communicator) -> Result<Option<Tensor<B, 1>>, CommError> {
         #[cfg(not(feature = "cuda"))]
@@ -282,7 +287,7 @@ pub fn start_gather<B: Backend>(
     }
     #[cfg(feature = "cuda")]
     if let Some(queued) = crate::nccl_in_place::start_gather(local, shards, comm, dtype) {
-        return queued.map(|queued| InFlight(Progress::Queued(Box::new(queued))));
+        return queued.map(InFlight::queued);
     }
     if let Some(half @ (DType::F16 | DType::BF16)) = dtype {
         let slice = local.clone().cast(half).into_data();
@@ -297,18 +302,6 @@ pub fn start_gather<B: Backend>(
     let mut full = comm.all_gather(&download(Some(local)))?;
     full.truncate(shards.len);
     Ok(InFlight::ready(upload_as(full, dtype, device)))
-}
-
-/// Sums a segment's full gradient (`shards.len` long) across ranks and returns this rank's
-/// slice of the sum, on the device: [`start_reduce_scatter`], then [`InFlight::finish`].
-pub fn reduce_scatter<B: Backend>(
-    full_grad: Tensor<B, 1>,
-    shards: &ShardLayout,
-    comm: &dyn Communicator,
-    device: &B::Device,
-) -> Result<Tensor<B, 1>, CommError> {
-    let slice = start_reduce_scatter(full_grad, shards, comm, device)?.finish(comm)?;
-    Ok(slice.expect("a reduce-scatter has a result"))
 }
 
 /// Starts summing a segment's full gradient (`shards.len` long) across ranks, for this rank's
@@ -327,7 +320,7 @@ pub fn start_reduce_scatter<B: Backend>(
     }
     #[cfg(feature = "cuda")]
     let full_grad = match crate::nccl_in_place::start_reduce_scatter(full_grad, shards, comm) {
-        Ok(queued) => return queued.map(|queued| InFlight(Progress::Queued(Box::new(queued)))),
+        Ok(queued) => return queued.map(InFlight::queued),
         Err(full_grad) => full_grad,
     };
     let mut full = download(Some(&full_grad));
